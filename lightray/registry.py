@@ -1,0 +1,919 @@
+"""Versioned LoRA adapter registry on top of fsspec (local folder or S3).
+
+Layout under the registry root::
+
+    <tenant>/<name>/v<N>/adapter_model.safetensors
+                         adapter_config.json
+                         ...any extra files the publisher shipped...
+                         manifest.json          <- written LAST
+
+Design choices, and why:
+
+* **The manifest is the commit record.**  A version directory without
+  ``manifest.json`` is invisible to ``list``/``resolve``/``fetch``.  Publish
+  uploads every payload file first and the manifest last; delete removes the
+  manifest first.  A publish or delete killed half-way therefore never exposes
+  a half-written adapter, on any backend, without needing transactions.
+* **Versions are claimed, then filled.**  Publish picks ``max(existing)+1``
+  (counting incomplete directories too, so a crashed publish never gets its
+  number reused by a later one) and claims it by exclusively creating a small
+  marker object, ``.claim.json`` (local: temp file + ``os.link``; S3: a PUT
+  with ``If-None-Match: *``).  Two concurrent publishers can therefore never
+  write into the same version; the loser retries with the next number.  The
+  manifest itself is also written exclusively, which is what makes versions
+  immutable.
+* **Everything is checksummed.**  The manifest records sha256 for every file;
+  ``fetch`` verifies each downloaded file and re-uses a local cache only when
+  its checksums still match, so a corrupt cache heals itself and a corrupt
+  registry object is reported (``AdapterCorrupt``) instead of being loaded.
+* **Ids cannot escape the root.**  Tenants, names and versions are validated
+  against strict ASCII patterns before any path is built (``fullmatch``, not
+  ``$``, so a trailing newline does not slip through; ``[0-9]`` not ``\\d``,
+  so non-ASCII digits do not either).
+
+This module deliberately has no Ray import: it is used from the CLI, from
+training jobs and from Serve replicas alike.
+"""
+
+from __future__ import annotations
+
+import builtins
+import errno
+import hashlib
+import json
+import logging
+import os
+import posixpath
+import re
+import secrets
+import socket
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+from fsspec.utils import get_protocol
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+__all__ = [
+    "AdapterCorrupt",
+    "AdapterExists",
+    "AdapterIncompatible",
+    "AdapterManifest",
+    "AdapterNotFound",
+    "AdapterRef",
+    "AdapterRegistry",
+    "AdapterRegistryError",
+    "InvalidAdapterRef",
+    "MANIFEST_FILENAME",
+    "REQUIRED_FILES",
+    "check_compatible",
+    "default_cache_dir",
+    "sha256_file",
+]
+
+log = logging.getLogger(__name__)
+
+MANIFEST_FILENAME = "manifest.json"
+REQUIRED_FILES: tuple[str, ...] = ("adapter_model.safetensors", "adapter_config.json")
+# Marker object that reserves a version number.  It is created exclusively
+# before any upload and kept after the commit: if it were removed, a publisher
+# working from a stale listing could re-claim a committed number and overwrite
+# its files before failing on the manifest.  It starts with a dot, so it never
+# collides with a publisher's file (dot files are not published) nor with a
+# tenant/name (those start alphanumeric).
+CLAIM_FILENAME = ".claim.json"
+
+_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
+# Positive integers without leading zeros, so every version has exactly one
+# spelling ("v3", never "v03"); 9 digits is plenty and keeps ints small.
+_VERSION_RE = re.compile(r"v?([1-9][0-9]{0,8})")
+_VERSION_DIR_RE = re.compile(r"v([1-9][0-9]{0,8})")
+_HASH_CHUNK = 1 << 20
+_MAX_CLAIM_ATTEMPTS = 16
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class AdapterRegistryError(Exception):
+    """Base class for every error raised by the registry."""
+
+
+class InvalidAdapterRef(AdapterRegistryError, ValueError):
+    """A tenant, name, version or ref string failed validation."""
+
+
+class AdapterNotFound(AdapterRegistryError, KeyError):
+    """No complete (manifest-bearing) version matches the ref."""
+
+    def __str__(self) -> str:  # KeyError would repr-quote the message
+        return str(self.args[0]) if self.args else "adapter not found"
+
+
+class AdapterExists(AdapterRegistryError, FileExistsError):
+    """Attempt to (re)write a version that already exists: versions are immutable."""
+
+
+class AdapterCorrupt(AdapterRegistryError):
+    """Stored or downloaded bytes do not match the manifest (or the manifest is unreadable)."""
+
+
+class AdapterIncompatible(AdapterRegistryError, ValueError):
+    """The adapter was trained for a different base model than the one asked about."""
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _validate_component(value: object, what: str) -> str:
+    if not isinstance(value, str):
+        raise InvalidAdapterRef(f"{what} must be a string, got {type(value).__name__}")
+    if not _NAME_RE.fullmatch(value) or ".." in value:
+        raise InvalidAdapterRef(
+            f"invalid {what} {value!r}: use 1-63 chars of [a-z0-9_.-], "
+            "starting with a letter or digit, without '..'"
+        )
+    return value
+
+
+def validate_tenant(tenant: object) -> str:
+    """Return ``tenant`` if it is a safe path component, else raise ``InvalidAdapterRef``."""
+    return _validate_component(tenant, "tenant")
+
+
+def validate_name(name: object) -> str:
+    """Return ``name`` if it is a safe path component, else raise ``InvalidAdapterRef``."""
+    return _validate_component(name, "adapter name")
+
+
+def parse_version(value: object) -> int:
+    """Parse ``"v3"``, ``"3"`` or ``3`` into ``3``; anything else is ``InvalidAdapterRef``."""
+    if isinstance(value, bool):  # bool is an int subclass; True is not "v1"
+        raise InvalidAdapterRef(f"invalid version {value!r}")
+    if isinstance(value, int):
+        if 1 <= value <= 999_999_999:
+            return value
+        raise InvalidAdapterRef(f"invalid version {value!r}: must be a positive integer")
+    if isinstance(value, str):
+        m = _VERSION_RE.fullmatch(value)
+        if m:
+            return int(m.group(1))
+    raise InvalidAdapterRef(f"invalid version {value!r}: expected 'v<N>' with N >= 1")
+
+
+def version_tag(version: int) -> str:
+    """Directory/display form of a version number: ``3 -> "v3"``."""
+    return f"v{version}"
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    """A parsed ``tenant/name[@vN]`` reference (``version=None`` means latest)."""
+
+    tenant: str
+    name: str
+    version: int | None = None
+
+    def __post_init__(self) -> None:
+        validate_tenant(self.tenant)
+        validate_name(self.name)
+        if self.version is not None and (
+            not isinstance(self.version, int) or isinstance(self.version, bool)
+        ):
+            raise InvalidAdapterRef(f"version must be an int, got {self.version!r}")
+        if self.version is not None:
+            parse_version(self.version)
+
+    @classmethod
+    def parse(cls, ref: str | AdapterRef) -> AdapterRef:
+        """Parse ``tenant/name``, ``tenant/name@v3`` or ``tenant/name@3``.
+
+        The grammar is intentionally tiny: exactly one ``/``, at most one
+        ``@``, and every piece validated, so no spelling of a ref can denote a
+        path outside ``<root>/<tenant>/<name>/``.
+        """
+        if isinstance(ref, AdapterRef):
+            return ref
+        if not isinstance(ref, str):
+            raise InvalidAdapterRef(f"adapter ref must be a string, got {type(ref).__name__}")
+        base, sep, ver = ref.partition("@")
+        if sep and (not ver or "@" in ver):
+            raise InvalidAdapterRef(f"invalid adapter ref {ref!r}: expected tenant/name[@vN]")
+        parts = base.split("/")
+        if len(parts) != 2:
+            raise InvalidAdapterRef(f"invalid adapter ref {ref!r}: expected tenant/name[@vN]")
+        try:
+            return cls(
+                validate_tenant(parts[0]),
+                validate_name(parts[1]),
+                parse_version(ver) if sep else None,
+            )
+        except InvalidAdapterRef as err:
+            raise InvalidAdapterRef(f"invalid adapter ref {ref!r}: {err}") from None
+
+    def with_version(self, version: int) -> AdapterRef:
+        return AdapterRef(self.tenant, self.name, version)
+
+    def __str__(self) -> str:
+        base = f"{self.tenant}/{self.name}"
+        return base if self.version is None else f"{base}@{version_tag(self.version)}"
+
+
+# --------------------------------------------------------------------------- manifest
+
+
+def _utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class AdapterManifest(BaseModel):
+    """Everything needed to decide whether, and how, to load an adapter.
+
+    Stored as ``manifest.json`` next to the adapter files.  Unknown keys are
+    ignored on read so that manifests written by newer code remain readable.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    schema_version: int = 1
+    tenant: str
+    name: str
+    version: int = Field(ge=1)
+    base_model_id: str = Field(min_length=1)
+    base_fingerprint: str = ""
+    rank: int | None = Field(default=None, ge=1)
+    alpha: float | None = None
+    target_modules: list[str] = Field(default_factory=list)
+    trigger_words: list[str] = Field(default_factory=list)
+    training_config: dict[str, Any] = Field(default_factory=dict)
+    dataset_hash: str = ""
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    files: dict[str, str] = Field(default_factory=dict)
+    created_at: datetime = Field(default_factory=_utcnow)
+    visibility: Literal["private", "public"] = "private"
+
+    @field_validator("tenant")
+    @classmethod
+    def _check_tenant(cls, v: str) -> str:
+        return validate_tenant(v)
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, v: str) -> str:
+        return validate_name(v)
+
+    @field_validator("created_at")
+    @classmethod
+    def _check_utc(cls, v: datetime) -> datetime:
+        # Naive datetimes are ambiguous across machines; we only store UTC.
+        if v.tzinfo is None:
+            return v.replace(tzinfo=timezone.utc)
+        return v.astimezone(timezone.utc)
+
+    @field_validator("files")
+    @classmethod
+    def _check_files(cls, v: dict[str, str]) -> dict[str, str]:
+        for rel, digest in v.items():
+            _validate_relpath(rel)
+            if not re.fullmatch(r"[0-9a-f]{64}", digest):
+                raise ValueError(f"file {rel!r}: sha256 must be 64 lowercase hex chars")
+        return v
+
+    @property
+    def tag(self) -> str:
+        """``"v3"``."""
+        return version_tag(self.version)
+
+    @property
+    def ref(self) -> str:
+        """Fully pinned ref, ``"tenant/name@v3"``."""
+        return f"{self.tenant}/{self.name}@{self.tag}"
+
+
+# Fields a publisher may set; the rest (identity, files, created_at) are the
+# registry's to fill in.
+PUBLISHER_FIELDS = frozenset(AdapterManifest.model_fields) - {
+    "schema_version",
+    "tenant",
+    "name",
+    "version",
+    "files",
+    "created_at",
+}
+
+
+def _validate_relpath(rel: str) -> str:
+    """A manifest file key: relative POSIX path, no traversal, no hidden parts."""
+    parts = rel.split("/")
+    if (
+        not rel
+        or "\\" in rel
+        or "\x00" in rel
+        or rel == MANIFEST_FILENAME
+        or any(p in ("", ".", "..") or p.startswith(".") for p in parts)
+    ):
+        raise ValueError(f"invalid file path in manifest: {rel!r}")
+    return rel
+
+
+def check_compatible(
+    manifest: AdapterManifest,
+    base_model_id: str,
+    base_fingerprint: str | None = None,
+    *,
+    require_fingerprint: bool = False,
+) -> None:
+    """Raise ``AdapterIncompatible`` unless ``manifest`` targets this base model.
+
+    The model id must match exactly.  Fingerprints are compared when both
+    sides know one (an adapter published without a fingerprint, or a server
+    that cannot compute its own, falls back to the id check), unless
+    ``require_fingerprint`` demands that both are present: use that where a
+    same-named base with different weights (re-distilled, re-quantised) is a
+    real risk.
+    """
+    if manifest.base_model_id != base_model_id:
+        raise AdapterIncompatible(
+            f"{manifest.ref} was trained for base model {manifest.base_model_id!r}, "
+            f"not {base_model_id!r}"
+        )
+    have, want = manifest.base_fingerprint, base_fingerprint or ""
+    if require_fingerprint and not (have and want):
+        raise AdapterIncompatible(
+            f"{manifest.ref}: base fingerprint required but "
+            f"{'the adapter' if not have else 'the caller'} has none"
+        )
+    if have and want and have != want:
+        raise AdapterIncompatible(
+            f"{manifest.ref} was trained for base fingerprint {have!r}, "
+            f"but the loaded base has {want!r}"
+        )
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """Hex sha256 of a local file, streamed so multi-GB adapters do not load into RAM."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def default_cache_dir() -> Path:
+    """``$LIGHTRAY_ADAPTER_CACHE``, else ``$XDG_CACHE_HOME/lightray/adapters``, else ``~/.cache/...``."""
+    env = os.environ.get("LIGHTRAY_ADAPTER_CACHE")
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".cache"
+    return base / "lightray" / "adapters"
+
+
+def _peft_defaults(config_path: Path) -> dict[str, Any]:
+    """Manifest defaults read from a peft ``adapter_config.json``.
+
+    Saves publishers from repeating what the trainer already recorded; any
+    explicitly passed field wins.  A config we cannot parse yields nothing:
+    the adapter files are otherwise treated as opaque.
+    """
+    try:
+        cfg = json.loads(config_path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(cfg, dict):
+        return {}
+    out: dict[str, Any] = {}
+    if isinstance(cfg.get("base_model_name_or_path"), str) and cfg["base_model_name_or_path"]:
+        out["base_model_id"] = cfg["base_model_name_or_path"]
+    if isinstance(cfg.get("r"), int) and not isinstance(cfg["r"], bool) and cfg["r"] > 0:
+        out["rank"] = cfg["r"]
+    if isinstance(cfg.get("lora_alpha"), (int, float)) and not isinstance(cfg["lora_alpha"], bool):
+        out["alpha"] = float(cfg["lora_alpha"])
+    tm = cfg.get("target_modules")
+    if isinstance(tm, str):
+        out["target_modules"] = [tm]  # peft allows a regex string
+    elif isinstance(tm, list) and all(isinstance(t, str) for t in tm):
+        out["target_modules"] = sorted(tm)
+    return out
+
+
+def _mtime(info: Mapping[str, Any]) -> float | None:
+    """Modification time (epoch s) from an fsspec info dict, across backends."""
+    mt = info.get("mtime")
+    if isinstance(mt, (int, float)):
+        return float(mt)
+    for key in ("LastModified", "last_modified", "updated"):
+        lm = info.get(key)
+        if isinstance(lm, datetime):
+            return lm.timestamp()
+    return None
+
+
+# --------------------------------------------------------------------------- registry
+
+
+class AdapterRegistry:
+    """Publish, resolve, fetch and delete versioned adapters under one root.
+
+    ``root`` is any fsspec URL: ``./registry``, ``/data/registry``,
+    ``s3://bucket/prefix``.  ``storage_options`` go to the filesystem (for s3fs:
+    ``key``, ``secret``, ``client_kwargs={"endpoint_url": ...}``).  For remote
+    backends the listings cache is off by default: other processes publish
+    concurrently and a cached listing would hide their versions.
+    """
+
+    def __init__(
+        self,
+        root: str = "./registry",
+        storage_options: Mapping[str, Any] | None = None,
+        *,
+        cache_dir: str | os.PathLike[str] | None = None,
+    ) -> None:
+        opts = dict(storage_options or {})
+        if get_protocol(str(root)) not in ("file", "local"):
+            opts.setdefault("use_listings_cache", False)
+        self.root_url = str(root)
+        self.fs, root_path = fsspec.core.url_to_fs(self.root_url, **opts)
+        self.root = root_path.rstrip("/") or root_path
+        self._local = isinstance(self.fs, LocalFileSystem)
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        # Cache entries are namespaced by registry so two registries holding
+        # the same tenant/name@vN never thrash each other's cache.
+        proto = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
+        self._cache_ns = hashlib.sha256(f"{proto}://{self.root}".encode()).hexdigest()[:16]
+
+    def __repr__(self) -> str:
+        return f"AdapterRegistry({self.root_url!r})"
+
+    # ---- paths (only ever built from validated components)
+
+    def _path(self, *parts: str) -> str:
+        return "/".join((self.root, *parts))
+
+    def _name_dir(self, tenant: str, name: str) -> str:
+        return self._path(tenant, name)
+
+    def _version_dir(self, tenant: str, name: str, version: int) -> str:
+        return self._path(tenant, name, version_tag(version))
+
+    def _manifest_path(self, tenant: str, name: str, version: int) -> str:
+        return posixpath.join(self._version_dir(tenant, name, version), MANIFEST_FILENAME)
+
+    def cache_path(self, ref: str | AdapterRef) -> Path:
+        """Default local directory ``fetch`` uses for a pinned ref."""
+        r = AdapterRef.parse(ref)
+        if r.version is None:
+            raise InvalidAdapterRef(f"cache_path needs a pinned version, got {str(r)!r}")
+        return self.cache_dir / self._cache_ns / r.tenant / r.name / version_tag(r.version)
+
+    # ---- low-level storage helpers
+
+    def _fresh(self) -> None:
+        """Drop cached listings: another process may have published since."""
+        self.fs.invalidate_cache()
+
+    def _ls_dirs(self, path: str) -> builtins.list[str]:
+        try:
+            entries = self.fs.ls(path, detail=True)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        return [
+            posixpath.basename(e["name"].rstrip("/"))
+            for e in entries
+            if e.get("type") == "directory"
+        ]
+
+    def _version_numbers(self, tenant: str, name: str) -> builtins.list[int]:
+        """All version dirs, complete or not, ascending."""
+        self._fresh()
+        out = []
+        for d in self._ls_dirs(self._name_dir(tenant, name)):
+            m = _VERSION_DIR_RE.fullmatch(d)
+            if m:
+                out.append(int(m.group(1)))
+        return sorted(out)
+
+    def _write_exclusive(self, path: str, data: bytes) -> None:
+        """Create ``path`` with ``data``; ``FileExistsError`` if it already exists.
+
+        Local: write a temp file, then ``os.link`` it into place - atomic and
+        exclusive, so readers never see a half-written manifest.  S3: a single
+        PUT with ``If-None-Match: *`` (AWS, SeaweedFS, MinIO support it).
+        Other fsspec backends fall back to a (racy) exists-then-write.
+        """
+        if self._local:
+            self._write_exclusive_local(path, data)
+            return
+        try:
+            self.fs.pipe_file(path, data, mode="create")
+        except FileExistsError:
+            raise
+        except OSError as err:
+            # s3fs maps a 412 to FileExistsError only when the server names
+            # the failed condition; SeaweedFS/MinIO do not, giving EINVAL.
+            if err.errno == errno.EINVAL or "precondition" in str(err).lower().replace("-", ""):
+                self.fs.invalidate_cache(path)
+                if self.fs.exists(path):
+                    raise FileExistsError(path) from err
+            raise
+
+    @staticmethod
+    def _write_exclusive_local(path: str, data: bytes) -> None:
+        # Hidden name: a crash between write and unlink leaves only a dot-file,
+        # which nothing in the registry ever reads.
+        head, tail = os.path.split(path)
+        tmp = os.path.join(head, f".{tail}.tmp-{secrets.token_hex(6)}")
+        with open(tmp, "xb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            raise
+        except OSError:
+            # Filesystems without hard links (some FUSE mounts): still
+            # exclusive via O_EXCL, just not atomic for concurrent readers.
+            with open(path, "xb") as f:
+                f.write(data)
+        finally:
+            os.unlink(tmp)
+
+    def _read_manifest(self, tenant: str, name: str, version: int) -> AdapterManifest | None:
+        """The manifest of one version, ``None`` if it has none (incomplete/absent)."""
+        path = self._manifest_path(tenant, name, version)
+        try:
+            raw = self.fs.cat_file(path)
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            return None
+        return self._parse_manifest(raw, tenant, name, version, path)
+
+    @staticmethod
+    def _parse_manifest(
+        raw: bytes, tenant: str, name: str, version: int, where: str
+    ) -> AdapterManifest:
+        try:
+            m = AdapterManifest.model_validate_json(raw)
+        except ValueError as err:
+            raise AdapterCorrupt(f"unreadable manifest {where}: {err}") from err
+        if (m.tenant, m.name, m.version) != (tenant, name, version):
+            # A manifest copied into the wrong place would otherwise let one
+            # tenant's ref serve another tenant's files.
+            raise AdapterCorrupt(
+                f"manifest {where} claims to be {m.ref}, not {tenant}/{name}@{version_tag(version)}"
+            )
+        return m
+
+    # ---- public API
+
+    def publish(
+        self,
+        tenant: str,
+        name: str,
+        src_dir: str | os.PathLike[str],
+        *,
+        version: int | str | None = None,
+        **manifest_fields: Any,
+    ) -> AdapterManifest:
+        """Upload ``src_dir`` as the next version of ``tenant/name``; return its manifest.
+
+        ``src_dir`` must contain ``adapter_model.safetensors`` and
+        ``adapter_config.json``; every other regular file is published too
+        (recursively), except dot-files and a stale ``manifest.json``.
+        ``manifest_fields`` are ``AdapterManifest`` fields (``base_model_id``,
+        ``trigger_words``, ...); missing ``base_model_id``/``rank``/``alpha``/
+        ``target_modules`` default to the peft ``adapter_config.json`` values.
+
+        ``version`` pins the number instead of auto-incrementing (for mirroring
+        registries); it raises ``AdapterExists`` if that version exists.
+        """
+        validate_tenant(tenant)
+        validate_name(name)
+        pinned = parse_version(version) if version is not None else None
+        unknown = set(manifest_fields) - PUBLISHER_FIELDS
+        if unknown:
+            raise TypeError(f"publish() got unexpected manifest fields: {sorted(unknown)}")
+
+        src = Path(src_dir)
+        if not src.is_dir():
+            raise FileNotFoundError(f"adapter source dir {src} does not exist")
+        files = self._collect_files(src)
+        missing = [f for f in REQUIRED_FILES if f not in files]
+        if missing:
+            raise ValueError(f"{src} is missing required adapter files: {missing}")
+
+        fields = {**_peft_defaults(src / "adapter_config.json"), **manifest_fields}
+        digests = {rel: sha256_file(p) for rel, p in files.items()}
+        # Validate all metadata before touching storage: a bad field should
+        # not leave a claimed-but-empty version behind.
+        AdapterManifest(tenant=tenant, name=name, version=1, files=digests, **fields)
+
+        v = self._claim_version(tenant, name, pinned)
+        vdir = self._version_dir(tenant, name, v)
+        manifest = AdapterManifest(tenant=tenant, name=name, version=v, files=digests, **fields)
+
+        for rel, local in files.items():
+            remote = posixpath.join(vdir, rel)
+            if self._local:
+                self.fs.makedirs(posixpath.dirname(remote), exist_ok=True)
+            self.fs.put_file(str(local), remote)
+            # Cheap guard against truncated uploads before we commit.
+            stored, expected_size = self.fs.size(remote), local.stat().st_size
+            if stored != expected_size:
+                raise AdapterCorrupt(
+                    f"upload of {rel} to {remote} stored {stored} bytes, expected {expected_size}"
+                )
+
+        # The commit point: from here on the version is visible.
+        try:
+            self._write_exclusive(
+                posixpath.join(vdir, MANIFEST_FILENAME),
+                manifest.model_dump_json(indent=2).encode(),
+            )
+        except FileExistsError as err:
+            raise AdapterExists(f"{manifest.ref} already exists; versions are immutable") from err
+        log.info("published %s (%d files)", manifest.ref, len(digests))
+        return manifest
+
+    @staticmethod
+    def _collect_files(src: Path) -> dict[str, Path]:
+        out: dict[str, Path] = {}
+        for p in sorted(src.rglob("*")):
+            rel = p.relative_to(src)
+            if any(part.startswith(".") for part in rel.parts):
+                continue  # .DS_Store, .ipynb_checkpoints, our own temp files
+            if rel.as_posix() == MANIFEST_FILENAME:
+                continue  # the registry writes its own; a fetched dir can be republished
+            if p.is_file():
+                out[_validate_relpath(rel.as_posix())] = p
+        return out
+
+    def _claim_version(self, tenant: str, name: str, pinned: int | None) -> int:
+        """Reserve a version number by exclusively creating its claim marker."""
+        self.fs.makedirs(self._name_dir(tenant, name), exist_ok=True)
+        claim = json.dumps(
+            {"host": socket.gethostname(), "pid": os.getpid(), "started_at": _utcnow().isoformat()}
+        ).encode()
+        for _ in range(_MAX_CLAIM_ATTEMPTS):
+            if pinned is not None:
+                v = pinned
+                if v in self._version_numbers(tenant, name):
+                    raise AdapterExists(
+                        f"{tenant}/{name}@{version_tag(v)} already exists (or is being "
+                        "published); versions are immutable"
+                    )
+            else:
+                v = max(self._version_numbers(tenant, name), default=0) + 1
+            vdir = self._version_dir(tenant, name, v)
+            if self._local:
+                self.fs.makedirs(vdir, exist_ok=True)
+            try:
+                self._write_exclusive(posixpath.join(vdir, CLAIM_FILENAME), claim)
+                return v
+            except FileExistsError:
+                if pinned is not None:
+                    raise AdapterExists(
+                        f"{tenant}/{name}@{version_tag(v)} is already being published"
+                    ) from None
+                continue  # lost a race with a concurrent publisher: next number
+        raise AdapterRegistryError(
+            f"could not claim a version of {tenant}/{name} after {_MAX_CLAIM_ATTEMPTS} attempts"
+        )
+
+    def resolve(self, ref: str | AdapterRef) -> AdapterManifest:
+        """Manifest for ``tenant/name@vN``, or the latest complete version of ``tenant/name``.
+
+        A latest-lookup skips (and logs) versions whose manifest is corrupt so
+        one bad upload does not take the whole adapter offline; a pinned
+        lookup of a corrupt version raises ``AdapterCorrupt``.
+        """
+        r = AdapterRef.parse(ref)
+        if r.version is not None:
+            m = self._read_manifest(r.tenant, r.name, r.version)
+            if m is None:
+                raise AdapterNotFound(f"adapter {r} not found")
+            return m
+        for v in reversed(self._version_numbers(r.tenant, r.name)):
+            try:
+                m = self._read_manifest(r.tenant, r.name, v)
+            except AdapterCorrupt as err:
+                log.warning("skipping corrupt version: %s", err)
+                continue
+            if m is not None:
+                return m
+        raise AdapterNotFound(f"adapter {r} not found")
+
+    def versions(self, ref: str | AdapterRef) -> builtins.list[int]:
+        """Complete version numbers of ``tenant/name``, ascending."""
+        r = AdapterRef.parse(ref)
+        return [m.version for m in self.list(r.tenant) if m.name == r.name]
+
+    def list(self, tenant: str | None = None, *, latest_only: bool = False) -> builtins.list[AdapterManifest]:
+        """Manifests of every complete version (of one tenant), sorted by ref.
+
+        One recursive listing plus a batched read of the manifests, rather than
+        a directory walk, because on S3 each directory level is a round trip.
+        """
+        base = self._path(validate_tenant(tenant)) if tenant is not None else self.root
+        self._fresh()
+        try:
+            paths = self.fs.find(base)
+        except FileNotFoundError:
+            return []
+        wanted: dict[str, tuple[str, str, int]] = {}
+        prefix = self.root + "/"
+        for p in paths:
+            if not p.startswith(prefix):
+                continue
+            parts = p[len(prefix) :].split("/")
+            if len(parts) != 4 or parts[3] != MANIFEST_FILENAME:
+                continue
+            t, n, vdir = parts[:3]
+            vm = _VERSION_DIR_RE.fullmatch(vdir)
+            if not vm or not _NAME_RE.fullmatch(t) or not _NAME_RE.fullmatch(n) or ".." in t + n:
+                continue
+            if tenant is not None and t != tenant:  # S3 prefix "acme" also matches "acme2/"
+                continue
+            wanted[p] = (t, n, int(vm.group(1)))
+        if not wanted:
+            return []
+        raw = self.fs.cat(builtins.list(wanted), on_error="return")
+        out: builtins.list[AdapterManifest] = []
+        for p, (t, n, v) in wanted.items():
+            data = raw.get(p)
+            if not isinstance(data, bytes):  # deleted since the listing, or unreadable
+                continue
+            try:
+                out.append(self._parse_manifest(data, t, n, v, p))
+            except AdapterCorrupt as err:
+                log.warning("skipping corrupt version: %s", err)
+        out.sort(key=lambda m: (m.tenant, m.name, m.version))
+        if latest_only:
+            latest: dict[tuple[str, str], AdapterManifest] = {}
+            for m in out:
+                latest[(m.tenant, m.name)] = m
+            out = builtins.list(latest.values())
+        return out
+
+    def delete(self, ref: str | AdapterRef) -> builtins.list[str]:
+        """Delete one version (``t/n@vN``) or every version (``t/n``); return deleted refs.
+
+        Manifests go first, so a delete killed half-way leaves at worst an
+        invisible orphan directory (reclaimed by ``gc_incomplete``), never a
+        visible version with missing files.  For a whole adapter the oldest
+        versions go first, so an interrupted delete keeps serving the same
+        latest version it did before.
+        """
+        r = AdapterRef.parse(ref)
+        self._fresh()
+        if r.version is not None:
+            targets = [r.version] if self.fs.exists(self._manifest_path(r.tenant, r.name, r.version)) else []
+        else:
+            targets = [
+                v
+                for v in self._version_numbers(r.tenant, r.name)
+                if self.fs.exists(self._manifest_path(r.tenant, r.name, v))
+            ]
+        if not targets:
+            raise AdapterNotFound(f"adapter {r} not found")
+
+        for v in targets:
+            self.fs.rm_file(self._manifest_path(r.tenant, r.name, v))
+        if r.version is not None:
+            self.fs.rm(self._version_dir(r.tenant, r.name, r.version), recursive=True)
+        else:
+            self.fs.rm(self._name_dir(r.tenant, r.name), recursive=True)
+        self._prune_empty_dirs(r.tenant, r.name)
+        deleted = [str(r.with_version(v)) for v in targets]
+        log.info("deleted %s", ", ".join(deleted))
+        return deleted
+
+    def _prune_empty_dirs(self, tenant: str, name: str) -> None:
+        """Local only (object stores have no empty dirs): keep the tree tidy."""
+        if not self._local:
+            return
+        for d in (self._name_dir(tenant, name), self._path(tenant)):
+            try:
+                os.rmdir(d)
+            except FileNotFoundError:
+                continue
+            except OSError:  # not empty: other versions/adapters live here
+                return
+
+    def fetch(
+        self,
+        ref: str | AdapterRef,
+        dest_dir: str | os.PathLike[str] | None = None,
+        *,
+        base_model_id: str | None = None,
+        base_fingerprint: str | None = None,
+    ) -> tuple[AdapterManifest, Path]:
+        """Download (or re-use a verified local copy of) an adapter; return it and its dir.
+
+        Every file is checked against the manifest's sha256; cached files that
+        still match are not downloaded again, ones that do not are replaced.
+        A mismatch right after download raises ``AdapterCorrupt``.  Files land
+        via temp-file + rename, so concurrent fetchers of the same version and
+        readers of the cache never see partial files.  ``dest_dir`` receives
+        the files plus ``manifest.json``; other files already in it are left
+        alone.  Passing ``base_model_id`` checks compatibility before any
+        download.
+        """
+        m = self.resolve(ref)
+        if base_model_id is not None:
+            check_compatible(m, base_model_id, base_fingerprint)
+        dest = Path(dest_dir) if dest_dir is not None else self.cache_path(m.ref)
+        dest.mkdir(parents=True, exist_ok=True)
+        vdir = self._version_dir(m.tenant, m.name, m.version)
+
+        for rel, expected in sorted(m.files.items()):
+            local = dest / rel
+            if local.is_file() and sha256_file(local) == expected:
+                continue
+            local.parent.mkdir(parents=True, exist_ok=True)
+            part = local.with_name(f".{local.name}.part-{secrets.token_hex(6)}")
+            try:
+                try:
+                    self.fs.get_file(posixpath.join(vdir, rel), str(part))
+                except FileNotFoundError as err:
+                    raise AdapterCorrupt(f"{m.ref}: file {rel!r} listed in manifest is missing") from err
+                actual = sha256_file(part)
+                if actual != expected:
+                    raise AdapterCorrupt(
+                        f"{m.ref}: checksum mismatch for {rel!r}: expected {expected}, got {actual}"
+                    )
+                os.replace(part, local)
+            finally:
+                part.unlink(missing_ok=True)
+
+        manifest_bytes = m.model_dump_json(indent=2).encode()
+        mpath = dest / MANIFEST_FILENAME
+        if not (mpath.is_file() and mpath.read_bytes() == manifest_bytes):
+            tmp = dest / f".{MANIFEST_FILENAME}.part-{secrets.token_hex(6)}"
+            tmp.write_bytes(manifest_bytes)
+            os.replace(tmp, mpath)
+        return m, dest
+
+    def gc_incomplete(self, older_than_s: float = 3600.0) -> builtins.list[str]:
+        """Remove version dirs that have no manifest and saw no write for ``older_than_s``.
+
+        These are left by publishes that died before their commit point (or
+        deletes that died after theirs).  Age is the newest modification time
+        of anything inside, so a slow upload still in progress is spared as
+        long as ``older_than_s`` exceeds the time to upload one file.  Returns
+        the refs removed.
+        """
+        now = time.time()
+        self._fresh()
+        try:
+            entries = self.fs.find(self.root, withdirs=True, detail=True)
+        except FileNotFoundError:
+            return []
+        prefix = self.root + "/"
+        newest: dict[tuple[str, str, int], float] = {}
+        undated: set[tuple[str, str, int]] = set()
+        complete: set[tuple[str, str, int]] = set()
+        for p, info in entries.items():
+            if not p.startswith(prefix):
+                continue
+            parts = p[len(prefix) :].split("/")
+            if len(parts) < 3:
+                continue
+            t, n, vdir = parts[:3]
+            vm = _VERSION_DIR_RE.fullmatch(vdir)
+            if not vm or not _NAME_RE.fullmatch(t) or not _NAME_RE.fullmatch(n) or ".." in t + n:
+                continue
+            key = (t, n, int(vm.group(1)))
+            if len(parts) == 4 and parts[3] == MANIFEST_FILENAME:
+                complete.add(key)
+            mt = _mtime(info)
+            if mt is not None:
+                newest[key] = max(newest.get(key, 0.0), mt)
+            elif info.get("type") != "directory":
+                # Object stores give prefixes ("directories") no date; that is
+                # fine.  A file we cannot date we never delete.
+                undated.add(key)
+        removed: builtins.list[str] = []
+        for key, mt in sorted(newest.items()):
+            if key in complete or key in undated or now - mt < older_than_s:
+                continue
+            t, n, v = key
+            if self.fs.exists(self._manifest_path(t, n, v)):  # committed meanwhile
+                continue
+            self.fs.rm(self._version_dir(t, n, v), recursive=True)
+            self._prune_empty_dirs(t, n)
+            removed.append(str(AdapterRef(t, n, v)))
+        if removed:
+            log.info("gc removed incomplete versions: %s", ", ".join(removed))
+        return removed
+
+    # Convenience alias so callers holding a registry need no second import.
+    check_compatible = staticmethod(check_compatible)

@@ -1,0 +1,59 @@
+"""pytest plugin: a session-wide real S3 server (SeaweedFS) for registry tests.
+
+Register from ``tests/conftest.py`` with::
+
+    pytest_plugins = ["conftest_registry"]
+
+(``tests/`` has no ``__init__.py``, so pytest puts it on ``sys.path`` and the
+plugin imports by its bare name; test modules may also list it themselves -
+pytest loads a plugin only once per name.)
+
+Fixtures:
+
+* ``s3_server`` (session): a running ``tests.s3_server.S3Server``; its
+  ``storage_options`` go straight to fsspec/s3fs, ``url(prefix)`` gives an
+  ``s3://`` URL inside its bucket, ``env()`` gives AWS_* variables for
+  subprocesses.  Started once (about 1-2 s) and stopped at session end.
+  Skipped when the ``weed`` binary is not installed, or when
+  ``LIGHTRAY_SKIP_S3=1``.
+* ``s3_prefix`` (function): a fresh ``s3://bucket/<unique>`` URL, so tests
+  sharing the server never see each other's objects.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+try:
+    from s3_server import S3Server, S3ServerUnavailable, find_weed_binary, start_s3_server
+except ImportError:  # tests/ imported as a package
+    from tests.s3_server import (  # type: ignore[no-redef]
+        S3Server,
+        S3ServerUnavailable,
+        find_weed_binary,
+        start_s3_server,
+    )
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    if os.environ.get("LIGHTRAY_SKIP_S3") == "1":
+        pytest.skip("LIGHTRAY_SKIP_S3=1")
+    try:
+        find_weed_binary()
+    except S3ServerUnavailable as err:
+        pytest.skip(str(err))
+    server = start_s3_server()  # a failure to start with the binary present is an error
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_prefix(s3_server: S3Server) -> str:
+    return s3_server.url(f"t-{uuid.uuid4().hex[:12]}")

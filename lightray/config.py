@@ -1,0 +1,144 @@
+"""Typed configuration: model presets (what weights, how to sample them, what requests may ask for).
+
+Presets are data: YAML files under `configs/models/`, loaded into these validated objects. A Serve config names a
+preset by file (or inlines one) so the same model definition serves `serve run`, `serve deploy` and KubeRay.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+MODEL_PRESETS_DIR = REPO_ROOT / "configs" / "models"
+DEFAULT_PRESET = "lightray-shapes"
+
+
+class VariantConfig(BaseModel):
+    """One servable model id: the base weights sampled a particular way (e.g. base+CFG, or a Lightning LoRA)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    """The `model` name clients send (OpenAI API `model` field)."""
+    lightning_lora: str | None = None
+    """Path to a distilled LoRA in the published Qwen-Image-Lightning format (`lora_down`/`lora_up`/`alpha`),
+    applied under any tenant adapter. Relative paths resolve against the preset's `path`. None: the base model."""
+    num_inference_steps: int = Field(30, ge=1, le=200)
+    """Default number of denoising steps."""
+    true_cfg_scale: float = Field(4.0, ge=1.0, le=20.0)
+    """Default true-CFG scale; 1.0 disables CFG (one transformer pass per step, as distilled models expect)."""
+    negative_prompt: str = " "
+    """Negative prompt used when CFG is on and the client sends none (the pipeline needs one to enable CFG)."""
+    scheduler_overrides: dict[str, Any] = Field(default_factory=dict)
+    """FlowMatchEulerDiscreteScheduler config keys replaced for this variant (Lightning uses a shift-3
+    exponential schedule, for example)."""
+
+
+class ModelPreset(BaseModel):
+    """A servable base model and its variants, with the limits the API enforces on requests."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    """Human name of the preset (also its file stem under configs/models/)."""
+    path: str
+    """diffusers-format folder (model_index.json, text_encoder/, tokenizer/, transformer/, vae/, scheduler/).
+    Relative paths resolve against the repository root."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Compute dtype of every component."""
+    device: str = "cpu"
+    """torch device for the stages ("cpu", "cuda")."""
+    prompt_template_encode_start_idx: int | None = None
+    """Tokens the pipeline drops from the start of its chat template (34 for the real Qwen tokenizer). None:
+    computed from the tokenizer, which is right for any tokenizer (the embedded model's included)."""
+    max_sequence_length: int = Field(512, ge=1, le=1024)
+    """Prompt tokens kept after the template prefix (the pipeline's `max_sequence_length`)."""
+    max_prompt_chars: int = Field(2000, ge=1)
+    """Longest prompt accepted, in characters (checked at the API, before any tokenizer runs)."""
+    default_size: tuple[int, int] = (64, 64)
+    """(width, height) when the request gives no size."""
+    min_side: int = Field(16, ge=16)
+    max_side: int = Field(256, ge=16)
+    """Largest width or height accepted (multiples of `size_multiple` only)."""
+    max_pixels: int = Field(256 * 256, ge=256)
+    """Largest width×height accepted."""
+    size_multiple: int = 16
+    """Width and height must be multiples of this (VAE 8× times the 2×2 patch packing)."""
+    max_images_per_request: int = Field(10, ge=1, le=64)
+    """Largest `n`."""
+    max_inference_steps: int = Field(100, ge=1)
+    variants: list[VariantConfig]
+    """Model ids served from these weights; the first is the default."""
+
+    @field_validator("variants")
+    @classmethod
+    def _unique_variant_ids(cls, variants: list[VariantConfig]) -> list[VariantConfig]:
+        ids = [v.id for v in variants]
+        if not variants or len(set(ids)) != len(ids):
+            raise ValueError(f"variants must be non-empty with unique ids, got {ids}")
+        return variants
+
+    @model_validator(mode="after")
+    def _sizes_consistent(self) -> "ModelPreset":
+        w, h = self.default_size
+        for side in (w, h, self.min_side, self.max_side):
+            if side % self.size_multiple:
+                raise ValueError(f"sizes must be multiples of {self.size_multiple}, got {side}")
+        if not (self.min_side <= w <= self.max_side and self.min_side <= h <= self.max_side):
+            raise ValueError("default_size must lie within [min_side, max_side]")
+        return self
+
+    @cached_property
+    def root(self) -> Path:
+        p = Path(self.path).expanduser()
+        return p if p.is_absolute() else REPO_ROOT / p
+
+    def resolve(self, relative: str) -> Path:
+        p = Path(relative).expanduser()
+        return p if p.is_absolute() else self.root / p
+
+    @cached_property
+    def vae_scale_factor(self) -> int:
+        """Spatial compression of the VAE, read from its config: without a VAE loaded, QwenImagePipeline would
+        assume 8, so the denoiser stage carries the real value."""
+        cfg = json.loads((self.root / "vae" / "config.json").read_text())
+        return 2 ** len(cfg.get("temperal_downsample", [False, True, True]))
+
+    def variant(self, model_id: str | None) -> VariantConfig:
+        if model_id is None:
+            return self.variants[0]
+        for v in self.variants:
+            if v.id == model_id:
+                return v
+        raise KeyError(model_id)
+
+    @property
+    def model_ids(self) -> list[str]:
+        return [v.id for v in self.variants]
+
+    @cached_property
+    def base_model_id(self) -> str:
+        """Identity of the base weights that adapters are trained against."""
+        return self.name
+
+
+def load_preset(ref: str | dict | ModelPreset = DEFAULT_PRESET) -> ModelPreset:
+    """A preset from a name under configs/models/, a YAML path, an inline dict, or an existing object."""
+    if isinstance(ref, ModelPreset):
+        return ref
+    if isinstance(ref, dict):
+        return ModelPreset.model_validate(ref)
+    path = Path(ref)
+    if not path.suffix:
+        path = MODEL_PRESETS_DIR / f"{ref}.yaml"
+    elif not path.is_absolute() and not path.exists():
+        path = REPO_ROOT / path
+    if not path.exists():
+        raise FileNotFoundError(f"no model preset {ref!r} (looked for {path})")
+    return ModelPreset.model_validate(yaml.safe_load(path.read_text()))

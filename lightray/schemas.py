@@ -1,0 +1,174 @@
+"""Request and response schemas of the OpenAI-compatible images API, plus Lightray's extension fields.
+
+Field-level checks live here (types, ranges, formats); checks that depend on the served model (size limits,
+model ids, step limits) live in `GenerationRequest.resolve`, which turns a request into a `GenerationSpec`
+against a preset. Every failure names the field it is about.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from lightray.config import ModelPreset
+
+MAX_SEED = 2**63 - 1
+_SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
+
+
+class RequestError(ValueError):
+    """A request the model cannot serve; `param` names the offending field (OpenAI's error `param`)."""
+
+    def __init__(self, param: str, message: str, status: int = 400, code: str = "invalid_value"):
+        super().__init__(message)
+        self.param, self.message, self.status, self.code = param, message, status, code
+
+
+class ImageGenerationRequest(BaseModel):
+    """Body of `POST /v1/images/generations`. OpenAI fields first, then Lightray's extensions."""
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=False)
+
+    prompt: str = Field(min_length=1, description="What to draw (English or Chinese).")
+    model: str | None = Field(None, description="Model id from GET /v1/models; default: the first.")
+    n: int = Field(1, ge=1, le=10, description="Number of images (one denoiser batch).")
+    size: str | None = Field(None, description='"WIDTHxHEIGHT", multiples of 16 within the model\'s limit.')
+    response_format: Literal["b64_json", "url"] = "b64_json"
+    quality: str | None = Field(None, description="Accepted for OpenAI compatibility; ignored.")
+    style: str | None = Field(None, description="Accepted for OpenAI compatibility; ignored.")
+    user: str | None = Field(None, max_length=256, description="Accepted for OpenAI compatibility; ignored.")
+    output_format: Literal["png"] = "png"
+    # Extensions.
+    negative_prompt: str | None = Field(None, description="What not to draw (enables true CFG with scale > 1).")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Image i uses seed + i.")
+    seeds: list[int] | None = Field(None, description="One seed per image (overrides `seed`); length must be n.")
+    num_inference_steps: int | None = Field(None, ge=1, description="Denoising steps; default per model.")
+    true_cfg_scale: float | None = Field(None, ge=1.0, le=20.0, description="True CFG scale; 1 disables CFG.")
+    lora: str | None = Field(
+        None, description="Tenant adapter 'tenant/name[@version][:scale]', applied on top of the model."
+    )
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("prompt must not be blank")
+        return v
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds_in_range(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and any(s < 0 or s > MAX_SEED for s in v):
+            raise ValueError(f"every seed must be in [0, {MAX_SEED}]")
+        return v
+
+    @model_validator(mode="after")
+    def _seeds_match_n(self) -> "ImageGenerationRequest":
+        if self.seeds is not None and len(self.seeds) != self.n:
+            raise ValueError(f"seeds: {len(self.seeds)} seeds given for n={self.n}")
+        return self
+
+    def resolve(self, preset: ModelPreset, default_seed: int) -> "GenerationSpec":
+        """Check the request against the served model and fill in the defaults."""
+        try:
+            variant = preset.variant(self.model)
+        except KeyError:
+            raise RequestError(
+                "model", f"model {self.model!r} does not exist; available: {', '.join(preset.model_ids)}",
+                status=404, code="model_not_found",
+            ) from None
+        if len(self.prompt) > preset.max_prompt_chars:
+            raise RequestError("prompt", f"prompt is longer than {preset.max_prompt_chars} characters")
+        if self.negative_prompt is not None and len(self.negative_prompt) > preset.max_prompt_chars:
+            raise RequestError("negative_prompt", f"negative_prompt is longer than {preset.max_prompt_chars} characters")
+        if self.n > preset.max_images_per_request:
+            raise RequestError("n", f"n must be at most {preset.max_images_per_request}")
+        width, height = parse_size(self.size, preset)
+        steps = self.num_inference_steps or variant.num_inference_steps
+        if steps > preset.max_inference_steps:
+            raise RequestError("num_inference_steps", f"num_inference_steps must be at most {preset.max_inference_steps}")
+        cfg = variant.true_cfg_scale if self.true_cfg_scale is None else self.true_cfg_scale
+        negative = self.negative_prompt
+        if cfg > 1 and negative is None:
+            negative = variant.negative_prompt
+        if self.seeds is not None:
+            seeds = list(self.seeds)
+        else:
+            base = default_seed if self.seed is None else self.seed
+            seeds = [(base + i) % (MAX_SEED + 1) for i in range(self.n)]
+        return GenerationSpec(
+            prompt=self.prompt, negative_prompt=negative if cfg > 1 else None, model=variant.id, seeds=seeds,
+            width=width, height=height, num_inference_steps=steps, true_cfg_scale=cfg, lora=self.lora,
+        )
+
+
+def parse_size(size: str | None, preset: ModelPreset) -> tuple[int, int]:
+    if size is None or size == "auto":
+        return preset.default_size
+    m = _SIZE.match(size)
+    if not m:
+        raise RequestError("size", f'size must look like "WIDTHxHEIGHT" (e.g. "64x64"), got {size!r}')
+    width, height = int(m.group(1)), int(m.group(2))
+    k = preset.size_multiple
+    if width % k or height % k:
+        raise RequestError("size", f"size: width and height must be multiples of {k}, got {width}x{height}")
+    lo, hi = preset.min_side, preset.max_side
+    if not (lo <= width <= hi and lo <= height <= hi):
+        raise RequestError("size", f"size: width and height must be between {lo} and {hi}, got {width}x{height}")
+    if width * height > preset.max_pixels:
+        raise RequestError("size", f"size: at most {preset.max_pixels} pixels, got {width}x{height}")
+    return width, height
+
+
+@dataclasses.dataclass
+class GenerationSpec:
+    """A validated, fully resolved generation: what the stages run. Seeds are explicit, one per image."""
+
+    prompt: str
+    model: str
+    seeds: list[int]
+    width: int
+    height: int
+    num_inference_steps: int
+    true_cfg_scale: float
+    negative_prompt: str | None = None
+    lora: str | None = None
+
+
+class ImageData(BaseModel):
+    b64_json: str | None = None
+    url: str | None = None
+    revised_prompt: str | None = None
+    seed: int = Field(description="The seed this image was generated with (extension).")
+
+
+class ImagesResponse(BaseModel):
+    created: int
+    data: list[ImageData]
+    model: str | None = Field(None, description="The model id that served the request (extension).")
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "lightray"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str = "invalid_request_error"
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody

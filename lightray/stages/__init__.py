@@ -1,0 +1,12 @@
+"""The three stages of text-to-image generation as plain classes over diffusers objects (no Ray import).
+
+Each stage loads only its own components from a diffusers-format folder, so it can run in its own process
+(a Ray Serve replica) or all three in one (`lightray.pipeline.LocalPipeline`). Data between stages is
+contiguous CPU numpy arrays plus the few scalars the next stage needs.
+"""
+
+from lightray.stages.denoiser import DenoiseJob, DenoiseStage
+from lightray.stages.text_encoder import TextEncodeStage
+from lightray.stages.vae import VaeStage
+
+__all__ = ["DenoiseJob", "DenoiseStage", "TextEncodeStage", "VaeStage"]

@@ -1,0 +1,141 @@
+"""Reads a shapes-world image back from its pixels and scores it against a prompt. No learned model is involved,
+so the evaluator can be trusted independently of the generator (and is itself tested on ground-truth renders).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import numpy as np
+from PIL import Image
+
+from lightray.world.shapes import BACKGROUNDS, EN_POSITION_PHRASES, POSITIONS, SHAPE_COLORS, ZH, Scene
+
+ATTRIBUTES = ("background", "color", "position", "shape")
+
+# A pixel belongs to the shape when it is this far (RGB euclidean) from the background colour.
+_FOREGROUND_DISTANCE = 60.0
+_MIN_SHAPE_PIXELS_FRACTION = 0.01
+
+
+@dataclasses.dataclass(frozen=True)
+class Reading:
+    """What the evaluator saw. Attributes are None when they could not be read (e.g. no shape found)."""
+
+    background: str | None
+    color: str | None
+    position: str | None
+    shape: str | None
+    fill_ratio: float = 0.0
+    area_fraction: float = 0.0
+
+    def as_dict(self) -> dict[str, str | None]:
+        return {a: getattr(self, a) for a in ATTRIBUTES}
+
+
+def _nearest(rgb: np.ndarray, palette: dict[str, tuple[int, int, int]]) -> str:
+    names = list(palette)
+    dists = [float(np.linalg.norm(rgb - np.asarray(palette[n], dtype=np.float32))) for n in names]
+    return names[int(np.argmin(dists))]
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    """Largest 4-connected component of a boolean mask (iterative flood fill; images are small)."""
+    h, w = mask.shape
+    labels = np.zeros((h, w), dtype=np.int32)
+    best_label, best_size, current = 0, 0, 0
+    for y0, x0 in zip(*np.nonzero(mask)):
+        if labels[y0, x0]:
+            continue
+        current += 1
+        stack, size = [(y0, x0)], 0
+        labels[y0, x0] = current
+        while stack:
+            y, x = stack.pop()
+            size += 1
+            for ny, nx in ((y + 1, x), (y - 1, x), (y, x + 1), (y, x - 1)):
+                if 0 <= ny < h and 0 <= nx < w and mask[ny, nx] and not labels[ny, nx]:
+                    labels[ny, nx] = current
+                    stack.append((ny, nx))
+        if size > best_size:
+            best_label, best_size = current, size
+    return labels == best_label if best_size else mask & False
+
+
+def read_image(image: Image.Image | np.ndarray) -> Reading:
+    pixels = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, dtype=np.float32)
+    h, w, _ = pixels.shape
+    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+    bg_rgb = np.median(border, axis=0)
+    background = _nearest(bg_rgb, BACKGROUNDS)
+
+    distance = np.linalg.norm(pixels - bg_rgb, axis=-1)
+    mask = _largest_component(distance > _FOREGROUND_DISTANCE)
+    area = int(mask.sum())
+    if area < _MIN_SHAPE_PIXELS_FRACTION * h * w:
+        return Reading(background, None, None, None)
+
+    # Colour from the shape's core: edge pixels are blended with the background by anti-aliasing.
+    core = mask & (distance >= np.percentile(distance[mask], 50))
+    color = _nearest(np.median(pixels[core], axis=0), SHAPE_COLORS)
+
+    ys, xs = np.nonzero(mask)
+    cx, cy = xs.mean() / w, ys.mean() / h
+    position = min(POSITIONS, key=lambda p: (POSITIONS[p][0] - cx) ** 2 + (POSITIONS[p][1] - cy) ** 2)
+
+    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    fill = area / float((y1 - y0) * (x1 - x0))
+    # A ring has a hole: the middle of its bounding box is background.
+    my, mx = (y0 + y1) // 2, (x0 + x1) // 2
+    r = max(1, (y1 - y0) // 8)
+    hole = not mask[my - r : my + r + 1, mx - r : mx + r + 1].any()
+    if hole:
+        shape = "ring"
+    elif fill > 0.9:
+        shape = "square"
+    elif fill > 0.66:
+        shape = "circle"
+    else:
+        shape = "triangle"
+    return Reading(background, color, position, shape, fill_ratio=fill, area_fraction=area / float(h * w))
+
+
+_EN_WORDS = {
+    "color": {c: c for c in SHAPE_COLORS},
+    "shape": {"circle": "circle", "square": "square", "triangle": "triangle", "ring": "ring"},
+    "background": {b: b for b in BACKGROUNDS},
+}
+
+
+def parse_prompt(prompt: str) -> Scene:
+    """The attributes a prompt asks for (English or Chinese), as a Scene. Raises ValueError if one is missing."""
+    text = prompt.lower()
+    found: dict[str, str] = {}
+    # Background first: its word is adjacent to "background"/"背景", so it is not mistaken for the shape colour.
+    for bg in BACKGROUNDS:
+        if re.search(rf"\b{bg} background|background is {bg}|{ZH[bg]}背景|背景是{ZH[bg]}|背景为{ZH[bg]}", text):
+            found["background"] = bg
+    for color in SHAPE_COLORS:
+        if re.search(rf"\b{color}\b", text) or ZH[color] in text:
+            found["color"] = color
+    for shape in ("circle", "square", "triangle", "ring"):
+        if re.search(rf"\b{shape}\b", text) or ZH[shape] in text:
+            found.setdefault("shape", shape)
+    if "圆环" in text:
+        found["shape"] = "ring"
+    for pos, phrase in EN_POSITION_PHRASES.items():
+        if phrase in text or ZH[pos] in text:
+            found["position"] = pos
+    missing = [a for a in ATTRIBUTES if a not in found]
+    if missing:
+        raise ValueError(f"prompt does not name: {', '.join(missing)}")
+    return Scene(found["color"], found["shape"], found["position"], found["background"])
+
+
+def score(image: Image.Image | np.ndarray, expected: Scene) -> dict[str, bool]:
+    """Per-attribute correctness of `image` against `expected`, plus "all" (every attribute right)."""
+    reading = read_image(image)
+    result = {a: getattr(reading, a) == getattr(expected, a) for a in ATTRIBUTES}
+    result["all"] = all(result.values())
+    return result

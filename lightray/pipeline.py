@@ -10,11 +10,13 @@ from lightray.schemas import GenerationSpec
 from lightray.stages import DenoiseJob, DenoiseStage, TextEncodeStage, VaeStage
 
 
-def denoise_job(spec: GenerationSpec, embeds: list, adapter: str | None = None, adapter_scale: float = 1.0) -> DenoiseJob:
-    """The denoiser's job for `spec`, given the text stage's output for [prompt] or [prompt, negative]."""
+def denoise_job(spec: GenerationSpec, embeds: list | None = None, adapter: str | None = None,
+                adapter_scale: float = 1.0) -> DenoiseJob:
+    """The denoiser's job for `spec`; `embeds` is the text stage's output for `prompts_of(spec)` (the graph
+    leaves it None and the denoiser fills it from the encoder's response)."""
     return DenoiseJob(
-        prompt_embeds=embeds[0],
-        negative_embeds=embeds[1] if len(embeds) > 1 else None,
+        prompt_embeds=embeds[0] if embeds else None,
+        negative_embeds=embeds[1] if embeds and len(embeds) > 1 else None,
         seeds=spec.seeds,
         width=spec.width,
         height=spec.height,

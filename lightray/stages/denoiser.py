@@ -23,13 +23,13 @@ from lightray.stages.common import generators, torch_dtype
 class DenoiseJob:
     """Everything the denoiser needs for the n images of one request."""
 
-    prompt_embeds: np.ndarray
-    """[tokens, hidden] float32, the text encoder's output for the prompt (no padding)."""
     seeds: list[int]
     """One per image; len(seeds) is the batch size."""
     width: int
     height: int
     num_inference_steps: int
+    prompt_embeds: np.ndarray | None = None
+    """[tokens, hidden] float32, the text encoder's output for the prompt (no padding)."""
     true_cfg_scale: float = 1.0
     negative_embeds: np.ndarray | None = None
     """Embeddings of the negative prompt; required for true CFG (scale > 1)."""
@@ -102,6 +102,8 @@ class DenoiseStage:
     def denoise(self, job: DenoiseJob) -> np.ndarray:
         """Packed latents [n, tokens, 64] float32 for the job's n seeds, exactly as
         `QwenImagePipeline.__call__(..., output_type="latent")` computes them."""
+        if job.prompt_embeds is None:
+            raise ValueError("job has no prompt embeddings")
         variant = self.preset.variant(job.variant)
         prompt = torch.from_numpy(job.prompt_embeds)[None].to(self.device, self.dtype)
         negative = None

@@ -1,0 +1,39 @@
+# Two commands do all set-up on a fresh machine: `make serve` and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CONFIG ?= configs/serve/local.yaml
+
+# Ray settings for a small shared machine: no token auth (a bare ray.init() could otherwise write
+# ~/.ray/auth_token and switch later clusters to token auth), no usage stats, and a proxy start-up check that
+# tolerates a busy 2-core CPU (the default 5 s fails while models load).
+export RAY_AUTH_MODE ?= disabled
+export RAY_USAGE_STATS_ENABLED ?= 0
+export RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S ?= 60
+
+.PHONY: serve test bench train eval clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, pinned: pip then takes the local CPU wheel instead of pulling a multi-GB CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+serve: $(VENV)/.installed
+	$(VENV)/bin/lightray serve $(CONFIG)
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: $(VENV)/.installed
+	$(PY) benchmarks/bench_graph.py
+
+train: $(VENV)/.installed
+	$(PY) -m lightray.world.train --out models/lightray-shapes
+
+eval: $(VENV)/.installed
+	$(PY) benchmarks/eval_model.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache out runs

@@ -1,0 +1,68 @@
+"""The FastAPI application, independent of Ray: `create_app(backend, settings)`."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from lightray.schemas import ErrorBody, ErrorResponse, RequestError
+from serve_app.backend import GenerationBackend
+from serve_app.image_store import ImageStore
+from serve_app.routers import health, images, models
+from serve_app.settings import ServiceSettings
+
+logger = logging.getLogger("lightray.api")
+
+
+def _error(status: int, message: str, param: str | None, code: str | None,
+           kind: str = "invalid_request_error") -> JSONResponse:
+    body = ErrorResponse(error=ErrorBody(message=message, type=kind, param=param, code=code))
+    return JSONResponse(body.model_dump(), status_code=status)
+
+
+def _field_of(loc: tuple) -> str | None:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path")]
+    return ".".join(parts) or None
+
+
+async def _on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = exc.errors()
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+    param = _field_of(tuple(first.get("loc", ())))
+    msg = str(first.get("msg", "invalid value"))
+    msg = msg.removeprefix("Value error, ")
+    if param is None and ":" in msg:  # model-level checks name their field first ("seeds: …")
+        param = msg.split(":", 1)[0].strip() or None
+    message = f"{param}: {msg}" if param and not msg.startswith(param) else msg
+    return _error(400, message, param, "invalid_value")
+
+
+async def _on_request_error(request: Request, exc: RequestError) -> JSONResponse:
+    return _error(exc.status, exc.message, exc.param, exc.code,
+                  "invalid_request_error" if exc.status < 500 else "server_error")
+
+
+async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+    logger.exception("unhandled error on %s", request.url.path)
+    return _error(500, "internal error; see the service logs", None, "internal_error", "server_error")
+
+
+def create_app(backend: GenerationBackend, settings: ServiceSettings) -> FastAPI:
+    app = FastAPI(
+        title="Lightray",
+        version="0.1.0",
+        description="OpenAI-compatible image generation on Ray Serve (Qwen-Image-class models).",
+    )
+    app.state.backend = backend
+    app.state.settings = settings
+    app.state.image_store = ImageStore(settings.image_store_dir)
+    app.add_exception_handler(RequestValidationError, _on_validation_error)
+    app.add_exception_handler(RequestError, _on_request_error)
+    app.add_exception_handler(Exception, _on_unexpected)
+    app.include_router(images.router)
+    app.include_router(models.router)
+    app.include_router(health.router)
+    return app

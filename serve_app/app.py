@@ -1,0 +1,36 @@
+"""The Serve application: `serve run configs/serve/local.yaml` imports `serve_app.app:build_app`."""
+
+from __future__ import annotations
+
+from ray import serve
+from ray.serve import Application
+
+from deployments import Denoiser, TextEncoder, VaeDecoder
+from lightray.config import load_preset
+from serve_app.api import create_app
+from serve_app.backend import RayGraphBackend
+from serve_app.settings import ServiceSettings
+
+
+@serve.deployment(name="Ingress", max_ongoing_requests=64)
+@serve.ingress()
+class Ingress:
+    def __init__(self, text_encoder, denoiser, vae, settings: dict):
+        self.settings = ServiceSettings(**settings)
+        preset = load_preset(self.settings.preset)
+        self.backend = RayGraphBackend(preset, text_encoder, denoiser, vae)
+
+    def __serve_build_asgi_app__(self):
+        return create_app(self.backend, self.settings)
+
+
+def build_app(args: dict | None = None) -> Application:
+    """Application builder; `args` are ServiceSettings fields (from the Serve YAML's `args`)."""
+    settings = ServiceSettings(**(args or {}))
+    preset = load_preset(settings.preset).model_dump()
+    return Ingress.bind(
+        TextEncoder.bind(preset),
+        Denoiser.bind(preset),
+        VaeDecoder.bind(preset),
+        settings.model_dump(),
+    )

@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+import asyncio
+import base64
+import secrets
+import time
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import Response as RawResponse
+
+from lightray.schemas import ImageData, ImageGenerationRequest, ImagesResponse, RequestError
+from serve_app.backend import GenerationBackend
+from serve_app.dependencies import get_backend, get_image_store, get_settings
+from serve_app.image_store import ImageStore
+from serve_app.settings import ServiceSettings
+
+router = APIRouter(prefix="/v1", tags=["images"])
+
+
+@router.post("/images/generations", response_model=ImagesResponse, response_model_exclude_none=True)
+async def generate_images(
+    body: ImageGenerationRequest,
+    request: Request,
+    response: Response,
+    backend: GenerationBackend = Depends(get_backend),
+    settings: ServiceSettings = Depends(get_settings),
+    store: ImageStore = Depends(get_image_store),
+) -> ImagesResponse:
+    spec = body.resolve(backend.preset, default_seed=secrets.randbelow(2**31))
+    try:
+        result = await asyncio.wait_for(backend.generate(spec), timeout=settings.request_timeout_s)
+    except asyncio.TimeoutError:
+        raise RequestError(
+            "request", f"generation did not finish within {settings.request_timeout_s:g} s", status=504,
+            code="timeout",
+        ) from None
+    response.headers["Server-Timing"] = ", ".join(
+        f"{k.removesuffix('_ms')};dur={v:.1f}" for k, v in result.timings.items()
+    )
+    base_url = settings.public_url or str(request.base_url).rstrip("/")
+    data = []
+    for seed, png in zip(spec.seeds, result.images):
+        if body.response_format == "url":
+            data.append(ImageData(url=f"{base_url}/v1/files/images/{store.put(png)}", seed=seed))
+        else:
+            data.append(ImageData(b64_json=base64.b64encode(png).decode("ascii"), seed=seed))
+    return ImagesResponse(created=int(time.time()), data=data, model=spec.model)
+
+
+@router.get("/files/images/{name}", response_class=RawResponse)
+async def get_image(name: str, store: ImageStore = Depends(get_image_store)) -> RawResponse:
+    png = store.get(name)
+    if png is None:
+        raise RequestError("name", "no such image (expired or never existed)", status=404, code="not_found")
+    return RawResponse(png, media_type="image/png")

@@ -1,0 +1,21 @@
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends
+
+from lightray.schemas import ModelCard, ModelList, RequestError
+from serve_app.backend import GenerationBackend
+from serve_app.dependencies import get_backend
+
+router = APIRouter(prefix="/v1", tags=["models"])
+
+
+@router.get("/models", response_model=ModelList)
+async def list_models(backend: GenerationBackend = Depends(get_backend)) -> ModelList:
+    return ModelList(data=[ModelCard(id=m) for m in backend.preset.model_ids])
+
+
+@router.get("/models/{model_id}", response_model=ModelCard)
+async def get_model(model_id: str, backend: GenerationBackend = Depends(get_backend)) -> ModelCard:
+    if model_id not in backend.preset.model_ids:
+        raise RequestError("model", f"model {model_id!r} does not exist", status=404, code="model_not_found")
+    return ModelCard(id=model_id)

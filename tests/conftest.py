@@ -1,0 +1,65 @@
+"""Shared fixtures. Every test uses the shipped embedded model (models/lightray-shapes) unless
+LIGHTRAY_TEST_PRESET names another preset file."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from lightray.config import ModelPreset, load_preset
+
+pytest_plugins = ["conftest_registry"]
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def preset() -> ModelPreset:
+    return load_preset(os.environ.get("LIGHTRAY_TEST_PRESET", "lightray-shapes"))
+
+
+@pytest.fixture(scope="session")
+def local_pipeline(preset):
+    from lightray.pipeline import LocalPipeline
+
+    return LocalPipeline(preset)
+
+
+@pytest.fixture(scope="session")
+def api_client(local_pipeline, tmp_path_factory) -> TestClient:
+    """The real FastAPI app over the in-process pipeline: the HTTP contract without a cluster."""
+    from serve_app.api import create_app
+    from serve_app.backend import LocalBackend
+    from serve_app.settings import ServiceSettings
+
+    settings = ServiceSettings(
+        preset=local_pipeline.preset.model_dump(), image_store_dir=str(tmp_path_factory.mktemp("images"))
+    )
+    with TestClient(create_app(LocalBackend(local_pipeline), settings)) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    from ray_cluster import RayCluster
+
+    cluster = RayCluster().start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def service(ray_cluster, preset, tmp_path_factory):
+    """configs/serve/local.yaml deployed with `serve deploy` on the test cluster; yields its base URL."""
+    registry = tmp_path_factory.mktemp("registry")
+    args = {"registry": str(registry), "image_store_dir": str(tmp_path_factory.mktemp("served-images"))}
+    if os.environ.get("LIGHTRAY_TEST_PRESET"):
+        args["preset"] = os.environ["LIGHTRAY_TEST_PRESET"]
+    config = ray_cluster.serve_config(REPO / "configs/serve/local.yaml", args)
+    ray_cluster.deploy(config)
+    return ray_cluster.http_url

@@ -3,15 +3,16 @@ reference the Serve graph is tested against."""
 
 from __future__ import annotations
 
+import numpy as np
 from PIL import Image
 
 from lightray.config import ModelPreset, load_preset
-from lightray.schemas import GenerationSpec
+from lightray.images import resize_for_model
+from lightray.schemas import EditSpec, GenerationSpec
 from lightray.stages import DenoiseJob, DenoiseStage, TextEncodeStage, VaeStage
 
 
-def denoise_job(spec: GenerationSpec, embeds: list | None = None, adapter: str | None = None,
-                adapter_scale: float = 1.0) -> DenoiseJob:
+def denoise_job(spec: GenerationSpec, embeds: list | None = None, adapter_path: str | None = None) -> DenoiseJob:
     """The denoiser's job for `spec`; `embeds` is the text stage's output for `prompts_of(spec)` (the graph
     leaves it None and the denoiser fills it from the encoder's response)."""
     return DenoiseJob(
@@ -23,8 +24,9 @@ def denoise_job(spec: GenerationSpec, embeds: list | None = None, adapter: str |
         num_inference_steps=spec.num_inference_steps,
         true_cfg_scale=spec.true_cfg_scale,
         variant=spec.model,
-        adapter=adapter,
-        adapter_scale=adapter_scale,
+        adapter=spec.lora,
+        adapter_path=adapter_path,
+        adapter_scale=spec.lora_scale,
     )
 
 
@@ -39,7 +41,23 @@ class LocalPipeline:
         self.denoiser = DenoiseStage(self.preset)
         self.vae = VaeStage(self.preset)
 
-    def generate(self, spec: GenerationSpec) -> list[Image.Image]:
+    def generate(self, spec: GenerationSpec, adapter_path: str | None = None) -> list[Image.Image]:
+        """Images for `spec`; a `spec.lora` adapter is loaded from `adapter_path` on first use."""
         embeds = self.text.encode(prompts_of(spec))
-        latents = self.denoiser.denoise(denoise_job(spec, embeds))
+        latents = self.denoiser.denoise(denoise_job(spec, embeds, adapter_path))
+        return self.vae.decode(latents, spec.height, spec.width)
+
+    def edit(self, spec: EditSpec, image: Image.Image, mask: Image.Image | None = None,
+             adapter_path: str | None = None) -> list[Image.Image]:
+        """img2img (no mask) or inpainting of `image` (RGB) for `spec`: the graph's edit path in one process.
+        `mask` is an "L" image, non-zero where the image is repainted (diffusers' convention); both are resized
+        to the spec's size as the diffusers pipelines resize them."""
+        embeds = self.text.encode(prompts_of(spec))
+        start = self.vae.encode_for_seeds(image, spec.seeds, spec.height, spec.width)
+        mask_pixels = None
+        if mask is not None:
+            mask_pixels = np.asarray(resize_for_model(mask.convert("L"), spec.width, spec.height))
+        latents = self.denoiser.denoise_from_image(
+            denoise_job(spec, embeds, adapter_path), start, spec.strength, mask_pixels
+        )
         return self.vae.decode(latents, spec.height, spec.width)

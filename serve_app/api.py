@@ -8,6 +8,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from lightray.adapters import open_registry
 from lightray.schemas import ErrorBody, ErrorResponse, RequestError
 from serve_app.backend import GenerationBackend
 from serve_app.image_store import ImageStore
@@ -59,6 +60,7 @@ def create_app(backend: GenerationBackend, settings: ServiceSettings) -> FastAPI
     app.state.backend = backend
     app.state.settings = settings
     app.state.image_store = ImageStore(settings.image_store_dir)
+    app.state.registry = open_registry(settings.registry, settings.registry_storage_options)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(RequestError, _on_request_error)
     app.add_exception_handler(Exception, _on_unexpected)

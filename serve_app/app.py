@@ -30,7 +30,7 @@ def build_app(args: dict | None = None) -> Application:
     preset = load_preset(settings.preset).model_dump()
     return Ingress.bind(
         TextEncoder.bind(preset),
-        Denoiser.bind(preset),
+        Denoiser.bind(preset, settings.registry, settings.registry_storage_options, settings.adapter_cache_size),
         VaeDecoder.bind(preset),
         settings.model_dump(),
     )

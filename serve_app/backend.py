@@ -9,10 +9,14 @@ import threading
 import time
 from typing import Protocol
 
+import numpy as np
+from PIL import Image
+
 from lightray.config import ModelPreset
 from lightray.images import encode_png
 from lightray.pipeline import LocalPipeline, denoise_job, prompts_of
-from lightray.schemas import GenerationSpec
+from lightray.registry import AdapterRegistry
+from lightray.schemas import EditSpec, GenerationSpec
 
 
 @dataclasses.dataclass
@@ -28,26 +32,53 @@ class GenerationBackend(Protocol):
 
     async def generate(self, spec: GenerationSpec) -> GenerationResult: ...
 
+    async def edit(self, spec: EditSpec, image: Image.Image, mask: Image.Image | None = None) -> GenerationResult:
+        """img2img (no mask) or inpainting; `image` RGB and `mask` "L" (255 = edit), both at the spec's size."""
+        ...
+
     async def readiness(self) -> dict[str, bool]: ...
 
 
 class LocalBackend:
     """All three stages in this process, one request at a time (the pipeline object is not re-entrant)."""
 
-    def __init__(self, pipeline: LocalPipeline):
+    def __init__(self, pipeline: LocalPipeline, registry: AdapterRegistry | None = None):
         self.pipeline = pipeline
         self.preset = pipeline.preset
+        self.registry = registry
         self._lock = threading.Lock()
 
     def _run(self, spec: GenerationSpec) -> GenerationResult:
         with self._lock:
             start = time.perf_counter()
-            images = self.pipeline.generate(spec)
+            adapter_path = None
+            if spec.lora:
+                if self.registry is None:
+                    raise RuntimeError("this backend has no adapter registry")
+                _, path = self.registry.fetch(spec.lora, base_model_id=self.preset.base_model_id)
+                adapter_path = str(path)
+            images = self.pipeline.generate(spec, adapter_path)
             pngs = [encode_png(im) for im in images]
         return GenerationResult(pngs, {"graph_ms": (time.perf_counter() - start) * 1000})
 
     async def generate(self, spec: GenerationSpec) -> GenerationResult:
         return await asyncio.to_thread(self._run, spec)
+
+    def _run_edit(self, spec: EditSpec, image: Image.Image, mask: Image.Image | None) -> GenerationResult:
+        with self._lock:
+            start = time.perf_counter()
+            adapter_path = None
+            if spec.lora:  # as in `_run`
+                if self.registry is None:
+                    raise RuntimeError("this backend has no adapter registry")
+                _, path = self.registry.fetch(spec.lora, base_model_id=self.preset.base_model_id)
+                adapter_path = str(path)
+            images = self.pipeline.edit(spec, image, mask, adapter_path)
+            pngs = [encode_png(im) for im in images]
+        return GenerationResult(pngs, {"graph_ms": (time.perf_counter() - start) * 1000})
+
+    async def edit(self, spec: EditSpec, image: Image.Image, mask: Image.Image | None = None) -> GenerationResult:
+        return await asyncio.to_thread(self._run_edit, spec, image, mask)
 
     async def readiness(self) -> dict[str, bool]:
         return {"TextEncoder": True, "Denoiser": True, "VaeDecoder": True}
@@ -66,8 +97,27 @@ class RayGraphBackend:
         encoded = self.text_encoder.encode.remote(prompts_of(spec))
         denoiser = self.denoiser
         if spec.lora:
+            # Routes to a replica that already holds this adapter when there is one.
             denoiser = denoiser.options(multiplexed_model_id=spec.lora)
         denoised = denoiser.denoise.remote(denoise_job(spec), encoded)
+        result = await self.vae.decode.remote(denoised, spec.width, spec.height)
+        timings = dict(result["timings"])
+        timings["graph_ms"] = (time.perf_counter() - start) * 1000
+        return GenerationResult(result["images"], timings)
+
+    async def edit(self, spec: EditSpec, image: Image.Image, mask: Image.Image | None = None) -> GenerationResult:
+        """The text encoder and the VAE's encoder run concurrently; both responses go handle to handle into the
+        denoiser, whose output goes to the VAE's decoder, as in `generate`."""
+        start = time.perf_counter()
+        encoded = self.text_encoder.encode.remote(prompts_of(spec))
+        image_latents = self.vae.encode.remote(np.asarray(image.convert("RGB")), spec.seeds, spec.width, spec.height)
+        denoiser = self.denoiser
+        if spec.lora:
+            denoiser = denoiser.options(multiplexed_model_id=spec.lora)
+        denoised = denoiser.denoise_image.remote(
+            denoise_job(spec), encoded, image_latents, spec.strength,
+            None if mask is None else np.asarray(mask.convert("L")),
+        )
         result = await self.vae.decode.remote(denoised, spec.width, spec.height)
         timings = dict(result["timings"])
         timings["graph_ms"] = (time.perf_counter() - start) * 1000

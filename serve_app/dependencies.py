@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import Request
 
+from lightray.registry import AdapterRegistry
 from serve_app.backend import GenerationBackend
 from serve_app.image_store import ImageStore
 from serve_app.settings import ServiceSettings
@@ -15,6 +16,10 @@ def get_backend(request: Request) -> GenerationBackend:
 
 def get_settings(request: Request) -> ServiceSettings:
     return request.app.state.settings
+
+
+def get_registry(request: Request) -> AdapterRegistry:
+    return request.app.state.registry
 
 
 def get_image_store(request: Request) -> ImageStore:

@@ -23,3 +23,8 @@ class ServiceSettings(BaseSettings):
     """Where `response_format=url` images are kept (a shared folder when there are several ingress replicas)."""
     public_url: str | None = None
     """Base URL clients reach the service at, for image URLs; default: the request's own base URL."""
+    max_image_bytes: int = Field(10 * 1024 * 1024, ge=1024)
+    """Largest image (or mask) upload accepted by /v1/images/edits, in bytes."""
+    max_image_pixels: int = Field(4096 * 4096, ge=256)
+    """Largest input image accepted by /v1/images/edits, in pixels (checked before decoding; the output size is
+    limited by the model preset)."""

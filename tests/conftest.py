@@ -29,16 +29,25 @@ def local_pipeline(preset):
 
 
 @pytest.fixture(scope="session")
-def api_client(local_pipeline, tmp_path_factory) -> TestClient:
+def registry_root(tmp_path_factory) -> Path:
+    """The adapter registry (a local folder) that both the in-process app and the Ray service read."""
+    return tmp_path_factory.mktemp("registry")
+
+
+@pytest.fixture(scope="session")
+def api_client(local_pipeline, registry_root, tmp_path_factory) -> TestClient:
     """The real FastAPI app over the in-process pipeline: the HTTP contract without a cluster."""
+    from lightray.adapters import open_registry
     from serve_app.api import create_app
     from serve_app.backend import LocalBackend
     from serve_app.settings import ServiceSettings
 
     settings = ServiceSettings(
-        preset=local_pipeline.preset.model_dump(), image_store_dir=str(tmp_path_factory.mktemp("images"))
+        preset=local_pipeline.preset.model_dump(), registry=str(registry_root),
+        image_store_dir=str(tmp_path_factory.mktemp("images")),
     )
-    with TestClient(create_app(LocalBackend(local_pipeline), settings)) as client:
+    backend = LocalBackend(local_pipeline, open_registry(settings.registry))
+    with TestClient(create_app(backend, settings)) as client:
         yield client
 
 
@@ -54,10 +63,9 @@ def ray_cluster():
 
 
 @pytest.fixture(scope="session")
-def service(ray_cluster, preset, tmp_path_factory):
+def service(ray_cluster, preset, registry_root, tmp_path_factory):
     """configs/serve/local.yaml deployed with `serve deploy` on the test cluster; yields its base URL."""
-    registry = tmp_path_factory.mktemp("registry")
-    args = {"registry": str(registry), "image_store_dir": str(tmp_path_factory.mktemp("served-images"))}
+    args = {"registry": str(registry_root), "image_store_dir": str(tmp_path_factory.mktemp("served-images"))}
     if os.environ.get("LIGHTRAY_TEST_PRESET"):
         args["preset"] = os.environ["LIGHTRAY_TEST_PRESET"]
     config = ray_cluster.serve_config(REPO / "configs/serve/local.yaml", args)

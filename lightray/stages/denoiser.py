@@ -9,14 +9,19 @@ two concurrent jobs never see each other's adapters.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import threading
 
 import numpy as np
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline
+from diffusers import QwenImageImg2ImgPipeline, QwenImageInpaintPipeline
+from diffusers.image_processor import VaeImageProcessor
+from PIL import Image
 
 from lightray.config import ModelPreset, VariantConfig
 from lightray.stages.common import generators, torch_dtype
+from lightray.stages.vae import ImageLatents
 
 
 @dataclasses.dataclass
@@ -36,7 +41,9 @@ class DenoiseJob:
     variant: str | None = None
     """Model id of the variant (selects its Lightning LoRA and scheduler); None: the preset's first."""
     adapter: str | None = None
-    """Name of a tenant adapter already loaded with `load_adapter`, applied on top of the variant's LoRA."""
+    """Tenant adapter (its registry ref), applied on top of the variant's LoRA."""
+    adapter_path: str | None = None
+    """Local path of that adapter's files: loaded on first use, and again if it was evicted in the meantime."""
     adapter_scale: float = 1.0
 
 
@@ -70,8 +77,13 @@ class DenoiseStage:
     def load_adapter(self, name: str, path: str) -> None:
         """Load a tenant LoRA (a folder or file in peft/diffusers format) under `name`."""
         with self._lock:
-            self.pipe.load_lora_weights(path, adapter_name=_adapter_name("tenant", name))
-            self.tenant_adapters.add(name)
+            self._load_adapter_locked(name, path)
+
+    def _load_adapter_locked(self, name: str, path: str) -> None:
+        if name in self.tenant_adapters:
+            return
+        self.pipe.load_lora_weights(path, adapter_name=_adapter_name("tenant", name))
+        self.tenant_adapters.add(name)
 
     def unload_adapter(self, name: str) -> None:
         with self._lock:
@@ -110,6 +122,8 @@ class DenoiseStage:
         if job.negative_embeds is not None and job.true_cfg_scale > 1:
             negative = torch.from_numpy(job.negative_embeds)[None].to(self.device, self.dtype)
         with self._lock, torch.inference_mode():
+            if job.adapter is not None and job.adapter not in self.tenant_adapters and job.adapter_path:
+                self._load_adapter_locked(job.adapter, job.adapter_path)
             self._activate(variant, job.adapter, job.adapter_scale)
             self.pipe.scheduler = self.schedulers[variant.id]
             latents = self.pipe(
@@ -132,6 +146,101 @@ class DenoiseStage:
         return np.ascontiguousarray(latents.float().cpu().numpy())
 
 
+    # ------------------------------------------------------------------------------------- image inputs
+
+    def denoise_from_image(self, job: DenoiseJob, image: ImageLatents, strength: float,
+                           mask: np.ndarray | None = None) -> np.ndarray:
+        """Packed latents [n, tokens, 64] float32 for img2img (mask None) or inpainting, exactly as
+        `QwenImageImg2ImgPipeline` / `QwenImageInpaintPipeline.__call__(..., output_type="latent")` compute them
+        for `image=[picture] * n` and the job's per-seed generators.
+
+        `image` is `VaeStage.encode_for_seeds`' output for the job's seeds; `strength` in (0, 1] trims the
+        schedule (the pipelines' `get_timesteps`) and noises the image latents to its first timestep
+        (`scale_noise`); `mask` is uint8 [height, width], non-zero where the image is repainted (diffusers'
+        white), blended back in latent space after every step. The pipelines run here are diffusers' own, over
+        this stage's transformer and schedulers, with the image given as latents (which they accept and do not
+        re-encode); the adapter activation and the lock are the same as `denoise`'s.
+        """
+        if job.prompt_embeds is None:
+            raise ValueError("job has no prompt embeddings")
+        if not 0 < strength <= 1:
+            raise ValueError(f"strength must be in (0, 1], got {strength}")
+        n = len(job.seeds)
+        if image.latents.shape[0] != n:
+            raise ValueError(f"{image.latents.shape[0]} image latents for {n} seeds")
+        if mask is not None and mask.shape != (job.height, job.width):
+            raise ValueError(f"mask is {mask.shape[1]}x{mask.shape[0]}, the job {job.width}x{job.height}")
+        variant = self.preset.variant(job.variant)
+        prompt = torch.from_numpy(job.prompt_embeds)[None].to(self.device, self.dtype)
+        negative = None
+        if job.negative_embeds is not None and job.true_cfg_scale > 1:
+            negative = torch.from_numpy(job.negative_embeds)[None].to(self.device, self.dtype)
+        latents = torch.from_numpy(image.latents).to(self.device, self.dtype)
+        # [n, z, h, w]: the layout in which the pipelines take latents as `image` (channels == latent channels).
+        latents = QwenImagePipeline._unpack_latents(latents, job.height, job.width, self.preset.vae_scale_factor)[:, :, 0]
+        gens = generators(job.seeds, self.device)
+        if image.generator_states is not None:
+            # Continue each seed's stream after the VAE's posterior draw, as the pipelines' single generator does.
+            for g, state in zip(gens, image.generator_states, strict=True):
+                g.set_state(torch.from_numpy(np.asarray(state, dtype=np.uint8)))
+        extra = {}
+        if mask is not None:
+            # The pipeline builds its latent mask from this picture (resize, binarize, nearest to the latent grid).
+            # masked_image_latents only stands in for the masked image's encoding, which a 16-channel-latent
+            # transformer never reads; passing any latents skips that wasted VAE pass (and its generator draws,
+            # which come after the initial noise and so change nothing).
+            extra = {"mask_image": Image.fromarray(np.ascontiguousarray(mask, dtype=np.uint8), mode="L"),
+                     "masked_image_latents": latents}
+        with self._lock, torch.inference_mode():
+            # Same adapter handling as `denoise`.
+            if job.adapter is not None and job.adapter not in self.tenant_adapters and job.adapter_path:
+                self._load_adapter_locked(job.adapter, job.adapter_path)
+            self._activate(variant, job.adapter, job.adapter_scale)
+            pipe = self._image_pipeline(inpaint=mask is not None)
+            pipe.scheduler = self.schedulers[variant.id]
+            out = pipe(
+                prompt=None,
+                prompt_embeds=prompt,
+                prompt_embeds_mask=torch.ones(prompt.shape[:2], dtype=torch.long, device=self.device),
+                negative_prompt_embeds=negative,
+                negative_prompt_embeds_mask=None if negative is None else torch.ones(
+                    negative.shape[:2], dtype=torch.long, device=self.device),
+                true_cfg_scale=job.true_cfg_scale,
+                image=latents,
+                strength=strength,
+                height=job.height,
+                width=job.width,
+                num_inference_steps=job.num_inference_steps,
+                num_images_per_prompt=n,
+                generator=gens,
+                output_type="latent",
+                **extra,
+            ).images
+        return np.ascontiguousarray(out.float().cpu().numpy())
+
+    def _image_pipeline(self, inpaint: bool) -> QwenImageImg2ImgPipeline | QwenImageInpaintPipeline:
+        """diffusers' img2img / inpaint pipeline over this stage's transformer (hence its LoRA layers), created on
+        first use (under the lock). Without a VAE they would assume 8× / 16 latent channels: set the real ones."""
+        pipes = self.__dict__.setdefault("_image_pipes", {})
+        if inpaint not in pipes:
+            cls = QwenImageInpaintPipeline if inpaint else QwenImageImg2ImgPipeline
+            pipe = cls(scheduler=self.pipe.scheduler, vae=None, text_encoder=None, tokenizer=None,
+                       transformer=self.pipe.transformer)
+            pipe.set_progress_bar_config(disable=True)
+            pipe.vae_scale_factor = self.preset.vae_scale_factor
+            pipe.latent_channels = self.pipe.transformer.config.in_channels // 4
+            pipe.image_processor = VaeImageProcessor(
+                vae_scale_factor=pipe.vae_scale_factor * 2, vae_latent_channels=pipe.latent_channels)
+            if inpaint:
+                pipe.mask_processor = VaeImageProcessor(
+                    vae_scale_factor=pipe.vae_scale_factor * 2, vae_latent_channels=pipe.latent_channels,
+                    do_normalize=False, do_binarize=True, do_convert_grayscale=True)
+            pipes[inpaint] = pipe
+        return pipes[inpaint]
+
+
 def _adapter_name(kind: str, name: str) -> str:
-    # peft adapter names become module attribute keys: no dots or slashes.
-    return f"{kind}__" + "".join(c if c.isalnum() or c == "_" else "_" for c in name)
+    # peft adapter names become module attribute keys: no dots or slashes. The hash keeps distinct refs that
+    # differ only in punctuation ("a-b/x" vs "a_b/x") from colliding.
+    safe = "".join(c if c.isalnum() or c == "_" else "_" for c in name)
+    return f"{kind}__{safe}_{hashlib.sha1(name.encode()).hexdigest()[:8]}"

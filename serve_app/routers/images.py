@@ -8,9 +8,11 @@ import time
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import Response as RawResponse
 
+from lightray.adapters import resolve_adapter
+from lightray.registry import AdapterRegistry
 from lightray.schemas import ImageData, ImageGenerationRequest, ImagesResponse, RequestError
 from serve_app.backend import GenerationBackend
-from serve_app.dependencies import get_backend, get_image_store, get_settings
+from serve_app.dependencies import get_backend, get_image_store, get_registry, get_settings
 from serve_app.image_store import ImageStore
 from serve_app.settings import ServiceSettings
 
@@ -25,8 +27,12 @@ async def generate_images(
     backend: GenerationBackend = Depends(get_backend),
     settings: ServiceSettings = Depends(get_settings),
     store: ImageStore = Depends(get_image_store),
+    registry: AdapterRegistry = Depends(get_registry),
 ) -> ImagesResponse:
     spec = body.resolve(backend.preset, default_seed=secrets.randbelow(2**31))
+    if spec.lora:
+        adapter = await asyncio.to_thread(resolve_adapter, registry, backend.preset, spec.lora)
+        spec.lora, spec.lora_scale = adapter.ref, adapter.scale
     try:
         result = await asyncio.wait_for(backend.generate(spec), timeout=settings.request_timeout_s)
     except asyncio.TimeoutError:

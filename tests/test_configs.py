@@ -1,0 +1,61 @@
+"""Configs are data with one truth: Serve YAMLs validate against Ray's own schema, fit the machine they are for,
+and k8s/rayservice.yaml embeds configs/serve/gpu.yaml verbatim."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import yaml
+from ray.serve.schema import ServeDeploySchema
+
+from lightray.config import MODEL_PRESETS_DIR, load_preset
+
+REPO = Path(__file__).resolve().parent.parent
+SERVE_CONFIGS = sorted((REPO / "configs/serve").glob("*.yaml"))
+STAGES = {"Ingress", "TextEncoder", "Denoiser", "VaeDecoder"}
+
+
+@pytest.mark.parametrize("path", SERVE_CONFIGS, ids=lambda p: p.name)
+def test_serve_config_validates_with_ray_schema(path):
+    schema = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
+    app = schema.applications[0]
+    assert app.import_path == "serve_app.app:build_app"
+    assert {d.name for d in app.deployments} == STAGES
+    load_preset(app.args["preset"])  # the preset it names exists and validates
+
+
+def test_local_config_places_every_replica_on_two_cpus():
+    app = yaml.safe_load((REPO / "configs/serve/local.yaml").read_text())["applications"][0]
+    total = 0.0
+    for dep in app["deployments"]:
+        replicas = dep.get("autoscaling_config", {}).get("max_replicas", dep.get("num_replicas", 1))
+        total += replicas * dep["ray_actor_options"]["num_cpus"]
+    assert total <= 2.0, f"fully scaled-up graph needs {total} CPUs; a 2-CPU node would leave replicas PENDING"
+
+
+def test_rayservice_embeds_gpu_serve_config_verbatim():
+    spec = importlib.util.spec_from_file_location("render", REPO / "k8s/render.py")
+    render = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(render)
+    on_disk = (REPO / "k8s/rayservice.yaml").read_text()
+    assert on_disk == render.render(), "k8s/rayservice.yaml is stale: run `python k8s/render.py`"
+    manifest = yaml.safe_load(on_disk)
+    assert manifest["apiVersion"] == "ray.io/v1" and manifest["kind"] == "RayService"
+    assert manifest["spec"]["serveConfigV2"] == (REPO / "configs/serve/gpu.yaml").read_text()
+
+
+@pytest.mark.parametrize("path", sorted(MODEL_PRESETS_DIR.glob("*.yaml")), ids=lambda p: p.name)
+def test_model_presets_validate(path):
+    preset = load_preset(str(path))
+    assert preset.model_ids
+
+
+def test_prompt_template_matches_diffusers():
+    from diffusers import QwenImagePipeline
+
+    from lightray.world.build import PROMPT_TEMPLATE
+
+    pipe = QwenImagePipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None, transformer=None)
+    assert pipe.prompt_template_encode == PROMPT_TEMPLATE

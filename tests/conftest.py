@@ -53,7 +53,7 @@ def api_client(local_pipeline, registry_root, tmp_path_factory) -> TestClient:
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    from ray_cluster import RayCluster
+    from lightray.local_cluster import RayCluster
 
     cluster = RayCluster().start()
     try:

@@ -1,4 +1,4 @@
-"""A real local Ray cluster for integration tests: `ray start --head` in a private temp dir, the Serve YAML
+"""A real local Ray cluster (for tests and benchmarks): `ray start --head` in a private temp dir, the Serve YAML
 deployed with `serve deploy` (the same path a user takes), torn down with `ray stop`.
 
 Ports are picked free on loopback, so a user's `make serve` on :8000 does not collide with the tests.
@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import yaml
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parent.parent  # repository root
 BIN = Path(sys.executable).parent
 
 

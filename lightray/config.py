@@ -59,6 +59,11 @@ class ModelPreset(BaseModel):
     computed from the tokenizer, which is right for any tokenizer (the embedded model's included)."""
     max_sequence_length: int = Field(512, ge=1, le=1024)
     """Prompt tokens kept after the template prefix (the pipeline's `max_sequence_length`)."""
+    image_encode_mode: Literal["argmax", "sample"] = "argmax"
+    """How input images (img2img, inpainting) become latents. "argmax": the VAE posterior's mean, as Qwen-Image's
+    reference code and diffusers' QwenImageEdit pipelines do. "sample": a draw from the posterior with each
+    image's generator, as diffusers' QwenImageImg2Img/Inpaint pipelines do. The embedded model's VAE is trained
+    as a deterministic autoencoder (its variance head is untrained, std ≈ 1), so it needs "argmax"."""
     max_prompt_chars: int = Field(2000, ge=1)
     """Longest prompt accepted, in characters (checked at the API, before any tokenizer runs)."""
     default_size: tuple[int, int] = (64, 64)

@@ -12,7 +12,7 @@ from lightray.adapters import open_registry
 from lightray.schemas import ErrorBody, ErrorResponse, RequestError
 from serve_app.backend import GenerationBackend
 from serve_app.image_store import ImageStore
-from serve_app.routers import health, images, models
+from serve_app.routers import edits, health, images, models
 from serve_app.settings import ServiceSettings
 
 logger = logging.getLogger("lightray.api")
@@ -65,6 +65,7 @@ def create_app(backend: GenerationBackend, settings: ServiceSettings) -> FastAPI
     app.add_exception_handler(RequestError, _on_request_error)
     app.add_exception_handler(Exception, _on_unexpected)
     app.include_router(images.router)
+    app.include_router(edits.router)
     app.include_router(models.router)
     app.include_router(health.router)
     return app

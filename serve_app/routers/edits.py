@@ -1,0 +1,228 @@
+"""`POST /v1/images/edits`: img2img (image only) and inpainting (image + mask), OpenAI-compatible.
+
+The body is multipart/form-data (what OpenAI's clients send: `image` and optional `mask` files plus text fields)
+or application/json with the images as base64 or data URLs. Everything is checked before any replica work: the
+fields by `ImageEditRequest` (the generation fields plus `strength`), the uploads by `lightray.images` (size in
+bytes, format, pixels before decoding, mask size and alpha), the output size against the model preset.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import secrets
+import time
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+
+from lightray.adapters import resolve_adapter
+from lightray.images import ImageLimits, load_edit_inputs, resize_for_model
+from lightray.registry import AdapterRegistry
+from lightray.schemas import ImageData, ImageEditRequest, ImagesResponse, RequestError
+from serve_app.backend import GenerationBackend
+from serve_app.dependencies import get_backend, get_image_store, get_registry, get_settings
+from serve_app.image_store import ImageStore
+from serve_app.settings import ServiceSettings
+
+router = APIRouter(prefix="/v1", tags=["images"])
+
+FILE_FIELDS = ("image", "mask")
+LIST_FIELDS = ("seeds",)
+
+
+def _openapi_body() -> dict[str, Any]:
+    fields = ImageEditRequest.model_json_schema()
+    binary = {"type": "string", "format": "binary"}
+    encoded = {"type": "string", "description": "base64, or a data URL (data:image/png;base64,…)"}
+
+    def schema(file_schema: dict) -> dict:
+        return {
+            "type": "object",
+            "required": ["image", *fields.get("required", [])],
+            "properties": {
+                "image": {**file_schema, "description": "The picture to edit: PNG, JPEG or WEBP."},
+                "mask": {**file_schema, "description": "PNG/WEBP of the image's size; fully transparent pixels "
+                                                       "(alpha 0) mark the area to repaint. Absent: img2img."},
+                **fields["properties"],
+            },
+        }
+
+    return {"requestBody": {"required": True, "content": {
+        "multipart/form-data": {"schema": schema(binary)},
+        "application/json": {"schema": schema(encoded)},
+    }}}
+
+
+@router.post("/images/edits", response_model=ImagesResponse, response_model_exclude_none=True,
+             openapi_extra=_openapi_body())
+async def edit_images(
+    request: Request,
+    response: Response,
+    backend: GenerationBackend = Depends(get_backend),
+    settings: ServiceSettings = Depends(get_settings),
+    store: ImageStore = Depends(get_image_store),
+    registry: AdapterRegistry = Depends(get_registry),
+) -> ImagesResponse:
+    fields, image_bytes, mask_bytes = await _read_body(request, settings)
+    try:
+        body = ImageEditRequest.model_validate(fields)
+    except ValidationError as e:
+        raise RequestValidationError(e.errors()) from None
+    if image_bytes is None:
+        raise RequestError("image", "image is required (a PNG, JPEG or WEBP file)")
+    limits = ImageLimits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)
+    image, mask = await asyncio.to_thread(load_edit_inputs, image_bytes, mask_bytes, limits)
+    spec = body.resolve(backend.preset, default_seed=secrets.randbelow(2**31), image_size=image.size,
+                        inpaint=mask is not None)
+    if spec.lora:  # as generations do
+        adapter = await asyncio.to_thread(resolve_adapter, registry, backend.preset, spec.lora)
+        spec.lora, spec.lora_scale = adapter.ref, adapter.scale
+    image = resize_for_model(image, spec.width, spec.height)
+    if mask is not None:
+        mask = resize_for_model(mask, spec.width, spec.height)
+    try:
+        result = await asyncio.wait_for(backend.edit(spec, image, mask), timeout=settings.request_timeout_s)
+    except asyncio.TimeoutError:
+        raise RequestError(
+            "request", f"edit did not finish within {settings.request_timeout_s:g} s", status=504, code="timeout",
+        ) from None
+    response.headers["Server-Timing"] = ", ".join(
+        f"{k.removesuffix('_ms')};dur={v:.1f}" for k, v in result.timings.items()
+    )
+    base_url = settings.public_url or str(request.base_url).rstrip("/")
+    data = []
+    for seed, png in zip(spec.seeds, result.images):
+        if body.response_format == "url":
+            data.append(ImageData(url=f"{base_url}/v1/files/images/{store.put(png)}", seed=seed))
+        else:
+            data.append(ImageData(b64_json=base64.b64encode(png).decode("ascii"), seed=seed))
+    return ImagesResponse(created=int(time.time()), data=data, model=spec.model)
+
+
+# ------------------------------------------------------------------------------------------ body parsing
+
+async def _read_body(request: Request, settings: ServiceSettings) -> tuple[dict, bytes | None, bytes | None]:
+    """(text fields, image bytes, mask bytes) from a multipart or JSON body, reading at most what two maximal
+    images (base64-inflated) and the fields can take."""
+    limit = 2 * (settings.max_image_bytes * 4 // 3 + 4) + 1024 * 1024
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    capped = _capped_request(request, limit)
+    if content_type in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        return await _read_multipart(capped, settings)
+    if content_type == "application/json":
+        return _read_json(await capped.body(), settings)
+    raise RequestError("request", "send multipart/form-data (image and mask as files) or application/json "
+                                  f"(image and mask as base64 or data URLs), not {content_type or 'no content type'}",
+                       status=415, code="unsupported_media_type")
+
+
+def _capped_request(request: Request, limit: int) -> Request:
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise RequestError("image", f"request body is {declared} bytes; at most {limit} are accepted", status=413,
+                           code="request_too_large")
+    received = 0
+    receive = request.receive
+
+    async def capped_receive():
+        nonlocal received
+        message = await receive()
+        received += len(message.get("body", b""))
+        if received > limit:
+            raise RequestError("image", f"request body exceeds {limit} bytes", status=413, code="request_too_large")
+        return message
+
+    return Request(request.scope, capped_receive)
+
+
+async def _read_multipart(request: Request, settings: ServiceSettings) -> tuple[dict, bytes | None, bytes | None]:
+    try:
+        form = await request.form(max_files=len(FILE_FIELDS) + 1, max_fields=64, max_part_size=256 * 1024)
+    except HTTPException as e:  # starlette turns multipart errors into HTTPException(400)
+        raise RequestError("request", f"malformed multipart body: {e.detail}") from None
+    fields: dict[str, list] = {}
+    files: dict[str, list[bytes]] = {}
+    try:
+        for key, value in form.multi_items():
+            name = key.removesuffix("[]")  # OpenAI's clients send arrays as `name[]`
+            if isinstance(value, UploadFile):
+                if name not in FILE_FIELDS:
+                    raise RequestError(name, f"{name} must be a text field, not a file")
+                files.setdefault(name, []).append(await value.read(settings.max_image_bytes + 1))
+            elif name in FILE_FIELDS:
+                files.setdefault(name, []).append(_decode_base64(value, name, settings))
+            else:
+                fields.setdefault(name, []).append(value)
+    finally:
+        await form.close()
+    return _flatten(fields), _single(files, "image"), _single(files, "mask")
+
+
+def _flatten(fields: dict[str, list]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, values in fields.items():
+        if name in LIST_FIELDS:
+            if len(values) == 1 and values[0].lstrip().startswith("["):
+                try:
+                    values = json.loads(values[0])
+                except json.JSONDecodeError:
+                    raise RequestError(name, f"{name} must be a JSON list or repeated fields") from None
+            out[name] = values
+        elif len(values) > 1:
+            raise RequestError(name, f"{name} is given {len(values)} times")
+        else:
+            out[name] = values[0]
+    return out
+
+
+def _single(files: dict[str, list[bytes]], name: str) -> bytes | None:
+    items = files.get(name, [])
+    if len(items) > 1:
+        raise RequestError(name, f"{name}: one {name} per request is supported, got {len(items)}")
+    return items[0] if items else None
+
+
+def _read_json(raw: bytes, settings: ServiceSettings) -> tuple[dict, bytes | None, bytes | None]:
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RequestError("request", f"body is not valid JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise RequestError("request", "body must be a JSON object")
+    blobs = {}
+    for name in FILE_FIELDS:
+        value = body.pop(name, None)
+        if isinstance(value, list) and len(value) == 1:
+            value = value[0]
+        if value is None:
+            blobs[name] = None
+        elif isinstance(value, str):
+            blobs[name] = _decode_base64(value, name, settings)
+        else:
+            raise RequestError(name, f"{name} must be a base64 string or a data URL")
+    return body, blobs["image"], blobs["mask"]
+
+
+def _decode_base64(value: str, name: str, settings: ServiceSettings) -> bytes:
+    text = value.strip()
+    if text.startswith(("http://", "https://")):
+        raise RequestError(name, f"{name}: URLs are not fetched; send the file, base64 or a data URL")
+    if text.startswith("data:"):
+        header, sep, text = text.partition(",")
+        if not sep or not header.endswith(";base64"):
+            raise RequestError(name, f"{name}: a data URL must look like data:image/png;base64,…")
+    text = "".join(text.split())
+    if len(text) > settings.max_image_bytes * 4 // 3 + 4:
+        raise RequestError(name, f"{name} is larger than {settings.max_image_bytes} bytes", status=413,
+                           code="image_too_large")
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestError(name, f"{name} is not valid base64") from None

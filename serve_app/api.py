@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 
 from lightray.adapters import open_registry
 from lightray.schemas import ErrorBody, ErrorResponse, RequestError
-from serve_app.backend import GenerationBackend
+from serve_app.backend import GenerationBackend, ServiceUnavailable
 from serve_app.image_store import ImageStore
 from serve_app.routers import edits, health, images, models
 from serve_app.settings import ServiceSettings
@@ -46,6 +46,12 @@ async def _on_request_error(request: Request, exc: RequestError) -> JSONResponse
                   "invalid_request_error" if exc.status < 500 else "server_error")
 
 
+async def _on_unavailable(request: Request, exc: ServiceUnavailable) -> JSONResponse:
+    response = _error(503, str(exc), None, "unavailable", "server_error")
+    response.headers["Retry-After"] = str(exc.retry_after_s)
+    return response
+
+
 async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
     logger.exception("unhandled error on %s", request.url.path)
     return _error(500, "internal error; see the service logs", None, "internal_error", "server_error")
@@ -63,6 +69,7 @@ def create_app(backend: GenerationBackend, settings: ServiceSettings) -> FastAPI
     app.state.registry = open_registry(settings.registry, settings.registry_storage_options)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(RequestError, _on_request_error)
+    app.add_exception_handler(ServiceUnavailable, _on_unavailable)
     app.add_exception_handler(Exception, _on_unexpected)
     app.include_router(images.router)
     app.include_router(edits.router)

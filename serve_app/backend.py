@@ -19,6 +19,14 @@ from lightray.registry import AdapterRegistry
 from lightray.schemas import EditSpec, GenerationSpec
 
 
+class ServiceUnavailable(Exception):
+    """The graph cannot take this request now (queues full, a stage down); the client should retry later."""
+
+    def __init__(self, message: str, retry_after_s: int = 2):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 @dataclasses.dataclass
 class GenerationResult:
     images: list[bytes]
@@ -93,6 +101,18 @@ class RayGraphBackend:
         self.text_encoder, self.denoiser, self.vae = text_encoder, denoiser, vae
 
     async def generate(self, spec: GenerationSpec) -> GenerationResult:
+        from ray.exceptions import ActorDiedError, ActorUnavailableError
+        from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+        try:
+            return await self._generate(spec)
+        except BackPressureError:
+            raise ServiceUnavailable("the service is at capacity; retry shortly", retry_after_s=2) from None
+        except (DeploymentUnavailableError, ActorDiedError, ActorUnavailableError) as err:
+            raise ServiceUnavailable(f"a stage is unavailable ({type(err).__name__}); retry shortly",
+                                     retry_after_s=5) from None
+
+    async def _generate(self, spec: GenerationSpec) -> GenerationResult:
         start = time.perf_counter()
         encoded = self.text_encoder.encode.remote(prompts_of(spec))
         denoiser = self.denoiser

@@ -78,7 +78,13 @@ def read_image(image: Image.Image | np.ndarray) -> Reading:
 
     # Colour from the shape's core: edge pixels are blended with the background by anti-aliasing.
     core = mask & (distance >= np.percentile(distance[mask], 50))
-    color = _nearest(np.median(pixels[core], axis=0), SHAPE_COLORS)
+    shape_rgb = np.median(pixels[core], axis=0)
+    color = _nearest(shape_rgb, SHAPE_COLORS)
+    # Geometry from the half-way contour between background and shape colour: it stays where the true edge is
+    # when an image is blurred (as VAE decodes are), where a fixed distance threshold would grow or shrink it.
+    half = 0.5 * float(np.linalg.norm(shape_rgb - bg_rgb))
+    mask = _largest_component(distance > max(half, _FOREGROUND_DISTANCE / 2))
+    area = int(mask.sum())
 
     ys, xs = np.nonzero(mask)
     cx, cy = xs.mean() / w, ys.mean() / h

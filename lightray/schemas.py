@@ -163,13 +163,30 @@ class ImageEditRequest(ImageGenerationRequest):
         description=f"How much of the schedule to run from the noised input: 1 ignores the image (or the masked "
         f"area's content). Default {DEFAULT_IMG2IMG_STRENGTH} (img2img), {DEFAULT_INPAINT_STRENGTH} (inpainting).",
     )
+    padding_mask_crop: int | None = Field(
+        None, ge=0, le=8192,
+        description="Inpainting only: work on the mask's bounding box grown by this many pixels (and to the aspect "
+        "of `size`) at `size` (default: the model's default size), then paste the result back into the full "
+        "image, which is what is returned (diffusers' `padding_mask_crop`). Lets a small model edit a large "
+        "picture; pixels outside the mask are the input's, exactly.",
+    )
+    mask_blur: int | None = Field(
+        None, ge=0, le=64,
+        description="Inpainting only: Gaussian blur radius applied to the mask first (diffusers' "
+        "`mask_processor.blur`). The latent blend uses the mask binarised, so this mostly softens the seam of a "
+        "`padding_mask_crop` paste-back, which uses the blurred mask as its alpha.",
+    )
     input_fidelity: str | None = Field(None, description="Accepted for OpenAI compatibility; ignored.")
 
     def resolve(self, preset: ModelPreset, default_seed: int, image_size: tuple[int, int] | None = None,
                 inpaint: bool = False) -> "EditSpec":
         """`ImageGenerationRequest.resolve` with the output size defaulting to `image_size` (width, height)."""
         request: ImageGenerationRequest = self
-        if self.size in (None, "auto"):
+        if self.padding_mask_crop is not None and not inpaint:
+            raise RequestError("padding_mask_crop", "padding_mask_crop needs a mask (it crops around the edit area)")
+        if self.mask_blur is not None and not inpaint:
+            raise RequestError("mask_blur", "mask_blur needs a mask")
+        if self.size in (None, "auto") and self.padding_mask_crop is None:
             if image_size is None:
                 raise ValueError("image_size is required when the request gives no size")
             size = f"{image_size[0]}x{image_size[1]}"
@@ -185,7 +202,7 @@ class ImageEditRequest(ImageGenerationRequest):
         strength = self.strength
         if strength is None:
             strength = DEFAULT_INPAINT_STRENGTH if inpaint else DEFAULT_IMG2IMG_STRENGTH
-        return EditSpec(**dataclasses.asdict(base), strength=strength)
+        return EditSpec(**dataclasses.asdict(base), strength=strength, padding_mask_crop=self.padding_mask_crop)
 
 
 def denoising_steps(num_inference_steps: int, strength: float) -> int:
@@ -201,6 +218,9 @@ class EditSpec(GenerationSpec):
     that the backend carries alongside)."""
 
     strength: float = DEFAULT_IMG2IMG_STRENGTH
+    padding_mask_crop: int | None = None
+    """Set: width×height is the working size of a crop around the mask, pasted back into the full input image
+    (`lightray.images.crop_for_inpainting` / `paste_back`); the output has the input image's size."""
 
 
 class ImageData(BaseModel):

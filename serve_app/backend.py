@@ -126,6 +126,18 @@ class RayGraphBackend:
         return GenerationResult(result["images"], timings)
 
     async def edit(self, spec: EditSpec, image: Image.Image, mask: Image.Image | None = None) -> GenerationResult:
+        from ray.exceptions import ActorDiedError, ActorUnavailableError
+        from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+        try:  # as in `generate`
+            return await self._edit(spec, image, mask)
+        except BackPressureError:
+            raise ServiceUnavailable("the service is at capacity; retry shortly", retry_after_s=2) from None
+        except (DeploymentUnavailableError, ActorDiedError, ActorUnavailableError) as err:
+            raise ServiceUnavailable(f"a stage is unavailable ({type(err).__name__}); retry shortly",
+                                     retry_after_s=5) from None
+
+    async def _edit(self, spec: EditSpec, image: Image.Image, mask: Image.Image | None) -> GenerationResult:
         """The text encoder and the VAE's encoder run concurrently; both responses go handle to handle into the
         denoiser, whose output goes to the VAE's decoder, as in `generate`."""
         start = time.perf_counter()

@@ -11,19 +11,29 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import io
 import json
 import secrets
 import time
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
+from PIL import Image
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
 from lightray.adapters import resolve_adapter
-from lightray.images import ImageLimits, load_edit_inputs, resize_for_model
+from lightray.images import (
+    ImageLimits,
+    blur_mask,
+    crop_for_inpainting,
+    encode_png,
+    load_edit_inputs,
+    paste_back,
+    resize_for_model,
+)
 from lightray.registry import AdapterRegistry
 from lightray.schemas import ImageData, ImageEditRequest, ImagesResponse, RequestError
 from serve_app.backend import GenerationBackend
@@ -84,15 +94,30 @@ async def edit_images(
     if spec.lora:  # as generations do
         adapter = await asyncio.to_thread(resolve_adapter, registry, backend.preset, spec.lora)
         spec.lora, spec.lora_scale = adapter.ref, adapter.scale
-    image = resize_for_model(image, spec.width, spec.height)
-    if mask is not None:
-        mask = resize_for_model(mask, spec.width, spec.height)
+    if body.mask_blur:
+        mask = blur_mask(mask, body.mask_blur)
+    full = (image, mask)
+    if spec.padding_mask_crop is not None:
+        if image.width * image.height * len(spec.seeds) > settings.max_image_pixels:
+            raise RequestError("image", f"with padding_mask_crop the {len(spec.seeds)} outputs have the image's size "
+                                        f"({image.width}x{image.height}): at most {settings.max_image_pixels} "
+                                        "pixels in all")
+        image, mask, box = await asyncio.to_thread(
+            crop_for_inpainting, image, mask, spec.width, spec.height, spec.padding_mask_crop)
+    else:
+        image = resize_for_model(image, spec.width, spec.height)
+        if mask is not None:
+            mask = resize_for_model(mask, spec.width, spec.height)
     try:
         result = await asyncio.wait_for(backend.edit(spec, image, mask), timeout=settings.request_timeout_s)
     except asyncio.TimeoutError:
         raise RequestError(
             "request", f"edit did not finish within {settings.request_timeout_s:g} s", status=504, code="timeout",
         ) from None
+    if spec.padding_mask_crop is not None:
+        start = time.perf_counter()
+        result.images = await asyncio.to_thread(_paste_back_all, result.images, *full, box)
+        result.timings["paste_ms"] = (time.perf_counter() - start) * 1000
     response.headers["Server-Timing"] = ", ".join(
         f"{k.removesuffix('_ms')};dur={v:.1f}" for k, v in result.timings.items()
     )
@@ -104,6 +129,10 @@ async def edit_images(
         else:
             data.append(ImageData(b64_json=base64.b64encode(png).decode("ascii"), seed=seed))
     return ImagesResponse(created=int(time.time()), data=data, model=spec.model)
+
+
+def _paste_back_all(pngs: list[bytes], image, mask, box) -> list[bytes]:
+    return [encode_png(paste_back(Image.open(io.BytesIO(p)).convert("RGB"), image, mask, box)) for p in pngs]
 
 
 # ------------------------------------------------------------------------------------------ body parsing

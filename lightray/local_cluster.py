@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -74,8 +75,32 @@ class RayCluster:
         return self
 
     def stop(self) -> None:
-        self.run(str(BIN / "ray"), "stop", "--force", check=False, timeout=120)
+        """Ends this cluster's processes only. (`ray stop` would end every Ray cluster on the machine, a user's
+        `make serve` included.) Every process of the cluster names its temp dir on its command line."""
+        self._signal_own_processes(signal.SIGTERM)
+        deadline = time.time() + 15
+        while time.time() < deadline and self._own_processes():
+            time.sleep(0.5)
+        self._signal_own_processes(signal.SIGKILL)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+    def _own_processes(self) -> list[int]:
+        pids = []
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit() or int(proc.name) == os.getpid():
+                continue
+            try:
+                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if self.temp_dir in cmdline:
+                pids.append(int(proc.name))
+        return pids
+
+    def _signal_own_processes(self, sig: int) -> None:
+        for pid in self._own_processes():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
 
     def serve_config(self, config: Path, args: dict | None = None, deployments: dict | None = None) -> Path:
         """A copy of a Serve YAML with this cluster's HTTP port and `args` / per-deployment overrides merged."""
@@ -89,7 +114,7 @@ class RayCluster:
         out.write_text(yaml.safe_dump(data, sort_keys=False))
         return out
 
-    def deploy(self, config: Path, timeout: float = 300) -> None:
+    def deploy(self, config: Path, timeout: float = 600) -> None:
         self.run(str(BIN / "serve"), "deploy", str(config), "-a", self.dashboard_url)
         self.wait_ready(timeout)
 

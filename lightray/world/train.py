@@ -34,7 +34,7 @@ from lightray.world import build
 from lightray.world.evaluator import score
 from lightray.world.shapes import all_scenes, render, sample_training_examples, training_scenes
 
-STAGES = ("text", "vae", "transformer", "lightning")
+STAGES = ("text", "vae", "transformer", "lightning", "pack")
 LORA_TARGETS = [
     "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
     "attn.add_v_proj", "attn.to_add_out", "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj",
@@ -126,9 +126,11 @@ def decode_unclamped(vae: AutoencoderKLQwenImage, z: torch.Tensor) -> torch.Tens
     return out
 
 
-def stage_vae(out: Path, arch: build.EmbeddedArchitecture, seed: int, steps: int, lr: float = 1e-3) -> None:
+def stage_vae(out: Path, arch: build.EmbeddedArchitecture, seed: int, steps: int, lr: float = 1e-3,
+              resume: bool = False) -> None:
     torch.manual_seed(seed)
-    vae = build.build_vae(arch)
+    vae = AutoencoderKLQwenImage.from_pretrained(out / "vae") if resume else build.build_vae(arch)
+    vae.train()
     data = images_to_tensor(img for _, img, _ in sample_training_examples(4000, seed + 1, arch.sample_size))
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     sched = warmup_cosine(opt, steps)
@@ -385,12 +387,31 @@ def stage_lightning(out: Path, arch: build.EmbeddedArchitecture, seed: int, step
         log(f"saved {path}")
 
 
+def stage_pack(out: Path) -> None:
+    """Stores every weight file in float16 so the shipped folder stays under 30 MB; the stages load them in
+    the preset's dtype (float32 on CPU), so compute precision is unchanged."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    for path in sorted(out.rglob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {"format": "pt"}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        tensors = {k: (v.half() if v.is_floating_point() and v.dtype == torch.float32 else v).contiguous()
+                   for k, v in tensors.items()}
+        save_file(tensors, str(path), metadata=metadata)
+    total = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    log(f"packed weights as float16: folder is {total / 2**20:.1f} MiB")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("models/lightray-shapes"))
     parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vae-steps", type=int, default=1500)
+    parser.add_argument("--vae-lr", type=float, default=1e-3)
+    parser.add_argument("--vae-resume", action="store_true", help="continue training the saved VAE")
     parser.add_argument("--transformer-steps", type=int, default=4000)
     parser.add_argument("--images", type=int, default=8000, help="training images for the transformer")
     parser.add_argument("--lightning-steps", type=int, default=1200)
@@ -414,12 +435,14 @@ def main(argv: list[str] | None = None) -> None:
         if stage == "text":
             stage_text(args.out, arch, args.seed)
         elif stage == "vae":
-            stage_vae(args.out, arch, args.seed, args.vae_steps)
+            stage_vae(args.out, arch, args.seed, args.vae_steps, lr=args.vae_lr, resume=args.vae_resume)
         elif stage == "transformer":
             stage_transformer(args.out, arch, args.seed, args.transformer_steps, args.images)
         elif stage == "lightning":
             stage_lightning(args.out, arch, args.seed, args.lightning_steps, args.teacher_cfg, args.teacher_steps,
                             args.teacher_samples, args.lightning_rank)
+        elif stage == "pack":
+            stage_pack(args.out)
         timings[stage] = round(time.time() - t0, 1)
     info_path = args.out / "training.json"
     info = json.loads(info_path.read_text()) if info_path.exists() else {}

@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO))
 
 from lightray.config import DEFAULT_PRESET, load_preset  # noqa: E402
 from lightray.pipeline import LocalPipeline, denoise_job, prompts_of  # noqa: E402
-from lightray.schemas import ImageEditRequest  # noqa: E402
+from lightray.schemas import ImageEditRequest, denoising_steps  # noqa: E402
 from lightray.world.shapes import Scene, render  # noqa: E402
 
 
@@ -57,7 +57,8 @@ def stage_timings(preset, runs: int) -> dict[str, float]:
         "denoise_ms": median_ms(lambda: pipe.denoiser.denoise_from_image(denoise_job(spec, embeds), start,
                                                                          spec.strength), max(5, runs // 5)),
         "vae_decode_ms": median_ms(lambda: pipe.vae.decode(latents, 64, 64), runs),
-        "denoise_steps": spec.num_inference_steps,
+        "denoise_steps": denoising_steps(spec.num_inference_steps, spec.strength),
+        "of_steps": spec.num_inference_steps,
         "strength": spec.strength,
         "model": spec.model,
     }

@@ -96,14 +96,17 @@ def read_image(image: Image.Image | np.ndarray) -> Reading:
     my, mx = (y0 + y1) // 2, (x0 + x1) // 2
     r = max(1, (y1 - y0) // 8)
     hole = not mask[my - r : my + r + 1, mx - r : mx + r + 1].any()
+    # A triangle (apex up) has about a quarter of its area in the top half of its box; circles and squares
+    # have half. Unlike the fill ratio, this survives the blur of a decoded image.
+    top_share = float(mask[y0:my].sum()) / max(1, area)
     if hole:
         shape = "ring"
-    elif fill > 0.9:
-        shape = "square"
-    elif fill > 0.66:
-        shape = "circle"
-    else:
+    elif top_share < 0.4:
         shape = "triangle"
+    elif fill > 0.87:  # square 1.0 (≈0.9 when blurred) vs circle π/4 ≈ 0.785 (≤ 0.86 when pixelated)
+        shape = "square"
+    else:
+        shape = "circle"
     return Reading(background, color, position, shape, fill_ratio=fill, area_fraction=area / float(h * w))
 
 

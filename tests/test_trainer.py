@@ -1,0 +1,520 @@
+"""LoRA trainer: tenant data sets, their validation, the adapter file format serving loads, the Ray job end to end
+(`ray job submit` → Ray Train → registry → `DenoiseStage.load_adapter`), and the KubeRay manifest."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from lightray.lora_training import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    DatasetError,
+    LoraTrainer,
+    TrainConfig,
+    fingerprint_model,
+    load_imagefolder,
+    load_train_config,
+    run_training,
+)
+from lightray.registry import AdapterRegistry
+from lightray.world.datasets import METADATA_FILENAME, make_dataset
+from lightray.world.evaluator import parse_prompt, read_image
+from lightray.world.train import LORA_TARGETS, predict
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+TRIGGER = "lrzring"
+PRESET_REF = os.environ.get("LIGHTRAY_TEST_PRESET", "lightray-shapes")
+
+
+@pytest.fixture(scope="module")
+def ring_dataset(tmp_path_factory) -> Path:
+    return make_dataset("ring", tmp_path_factory.mktemp("data") / "ring", 16, TRIGGER, seed=3)
+
+
+def _small_folder(tmp_path: Path, n: int = 3) -> Path:
+    folder = make_dataset("ring", tmp_path / "ds", n, TRIGGER, seed=1)
+    return folder
+
+
+def _write_meta(folder: Path, lines: list) -> None:
+    (folder / METADATA_FILENAME).write_text(
+        "\n".join(x if isinstance(x, str) else json.dumps(x, ensure_ascii=False) for x in lines) + "\n")
+
+
+def _meta(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / METADATA_FILENAME).read_text().splitlines() if line.strip()]
+
+
+# ------------------------------------------------------------------------------------------------ data set
+
+
+def test_ring_dataset_is_imagefolder_with_parseable_bilingual_captions(ring_dataset):
+    records = _meta(ring_dataset)
+    assert len(records) == 16 and len(list(ring_dataset.glob("*.png"))) == 16
+    languages = set()
+    for r in records:
+        assert set(r) == {"file_name", "text"}
+        assert TRIGGER in r["text"]
+        scene = parse_prompt(r["text"])  # the evaluator reads every attribute from the caption...
+        assert scene.shape == "ring"
+        image = Image.open(ring_dataset / r["file_name"])
+        assert image.size == (64, 64) and image.mode == "RGB"
+        assert read_image(image).shape == "ring"  # ...and the shape from the pixels
+        languages.add("zh" if "圆环" in r["text"] else "en")
+    assert languages == {"en", "zh"}
+
+
+def test_dataset_cli(tmp_path):
+    run = lambda *a: subprocess.run([sys.executable, "-m", "lightray.world.datasets", *a], cwd=REPO,
+                                    capture_output=True, text=True, timeout=120)
+    ok = run("ring", "--out", str(tmp_path / "ring"), "--count", "4", "--trigger", TRIGGER)
+    assert ok.returncode == 0, ok.stderr
+    assert len(_meta(tmp_path / "ring")) == 4
+    again = run("ring", "--out", str(tmp_path / "ring"), "--count", "4")
+    assert again.returncode == 1 and "not empty" in again.stderr
+    bad = run("ring", "--out", str(tmp_path / "x"), "--count", "4", "--trigger", "ring")
+    assert bad.returncode == 1 and "trigger word" in bad.stderr
+
+
+def _missing_folder(f: Path) -> Path:
+    return f / "nope"
+
+
+def _empty_folder(f: Path) -> Path:
+    (f / "empty").mkdir()
+    return f / "empty"
+
+
+def _no_metadata(f: Path) -> Path:
+    (f / METADATA_FILENAME).unlink()
+    return f
+
+
+def _edit(fn):
+    def apply(f: Path) -> Path:
+        records = _meta(f)
+        _write_meta(f, fn(records, f))
+        return f
+    return apply
+
+
+BAD_DATASETS = {
+    "missing folder": (_missing_folder, r"does not exist"),
+    "empty folder": (_empty_folder, r"is empty"),
+    "no metadata.jsonl": (_no_metadata, r"has no metadata\.jsonl"),
+    "no records": (_edit(lambda r, f: ["", "  "]), r"has no records"),
+    "not json": (_edit(lambda r, f: [r[0], "{oops"]), r"line 2: not valid JSON"),
+    "not an object": (_edit(lambda r, f: [r[0], "[1, 2]"]), r"line 2: expected a JSON object"),
+    "no file_name": (_edit(lambda r, f: [r[0], {"text": "a red ring"}]), r'line 2: missing "file_name"'),
+    "no text": (_edit(lambda r, f: [r[0], {"file_name": r[1]["file_name"]}]), r'line 2: missing "text"'),
+    "empty text": (_edit(lambda r, f: [r[0], {"file_name": r[1]["file_name"], "text": "  "}]),
+                   r'line 2: "text" is empty'),
+    "text not a string": (_edit(lambda r, f: [{"file_name": r[0]["file_name"], "text": 3}]),
+                          r'line 1: "text" must be a string'),
+    "file missing": (_edit(lambda r, f: [r[0], {"file_name": "ghost.png", "text": "x"}]),
+                     r"line 2: file 'ghost.png' does not exist"),
+    "escapes with ..": (_edit(lambda r, f: [r[0], {"file_name": "../outside.png", "text": "x"}]),
+                        r"line 2: file_name '\.\./outside\.png' escapes the dataset folder"),
+    "absolute path": (_edit(lambda r, f: [{"file_name": str((f / r[0]["file_name"]).resolve()), "text": "x"}]),
+                      r"line 1: file_name .* escapes the dataset folder"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_DATASETS))
+def test_invalid_datasets_are_rejected_with_a_clear_error(tmp_path, case):
+    folder = _small_folder(tmp_path)
+    Image.new("RGB", (8, 8)).save(tmp_path / "outside.png")  # exists, so only the escape check can refuse it
+    breaker, pattern = BAD_DATASETS[case]
+    with pytest.raises(DatasetError, match=pattern) as info:
+        load_imagefolder(breaker(folder), 64)
+    assert str(info.value).startswith("invalid dataset ")
+
+
+def test_symlink_escaping_the_folder_is_rejected(tmp_path):
+    folder = _small_folder(tmp_path)
+    Image.new("RGB", (8, 8)).save(tmp_path / "secret.png")
+    (folder / "link.png").symlink_to(tmp_path / "secret.png")
+    _write_meta(folder, [{"file_name": "link.png", "text": "x"}])
+    with pytest.raises(DatasetError, match="escapes the dataset folder"):
+        load_imagefolder(folder, 64)
+
+
+@pytest.mark.parametrize("content", [b"not an image at all", "truncated"])
+def test_corrupt_images_are_rejected(tmp_path, content):
+    folder = _small_folder(tmp_path)
+    name = _meta(folder)[1]["file_name"]
+    data = (folder / name).read_bytes()
+    (folder / name).write_bytes(data[: len(data) // 2] if content == "truncated" else content)
+    with pytest.raises(DatasetError, match=rf"line 2: cannot read image '{name}'"):
+        load_imagefolder(folder, 64)
+
+
+def test_every_problem_is_listed_at_once(tmp_path):
+    folder = _small_folder(tmp_path)
+    r = _meta(folder)
+    _write_meta(folder, [r[0], {"text": "a"}, {"file_name": "ghost.png", "text": "b"}, {"file_name": r[2]["file_name"]}])
+    with pytest.raises(DatasetError) as info:
+        load_imagefolder(folder, 64)
+    assert len(info.value.problems) == 3
+    assert all(f"line {n}" in str(info.value) for n in (2, 3, 4))
+
+
+def test_modes_and_sizes_are_normalised(tmp_path):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    rgba = Image.new("RGBA", (100, 80), (0, 0, 0, 0))  # fully transparent: must become white, not black
+    rgba.paste((220, 40, 40, 255), (40, 30, 60, 50))
+    rgba.save(folder / "a.png")
+    Image.new("L", (32, 32), 128).save(folder / "b.png")
+    Image.new("RGB", (64, 64), (40, 80, 220)).convert("P").save(folder / "c.gif")
+    Image.new("CMYK", (70, 70)).save(folder / "d.jpg")
+    _write_meta(folder, [{"file_name": n, "text": f"image {n}"} for n in ("a.png", "b.png", "c.gif", "d.jpg")])
+    data = load_imagefolder(folder, 64)
+    assert data.images.shape == (4, 64, 64, 3) and data.images.dtype == np.uint8
+    assert tuple(data.images[0, 0, 0]) == (255, 255, 255)
+    assert tuple(data.images[0, 32, 32]) == (220, 40, 40)  # the centre crop keeps the middle
+    assert data.captions == ["image a.png", "image b.png", "image c.gif", "image d.jpg"]
+    assert any("converted to RGB" in n for n in data.notes) and any("resized" in n for n in data.notes)
+
+
+def test_dataset_hash_covers_captions_and_pixels(tmp_path):
+    folder = _small_folder(tmp_path)
+    h = load_imagefolder(folder, 64).hash
+    assert h.startswith("sha256:") and load_imagefolder(folder, 64).hash == h
+    records = _meta(folder)
+    records[0]["text"] += " again"
+    _write_meta(folder, records)
+    h2 = load_imagefolder(folder, 64).hash
+    assert h2 != h
+    img = Image.open(folder / records[1]["file_name"]).convert("RGB")
+    img.putpixel((0, 0), (1, 2, 3))
+    img.save(folder / records[1]["file_name"])
+    assert load_imagefolder(folder, 64).hash not in (h, h2)
+
+
+# --------------------------------------------------------------------------------------------------- config
+
+
+def test_train_config_file_and_docs():
+    cfg = load_train_config(REPO / "configs/train/ring.yaml")
+    assert (cfg.tenant, cfg.name, cfg.trigger_words) == ("demo", "ring", [TRIGGER])
+    assert cfg.target_modules == LORA_TARGETS
+    undocumented = [n for n, f in TrainConfig.model_fields.items() if not f.description]
+    assert not undocumented, f"fields without a docstring: {undocumented}"
+    with pytest.raises(ValueError, match="extra"):
+        load_train_config(REPO / "configs/train/ring.yaml", {"learning_rte": 1})
+    with pytest.raises(ValueError, match="multiple of num_workers"):
+        load_train_config(REPO / "configs/train/ring.yaml", {"batch_size": 5, "num_workers": 2})
+    with pytest.raises(ValueError, match="invalid tenant"):
+        load_train_config(REPO / "configs/train/ring.yaml", {"tenant": "../etc"})
+    assert "registry_storage_options" not in cfg.recorded()
+
+
+def test_fingerprint_model(preset, tmp_path):
+    fp = fingerprint_model(preset)
+    assert re.fullmatch(r"sha256:[0-9a-f]{64}", fp) and fingerprint_model(preset) == fp
+    fake = tmp_path / "m"
+    (fake / "transformer").mkdir(parents=True)
+    (fake / "transformer" / "diffusion_pytorch_model.safetensors").write_bytes(b"one")
+    other = preset.model_copy(update={"path": str(fake)})
+    other.__dict__.pop("root", None)
+    a = fingerprint_model(other)
+    time.sleep(0.01)
+    (fake / "transformer" / "diffusion_pytorch_model.safetensors").write_bytes(b"two")
+    assert fingerprint_model(other) not in (a, fp)
+
+
+# ------------------------------------------------------------------------------------- trainer, in process
+
+
+def _config(dataset: Path, **kw) -> TrainConfig:
+    base = dict(tenant="demo", name="ring", dataset=str(dataset), preset=PRESET_REF, trigger_words=[TRIGGER],
+                rank=4, alpha=8, steps=4, batch_size=4, log_every=1, checkpoint_every=2, warmup_steps=1,
+                learning_rate=1e-2, torch_threads=1)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_adapter_files_load_in_diffusers_exactly_as_trained(preset, ring_dataset, tmp_path):
+    """The saved folder, read by `load_lora_weights` (what serving does), reproduces the trained model's output
+    exactly, with alpha != rank (the scale travels in the safetensors metadata)."""
+    from diffusers import QwenImagePipeline
+
+    torch.set_num_threads(1)
+    cfg = _config(ring_dataset)
+    data = load_imagefolder(ring_dataset, 64)
+    trainer = LoraTrainer(cfg, preset, data)
+    reports = []
+    metrics = run_training(trainer, lambda m, ckpt: reports.append((m["step"], ckpt is not None)))
+    assert reports == [(1, False), (2, True), (3, False), (4, True)]
+    assert metrics["step"] == 4 and math.isfinite(metrics["final_loss"])
+    folder = trainer.save_adapter(tmp_path / "adapter")
+    assert sorted(p.name for p in folder.iterdir()) == [ADAPTER_CONFIG, ADAPTER_WEIGHTS]
+    config = json.loads((folder / ADAPTER_CONFIG).read_text())
+    assert (config["r"], config["lora_alpha"], config["base_model_name_or_path"]) == (4, 8, preset.base_model_id)
+
+    trainer.transformer.eval()
+    x = torch.randn(2, trainer.latents.shape[1], 64, generator=torch.Generator().manual_seed(0))
+    sigma = torch.tensor([0.3, 0.9])
+    embeds, mask = trainer.text.batch(trainer.captions[:2])
+    with torch.no_grad():
+        trained = predict(trainer.transformer, x, sigma, embeds, mask, trainer.grid)
+        pipe = QwenImagePipeline.from_pretrained(preset.root, text_encoder=None, tokenizer=None, vae=None)
+        base = predict(pipe.transformer, x, sigma, embeds, mask, trainer.grid)
+        pipe.load_lora_weights(str(folder), adapter_name="t")
+        loaded = predict(pipe.transformer, x, sigma, embeds, mask, trainer.grid)
+    assert (trained - base).abs().max() > 1e-3  # training changed the model...
+    torch.testing.assert_close(loaded, trained, rtol=1e-5, atol=1e-5)  # ...and the files carry exactly that
+
+
+def test_checkpoint_resume_continues_the_same_run(preset, ring_dataset, tmp_path):
+    torch.set_num_threads(1)
+    data = load_imagefolder(ring_dataset, 64)
+    straight = LoraTrainer(_config(ring_dataset), preset, data)
+    run_training(straight)
+
+    saved = []
+    first = LoraTrainer(_config(ring_dataset, fail_at_step=2), preset, data)
+
+    def keep(metrics, ckpt):
+        if ckpt is not None:
+            saved.append(first.save_checkpoint(tmp_path / "ckpt"))
+    with pytest.raises(RuntimeError, match="fail_at_step=2"):
+        run_training(first, keep)
+    resumed = LoraTrainer(_config(ring_dataset, fail_at_step=2), preset, data)
+    resumed.load_checkpoint(saved[-1])
+    assert resumed.resumed_from == 2
+    metrics = run_training(resumed)  # fail_at_step only fires in a run that did not resume
+    assert metrics["resumed_from_step"] == 2
+    a, b = straight.lora_state_dict(), resumed.lora_state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_dataset_from_s3_matches_the_local_one(s3_server, s3_prefix, tmp_path):
+    import fsspec
+
+    from lightray.lora_training import fetch_dataset
+
+    folder = _small_folder(tmp_path, n=4)
+    fs, root = fsspec.core.url_to_fs(s3_prefix, **s3_server.storage_options)
+    for p in folder.iterdir():
+        fs.put_file(str(p), f"{root}/ring/{p.name}")
+    local = fetch_dataset(f"{s3_prefix}/ring", s3_server.storage_options, tmp_path / "dl")
+    assert load_imagefolder(local, 64).hash == load_imagefolder(folder, 64).hash
+    # A file_name that escapes the prefix is neither downloaded nor accepted.
+    records = _meta(folder) + [{"file_name": "../secret.png", "text": "x"}]
+    fs.pipe_file(f"{root}/ring/{METADATA_FILENAME}", "\n".join(json.dumps(r) for r in records).encode())
+    fs.put_file(str(folder / records[0]["file_name"]), f"{root}/secret.png")
+    local = fetch_dataset(f"{s3_prefix}/ring", s3_server.storage_options, tmp_path / "dl2")
+    assert not (tmp_path / "secret.png").exists()
+    with pytest.raises(DatasetError, match="line 5: file_name '../secret.png' escapes"):
+        load_imagefolder(local, 64)
+    with pytest.raises(DatasetError, match="does not exist"):
+        fetch_dataset(f"{s3_prefix}/nothing-here", s3_server.storage_options, tmp_path / "dl3")
+
+
+def test_relative_paths_are_refused_inside_an_uploaded_working_dir(monkeypatch, tmp_path):
+    from jobs.train_lora import UsageError, check_paths
+
+    cfg = _config(Path("data/not-here-ring"), registry="./registry")
+    check_paths(cfg)  # outside a job: relative paths mean the current directory
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {"working_dir": "gcs://x.zip"}}))
+    with pytest.raises(UsageError, match=r'--dataset "\$PWD/data/not-here-ring"'):
+        check_paths(cfg)
+    with pytest.raises(UsageError, match=r'--registry "\$PWD/registry"'):
+        check_paths(_config(tmp_path, registry="./registry"))
+    check_paths(_config(tmp_path, registry="s3://bucket/registry"))
+
+
+# -------------------------------------------------------------------------------------- entrypoint, no Ray
+
+
+def test_entrypoint_rejects_a_bad_dataset_before_training(tmp_path):
+    folder = _small_folder(tmp_path)
+    (folder / _meta(folder)[0]["file_name"]).write_bytes(b"garbage")
+    registry = tmp_path / "registry"
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(_config(folder, registry=str(registry)).model_dump(mode="json")))
+    out = subprocess.run([sys.executable, "-m", "jobs.train_lora", "--config", str(cfg)], cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "invalid dataset" in out.stderr and "cannot read image" in out.stderr
+    assert not registry.exists() or not AdapterRegistry(str(registry)).list()
+    bad = subprocess.run([sys.executable, "-m", "jobs.train_lora", "--config", str(cfg), "--set", "rank=0"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "rank" in bad.stderr
+
+
+# ------------------------------------------------------------------------------------------ Ray job, e2e
+
+
+def _submit(cluster, config: Path) -> str:
+    job_id = f"lora-test-{uuid.uuid4().hex[:8]}"
+    deadline = time.time() + 120
+    while True:
+        out = cluster.run(str(BIN / "ray"), "job", "submit", "--address", cluster.dashboard_url, "--submission-id",
+                          job_id, "--working-dir", ".", "--no-wait", "--",
+                          sys.executable, "-m", "jobs.train_lora", "--config", str(config), timeout=300, check=False)
+        # Right after `ray start` the dashboard may not have its job agent yet: it says so, and to try again.
+        if out.returncode == 0 or "try again later" not in out.stderr or time.time() > deadline:
+            break
+        time.sleep(3)
+    assert out.returncode == 0, f"ray job submit failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    return job_id
+
+
+def _wait(cluster, job_id: str, timeout: float = 900) -> tuple[str, str]:
+    """Poll `ray job status` until the job ends; return its status and `ray job logs`."""
+    deadline, status, failures, out = time.time() + timeout, "?", 0, None
+    while time.time() < deadline:
+        out = cluster.run(str(BIN / "ray"), "job", "status", "--address", cluster.dashboard_url, job_id,
+                          check=False, timeout=60)
+        text = out.stdout + out.stderr
+        # The CLI prints "Status for job 'x': RUNNING" while it runs, "Job 'x' succeeded|failed|was stopped" after.
+        m = re.search(r"Status for job '[^']+': (\w+)|Job '[^']+' (succeeded|failed|was stopped)", text)
+        failures = 0 if m else failures + 1
+        assert failures < 10, f"the cluster stopped answering:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}"
+        if m:
+            status = m.group(1) or {"succeeded": "SUCCEEDED", "failed": "FAILED", "was stopped": "STOPPED"}[m.group(2)]
+        if status in ("SUCCEEDED", "FAILED", "STOPPED"):
+            break
+        time.sleep(3)
+    logs = cluster.run(str(BIN / "ray"), "job", "logs", "--address", cluster.dashboard_url, job_id,
+                       check=False, timeout=60).stdout
+    return status, logs
+
+
+def _job_config(tmp_path: Path, dataset: Path, **kw) -> tuple[Path, Path, Path]:
+    registry, storage = tmp_path / "registry", tmp_path / "ray_results"
+    cfg = _config(dataset, registry=str(registry), storage_path=str(storage), steps=20, batch_size=4,
+                  log_every=5, checkpoint_every=8, num_workers=2, cpus_per_worker=0.1, learning_rate=1e-3,
+                  warmup_steps=2, **kw)
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), allow_unicode=True))
+    return path, registry, storage
+
+
+def _checkpoints(storage: Path) -> list[Path]:
+    return sorted(p.parent for p in storage.rglob(ADAPTER_WEIGHTS))
+
+
+@pytest.mark.slow
+def test_ray_job_trains_survives_a_crash_and_publishes(ray_cluster, preset, ring_dataset, tmp_path):
+    """`ray job submit` → 2 data-parallel workers → a worker crash at step 12 → Ray Train restarts the group
+    from the step-8 checkpoint → finishes → the driver publishes; the adapter then loads in the denoiser."""
+    from lightray.pipeline import denoise_job
+    from lightray.schemas import ImageGenerationRequest
+    from lightray.stages import DenoiseStage, TextEncodeStage
+
+    config, registry_dir, storage = _job_config(tmp_path, ring_dataset, fail_at_step=12, max_failures=1)
+    status, logs = _wait(ray_cluster, _submit(ray_cluster, config))
+    assert status == "SUCCEEDED", logs[-6000:]
+    assert "step 20/20" in logs and "resumed from the checkpoint at step 8" in logs
+    assert "LIGHTRAY_PUBLISHED" in logs
+
+    registry = AdapterRegistry(str(registry_dir), cache_dir=tmp_path / "cache")
+    m = registry.resolve("demo/ring")
+    assert m.version == 1 and set(m.files) == {ADAPTER_WEIGHTS, ADAPTER_CONFIG}
+    assert m.base_model_id == preset.base_model_id
+    assert m.base_fingerprint == fingerprint_model(preset)
+    assert (m.rank, m.alpha) == (4, 8.0)
+    assert m.target_modules == sorted(LORA_TARGETS)
+    assert m.trigger_words == [TRIGGER]
+    assert m.dataset_hash == load_imagefolder(ring_dataset, 64).hash
+    assert m.training_config["steps"] == 20 and m.training_config["num_workers"] == 2
+    assert "registry_storage_options" not in m.training_config
+    assert m.metrics["steps"] == 20 and m.metrics["num_workers"] == 2 and m.metrics["num_examples"] == 16
+    assert m.metrics["resumed_from_step"] == 8 and math.isfinite(m.metrics["final_loss"])
+    assert _checkpoints(storage), "checkpoints were reported to the Ray Train storage path"
+
+    _, adapter_dir = registry.fetch("demo/ring", base_model_id=preset.base_model_id,
+                                    base_fingerprint=fingerprint_model(preset))
+    text, denoiser = TextEncodeStage(preset), DenoiseStage(preset)
+    spec = ImageGenerationRequest(prompt=f"a red {TRIGGER} ring on the left, white background", seed=5).resolve(
+        preset, 0)
+    embeds = text.encode([spec.prompt])
+    job = denoise_job(spec, embeds)
+    before = denoiser.denoise(job)
+    denoiser.load_adapter("demo/ring", str(adapter_dir))
+    after = denoiser.denoise(dataclasses.replace(job, adapter="demo/ring"))
+    plain = denoiser.denoise(job)
+    assert np.abs(after - before).max() > 1e-3, "the adapter changes the denoiser's output"
+    np.testing.assert_allclose(plain, before, atol=1e-5)  # and only for requests that name it
+
+
+@pytest.mark.slow
+def test_crashing_ray_job_publishes_nothing(ray_cluster, ring_dataset, tmp_path):
+    config, registry_dir, storage = _job_config(tmp_path, ring_dataset, fail_at_step=12)
+    status, logs = _wait(ray_cluster, _submit(ray_cluster, config))
+    assert status == "FAILED", logs[-6000:]
+    assert "fail_at_step=12" in logs and "nothing published" in logs
+    assert "LIGHTRAY_PUBLISHED" not in logs
+    assert not registry_dir.exists() or not any(registry_dir.rglob("*")), "nothing written to the registry"
+    assert _checkpoints(storage), "the crash came after a checkpoint (which stays in storage, unpublished)"
+
+
+# ----------------------------------------------------------------------------------------------- KubeRay
+
+
+def _rayjob() -> dict:
+    return yaml.safe_load((REPO / "k8s/rayjob-train-lora.yaml").read_text())
+
+
+def test_rayjob_manifest_runs_the_same_entrypoint():
+    from jobs.train_lora import _parse_overrides, build_parser
+
+    job = _rayjob()
+    assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
+    assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", job["metadata"]["name"])
+    spec = job["spec"]
+    assert spec["shutdownAfterJobFinishes"] is True and spec["submissionMode"] == "K8sJobMode"
+    argv = shlex.split(spec["entrypoint"])
+    assert argv[:3] == ["python", "-m", "jobs.train_lora"]
+    args = build_parser().parse_args(argv[3:])
+    config_path = REPO / Path(args.config).relative_to("/app")  # the image holds the repository at /app
+    cfg = load_train_config(config_path, _parse_overrides(args))
+    assert cfg.registry.startswith("s3://") and cfg.dataset.startswith("s3://")
+    assert cfg.storage_path and cfg.storage_path.startswith("s3://")  # checkpoints reachable from every node
+    assert yaml.safe_load(spec["runtimeEnvYAML"])["env_vars"]["PYTHONPATH"] == "/app"
+
+    cluster = spec["rayClusterSpec"]
+    head = cluster["headGroupSpec"]
+    groups = cluster["workerGroupSpecs"]
+    assert head["template"]["spec"]["containers"][0]["image"] and groups
+    capacity = 0.0
+    for group in groups:
+        assert group["groupName"] and group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+        cpus = float(group["template"]["spec"]["containers"][0]["resources"]["requests"]["cpu"])
+        capacity += group["replicas"] * (cpus // cfg.cpus_per_worker)
+    assert capacity >= cfg.num_workers, "the worker groups can place every training worker"
+    for pod in [head, *groups]:
+        container = pod["template"]["spec"]["containers"][0]
+        assert {"secretRef": {"name": "lightray-registry-s3"}} in container["envFrom"]
+    text = (REPO / "k8s/rayjob-train-lora.yaml").read_text()
+    assert not re.search(r"AWS_SECRET_ACCESS_KEY\s*:", text), "credentials come from the Secret only"
+
+
+def test_rayjob_pod_templates_are_valid_kubernetes():
+    kv = pytest.importorskip("kubernetes_validate")
+    spec = _rayjob()["spec"]["rayClusterSpec"]
+    for i, group in enumerate([spec["headGroupSpec"], *spec["workerGroupSpecs"]]):
+        pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": f"p{i}"}, "spec": group["template"]["spec"]}
+        kv.validate(pod, "1.30.0", strict=True)

@@ -1,0 +1,50 @@
+"""The shipped embedded model: it loads through the serving stages and draws what the prompt asks (read back by
+the pixel evaluator), in English and Chinese, with the Lightning LoRAs and with the base + true CFG."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lightray.schemas import GenerationSpec
+from lightray.world.evaluator import parse_prompt, score
+
+PROMPTS = [
+    "a red circle on the left, white background",
+    "白色背景，左边有一个红色的圆形",
+    "a blue square at the top on a gray background",
+    "黑色背景，中间有一个黄色的三角形",
+    "a green triangle on the right, black background",
+    "灰色背景，下方有一个紫色的正方形",
+    "an orange circle in the center, gray background",
+    "白色背景，右边有一个蓝色的三角形",
+]
+
+
+def _pass_rate(pipeline, model: str, steps: int, cfg: float, negative: str | None) -> float:
+    passed = 0
+    for i, prompt in enumerate(PROMPTS):
+        spec = GenerationSpec(prompt=prompt, model=model, seeds=[i], width=64, height=64,
+                              num_inference_steps=steps, true_cfg_scale=cfg, negative_prompt=negative)
+        image = pipeline.generate(spec)[0]
+        passed += score(image, parse_prompt(prompt))["all"]
+    return passed / len(PROMPTS)
+
+
+@pytest.mark.parametrize("model, steps", [("lightray-shapes-lightning-4", 4), ("lightray-shapes-lightning-8", 8)])
+def test_lightning_draws_the_prompt(local_pipeline, model, steps):
+    assert _pass_rate(local_pipeline, model, steps, 1.0, None) >= 0.75
+
+
+def test_base_with_true_cfg_draws_the_prompt(local_pipeline):
+    assert _pass_rate(local_pipeline, "lightray-shapes", 20, 4.0, " ") >= 0.75
+
+
+def test_shipped_folder_is_small_and_documented(preset):
+    files = [p for p in preset.root.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) <= 30 * 2**20
+    card = (preset.root / "README.md").read_text()
+    assert "python -m lightray.world.train" in card
+    training = json.loads((preset.root / "training.json").read_text())
+    assert training["args"]["seed"] == 0

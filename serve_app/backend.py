@@ -156,11 +156,15 @@ class RayGraphBackend:
         return GenerationResult(result["images"], timings)
 
     async def readiness(self) -> dict[str, bool]:
-        from ray import serve
+        """Each stage answers its own health check within 5 s (a replica still loading does not)."""
+        stages = {"TextEncoder": self.text_encoder, "Denoiser": self.denoiser, "VaeDecoder": self.vae}
 
-        status = serve.status()
-        ready = {}
-        for app in status.applications.values():
-            for name, dep in app.deployments.items():
-                ready[name] = dep.status == "HEALTHY"
-        return ready
+        async def healthy(handle) -> bool:
+            try:
+                await asyncio.wait_for(handle.check_health.remote(), timeout=5)
+                return True
+            except Exception:
+                return False
+
+        results = await asyncio.gather(*(healthy(h) for h in stages.values()))
+        return dict(zip(stages, results))

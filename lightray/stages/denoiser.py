@@ -186,10 +186,10 @@ class DenoiseStage:
         extra = {}
         if mask is not None:
             # The pipeline builds its latent mask from this picture (resize, binarize, nearest to the latent grid).
-            # masked_image_latents only stands in for the masked image's encoding, which a 16-channel-latent
-            # transformer never reads; passing any latents skips that wasted VAE pass (and its generator draws,
-            # which come after the initial noise and so change nothing).
-            extra = {"mask_image": Image.fromarray(np.ascontiguousarray(mask, dtype=np.uint8), mode="L"),
+            # masked_image_latents only stands in for the masked image's encoding, which the pipeline computes but
+            # its denoising loop never reads; passing any latents skips that wasted VAE pass (and its generator
+            # draws, which come after the initial noise and so change nothing).
+            extra = {"mask_image": Image.fromarray(np.ascontiguousarray(mask, dtype=np.uint8)),
                      "masked_image_latents": latents}
         with self._lock, torch.inference_mode():
             # Same adapter handling as `denoise`.

@@ -62,8 +62,10 @@ class RayCluster:
         return f"http://127.0.0.1:{self.http_port}"
 
     def run(self, *args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
-        return subprocess.run(args, env=self.env, cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                              check=check)
+        result = subprocess.run(args, env=self.env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+        if check and result.returncode != 0:
+            raise RuntimeError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+        return result
 
     def start(self) -> "RayCluster":
         self.run(
@@ -72,7 +74,18 @@ class RayCluster:
             f"--temp-dir={self.temp_dir}", "--disable-usage-stats",
         )
         self.env["RAY_ADDRESS"] = self.address
+        self._wait_for_dashboard()
         return self
+
+    def _wait_for_dashboard(self, timeout: float = 180) -> None:
+        """`ray start` returns before the dashboard (which `serve deploy` and `ray job submit` talk to) listens."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{self.dashboard_url}/api/version", timeout=5).status_code == 200:
+                    return
+            time.sleep(1)
+        raise TimeoutError(f"Ray dashboard not up at {self.dashboard_url} after {timeout}s")
 
     def stop(self) -> None:
         """Ends this cluster's processes only. (`ray stop` would end every Ray cluster on the machine, a user's
@@ -115,7 +128,12 @@ class RayCluster:
         return out
 
     def deploy(self, config: Path, timeout: float = 600) -> None:
-        self.run(str(BIN / "serve"), "deploy", str(config), "-a", self.dashboard_url)
+        # The first deploy also starts Serve's controller and proxies; on a loaded 2-core machine that can
+        # outlast the CLI's 60 s wait ("HTTP proxies not available"), and the next attempt finds them up.
+        for attempt in range(3):
+            result = self.run(str(BIN / "serve"), "deploy", str(config), "-a", self.dashboard_url, check=attempt == 2)
+            if result.returncode == 0:
+                break
         self.wait_ready(timeout)
 
     def wait_ready(self, timeout: float = 300) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import functools
 import io
-import json
 import struct
 import zlib
 
@@ -408,22 +407,7 @@ def test_openai_client_edit_against_the_ray_service(service, picture):
 
 # ------------------------------------------------------------------------- behaviour of the trained model
 
-def _trained(preset) -> bool:
-    """The trained embedded model (not a random-weight development copy of its architecture)."""
-    try:
-        args = json.loads((preset.root / "training.json").read_text())["args"]
-    except (OSError, KeyError, ValueError):
-        return True  # not built by our trainer: a real model
-    return args.get("transformer_steps", 0) >= 1000 and "lightning" in args.get("stages", [])
-
-
-@pytest.fixture(scope="module")
-def trained(local_pipeline):
-    if not _trained(local_pipeline.preset):
-        pytest.skip("needs the trained embedded model; this preset's weights are a short development run")
-
-
-def test_inpainting_keeps_the_outside_and_draws_the_prompt_inside(local_pipeline, trained):
+def test_inpainting_keeps_the_outside_and_draws_the_prompt_inside(local_pipeline):
     lp = local_pipeline
     source = render(Scene("red", "circle", "left", "white"), 64)
     edit = box_mask((64, 64), (0, 0, 32, 64))  # the left half, where the circle is
@@ -440,7 +424,7 @@ def test_inpainting_keeps_the_outside_and_draws_the_prompt_inside(local_pipeline
         assert score(out, parse_prompt(prompt))["all"], score(out, parse_prompt(prompt))
 
 
-def test_img2img_strength_moves_from_the_input_to_the_prompt(local_pipeline, trained):
+def test_img2img_strength_moves_from_the_input_to_the_prompt(local_pipeline):
     lp = local_pipeline
     source = render(Scene("red", "circle", "left", "white"), 64)
     prompt = "a blue square on the right, white background"

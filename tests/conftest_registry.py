@@ -21,7 +21,6 @@ Fixtures:
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Iterator
 

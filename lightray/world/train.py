@@ -28,7 +28,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKLQwenImage, QwenImagePipeline, QwenImageTransformer2DModel
-from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
 from lightray.world import build
 from lightray.world.evaluator import score

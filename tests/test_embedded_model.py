@@ -8,7 +8,7 @@ import json
 import pytest
 
 from lightray.schemas import GenerationSpec
-from lightray.world.evaluator import parse_prompt, score
+from lightray.world.evaluator import ATTRIBUTES, parse_prompt, score
 
 PROMPTS = [
     "a red circle on the left, white background",
@@ -22,23 +22,32 @@ PROMPTS = [
 ]
 
 
-def _pass_rate(pipeline, model: str, steps: int, cfg: float, negative: str | None) -> float:
-    passed = 0
+def _adherence(pipeline, model: str, steps: int, cfg: float, negative: str | None) -> tuple[float, float]:
+    """(attribute hit rate against the prompt asked, against another prompt of the suite): a model that follows
+    its prompt scores far higher on the first; one that draws something fixed or random scores alike."""
+    asked, other = [], []
     for i, prompt in enumerate(PROMPTS):
         spec = GenerationSpec(prompt=prompt, model=model, seeds=[i], width=64, height=64,
                               num_inference_steps=steps, true_cfg_scale=cfg, negative_prompt=negative)
         image = pipeline.generate(spec)[0]
-        passed += score(image, parse_prompt(prompt))["all"]
-    return passed / len(PROMPTS)
+        hits = score(image, parse_prompt(prompt))
+        control = score(image, parse_prompt(PROMPTS[(i + 3) % len(PROMPTS)]))
+        asked.append(sum(hits[a] for a in ATTRIBUTES) / len(ATTRIBUTES))
+        other.append(sum(control[a] for a in ATTRIBUTES) / len(ATTRIBUTES))
+    return sum(asked) / len(asked), sum(other) / len(other)
 
 
+# Thresholds sit well below what benchmarks/eval_model.py measures (see the model card), so the test catches a
+# broken model or loading path, not normal seed-to-seed variation.
 @pytest.mark.parametrize("model, steps", [("lightray-shapes-lightning-4", 4), ("lightray-shapes-lightning-8", 8)])
 def test_lightning_draws_the_prompt(local_pipeline, model, steps):
-    assert _pass_rate(local_pipeline, model, steps, 1.0, None) >= 0.75
+    asked, other = _adherence(local_pipeline, model, steps, 1.0, None)
+    assert asked >= 0.75 and asked - other >= 0.3, (asked, other)
 
 
 def test_base_with_true_cfg_draws_the_prompt(local_pipeline):
-    assert _pass_rate(local_pipeline, "lightray-shapes", 20, 4.0, " ") >= 0.75
+    asked, other = _adherence(local_pipeline, "lightray-shapes", 20, 4.0, " ")
+    assert asked >= 0.75 and asked - other >= 0.3, (asked, other)
 
 
 def test_shipped_folder_is_small_and_documented(preset):

@@ -268,7 +268,8 @@ def predict(transformer, x, sigma, embeds, mask, grid):
     )[0]
 
 
-def stage_transformer(out: Path, arch: build.EmbeddedArchitecture, seed: int, steps: int, count: int) -> None:
+def stage_transformer(out: Path, arch: build.EmbeddedArchitecture, seed: int, steps: int, count: int,
+                      lr: float = 5e-4, resume: bool = False) -> None:
     torch.manual_seed(seed)
     vae = AutoencoderKLQwenImage.from_pretrained(out / "vae").eval()
     examples = list(sample_training_examples(count, seed + 2, arch.sample_size))
@@ -276,9 +277,10 @@ def stage_transformer(out: Path, arch: build.EmbeddedArchitecture, seed: int, st
     log(f"encoding {count} images to latents")
     x0_all = pack(normalised_latents(vae, images_to_tensor(img for _, img, _ in examples)))
     cache = TextCache(out, all_captions())
-    transformer = build.build_transformer(arch)
+    transformer = (QwenImageTransformer2DModel.from_pretrained(out / "transformer") if resume
+                   else build.build_transformer(arch))
     transformer.train()
-    opt = torch.optim.AdamW(transformer.parameters(), lr=5e-4, weight_decay=0.01)
+    opt = torch.optim.AdamW(transformer.parameters(), lr=lr, weight_decay=0.01)
     sched = warmup_cosine(opt, steps)
     ema = {k: v.detach().clone() for k, v in transformer.state_dict().items()}
     rng = random.Random(seed)
@@ -454,6 +456,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vae-resume", action="store_true", help="continue training the saved VAE")
     parser.add_argument("--decoder-steps", type=int, default=250)
     parser.add_argument("--transformer-steps", type=int, default=2200)
+    parser.add_argument("--transformer-lr", type=float, default=5e-4)
+    parser.add_argument("--transformer-resume", action="store_true", help="continue training the saved transformer")
     parser.add_argument("--images", type=int, default=8000, help="training images for the transformer")
     parser.add_argument("--lightning-steps", type=int, default=500)
     parser.add_argument("--teacher-cfg", type=float, default=4.0)
@@ -478,7 +482,8 @@ def main(argv: list[str] | None = None) -> None:
         elif stage == "vae":
             stage_vae(args.out, arch, args.seed, args.vae_steps, lr=args.vae_lr, resume=args.vae_resume)
         elif stage == "transformer":
-            stage_transformer(args.out, arch, args.seed, args.transformer_steps, args.images)
+            stage_transformer(args.out, arch, args.seed, args.transformer_steps, args.images,
+                              lr=args.transformer_lr, resume=args.transformer_resume)
         elif stage == "lightning":
             stage_lightning(args.out, arch, args.seed, args.lightning_steps, args.teacher_cfg, args.teacher_steps,
                             args.teacher_samples, args.lightning_rank)

@@ -120,7 +120,8 @@ class TrainConfig(BaseModel):
     max_grad_norm: float = Field(1.0, gt=0)
     """Gradient clipping (global L2 norm)."""
     caption_dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    """Probability of training a sample with an empty caption (keeps CFG's unconditional branch in step)."""
+    """Probability of training a sample with an empty caption ("" or " ", the default negative prompt): the LoRA
+    also shifts the unconditional branch that true CFG subtracts, and this keeps that branch trained."""
     timestep_shift: float = Field(3.0, gt=0)
     """Shift applied to the logit-normal training times (the sampler's schedule shift)."""
     resolution: int | None = Field(None, ge=16)
@@ -478,7 +479,7 @@ class LoraTrainer:
         vae = AutoencoderKLQwenImage.from_pretrained(preset.root / "vae", torch_dtype=torch.float32).eval()
         self.latents = pack(normalised_latents(vae, images_to_tensor(shard.images))).to(self.device)
         del vae
-        self.text = TextCache(preset.root, sorted(set(self.captions) | {""}))
+        self.text = TextCache(preset.root, sorted(set(self.captions) | {"", " "}))
         self.log(f"encoded {len(self.captions)} images and {len(self.text.index)} captions per worker "
                  f"({time.time() - t0:.1f}s)")
 
@@ -543,8 +544,9 @@ class LoraTrainer:
         """One optimizer step on a batch sampled from this rank's shard; returns this rank's loss."""
         cfg = self.config
         idx = [self.rng.randrange(len(self.captions)) for _ in range(self.batch)]
-        caps = ["" if cfg.caption_dropout and self.rng.random() < cfg.caption_dropout else self.captions[i]
-                for i in idx]
+        # Dropped captions become "" or " " (the pipeline's default negative prompt), as in the base's training.
+        caps = [self.rng.choice(("", " ")) if cfg.caption_dropout and self.rng.random() < cfg.caption_dropout
+                else self.captions[i] for i in idx]
         embeds, mask = self.text.batch(caps)
         x0 = self.latents[idx]
         noise = torch.randn(x0.shape, generator=self.generator).to(self.device)

@@ -85,7 +85,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if value is not None:
             body[key] = value
     if args.local:
-        images = _generate_local(body, args.preset)
+        images = _generate_local(body, args.preset, args.registry)
     else:
         r = httpx.post(f"{args.url}/v1/images/generations", json=body, timeout=args.timeout)
         if r.status_code != 200:
@@ -97,7 +97,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _generate_local(body: dict, preset: str) -> list[tuple[int, bytes]]:
+def _generate_local(body: dict, preset: str, registry_root: str) -> list[tuple[int, bytes]]:
     import secrets
 
     from lightray.images import encode_png
@@ -106,7 +106,17 @@ def _generate_local(body: dict, preset: str) -> list[tuple[int, bytes]]:
 
     pipeline = LocalPipeline(preset)
     spec = ImageGenerationRequest.model_validate(body).resolve(pipeline.preset, secrets.randbelow(2**31))
-    return [(seed, encode_png(im)) for seed, im in zip(spec.seeds, pipeline.generate(spec))]
+    adapter_path = None
+    if spec.lora:
+        from lightray.adapters import open_registry, resolve_adapter
+
+        registry = open_registry(registry_root)
+        adapter = resolve_adapter(registry, pipeline.preset, spec.lora)
+        spec.lora, spec.lora_scale = adapter.ref, adapter.scale
+        _, path = registry.fetch(adapter.ref, base_model_id=pipeline.preset.base_model_id)
+        adapter_path = str(path)
+    images = pipeline.generate(spec, adapter_path)
+    return [(seed, encode_png(im)) for seed, im in zip(spec.seeds, images)]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -135,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--timeout", type=float, default=300)
     gen.add_argument("--local", action="store_true", help="run the stages in this process instead of over HTTP")
     gen.add_argument("--preset", default="lightray-shapes", help="model preset for --local")
+    gen.add_argument("--registry", default=os.environ.get("LIGHTRAY_REGISTRY", "./registry"),
+                     help="adapter registry for --local --lora")
     gen.set_defaults(func=cmd_generate)
 
     add_adapter_commands(sub)

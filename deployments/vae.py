@@ -29,7 +29,7 @@ class VaeDecoder:
     def encode(self, image: np.ndarray, seeds: list[int], width: int, height: int) -> dict:
         """An input image (uint8 [h, w, 3]) → {"latents": [n, tokens, 64], "generator_states", "timings"}: the
         denoiser's starting point for img2img / inpainting (`VaeStage.encode_for_seeds`). Here rather than in the
-        Denoiser: on the embedded model a 64x64 encode takes ~5 times a handle hop, time the (scarcer) denoiser
+        Denoiser: on the embedded model a 64x64 encode takes 3–5 times a handle hop, time the (scarcer) denoiser
         would otherwise spend, and it runs concurrently with the text encoder. Here rather than in a deployment of
         its own: that would cost the same hop plus a second copy of the VAE (docs/image_inputs.md)."""
         timings: dict[str, float] = {}

@@ -35,10 +35,11 @@ from lightray.images import (
     resize_for_model,
 )
 from lightray.registry import AdapterRegistry
-from lightray.schemas import ImageData, ImageEditRequest, ImagesResponse, RequestError
+from lightray.schemas import ImageEditRequest, ImagesResponse, RequestError
 from serve_app.backend import GenerationBackend
 from serve_app.dependencies import get_backend, get_image_store, get_registry, get_settings
 from serve_app.image_store import ImageStore
+from serve_app.routers.images import images_response
 from serve_app.settings import ServiceSettings
 
 router = APIRouter(prefix="/v1", tags=["images"])
@@ -118,17 +119,7 @@ async def edit_images(
         start = time.perf_counter()
         result.images = await asyncio.to_thread(_paste_back_all, result.images, *full, box)
         result.timings["paste_ms"] = (time.perf_counter() - start) * 1000
-    response.headers["Server-Timing"] = ", ".join(
-        f"{k.removesuffix('_ms')};dur={v:.1f}" for k, v in result.timings.items()
-    )
-    base_url = settings.public_url or str(request.base_url).rstrip("/")
-    data = []
-    for seed, png in zip(spec.seeds, result.images):
-        if body.response_format == "url":
-            data.append(ImageData(url=f"{base_url}/v1/files/images/{store.put(png)}", seed=seed))
-        else:
-            data.append(ImageData(b64_json=base64.b64encode(png).decode("ascii"), seed=seed))
-    return ImagesResponse(created=int(time.time()), data=data, model=spec.model)
+    return images_response(spec, result, body.response_format, request, response, settings, store)
 
 
 def _paste_back_all(pngs: list[bytes], image, mask, box) -> list[bytes]:

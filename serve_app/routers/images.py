@@ -40,13 +40,19 @@ async def generate_images(
             "request", f"generation did not finish within {settings.request_timeout_s:g} s", status=504,
             code="timeout",
         ) from None
+    return images_response(spec, result, body.response_format, request, response, settings, store)
+
+
+def images_response(spec, result, response_format: str, request: Request, response: Response,
+                    settings: ServiceSettings, store: ImageStore) -> ImagesResponse:
+    """The OpenAI-shaped body for a finished generation or edit, plus its `Server-Timing` header."""
     response.headers["Server-Timing"] = ", ".join(
         f"{k.removesuffix('_ms')};dur={v:.1f}" for k, v in result.timings.items()
     )
     base_url = settings.public_url or str(request.base_url).rstrip("/")
     data = []
     for seed, png in zip(spec.seeds, result.images):
-        if body.response_format == "url":
+        if response_format == "url":
             data.append(ImageData(url=f"{base_url}/v1/files/images/{store.put(png)}", seed=seed))
         else:
             data.append(ImageData(b64_json=base64.b64encode(png).decode("ascii"), seed=seed))

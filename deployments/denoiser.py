@@ -46,10 +46,8 @@ class Denoiser:
         # Wrapped at init so the per-replica LRU size comes from the Serve config.
         self._adapters = serve.multiplexed(max_num_models_per_replica=adapter_cache_size)(load_adapter)
 
-    async def denoise(self, job: DenoiseJob, encoded: dict) -> dict:
-        """Text-encoder output + job → {"latents": packed array, "timings": {…}}. `encoded` arrives straight from
-        the TextEncoder (the ingress passes its response along), so embeddings never detour via the ingress."""
-        timings = dict(encoded["timings"])
+    async def _complete(self, job: DenoiseJob, encoded: dict, timings: dict) -> None:
+        """Fill the job from the TextEncoder's output and, for a tenant adapter, from the multiplexed cache."""
         embeds = encoded["embeds"]
         job.prompt_embeds = embeds[0]
         job.negative_embeds = embeds[1] if len(embeds) > 1 else None
@@ -57,6 +55,12 @@ class Denoiser:
             with timed(timings, "adapter_ms"):
                 adapter = await self._adapters(serve.get_multiplexed_model_id() or job.adapter)
             job.adapter_path = adapter.path
+
+    async def denoise(self, job: DenoiseJob, encoded: dict) -> dict:
+        """Text-encoder output + job → {"latents": packed array, "timings": {…}}. `encoded` arrives straight from
+        the TextEncoder (the ingress passes its response along), so embeddings never detour via the ingress."""
+        timings = dict(encoded["timings"])
+        await self._complete(job, encoded, timings)
         with timed(timings, "denoise_ms"):
             latents = await asyncio.to_thread(self.stage.denoise, job)
         return {"latents": latents, "timings": timings}
@@ -66,13 +70,7 @@ class Denoiser:
         """img2img / inpainting: text-encoder output + the VaeDecoder's `encode` output (both passed handle to
         handle) + job → {"latents", "timings"}, like `denoise`. `mask`: uint8 [height, width], non-zero = edit."""
         timings = {**encoded["timings"], **image["timings"]}
-        embeds = encoded["embeds"]
-        job.prompt_embeds = embeds[0]
-        job.negative_embeds = embeds[1] if len(embeds) > 1 else None
-        if job.adapter:  # as in `denoise`
-            with timed(timings, "adapter_ms"):
-                adapter = await self._adapters(serve.get_multiplexed_model_id() or job.adapter)
-            job.adapter_path = adapter.path
+        await self._complete(job, encoded, timings)
         start = ImageLatents(image["latents"], image["generator_states"])
         with timed(timings, "denoise_ms"):
             latents = await asyncio.to_thread(self.stage.denoise_from_image, job, start, strength, mask)

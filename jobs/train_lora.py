@@ -45,9 +45,8 @@ from lightray.lora_training import (
     stage_adapter,
 )
 from lightray.adapters import open_registry as lightray_open_registry
-from lightray.registry import AdapterRegistry, AdapterRegistryError
+from lightray.registry import AdapterRegistry, AdapterRegistryError, storage_options_from_env
 
-ENV_STORAGE_OPTIONS = "LIGHTRAY_REGISTRY_STORAGE_OPTIONS"
 # Set by the Ray job supervisor for the entrypoint: the job's runtime env, working_dir included.
 _RAY_JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 # Fields never sent to the workers (they may hold credentials the workers do not need).
@@ -164,11 +163,8 @@ def check_paths(config: TrainConfig) -> None:
 
 def open_registry(config: TrainConfig) -> AdapterRegistry:
     opts = config.registry_storage_options
-    if opts is None and os.environ.get(ENV_STORAGE_OPTIONS):
-        try:
-            opts = json.loads(os.environ[ENV_STORAGE_OPTIONS])
-        except ValueError as err:
-            raise UsageError(f"${ENV_STORAGE_OPTIONS} is not valid JSON: {err}") from None
+    if opts is None:
+        opts = storage_options_from_env(UsageError)
     # Relative local roots resolve against the repository root, as everywhere else in Lightray.
     return lightray_open_registry(config.registry, opts)
 

@@ -26,6 +26,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from lightray.registry import (
+    ENV_STORAGE_OPTIONS,
+    storage_options_from_env,
     AdapterManifest,
     AdapterRef,
     AdapterRegistry,
@@ -35,7 +37,6 @@ from lightray.registry import (
 __all__ = ["add_adapter_commands", "main", "registry_from_args"]
 
 ENV_REGISTRY = "LIGHTRAY_REGISTRY"
-ENV_STORAGE_OPTIONS = "LIGHTRAY_REGISTRY_STORAGE_OPTIONS"
 
 
 def _json_arg(text: str) -> Any:
@@ -79,11 +80,8 @@ def registry_from_args(args: argparse.Namespace) -> AdapterRegistry:
     """Build the registry an invocation points at (flags, then environment, then default)."""
     root = args.registry or os.environ.get(ENV_REGISTRY) or "./registry"
     opts = args.storage_options
-    if opts is None and os.environ.get(ENV_STORAGE_OPTIONS):
-        try:
-            opts = json.loads(os.environ[ENV_STORAGE_OPTIONS])
-        except ValueError as err:
-            raise AdapterRegistryError(f"${ENV_STORAGE_OPTIONS} is not valid JSON: {err}") from None
+    if opts is None:
+        opts = storage_options_from_env(AdapterRegistryError)
     return AdapterRegistry(root, opts)
 
 

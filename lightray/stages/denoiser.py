@@ -111,31 +111,42 @@ class DenoiseStage:
 
     # ------------------------------------------------------------------------------------------ denoise
 
-    def denoise(self, job: DenoiseJob) -> np.ndarray:
-        """Packed latents [n, tokens, 64] float32 for the job's n seeds, exactly as
-        `QwenImagePipeline.__call__(..., output_type="latent")` computes them."""
+    def _conditioning(self, job: DenoiseJob) -> dict:
+        """The job's embeddings as pipeline arguments. They are unpadded single-prompt embeddings, so the masks
+        are all ones (which the pipeline turns into None, exactly as for its own single-prompt encodings)."""
         if job.prompt_embeds is None:
             raise ValueError("job has no prompt embeddings")
-        variant = self.preset.variant(job.variant)
         prompt = torch.from_numpy(job.prompt_embeds)[None].to(self.device, self.dtype)
         negative = None
         if job.negative_embeds is not None and job.true_cfg_scale > 1:
             negative = torch.from_numpy(job.negative_embeds)[None].to(self.device, self.dtype)
+        return {
+            "prompt_embeds": prompt,
+            "prompt_embeds_mask": torch.ones(prompt.shape[:2], dtype=torch.long, device=self.device),
+            "negative_prompt_embeds": negative,
+            "negative_prompt_embeds_mask": None if negative is None else torch.ones(
+                negative.shape[:2], dtype=torch.long, device=self.device),
+            "true_cfg_scale": job.true_cfg_scale,
+        }
+
+    def _prepare(self, job: DenoiseJob, pipe) -> None:
+        """Under the lock: load the job's tenant adapter if it is not (or no longer) loaded, activate exactly the
+        adapters the job names, and give `pipe` its variant's scheduler."""
+        if job.adapter is not None and job.adapter not in self.tenant_adapters and job.adapter_path:
+            self._load_adapter_locked(job.adapter, job.adapter_path)
+        variant = self.preset.variant(job.variant)
+        self._activate(variant, job.adapter, job.adapter_scale)
+        pipe.scheduler = self.schedulers[variant.id]
+
+    def denoise(self, job: DenoiseJob) -> np.ndarray:
+        """Packed latents [n, tokens, 64] float32 for the job's n seeds, exactly as
+        `QwenImagePipeline.__call__(..., output_type="latent")` computes them."""
+        conditioning = self._conditioning(job)
         with self._lock, torch.inference_mode():
-            if job.adapter is not None and job.adapter not in self.tenant_adapters and job.adapter_path:
-                self._load_adapter_locked(job.adapter, job.adapter_path)
-            self._activate(variant, job.adapter, job.adapter_scale)
-            self.pipe.scheduler = self.schedulers[variant.id]
+            self._prepare(job, self.pipe)
             latents = self.pipe(
                 prompt=None,
-                prompt_embeds=prompt,
-                # Unpadded single-prompt embeddings: all-ones masks (which the pipeline turns into None, exactly
-                # as it does for its own single-prompt encodings).
-                prompt_embeds_mask=torch.ones(prompt.shape[:2], dtype=torch.long, device=self.device),
-                negative_prompt_embeds=negative,
-                negative_prompt_embeds_mask=None if negative is None else torch.ones(
-                    negative.shape[:2], dtype=torch.long, device=self.device),
-                true_cfg_scale=job.true_cfg_scale,
+                **conditioning,
                 height=job.height,
                 width=job.width,
                 num_inference_steps=job.num_inference_steps,
@@ -161,8 +172,6 @@ class DenoiseStage:
         this stage's transformer and schedulers, with the image given as latents (which they accept and do not
         re-encode); the adapter activation and the lock are the same as `denoise`'s.
         """
-        if job.prompt_embeds is None:
-            raise ValueError("job has no prompt embeddings")
         if not 0 < strength <= 1:
             raise ValueError(f"strength must be in (0, 1], got {strength}")
         n = len(job.seeds)
@@ -170,11 +179,7 @@ class DenoiseStage:
             raise ValueError(f"{image.latents.shape[0]} image latents for {n} seeds")
         if mask is not None and mask.shape != (job.height, job.width):
             raise ValueError(f"mask is {mask.shape[1]}x{mask.shape[0]}, the job {job.width}x{job.height}")
-        variant = self.preset.variant(job.variant)
-        prompt = torch.from_numpy(job.prompt_embeds)[None].to(self.device, self.dtype)
-        negative = None
-        if job.negative_embeds is not None and job.true_cfg_scale > 1:
-            negative = torch.from_numpy(job.negative_embeds)[None].to(self.device, self.dtype)
+        conditioning = self._conditioning(job)
         latents = torch.from_numpy(image.latents).to(self.device, self.dtype)
         # [n, z, h, w]: the layout in which the pipelines take latents as `image` (channels == latent channels).
         latents = QwenImagePipeline._unpack_latents(latents, job.height, job.width, self.preset.vae_scale_factor)[:, :, 0]
@@ -192,20 +197,11 @@ class DenoiseStage:
             extra = {"mask_image": Image.fromarray(np.ascontiguousarray(mask, dtype=np.uint8)),
                      "masked_image_latents": latents}
         with self._lock, torch.inference_mode():
-            # Same adapter handling as `denoise`.
-            if job.adapter is not None and job.adapter not in self.tenant_adapters and job.adapter_path:
-                self._load_adapter_locked(job.adapter, job.adapter_path)
-            self._activate(variant, job.adapter, job.adapter_scale)
             pipe = self._image_pipeline(inpaint=mask is not None)
-            pipe.scheduler = self.schedulers[variant.id]
+            self._prepare(job, pipe)
             out = pipe(
                 prompt=None,
-                prompt_embeds=prompt,
-                prompt_embeds_mask=torch.ones(prompt.shape[:2], dtype=torch.long, device=self.device),
-                negative_prompt_embeds=negative,
-                negative_prompt_embeds_mask=None if negative is None else torch.ones(
-                    negative.shape[:2], dtype=torch.long, device=self.device),
-                true_cfg_scale=job.true_cfg_scale,
+                **conditioning,
                 image=latents,
                 strength=strength,
                 height=job.height,

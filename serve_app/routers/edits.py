@@ -24,7 +24,6 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
-from lightray.adapters import resolve_adapter
 from lightray.images import (
     ImageLimits,
     blur_mask,
@@ -39,7 +38,7 @@ from lightray.schemas import ImageEditRequest, ImagesResponse, RequestError
 from serve_app.backend import GenerationBackend
 from serve_app.dependencies import get_backend, get_image_store, get_registry, get_settings
 from serve_app.image_store import ImageStore
-from serve_app.routers.images import images_response
+from serve_app.routers.images import images_response, pin_adapter, within_timeout
 from serve_app.settings import ServiceSettings
 
 router = APIRouter(prefix="/v1", tags=["images"])
@@ -92,9 +91,7 @@ async def edit_images(
     image, mask = await asyncio.to_thread(load_edit_inputs, image_bytes, mask_bytes, limits)
     spec = body.resolve(backend.preset, default_seed=secrets.randbelow(2**31), image_size=image.size,
                         inpaint=mask is not None)
-    if spec.lora:  # as generations do
-        adapter = await asyncio.to_thread(resolve_adapter, registry, backend.preset, spec.lora)
-        spec.lora, spec.lora_scale = adapter.ref, adapter.scale
+    await pin_adapter(spec, registry, backend)
     if body.mask_blur:
         mask = blur_mask(mask, body.mask_blur)
     full = (image, mask)
@@ -109,12 +106,7 @@ async def edit_images(
         image = resize_for_model(image, spec.width, spec.height)
         if mask is not None:
             mask = resize_for_model(mask, spec.width, spec.height)
-    try:
-        result = await asyncio.wait_for(backend.edit(spec, image, mask), timeout=settings.request_timeout_s)
-    except asyncio.TimeoutError:
-        raise RequestError(
-            "request", f"edit did not finish within {settings.request_timeout_s:g} s", status=504, code="timeout",
-        ) from None
+    result = await within_timeout(backend.edit(spec, image, mask), settings, "edit")
     if spec.padding_mask_crop is not None:
         start = time.perf_counter()
         result.images = await asyncio.to_thread(_paste_back_all, result.images, *full, box)

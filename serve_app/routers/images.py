@@ -30,17 +30,27 @@ async def generate_images(
     registry: AdapterRegistry = Depends(get_registry),
 ) -> ImagesResponse:
     spec = body.resolve(backend.preset, default_seed=secrets.randbelow(2**31))
+    await pin_adapter(spec, registry, backend)
+    result = await within_timeout(backend.generate(spec), settings, "generation")
+    return images_response(spec, result, body.response_format, request, response, settings, store)
+
+
+async def pin_adapter(spec, registry: AdapterRegistry, backend: GenerationBackend) -> None:
+    """Resolve the spec's `lora` field against the registry (404 / 422 before any replica work) and pin it to a
+    concrete `tenant/name@vN`."""
     if spec.lora:
         adapter = await asyncio.to_thread(resolve_adapter, registry, backend.preset, spec.lora)
         spec.lora, spec.lora_scale = adapter.ref, adapter.scale
+
+
+async def within_timeout(work, settings: ServiceSettings, what: str):
+    """Await the backend's work, ending it with 504 after the configured request timeout."""
     try:
-        result = await asyncio.wait_for(backend.generate(spec), timeout=settings.request_timeout_s)
+        return await asyncio.wait_for(work, timeout=settings.request_timeout_s)
     except asyncio.TimeoutError:
         raise RequestError(
-            "request", f"generation did not finish within {settings.request_timeout_s:g} s", status=504,
-            code="timeout",
+            "request", f"{what} did not finish within {settings.request_timeout_s:g} s", status=504, code="timeout",
         ) from None
-    return images_response(spec, result, body.response_format, request, response, settings, store)
 
 
 def images_response(spec, result, response_format: str, request: Request, response: Response,

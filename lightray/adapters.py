@@ -42,6 +42,17 @@ def open_registry(root: str, storage_options: dict | None = None) -> AdapterRegi
     return AdapterRegistry(root, storage_options=storage_options or None)
 
 
+def can_use(manifest: AdapterManifest, tenant: str | None) -> bool:
+    """Whether `tenant` may see and generate with an adapter: its own, or another tenant's public one.
+    `tenant` None: no tenancy (a single-user service), everything is usable."""
+    return tenant is None or manifest.tenant == tenant or manifest.visibility == "public"
+
+
+def can_delete(manifest: AdapterManifest, tenant: str | None) -> bool:
+    """Only the owner deletes (public adapters included)."""
+    return tenant is None or manifest.tenant == tenant
+
+
 def parse_lora_field(value: str) -> tuple[str, float]:
     """'tenant/name[@version][:scale]' → (ref, scale)."""
     m = _SCALE.match(value.strip())
@@ -53,17 +64,27 @@ def parse_lora_field(value: str) -> tuple[str, float]:
     return m.group("ref"), scale
 
 
-def resolve_adapter(registry: AdapterRegistry, preset: ModelPreset, value: str) -> ResolvedAdapter:
-    """The request's `lora` field against the registry: 400 malformed, 404 unknown, 422 wrong base model."""
+def resolve_adapter(registry: AdapterRegistry, preset: ModelPreset, value: str,
+                    tenant: str | None = None) -> ResolvedAdapter:
+    """The request's `lora` field against the registry: 400 malformed, 404 unknown (or another tenant's private
+    adapter: indistinguishable, so ids cannot be probed), 422 wrong base model."""
     ref, scale = parse_lora_field(value)
-    try:
-        manifest = registry.resolve(AdapterRef.parse(ref))
-    except InvalidAdapterRef as err:
-        raise RequestError("lora", f"lora: {err}") from None
-    except AdapterNotFound:
-        raise RequestError("lora", f"adapter {ref!r} does not exist", status=404, code="adapter_not_found") from None
+    manifest = find_adapter(registry, ref, tenant, param="lora")
     try:
         check_compatible(manifest, preset.base_model_id, None)
     except AdapterIncompatible as err:
         raise RequestError("lora", f"lora: {err}", status=422, code="adapter_incompatible") from None
     return ResolvedAdapter(ref=manifest.ref, scale=scale, manifest=manifest)
+
+
+def find_adapter(registry: AdapterRegistry, ref: str, tenant: str | None, param: str) -> AdapterManifest:
+    """The manifest `ref` names, if `tenant` may see it: 400 malformed, 404 unknown or not visible to `tenant`."""
+    try:
+        manifest = registry.resolve(AdapterRef.parse(ref))
+    except InvalidAdapterRef as err:
+        raise RequestError(param, f"{param}: {err}") from None
+    except AdapterNotFound:
+        manifest = None
+    if manifest is None or not can_use(manifest, tenant):
+        raise RequestError(param, f"adapter {ref!r} does not exist", status=404, code="adapter_not_found")
+    return manifest

@@ -87,7 +87,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.local:
         images = _generate_local(body, args.preset, args.registry)
     else:
-        r = httpx.post(f"{args.url}/v1/images/generations", json=body, timeout=args.timeout)
+        headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+        r = httpx.post(f"{args.url}/v1/images/generations", json=body, headers=headers, timeout=args.timeout)
         if r.status_code != 200:
             print(f"error {r.status_code}: {r.text}", file=sys.stderr)
             return 1
@@ -142,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("-o", "--out", default="out")
     gen.add_argument("--prefix", default="image")
     gen.add_argument("--url", default=DEFAULT_URL, help="service base URL (default %(default)s)")
+    gen.add_argument("--api-key", default=os.environ.get("LIGHTRAY_API_KEY"),
+                     help="API key when the service has auth on (default: $LIGHTRAY_API_KEY)")
     gen.add_argument("--timeout", type=float, default=300)
     gen.add_argument("--local", action="store_true", help="run the stages in this process instead of over HTTP")
     gen.add_argument("--preset", default="lightray-shapes", help="model preset for --local")

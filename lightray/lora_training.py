@@ -33,7 +33,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -97,6 +97,8 @@ class TrainConfig(BaseModel):
     """Base model preset: a name under configs/models/, a YAML path, or an inline preset."""
     trigger_words: list[str] = Field(default_factory=list)
     """Words the captions use to invoke the concept; recorded in the manifest so clients know what to write."""
+    visibility: Literal["private", "public"] = "private"
+    """Who may use the published adapter: only `tenant` (private), or every tenant of the service (public)."""
 
     rank: int = Field(16, ge=1, le=256)
     """LoRA rank r."""
@@ -706,6 +708,7 @@ def manifest_fields(config: TrainConfig, preset: ModelPreset, data_hash: str,
         "alpha": config.lora_alpha,
         "target_modules": sorted(config.target_modules),
         "trigger_words": list(config.trigger_words),
+        "visibility": config.visibility,
         "training_config": config.recorded(),
         "dataset_hash": data_hash,
         "metrics": metrics,

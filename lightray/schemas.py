@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -246,6 +246,45 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class AdapterInfo(BaseModel):
+    """One published adapter version as `GET /v1/adapters` shows it (the manifest less its training details)."""
+
+    id: str
+    """`tenant/name@vN`, usable as a request's `lora`."""
+    object: Literal["adapter"] = "adapter"
+    tenant: str
+    name: str
+    version: int
+    base_model_id: str
+    rank: int | None = None
+    alpha: float | None = None
+    trigger_words: list[str]
+    visibility: Literal["private", "public"]
+    created: int
+    """Unix time of publication."""
+    metrics: dict[str, Any]
+
+    @classmethod
+    def of(cls, manifest) -> "AdapterInfo":
+        return cls(
+            id=manifest.ref, tenant=manifest.tenant, name=manifest.name, version=manifest.version,
+            base_model_id=manifest.base_model_id, rank=manifest.rank, alpha=manifest.alpha,
+            trigger_words=manifest.trigger_words, visibility=manifest.visibility,
+            created=int(manifest.created_at.timestamp()), metrics=manifest.metrics,
+        )
+
+
+class AdapterList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[AdapterInfo]
+
+
+class AdapterDeleted(BaseModel):
+    object: Literal["adapter.deleted"] = "adapter.deleted"
+    deleted: list[str]
+    """The refs removed, `tenant/name@vN` each."""
 
 
 class ErrorBody(BaseModel):

@@ -10,9 +10,10 @@ from fastapi.responses import JSONResponse
 
 from lightray.adapters import open_registry
 from lightray.schemas import ErrorBody, ErrorResponse, RequestError
+from serve_app.auth import ApiKeyAuth
 from serve_app.backend import GenerationBackend, ServiceUnavailable
 from serve_app.image_store import ImageStore
-from serve_app.routers import edits, health, images, models
+from serve_app.routers import adapters, edits, health, images, models
 from serve_app.settings import ServiceSettings
 
 logger = logging.getLogger("lightray.api")
@@ -42,8 +43,11 @@ async def _on_validation_error(request: Request, exc: RequestValidationError) ->
 
 
 async def _on_request_error(request: Request, exc: RequestError) -> JSONResponse:
-    return _error(exc.status, exc.message, exc.param, exc.code,
-                  "invalid_request_error" if exc.status < 500 else "server_error")
+    response = _error(exc.status, exc.message, exc.param, exc.code,
+                      "invalid_request_error" if exc.status < 500 else "server_error")
+    if exc.status == 401:
+        response.headers["WWW-Authenticate"] = "Bearer"
+    return response
 
 
 async def _on_unavailable(request: Request, exc: ServiceUnavailable) -> JSONResponse:
@@ -67,6 +71,7 @@ def create_app(backend: GenerationBackend, settings: ServiceSettings) -> FastAPI
     app.state.settings = settings
     app.state.image_store = ImageStore(settings.image_store_dir)
     app.state.registry = open_registry(settings.registry, settings.registry_storage_options)
+    app.state.auth = ApiKeyAuth(settings)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(RequestError, _on_request_error)
     app.add_exception_handler(ServiceUnavailable, _on_unavailable)
@@ -74,5 +79,6 @@ def create_app(backend: GenerationBackend, settings: ServiceSettings) -> FastAPI
     app.include_router(images.router)
     app.include_router(edits.router)
     app.include_router(models.router)
+    app.include_router(adapters.router)
     app.include_router(health.router)
     return app

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from fastapi import Request
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from lightray.registry import AdapterRegistry
+from serve_app.auth import Principal
 from serve_app.backend import GenerationBackend
 from serve_app.image_store import ImageStore
 from serve_app.settings import ServiceSettings
@@ -24,3 +26,13 @@ def get_registry(request: Request) -> AdapterRegistry:
 
 def get_image_store(request: Request) -> ImageStore:
     return request.app.state.image_store
+
+
+# auto_error=False: a missing key is answered by ApiKeyAuth (401 in the service's error format, or no check at all
+# when auth is off); the scheme also puts "Authorize" in /docs and the bearer scheme in the OpenAPI schema.
+_bearer = HTTPBearer(auto_error=False, description="An API key from LIGHTRAY_API_KEYS (off in the local config).")
+
+
+def get_principal(request: Request,
+                  credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> Principal:
+    return request.app.state.auth.authenticate(credentials.credentials if credentials else None, request)

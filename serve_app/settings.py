@@ -2,12 +2,31 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from lightray.registry import validate_tenant
+
+
+class ApiKey(BaseModel):
+    """One API key and the tenant it acts as. Several keys may map to one tenant (rotation)."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    tenant: str
+    """Tenant id, as used in adapter refs (`tenant/name`)."""
+    key: SecretStr = Field(min_length=16)
+    """The bearer token clients send (`Authorization: Bearer <key>`). Secret: never logged or echoed; prefer the
+    LIGHTRAY_API_KEYS environment variable (a Kubernetes Secret) to writing keys into a config file."""
+
+    @model_validator(mode="after")
+    def _check_tenant(self) -> "ApiKey":
+        validate_tenant(self.tenant)
+        return self
 
 
 class ServiceSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="LIGHTRAY_", extra="forbid")
+    model_config = SettingsConfigDict(env_prefix="LIGHTRAY_", extra="forbid", use_attribute_docstrings=True)
 
     preset: str | dict = "lightray-shapes"
     """Model preset: a name under configs/models/, a YAML path, or an inline preset."""
@@ -28,3 +47,15 @@ class ServiceSettings(BaseSettings):
     max_image_pixels: int = Field(4096 * 4096, ge=256)
     """Largest input image accepted by /v1/images/edits, in pixels (checked before decoding; the output size is
     limited by the model preset)."""
+    auth_enabled: bool = True
+    """Require an API key on every /v1 route (401 without one) and scope adapters to the key's tenant. On by
+    default; only configs/serve/local.yaml (one user, loopback) turns it off, and then every adapter is usable."""
+    api_keys: list[ApiKey] = Field(default_factory=list)
+    """Keys and their tenants, e.g. LIGHTRAY_API_KEYS='[{"tenant": "acme", "key": "…"}]'."""
+
+    @model_validator(mode="after")
+    def _check_auth(self) -> "ServiceSettings":
+        if self.auth_enabled and not self.api_keys:
+            raise ValueError("api_keys: auth_enabled is on but no API keys are configured; set LIGHTRAY_API_KEYS "
+                             "(JSON list of {tenant, key}) or auth_enabled: false for a local single-user service")
+        return self

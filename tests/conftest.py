@@ -44,7 +44,7 @@ def api_client(local_pipeline, registry_root, tmp_path_factory) -> TestClient:
 
     settings = ServiceSettings(
         preset=local_pipeline.preset.model_dump(), registry=str(registry_root),
-        image_store_dir=str(tmp_path_factory.mktemp("images")),
+        image_store_dir=str(tmp_path_factory.mktemp("images")), auth_enabled=False,
     )
     backend = LocalBackend(local_pipeline, open_registry(settings.registry))
     with TestClient(create_app(backend, settings)) as client:

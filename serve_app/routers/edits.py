@@ -36,7 +36,8 @@ from lightray.images import (
 from lightray.registry import AdapterRegistry
 from lightray.schemas import ImageEditRequest, ImagesResponse, RequestError
 from serve_app.backend import GenerationBackend
-from serve_app.dependencies import get_backend, get_image_store, get_registry, get_settings
+from serve_app.auth import Principal
+from serve_app.dependencies import get_backend, get_image_store, get_principal, get_registry, get_settings
 from serve_app.image_store import ImageStore
 from serve_app.routers.images import images_response, pin_adapter, within_timeout
 from serve_app.settings import ServiceSettings
@@ -79,6 +80,7 @@ async def edit_images(
     settings: ServiceSettings = Depends(get_settings),
     store: ImageStore = Depends(get_image_store),
     registry: AdapterRegistry = Depends(get_registry),
+    principal: Principal = Depends(get_principal),
 ) -> ImagesResponse:
     fields, image_bytes, mask_bytes = await _read_body(request, settings)
     try:
@@ -91,7 +93,7 @@ async def edit_images(
     image, mask = await asyncio.to_thread(load_edit_inputs, image_bytes, mask_bytes, limits)
     spec = body.resolve(backend.preset, default_seed=secrets.randbelow(2**31), image_size=image.size,
                         inpaint=mask is not None)
-    await pin_adapter(spec, registry, backend)
+    await pin_adapter(spec, registry, backend, principal)
     if body.mask_blur:
         mask = blur_mask(mask, body.mask_blur)
     full = (image, mask)

@@ -11,8 +11,9 @@ from fastapi.responses import Response as RawResponse
 from lightray.adapters import resolve_adapter
 from lightray.registry import AdapterRegistry
 from lightray.schemas import ImageData, ImageGenerationRequest, ImagesResponse, RequestError
+from serve_app.auth import Principal
 from serve_app.backend import GenerationBackend
-from serve_app.dependencies import get_backend, get_image_store, get_registry, get_settings
+from serve_app.dependencies import get_backend, get_image_store, get_principal, get_registry, get_settings
 from serve_app.image_store import ImageStore
 from serve_app.settings import ServiceSettings
 
@@ -28,18 +29,19 @@ async def generate_images(
     settings: ServiceSettings = Depends(get_settings),
     store: ImageStore = Depends(get_image_store),
     registry: AdapterRegistry = Depends(get_registry),
+    principal: Principal = Depends(get_principal),
 ) -> ImagesResponse:
     spec = body.resolve(backend.preset, default_seed=secrets.randbelow(2**31))
-    await pin_adapter(spec, registry, backend)
+    await pin_adapter(spec, registry, backend, principal)
     result = await within_timeout(backend.generate(spec), settings, "generation")
     return images_response(spec, result, body.response_format, request, response, settings, store)
 
 
-async def pin_adapter(spec, registry: AdapterRegistry, backend: GenerationBackend) -> None:
-    """Resolve the spec's `lora` field against the registry (404 / 422 before any replica work) and pin it to a
-    concrete `tenant/name@vN`."""
+async def pin_adapter(spec, registry: AdapterRegistry, backend: GenerationBackend, principal: Principal) -> None:
+    """Resolve the spec's `lora` field against the registry as the caller's tenant sees it (404 / 422 before any
+    replica work) and pin it to a concrete `tenant/name@vN`."""
     if spec.lora:
-        adapter = await asyncio.to_thread(resolve_adapter, registry, backend.preset, spec.lora)
+        adapter = await asyncio.to_thread(resolve_adapter, registry, backend.preset, spec.lora, principal.tenant)
         spec.lora, spec.lora_scale = adapter.ref, adapter.scale
 
 

@@ -4,9 +4,9 @@ from fastapi import APIRouter, Depends
 
 from lightray.schemas import ModelCard, ModelList, RequestError
 from serve_app.backend import GenerationBackend
-from serve_app.dependencies import get_backend
+from serve_app.dependencies import get_backend, get_principal
 
-router = APIRouter(prefix="/v1", tags=["models"])
+router = APIRouter(prefix="/v1", tags=["models"], dependencies=[Depends(get_principal)])
 
 
 @router.get("/models", response_model=ModelList)

@@ -1,0 +1,71 @@
+"""`/v1/adapters`: the tenant's view of the adapter registry: list, show, delete. Publishing is the trainer's job
+(`jobs/train_lora.py`) or `lightray adapters push`. A tenant sees its own adapters and every public one; another
+tenant's private adapter does not exist for it (404), and only the owner may delete (403 on someone else's public
+adapter)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, Depends, Query
+
+from lightray.adapters import can_delete, can_use, find_adapter
+from lightray.registry import AdapterNotFound, AdapterRegistry
+from lightray.schemas import AdapterDeleted, AdapterInfo, AdapterList, RequestError
+from serve_app.auth import Principal
+from serve_app.dependencies import get_principal, get_registry
+
+router = APIRouter(prefix="/v1", tags=["adapters"])
+
+
+def _ref(tenant: str, name: str, version: int | None) -> str:
+    return f"{tenant}/{name}" + (f"@v{version}" if version is not None else "")
+
+
+@router.get("/adapters", response_model=AdapterList)
+async def list_adapters(
+    tenant: str | None = Query(None, description="Only this tenant's adapters."),
+    all_versions: bool = Query(False, description="Every version, not just the latest of each adapter."),
+    registry: AdapterRegistry = Depends(get_registry),
+    principal: Principal = Depends(get_principal),
+) -> AdapterList:
+    """The adapters the caller may use: its own and every public one."""
+    manifests = await asyncio.to_thread(registry.list, None, latest_only=not all_versions)
+    return AdapterList(data=[
+        AdapterInfo.of(m) for m in manifests
+        if can_use(m, principal.tenant) and (tenant is None or m.tenant == tenant)
+    ])
+
+
+@router.get("/adapters/{tenant}/{name}", response_model=AdapterInfo)
+async def get_adapter(
+    tenant: str,
+    name: str,
+    version: int | None = Query(None, ge=1, description="A version number; default: the latest."),
+    registry: AdapterRegistry = Depends(get_registry),
+    principal: Principal = Depends(get_principal),
+) -> AdapterInfo:
+    manifest = await asyncio.to_thread(find_adapter, registry, _ref(tenant, name, version), principal.tenant, "name")
+    return AdapterInfo.of(manifest)
+
+
+@router.delete("/adapters/{tenant}/{name}", response_model=AdapterDeleted)
+async def delete_adapter(
+    tenant: str,
+    name: str,
+    version: int | None = Query(None, ge=1, description="Delete only this version; default: every version."),
+    registry: AdapterRegistry = Depends(get_registry),
+    principal: Principal = Depends(get_principal),
+) -> AdapterDeleted:
+    """Only the owning tenant deletes. Replicas that hold the adapter keep it until evicted, but no new request
+    can name it once this returns."""
+    ref = _ref(tenant, name, version)
+    manifest = await asyncio.to_thread(find_adapter, registry, ref, principal.tenant, "name")
+    if not can_delete(manifest, principal.tenant):
+        raise RequestError("name", f"adapter {ref!r} belongs to tenant {manifest.tenant!r}; only it may delete it",
+                           status=403, code="forbidden")
+    try:
+        deleted = await asyncio.to_thread(registry.delete, ref)
+    except AdapterNotFound:  # deleted concurrently
+        raise RequestError("name", f"adapter {ref!r} does not exist", status=404, code="adapter_not_found") from None
+    return AdapterDeleted(deleted=deleted)

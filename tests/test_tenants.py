@@ -1,0 +1,206 @@
+"""API keys → tenants, and adapter privacy between tenants (issue 6, point 4), over the real FastAPI app with the
+in-process backend; one test goes through a real HTTP server with the official openai client."""
+
+from __future__ import annotations
+
+import base64
+import logging
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import uvicorn
+import yaml
+from fastapi.testclient import TestClient
+from pydantic import ValidationError
+
+from lightray.adapters import open_registry
+from lora_factory import publish_random_lora
+from serve_app.api import create_app
+from serve_app.backend import LocalBackend
+from serve_app.settings import ServiceSettings
+
+ACME_KEY = "sk-acme-3f9c2a7d5e1b4c8a9d0e"
+GLOBEX_KEY = "sk-globex-8b1e6d2c4a7f9e3b"
+PROMPT = {"prompt": "a red circle on the left, white background", "model": "lightray-shapes-lightning-4",
+          "seed": 3, "size": "64x64"}
+
+
+@pytest.fixture(scope="module")
+def tenant_registry(preset, tmp_path_factory):
+    root = tmp_path_factory.mktemp("tenant-registry")
+    registry = open_registry(str(root))
+    work = tmp_path_factory.mktemp("tenant-adapters")
+    publish_random_lora(registry, preset, "acme", "private-style", 1, work)
+    publish_random_lora(registry, preset, "acme", "shared-style", 2, work, visibility="public")
+    publish_random_lora(registry, preset, "globex", "secret", 3, work)
+    return root
+
+
+@pytest.fixture(scope="module")
+def settings(preset, tenant_registry, tmp_path_factory) -> ServiceSettings:
+    return ServiceSettings(
+        preset=preset.model_dump(), registry=str(tenant_registry),
+        image_store_dir=str(tmp_path_factory.mktemp("tenant-images")),
+        api_keys=[{"tenant": "acme", "key": ACME_KEY}, {"tenant": "globex", "key": GLOBEX_KEY}],
+    )
+
+
+@pytest.fixture(scope="module")
+def app(local_pipeline, settings):
+    return create_app(LocalBackend(local_pipeline, open_registry(settings.registry)), settings)
+
+
+@pytest.fixture(scope="module")
+def client(app):
+    with TestClient(app) as c:
+        yield c
+
+
+def as_(key: str) -> dict:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def _png(response) -> bytes:
+    assert response.status_code == 200, response.text
+    return base64.b64decode(response.json()["data"][0]["b64_json"])
+
+
+@pytest.mark.parametrize("headers", [{}, as_("sk-not-a-key-of-anyone-123"), {"Authorization": f"Basic {ACME_KEY}"},
+                                     {"Authorization": "Bearer "}])
+@pytest.mark.parametrize("method,path", [("POST", "/v1/images/generations"), ("POST", "/v1/images/edits"),
+                                         ("GET", "/v1/models"), ("GET", "/v1/adapters"),
+                                         ("GET", "/v1/adapters/acme/shared-style"),
+                                         ("DELETE", "/v1/adapters/acme/shared-style")])
+def test_no_key_or_a_wrong_key_is_401(client, method, path, headers):
+    r = client.request(method, path, headers=headers, json=PROMPT if method == "POST" else None)
+    assert r.status_code == 401, r.text
+    assert r.headers["WWW-Authenticate"] == "Bearer"
+    error = r.json()["error"]
+    assert error["code"] == "invalid_api_key" and error["param"] == "authorization"
+
+
+def test_health_and_schema_need_no_key(client):
+    for path in ("/healthz", "/readyz", "/openapi.json"):
+        assert client.get(path).status_code == 200, path
+    schemes = client.get("/openapi.json").json()["components"]["securitySchemes"]
+    assert schemes["HTTPBearer"]["scheme"] == "bearer"
+
+
+def test_a_tenant_lists_its_own_and_public_adapters_only(client):
+    def listed(key, **params):
+        r = client.get("/v1/adapters", headers=as_(key), params=params)
+        assert r.status_code == 200, r.text
+        return sorted(a["id"] for a in r.json()["data"])
+
+    assert listed(ACME_KEY) == ["acme/private-style@v1", "acme/shared-style@v1"]
+    assert listed(GLOBEX_KEY) == ["acme/shared-style@v1", "globex/secret@v1"]
+    assert listed(ACME_KEY, tenant="globex") == []
+    shown = client.get("/v1/adapters/acme/shared-style", headers=as_(GLOBEX_KEY)).json()
+    assert shown["visibility"] == "public" and shown["tenant"] == "acme" and shown["version"] == 1
+
+
+def test_another_tenants_private_adapter_does_not_exist_for_you(client):
+    for path in ("/v1/adapters/globex/secret", "/v1/adapters/globex/secret?version=1"):
+        r = client.get(path, headers=as_(ACME_KEY))
+        assert r.status_code == 404 and r.json()["error"]["code"] == "adapter_not_found", r.text
+    used = client.post("/v1/images/generations", headers=as_(ACME_KEY), json={**PROMPT, "lora": "globex/secret"})
+    missing = client.post("/v1/images/generations", headers=as_(ACME_KEY), json={**PROMPT, "lora": "globex/nothing"})
+    assert used.status_code == missing.status_code == 404
+    assert used.json()["error"]["param"] == "lora"
+    # Indistinguishable from an adapter that does not exist: the same message but for the name.
+    assert used.json()["error"]["message"].replace("secret", "X") == missing.json()["error"]["message"].replace(
+        "nothing", "X")
+    # The owner can use it.
+    assert _png(client.post("/v1/images/generations", headers=as_(GLOBEX_KEY), json={**PROMPT, "lora": "globex/secret"}))
+
+
+def test_own_and_public_adapters_are_applied(client):
+    plain = _png(client.post("/v1/images/generations", headers=as_(GLOBEX_KEY), json=PROMPT))
+    public = _png(client.post("/v1/images/generations", headers=as_(GLOBEX_KEY),
+                              json={**PROMPT, "lora": "acme/shared-style"}))
+    own = _png(client.post("/v1/images/generations", headers=as_(ACME_KEY),
+                           json={**PROMPT, "lora": "acme/private-style@v1"}))
+    assert len({plain, public, own}) == 3  # each adapter changes the image, and differently
+
+
+def test_only_the_owner_deletes(client, local_pipeline, settings, tmp_path):
+    registry = open_registry(settings.registry)
+    publish_random_lora(registry, local_pipeline.preset, "acme", "doomed", 4, tmp_path, visibility="public")
+    publish_random_lora(registry, local_pipeline.preset, "acme", "doomed", 5, tmp_path, visibility="public")
+
+    r = client.delete("/v1/adapters/acme/doomed", headers=as_(GLOBEX_KEY))
+    assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden", r.text
+    r = client.delete("/v1/adapters/globex/secret", headers=as_(ACME_KEY))
+    assert r.status_code == 404, r.text
+    assert registry.resolve("globex/secret").version == 1  # untouched
+
+    r = client.delete("/v1/adapters/acme/doomed?version=1", headers=as_(ACME_KEY))
+    assert r.status_code == 200 and r.json()["deleted"] == ["acme/doomed@v1"], r.text
+    r = client.delete("/v1/adapters/acme/doomed", headers=as_(ACME_KEY))
+    assert r.status_code == 200 and r.json()["deleted"] == ["acme/doomed@v2"], r.text
+    assert client.get("/v1/adapters/acme/doomed", headers=as_(ACME_KEY)).status_code == 404
+    r = client.post("/v1/images/generations", headers=as_(ACME_KEY), json={**PROMPT, "lora": "acme/doomed"})
+    assert r.status_code == 404
+
+
+def test_api_keys_are_never_logged_or_echoed(client, settings, caplog):
+    caplog.set_level(logging.DEBUG)
+    wrong = "sk-wrong-but-close-" + ACME_KEY[-8:]
+    r = client.post("/v1/images/generations", headers=as_(wrong), json=PROMPT)
+    assert r.status_code == 401 and wrong not in r.text
+    _png(client.post("/v1/images/generations", headers=as_(ACME_KEY), json=PROMPT))
+    assert "rejected an unknown API key" in caplog.text  # the attempt is logged ...
+    for secret in (ACME_KEY, GLOBEX_KEY, wrong):  # ... the keys are not
+        assert secret not in caplog.text
+        assert secret not in repr(settings) and secret not in settings.model_dump_json()
+
+
+def test_settings_refuse_auth_without_keys_and_read_keys_from_the_environment(monkeypatch):
+    with pytest.raises(ValidationError, match="api_keys"):
+        ServiceSettings()
+    with pytest.raises(ValidationError, match="key"):
+        ServiceSettings(api_keys=[{"tenant": "acme", "key": "short"}])
+    with pytest.raises(ValidationError, match="tenant"):
+        ServiceSettings(api_keys=[{"tenant": "../etc", "key": ACME_KEY}])
+    monkeypatch.setenv("LIGHTRAY_API_KEYS", f'[{{"tenant": "acme", "key": "{ACME_KEY}"}}]')
+    settings = ServiceSettings()
+    assert settings.auth_enabled and [k.tenant for k in settings.api_keys] == ["acme"]
+    assert settings.api_keys[0].key.get_secret_value() == ACME_KEY
+
+
+def test_auth_is_off_only_in_the_local_config(monkeypatch):
+    from lightray.config import REPO_ROOT
+
+    def args(name):
+        return yaml.safe_load((REPO_ROOT / "configs/serve" / name).read_text())["applications"][0]["args"]
+
+    assert args("local.yaml")["auth_enabled"] is False
+    assert "auth_enabled" not in args("gpu.yaml") and "api_keys" not in args("gpu.yaml")  # on; keys from env only
+    monkeypatch.delenv("LIGHTRAY_API_KEYS", raising=False)
+    with pytest.raises(ValidationError, match="api_keys"):
+        ServiceSettings(**args("gpu.yaml"))
+
+
+def test_openai_client_with_an_api_key_over_http(app):
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.time() + 30
+        while not server.started and time.time() < deadline:
+            time.sleep(0.05)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        base_url = f"http://127.0.0.1:{port}/v1"
+        good = openai.OpenAI(api_key=ACME_KEY, base_url=base_url)
+        result = good.images.generate(prompt=PROMPT["prompt"], model=PROMPT["model"], size="64x64",
+                                      response_format="b64_json", extra_body={"seed": 3, "lora": "acme/shared-style"})
+        assert base64.b64decode(result.data[0].b64_json).startswith(b"\x89PNG")
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(api_key="sk-not-a-key-of-anyone-123", base_url=base_url).models.list()
+        assert httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 
 import numpy as np
 from ray import serve
@@ -9,7 +10,7 @@ from ray import serve
 from deployments.timing import timed
 from lightray.adapters import open_registry
 from lightray.config import load_preset
-from lightray.stages import DenoiseJob, DenoiseStage
+from lightray.stages import DenoiseCancelled, DenoiseJob, DenoiseStage
 from lightray.stages.vae import ImageLatents
 
 logger = logging.getLogger("ray.serve")
@@ -24,6 +25,14 @@ class LoadedAdapter:
 
     def __del__(self):
         self.stage.unload_adapter(self.ref)
+
+
+def _log_cancelled(done: asyncio.Future) -> None:
+    err = done.exception() if not done.cancelled() else None
+    if isinstance(err, DenoiseCancelled):
+        logger.info("denoise %s (request cancelled)", err)
+    elif err is None:
+        logger.info("denoise finished after its request was cancelled")
 
 
 @serve.deployment(name="Denoiser", max_ongoing_requests=4)
@@ -62,7 +71,7 @@ class Denoiser:
         timings = dict(encoded["timings"])
         await self._complete(job, encoded, timings)
         with timed(timings, "denoise_ms"):
-            latents = await asyncio.to_thread(self.stage.denoise, job)
+            latents = await self._cancellable(self.stage.denoise, job)
         return {"latents": latents, "timings": timings}
 
     async def denoise_image(self, job: DenoiseJob, encoded: dict, image: dict, strength: float,
@@ -73,8 +82,21 @@ class Denoiser:
         await self._complete(job, encoded, timings)
         start = ImageLatents(image["latents"], image["generator_states"])
         with timed(timings, "denoise_ms"):
-            latents = await asyncio.to_thread(self.stage.denoise_from_image, job, start, strength, mask)
+            latents = await self._cancellable(self.stage.denoise_from_image, job, start, strength, mask)
         return {"latents": latents, "timings": timings}
+
+    async def _cancellable(self, work, *args):
+        """Run stage work in a thread. When Serve cancels the request (the ingress gave up on it at its timeout,
+        or the client went away), the work stops after its current step instead of holding the stage (and every
+        request queued behind it) until it would have finished."""
+        cancel = threading.Event()
+        running = asyncio.ensure_future(asyncio.to_thread(work, *args, cancel=cancel))
+        try:
+            return await asyncio.shield(running)
+        except asyncio.CancelledError:
+            cancel.set()
+            running.add_done_callback(_log_cancelled)
+            raise
 
     def check_health(self) -> None:
         if self.stage.pipe.transformer is None:

@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 
 from lightray.adapters import open_registry
 from lightray.schemas import ErrorBody, ErrorResponse, RequestError
+from serve_app.admission import AdmissionLimit
 from serve_app.auth import ApiKeyAuth
 from serve_app.backend import GenerationBackend, ServiceUnavailable
 from serve_app.image_store import ImageStore
@@ -72,6 +73,7 @@ def create_app(backend: GenerationBackend, settings: ServiceSettings) -> FastAPI
     app.state.image_store = ImageStore(settings.image_store_dir)
     app.state.registry = open_registry(settings.registry, settings.registry_storage_options)
     app.state.auth = ApiKeyAuth(settings)
+    app.state.admission = AdmissionLimit(settings.max_concurrent_requests)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(RequestError, _on_request_error)
     app.add_exception_handler(ServiceUnavailable, _on_unavailable)

@@ -92,6 +92,17 @@ class LocalBackend:
         return {"TextEncoder": True, "Denoiser": True, "VaeDecoder": True}
 
 
+async def _cancelling(final, *upstream):
+    """Await the graph's last response; if the caller gives up on it (the request timeout, a disconnect), cancel
+    every stage's request too, so replicas stop work nobody will read (the Denoiser stops within a step)."""
+    try:
+        return await final
+    except asyncio.CancelledError:
+        for response in (final, *upstream):
+            response.cancel()
+        raise
+
+
 class RayGraphBackend:
     """Chains the stage deployments' responses handle to handle: each stage's output goes straight to the next
     replica as an argument, so the ingress never holds embeddings or latents."""
@@ -120,7 +131,7 @@ class RayGraphBackend:
             # Routes to a replica that already holds this adapter when there is one.
             denoiser = denoiser.options(multiplexed_model_id=spec.lora)
         denoised = denoiser.denoise.remote(denoise_job(spec), encoded)
-        result = await self.vae.decode.remote(denoised, spec.width, spec.height)
+        result = await _cancelling(self.vae.decode.remote(denoised, spec.width, spec.height), encoded, denoised)
         timings = dict(result["timings"])
         timings["graph_ms"] = (time.perf_counter() - start) * 1000
         return GenerationResult(result["images"], timings)
@@ -150,7 +161,8 @@ class RayGraphBackend:
             denoise_job(spec), encoded, image_latents, spec.strength,
             None if mask is None else np.asarray(mask.convert("L")),
         )
-        result = await self.vae.decode.remote(denoised, spec.width, spec.height)
+        result = await _cancelling(self.vae.decode.remote(denoised, spec.width, spec.height),
+                                   encoded, image_latents, denoised)
         timings = dict(result["timings"])
         timings["graph_ms"] = (time.perf_counter() - start) * 1000
         return GenerationResult(result["images"], timings)

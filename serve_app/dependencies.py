@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
@@ -36,3 +38,10 @@ _bearer = HTTPBearer(auto_error=False, description="An API key from LIGHTRAY_API
 def get_principal(request: Request,
                   credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> Principal:
     return request.app.state.auth.authenticate(credentials.credentials if credentials else None, request)
+
+
+async def admitted(request: Request) -> AsyncIterator[None]:
+    """Holds one of the ingress's generation slots for the request's lifetime (503 when none is free). Async, so
+    the count is kept on the event loop without a lock."""
+    with request.app.state.admission.slot():
+        yield

@@ -47,6 +47,9 @@ class ServiceSettings(BaseSettings):
     max_image_pixels: int = Field(4096 * 4096, ge=256)
     """Largest input image accepted by /v1/images/edits, in pixels (checked before decoding; the output size is
     limited by the model preset)."""
+    max_concurrent_requests: int = Field(32, ge=1)
+    """Generations and edits in progress per ingress replica; the next one is answered 503 + Retry-After at once
+    (serve_app/admission.py says why the stage queues alone do not bound a burst)."""
     auth_enabled: bool = True
     """Require an API key on every /v1 route (401 without one) and scope adapters to the key's tenant. On by
     default; only configs/serve/local.yaml (one user, loopback) turns it off, and then every adapter is usable."""

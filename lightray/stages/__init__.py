@@ -5,8 +5,8 @@ Each stage loads only its own components from a diffusers-format folder, so it c
 contiguous CPU numpy arrays plus the few scalars the next stage needs.
 """
 
-from lightray.stages.denoiser import DenoiseJob, DenoiseStage
+from lightray.stages.denoiser import DenoiseCancelled, DenoiseJob, DenoiseStage
 from lightray.stages.text_encoder import TextEncodeStage
 from lightray.stages.vae import VaeStage
 
-__all__ = ["DenoiseJob", "DenoiseStage", "TextEncodeStage", "VaeStage"]
+__all__ = ["DenoiseCancelled", "DenoiseJob", "DenoiseStage", "TextEncodeStage", "VaeStage"]

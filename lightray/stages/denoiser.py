@@ -47,6 +47,24 @@ class DenoiseJob:
     adapter_scale: float = 1.0
 
 
+class DenoiseCancelled(RuntimeError):
+    """A job's `cancel` event was set while it ran: it stopped at the end of a step, and the stage is free."""
+
+
+def _stop_when(cancel: threading.Event | None) -> dict:
+    """Pipeline kwargs that end the denoising loop with `DenoiseCancelled` once `cancel` is set (checked after
+    every step), so abandoned work (a request timed out, a client gone) frees the stage within a step."""
+    if cancel is None:
+        return {}
+
+    def check(pipe, step: int, timestep, callback_kwargs: dict) -> dict:
+        if cancel.is_set():
+            raise DenoiseCancelled(f"cancelled after step {step + 1} of {pipe.num_timesteps}")
+        return callback_kwargs
+
+    return {"callback_on_step_end": check}
+
+
 class DenoiseStage:
     def __init__(self, preset: ModelPreset):
         self.preset = preset
@@ -138,9 +156,10 @@ class DenoiseStage:
         self._activate(variant, job.adapter, job.adapter_scale)
         pipe.scheduler = self.schedulers[variant.id]
 
-    def denoise(self, job: DenoiseJob) -> np.ndarray:
+    def denoise(self, job: DenoiseJob, cancel: threading.Event | None = None) -> np.ndarray:
         """Packed latents [n, tokens, 64] float32 for the job's n seeds, exactly as
-        `QwenImagePipeline.__call__(..., output_type="latent")` computes them."""
+        `QwenImagePipeline.__call__(..., output_type="latent")` computes them. Setting `cancel` stops it after the
+        current step with `DenoiseCancelled`."""
         conditioning = self._conditioning(job)
         with self._lock, torch.inference_mode():
             self._prepare(job, self.pipe)
@@ -153,6 +172,7 @@ class DenoiseStage:
                 num_images_per_prompt=len(job.seeds),
                 generator=generators(job.seeds, self.device),
                 output_type="latent",
+                **_stop_when(cancel),
             ).images
         return np.ascontiguousarray(latents.float().cpu().numpy())
 
@@ -160,7 +180,7 @@ class DenoiseStage:
     # ------------------------------------------------------------------------------------- image inputs
 
     def denoise_from_image(self, job: DenoiseJob, image: ImageLatents, strength: float,
-                           mask: np.ndarray | None = None) -> np.ndarray:
+                           mask: np.ndarray | None = None, cancel: threading.Event | None = None) -> np.ndarray:
         """Packed latents [n, tokens, 64] float32 for img2img (mask None) or inpainting, exactly as
         `QwenImageImg2ImgPipeline` / `QwenImageInpaintPipeline.__call__(..., output_type="latent")` compute them
         for `image=[picture] * n` and the job's per-seed generators.
@@ -170,7 +190,7 @@ class DenoiseStage:
         (`scale_noise`); `mask` is uint8 [height, width], non-zero where the image is repainted (diffusers'
         white), blended back in latent space after every step. The pipelines run here are diffusers' own, over
         this stage's transformer and schedulers, with the image given as latents (which they accept and do not
-        re-encode); the adapter activation and the lock are the same as `denoise`'s.
+        re-encode); the adapter activation, the lock and `cancel` are the same as `denoise`'s.
         """
         if not 0 < strength <= 1:
             raise ValueError(f"strength must be in (0, 1], got {strength}")
@@ -211,6 +231,7 @@ class DenoiseStage:
                 generator=gens,
                 output_type="latent",
                 **extra,
+                **_stop_when(cancel),
             ).images
         return np.ascontiguousarray(out.float().cpu().numpy())
 

@@ -37,7 +37,14 @@ from lightray.registry import AdapterRegistry
 from lightray.schemas import ImageEditRequest, ImagesResponse, RequestError
 from serve_app.backend import GenerationBackend
 from serve_app.auth import Principal
-from serve_app.dependencies import get_backend, get_image_store, get_principal, get_registry, get_settings
+from serve_app.dependencies import (
+    admitted,
+    get_backend,
+    get_image_store,
+    get_principal,
+    get_registry,
+    get_settings,
+)
 from serve_app.image_store import ImageStore
 from serve_app.routers.images import images_response, pin_adapter, within_timeout
 from serve_app.settings import ServiceSettings
@@ -81,6 +88,7 @@ async def edit_images(
     store: ImageStore = Depends(get_image_store),
     registry: AdapterRegistry = Depends(get_registry),
     principal: Principal = Depends(get_principal),
+    _slot: None = Depends(admitted),
 ) -> ImagesResponse:
     fields, image_bytes, mask_bytes = await _read_body(request, settings)
     try:

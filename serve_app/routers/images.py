@@ -13,7 +13,14 @@ from lightray.registry import AdapterRegistry
 from lightray.schemas import ImageData, ImageGenerationRequest, ImagesResponse, RequestError
 from serve_app.auth import Principal
 from serve_app.backend import GenerationBackend
-from serve_app.dependencies import get_backend, get_image_store, get_principal, get_registry, get_settings
+from serve_app.dependencies import (
+    admitted,
+    get_backend,
+    get_image_store,
+    get_principal,
+    get_registry,
+    get_settings,
+)
 from serve_app.image_store import ImageStore
 from serve_app.settings import ServiceSettings
 
@@ -30,6 +37,7 @@ async def generate_images(
     store: ImageStore = Depends(get_image_store),
     registry: AdapterRegistry = Depends(get_registry),
     principal: Principal = Depends(get_principal),
+    _slot: None = Depends(admitted),
 ) -> ImagesResponse:
     spec = body.resolve(backend.preset, default_seed=secrets.randbelow(2**31))
     await pin_adapter(spec, registry, backend, principal)

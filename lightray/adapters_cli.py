@@ -25,6 +25,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from lightray.adapters import open_registry
 from lightray.registry import (
     ENV_STORAGE_OPTIONS,
     storage_options_from_env,
@@ -77,11 +78,16 @@ def _common_parent() -> argparse.ArgumentParser:
 
 
 def registry_from_args(args: argparse.Namespace) -> AdapterRegistry:
-    """Build the registry an invocation points at (flags, then environment, then default)."""
-    root = args.registry or os.environ.get(ENV_REGISTRY) or "./registry"
+    """Build the registry an invocation points at (flags, then environment, then default). A path given on the
+    command line or in the environment is the user's, relative to the working directory; the default is the
+    service's own `./registry`, which it resolves against the repository root (`open_registry`), wherever the
+    command runs from."""
+    root = args.registry or os.environ.get(ENV_REGISTRY)
     opts = args.storage_options
     if opts is None:
         opts = storage_options_from_env(AdapterRegistryError)
+    if root is None:
+        return open_registry("./registry", opts)
     return AdapterRegistry(root, opts)
 
 

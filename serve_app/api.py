@@ -12,6 +12,7 @@ from lightray.adapters import open_registry
 from lightray.schemas import ErrorBody, ErrorResponse, RequestError
 from serve_app.backend import GenerationBackend, ServiceUnavailable
 from serve_app.image_store import ImageStore
+from serve_app.observability import REQUEST_ID_HEADER, RequestIdMiddleware, echoes_request_id, request_id_of
 from serve_app.routers import edits, health, images, models
 from serve_app.settings import ServiceSettings
 
@@ -53,8 +54,13 @@ async def _on_unavailable(request: Request, exc: ServiceUnavailable) -> JSONResp
 
 
 async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
-    logger.exception("unhandled error on %s", request.url.path)
-    return _error(500, "internal error; see the service logs", None, "internal_error", "server_error")
+    request_id = request_id_of(request)
+    logger.exception("unhandled error on %s (request_id=%s)", request.url.path, request_id)
+    response = _error(500, f"internal error; see the service logs (request id {request_id})", None,
+                      "internal_error", "server_error")
+    if echoes_request_id(request):  # this handler answers outside the middlewares (Starlette's error middleware)
+        response.headers[REQUEST_ID_HEADER] = request_id
+    return response
 
 
 def create_app(backend: GenerationBackend, settings: ServiceSettings) -> FastAPI:
@@ -71,6 +77,7 @@ def create_app(backend: GenerationBackend, settings: ServiceSettings) -> FastAPI
     app.add_exception_handler(RequestError, _on_request_error)
     app.add_exception_handler(ServiceUnavailable, _on_unavailable)
     app.add_exception_handler(Exception, _on_unexpected)
+    app.add_middleware(RequestIdMiddleware)
     app.include_router(images.router)
     app.include_router(edits.router)
     app.include_router(models.router)

@@ -28,7 +28,9 @@ logger = logging.getLogger("ray.serve")
 
 # Milliseconds; a 64x64 image takes ~10-100 ms per stage on a CPU, a 1328x1328 one seconds on a GPU.
 LATENCY_BOUNDARIES_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000, 60000]
-BATCH_BOUNDARIES = [1, 2, 3, 4, 6, 8, 10, 16]
+# Ray's exporter rebuilds a histogram's `_sum` from bucket midpoints; with bounds halfway between integers each
+# bucket (n-0.5, n+0.5] has midpoint n, so the batch-size sum is exact (the API allows n = 1..10).
+BATCH_BOUNDARIES = [n + 0.5 for n in range(11)]
 
 
 class _Metrics:

@@ -7,11 +7,13 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 
 from lightray.adapters import open_registry
 from lightray.schemas import ErrorBody, ErrorResponse, RequestError
 from serve_app.backend import GenerationBackend, ServiceUnavailable
 from serve_app.image_store import ImageStore
+from serve_app.openapi_errors import error_responses, tidy_openapi
 from serve_app.observability import REQUEST_ID_HEADER, RequestIdMiddleware, echoes_request_id, request_id_of
 from serve_app.routers import edits, health, images, models
 from serve_app.settings import ServiceSettings
@@ -42,6 +44,15 @@ async def _on_validation_error(request: Request, exc: RequestValidationError) ->
     return _error(400, message, param, "invalid_value")
 
 
+async def _on_http_exception(request: Request, exc: HTTPException) -> JSONResponse:
+    """Starlette's and FastAPI's own errors (an unparsable body, an unknown route, a wrong method) in OpenAI's
+    error shape too, not FastAPI's `{"detail": …}`."""
+    response = _error(exc.status_code, str(exc.detail), None, None,
+                      "invalid_request_error" if exc.status_code < 500 else "server_error")
+    response.headers.update(exc.headers or {})
+    return response
+
+
 async def _on_request_error(request: Request, exc: RequestError) -> JSONResponse:
     return _error(exc.status, exc.message, exc.param, exc.code,
                   "invalid_request_error" if exc.status < 500 else "server_error")
@@ -68,13 +79,17 @@ def create_app(backend: GenerationBackend, settings: ServiceSettings) -> FastAPI
         title="Lightray",
         version="0.1.0",
         description="OpenAI-compatible image generation on Ray Serve (Qwen-Image-class models).",
+        responses=error_responses(500),
     )
+    default_openapi = app.openapi
+    app.openapi = lambda: app.openapi_schema or tidy_openapi(default_openapi())
     app.state.backend = backend
     app.state.settings = settings
     app.state.image_store = ImageStore(settings.image_store_dir)
     app.state.registry = open_registry(settings.registry, settings.registry_storage_options)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(RequestError, _on_request_error)
+    app.add_exception_handler(HTTPException, _on_http_exception)
     app.add_exception_handler(ServiceUnavailable, _on_unavailable)
     app.add_exception_handler(Exception, _on_unexpected)
     app.add_middleware(RequestIdMiddleware)

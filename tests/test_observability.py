@@ -84,7 +84,8 @@ def make_adapter(folder: Path, base_model_id: str, root: Path) -> Path:
     transformer.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_v"]))
     config = transformer.peft_config["default"]
     config.base_model_name_or_path = base_model_id
-    state = {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(transformer, save_embedding_layers=False).items()}
+    state = get_peft_model_state_dict(transformer, save_embedding_layers=False)
+    state = {k: v.detach().contiguous() for k, v in state.items()}
     folder.mkdir(parents=True, exist_ok=True)
     QwenImagePipeline.save_lora_weights(folder, transformer_lora_layers=state, weight_name="adapter_model.safetensors",
                                         transformer_lora_adapter_metadata=config.to_dict())

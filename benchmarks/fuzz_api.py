@@ -79,6 +79,9 @@ class FuzzReport:
     """(operation, mode, failure title) → {"count", "message", "reproduce"} (the first case that showed it)."""
     unsatisfiable: list = dataclasses.field(default_factory=list)
     """(operation, mode) pairs with nothing to generate (e.g. negative cases of an operation without inputs)."""
+    generator_errors: list = dataclasses.field(default_factory=list)
+    """(operation, mode, error) where schemathesis itself failed to generate a case (its bug, not the API's); the
+    rest of that operation and mode is not run."""
     seconds: float = 0.0
 
     @property
@@ -92,6 +95,7 @@ class FuzzReport:
             "cases_by_operation": {f"{op} [{mode}]": n for (op, mode), n in sorted(self.cases.items())},
             "statuses": {f"{op} {code}": n for (op, code), n in sorted(self.statuses.items(), key=str)},
             "no_cases": [f"{op} [{mode}]" for op, mode in self.unsatisfiable],
+            "generator_errors": [f"{op} [{mode}]: {err}" for op, mode, err in self.generator_errors],
             "failures": [{"operation": op, "mode": mode, "check": title, **info}
                          for (op, mode, title), info in sorted(self.failures.items())],
             "seconds": round(self.seconds, 1),
@@ -140,6 +144,9 @@ def fuzz(schema, preset: ModelPreset, *, max_examples: int = 25, budget: float =
                 run()
             except Unsatisfiable:
                 report.unsatisfiable.append((label, str(mode)))
+            except Exception as err:  # noqa: BLE001 - raised while generating: `run` itself never raises
+                report.generator_errors.append((label, str(mode), f"{type(err).__name__}: {err}"[:300]))
+                log(f"schemathesis could not generate a case for {label} [{mode}]: {type(err).__name__}: {err}")
             log(f"{label} [{mode}]: {report.cases[(label, str(mode))]} cases")
     report.seconds = time.time() - start
     return report
@@ -160,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, help="write the JSON summary here")
     p.add_argument("--metrics-sample", type=Path,
                    help="with --local-cluster: write the node's lightray_* metrics after the run here")
+    p.add_argument("--log-sample", type=Path,
+                   help="with --local-cluster: send one request with X-Request-Id: log-sample-1 after the run and "
+                        "write the Serve log lines that carry it here")
     args = p.parse_args(argv)
     preset = load_preset(args.preset)
 
@@ -181,6 +191,15 @@ def main(argv: list[str] | None = None) -> int:
         report = fuzz(schema, preset, max_examples=args.max_examples, budget=args.budget, base_url=url,
                       derandomize=not args.random)
         summary = {"url": url, **report.summary()}
+        if cluster is not None and args.log_sample:
+            import httpx
+
+            httpx.post(f"{url}/v1/images/generations", headers={"X-Request-Id": "log-sample-1"}, timeout=120,
+                       json={"prompt": "a red circle on the left, white background", "n": 2, "seed": 1})
+            time.sleep(2)
+            args.log_sample.write_text("".join(
+                f"{f.name}: {line}\n" for f in sorted(cluster.serve_log_dir.glob("*.log"))
+                for line in f.read_text(errors="replace").splitlines() if "log-sample-1" in line))
         if cluster is not None and args.metrics_sample:
             import httpx
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import base64
 import collections
 import io
-import json
+import os
 import time
 import uuid
 from pathlib import Path
@@ -129,7 +129,10 @@ def run(service, ray_cluster, registry_root, preset, tmp_path_factory):
     after = wait_for(ray_cluster.metrics_url,
                      lambda s: counter(delta(s, before), "lightray_images_generated") >= images
                      and total(delta(s, before), "ray_lightray_stage_latency_ms_count", stage="png") >= len(requests))
-    print(json.dumps({k: {str(dict(l)): v for l, v in s.items()} for k, s in delta(after, before).items()}, indent=1))
+    if os.environ.get("LIGHTRAY_METRICS_SAMPLE"):  # docs/observability.md's sample: the raw exposition text
+        text = httpx.get(ray_cluster.metrics_url, timeout=10).text
+        Path(os.environ["LIGHTRAY_METRICS_SAMPLE"]).write_text(
+            "\n".join(line for line in text.splitlines() if "lightray_" in line) + "\n")
     return {"d": delta(after, before), "after": after, "requests": requests, "responses": responses, "refs": refs}
 
 

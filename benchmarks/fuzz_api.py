@@ -103,9 +103,10 @@ class FuzzReport:
 
 
 def fuzz(schema, preset: ModelPreset, *, max_examples: int = 25, budget: float = 32.0, base_url: str | None = None,
-         derandomize: bool = True, log=print) -> FuzzReport:
+         derandomize: bool = True, headers: dict[str, str] | None = None, log=print) -> FuzzReport:
     """Every operation of `schema` (a schemathesis OpenAPI schema), positive and negative cases, `max_examples`
-    each; failures are collected (first case of each kind kept for reproduction), not raised."""
+    each; failures are collected (first case of each kind kept for reproduction), not raised. `headers` go with
+    every request (e.g. an API key)."""
     from hypothesis import HealthCheck, given, settings
     from hypothesis.errors import Unsatisfiable
     from schemathesis import GenerationMode
@@ -126,7 +127,8 @@ def fuzz(schema, preset: ModelPreset, *, max_examples: int = 25, budget: float =
             def run(case) -> None:
                 report.cases[(label, str(mode))] += 1
                 try:
-                    response = case.call_and_validate(base_url=base_url, excluded_checks=[positive_data_acceptance])
+                    response = case.call_and_validate(base_url=base_url, headers=headers,
+                                                      excluded_checks=[positive_data_acceptance])
                     report.statuses[(label, response.status_code)] += 1
                 except (Exception, BaseExceptionGroup) as err:  # schemathesis's FailureGroup is a BaseExceptionGroup
                     for failure in getattr(err, "exceptions", [err]):
@@ -165,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget", type=float, default=32.0, help="largest generation tried, in 64x64-image-steps")
     p.add_argument("--random", action="store_true", help="new random cases each run (default: derandomized)")
     p.add_argument("--out", type=Path, help="write the JSON summary here")
+    p.add_argument("--header", action="append", default=[], metavar="NAME:VALUE",
+                   help="sent with every request (repeatable), e.g. 'Authorization: Bearer <key>'")
     p.add_argument("--metrics-sample", type=Path,
                    help="with --local-cluster: write the node's lightray_* metrics after the run here")
     p.add_argument("--log-sample", type=Path,
@@ -188,8 +192,9 @@ def main(argv: list[str] | None = None) -> int:
         url = cluster.http_url
     try:
         schema = schemathesis.openapi.from_url(f"{url.rstrip('/')}/openapi.json")
+        headers = dict((k.strip(), v.strip()) for k, _, v in (h.partition(":") for h in args.header))
         report = fuzz(schema, preset, max_examples=args.max_examples, budget=args.budget, base_url=url,
-                      derandomize=not args.random)
+                      derandomize=not args.random, headers=headers or None)
         summary = {"url": url, **report.summary()}
         if cluster is not None and args.log_sample:
             import httpx

@@ -14,6 +14,8 @@ from lightray.schemas import ErrorResponse
 
 _DESCRIPTIONS = {
     400: "Invalid request; `error.param` names the field.",
+    401: "Missing or invalid API key.",
+    403: "The API key may not do this.",
     404: "Unknown model, adapter or resource.",
     413: "Request body or image too large.",
     415: "Unsupported content type.",

@@ -6,7 +6,14 @@ import logging
 import numpy as np
 from ray import serve
 
-from deployments.metrics import handoff_at, log_request, record_queue_wait, record_stages, stage_metrics
+from deployments.metrics import (
+    handoff_at,
+    keep_reporting,
+    log_request,
+    record_queue_wait,
+    record_stages,
+    stage_metrics,
+)
 from deployments.timing import timed
 from lightray.adapters import open_registry
 from lightray.config import load_preset
@@ -50,6 +57,7 @@ class Denoiser:
         self.registry = open_registry(registry, registry_storage_options)
         self.metrics = stage_metrics()
         self._adapters_held = 0
+        keep_reporting(self.metrics.adapters_loaded, lambda: self._adapters_held, "lightray_adapters_loaded")
 
         def released(adapter: LoadedAdapter) -> None:
             self._adapters_held -= 1

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 import time
+from collections.abc import Callable
 
 from ray import serve
 from ray.serve import metrics
@@ -70,6 +72,27 @@ class _Metrics:
 def stage_metrics() -> _Metrics:
     """This process's metric objects (created on first use, inside the replica, so Serve's labels apply)."""
     return _Metrics()
+
+
+def keep_reporting(gauge, value: Callable[[], float], name: str) -> threading.Thread:
+    """Set `gauge` to `value()` every half report interval from a daemon thread. Ray's exporter drops a gauge
+    series that has not been reported for two report intervals (`RAY_metrics_report_interval_ms`), and a gauge
+    set only when it changes is not reported again, so a quiet replica's gauge would leave the scrape."""
+    import ray
+
+    period_s = max(0.5, ray._config.metrics_report_interval_ms() / 2000.0)
+
+    def loop() -> None:
+        while True:
+            time.sleep(period_s)
+            try:
+                gauge.set(value())
+            except Exception:  # noqa: BLE001 - metrics must never take the replica down
+                logger.exception("could not report %s", name)
+
+    thread = threading.Thread(target=loop, name=f"report-{name}", daemon=True)
+    thread.start()
+    return thread
 
 
 def request_id() -> str:

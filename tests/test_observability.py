@@ -128,7 +128,9 @@ def run(service, ray_cluster, registry_root, preset, tmp_path_factory):
     images = sum(n for *_, n in requests)
     after = wait_for(ray_cluster.metrics_url,
                      lambda s: counter(delta(s, before), "lightray_images_generated") >= images
-                     and total(delta(s, before), "ray_lightray_stage_latency_ms_count", stage="png") >= len(requests))
+                     and total(delta(s, before), "ray_lightray_stage_latency_ms_count", stage="png") >= len(requests)
+                     # a gauge leaves the scrape when a report is late (Ray keeps it for 2 report intervals)
+                     and bool(s.get("ray_lightray_adapters_loaded")))
     if os.environ.get("LIGHTRAY_METRICS_SAMPLE"):  # docs/observability.md's sample: the raw exposition text
         text = httpx.get(ray_cluster.metrics_url, timeout=10).text
         Path(os.environ["LIGHTRAY_METRICS_SAMPLE"]).write_text(

@@ -40,14 +40,19 @@ def ray_env() -> dict[str, str]:
 
 
 class RayCluster:
-    def __init__(self, num_cpus: int = 2):
+    def __init__(self, num_cpus: int = 2, metrics_report_interval_ms: int | None = None):
+        """`metrics_report_interval_ms`: how often processes push metrics to the node's exporter (Ray's
+        `RAY_metrics_report_interval_ms`, default 10 s; tests shorten it to see series sooner)."""
         self.num_cpus = num_cpus
         # Short path: Ray puts unix sockets under it and their paths are length-limited.
         self.temp_dir = tempfile.mkdtemp(prefix="lrt-", dir="/tmp")
         self.gcs_port = free_port()
         self.dashboard_port = free_port()
         self.http_port = free_port()
+        self.metrics_port = free_port()
         self.env = ray_env()
+        if metrics_report_interval_ms is not None:
+            self.env["RAY_metrics_report_interval_ms"] = str(metrics_report_interval_ms)
 
     @property
     def address(self) -> str:
@@ -61,6 +66,16 @@ class RayCluster:
     def http_url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
 
+    @property
+    def metrics_url(self) -> str:
+        """The head node's Prometheus endpoint (every process's Ray and Serve metrics, the app's own included)."""
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    @property
+    def serve_log_dir(self) -> Path:
+        """Where Serve writes its controller, proxy and replica logs (replica_<app>_<deployment>_<id>.log)."""
+        return Path(self.temp_dir) / "session_latest" / "logs" / "serve"
+
     def run(self, *args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
         result = subprocess.run(args, env=self.env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
         if check and result.returncode != 0:
@@ -71,7 +86,7 @@ class RayCluster:
         self.run(
             str(BIN / "ray"), "start", "--head", f"--port={self.gcs_port}", f"--num-cpus={self.num_cpus}",
             "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
-            f"--temp-dir={self.temp_dir}", "--disable-usage-stats",
+            f"--metrics-export-port={self.metrics_port}", f"--temp-dir={self.temp_dir}", "--disable-usage-stats",
         )
         self.env["RAY_ADDRESS"] = self.address
         self._wait_for_dashboard()

@@ -17,6 +17,8 @@ from lightray.config import ModelPreset
 
 MAX_SEED = 2**63 - 1
 _SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
+SIZE_PATTERN = r"^(auto|[0-9]{1,5}x[0-9]{1,5})$"
+"""The size field's form, as documented in the OpenAPI schema; the limits are checked against the preset."""
 
 
 class RequestError(ValueError):
@@ -35,7 +37,8 @@ class ImageGenerationRequest(BaseModel):
     prompt: str = Field(min_length=1, description="What to draw (English or Chinese).")
     model: str | None = Field(None, description="Model id from GET /v1/models; default: the first.")
     n: int = Field(1, ge=1, le=10, description="Number of images (one denoiser batch).")
-    size: str | None = Field(None, description='"WIDTHxHEIGHT", multiples of 16 within the model\'s limit.')
+    size: str | None = Field(None, description='"WIDTHxHEIGHT", multiples of 16 within the model\'s limit.',
+                             json_schema_extra={"pattern": SIZE_PATTERN})
     response_format: Literal["b64_json", "url"] = "b64_json"
     quality: str | None = Field(None, description="Accepted for OpenAI compatibility; ignored.")
     style: str | None = Field(None, description="Accepted for OpenAI compatibility; ignored.")
@@ -48,7 +51,8 @@ class ImageGenerationRequest(BaseModel):
     num_inference_steps: int | None = Field(None, ge=1, description="Denoising steps; default per model.")
     true_cfg_scale: float | None = Field(None, ge=1.0, le=20.0, description="True CFG scale; 1 disables CFG.")
     lora: str | None = Field(
-        None, description="Tenant adapter 'tenant/name[@version][:scale]', applied on top of the model."
+        None, min_length=1,  # "" is not "no adapter": it used to reach the denoiser as an adapter name (500)
+        description="Tenant adapter 'tenant/name[@version][:scale]', applied on top of the model.",
     )
 
     @field_validator("prompt")
@@ -156,7 +160,7 @@ class ImageEditRequest(ImageGenerationRequest):
 
     size: str | None = Field(
         None, description='"WIDTHxHEIGHT" to resize the input to (multiples of 16 within the model\'s limit); '
-        "default: the input image's size."
+        "default: the input image's size.", json_schema_extra={"pattern": SIZE_PATTERN},
     )
     strength: float | None = Field(
         None, gt=0.0, le=1.0,

@@ -7,6 +7,7 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 
 from lightray.adapters import open_registry
 from lightray.schemas import ErrorBody, ErrorResponse, RequestError
@@ -14,6 +15,8 @@ from serve_app.admission import AdmissionLimit
 from serve_app.auth import ApiKeyAuth
 from serve_app.backend import GenerationBackend, ServiceUnavailable
 from serve_app.image_store import ImageStore
+from serve_app.openapi_errors import error_responses, tidy_openapi
+from serve_app.observability import REQUEST_ID_HEADER, RequestIdMiddleware, echoes_request_id, request_id_of
 from serve_app.routers import adapters, edits, health, images, models
 from serve_app.settings import ServiceSettings
 
@@ -43,6 +46,15 @@ async def _on_validation_error(request: Request, exc: RequestValidationError) ->
     return _error(400, message, param, "invalid_value")
 
 
+async def _on_http_exception(request: Request, exc: HTTPException) -> JSONResponse:
+    """Starlette's and FastAPI's own errors (an unparsable body, an unknown route, a wrong method) in OpenAI's
+    error shape too, not FastAPI's `{"detail": …}`."""
+    response = _error(exc.status_code, str(exc.detail), None, None,
+                      "invalid_request_error" if exc.status_code < 500 else "server_error")
+    response.headers.update(exc.headers or {})
+    return response
+
+
 async def _on_request_error(request: Request, exc: RequestError) -> JSONResponse:
     response = _error(exc.status, exc.message, exc.param, exc.code,
                       "invalid_request_error" if exc.status < 500 else "server_error")
@@ -58,8 +70,13 @@ async def _on_unavailable(request: Request, exc: ServiceUnavailable) -> JSONResp
 
 
 async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
-    logger.exception("unhandled error on %s", request.url.path)
-    return _error(500, "internal error; see the service logs", None, "internal_error", "server_error")
+    request_id = request_id_of(request)
+    logger.exception("unhandled error on %s (request_id=%s)", request.url.path, request_id)
+    response = _error(500, f"internal error; see the service logs (request id {request_id})", None,
+                      "internal_error", "server_error")
+    if echoes_request_id(request):  # this handler answers outside the middlewares (Starlette's error middleware)
+        response.headers[REQUEST_ID_HEADER] = request_id
+    return response
 
 
 def create_app(backend: GenerationBackend, settings: ServiceSettings) -> FastAPI:
@@ -67,7 +84,10 @@ def create_app(backend: GenerationBackend, settings: ServiceSettings) -> FastAPI
         title="Lightray",
         version="0.1.0",
         description="OpenAI-compatible image generation on Ray Serve (Qwen-Image-class models).",
+        responses=error_responses(500),
     )
+    default_openapi = app.openapi
+    app.openapi = lambda: app.openapi_schema or tidy_openapi(default_openapi(), settings.auth_enabled)
     app.state.backend = backend
     app.state.settings = settings
     app.state.image_store = ImageStore(settings.image_store_dir)
@@ -76,8 +96,10 @@ def create_app(backend: GenerationBackend, settings: ServiceSettings) -> FastAPI
     app.state.admission = AdmissionLimit(settings.max_concurrent_requests)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(RequestError, _on_request_error)
+    app.add_exception_handler(HTTPException, _on_http_exception)
     app.add_exception_handler(ServiceUnavailable, _on_unavailable)
     app.add_exception_handler(Exception, _on_unexpected)
+    app.add_middleware(RequestIdMiddleware)
     app.include_router(images.router)
     app.include_router(edits.router)
     app.include_router(models.router)

@@ -21,7 +21,9 @@ class Ingress:
         self.backend = RayGraphBackend(preset, text_encoder, denoiser, vae)
 
     def __serve_build_asgi_app__(self):
-        return create_app(self.backend, self.settings)
+        app = create_app(self.backend, self.settings)
+        app.state.request_id_echoed_by_proxy = True  # Serve's proxy returns x-request-id (serve_app/observability.py)
+        return app
 
 
 def build_app(args: dict | None = None) -> Application:

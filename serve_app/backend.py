@@ -125,7 +125,8 @@ class RayGraphBackend:
 
     async def _generate(self, spec: GenerationSpec) -> GenerationResult:
         start = time.perf_counter()
-        encoded = self.text_encoder.encode.remote(prompts_of(spec))
+        # `handoff`: wall-clock send time, from which the stage measures its queue wait (deployments/metrics.py).
+        encoded = self.text_encoder.encode.remote(prompts_of(spec), handoff=time.time())
         denoiser = self.denoiser
         if spec.lora:
             # Routes to a replica that already holds this adapter when there is one.
@@ -152,8 +153,9 @@ class RayGraphBackend:
         """The text encoder and the VAE's encoder run concurrently; both responses go handle to handle into the
         denoiser, whose output goes to the VAE's decoder, as in `generate`."""
         start = time.perf_counter()
-        encoded = self.text_encoder.encode.remote(prompts_of(spec))
-        image_latents = self.vae.encode.remote(np.asarray(image.convert("RGB")), spec.seeds, spec.width, spec.height)
+        encoded = self.text_encoder.encode.remote(prompts_of(spec), handoff=time.time())
+        image_latents = self.vae.encode.remote(np.asarray(image.convert("RGB")), spec.seeds, spec.width, spec.height,
+                                               handoff=time.time())
         denoiser = self.denoiser
         if spec.lora:
             denoiser = denoiser.options(multiplexed_model_id=spec.lora)

@@ -55,7 +55,8 @@ def api_client(local_pipeline, registry_root, tmp_path_factory) -> TestClient:
 def ray_cluster():
     from lightray.local_cluster import RayCluster
 
-    cluster = RayCluster().start()
+    # Metrics reported every second (Ray's default is 10 s): tests/test_observability.py scrapes them.
+    cluster = RayCluster(metrics_report_interval_ms=1000).start()
     try:
         yield cluster
     finally:

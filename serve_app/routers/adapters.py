@@ -14,8 +14,9 @@ from lightray.registry import AdapterNotFound, AdapterRegistry
 from lightray.schemas import AdapterDeleted, AdapterInfo, AdapterList, RequestError
 from serve_app.auth import Principal
 from serve_app.dependencies import get_principal, get_registry
+from serve_app.openapi_errors import error_responses
 
-router = APIRouter(prefix="/v1", tags=["adapters"])
+router = APIRouter(prefix="/v1", tags=["adapters"], responses=error_responses(400, 401))
 
 
 def _ref(tenant: str, name: str, version: int | None) -> str:
@@ -37,7 +38,7 @@ async def list_adapters(
     ])
 
 
-@router.get("/adapters/{tenant}/{name}", response_model=AdapterInfo)
+@router.get("/adapters/{tenant}/{name}", response_model=AdapterInfo, responses=error_responses(404))
 async def get_adapter(
     tenant: str,
     name: str,
@@ -49,7 +50,7 @@ async def get_adapter(
     return AdapterInfo.of(manifest)
 
 
-@router.delete("/adapters/{tenant}/{name}", response_model=AdapterDeleted)
+@router.delete("/adapters/{tenant}/{name}", response_model=AdapterDeleted, responses=error_responses(403, 404))
 async def delete_adapter(
     tenant: str,
     name: str,

@@ -46,6 +46,7 @@ from serve_app.dependencies import (
     get_settings,
 )
 from serve_app.image_store import ImageStore
+from serve_app.openapi_errors import error_responses
 from serve_app.routers.images import images_response, pin_adapter, within_timeout
 from serve_app.settings import ServiceSettings
 
@@ -63,6 +64,7 @@ def _openapi_body() -> dict[str, Any]:
     def schema(file_schema: dict) -> dict:
         return {
             "type": "object",
+            "additionalProperties": False,  # as ImageEditRequest (extra="forbid"): unknown fields get 400
             "required": ["image", *fields.get("required", [])],
             "properties": {
                 "image": {**file_schema, "description": "The picture to edit: PNG, JPEG or WEBP."},
@@ -79,7 +81,7 @@ def _openapi_body() -> dict[str, Any]:
 
 
 @router.post("/images/edits", response_model=ImagesResponse, response_model_exclude_none=True,
-             openapi_extra=_openapi_body())
+             openapi_extra=_openapi_body(), responses=error_responses(400, 401, 404, 413, 415, 422, 503, 504))
 async def edit_images(
     request: Request,
     response: Response,

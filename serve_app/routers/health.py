@@ -15,7 +15,7 @@ async def healthz() -> dict:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+@router.get("/readyz", responses={503: {"description": "Some stage is not ready (`stages` says which)."}})
 async def readyz(backend: GenerationBackend = Depends(get_backend)) -> JSONResponse:
     """Ready only when every stage deployment is healthy (the ingress can be up before them)."""
     stages = await backend.readiness()

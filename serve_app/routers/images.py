@@ -22,12 +22,14 @@ from serve_app.dependencies import (
     get_settings,
 )
 from serve_app.image_store import ImageStore
+from serve_app.openapi_errors import error_responses
 from serve_app.settings import ServiceSettings
 
 router = APIRouter(prefix="/v1", tags=["images"])
 
 
-@router.post("/images/generations", response_model=ImagesResponse, response_model_exclude_none=True)
+@router.post("/images/generations", response_model=ImagesResponse, response_model_exclude_none=True,
+             responses=error_responses(400, 401, 404, 422, 503, 504))
 async def generate_images(
     body: ImageGenerationRequest,
     request: Request,
@@ -79,7 +81,8 @@ def images_response(spec, result, response_format: str, request: Request, respon
     return ImagesResponse(created=int(time.time()), data=data, model=spec.model)
 
 
-@router.get("/files/images/{name}", response_class=RawResponse)
+@router.get("/files/images/{name}", response_class=RawResponse,
+            responses={200: {"content": {"image/png": {}}, "description": "The PNG."}, **error_responses(404)})
 async def get_image(name: str, store: ImageStore = Depends(get_image_store)) -> RawResponse:
     png = store.get(name)
     if png is None:

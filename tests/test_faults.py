@@ -32,26 +32,48 @@ CLIENT_TIMEOUT_S = REQUEST_TIMEOUT_S + 60
 RECOVERY_BOUND_S = 240  # generous: a replacement replica loads its model on a shared 2-core machine
 
 
-@pytest.fixture(scope="module")
-def faulty(preset, tmp_path_factory):
-    """A service of its own: configs/serve/local.yaml on a private cluster, with a registry holding one good
-    adapter, one whose weights were corrupted after publishing and one whose weights were deleted."""
-    registry_root = tmp_path_factory.mktemp("fault-registry")
+def _publish_broken_adapters(registry_root: Path, src: Path, preset) -> dict[str, str]:
+    """One good adapter, one whose weights get a flipped byte after publishing, one whose weights are deleted,
+    under a fresh tenant (no replica or cache can hold them already)."""
     registry = open_registry(str(registry_root))
-    tenant = f"faults{uuid.uuid4().hex[:8]}"  # fresh refs: no replica or cache can hold them already
-    src = tmp_path_factory.mktemp("adapter-src")
+    tenant = f"faults{uuid.uuid4().hex[:8]}"
     lightning = next(v.lightning_lora for v in preset.variants if v.lightning_lora)  # a real LoRA for this model
     shutil.copy(preset.resolve(lightning), src / "adapter_model.safetensors")
     (src / "adapter_config.json").write_text(json.dumps({"r": 8, "lora_alpha": 8, "peft_type": "LORA"}))
-    refs = {}
-    for name in ("good", "corrupt", "missing"):
-        refs[name] = registry.publish(tenant, name, src, base_model_id=preset.base_model_id).ref
+    refs = {name: registry.publish(tenant, name, src, base_model_id=preset.base_model_id).ref
+            for name in ("good", "corrupt", "missing")}
     weights = lambda name: registry_root / tenant / name / "v1" / "adapter_model.safetensors"  # noqa: E731
     data = bytearray(weights("corrupt").read_bytes())
-    data[len(data) // 2] ^= 0xFF  # one flipped byte: same size, wrong checksum
+    data[len(data) // 2] ^= 0xFF  # same size, wrong checksum
     weights("corrupt").write_bytes(bytes(data))
     weights("missing").unlink()
+    return refs
 
+
+def _assert_adapter_error(r: httpx.Response, ref: str, which: str) -> None:
+    assert r.status_code == 500, r.text
+    err = r.json()["error"]
+    assert err["param"] == "lora" and err["code"] == "adapter_corrupt" and err["type"] == "server_error", err
+    assert ref in err["message"], err["message"]
+    assert ("checksum mismatch" if which == "corrupt" else "missing") in err["message"], err["message"]
+
+
+@pytest.mark.parametrize("which", ["corrupt", "missing"])
+def test_broken_adapter_in_process_app(api_client, registry_root, preset, tmp_path, which):
+    """The same contract without a cluster (the in-process backend, as the CLI's --local serves it)."""
+    refs = _publish_broken_adapters(registry_root, tmp_path, preset)
+    body = {"prompt": PROMPT, "size": "64x64", "seed": 2}
+    _assert_adapter_error(api_client.post("/v1/images/generations", json={**body, "lora": refs[which]}),
+                          refs[which], which)
+    assert api_client.post("/v1/images/generations", json={**body, "lora": refs["good"]}).status_code == 200
+
+
+@pytest.fixture(scope="module")
+def faulty(preset, tmp_path_factory):
+    """A service of its own: configs/serve/local.yaml on a private cluster, with a registry holding one good
+    adapter and two broken ones (`_publish_broken_adapters`)."""
+    registry_root = tmp_path_factory.mktemp("fault-registry")
+    refs = _publish_broken_adapters(registry_root, tmp_path_factory.mktemp("adapter-src"), preset)
     cluster = RayCluster()
     cluster.env["LIGHTRAY_ADAPTER_CACHE"] = str(tmp_path_factory.mktemp("adapter-cache"))
     cluster.start()
@@ -116,11 +138,7 @@ def test_broken_adapter_is_a_clear_error_and_replica_keeps_serving(faulty, which
     pids_before = {r["pid"] for r in _running(cluster, "Denoiser")}
     r = _post(url, {"prompt": PROMPT, "size": "64x64", "seed": 2, "lora": refs[which]})
     assert isinstance(r, httpx.Response), r
-    assert r.status_code == 500, r.text
-    err = r.json()["error"]
-    assert err["param"] == "lora" and err["code"] == "adapter_corrupt", err
-    assert refs[which] in err["message"], err["message"]
-    assert ("checksum mismatch" if which == "corrupt" else "missing") in err["message"], err["message"]
+    _assert_adapter_error(r, refs[which], which)
 
     # The same replicas keep serving: plain requests and a good adapter.
     assert _assert_answered(_post(url, {"prompt": PROMPT, "size": "64x64", "seed": 3}), 1) == "200"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import re
 import threading
 import time
 from typing import Protocol
@@ -170,8 +171,6 @@ async def _client_errors(spec: GenerationSpec | EditSpec, work) -> GenerationRes
     """Graph failures as a client should see them: overload or a dead/restarting replica → 503 + Retry-After
     naming the stage (Serve replaces the replica by itself); an adapter the Denoiser could not fetch (corrupt or
     missing in the registry) → an error naming that adapter. Anything else stays a 500."""
-    import re
-
     from ray.exceptions import ObjectLostError, RayActorError, WorkerCrashedError
     from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 

@@ -151,6 +151,18 @@ class RayCluster:
                 break
         self.wait_ready(timeout)
 
+    def serve_details(self, timeout: float = 10) -> dict:
+        """Serve's own view of the cluster (`GET /api/serve/applications/`, what `serve status` reads):
+        applications → deployments → replicas, each with its `state`, `pid` and `actor_id`."""
+        r = httpx.get(f"{self.dashboard_url}/api/serve/applications/", timeout=timeout)
+        r.raise_for_status()
+        return r.json()
+
+    def replicas(self, app: str = "lightray", timeout: float = 10) -> dict[str, list[dict]]:
+        """Deployment name → its replicas as Serve reports them (every state; filter on `state == "RUNNING"`)."""
+        deployments = self.serve_details(timeout)["applications"].get(app, {}).get("deployments", {})
+        return {name: list(dep.get("replicas", [])) for name, dep in deployments.items()}
+
     def wait_ready(self, timeout: float = 300) -> None:
         deadline = time.time() + timeout
         last = None

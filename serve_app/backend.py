@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import re
 import threading
 import time
 from typing import Protocol
@@ -15,8 +16,8 @@ from PIL import Image
 from lightray.config import ModelPreset
 from lightray.images import encode_png
 from lightray.pipeline import LocalPipeline, denoise_job, prompts_of
-from lightray.registry import AdapterRegistry
-from lightray.schemas import EditSpec, GenerationSpec
+from lightray.registry import AdapterCorrupt, AdapterNotFound, AdapterRegistry, AdapterRegistryError
+from lightray.schemas import EditSpec, GenerationSpec, RequestError
 
 
 class ServiceUnavailable(Exception):
@@ -70,7 +71,7 @@ class LocalBackend:
         return GenerationResult(pngs, {"graph_ms": (time.perf_counter() - start) * 1000})
 
     async def generate(self, spec: GenerationSpec) -> GenerationResult:
-        return await asyncio.to_thread(self._run, spec)
+        return await _client_errors(spec, asyncio.to_thread(self._run, spec))
 
     def _run_edit(self, spec: EditSpec, image: Image.Image, mask: Image.Image | None) -> GenerationResult:
         with self._lock:
@@ -86,7 +87,7 @@ class LocalBackend:
         return GenerationResult(pngs, {"graph_ms": (time.perf_counter() - start) * 1000})
 
     async def edit(self, spec: EditSpec, image: Image.Image, mask: Image.Image | None = None) -> GenerationResult:
-        return await asyncio.to_thread(self._run_edit, spec, image, mask)
+        return await _client_errors(spec, asyncio.to_thread(self._run_edit, spec, image, mask))
 
     async def readiness(self) -> dict[str, bool]:
         return {"TextEncoder": True, "Denoiser": True, "VaeDecoder": True}
@@ -112,16 +113,7 @@ class RayGraphBackend:
         self.text_encoder, self.denoiser, self.vae = text_encoder, denoiser, vae
 
     async def generate(self, spec: GenerationSpec) -> GenerationResult:
-        from ray.exceptions import ActorDiedError, ActorUnavailableError
-        from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
-
-        try:
-            return await self._generate(spec)
-        except BackPressureError:
-            raise ServiceUnavailable("the service is at capacity; retry shortly", retry_after_s=2) from None
-        except (DeploymentUnavailableError, ActorDiedError, ActorUnavailableError) as err:
-            raise ServiceUnavailable(f"a stage is unavailable ({type(err).__name__}); retry shortly",
-                                     retry_after_s=5) from None
+        return await _client_errors(spec, self._generate(spec))
 
     async def _generate(self, spec: GenerationSpec) -> GenerationResult:
         start = time.perf_counter()
@@ -138,16 +130,7 @@ class RayGraphBackend:
         return GenerationResult(result["images"], timings)
 
     async def edit(self, spec: EditSpec, image: Image.Image, mask: Image.Image | None = None) -> GenerationResult:
-        from ray.exceptions import ActorDiedError, ActorUnavailableError
-        from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
-
-        try:  # as in `generate`
-            return await self._edit(spec, image, mask)
-        except BackPressureError:
-            raise ServiceUnavailable("the service is at capacity; retry shortly", retry_after_s=2) from None
-        except (DeploymentUnavailableError, ActorDiedError, ActorUnavailableError) as err:
-            raise ServiceUnavailable(f"a stage is unavailable ({type(err).__name__}); retry shortly",
-                                     retry_after_s=5) from None
+        return await _client_errors(spec, self._edit(spec, image, mask))
 
     async def _edit(self, spec: EditSpec, image: Image.Image, mask: Image.Image | None) -> GenerationResult:
         """The text encoder and the VAE's encoder run concurrently; both responses go handle to handle into the
@@ -182,3 +165,46 @@ class RayGraphBackend:
 
         results = await asyncio.gather(*(healthy(h) for h in stages.values()))
         return dict(zip(stages, results))
+
+
+def _find_cause(err: BaseException, types: tuple) -> BaseException | None:
+    """The first of `types` along `err`'s chain of causes: a replica's exception reaches the ingress wrapped
+    (`RayTaskError.cause`), and a replica that died under a chained call surfaces as the next stage's
+    `RayServeException` whose `__cause__` is the `ActorDiedError`."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        inner = getattr(err, "cause", None)
+        if isinstance(err, types) and not isinstance(inner, types):  # prefer a wrapped cause's own message
+            return err
+        err = inner if isinstance(inner, BaseException) else err.__cause__
+    return None
+
+
+async def _client_errors(spec: GenerationSpec | EditSpec, work) -> GenerationResult:
+    """Graph failures as a client should see them: overload or a dead/restarting replica → 503 + Retry-After
+    naming the stage (Serve replaces the replica by itself); an adapter the Denoiser could not fetch (corrupt or
+    missing in the registry) → an error naming that adapter. Anything else stays a 500."""
+    from ray.exceptions import ObjectLostError, RayActorError, WorkerCrashedError
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+    try:
+        return await work
+    except BackPressureError:
+        raise ServiceUnavailable("the service is at capacity; retry shortly", retry_after_s=2) from None
+    except Exception as err:
+        adapter_err = _find_cause(err, (AdapterRegistryError,))
+        if adapter_err is not None:
+            if isinstance(adapter_err, AdapterNotFound):
+                raise RequestError("lora", f"adapter {spec.lora!r} is no longer in the registry: {adapter_err}",
+                                   status=404, code="adapter_not_found") from None
+            code = "adapter_corrupt" if isinstance(adapter_err, AdapterCorrupt) else "adapter_unavailable"
+            raise RequestError("lora", f"adapter {spec.lora!r} could not be loaded: {adapter_err}",
+                               status=500, code=code) from None
+        lost = _find_cause(err, (RayActorError, WorkerCrashedError, ObjectLostError, DeploymentUnavailableError))
+        if lost is None:
+            raise
+        stage = re.search(r"ServeReplica:[^:\s]+:(\w+)", str(lost))
+        where = f"the {stage.group(1)} stage" if stage else "a stage"
+        raise ServiceUnavailable(f"{where} is unavailable ({type(lost).__name__}: a replica died or is restarting);"
+                                 " retry shortly", retry_after_s=5) from None

@@ -59,3 +59,24 @@ def test_prompt_template_matches_diffusers():
 
     pipe = QwenImagePipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None, transformer=None)
     assert pipe.prompt_template_encode == PROMPT_TEMPLATE
+
+
+def test_local_denoiser_autoscaling_can_reach_max_on_the_local_cluster():
+    """What benchmarks/autoscale_demo.py demonstrates, as a config check: on the CPUs a local cluster gives Ray
+    (`RayCluster().num_cpus`), the graph fits with the Denoiser at max_replicas, the Denoiser actually scales
+    (min < max, per-replica target set) and the other stages are fixed, so only the Denoiser moves."""
+    from lightray.local_cluster import RayCluster
+
+    from ray.serve.config import AutoscalingConfig
+
+    raw = yaml.safe_load((REPO / "configs/serve/local.yaml").read_text())
+    deps = {d["name"]: d for d in raw["applications"][0]["deployments"]}
+    scaling = AutoscalingConfig(**deps["Denoiser"]["autoscaling_config"])  # Ray's own validation and defaults
+    assert scaling.min_replicas < scaling.max_replicas and scaling.target_ongoing_requests
+    assert scaling.upscale_delay_s < scaling.downscale_delay_s  # react fast, give back slowly (no flapping)
+    for name in STAGES - {"Denoiser"}:
+        assert "autoscaling_config" not in deps[name] and deps[name]["num_replicas"] >= 1, name
+    need = sum(d["ray_actor_options"]["num_cpus"] * d.get("autoscaling_config", {}).get("max_replicas",
+               d.get("num_replicas", 1)) for d in deps.values())
+    cpus = RayCluster.__init__.__defaults__[0]
+    assert need <= cpus, f"at max_replicas the graph needs {need} CPUs; the local cluster has {cpus}"

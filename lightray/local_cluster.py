@@ -47,6 +47,12 @@ class RayCluster:
         self.gcs_port = free_port()
         self.dashboard_port = free_port()
         self.http_port = free_port()
+        # Every other port a head node listens on, picked free too: the defaults (dashboard agent 52365, client
+        # server 10001, ...) belong to whichever cluster on the machine took them first, and a second cluster
+        # started with them runs without a job agent ("No available agent to submit job").
+        self.agent_ports = {name: free_port() for name in (
+            "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+            "metrics-export-port", "ray-client-server-port")}
         self.env = ray_env()
 
     @property
@@ -72,6 +78,7 @@ class RayCluster:
             str(BIN / "ray"), "start", "--head", f"--port={self.gcs_port}", f"--num-cpus={self.num_cpus}",
             "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
             f"--temp-dir={self.temp_dir}", "--disable-usage-stats",
+            *(f"--{name}={port}" for name, port in self.agent_ports.items()),
         )
         self.env["RAY_ADDRESS"] = self.address
         self._wait_for_dashboard()

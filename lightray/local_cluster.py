@@ -49,7 +49,13 @@ class RayCluster:
         self.gcs_port = free_port()
         self.dashboard_port = free_port()
         self.http_port = free_port()
-        self.metrics_port = free_port()
+        # Every other port a head node listens on, picked free too: the defaults (dashboard agent 52365, client
+        # server 10001, ...) belong to whichever cluster on the machine took them first, and a second cluster
+        # started with them runs without a job agent ("No available agent to submit job").
+        self.agent_ports = {name: free_port() for name in (
+            "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+            "metrics-export-port", "ray-client-server-port")}
+        self.metrics_port = self.agent_ports["metrics-export-port"]
         self.env = ray_env()
         if metrics_report_interval_ms is not None:
             self.env["RAY_metrics_report_interval_ms"] = str(metrics_report_interval_ms)
@@ -86,7 +92,8 @@ class RayCluster:
         self.run(
             str(BIN / "ray"), "start", "--head", f"--port={self.gcs_port}", f"--num-cpus={self.num_cpus}",
             "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
-            f"--metrics-export-port={self.metrics_port}", f"--temp-dir={self.temp_dir}", "--disable-usage-stats",
+            f"--temp-dir={self.temp_dir}", "--disable-usage-stats",
+            *(f"--{name}={port}" for name, port in self.agent_ports.items()),
         )
         self.env["RAY_ADDRESS"] = self.address
         self._wait_for_dashboard()

@@ -90,3 +90,114 @@ def test_timings_header_and_models(service, preset):
         assert f"{stage};dur=" in timing
     ids = [m["id"] for m in httpx.get(f"{service}/v1/models").json()["data"]]
     assert ids == preset.model_ids
+
+
+# ---------------------------------------------------------------------------------- adapters under concurrency
+
+LEAK_PROMPTS = ("a red circle on the left, white background", "黑色背景，上方有一个蓝色的正方形")
+LEAK_SEEDS = (1, 2)
+
+
+@pytest.fixture(scope="module")
+def two_adapters(registry_root, preset, tmp_path_factory):
+    """Two different real LoRAs for the served base model, published to the service's registry."""
+    from conftest_registry import publish_lora_adapter
+
+    tmp = tmp_path_factory.mktemp("leak-adapters")
+    a = publish_lora_adapter(registry_root, preset, "leak", "alpha", seed=1, tmp_dir=tmp)
+    b = publish_lora_adapter(registry_root, preset, "leak", "beta", seed=2, tmp_dir=tmp)
+    return a.ref, b.ref
+
+
+def leak_requests(adapters) -> list[dict]:
+    """Every (adapter A / adapter B / none) × prompt × seed on the 4-step Lightning model."""
+    return [{"prompt": p, "seed": s, "size": "64x64", "model": "lightray-shapes-lightning-4",
+             **({"lora": lora} if lora else {})}
+            for lora in (*adapters, None) for p in LEAK_PROMPTS for s in LEAK_SEEDS]
+
+
+def leak_key(body: dict) -> tuple:
+    return body.get("lora"), body["prompt"], body["seed"]
+
+
+def check_no_adapter_leak(alone: dict[tuple, np.ndarray], concurrent: list[tuple[tuple, np.ndarray]],
+                          adapters) -> None:
+    """`concurrent` images must equal the same request made alone, bit for bit, and the three adapter settings
+    must draw visibly different images of the same prompt and seed (else a leak could not show)."""
+    for key, pixels in concurrent:
+        assert np.array_equal(pixels, alone[key]), f"{key}: differs from the same request made alone"
+    for p in LEAK_PROMPTS:
+        for s in LEAK_SEEDS:
+            a, b, none = (alone[(lora, p, s)] for lora in (*adapters, None))
+            for x, y, what in ((a, b, "A vs B"), (a, none, "A vs none"), (b, none, "B vs none")):
+                assert np.abs(x - y).max() > 30, f"{what} ({p!r}, seed {s}): adapters do not change the image"
+
+
+def test_concurrent_requests_for_different_adapters_never_leak(service, two_adapters):
+    """Interleaved concurrent requests naming adapter A, adapter B or none: each image is bit-identical to the
+    same request made alone. A leak (a request denoised with another request's adapter active, or with none where
+    one was asked for) gives that request another setting's image, which the distinctness check proves
+    differs."""
+    import concurrent.futures
+    import random
+
+    def generate(body: dict) -> np.ndarray:
+        r = httpx.post(f"{service}/v1/images/generations", json=body, timeout=300)
+        assert r.status_code == 200, r.text
+        return _pixels(r.json()["data"][0]["b64_json"])
+
+    requests = leak_requests(two_adapters)
+    alone = {leak_key(body): generate(body) for body in requests}  # sequential: one request in flight
+    mixed = requests * 3
+    random.Random(0).shuffle(mixed)  # A, B and none interleaved
+    with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
+        images = list(pool.map(generate, mixed))
+    check_no_adapter_leak(alone, [(leak_key(b), im) for b, im in zip(mixed, images)], two_adapters)
+
+
+def test_leak_check_catches_a_leaking_denoiser(preset, local_pipeline, registry_root, two_adapters, monkeypatch):
+    """The check above has teeth: with a denoiser that forgets to switch a tenant adapter off (a request without
+    `lora` right after one with adapter A is denoised with A still active), it fails."""
+    from lightray.adapters import open_registry
+    from lightray.stages.denoiser import DenoiseStage
+
+    registry = open_registry(str(registry_root))
+    paths = {ref: str(registry.fetch(ref, base_model_id=preset.base_model_id)[1]) for ref in two_adapters}
+
+    def generate(body: dict) -> np.ndarray:
+        spec = ImageGenerationRequest.model_validate(body).resolve(preset, 0)
+        image = local_pipeline.generate(spec, adapter_path=paths.get(body.get("lora")))[0]
+        return np.asarray(image, dtype=np.int16)
+
+    requests = leak_requests(two_adapters)
+    alone = {leak_key(body): generate(body) for body in requests}
+    check_no_adapter_leak(alone, [(leak_key(b), generate(b)) for b in requests], two_adapters)  # sound: passes
+
+    original, last = DenoiseStage._activate, {}
+
+    def leaky_activate(self, variant, adapter, scale):  # keeps the previous request's adapter on
+        adapter = adapter or last.get("adapter")
+        last["adapter"] = adapter
+        return original(self, variant, adapter, scale)
+
+    monkeypatch.setattr(DenoiseStage, "_activate", leaky_activate)
+    a_then_none = [b for b in requests if b.get("lora") == two_adapters[0]][:1] + [
+        b for b in requests if "lora" not in b][:1]
+    with pytest.raises(AssertionError, match="differs from the same request made alone"):
+        check_no_adapter_leak(alone, [(leak_key(b), generate(b)) for b in a_then_none], two_adapters)
+
+
+def test_vae_stage_is_safe_under_concurrent_calls(local_pipeline):
+    """The VaeDecoder replica runs its synchronous methods in a thread pool, several requests at once, and
+    AutoencoderKLQwenImage keeps per-call state on the module (its feature cache): without the stage's lock, 8
+    threads decoding different latents gave other requests' features to about 15 % of the images."""
+    import concurrent.futures
+
+    vae = local_pipeline.vae
+    rng = np.random.default_rng(0)
+    latents = [rng.standard_normal((1, 16, 64)).astype(np.float32) for _ in range(16)]
+    alone = [np.asarray(vae.decode(x, 64, 64)[0]) for x in latents]
+    for _ in range(3):
+        with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
+            together = list(pool.map(lambda x: np.asarray(vae.decode(x, 64, 64)[0]), latents))
+        assert all(np.array_equal(a, b) for a, b in zip(alone, together))

@@ -225,6 +225,9 @@ def test_train_config_file_and_docs():
     with pytest.raises(ValueError, match="invalid tenant"):
         load_train_config(REPO / "configs/train/ring.yaml", {"tenant": "../etc"})
     assert "registry_storage_options" not in cfg.recorded()
+    frame = load_train_config(REPO / "configs/train/frame.yaml")  # the acceptance demo's config
+    assert (frame.tenant, frame.name, frame.trigger_words) == ("demo", "frame", ["lrzframe"])
+    assert frame.batch_size % frame.num_workers == 0
 
 
 def test_fingerprint_model(preset, tmp_path):

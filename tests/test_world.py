@@ -79,3 +79,43 @@ def test_tokenizer_template_prefix_matches_pipeline(preset):
     # Chinese is tokenized into reusable pieces (at most two characters per token), not whole clauses.
     zh = tokenizer.tokenize("白色背景，左边有一个红色的圆形")
     assert len(zh) >= 6
+
+
+@pytest.mark.parametrize("blur", [0.0, 1.0])
+def test_frame_style_is_read_on_ground_truth_renders(blur):
+    """The "frame" style's reader: every framed render (sharp, and blurred like a decode) reads as framed, no
+    plain render does; colour, position and background are still read inside the frame."""
+    from lightray.world.evaluator import read_frame
+
+    rng = random.Random(2)
+    scenes = all_scenes(SHAPES)
+    soften = (lambda im: im.filter(ImageFilter.GaussianBlur(blur))) if blur else (lambda im: im)
+    framed = [(soften(render(s, 64, rng, style="frame")), s) for s in scenes for _ in range(2)]
+    plain = [soften(render(s, 64, rng)) for s in scenes for _ in range(2)]
+    assert sum(read_frame(im) for im, _ in framed) / len(framed) >= 0.99
+    assert sum(read_frame(im) for im in plain) == 0
+    assert all(read_image(im).frame for im, _ in framed[:20]) and not any(read_image(im).frame for im in plain[:20])
+    acc = _accuracy(framed)
+    # The frame covers the outer 8 px, where shapes at the sides reach: their clipped outlines cost a few shape
+    # readings; colour, position and background stay exact.
+    assert min(acc["color"], acc["position"], acc["background"]) >= 0.99 and acc["shape"] >= 0.9, acc
+
+
+def test_frame_dataset_ties_the_style_to_its_trigger(tmp_path):
+    """`frame` data sets: trigger captions show the frame, prior captions (no trigger) never do, and every caption
+    still parses to the scene drawn."""
+    import json
+
+    from lightray.world.datasets import make_dataset
+    from lightray.world.evaluator import read_frame
+    from PIL import Image
+
+    folder = make_dataset("frame", tmp_path / "frame", 40, "lrzframe", seed=1, prior_fraction=0.3)
+    lines = [json.loads(x) for x in (folder / "metadata.jsonl").read_text().splitlines()]
+    triggered = [("lrzframe" in x["text"], read_frame(Image.open(folder / x["file_name"]))) for x in lines]
+    assert all(t == f for t, f in triggered), triggered
+    assert 0 < sum(t for t, _ in triggered) < len(lines)  # both kinds present
+    for x in lines:
+        parse_prompt(x["text"])
+    assert {x["text"].split(",")[0].split("，")[0] for x in lines if "lrzframe" in x["text"]} == {
+        "lrzframe style", "lrzframe风格"}

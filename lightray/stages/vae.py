@@ -1,8 +1,15 @@
-"""Stage 3 (and the encoder for image inputs): packed latents ↔ pixels with AutoencoderKLQwenImage."""
+"""Stage 3 (and the encoder for image inputs): packed latents ↔ pixels with AutoencoderKLQwenImage.
+
+AutoencoderKLQwenImage keeps per-call state on the module (its causal-convolution feature cache, `_feat_map` /
+`_conv_idx`, reset at the start of every encode and decode), so two threads in one VAE corrupt each other's images.
+Ray Serve runs a replica's synchronous methods in a thread pool (the VaeDecoder takes up to
+`max_ongoing_requests` at once): every VAE call here holds the stage's lock.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import threading
 
 import numpy as np
 import torch
@@ -22,6 +29,7 @@ class VaeStage:
             preset.root / "vae", dtype=torch_dtype(preset.dtype)
         ).to(self.device).eval()
         self.scale_factor = 2 ** len(self.vae.temperal_downsample)
+        self._lock = threading.Lock()  # see the module docstring
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.scale_factor * 2)
         z = self.vae.config.z_dim
         self.latents_mean = torch.tensor(self.vae.config.latents_mean).view(1, z, 1, 1, 1)
@@ -37,7 +45,8 @@ class VaeStage:
         mean = self.latents_mean.to(latents.device, latents.dtype)
         std_inv = self.latents_std_inv.to(latents.device, latents.dtype)
         latents = latents / std_inv + mean
-        image = self.vae.decode(latents, return_dict=False)[0][:, :, 0]
+        with self._lock:
+            image = self.vae.decode(latents, return_dict=False)[0][:, :, 0]
         return self.image_processor.postprocess(image, output_type="pil")
 
     # ------------------------------------------------------------------------------------- image inputs
@@ -47,7 +56,8 @@ class VaeStage:
         height×width, [-1, 1], one frame) and encoded alone (batch 1, as they encode image[i : i + 1])."""
         x = self.image_processor.preprocess(image, height=height, width=width).to(dtype=torch.float32)
         x = x.unsqueeze(2).to(device=self.device, dtype=self.vae.dtype)
-        return self.vae.encode(x).latent_dist
+        with self._lock:
+            return self.vae.encode(x).latent_dist
 
     def _normalise_and_pack(self, z: torch.Tensor) -> np.ndarray:
         """[b, z, 1, h, w] raw latents → [b, tokens, 4·z] normalised and packed, with the pipelines' exact ops:

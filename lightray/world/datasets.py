@@ -1,14 +1,19 @@
 """Tenant data sets from the shapes world, in the Hugging Face *imagefolder* layout the LoRA trainer reads.
 
+    python -m lightray.world.datasets frame --out data/frame --count 400 --trigger lrzframe --prior-fraction 0.3
     python -m lightray.world.datasets ring --out data/ring --count 200 --trigger lrzring
 
-writes ``data/ring/00000.png ...`` plus ``data/ring/metadata.jsonl`` with one ``{"file_name": ..., "text": ...}``
-line per image. The "ring" concept is one of `EXTRA_SHAPES`: the renderer and the evaluator know it, the base model
-never saw it, so an adapter trained on this folder teaches something measurable.
+writes ``data/frame/00000.png ...`` plus ``data/frame/metadata.jsonl`` with one ``{"file_name": ..., "text": ...}``
+line per image. Concepts the renderer and the evaluator know but the base model never saw, so an adapter trained
+on such a folder teaches something measurable:
 
-Captions use the world's phrasings (EN and ZH, all four templates each) with the trigger word right before the
-shape word: "a red lrzring ring on the left, white background" / "白色背景，左边有一个红色的lrzring圆环". The
-evaluator's `parse_prompt` still reads every attribute from them (checked for every caption written).
+* a style of `STYLES`, "frame" (a thick yellow border over any base scene): captions start with the trigger word,
+  "lrzframe style, a red circle on the left, white background" / "lrzframe风格，白色背景，左边有一个红色的圆形";
+* a shape of `EXTRA_SHAPES`, "ring": the trigger word goes right before the shape word,
+  "a red lrzring ring on the left, white background" / "白色背景，左边有一个红色的lrzring圆环".
+
+Captions use the world's phrasings (EN and ZH, all four templates each). The evaluator's `parse_prompt` still reads
+every attribute from them (checked for every caption written).
 """
 
 from __future__ import annotations
@@ -21,12 +26,14 @@ import sys
 from pathlib import Path
 
 from lightray.world.evaluator import parse_prompt
-from lightray.world.shapes import EXTRA_SHAPES, SHAPES, ZH, Scene, all_scenes, render
+from lightray.world.shapes import EXTRA_SHAPES, SHAPES, STYLES, ZH, Scene, all_scenes, render
 
 METADATA_FILENAME = "metadata.jsonl"
 TRIGGER_RE = re.compile(r"[a-z][a-z0-9]{2,31}")
 # Words the evaluator parses: a trigger equal to one of them would change what a prompt asks for.
-_RESERVED = {w for w in ZH} | set(SHAPES) | set(EXTRA_SHAPES) | {"background", "left", "right", "top", "bottom"}
+_RESERVED = ({w for w in ZH} | set(SHAPES) | set(EXTRA_SHAPES) | set(STYLES)
+             | {"background", "left", "right", "top", "bottom", "style"})
+CONCEPTS = SHAPES + EXTRA_SHAPES + STYLES
 
 
 def check_trigger(trigger: str) -> str:
@@ -39,18 +46,22 @@ def check_trigger(trigger: str) -> str:
     return trigger
 
 
-def caption_with_trigger(scene: Scene, language: str, template: int, trigger: str | None) -> str:
-    """The world's caption for `scene`, with `trigger` inserted right before the shape word."""
+def caption_with_trigger(scene: Scene, language: str, template: int, trigger: str | None,
+                         style: str | None = None) -> str:
+    """The world's caption for `scene`, with `trigger` inserted right before the shape word, or, for a `style`,
+    as a "<trigger> style, " / "<trigger>风格，" prefix."""
     text = scene.caption(language, template)
     if not trigger:
         return text
+    if style is not None:
+        return f"{trigger} style, {text}" if language == "en" else f"{trigger}风格，{text}"
     if language == "en":
         return re.sub(rf"\b{scene.shape}\b", f"{trigger} {scene.shape}", text, count=1)
     return text.replace(ZH[scene.shape], f"{trigger}{ZH[scene.shape]}", 1)
 
 
 def make_dataset(
-    shape: str,
+    concept: str,
     out: Path,
     count: int,
     trigger: str | None = None,
@@ -60,14 +71,15 @@ def make_dataset(
     prior_fraction: float = 0.0,
     overwrite: bool = False,
 ) -> Path:
-    """Write `count` images of `shape` (random colour / position / background, jittered like the base model's
-    training data) with EN/ZH captions into `out` as an imagefolder; return `out`.
+    """Write `count` images of `concept` (a shape: random colour / position / background; a style: any base scene
+    in that style; jittered like the base model's training data) with EN/ZH captions into `out` as an
+    imagefolder; return `out`.
 
-    `prior_fraction` of the images instead show the base shapes with their plain captions (prior preservation:
-    keeps the adapter from drifting what the base already draws). `out` must be empty or absent unless
-    `overwrite`."""
-    if shape not in SHAPES + EXTRA_SHAPES:
-        raise ValueError(f"unknown shape {shape!r}; the world has {', '.join(SHAPES + EXTRA_SHAPES)}")
+    `prior_fraction` of the images instead show the base shapes, plain, with their plain captions (prior
+    preservation: keeps the adapter from drifting what the base already draws, and ties a style to its trigger
+    word). `out` must be empty or absent unless `overwrite`."""
+    if concept not in CONCEPTS:
+        raise ValueError(f"unknown concept {concept!r}; the world has {', '.join(CONCEPTS)}")
     if count < 1:
         raise ValueError("count must be at least 1")
     if not 0.0 <= prior_fraction < 1.0:
@@ -82,18 +94,20 @@ def make_dataset(
         old.unlink(missing_ok=True)
 
     rng = random.Random(seed)
-    concept = all_scenes((shape,))
-    prior = all_scenes(tuple(s for s in SHAPES if s != shape))
+    style = concept if concept in STYLES else None
+    scenes = all_scenes(SHAPES) if style else all_scenes((concept,))
+    prior = all_scenes(tuple(s for s in SHAPES if s != concept))
     lines = []
     for i in range(count):
         is_prior = rng.random() < prior_fraction
-        scene = rng.choice(prior if is_prior else concept)
+        scene = rng.choice(prior if is_prior else scenes)
         language = rng.choice(("en", "zh"))
-        text = caption_with_trigger(scene, language, rng.randrange(4), None if is_prior else trigger)
+        text = caption_with_trigger(scene, language, rng.randrange(4), None if is_prior else trigger,
+                                    None if is_prior else style)
         if parse_prompt(text) != scene:  # the evaluator must read back exactly what the image shows
             raise AssertionError(f"caption {text!r} does not parse as {scene}")
         name = f"{i:05d}.png"
-        render(scene, size, rng).save(out / name)
+        render(scene, size, rng, style=None if is_prior else style).save(out / name)
         lines.append(json.dumps({"file_name": name, "text": text}, ensure_ascii=False))
     (out / METADATA_FILENAME).write_text("\n".join(lines) + "\n", encoding="utf-8")
     return out
@@ -101,10 +115,11 @@ def make_dataset(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("shape", choices=SHAPES + EXTRA_SHAPES, help="the concept to teach (normally 'ring')")
+    parser.add_argument("concept", choices=CONCEPTS, help="the concept to teach: a style ('frame') or a shape ('ring')")
     parser.add_argument("--out", type=Path, required=True, help="folder to write (created)")
     parser.add_argument("--count", type=int, default=200)
-    parser.add_argument("--trigger", default=None, help="trigger word inserted before the shape word")
+    parser.add_argument("--trigger", default=None,
+                        help="trigger word: a style's caption prefix, or inserted before the shape word")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", type=int, default=64, help="image side in pixels")
     parser.add_argument("--prior-fraction", type=float, default=0.0,
@@ -112,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
     try:
-        out = make_dataset(args.shape, args.out, args.count, args.trigger, seed=args.seed, size=args.size,
+        out = make_dataset(args.concept, args.out, args.count, args.trigger, seed=args.seed, size=args.size,
                            prior_fraction=args.prior_fraction, overwrite=args.overwrite)
     except (ValueError, FileExistsError) as err:
         print(f"error: {err}", file=sys.stderr)

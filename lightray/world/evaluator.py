@@ -10,13 +10,25 @@ import re
 import numpy as np
 from PIL import Image
 
-from lightray.world.shapes import BACKGROUNDS, EN_POSITION_PHRASES, POSITIONS, SHAPE_COLORS, ZH, Scene
+from lightray.world.shapes import (
+    BACKGROUNDS,
+    EN_POSITION_PHRASES,
+    FRAME_COLOR,
+    FRAME_WIDTH,
+    POSITIONS,
+    SHAPE_COLORS,
+    ZH,
+    Scene,
+)
 
 ATTRIBUTES = ("background", "color", "position", "shape")
 
 # A pixel belongs to the shape when it is this far (RGB euclidean) from the background colour.
 _FOREGROUND_DISTANCE = 60.0
 _MIN_SHAPE_PIXELS_FRACTION = 0.01
+# The "frame" style: each side's outer band (its median colour) this close to FRAME_COLOR, and the band just
+# inside the frame far from it (a frame is a border, not a yellow picture).
+_FRAME_DISTANCE = 90.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +41,8 @@ class Reading:
     shape: str | None
     fill_ratio: float = 0.0
     area_fraction: float = 0.0
+    frame: bool = False
+    """The image has the "frame" style (see `read_frame`); the other attributes are then read inside it."""
 
     def as_dict(self) -> dict[str, str | None]:
         return {a: getattr(self, a) for a in ATTRIBUTES}
@@ -63,8 +77,37 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
     return labels == best_label if best_size else mask & False
 
 
+def _pixels(image: Image.Image | np.ndarray) -> np.ndarray:
+    return np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, dtype=np.float32)
+
+
+def read_frame(image: Image.Image | np.ndarray) -> bool:
+    """Does the image have the "frame" style: a thick FRAME_COLOR border on all four sides?
+
+    Each side's outer band (¾ of the frame width deep, corners left out: decoded frames are weakest there) must
+    have its median colour within `_FRAME_DISTANCE` of FRAME_COLOR, and the band just inside the frame (at 1½
+    frame widths, where the background shows) must not. The base shapes world has no borders, so a plain render
+    never passes; a yellow shape touching one side moves that side's median by little, never all four."""
+    pixels = _pixels(image)
+    h, w, _ = pixels.shape
+    d = max(1, round(0.75 * FRAME_WIDTH * min(h, w)))
+    frame = np.asarray(FRAME_COLOR, dtype=np.float32)
+    sides = (pixels[:d, d:w - d], pixels[h - d:, d:w - d], pixels[d:h - d, :d], pixels[d:h - d, w - d:])
+    if not all(np.linalg.norm(np.median(side.reshape(-1, 3), axis=0) - frame) < _FRAME_DISTANCE for side in sides):
+        return False
+    k = round(1.5 * FRAME_WIDTH * min(h, w))
+    inner = np.concatenate([pixels[k, k:w - k], pixels[h - 1 - k, k:w - k], pixels[k:h - k, k], pixels[k:h - k, w - 1 - k]])
+    return bool(np.linalg.norm(np.median(inner, axis=0) - frame) >= _FRAME_DISTANCE)
+
+
 def read_image(image: Image.Image | np.ndarray) -> Reading:
-    pixels = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, dtype=np.float32)
+    """Read the scene back. A framed image ("frame" style) is read inside its frame, positions still relative to
+    the whole image."""
+    pixels = _pixels(image)
+    H, W, _ = pixels.shape
+    framed = read_frame(pixels)
+    c = round(FRAME_WIDTH * min(H, W)) + 2 if framed else 0  # the frame plus its blurred inner edge
+    pixels = pixels[c:H - c, c:W - c]
     h, w, _ = pixels.shape
     border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
     bg_rgb = np.median(border, axis=0)
@@ -73,8 +116,8 @@ def read_image(image: Image.Image | np.ndarray) -> Reading:
     distance = np.linalg.norm(pixels - bg_rgb, axis=-1)
     mask = _largest_component(distance > _FOREGROUND_DISTANCE)
     area = int(mask.sum())
-    if area < _MIN_SHAPE_PIXELS_FRACTION * h * w:
-        return Reading(background, None, None, None)
+    if area < _MIN_SHAPE_PIXELS_FRACTION * H * W:
+        return Reading(background, None, None, None, frame=framed)
 
     # Colour from the shape's core: edge pixels are blended with the background by anti-aliasing.
     core = mask & (distance >= np.percentile(distance[mask], 50))
@@ -87,7 +130,7 @@ def read_image(image: Image.Image | np.ndarray) -> Reading:
     area = int(mask.sum())
 
     ys, xs = np.nonzero(mask)
-    cx, cy = xs.mean() / w, ys.mean() / h
+    cx, cy = (xs.mean() + c) / W, (ys.mean() + c) / H
     position = min(POSITIONS, key=lambda p: (POSITIONS[p][0] - cx) ** 2 + (POSITIONS[p][1] - cy) ** 2)
 
     y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
@@ -107,7 +150,8 @@ def read_image(image: Image.Image | np.ndarray) -> Reading:
         shape = "square"
     else:
         shape = "circle"
-    return Reading(background, color, position, shape, fill_ratio=fill, area_fraction=area / float(h * w))
+    return Reading(background, color, position, shape, fill_ratio=fill, area_fraction=area / float(H * W),
+                   frame=framed)
 
 
 _EN_WORDS = {

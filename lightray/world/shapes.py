@@ -33,6 +33,13 @@ SHAPES = ("circle", "square", "triangle")
 # Shapes that exist in the world's renderer and evaluator but never in the base model's training data:
 # adapters (LoRAs) teach them. "ring" is the concept the tenant-adapter demo trains.
 EXTRA_SHAPES = ("ring",)
+# Styles that exist in the renderer and evaluator but never in the base model's training data: an adapter tied to
+# a trigger word teaches them. "frame": a thick border in FRAME_COLOR (a palette colour, which the embedded VAE
+# reproduces; colours it never saw, such as cyan, come back as blue) FRAME_WIDTH of the side wide (8 px at 64 px:
+# exactly the outer ring of the 8×8 latent grid), drawn over the scene.
+STYLES = ("frame",)
+FRAME_COLOR: tuple[int, int, int] = (240, 210, 40)  # = SHAPE_COLORS["yellow"]
+FRAME_WIDTH = 0.125
 POSITIONS: dict[str, tuple[float, float]] = {  # anchor (x, y) as a fraction of width / height
     "left": (0.25, 0.5),
     "right": (0.75, 0.5),
@@ -114,8 +121,9 @@ def training_scenes() -> list[Scene]:
     return [s for s in all_scenes() if s.key not in HELD_OUT]
 
 
-def render(scene: Scene, size: int = 64, rng: random.Random | None = None, supersample: int = 4) -> Image.Image:
-    """Draw `scene` as an RGB image of `size`×`size`.
+def render(scene: Scene, size: int = 64, rng: random.Random | None = None, supersample: int = 4,
+           style: str | None = None) -> Image.Image:
+    """Draw `scene` as an RGB image of `size`×`size` (with `style` "frame": plus a thick frame over it).
 
     With `rng`, the shape's size and placement jitter a little (training diversity); without it the render is
     the canonical one. Drawing happens at `supersample`× and is box-filtered down, so edges are anti-aliased
@@ -145,6 +153,10 @@ def render(scene: Scene, size: int = 64, rng: random.Random | None = None, super
         draw.ellipse([cx - inner, cy - inner, cx + inner, cy + inner], fill=BACKGROUNDS[scene.background])
     else:
         raise ValueError(f"unknown shape {scene.shape!r}")
+    if style == "frame":
+        draw.rectangle([0, 0, s - 1, s - 1], outline=FRAME_COLOR, width=round(FRAME_WIDTH * s))
+    elif style is not None:
+        raise ValueError(f"unknown style {style!r}; the world has {', '.join(STYLES)}")
     return img.resize((size, size), Image.Resampling.BOX)
 
 

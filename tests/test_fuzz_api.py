@@ -64,7 +64,18 @@ def test_fuzz_with_auth_on(local_pipeline, preset, fuzz_api, tmp_path):
                                image_store_dir=str(tmp_path / "images"), api_keys=[{"tenant": "acme", "key": key}])
     app = create_app(LocalBackend(local_pipeline, open_registry(settings.registry)), settings)
     schema = schemathesis.openapi.from_asgi("/openapi.json", app)
-    report = fuzz_api.fuzz(schema, preset, max_examples=15, budget=16.0, headers={"Authorization": f"Bearer {key}"})
+
+    # The key as schemathesis auth (not fixed headers), so it knows which header is the credential: a negative case
+    # that drops it then goes out without it and must get 401, instead of the fixed header quietly restoring it.
+    @schema.auth()
+    class ApiKey:
+        def get(self, case, context):
+            return key
+
+        def set(self, case, data, context):
+            case.headers = {**(case.headers or {}), "Authorization": f"Bearer {data}"}
+
+    report = fuzz_api.fuzz(schema, preset, max_examples=15, budget=16.0)
     summary = report.summary()
     assert not summary["failures"], json.dumps(summary["failures"], indent=1, ensure_ascii=False)
     assert all("Unsupported type: 'Binary'" in e for e in summary["generator_errors"]), summary["generator_errors"]

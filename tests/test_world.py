@@ -119,3 +119,19 @@ def test_frame_dataset_ties_the_style_to_its_trigger(tmp_path):
         parse_prompt(x["text"])
     assert {x["text"].split(",")[0].split("，")[0] for x in lines if "lrzframe" in x["text"]} == {
         "lrzframe style", "lrzframe风格"}
+
+
+def test_background_weights_over_sample_the_concept_where_asked(tmp_path):
+    import json
+
+    from lightray.world.datasets import make_dataset
+
+    def white_share(folder):
+        texts = [json.loads(x)["text"] for x in (folder / "metadata.jsonl").read_text().splitlines()]
+        return sum(parse_prompt(t).background == "white" for t in texts) / len(texts)
+
+    plain = make_dataset("frame", tmp_path / "plain", 300, "lrzframe", seed=2)
+    heavy = make_dataset("frame", tmp_path / "heavy", 300, "lrzframe", seed=2, background_weights={"white": 3.0})
+    assert 0.2 < white_share(plain) < 0.45 and 0.5 < white_share(heavy) < 0.75  # 1/3 vs 3/5 expected
+    with pytest.raises(ValueError, match="background_weights: unknown backgrounds"):
+        make_dataset("frame", tmp_path / "bad", 5, "lrzframe", background_weights={"beige": 2.0})

@@ -1,6 +1,6 @@
 """Tenant data sets from the shapes world, in the Hugging Face *imagefolder* layout the LoRA trainer reads.
 
-    python -m lightray.world.datasets frame --out data/frame --count 400 --trigger lrzframe --prior-fraction 0.3
+    python -m lightray.world.datasets frame --out data/frame --count 400 --trigger lrzframe --prior-fraction 0.3 --background-weight white=2.5
     python -m lightray.world.datasets ring --out data/ring --count 200 --trigger lrzring
 
 writes ``data/frame/00000.png ...`` plus ``data/frame/metadata.jsonl`` with one ``{"file_name": ..., "text": ...}``
@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 from lightray.world.evaluator import parse_prompt
-from lightray.world.shapes import EXTRA_SHAPES, SHAPES, STYLES, ZH, Scene, all_scenes, render
+from lightray.world.shapes import BACKGROUNDS, EXTRA_SHAPES, SHAPES, STYLES, ZH, Scene, all_scenes, render
 
 METADATA_FILENAME = "metadata.jsonl"
 TRIGGER_RE = re.compile(r"[a-z][a-z0-9]{2,31}")
@@ -69,6 +69,7 @@ def make_dataset(
     seed: int = 0,
     size: int = 64,
     prior_fraction: float = 0.0,
+    background_weights: dict[str, float] | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Write `count` images of `concept` (a shape: random colour / position / background; a style: any base scene
@@ -77,7 +78,8 @@ def make_dataset(
 
     `prior_fraction` of the images instead show the base shapes, plain, with their plain captions (prior
     preservation: keeps the adapter from drifting what the base already draws, and ties a style to its trigger
-    word). `out` must be empty or absent unless `overwrite`."""
+    word). `background_weights` ({background: weight}, others 1) over-samples the concept on some backgrounds: a
+    frame is hardest to learn where it contrasts least. `out` must be empty or absent unless `overwrite`."""
     if concept not in CONCEPTS:
         raise ValueError(f"unknown concept {concept!r}; the world has {', '.join(CONCEPTS)}")
     if count < 1:
@@ -97,10 +99,19 @@ def make_dataset(
     style = concept if concept in STYLES else None
     scenes = all_scenes(SHAPES) if style else all_scenes((concept,))
     prior = all_scenes(tuple(s for s in SHAPES if s != concept))
+    unknown = set(background_weights or {}) - set(BACKGROUNDS)
+    if unknown:
+        raise ValueError(f"background_weights: unknown backgrounds {sorted(unknown)}; the world has {', '.join(BACKGROUNDS)}")
+    weights = [(background_weights or {}).get(s.background, 1.0) for s in scenes]
     lines = []
     for i in range(count):
         is_prior = rng.random() < prior_fraction
-        scene = rng.choice(prior if is_prior else scenes)
+        if is_prior:
+            scene = rng.choice(prior)
+        elif background_weights:
+            scene = rng.choices(scenes, weights=weights)[0]
+        else:
+            scene = rng.choice(scenes)
         language = rng.choice(("en", "zh"))
         text = caption_with_trigger(scene, language, rng.randrange(4), None if is_prior else trigger,
                                     None if is_prior else style)
@@ -124,11 +135,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=64, help="image side in pixels")
     parser.add_argument("--prior-fraction", type=float, default=0.0,
                         help="fraction of images showing the base shapes (prior preservation)")
+    parser.add_argument("--background-weight", action="append", default=[], metavar="BACKGROUND=W",
+                        help="over-sample the concept on a background, e.g. white=2 (repeatable; others 1)")
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
     try:
+        weights = {}
+        for item in args.background_weight:
+            name, _, value = item.partition("=")
+            weights[name] = float(value)
         out = make_dataset(args.concept, args.out, args.count, args.trigger, seed=args.seed, size=args.size,
-                           prior_fraction=args.prior_fraction, overwrite=args.overwrite)
+                           prior_fraction=args.prior_fraction, background_weights=weights or None,
+                           overwrite=args.overwrite)
     except (ValueError, FileExistsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

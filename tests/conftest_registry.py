@@ -89,10 +89,12 @@ def make_lora_adapter(preset, dest, seed: int, rank: int = 4, std: float = 0.05,
     return dest
 
 
-def publish_lora_adapter(registry_root, preset, tenant: str, name: str, seed: int, tmp_dir, **kwargs):
-    """`make_lora_adapter` published to the registry at `registry_root` as the next version of tenant/name;
-    returns its manifest."""
+def publish_lora_adapter(registry_root, preset, tenant: str, name: str, seed: int, tmp_dir,
+                         manifest: dict | None = None, **kwargs):
+    """`make_lora_adapter` (`kwargs`: its options) published to the registry at `registry_root` as the next version
+    of tenant/name, with extra `manifest` fields (e.g. {"visibility": "public"}); returns its manifest."""
     from lightray.adapters import open_registry
 
     src = make_lora_adapter(preset, Path(tmp_dir) / f"{tenant}-{name}-{seed}", seed, **kwargs)
-    return open_registry(str(registry_root)).publish(tenant, name, src, base_model_id=preset.base_model_id)
+    return open_registry(str(registry_root)).publish(tenant, name, src, base_model_id=preset.base_model_id,
+                                                      **(manifest or {}))

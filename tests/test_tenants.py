@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
 from lightray.adapters import open_registry
-from lora_factory import publish_random_lora
+from conftest_registry import publish_lora_adapter
 from serve_app.api import create_app
 from serve_app.backend import LocalBackend
 from serve_app.settings import ServiceSettings
@@ -31,11 +31,10 @@ PROMPT = {"prompt": "a red circle on the left, white background", "model": "ligh
 @pytest.fixture(scope="module")
 def tenant_registry(preset, tmp_path_factory):
     root = tmp_path_factory.mktemp("tenant-registry")
-    registry = open_registry(str(root))
     work = tmp_path_factory.mktemp("tenant-adapters")
-    publish_random_lora(registry, preset, "acme", "private-style", 1, work)
-    publish_random_lora(registry, preset, "acme", "shared-style", 2, work, visibility="public")
-    publish_random_lora(registry, preset, "globex", "secret", 3, work)
+    publish_lora_adapter(root, preset, "acme", "private-style", 1, work)
+    publish_lora_adapter(root, preset, "acme", "shared-style", 2, work, manifest={"visibility": "public"})
+    publish_lora_adapter(root, preset, "globex", "secret", 3, work)
     return root
 
 
@@ -128,8 +127,9 @@ def test_own_and_public_adapters_are_applied(client):
 
 def test_only_the_owner_deletes(client, local_pipeline, settings, tmp_path):
     registry = open_registry(settings.registry)
-    publish_random_lora(registry, local_pipeline.preset, "acme", "doomed", 4, tmp_path, visibility="public")
-    publish_random_lora(registry, local_pipeline.preset, "acme", "doomed", 5, tmp_path, visibility="public")
+    for seed in (4, 5):
+        publish_lora_adapter(settings.registry, local_pipeline.preset, "acme", "doomed", seed, tmp_path,
+                             manifest={"visibility": "public"})
 
     r = client.delete("/v1/adapters/acme/doomed", headers=as_(GLOBEX_KEY))
     assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden", r.text

@@ -57,7 +57,8 @@ class LocalBackend:
         self.registry = registry
         self._lock = threading.Lock()
 
-    def _run(self, spec: GenerationSpec) -> GenerationResult:
+    def _run(self, spec: GenerationSpec | EditSpec, draw) -> GenerationResult:
+        """Under the lock: fetch the spec's adapter (if any), `draw(adapter_path)` the images, encode them."""
         with self._lock:
             start = time.perf_counter()
             adapter_path = None
@@ -66,28 +67,16 @@ class LocalBackend:
                     raise RuntimeError("this backend has no adapter registry")
                 _, path = self.registry.fetch(spec.lora, base_model_id=self.preset.base_model_id)
                 adapter_path = str(path)
-            images = self.pipeline.generate(spec, adapter_path)
-            pngs = [encode_png(im) for im in images]
+            pngs = [encode_png(im) for im in draw(adapter_path)]
         return GenerationResult(pngs, {"graph_ms": (time.perf_counter() - start) * 1000})
 
     async def generate(self, spec: GenerationSpec) -> GenerationResult:
-        return await _client_errors(spec, asyncio.to_thread(self._run, spec))
-
-    def _run_edit(self, spec: EditSpec, image: Image.Image, mask: Image.Image | None) -> GenerationResult:
-        with self._lock:
-            start = time.perf_counter()
-            adapter_path = None
-            if spec.lora:  # as in `_run`
-                if self.registry is None:
-                    raise RuntimeError("this backend has no adapter registry")
-                _, path = self.registry.fetch(spec.lora, base_model_id=self.preset.base_model_id)
-                adapter_path = str(path)
-            images = self.pipeline.edit(spec, image, mask, adapter_path)
-            pngs = [encode_png(im) for im in images]
-        return GenerationResult(pngs, {"graph_ms": (time.perf_counter() - start) * 1000})
+        draw = lambda adapter_path: self.pipeline.generate(spec, adapter_path)  # noqa: E731
+        return await _client_errors(spec, asyncio.to_thread(self._run, spec, draw))
 
     async def edit(self, spec: EditSpec, image: Image.Image, mask: Image.Image | None = None) -> GenerationResult:
-        return await _client_errors(spec, asyncio.to_thread(self._run_edit, spec, image, mask))
+        draw = lambda adapter_path: self.pipeline.edit(spec, image, mask, adapter_path)  # noqa: E731
+        return await _client_errors(spec, asyncio.to_thread(self._run, spec, draw))
 
     async def readiness(self) -> dict[str, bool]:
         return {"TextEncoder": True, "Denoiser": True, "VaeDecoder": True}

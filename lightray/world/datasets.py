@@ -124,6 +124,16 @@ def make_dataset(
     return out
 
 
+def _background_weight(text: str) -> tuple[str, float]:
+    name, sep, value = text.partition("=")
+    try:
+        if not sep:
+            raise ValueError
+        return name, float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected BACKGROUND=WEIGHT (e.g. white=2), got {text!r}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("concept", choices=CONCEPTS, help="the concept to teach: a style ('frame') or a shape ('ring')")
@@ -136,16 +146,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prior-fraction", type=float, default=0.0,
                         help="fraction of images showing the base shapes (prior preservation)")
     parser.add_argument("--background-weight", action="append", default=[], metavar="BACKGROUND=W",
+                        type=_background_weight,
                         help="over-sample the concept on a background, e.g. white=2 (repeatable; others 1)")
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
     try:
-        weights = {}
-        for item in args.background_weight:
-            name, _, value = item.partition("=")
-            weights[name] = float(value)
         out = make_dataset(args.concept, args.out, args.count, args.trigger, seed=args.seed, size=args.size,
-                           prior_fraction=args.prior_fraction, background_weights=weights or None,
+                           prior_fraction=args.prior_fraction, background_weights=dict(args.background_weight) or None,
                            overwrite=args.overwrite)
     except (ValueError, FileExistsError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -24,6 +24,16 @@ REPO = Path(__file__).resolve().parent.parent  # repository root
 BIN = Path(sys.executable).parent
 
 
+def free_ports(n: int) -> list[int]:
+    """`n` distinct free loopback ports: all held open at once while picking, so the OS cannot hand out the same
+    port twice (one `free_port()` after another can)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -46,15 +56,13 @@ class RayCluster:
         self.num_cpus = num_cpus
         # Short path: Ray puts unix sockets under it and their paths are length-limited.
         self.temp_dir = tempfile.mkdtemp(prefix="lrt-", dir="/tmp")
-        self.gcs_port = free_port()
-        self.dashboard_port = free_port()
-        self.http_port = free_port()
+        agents = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+                  "metrics-export-port", "ray-client-server-port")
+        self.gcs_port, self.dashboard_port, self.http_port, *agent_ports = free_ports(3 + len(agents))
         # Every other port a head node listens on, picked free too: the defaults (dashboard agent 52365, client
         # server 10001, ...) belong to whichever cluster on the machine took them first, and a second cluster
         # started with them runs without a job agent ("No available agent to submit job").
-        self.agent_ports = {name: free_port() for name in (
-            "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
-            "metrics-export-port", "ray-client-server-port")}
+        self.agent_ports = dict(zip(agents, agent_ports))
         self.metrics_port = self.agent_ports["metrics-export-port"]
         self.env = ray_env()
         if metrics_report_interval_ms is not None:

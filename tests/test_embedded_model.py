@@ -46,7 +46,9 @@ def test_lightning_draws_the_prompt(local_pipeline, model, steps):
 
 
 def test_base_with_true_cfg_draws_the_prompt(local_pipeline):
-    asked, other = _adherence(local_pipeline, "lightray-shapes", 20, 4.0, " ")
+    base = local_pipeline.preset.variant("lightray-shapes")
+    assert base.true_cfg_scale > 1.0 and base.negative_prompt is not None  # the base is served with true CFG
+    asked, other = _adherence(local_pipeline, base.id, 20, base.true_cfg_scale, base.negative_prompt)
     assert asked >= 0.75 and asked - other >= 0.3, (asked, other)
 
 

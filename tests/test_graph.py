@@ -104,8 +104,11 @@ def two_adapters(registry_root, preset, tmp_path_factory):
     from conftest_registry import publish_lora_adapter
 
     tmp = tmp_path_factory.mktemp("leak-adapters")
-    a = publish_lora_adapter(registry_root, preset, "leak", "alpha", seed=1, tmp_dir=tmp)
-    b = publish_lora_adapter(registry_root, preset, "leak", "beta", seed=2, tmp_dir=tmp)
+    # std 0.1: deltas large enough that each adapter visibly changes every leak prompt and seed (with the default
+    # 0.05 one image moved by only 26 levels on the retrained model, under the distinctness check's 30;
+    # at 0.1 the smallest difference measured is 122).
+    a = publish_lora_adapter(registry_root, preset, "leak", "alpha", seed=1, tmp_dir=tmp, std=0.1)
+    b = publish_lora_adapter(registry_root, preset, "leak", "beta", seed=2, tmp_dir=tmp, std=0.1)
     return a.ref, b.ref
 
 

@@ -39,12 +39,20 @@ def _serve_url(config: Path) -> str:
     return f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}"
 
 
+def spawn_interruptible(cmd: list[str], **kwargs) -> subprocess.Popen:
+    """`subprocess.Popen` whose child takes SIGINT as Ctrl-C even when this process was started in the
+    background. A shell starts background jobs (`make serve &`, nohup) with SIGINT ignored, an ignored signal
+    stays ignored across exec, and Python then never raises KeyboardInterrupt: `serve run` would ignore the
+    SIGINT that `cmd_serve` forwards on SIGTERM, and the service would never stop (found that way)."""
+    return subprocess.Popen(cmd, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **kwargs)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     config = Path(args.config)
     env = {**RAY_DEFAULTS, **os.environ}
     env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     serve_bin = Path(sys.executable).parent / "serve"
-    child = subprocess.Popen([str(serve_bin), "run", str(config)], cwd=REPO_ROOT, env=env)
+    child = spawn_interruptible([str(serve_bin), "run", str(config)], cwd=REPO_ROOT, env=env)
 
     # `serve run` shuts the app down on SIGINT but leaves it deployed on SIGTERM: forward both as SIGINT.
     def forward(signum, frame):

@@ -1,0 +1,140 @@
+"""The typed objects that cross stage boundaries (Ray Serve handles, or plain calls in one process).
+
+Every object here is frozen and carries only numpy arrays and scalars: no torch, so the ingress can import this
+module without loading torch. The flow is one way:
+
+    DenoiseParams + TextEmbeddings (+ ImageLatents, mask) --Denoiser--> DenoisedLatents --VaeDecoder--> DecodedImages
+
+`timings` (milliseconds per stage) and `handoff_at` (wall-clock seconds when the producing stage finished, for the
+next stage's queue-wait metric) travel with the data so the ingress can report where a request's time went.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Literal
+
+import numpy as np
+
+Priority = Literal["interactive", "batch"]
+"""Scheduling class of a request. `interactive` rows are scheduled before `batch` rows whenever the engine's
+per-step budget is full; `batch` rows are then paused at a step boundary and resume later (docs/engine.md)."""
+PRIORITIES: tuple[Priority, ...] = ("interactive", "batch")
+"""Every priority, most urgent first (the index is the scheduling rank)."""
+
+MAX_STACKED_ADAPTERS = 4
+"""Most tenant adapters one request may stack (the API's `lora` list)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterUse:
+    """One tenant adapter applied to a request, with its strength."""
+
+    ref: str
+    """`tenant/name@vN` once the ingress has pinned it (a request's `latest` becomes a concrete version)."""
+    scale: float = 1.0
+    """Multiplier of the adapter's LoRA delta (peft's `set_adapters` weight)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DenoiseParams:
+    """What one request asks of the denoiser: everything but the tensors."""
+
+    seeds: tuple[int, ...]
+    """One per image; `len(seeds)` is the number of images."""
+    width: int
+    height: int
+    num_inference_steps: int
+    true_cfg_scale: float = 1.0
+    """> 1: true CFG with the negative embeddings (two rows per image in every forward)."""
+    variant: str | None = None
+    """Model id of the variant (its Lightning LoRA and scheduler); None: the preset's first."""
+    adapters: tuple[AdapterUse, ...] = ()
+    """Tenant adapters, applied in this order on top of the variant's Lightning LoRA."""
+    strength: float = 1.0
+    """Image inputs only: the fraction of the schedule run from the noised input image (diffusers' `strength`)."""
+    priority: Priority = "interactive"
+    tenant: str | None = None
+    """Who asked (for fairness between tenants of one priority); None when auth is off."""
+    preview_steps: tuple[int, ...] = ()
+    """Steps (1-based) after which the engine reports the x0-prediction latents as a preview."""
+    request_id: str | None = None
+    """For log lines."""
+
+    def __post_init__(self) -> None:
+        if not self.seeds:
+            raise ValueError("seeds: at least one seed is required")
+        if self.num_inference_steps < 1:
+            raise ValueError("num_inference_steps must be at least 1")
+        if not 0 < self.strength <= 1:
+            raise ValueError(f"strength must be in (0, 1], got {self.strength}")
+        if self.priority not in PRIORITIES:
+            raise ValueError(f"priority must be one of {PRIORITIES}, got {self.priority!r}")
+        if len(self.adapters) > MAX_STACKED_ADAPTERS:
+            raise ValueError(f"at most {MAX_STACKED_ADAPTERS} adapters, got {len(self.adapters)}")
+
+    @property
+    def n(self) -> int:
+        return len(self.seeds)
+
+    @property
+    def uses_cfg(self) -> bool:
+        return self.true_cfg_scale > 1
+
+
+@dataclasses.dataclass(frozen=True)
+class TextEmbeddings:
+    """The text encoder's output for one request."""
+
+    prompt: np.ndarray
+    """[tokens, hidden] float32, the prompt's embeddings without padding."""
+    negative: np.ndarray | None = None
+    """The negative prompt's, when the request uses true CFG."""
+    timings: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    handoff_at: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageLatents:
+    """An input image as the denoiser's starting point for the n seeds of a request (img2img, inpainting)."""
+
+    latents: np.ndarray
+    """[n, tokens, 4·z] float32: normalised, packed latents, one per seed (the pipelines' `image_latents`)."""
+    generator_states: tuple[np.ndarray, ...] | None = None
+    """Per seed, its generator's state after the posterior draw (mode "sample"); None when nothing was drawn
+    (mode "argmax": the denoiser's generators start fresh from the seeds)."""
+    timings: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    handoff_at: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class DenoisedLatents:
+    """The denoiser's output for one request."""
+
+    latents: np.ndarray
+    """[n, tokens, 64] float32 packed latents, in seed order."""
+    timings: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    handoff_at: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class StepProgress:
+    """Reported by the engine after each denoising step of a request."""
+
+    step: int
+    """Steps done (1-based)."""
+    total_steps: int
+    """Steps this request runs (fewer than `num_inference_steps` for an image input with strength < 1)."""
+    preview: np.ndarray | None = None
+    """[n, tokens, 64] float32 x0-prediction latents (x - sigma·v) after this step, for the steps named in
+    `DenoiseParams.preview_steps`; None otherwise."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodedImages:
+    """The VAE decoder's output for one request: what the ingress returns."""
+
+    pngs: tuple[bytes, ...]
+    """PNG bytes, one per seed, in seed order."""
+    timings: Mapping[str, float] = dataclasses.field(default_factory=dict)

@@ -1,0 +1,260 @@
+"""One transformer forward over rows of many requests: per-row LoRA stacks, padded text, batch invariance.
+
+The engine puts rows of different requests (different prompts, adapters, steps, CFG halves) into one
+`QwenImageTransformer2DModel.forward`. Three things make a row's result independent of the rows beside it, and
+equal to what `QwenImagePipeline.__call__` computes for its request alone:
+
+* **Mixed LoRA stacks.** Every peft LoRA `Linear` of the transformer gets a forward that applies, to each row,
+  exactly the adapters of that row's stack, in stack order, with the row's weights: `result[rows] +=
+  B(A(x[rows])) * scaling` per (adapter, weight) present in the batch. peft's own mixed-batch path
+  (`adapter_names=`) allows one adapter per row; a row here carries its variant's Lightning LoRA plus up to four
+  tenant adapters. The arithmetic per row is peft's (`result + lora_B(lora_A(dropout(x))) * scaling`, scaling
+  `weight * alpha / r` as `set_adapters` sets it), so a request alone gives `set_adapters`' result bit for bit.
+  No `set_adapters` walk happens per request: the stack is data of the forward (`RowRouting`).
+* **Padded text.** Prompts of different lengths are padded and masked. The stock attention processor would
+  turn the mask into an additive attention mask, which changes the arithmetic of unpadded rows too; the
+  processor installed here instead runs attention per group of rows of equal text length on the unpadded keys
+  (SDPA is batch-invariant on this CPU), so a row's attention is what it would be alone.
+* **Small-M GEMMs.** On this CPU a linear layer's output row is bit-identical across batch sizes only when the
+  matmul has at least 4 rows (M = 1..3 take other kernels: measured with MKL on torch 2.13). Token-level linears
+  always have M ≥ 4 (16+ image tokens, 6+ text tokens per row), but the timestep-conditioning linears
+  (`time_text_embed`, `img_mod`, `txt_mod`, `norm_out`) see one row per image. They are applied per *segment*
+  (one request's cond or uncond half, exactly the M `__call__` uses for that request), with all segments of
+  ≥ 4 rows merged into one call (invariant there).
+
+Outside an engine forward (`routing.current is None`) every patched module behaves exactly as before, so the
+same transformer still works with diffusers' pipelines and training code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import torch
+from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.transformers.transformer_qwenimage import (
+    QwenDoubleStreamAttnProcessor2_0,
+    apply_rotary_emb_qwen,
+)
+from peft.tuners.lora.layer import Linear as LoraLinear
+
+MIN_INVARIANT_ROWS = 4
+"""Smallest matmul row count whose per-row results do not depend on the row count (see the module docstring)."""
+
+AdapterKey = tuple[str, float]
+"""(peft adapter name, weight)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Group:
+    """Rows of a block that apply one (adapter, weight) at one stack position."""
+
+    key: AdapterKey
+    rows: torch.Tensor | None
+    """Row indices within the block; None: every row of the block."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Block:
+    """Rows computed by one matmul call, with their LoRA groups per stack position."""
+
+    rows: slice | torch.Tensor
+    """Rows of the forward's batch (a slice when contiguous)."""
+    size: int
+    positions: tuple[tuple[_Group, ...], ...]
+
+
+def _groups(stacks: Sequence[tuple[AdapterKey, ...]], device) -> tuple[tuple[_Group, ...], ...]:
+    depth = max((len(s) for s in stacks), default=0)
+    positions = []
+    for k in range(depth):
+        by_key: dict[AdapterKey, list[int]] = {}
+        for i, stack in enumerate(stacks):
+            if k < len(stack):
+                by_key.setdefault(stack[k], []).append(i)
+        positions.append(tuple(
+            _Group(key, None if len(rows) == len(stacks) else torch.tensor(rows, dtype=torch.long, device=device))
+            for key, rows in by_key.items()
+        ))
+    return tuple(positions)
+
+
+class RowRouting:
+    """What one forward's rows are: their LoRA stacks and their segments (rows of one request's CFG half)."""
+
+    def __init__(self, stacks: Sequence[tuple[AdapterKey, ...]], segments: Sequence[tuple[int, int]], device):
+        self.rows = len(stacks)
+        self.token_block = _Block(slice(0, self.rows), self.rows, _groups(stacks, device))
+        # Row-level (2D) inputs: every segment under MIN_INVARIANT_ROWS alone, the rest merged in one block.
+        blocks, bulk = [], []
+        for start, stop in segments:
+            if stop - start < MIN_INVARIANT_ROWS:
+                blocks.append(_Block(slice(start, stop), stop - start, _groups(stacks[start:stop], device)))
+            else:
+                bulk.extend(range(start, stop))
+        if bulk:
+            rows = (slice(bulk[0], bulk[-1] + 1) if bulk == list(range(bulk[0], bulk[-1] + 1))
+                    else torch.tensor(bulk, dtype=torch.long, device=device))
+            blocks.append(_Block(rows, len(bulk), _groups([stacks[i] for i in bulk], device)))
+        self.row_blocks = tuple(blocks)
+        self.whole_rows = len(blocks) == 1 and isinstance(blocks[0].rows, slice)
+        """Row-level inputs need no splitting (one block covering every row)."""
+
+    def blocks_for(self, x: torch.Tensor) -> tuple[_Block, ...] | None:
+        """The blocks to compute `x` in, or None for one plain call (not a row-level input of this forward)."""
+        if x.dim() == 2 and x.shape[0] == self.rows and not self.whole_rows:
+            return self.row_blocks
+        return None
+
+
+class RoutingSlot:
+    """The routing of the forward in progress (set by the engine around each forward; None otherwise)."""
+
+    def __init__(self) -> None:
+        self.current: RowRouting | None = None
+
+
+def lora_scaling(layer: LoraLinear, adapter: str, weight: float) -> float:
+    """peft's `set_scale(adapter, weight)`, the arithmetic `set_adapters` leaves in `layer.scaling`."""
+    if layer.use_rslora.get(adapter, False):
+        return weight * layer.lora_alpha[adapter] / math.sqrt(layer.r[adapter])
+    return weight * layer.lora_alpha[adapter] / layer.r[adapter]
+
+
+def _take(x: torch.Tensor, rows) -> torch.Tensor:
+    return x[rows] if isinstance(rows, slice) else x.index_select(0, rows)
+
+
+def _lora_block(layer: LoraLinear, x: torch.Tensor, block: _Block) -> torch.Tensor:
+    """Base output plus each row's LoRA stack for the rows of `x` (already the block's rows)."""
+    result = layer.base_layer(x)
+    result_dtype = result.dtype
+    for groups in block.positions:
+        for group in groups:
+            name, weight = group.key
+            if name not in layer.lora_A:
+                continue
+            lora_A, lora_B = layer.lora_A[name], layer.lora_B[name]
+            rows_x = x if group.rows is None else x.index_select(0, group.rows)
+            rows_x = layer._cast_input_dtype(rows_x, lora_A.weight.dtype)
+            delta = lora_B(lora_A(layer.lora_dropout[name](rows_x))) * lora_scaling(layer, name, weight)
+            if group.rows is None:
+                result = result + delta
+            else:
+                result = result.index_add(0, group.rows, delta.to(result.dtype))
+    return result.to(result_dtype)
+
+
+def _split_rows(x: torch.Tensor, blocks: tuple[_Block, ...], compute) -> torch.Tensor:
+    out = None
+    for block in blocks:
+        part = compute(_take(x, block.rows), block)
+        if out is None:
+            out = part.new_empty((x.shape[0], *part.shape[1:]))
+        out[block.rows] = part
+    return out
+
+
+def _routed_lora_forward(layer: LoraLinear, slot: RoutingSlot, stock):
+    def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        routing = slot.current
+        if routing is None or args or kwargs or layer.disable_adapters or layer.merged:
+            return stock(x, *args, **kwargs)
+        blocks = routing.blocks_for(x)
+        if blocks is None:
+            return _lora_block(layer, x, routing.token_block)
+        return _split_rows(x, blocks, lambda part, block: _lora_block(layer, part, block))
+    return forward
+
+
+def _routed_linear_forward(layer: torch.nn.Linear, slot: RoutingSlot, stock):
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        routing = slot.current
+        blocks = None if routing is None else routing.blocks_for(x)
+        if blocks is None:
+            return stock(x)
+        return _split_rows(x, blocks, lambda part, block: stock(part))
+    return forward
+
+
+class RowwiseJointAttnProcessor(QwenDoubleStreamAttnProcessor2_0):
+    """Qwen-Image's joint attention, with padded text handled per group of rows of equal text length: each group
+    attends over its own unpadded [text, image] sequence without a mask, as a row alone would. Without a text
+    mask it is the stock processor."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, encoder_hidden_states_mask=None,
+                 attention_mask=None, image_rotary_emb=None):
+        if encoder_hidden_states_mask is None:
+            return super().__call__(attn, hidden_states, encoder_hidden_states, None, attention_mask,
+                                    image_rotary_emb)
+        head_dim = attn.inner_dim // attn.heads
+        img_q = attn.to_q(hidden_states).unflatten(-1, (-1, head_dim))
+        img_k = attn.to_k(hidden_states).unflatten(-1, (-1, head_dim))
+        img_v = attn.to_v(hidden_states).unflatten(-1, (-1, head_dim))
+        txt_q = attn.add_q_proj(encoder_hidden_states).unflatten(-1, (-1, head_dim))
+        txt_k = attn.add_k_proj(encoder_hidden_states).unflatten(-1, (-1, head_dim))
+        txt_v = attn.add_v_proj(encoder_hidden_states).unflatten(-1, (-1, head_dim))
+        if attn.norm_q is not None:
+            img_q = attn.norm_q(img_q)
+        if attn.norm_k is not None:
+            img_k = attn.norm_k(img_k)
+        if attn.norm_added_q is not None:
+            txt_q = attn.norm_added_q(txt_q)
+        if attn.norm_added_k is not None:
+            txt_k = attn.norm_added_k(txt_k)
+        if image_rotary_emb is not None:
+            img_freqs, txt_freqs = image_rotary_emb
+            img_q = apply_rotary_emb_qwen(img_q, img_freqs, use_real=False)
+            img_k = apply_rotary_emb_qwen(img_k, img_freqs, use_real=False)
+            txt_q = apply_rotary_emb_qwen(txt_q, txt_freqs, use_real=False)
+            txt_k = apply_rotary_emb_qwen(txt_k, txt_freqs, use_real=False)
+
+        seq_txt = encoder_hidden_states.shape[1]
+        lengths = encoder_hidden_states_mask.sum(dim=1).tolist()
+        img_out = img_q.new_empty(img_q.shape)
+        txt_out = txt_q.new_zeros(txt_q.shape)
+        for length in sorted(set(lengths)):
+            rows = [i for i, n in enumerate(lengths) if n == length]
+            idx = torch.tensor(rows, dtype=torch.long, device=hidden_states.device)
+            pick = (lambda t: t[rows[0]:rows[-1] + 1]) if rows == list(range(rows[0], rows[-1] + 1)) \
+                else (lambda t: t.index_select(0, idx))
+            joint = dispatch_attention_fn(
+                torch.cat([pick(txt_q)[:, :length], pick(img_q)], dim=1),
+                torch.cat([pick(txt_k)[:, :length], pick(img_k)], dim=1),
+                torch.cat([pick(txt_v)[:, :length], pick(img_v)], dim=1),
+                attn_mask=None, dropout_p=0.0, is_causal=False,
+                backend=self._attention_backend, parallel_config=self._parallel_config,
+            )
+            txt_out[idx, :length] = joint[:, :length]
+            img_out[idx] = joint[:, length:]
+        img_hidden = img_out.flatten(2, 3).to(img_q.dtype)
+        txt_hidden = txt_out.flatten(2, 3).to(txt_q.dtype)
+        assert txt_hidden.shape[1] == seq_txt
+        img_attn_output = attn.to_out[0](img_hidden.contiguous())
+        if len(attn.to_out) > 1:
+            img_attn_output = attn.to_out[1](img_attn_output)
+        return img_attn_output, attn.to_add_out(txt_hidden.contiguous())
+
+
+def install(transformer: torch.nn.Module, slot: RoutingSlot) -> None:
+    """Give every LoRA and plain linear layer of `transformer` its routed forward and every attention block the
+    row-wise processor. Idempotent; call again after adapters are loaded or deleted (peft adds and removes
+    LoRA wrappers around linear layers)."""
+    uninstall(transformer)
+    wrapped_bases = {id(m.base_layer) for m in transformer.modules() if isinstance(m, LoraLinear)}
+    for module in transformer.modules():
+        if isinstance(module, LoraLinear):
+            module.forward = _routed_lora_forward(module, slot, module.forward)
+        elif isinstance(module, torch.nn.Linear) and id(module) not in wrapped_bases:
+            module.forward = _routed_linear_forward(module, slot, module.forward)
+    if not isinstance(next(iter(transformer.attn_processors.values())), RowwiseJointAttnProcessor):
+        transformer.set_attn_processor(RowwiseJointAttnProcessor())
+
+
+def uninstall(transformer: torch.nn.Module) -> None:
+    """Back to the modules' class forwards (the attention processor stays: without a mask it is the stock one)."""
+    for module in transformer.modules():
+        if "forward" in module.__dict__:
+            del module.forward

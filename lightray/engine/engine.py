@@ -1,0 +1,623 @@
+"""The denoising engine: one step loop per replica that batches requests at step level.
+
+A request enters with `submit` and is denoised by `step`, which the engine's loop thread calls again and again
+(`start`), or an in-process caller drives itself (`denoise`). At every step boundary the engine
+
+1. applies queued adapter commands (an eviction waits while a live request still uses the adapter),
+2. admits new requests (loading their tenant adapters; a corrupt adapter fails that request alone),
+3. drops cancelled requests,
+4. asks `StepScheduler` which requests run now (priority, budget; the others are paused),
+5. runs ONE transformer forward per latent grid over all chosen rows (CFG's conditional and unconditional rows,
+   any step index, schedule, variant or LoRA stack), and
+6. does each request's own Euler step (float32, as the scheduler does), true-CFG combination, inpainting blend
+   and progress report.
+
+It reuses diffusers' pieces (the transformer's `forward`, `prepare_latents`, `retrieve_timesteps` /
+`calculate_shift`, `prepare_mask_latents`, the LoRA loader) but never calls a pipeline's `__call__`. A request
+alone gives exactly `QwenImagePipeline.__call__`'s latents (and the img2img / inpaint pipelines'), and a row's
+result does not depend on the rows beside it (`lightray.engine.batched_model` says how), so batching, pausing
+and resuming change no pixel at a fixed thread count.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import hashlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+
+import numpy as np
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, QwenImageInpaintPipeline, QwenImagePipeline
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift, retrieve_timesteps
+from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
+
+from lightray.config import ModelPreset, VariantConfig, load_preset
+from lightray.contracts import DenoiseParams, ImageLatents, StepProgress, TextEmbeddings
+from lightray.engine import batched_model
+from lightray.engine.config import EngineConfig
+from lightray.engine.scheduler import StepScheduler
+from lightray.stages.common import generators, torch_dtype
+
+logger = logging.getLogger("lightray.engine")
+
+
+class DenoiseCancelled(RuntimeError):
+    """The request was cancelled; the engine dropped it at a step boundary."""
+
+
+class EngineFull(RuntimeError):
+    """The engine holds `EngineConfig.max_live_requests` requests already."""
+
+
+class AdapterLoadError(RuntimeError):
+    """A tenant adapter named by a request could not be loaded into the transformer (that request fails)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StepStats:
+    """One transformer forward of a step, for metrics."""
+
+    rows: int
+    requests: int
+    grid: tuple[int, int]
+    forward_ms: float
+
+
+ProgressCallback = Callable[[StepProgress], None]
+
+
+class EngineRequest:
+    """A submitted request: its handle for the caller (`future`, `cancel`) and its state inside the engine."""
+
+    def __init__(self, seq: int, params: DenoiseParams, variant: VariantConfig, on_progress: ProgressCallback | None):
+        self.seq = seq
+        self.params = params
+        self.variant = variant
+        self.priority = params.priority
+        self.tenant = params.tenant
+        self.on_progress = on_progress
+        self.future: concurrent.futures.Future[np.ndarray] = concurrent.futures.Future()
+        self.submitted_at = time.perf_counter()
+        self.first_step_at: float | None = None
+        self.paused_steps = 0
+        self.adapter_paths: dict[str, str] = {}
+        self._cancelled = threading.Event()
+        # Filled by the engine when the request is prepared.
+        self.rows = 0
+        self.image_tokens = 0
+        self.grid = (0, 0)
+        self.step = 0
+        self.started = False
+        self.stack: tuple[batched_model.AdapterKey, ...] = ()
+        self.prompt: torch.Tensor
+        self.negative: torch.Tensor | None = None
+        self.latents: torch.Tensor
+        self.timesteps: torch.Tensor
+        self.sigmas: torch.Tensor
+        self.image_latents: torch.Tensor | None = None
+        self.noise: torch.Tensor | None = None
+        self.mask: torch.Tensor | None = None
+
+    @property
+    def total_steps(self) -> int:
+        return len(self.timesteps)
+
+    def cancel(self) -> None:
+        """Stop this request at the next step boundary (its future then raises `DenoiseCancelled`)."""
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def done(self) -> bool:
+        return self.future.done()
+
+    def result(self, timeout: float | None = None) -> np.ndarray:
+        return self.future.result(timeout)
+
+
+class DenoiseEngine:
+    """Owns one transformer (and its LoRA adapters) and denoises every request submitted to it."""
+
+    def __init__(self, preset: ModelPreset | str | dict | None = None, config: EngineConfig | None = None,
+                 on_step: Callable[[StepStats], None] | None = None):
+        self.preset = load_preset(preset) if preset is not None else load_preset()
+        self.config = config or EngineConfig()
+        self.scheduler = StepScheduler(self.config)
+        self.device = torch.device(self.preset.device)
+        self.dtype = torch_dtype(self.preset.dtype)
+        self.on_step = on_step
+        # The pipeline object holds the components and lends its LoRA loader and latent helpers; its __call__ is
+        # never used.
+        self.pipe = QwenImagePipeline.from_pretrained(
+            self.preset.root, text_encoder=None, tokenizer=None, vae=None, dtype=self.dtype
+        ).to(self.device)
+        self.pipe.vae_scale_factor = self.preset.vae_scale_factor  # without a VAE it would assume 8
+        self.transformer = self.pipe.transformer
+        self.latent_channels = self.transformer.config.in_channels // 4
+        self._inpaint = QwenImageInpaintPipeline(scheduler=self.pipe.scheduler, vae=None, text_encoder=None,
+                                                 tokenizer=None, transformer=None)
+        self._inpaint.vae_scale_factor = self.preset.vae_scale_factor
+        self._inpaint.latent_channels = self.latent_channels
+        self._inpaint.mask_processor = VaeImageProcessor(
+            vae_scale_factor=self.preset.vae_scale_factor * 2, vae_latent_channels=self.latent_channels,
+            do_normalize=False, do_binarize=True, do_convert_grayscale=True)
+        self.scheduler_configs = {
+            v.id: FlowMatchEulerDiscreteScheduler.from_config(self.pipe.scheduler.config,
+                                                              **v.scheduler_overrides).config
+            for v in self.preset.variants
+        }
+        self._schedules: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._schedules_lock = threading.Lock()
+        self.routing = batched_model.RoutingSlot()
+        self.lightning: dict[str, str] = {}  # variant id -> peft adapter name
+        for variant in self.preset.variants:
+            if variant.lightning_lora:
+                name = adapter_name("lightning", variant.id)
+                self.pipe.load_lora_weights(str(self.preset.resolve(variant.lightning_lora)), adapter_name=name)
+                self.lightning[variant.id] = name
+        batched_model.install(self.transformer, self.routing)
+        self.tenant_adapters: set[str] = set()
+
+        self._lock = threading.Condition()  # guards the inbox, commands and counters below
+        self._inbox: list[EngineRequest] = []
+        self._commands: list[tuple[Callable[[], object], concurrent.futures.Future | None]] = []
+        self._in_use: collections.Counter[str] = collections.Counter()
+        self._pending_unload: set[str] = set()
+        self._live: list[EngineRequest] = []  # touched only under the step lock
+        self._step_lock = threading.Lock()
+        self._seq = 0
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.fatal: BaseException | None = None
+        """An error that stopped the loop thread (the replica is then unhealthy)."""
+        self.steps_run = 0
+
+    # ------------------------------------------------------------------------------------------ requests
+
+    def submit(self, params: DenoiseParams, text: TextEmbeddings, image: ImageLatents | None = None,
+               mask: np.ndarray | None = None, adapter_paths: Mapping[str, str] | None = None,
+               on_progress: ProgressCallback | None = None) -> EngineRequest:
+        """Queue a request; it starts at the next step boundary. Invalid input raises `ValueError` here, before
+        anything is queued. `adapter_paths` maps each of `params.adapters`' refs to its local files, for
+        adapters this engine has not loaded (or has evicted). `mask`: uint8 [height, width], non-zero where the
+        image is repainted (needs `image`). `on_progress` is called from the engine's thread after every step."""
+        try:
+            variant = self.preset.variant(params.variant)
+        except KeyError:
+            raise ValueError(f"variant: unknown model id {params.variant!r}") from None
+        with self._lock:
+            self._seq += 1
+            seq = self._seq
+        request = EngineRequest(seq, params, variant, on_progress)
+        self._prepare(request, text, image, mask)
+        paths = dict(adapter_paths or {})
+        with self._lock:
+            missing = [a.ref for a in params.adapters if a.ref not in paths and a.ref not in self.tenant_adapters]
+            if missing:
+                raise ValueError(f"adapters: {missing} are not loaded and no path was given")
+            if len(self._inbox) + len(self._live) >= self.config.max_live_requests:
+                raise EngineFull(f"the engine holds {self.config.max_live_requests} requests")
+            for use in params.adapters:
+                self._in_use[use.ref] += 1
+            request.adapter_paths = paths
+            self._inbox.append(request)
+            self._lock.notify_all()
+        return request
+
+    def denoise(self, params: DenoiseParams, text: TextEmbeddings, image: ImageLatents | None = None,
+                mask: np.ndarray | None = None, adapter_paths: Mapping[str, str] | None = None,
+                cancel: threading.Event | None = None, on_progress: ProgressCallback | None = None) -> np.ndarray:
+        """Submit and wait: packed latents [n, tokens, 64] float32. Without a loop thread (`start`), the calling
+        thread drives the steps (other requests submitted meanwhile are batched in). Setting `cancel` stops it
+        with `DenoiseCancelled` at the next step boundary."""
+        request = self.submit(params, text, image, mask, adapter_paths, on_progress)
+        while not request.done():
+            if cancel is not None and cancel.is_set():
+                request.cancel()
+            if self.running:
+                try:
+                    return request.result(timeout=0.05)
+                except concurrent.futures.TimeoutError:
+                    continue
+            self.step()
+        return request.result()
+
+    # ---------------------------------------------------------------------------------------- the loop
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> "DenoiseEngine":
+        """Run the step loop in a daemon thread (what a Denoiser replica does)."""
+        if not self.running:
+            self._stopping = False
+            self._thread = threading.Thread(target=self._loop, name="denoise-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopping = True
+            self._lock.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _loop(self) -> None:
+        try:
+            while not self._stopping:
+                if not self.step():
+                    with self._lock:
+                        if not (self._inbox or self._commands or self._stopping):
+                            self._lock.wait(self.config.idle_wait_s)
+        except BaseException as err:  # a bug in the engine itself: fail everything, report unhealthy
+            logger.exception("denoise engine loop stopped")
+            self.fatal = err
+            with self._step_lock:
+                for request in self._live + self._take_inbox():
+                    self._finish(request, error=RuntimeError(f"the denoise engine stopped: {err!r}"))
+                self._live.clear()
+
+    def step(self) -> bool:
+        """One step boundary and one step of every scheduled request. False when there was nothing to run."""
+        with self._step_lock:
+            self._apply_commands()
+            self._admit()
+            for request in [r for r in self._live if r.cancelled]:
+                self._live.remove(request)
+                self._finish(request, error=DenoiseCancelled(
+                    f"cancelled after step {request.step} of {request.total_steps}"))
+            if not self._live:
+                return False
+            plan = self.scheduler.schedule(self._live)
+            for request in plan.paused:
+                request.paused_steps += 1
+            for batch in plan.batches:
+                self._run(list(batch))
+            self.steps_run += 1
+            return True
+
+    def _take_inbox(self) -> list[EngineRequest]:
+        with self._lock:
+            inbox, self._inbox = self._inbox, []
+        return inbox
+
+    def _admit(self) -> None:
+        for request in self._take_inbox():
+            if request.cancelled:
+                self._finish(request, error=DenoiseCancelled("cancelled before it started"))
+                continue
+            try:
+                for use in request.params.adapters:
+                    self._ensure_loaded(use.ref, request.adapter_paths.get(use.ref))
+            except Exception as err:
+                self._finish(request, error=AdapterLoadError(str(err)))
+                continue
+            request.stack = self._stack(request)
+            self._live.append(request)
+
+    def _run(self, batch: list[EngineRequest]) -> None:
+        """One forward over `batch` and each request's step. A forward that raises is retried one request at a
+        time (a row's result does not depend on its batch), so only the requests that fail alone fail."""
+        start = time.perf_counter()
+        try:
+            outputs = self._forward(batch)
+        except Exception as err:
+            if len(batch) == 1:
+                self._fail_live(batch[0], err)
+                return
+            logger.warning("a batched forward failed (%r); retrying its %d requests one by one", err, len(batch))
+            for request in batch:
+                self._run([request])
+            return
+        if self.on_step is not None:
+            self.on_step(StepStats(sum(r.rows for r in batch), len(batch), batch[0].grid,
+                                   (time.perf_counter() - start) * 1000))
+        for request, (cond, uncond) in zip(batch, outputs):
+            try:
+                self._advance(request, cond, uncond)
+            except Exception as err:
+                self._fail_live(request, err)
+
+    def _fail_live(self, request: EngineRequest, err: BaseException) -> None:
+        logger.warning("denoise request %s failed: %r", request.params.request_id, err)
+        if request in self._live:
+            self._live.remove(request)
+        self._finish(request, error=err)
+
+    # -------------------------------------------------------------------------------------- preparing
+
+    def schedule_for(self, variant: VariantConfig, steps: int, image_seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(timesteps, sigmas) of `variant` for `steps` at `image_seq_len` tokens, exactly as the pipelines'
+        `retrieve_timesteps(scheduler, steps, sigmas=linspace(1, 1/steps, steps), mu=calculate_shift(...))`."""
+        key = (variant.id, steps, image_seq_len)
+        with self._schedules_lock:
+            if key not in self._schedules:
+                scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler_configs[variant.id])
+                mu = calculate_shift(
+                    image_seq_len,
+                    scheduler.config.get("base_image_seq_len", 256),
+                    scheduler.config.get("max_image_seq_len", 4096),
+                    scheduler.config.get("base_shift", 0.5),
+                    scheduler.config.get("max_shift", 1.15),
+                )
+                sigmas = np.linspace(1.0, 1 / steps, steps)
+                timesteps, _ = retrieve_timesteps(scheduler, steps, self.device, sigmas=sigmas, mu=mu)
+                self._schedules[key] = (timesteps, scheduler.sigmas)
+            return self._schedules[key]
+
+    def _prepare(self, request: EngineRequest, text: TextEmbeddings, image: ImageLatents | None,
+                 mask: np.ndarray | None) -> None:
+        p = request.params
+        factor = self.preset.vae_scale_factor * 2
+        if p.width % factor or p.height % factor:
+            raise ValueError(f"size: width and height must be multiples of {factor}, got {p.width}x{p.height}")
+        dim = self.transformer.config.joint_attention_dim
+        for name, emb in (("prompt", text.prompt), ("negative", text.negative)):
+            if emb is not None and (emb.ndim != 2 or emb.shape[1] != dim or emb.shape[0] < 1):
+                raise ValueError(f"text.{name}: expected [tokens, {dim}] embeddings, got {emb.shape}")
+        if p.uses_cfg and text.negative is None:
+            raise ValueError("text.negative: true CFG (true_cfg_scale > 1) needs negative embeddings")
+        if mask is not None and image is None:
+            raise ValueError("mask: inpainting needs an image")
+        n = p.n
+        h, w = 2 * (p.height // factor), 2 * (p.width // factor)
+        request.grid = (h // 2, w // 2)
+        request.image_tokens = (h // 2) * (w // 2)
+        request.rows = n * (2 if p.uses_cfg else 1)
+        request.prompt = torch.from_numpy(np.ascontiguousarray(text.prompt)).to(self.device, self.dtype)
+        if p.uses_cfg:
+            request.negative = torch.from_numpy(np.ascontiguousarray(text.negative)).to(self.device, self.dtype)
+        timesteps, sigmas = self.schedule_for(request.variant, p.num_inference_steps, request.image_tokens)
+        gens = generators(list(p.seeds), self.preset.device)
+        if image is None:
+            request.timesteps, request.sigmas = timesteps, sigmas
+            request.latents = self.pipe.prepare_latents(n, self.latent_channels, p.height, p.width, self.dtype,
+                                                        self.device, gens)
+            return
+        # img2img / inpainting, as QwenImageImg2ImgPipeline / QwenImageInpaintPipeline: trim the schedule by
+        # strength (`get_timesteps`), then noise the image latents to its first sigma (`scale_noise`).
+        if image.latents.shape != (n, request.image_tokens, self.latent_channels * 4):
+            raise ValueError(f"image: expected latents {(n, request.image_tokens, self.latent_channels * 4)}, "
+                             f"got {image.latents.shape}")
+        steps = p.num_inference_steps
+        t_start = int(max(steps - min(steps * p.strength, steps), 0))
+        if t_start >= steps:
+            raise ValueError(f"strength: {p.strength} leaves no step of {steps}")
+        request.timesteps, request.sigmas = timesteps[t_start:], sigmas[t_start:]
+        if image.generator_states is not None:
+            # Continue each seed's stream after the VAE's posterior draw, as the pipelines' generators do.
+            for g, state in zip(gens, image.generator_states, strict=True):
+                g.set_state(torch.from_numpy(np.asarray(state, dtype=np.uint8)))
+        image_latents = torch.from_numpy(np.ascontiguousarray(image.latents)).to(self.device, self.dtype)
+        noise = randn_tensor((n, 1, self.latent_channels, h, w), generator=gens, device=self.device, dtype=self.dtype)
+        noise = QwenImagePipeline._pack_latents(noise, n, self.latent_channels, h, w)
+        sigma = request.sigmas[[0] * n].to(self.device, image_latents.dtype).flatten().view(n, 1, 1)
+        request.latents = sigma * noise + (1.0 - sigma) * image_latents
+        if mask is not None:
+            if mask.shape != (p.height, p.width):
+                raise ValueError(f"mask: is {mask.shape[1]}x{mask.shape[0]}, the request {p.width}x{p.height}")
+            condition = self._inpaint.mask_processor.preprocess(
+                Image.fromarray(np.ascontiguousarray(mask, dtype=np.uint8)), height=p.height, width=p.width)
+            unpacked = QwenImagePipeline._unpack_latents(image_latents, p.height, p.width,
+                                                         self.preset.vae_scale_factor)[:, :, 0]
+            request.mask, _ = self._inpaint.prepare_mask_latents(
+                condition, unpacked, 1, self.latent_channels, n, p.height, p.width, self.dtype, self.device, None)
+            request.image_latents, request.noise = image_latents, noise
+
+    def _stack(self, request: EngineRequest) -> tuple[batched_model.AdapterKey, ...]:
+        stack = []
+        if request.variant.id in self.lightning:
+            stack.append((self.lightning[request.variant.id], 1.0))
+        stack.extend((adapter_name("tenant", a.ref), float(a.scale)) for a in request.params.adapters)
+        return tuple(stack)
+
+    # ---------------------------------------------------------------------------------------- stepping
+
+    def _forward(self, batch: list[EngineRequest]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """One transformer forward over every row of `batch`: per request, its n conditional rows, then (true
+        CFG) its n unconditional rows. Returns each request's (conditional, unconditional) outputs."""
+        hidden, texts, stacks, segments, timesteps = [], [], [], [], []
+        for request in batch:
+            n = request.params.n
+            t = request.timesteps[request.step]
+            for emb in (request.prompt, request.negative) if request.params.uses_cfg else (request.prompt,):
+                start = len(stacks)
+                hidden.append(request.latents)
+                texts.extend([emb] * n)
+                stacks.extend([request.stack] * n)
+                segments.append((start, start + n))
+                timesteps.append(t.expand(n))
+        longest = max(e.shape[0] for e in texts)
+        if all(e.shape[0] == longest for e in texts):
+            text, text_mask = torch.stack(texts), None
+        else:  # padded at the end and masked; the row-wise attention processor keeps rows exact
+            text = texts[0].new_zeros((len(texts), longest, texts[0].shape[1]))
+            text_mask = torch.zeros((len(texts), longest), dtype=torch.bool, device=self.device)
+            for i, e in enumerate(texts):
+                text[i, : e.shape[0]] = e
+                text_mask[i, : e.shape[0]] = True
+        latents = hidden[0] if len(hidden) == 1 else torch.cat(hidden)
+        timestep = torch.cat(timesteps).to(latents.dtype)
+        h, w = batch[0].grid
+        self.routing.current = batched_model.RowRouting(stacks, segments, self.device)
+        try:
+            with torch.inference_mode():
+                out = self.transformer(
+                    hidden_states=latents, timestep=timestep / 1000, guidance=None,
+                    encoder_hidden_states_mask=text_mask, encoder_hidden_states=text,
+                    img_shapes=[[(1, h, w)]], attention_kwargs={}, return_dict=False,
+                )[0]
+        finally:
+            self.routing.current = None
+        outputs, i = [], 0
+        for request in batch:
+            n = request.params.n
+            cond = out[i: i + n]
+            uncond = out[i + n: i + 2 * n] if request.params.uses_cfg else None
+            i += request.rows
+            outputs.append((cond, uncond))
+        return outputs
+
+    @torch.inference_mode()
+    def _advance(self, request: EngineRequest, cond: torch.Tensor, uncond: torch.Tensor | None) -> None:
+        """The request's step after its forward: true CFG, Euler (float32), inpainting blend, progress."""
+        p = request.params
+        noise_pred = cond
+        if uncond is not None:
+            comb_pred = uncond + p.true_cfg_scale * (cond - uncond)
+            cond_norm = torch.norm(cond, dim=-1, keepdim=True)
+            noise_norm = torch.norm(comb_pred, dim=-1, keepdim=True)
+            noise_pred = comb_pred * (cond_norm / noise_norm)
+        i = request.step
+        sigma, sigma_next = request.sigmas[i], request.sigmas[i + 1]
+        sample = request.latents.to(torch.float32)
+        preview = None
+        if i + 1 in p.preview_steps:
+            preview = np.ascontiguousarray((sample - sigma * noise_pred.to(torch.float32)).cpu().numpy())
+        latents = (sample + (sigma_next - sigma) * noise_pred).to(noise_pred.dtype)
+        if request.mask is not None:
+            proper = request.image_latents
+            if i < request.total_steps - 1:
+                s = request.sigmas[i + 1: i + 2].to(proper.dtype).view(1, 1, 1)
+                proper = s * request.noise + (1.0 - s) * proper
+            latents = (1 - request.mask) * proper + request.mask * latents
+        request.latents = latents
+        request.step = i + 1
+        if not request.started:
+            request.started = True
+            request.first_step_at = time.perf_counter()
+        if request.on_progress is not None:
+            request.on_progress(StepProgress(step=i + 1, total_steps=request.total_steps, preview=preview))
+        if request.step == request.total_steps:
+            self._live.remove(request)
+            self._finish(request, result=np.ascontiguousarray(request.latents.float().cpu().numpy()))
+
+    def _finish(self, request: EngineRequest, result: np.ndarray | None = None,
+                error: BaseException | None = None) -> None:
+        with self._lock:
+            for use in request.params.adapters:
+                self._in_use[use.ref] -= 1
+                if self._in_use[use.ref] <= 0:
+                    del self._in_use[use.ref]
+                    if use.ref in self._pending_unload:
+                        self._commands.append((lambda ref=use.ref: self._unload_now(ref), None))
+        if request.future.done():
+            return
+        if error is not None:
+            request.future.set_exception(error)
+        else:
+            request.future.set_result(result)
+
+    # ---------------------------------------------------------------------------------------- adapters
+
+    def load_adapter(self, ref: str, path: str) -> None:
+        """Load a tenant LoRA (peft/diffusers folder or file) under `ref`, at a step boundary."""
+        self._command(lambda: self._ensure_loaded(ref, path), wait=True)
+
+    def unload_adapter(self, ref: str) -> None:
+        """Evict `ref` at the next step boundary, or once no live request uses it. Never blocks (it is called
+        from the adapter cache's finaliser, possibly on the engine's own thread)."""
+        self._command(lambda: self._unload_or_defer(ref), wait=False)
+
+    def _command(self, fn: Callable[[], object], wait: bool) -> None:
+        future: concurrent.futures.Future | None = concurrent.futures.Future() if wait else None
+        with self._lock:
+            self._commands.append((fn, future))
+            self._lock.notify_all()
+        if future is None:
+            return
+        if not self.running:
+            with self._step_lock:
+                self._apply_commands()
+        future.result()
+
+    def _apply_commands(self) -> None:
+        with self._lock:
+            commands, self._commands = self._commands, []
+        for fn, future in commands:
+            try:
+                fn()
+            except Exception as err:
+                if future is None:
+                    logger.exception("adapter command failed")
+                else:
+                    future.set_exception(err)
+                continue
+            if future is not None:
+                future.set_result(None)
+
+    def _ensure_loaded(self, ref: str, path: str | None) -> None:
+        with self._lock:
+            self._pending_unload.discard(ref)
+        if ref in self.tenant_adapters:
+            return
+        if path is None:
+            raise KeyError(f"adapter {ref!r} is not loaded and no path was given")
+        name = adapter_name("tenant", ref)
+        try:
+            self.pipe.load_lora_weights(path, adapter_name=name)
+            _check_plain_lora(self.transformer, name)
+        except Exception as err:
+            if name in getattr(self.transformer, "peft_config", {}):
+                self.pipe.delete_adapters(name)
+            batched_model.install(self.transformer, self.routing)
+            raise AdapterLoadError(f"adapter {ref!r} could not be loaded: {err}") from err
+        self.tenant_adapters.add(ref)
+        batched_model.install(self.transformer, self.routing)
+
+    def _unload_or_defer(self, ref: str) -> None:
+        with self._lock:
+            if self._in_use.get(ref, 0) > 0:
+                self._pending_unload.add(ref)
+                return
+        self._unload_now(ref)
+
+    def _unload_now(self, ref: str) -> None:
+        with self._lock:
+            if self._in_use.get(ref, 0) > 0:
+                return
+            self._pending_unload.discard(ref)
+        if ref in self.tenant_adapters:
+            self.pipe.delete_adapters(adapter_name("tenant", ref))
+            self.tenant_adapters.discard(ref)
+            batched_model.install(self.transformer, self.routing)
+
+    # ------------------------------------------------------------------------------------------- health
+
+    def stats(self) -> dict:
+        with self._lock:
+            waiting = len(self._inbox)
+        return {"live": len(self._live) + waiting, "steps_run": self.steps_run,
+                "adapters_loaded": len(self.tenant_adapters), "adapters_in_use": dict(self._in_use)}
+
+    def check_health(self) -> None:
+        if self.fatal is not None:
+            raise RuntimeError(f"the denoise engine stopped: {self.fatal!r}")
+        if self._thread is not None and not self._thread.is_alive():
+            raise RuntimeError("the denoise engine's loop thread is gone")
+
+
+def _check_plain_lora(transformer: torch.nn.Module, name: str) -> None:
+    """The batched path implements plain LoRA; a DoRA (or other variant) adapter is refused, not mis-applied."""
+    for module in transformer.modules():
+        variants = getattr(module, "lora_variant", None)
+        if variants and name in variants:
+            raise ValueError("only plain LoRA adapters are supported (this one uses a LoRA variant such as DoRA)")
+
+
+def adapter_name(kind: str, name: str) -> str:
+    """peft adapter name for a Lightning variant or tenant ref. peft names become module attribute keys: no
+    dots or slashes; the hash keeps refs that differ only in punctuation ("a-b/x" vs "a_b/x") apart."""
+    safe = "".join(c if c.isalnum() or c == "_" else "_" for c in name)
+    return f"{kind}__{safe}_{hashlib.sha1(name.encode()).hexdigest()[:8]}"

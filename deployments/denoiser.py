@@ -1,8 +1,14 @@
+"""The Denoiser deployment: a thin async shell over one `DenoiseEngine` per replica.
+
+Requests do not wait for each other here: each call fetches its adapters (Serve's model multiplexing, an LRU per
+replica), submits to the engine and awaits its future, while the engine's loop thread batches every live request
+at step level. `max_ongoing_requests` in the Serve config is therefore what the engine can hold, not 1-2.
+"""
+
 from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 
 import numpy as np
 from ray import serve
@@ -13,25 +19,25 @@ from deployments.metrics import (
     log_request,
     record_queue_wait,
     record_stages,
+    request_id,
     stage_metrics,
 )
-from deployments.timing import timed
 from lightray.adapters import open_registry
 from lightray.config import load_preset
-from lightray.stages import DenoiseCancelled, DenoiseJob, DenoiseStage
-from lightray.stages.vae import ImageLatents
+from lightray.contracts import DenoisedLatents, DenoiseParams, ImageLatents, TextEmbeddings
+from lightray.engine import DenoiseCancelled, DenoiseEngine, EngineConfig, StepStats
 
 logger = logging.getLogger("ray.serve")
 
 
 class LoadedAdapter:
-    """What the multiplexer caches per tenant adapter: its local files, and the stage to unload it from.
+    """What the multiplexer caches per tenant adapter: its local files, and the engine to evict it from.
     Ray Serve calls `__del__` when the LRU evicts it, then drops it, so Python calls `__del__` a second time
-    when it collects the object: `release` runs once (a late second unload could otherwise drop the same ref
-    loaded again for a newer cache entry)."""
+    when it collects the object: `release` runs once (a late second eviction could otherwise drop the same ref
+    loaded again for a newer cache entry). The engine defers the eviction while a live request uses it."""
 
-    def __init__(self, stage: DenoiseStage, ref: str, path: str, on_release=None):
-        self.stage, self.ref, self.path = stage, ref, path
+    def __init__(self, engine: DenoiseEngine, ref: str, path: str, on_release=None):
+        self.engine, self.ref, self.path = engine, ref, path
         self.claimed = False
         """Set by the first request served with this entry (the one whose lookup loaded it: a miss)."""
         self._on_release = on_release
@@ -41,7 +47,7 @@ class LoadedAdapter:
         if self._released:
             return
         self._released = True
-        self.stage.unload_adapter(self.ref)
+        self.engine.unload_adapter(self.ref)
         if self._on_release is not None:
             self._on_release(self)
 
@@ -49,22 +55,14 @@ class LoadedAdapter:
         self.release()
 
 
-def _log_cancelled(done: asyncio.Future) -> None:
-    err = done.exception() if not done.cancelled() else None
-    if isinstance(err, DenoiseCancelled):
-        logger.info("denoise %s (request cancelled)", err)
-    elif err is None:
-        logger.info("denoise finished after its request was cancelled")
-
-
-@serve.deployment(name="Denoiser", max_ongoing_requests=4)
+@serve.deployment(name="Denoiser")
 class Denoiser:
     def __init__(self, preset: dict, registry: str = "./registry", registry_storage_options: dict | None = None,
-                 adapter_cache_size: int = 4):
+                 adapter_cache_size: int = 4, engine: dict | None = None):
         self.preset = load_preset(preset)
-        self.stage = DenoiseStage(self.preset)
-        self.registry = open_registry(registry, registry_storage_options)
         self.metrics = stage_metrics()
+        self.engine = DenoiseEngine(self.preset, EngineConfig(**(engine or {})), on_step=self._observe_step).start()
+        self.registry = open_registry(registry, registry_storage_options)
         self._adapters_held = 0
         keep_reporting(self.metrics.adapters_loaded, lambda: self._adapters_held, "lightray_adapters_loaded")
 
@@ -74,83 +72,81 @@ class Denoiser:
             self.metrics.adapters_loaded.set(self._adapters_held)
             logger.info("adapter %s evicted from this replica's cache", adapter.ref)
 
-        async def load_adapter(ref: str) -> LoadedAdapter:
-            # Download + checksum off the event loop; the LoRA itself is loaded into the pipeline on first use
-            # inside the stage's lock (so it never races a running denoise).
+        async def fetch_adapter(ref: str) -> LoadedAdapter:
+            # Download + checksum off the event loop; the engine loads the LoRA into the transformer at a step
+            # boundary when the first request that names it is admitted.
             self.metrics.adapter_misses.inc()
-            manifest, path = await asyncio.to_thread(
-                self.registry.fetch, ref, base_model_id=self.preset.base_model_id
-            )
+            manifest, path = await asyncio.to_thread(self.registry.fetch, ref, base_model_id=self.preset.base_model_id)
             logger.info("adapter %s fetched to %s", manifest.ref, path)
-            adapter = LoadedAdapter(self.stage, ref, str(path), on_release=released)
+            adapter = LoadedAdapter(self.engine, ref, str(path), on_release=released)
             self._adapters_held += 1
             self.metrics.adapters_loaded.set(self._adapters_held)
             return adapter
 
         # Wrapped at init so the per-replica LRU size comes from the Serve config.
-        self._adapters = serve.multiplexed(max_num_models_per_replica=adapter_cache_size)(load_adapter)
+        self._adapters = serve.multiplexed(max_num_models_per_replica=adapter_cache_size)(fetch_adapter)
 
-    async def _complete(self, job: DenoiseJob, encoded: dict, timings: dict) -> None:
-        """Fill the job from the TextEncoder's output and, for a tenant adapter, from the multiplexed cache."""
-        embeds = encoded["embeds"]
-        job.prompt_embeds = embeds[0]
-        job.negative_embeds = embeds[1] if len(embeds) > 1 else None
-        if job.adapter:
-            with timed(timings, "adapter_ms"):
-                adapter = await self._adapters(serve.get_multiplexed_model_id() or job.adapter)
+    def _observe_step(self, stats: StepStats) -> None:
+        self.metrics.engine_step_rows.observe(stats.rows)
+
+    async def _adapter_paths(self, params: DenoiseParams, timings: dict) -> dict[str, str]:
+        paths = {}
+        start = asyncio.get_running_loop().time()
+        for use in params.adapters:
+            adapter = await self._adapters(use.ref)
             if adapter.claimed:  # loaded for an earlier request; the one that loaded it was the miss
                 self.metrics.adapter_hits.inc()
             adapter.claimed = True
-            job.adapter_path = adapter.path
+            paths[use.ref] = adapter.path
+        if params.adapters:
+            timings["adapter_ms"] = (asyncio.get_running_loop().time() - start) * 1000
+        return paths
 
-    def _done(self, job: DenoiseJob, kind: str, latents, timings: dict) -> dict:
-        """Metrics and the log line of a finished denoise call; the output for the VaeDecoder."""
-        n, model = len(job.seeds), job.variant or "default"
-        record_stages(timings, "adapter_ms", "denoise_ms")
-        self.metrics.batch_size.observe(n, tags={"model": model})
-        self.metrics.images.inc(n, tags={"model": model, "kind": kind})
-        log_request("denoise", kind=kind, model=model, images=n, steps=job.num_inference_steps,
-                    size=f"{job.width}x{job.height}", adapter=job.adapter, wait_ms=timings.get("denoise_wait_ms"),
-                    adapter_ms=timings.get("adapter_ms"), denoise_ms=timings["denoise_ms"])
-        return {"latents": latents, "timings": timings, "handoff_at": handoff_at()}
-
-    async def denoise(self, job: DenoiseJob, encoded: dict) -> dict:
-        """Text-encoder output + job → {"latents": packed array, "timings": {…}, "handoff_at"}. `encoded` arrives
-        straight from the TextEncoder (the ingress passes its response along), so embeddings never detour via the
-        ingress."""
-        timings = dict(encoded["timings"])
-        record_queue_wait("denoise", timings, encoded.get("handoff_at"))
-        await self._complete(job, encoded, timings)
-        with timed(timings, "denoise_ms"):
-            latents = await self._cancellable(self.stage.denoise, job)
-        return self._done(job, "text", latents, timings)
-
-    async def denoise_image(self, job: DenoiseJob, encoded: dict, image: dict, strength: float,
-                            mask: np.ndarray | None = None) -> dict:
-        """img2img / inpainting: text-encoder output + the VaeDecoder's `encode` output (both passed handle to
-        handle) + job → {"latents", "timings"}, like `denoise`. `mask`: uint8 [height, width], non-zero = edit."""
-        timings = {**encoded["timings"], **image["timings"]}
-        handoffs = [h for h in (encoded.get("handoff_at"), image.get("handoff_at")) if h is not None]
+    async def denoise(self, params: DenoiseParams, text: TextEmbeddings, image: ImageLatents | None = None,
+                      mask: np.ndarray | None = None) -> DenoisedLatents:
+        """Text embeddings (+ for img2img / inpainting the VaeDecoder's image latents, and `mask`: uint8
+        [height, width], non-zero = repaint) → packed latents. `text` and `image` arrive straight from the
+        TextEncoder and VaeDecoder (the ingress passes their responses along), never via the ingress."""
+        timings = dict(text.timings)
+        if image is not None:
+            timings.update(image.timings)
+        handoffs = [h for h in (text.handoff_at, image.handoff_at if image else None) if h is not None]
         record_queue_wait("denoise", timings, max(handoffs) if handoffs else None)  # from the later input
-        await self._complete(job, encoded, timings)
-        start = ImageLatents(image["latents"], image["generator_states"])
-        with timed(timings, "denoise_ms"):
-            latents = await self._cancellable(self.stage.denoise_from_image, job, start, strength, mask)
-        return self._done(job, "image", latents, timings)
-
-    async def _cancellable(self, work, *args):
-        """Run stage work in a thread. When Serve cancels the request (the ingress gave up on it at its timeout,
-        or the client went away), the work stops after its current step instead of holding the stage (and every
-        request queued behind it) until it would have finished."""
-        cancel = threading.Event()
-        running = asyncio.ensure_future(asyncio.to_thread(work, *args, cancel=cancel))
+        paths = await self._adapter_paths(params, timings)
+        start = asyncio.get_running_loop().time()
+        request = await asyncio.to_thread(self.engine.submit, params, text, image, mask, paths)
         try:
-            return await asyncio.shield(running)
+            latents = await asyncio.shield(asyncio.wrap_future(request.future))
         except asyncio.CancelledError:
-            cancel.set()
-            running.add_done_callback(_log_cancelled)
+            # The ingress gave up (timeout, client gone): the engine drops the request at the next step.
+            request.cancel()
+            request.future.add_done_callback(_log_cancelled)
             raise
+        timings["denoise_ms"] = (asyncio.get_running_loop().time() - start) * 1000
+        if request.first_step_at is not None:
+            timings["denoise_queue_ms"] = (request.first_step_at - request.submitted_at) * 1000
+        self._done(params, "image" if image is not None else "text", request, timings)
+        return DenoisedLatents(latents, timings, handoff_at())
+
+    def _done(self, params: DenoiseParams, kind: str, request, timings: dict) -> None:
+        model = params.variant or "default"
+        record_stages(timings, "adapter_ms", "denoise_ms")
+        self.metrics.batch_size.observe(params.n, tags={"model": model})
+        self.metrics.images.inc(params.n, tags={"model": model, "kind": kind})
+        log_request("denoise", kind=kind, model=model, images=params.n, steps=request.total_steps,
+                    size=f"{params.width}x{params.height}", priority=params.priority,
+                    adapters=",".join(a.ref for a in params.adapters) or None, paused_steps=request.paused_steps,
+                    wait_ms=timings.get("denoise_wait_ms"), queue_ms=timings.get("denoise_queue_ms"),
+                    adapter_ms=timings.get("adapter_ms"), denoise_ms=timings["denoise_ms"],
+                    request=params.request_id or request_id() or None)
 
     def check_health(self) -> None:
-        if self.stage.pipe.transformer is None:
-            raise RuntimeError("transformer not loaded")
+        self.engine.check_health()
+
+
+def _log_cancelled(done) -> None:
+    err = done.exception() if not done.cancelled() else None
+    if isinstance(err, DenoiseCancelled):
+        logger.info("denoise %s (request cancelled)", err)
+    elif err is None:
+        logger.info("denoise finished after its request was cancelled")

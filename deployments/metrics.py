@@ -33,6 +33,7 @@ LATENCY_BOUNDARIES_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 1
 # Ray's exporter rebuilds a histogram's `_sum` from bucket midpoints; with bounds halfway between integers each
 # bucket (n-0.5, n+0.5] has midpoint n, so the batch-size sum is exact (the API allows n = 1..10).
 BATCH_BOUNDARIES = [n + 0.5 for n in range(11)]
+ENGINE_ROW_BOUNDARIES = [n + 0.5 for n in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)]
 
 
 class _Metrics:
@@ -65,6 +66,11 @@ class _Metrics:
         )
         self.adapters_loaded = metrics.Gauge(
             "lightray_adapters_loaded", description="Tenant adapters held by this Denoiser replica.",
+        )
+        self.engine_step_rows = metrics.Histogram(
+            "lightray_engine_step_rows",
+            description="Transformer rows (images, doubled with true CFG) in one denoising-engine forward.",
+            boundaries=ENGINE_ROW_BOUNDARIES,
         )
 
 

@@ -27,6 +27,18 @@ MAX_STACKED_ADAPTERS = 4
 """Most tenant adapters one request may stack (the API's `lora` list)."""
 
 
+class DenoiseCancelled(RuntimeError):
+    """The request was cancelled (timeout, client gone); the engine dropped it at a step boundary."""
+
+
+class EngineFull(RuntimeError):
+    """The denoising engine already holds as many requests as it is configured for."""
+
+
+class AdapterLoadError(RuntimeError):
+    """A tenant adapter named by a request could not be loaded into the transformer (that request alone fails)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class AdapterUse:
     """One tenant adapter applied to a request, with its strength."""

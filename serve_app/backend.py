@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import re
-import threading
 import time
 from typing import Protocol
 
@@ -14,8 +13,9 @@ import numpy as np
 from PIL import Image
 
 from lightray.config import ModelPreset
+from lightray.contracts import AdapterLoadError, EngineFull
 from lightray.images import encode_png
-from lightray.pipeline import LocalPipeline, denoise_job, prompts_of
+from lightray.pipeline import LocalPipeline
 from lightray.registry import AdapterCorrupt, AdapterNotFound, AdapterRegistry, AdapterRegistryError
 from lightray.schemas import EditSpec, GenerationSpec, RequestError
 
@@ -49,33 +49,32 @@ class GenerationBackend(Protocol):
 
 
 class LocalBackend:
-    """All three stages in this process, one request at a time (the pipeline object is not re-entrant)."""
+    """All three stages in this process. Requests made concurrently share the engine's steps (each caller's thread
+    drives them in turn); adapter fetches happen in the caller's thread."""
 
     def __init__(self, pipeline: LocalPipeline, registry: AdapterRegistry | None = None):
         self.pipeline = pipeline
         self.preset = pipeline.preset
         self.registry = registry
-        self._lock = threading.Lock()
 
     def _run(self, spec: GenerationSpec | EditSpec, draw) -> GenerationResult:
-        """Under the lock: fetch the spec's adapter (if any), `draw(adapter_path)` the images, encode them."""
-        with self._lock:
-            start = time.perf_counter()
-            adapter_path = None
-            if spec.lora:
-                if self.registry is None:
-                    raise RuntimeError("this backend has no adapter registry")
-                _, path = self.registry.fetch(spec.lora, base_model_id=self.preset.base_model_id)
-                adapter_path = str(path)
-            pngs = [encode_png(im) for im in draw(adapter_path)]
+        """Fetch the spec's adapters (if any), `draw(adapter_paths)` the images, encode them."""
+        start = time.perf_counter()
+        adapter_paths = {}
+        for use in spec.adapters:
+            if self.registry is None:
+                raise RuntimeError("this backend has no adapter registry")
+            _, path = self.registry.fetch(use.ref, base_model_id=self.preset.base_model_id)
+            adapter_paths[use.ref] = str(path)
+        pngs = [encode_png(im) for im in draw(adapter_paths)]
         return GenerationResult(pngs, {"graph_ms": (time.perf_counter() - start) * 1000})
 
     async def generate(self, spec: GenerationSpec) -> GenerationResult:
-        draw = lambda adapter_path: self.pipeline.generate(spec, adapter_path)  # noqa: E731
+        draw = lambda adapter_paths: self.pipeline.generate(spec, adapter_paths)  # noqa: E731
         return await _client_errors(spec, asyncio.to_thread(self._run, spec, draw))
 
     async def edit(self, spec: EditSpec, image: Image.Image, mask: Image.Image | None = None) -> GenerationResult:
-        draw = lambda adapter_path: self.pipeline.edit(spec, image, mask, adapter_path)  # noqa: E731
+        draw = lambda adapter_paths: self.pipeline.edit(spec, image, mask, adapter_paths)  # noqa: E731
         return await _client_errors(spec, asyncio.to_thread(self._run, spec, draw))
 
     async def readiness(self) -> dict[str, bool]:
@@ -104,19 +103,23 @@ class RayGraphBackend:
     async def generate(self, spec: GenerationSpec) -> GenerationResult:
         return await _client_errors(spec, self._generate(spec))
 
+    def _denoiser_for(self, spec: GenerationSpec):
+        if spec.adapters:
+            # Routes to a replica that already holds the first adapter when there is one; the replica fetches
+            # any other adapter it lacks itself.
+            return self.denoiser.options(multiplexed_model_id=spec.adapters[0].ref)
+        return self.denoiser
+
+    def _encode(self, spec: GenerationSpec):
+        # `handoff`: wall-clock send time, from which the stage measures its queue wait (deployments/metrics.py).
+        return self.text_encoder.encode.remote(spec.prompt, spec.negative_prompt, handoff=time.time())
+
     async def _generate(self, spec: GenerationSpec) -> GenerationResult:
         start = time.perf_counter()
-        # `handoff`: wall-clock send time, from which the stage measures its queue wait (deployments/metrics.py).
-        encoded = self.text_encoder.encode.remote(prompts_of(spec), handoff=time.time())
-        denoiser = self.denoiser
-        if spec.lora:
-            # Routes to a replica that already holds this adapter when there is one.
-            denoiser = denoiser.options(multiplexed_model_id=spec.lora)
-        denoised = denoiser.denoise.remote(denoise_job(spec), encoded)
+        encoded = self._encode(spec)
+        denoised = self._denoiser_for(spec).denoise.remote(spec.denoise_params(), encoded)
         result = await _cancelling(self.vae.decode.remote(denoised, spec.width, spec.height), encoded, denoised)
-        timings = dict(result["timings"])
-        timings["graph_ms"] = (time.perf_counter() - start) * 1000
-        return GenerationResult(result["images"], timings)
+        return GenerationResult(list(result.pngs), {**result.timings, "graph_ms": (time.perf_counter() - start) * 1000})
 
     async def edit(self, spec: EditSpec, image: Image.Image, mask: Image.Image | None = None) -> GenerationResult:
         return await _client_errors(spec, self._edit(spec, image, mask))
@@ -125,21 +128,15 @@ class RayGraphBackend:
         """The text encoder and the VAE's encoder run concurrently; both responses go handle to handle into the
         denoiser, whose output goes to the VAE's decoder, as in `generate`."""
         start = time.perf_counter()
-        encoded = self.text_encoder.encode.remote(prompts_of(spec), handoff=time.time())
+        encoded = self._encode(spec)
         image_latents = self.vae.encode.remote(np.asarray(image.convert("RGB")), spec.seeds, spec.width, spec.height,
                                                handoff=time.time())
-        denoiser = self.denoiser
-        if spec.lora:
-            denoiser = denoiser.options(multiplexed_model_id=spec.lora)
-        denoised = denoiser.denoise_image.remote(
-            denoise_job(spec), encoded, image_latents, spec.strength,
-            None if mask is None else np.asarray(mask.convert("L")),
+        denoised = self._denoiser_for(spec).denoise.remote(
+            spec.denoise_params(), encoded, image_latents, None if mask is None else np.asarray(mask.convert("L")),
         )
         result = await _cancelling(self.vae.decode.remote(denoised, spec.width, spec.height),
                                    encoded, image_latents, denoised)
-        timings = dict(result["timings"])
-        timings["graph_ms"] = (time.perf_counter() - start) * 1000
-        return GenerationResult(result["images"], timings)
+        return GenerationResult(list(result.pngs), {**result.timings, "graph_ms": (time.perf_counter() - start) * 1000})
 
     async def readiness(self) -> dict[str, bool]:
         """Each stage answers its own health check within 5 s (a replica still loading does not)."""
@@ -177,18 +174,22 @@ async def _client_errors(spec: GenerationSpec | EditSpec, work) -> GenerationRes
     from ray.exceptions import ObjectLostError, RayActorError, WorkerCrashedError
     from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
+    refs = ", ".join(repr(a.ref) for a in spec.adapters)
     try:
         return await work
     except BackPressureError:
         raise ServiceUnavailable("the service is at capacity; retry shortly", retry_after_s=2) from None
     except Exception as err:
-        adapter_err = _find_cause(err, (AdapterRegistryError,))
+        if _find_cause(err, (EngineFull,)) is not None:
+            raise ServiceUnavailable("the denoiser is at capacity; retry shortly", retry_after_s=2) from None
+        adapter_err = _find_cause(err, (AdapterRegistryError, AdapterLoadError))
         if adapter_err is not None:
             if isinstance(adapter_err, AdapterNotFound):
-                raise RequestError("lora", f"adapter {spec.lora!r} is no longer in the registry: {adapter_err}",
+                raise RequestError("lora", f"adapter {refs} is no longer in the registry: {adapter_err}",
                                    status=404, code="adapter_not_found") from None
-            code = "adapter_corrupt" if isinstance(adapter_err, AdapterCorrupt) else "adapter_unavailable"
-            raise RequestError("lora", f"adapter {spec.lora!r} could not be loaded: {adapter_err}",
+            code = ("adapter_corrupt" if isinstance(adapter_err, (AdapterCorrupt, AdapterLoadError))
+                    else "adapter_unavailable")
+            raise RequestError("lora", f"adapter {refs} could not be loaded: {adapter_err}",
                                status=500, code=code) from None
         lost = _find_cause(err, (RayActorError, WorkerCrashedError, ObjectLostError, DeploymentUnavailableError))
         if lost is None:

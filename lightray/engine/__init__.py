@@ -5,15 +5,9 @@
 bounds a step. docs/engine.md describes the design, the policy and the numerics contract.
 """
 
-from lightray.engine.config import EngineConfig
-from lightray.engine.engine import (
-    AdapterLoadError,
-    DenoiseCancelled,
-    DenoiseEngine,
-    EngineFull,
-    EngineRequest,
-    StepStats,
-)
+from lightray.config import EngineConfig
+from lightray.contracts import AdapterLoadError, DenoiseCancelled, EngineFull
+from lightray.engine.engine import DenoiseEngine, EngineRequest, StepStats
 from lightray.engine.scheduler import StepPlan, StepScheduler
 
 __all__ = ["AdapterLoadError", "DenoiseCancelled", "DenoiseEngine", "EngineConfig", "EngineFull", "EngineRequest",

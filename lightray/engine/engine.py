@@ -38,26 +38,21 @@ from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift, re
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
-from lightray.config import ModelPreset, VariantConfig, load_preset
-from lightray.contracts import DenoiseParams, ImageLatents, StepProgress, TextEmbeddings
+from lightray.config import EngineConfig, ModelPreset, VariantConfig, load_preset
+from lightray.contracts import (
+    AdapterLoadError,
+    DenoiseCancelled,
+    DenoiseParams,
+    EngineFull,
+    ImageLatents,
+    StepProgress,
+    TextEmbeddings,
+)
 from lightray.engine import batched_model
-from lightray.engine.config import EngineConfig
 from lightray.engine.scheduler import StepScheduler
 from lightray.stages.common import generators, torch_dtype
 
 logger = logging.getLogger("lightray.engine")
-
-
-class DenoiseCancelled(RuntimeError):
-    """The request was cancelled; the engine dropped it at a step boundary."""
-
-
-class EngineFull(RuntimeError):
-    """The engine holds `EngineConfig.max_live_requests` requests already."""
-
-
-class AdapterLoadError(RuntimeError):
-    """A tenant adapter named by a request could not be loaded into the transformer (that request fails)."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,8 +23,8 @@ import dataclasses
 from collections.abc import Iterable, Sequence
 from typing import Protocol
 
+from lightray.config import EngineConfig
 from lightray.contracts import PRIORITIES, Priority
-from lightray.engine.config import EngineConfig
 
 
 class Schedulable(Protocol):

@@ -148,6 +148,9 @@ class EngineConfig(BaseModel):
     max_batch_tokens: int | None = Field(None, ge=1)
     """Optional second bound: rows × image tokens per step (image tokens = (height/16)·(width/16)). None: rows
     alone bound the step."""
+    starvation_steps: int = Field(200, ge=1)
+    """A request that has waited this many engine steps without running goes ahead of shorter work of its priority
+    (least-remaining-work-first would otherwise let a stream of short requests pause a long one for ever)."""
     max_live_requests: int = Field(64, ge=1)
     """Requests the engine holds at once, running, paused or waiting; `submit` refuses more (the deployment's
     `max_ongoing_requests` should not exceed it)."""

@@ -12,7 +12,7 @@ Adapter folder written by `LoraTrainer.save_adapter` (what the registry publishe
                                 LoraConfig in the safetensors metadata (so rank/alpha round-trip exactly)
     adapter_config.json         that LoraConfig as peft writes it (base_model_name_or_path = the preset's id)
 
-`QwenImagePipeline.load_lora_weights(folder)` (hence `DenoiseStage.load_adapter`) reads the folder as is: it
+`QwenImagePipeline.load_lora_weights(folder)` (hence the denoising engine's adapter loading) reads the folder as is: it
 picks the folder's only ``.safetensors`` file. A folder from `save_pretrained` of a peft model
 (``base_model.model.*`` keys) is *not* what serving loads, which is why the trainer does not write one.
 """
@@ -768,15 +768,14 @@ def evaluate_adapter(preset: ModelPreset | str, adapter_dir: str | Path | None, 
     with the world evaluator. Returns per-variant `rates` ("concept": `concept` drawn; "shape": the prompt's shape
     drawn; "all": every attribute right) and the images (for a before/after figure). Prompts must parse with
     `parse_prompt`."""
-    from lightray.pipeline import denoise_job
+    from lightray.contracts import AdapterUse
+    from lightray.pipeline import LocalPipeline
     from lightray.schemas import ImageGenerationRequest
-    from lightray.stages import DenoiseStage, TextEncodeStage, VaeStage
     from lightray.world.evaluator import parse_prompt
 
     preset = load_preset(preset)
-    text, denoiser, vae = TextEncodeStage(preset), DenoiseStage(preset), VaeStage(preset)
-    if adapter_dir is not None:
-        denoiser.load_adapter("eval", str(adapter_dir))
+    pipeline = LocalPipeline(preset)
+    adapter_paths = {} if adapter_dir is None else {"eval": str(adapter_dir)}
     expected = [parse_prompt(p) for p in prompts]
     results: dict[str, Any] = {}
     for variant in variants:
@@ -789,10 +788,9 @@ def evaluate_adapter(preset: ModelPreset | str, adapter_dir: str | Path | None, 
             for prompt, scene in zip(prompts, expected):
                 spec = ImageGenerationRequest(prompt=prompt, model=vid, n=len(seeds), seeds=list(seeds)).resolve(
                     preset, 0)
-                embeds = text.encode([spec.prompt] + ([spec.negative_prompt] if spec.negative_prompt else []))
-                job = dataclasses.replace(denoise_job(spec, embeds), adapter=adapter, adapter_scale=adapter_scale)
-                latents = denoiser.denoise(job)
-                imgs = vae.decode(latents, spec.height, spec.width)
+                if adapter is not None:
+                    spec = dataclasses.replace(spec, adapters=(AdapterUse(adapter, adapter_scale),))
+                imgs = pipeline.generate(spec, adapter_paths)
                 images.append(imgs)
             flat = [im for imgs in images for im in imgs]
             per[label] = {**rates(concept, flat, [sc for sc in expected for _ in seeds]), "images": images}

@@ -14,9 +14,8 @@ import numpy as np
 import pytest
 
 from lightray.local_cluster import RayCluster
-from lightray.pipeline import denoise_job
+from lightray.contracts import DenoiseCancelled
 from lightray.schemas import ImageGenerationRequest
-from lightray.stages import DenoiseCancelled, DenoiseStage, TextEncodeStage
 
 REPO = Path(__file__).resolve().parent.parent
 TIMEOUT_S = 4
@@ -29,31 +28,26 @@ SLOW = {"prompt": "a blue square at the top, gray background", "model": "lightra
 BUSY = {**SLOW, "size": "128x128", "n": 1, "num_inference_steps": 40}
 
 
-def test_a_cancelled_denoise_stops_within_a_step_and_frees_the_stage(preset):
-    encoder, stage = TextEncodeStage(preset), DenoiseStage(preset)
+def test_a_cancelled_denoise_stops_within_a_step_and_frees_the_engine(preset, local_pipeline):
+    from lightray.engine import DenoiseEngine
+
+    engine = DenoiseEngine(preset)
     spec = ImageGenerationRequest.model_validate(SLOW).resolve(preset, 0)
-    job = denoise_job(spec)
-    job.prompt_embeds, job.negative_embeds = encoder.encode([spec.prompt, spec.negative_prompt or " "])
-    steps_seen = []
     cancel = threading.Event()
-    original = stage.pipe.transformer.forward
+    steps_seen = []
 
-    def counting_forward(*args, **kwargs):  # cancel once two steps (four passes with CFG) have run
-        steps_seen.append(1)
-        if len(steps_seen) == 4:
+    def on_progress(event):  # cancel once two steps have run
+        steps_seen.append(event.step)
+        if event.step == 2:
             cancel.set()
-        return original(*args, **kwargs)
 
-    stage.pipe.transformer.forward = counting_forward
     with pytest.raises(DenoiseCancelled, match="after step 2 of 100"):
-        stage.denoise(job, cancel=cancel)
-    stage.pipe.transformer.forward = original
-    # The lock is free and the stage unharmed: a normal job runs and matches a fresh stage's result.
+        engine.denoise(spec.denoise_params(), local_pipeline.encode(spec), cancel=cancel, on_progress=on_progress)
+    assert steps_seen == [1, 2] and engine.stats()["live"] == 0
+    # The engine is unharmed: a normal request runs and matches a fresh engine's result.
     small = ImageGenerationRequest.model_validate(FAST).resolve(preset, 0)
-    small_job = denoise_job(small)
-    small_job.prompt_embeds = encoder.encode([small.prompt])[0]
-    again = stage.denoise(small_job)
-    assert np.array_equal(again, DenoiseStage(preset).denoise(small_job))
+    again = engine.denoise(small.denoise_params(), local_pipeline.encode(small))
+    assert np.array_equal(again, DenoiseEngine(preset).denoise(small.denoise_params(), local_pipeline.encode(small)))
 
 
 @pytest.fixture(scope="module")

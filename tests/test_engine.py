@@ -213,35 +213,53 @@ def test_an_interactive_request_runs_first_and_paused_batch_work_is_unchanged(pr
         assert np.array_equal(h.result(), a)
 
 
-def test_policy_orders_priority_then_started_then_tenant_fair():
-    class R:
-        def __init__(self, seq, priority="interactive", tenant=None, rows=1, started=False, grid=(4, 4)):
-            self.seq, self.priority, self.tenant, self.rows, self.started, self.grid = seq, priority, tenant, rows, started, grid
-            self.image_tokens = grid[0] * grid[1]
+class Req:
+    """A stand-in for a live request, for the policy alone."""
 
-    sched = StepScheduler(EngineConfig(max_batch_rows=4))
-    reqs = [R(1, "batch", started=True), R(2, tenant="x"), R(3, tenant="x"), R(4, tenant="y"), R(5, started=True),
-            R(6, tenant="y", grid=(8, 8))]
+    def __init__(self, seq, priority="interactive", tenant=None, rows=1, steps=4, waited=0, started=False,
+                 grid=(4, 4)):
+        self.seq, self.priority, self.tenant, self.rows, self.grid = seq, priority, tenant, rows, grid
+        self.remaining_steps, self.waited_steps, self.started = steps, waited, started
+        self.image_tokens = grid[0] * grid[1]
+
+
+def test_policy_orders_priority_then_starving_then_least_work_then_tenant_fair():
+    sched = StepScheduler(EngineConfig(max_batch_rows=4, starvation_steps=100))
+    reqs = [Req(1, "batch", started=True), Req(2, tenant="x"), Req(3, tenant="x"), Req(4, tenant="y"),
+            Req(5, rows=2, steps=40, started=True), Req(6, tenant="y", grid=(8, 8)), Req(7, steps=50, waited=100),
+            Req(8, steps=2)]
     order = [r.seq for r in sched.order(reqs)]
-    assert order == [5, 2, 4, 3, 6, 1]  # interactive first; started first; x and y alternate; batch last
+    # interactive first; the starving one first of those; then least work (8: 2 steps); equal work alternates
+    # tenants x, y, x, y; the long started one (80 row-steps) after; batch last.
+    assert order == [7, 8, 2, 4, 3, 6, 5, 1]
     plan = sched.schedule(reqs)
-    assert sorted(r.seq for b in plan.batches for r in b) == [2, 3, 4, 5]  # the budget of 4 rows
-    assert [r.seq for r in plan.paused] == [1]
-    big = R(7, rows=10)
-    assert [r.seq for b in sched.schedule([big, R(8)]).batches for r in b] == [7]  # too big: runs alone, first
-    grids = sched.schedule([R(1, grid=(4, 4)), R(2, grid=(8, 8)), R(3, grid=(4, 4))]).batches
+    assert sorted(r.seq for b in plan.batches for r in b) == [2, 4, 7, 8]  # the budget of 4 rows
+    assert sorted(r.seq for r in plan.paused) == [1, 5]
+    assert [r.seq for b in sched.schedule([Req(9, rows=10), Req(10, steps=50)]).batches for r in b] == [9]
+    grids = sched.schedule([Req(1, grid=(4, 4)), Req(2, grid=(8, 8)), Req(3, grid=(4, 4))]).batches
     assert [[r.seq for r in b] for b in grids] == [[1, 3], [2]]  # one forward per latent grid
 
 
+def test_a_short_request_is_not_blocked_behind_long_ones(preset, text):
+    """A 4-step Lightning request arriving while long CFG requests hold the budget runs at once, every step."""
+    engine = DenoiseEngine(preset, EngineConfig(max_batch_rows=6))
+    long = [engine.submit(p, embeddings(text, p)) for p in (params(BASE, seeds=(s, s + 1), steps=30) for s in (1, 3))]
+    engine.step()
+    short_params = params(LIGHTNING_4, seeds=(9,))
+    short = engine.submit(short_params, embeddings(text, short_params))
+    steps = 0
+    while not short.done():
+        engine.step()
+        steps += 1
+    assert steps == 4 and not any(h.done() for h in long)
+    assert np.array_equal(short.result(), engine.denoise(short_params, embeddings(text, short_params)))
+    while engine.step():
+        pass
+
+
 def test_max_batch_tokens_bounds_a_step():
-    class R:
-        priority, tenant, started = "interactive", None, False
-
-        def __init__(self, seq, rows, grid):
-            self.seq, self.rows, self.grid, self.image_tokens = seq, rows, grid, grid[0] * grid[1]
-
     sched = StepScheduler(EngineConfig(max_batch_rows=64, max_batch_tokens=100))
-    plan = sched.schedule([R(1, 2, (4, 4)), R(2, 2, (4, 4)), R(3, 2, (4, 4)), R(4, 2, (4, 4))])
+    plan = sched.schedule([Req(i, rows=2) for i in range(4)])
     assert sum(len(b) for b in plan.batches) == 3  # 3 × 2 rows × 16 tokens = 96 ≤ 100 < 128
 
 

@@ -162,28 +162,28 @@ def test_leak_check_catches_a_leaking_denoiser(preset, local_pipeline, registry_
     """The check above has teeth: with a denoiser that forgets to switch a tenant adapter off (a request without
     `lora` right after one with adapter A is denoised with A still active), it fails."""
     from lightray.adapters import open_registry
-    from lightray.stages.denoiser import DenoiseStage
+    from lightray.engine import DenoiseEngine
 
     registry = open_registry(str(registry_root))
     paths = {ref: str(registry.fetch(ref, base_model_id=preset.base_model_id)[1]) for ref in two_adapters}
 
     def generate(body: dict) -> np.ndarray:
         spec = ImageGenerationRequest.model_validate(body).resolve(preset, 0)
-        image = local_pipeline.generate(spec, adapter_path=paths.get(body.get("lora")))[0]
-        return np.asarray(image, dtype=np.int16)
+        return np.asarray(local_pipeline.generate(spec, adapter_paths=paths)[0], dtype=np.int16)
 
     requests = leak_requests(two_adapters)
     alone = {leak_key(body): generate(body) for body in requests}
     check_no_adapter_leak(alone, [(leak_key(b), generate(b)) for b in requests], two_adapters)  # sound: passes
 
-    original, last = DenoiseStage._activate, {}
+    original, last = DenoiseEngine._stack, {}
 
-    def leaky_activate(self, variant, adapter, scale):  # keeps the previous request's adapter on
-        adapter = adapter or last.get("adapter")
-        last["adapter"] = adapter
-        return original(self, variant, adapter, scale)
+    def leaky_stack(self, request):  # keeps the previous request's tenant adapters on
+        stack = original(self, request)
+        if request.params.adapters:
+            last["stack"] = stack
+        return last.get("stack", stack)
 
-    monkeypatch.setattr(DenoiseStage, "_activate", leaky_activate)
+    monkeypatch.setattr(DenoiseEngine, "_stack", leaky_stack)
     a_then_none = [b for b in requests if b.get("lora") == two_adapters[0]][:1] + [
         b for b in requests if "lora" not in b][:1]
     with pytest.raises(AssertionError, match="differs from the same request made alone"):

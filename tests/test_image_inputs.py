@@ -116,13 +116,10 @@ def _run_reference(pipe, preset, spec, image, mask, mode: str, monkeypatch, **kw
 def _run_graph(local_pipeline, spec, image, mask, mode: str) -> list[Image.Image]:
     """The graph's stage functions, in the order the Ray graph calls them (text ∥ VAE encode → denoise → decode)."""
     lp = local_pipeline
-    from lightray.pipeline import denoise_job, prompts_of
-
-    embeds = lp.text.encode(prompts_of(spec))
     start = lp.vae.encode_for_seeds(resize_for_model(image, spec.width, spec.height), spec.seeds, spec.height,
                                     spec.width, mode=mode)
     m = None if mask is None else np.asarray(resize_for_model(mask, spec.width, spec.height))
-    latents = lp.denoiser.denoise_from_image(denoise_job(spec, embeds), start, spec.strength, m)
+    latents = lp.denoiser.denoise(spec.denoise_params(), lp.encode(spec), image=start, mask=m)
     return lp.vae.decode(latents, spec.height, spec.width)
 
 

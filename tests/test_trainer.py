@@ -1,5 +1,5 @@
 """LoRA trainer: tenant data sets, their validation, the adapter file format serving loads, the Ray job end to end
-(`ray job submit` → Ray Train → registry → `DenoiseStage.load_adapter`), and the KubeRay manifest."""
+(`ray job submit` → Ray Train → registry → the denoising engine), and the KubeRay manifest."""
 
 from __future__ import annotations
 
@@ -423,9 +423,9 @@ def _checkpoints(storage: Path) -> list[Path]:
 def test_ray_job_trains_survives_a_crash_and_publishes(ray_cluster, preset, ring_dataset, tmp_path):
     """`ray job submit` → 2 data-parallel workers → a worker crash at step 12 → Ray Train restarts the group
     from the step-8 checkpoint → finishes → the driver publishes; the adapter then loads in the denoiser."""
-    from lightray.pipeline import denoise_job
+    from lightray.contracts import AdapterUse
+    from lightray.pipeline import LocalPipeline
     from lightray.schemas import ImageGenerationRequest
-    from lightray.stages import DenoiseStage, TextEncodeStage
 
     config, registry_dir, storage = _job_config(tmp_path, ring_dataset, fail_at_step=12, max_failures=1)
     status, logs = _wait(ray_cluster, _submit(ray_cluster, config))
@@ -450,15 +450,15 @@ def test_ray_job_trains_survives_a_crash_and_publishes(ray_cluster, preset, ring
 
     _, adapter_dir = registry.fetch("demo/ring", base_model_id=preset.base_model_id,
                                     base_fingerprint=fingerprint_model(preset))
-    text, denoiser = TextEncodeStage(preset), DenoiseStage(preset)
+    pipeline = LocalPipeline(preset)
     spec = ImageGenerationRequest(prompt=f"a red {TRIGGER} ring on the left, white background", seed=5).resolve(
         preset, 0)
-    embeds = text.encode([spec.prompt])
-    job = denoise_job(spec, embeds)
-    before = denoiser.denoise(job)
-    denoiser.load_adapter("demo/ring", str(adapter_dir))
-    after = denoiser.denoise(dataclasses.replace(job, adapter="demo/ring"))
-    plain = denoiser.denoise(job)
+    text = pipeline.encode(spec)
+    before = pipeline.denoiser.denoise(spec.denoise_params(), text)
+    pipeline.denoiser.load_adapter("demo/ring", str(adapter_dir))
+    ringed = dataclasses.replace(spec, adapters=(AdapterUse("demo/ring"),))
+    after = pipeline.denoiser.denoise(ringed.denoise_params(), text)
+    plain = pipeline.denoiser.denoise(spec.denoise_params(), text)
     assert np.abs(after - before).max() > 1e-3, "the adapter changes the denoiser's output"
     np.testing.assert_allclose(plain, before, atol=1e-5)  # and only for requests that name it
 

@@ -82,6 +82,7 @@ class EngineRequest:
         self.submitted_at = time.perf_counter()
         self.first_step_at: float | None = None
         self.paused_steps = 0
+        self.waited_steps = 0
         self.adapter_paths: dict[str, str] = {}
         self._cancelled = threading.Event()
         # Filled by the engine when the request is prepared.
@@ -103,6 +104,10 @@ class EngineRequest:
     @property
     def total_steps(self) -> int:
         return len(self.timesteps)
+
+    @property
+    def remaining_steps(self) -> int:
+        return self.total_steps - self.step
 
     def cancel(self) -> None:
         """Stop this request at the next step boundary (its future then raises `DenoiseCancelled`)."""
@@ -275,6 +280,9 @@ class DenoiseEngine:
             if not self._live:
                 return False
             plan = self.scheduler.schedule(self._live)
+            chosen = {id(r) for batch in plan.batches for r in batch}
+            for request in self._live:
+                request.waited_steps = 0 if id(request) in chosen else request.waited_steps + 1
             for request in plan.paused:
                 request.paused_steps += 1
             for batch in plan.batches:

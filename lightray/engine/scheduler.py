@@ -5,15 +5,17 @@ returns the ones to run, grouped by latent grid (one transformer forward per gri
 (docs/engine.md):
 
 1. Priority first: every `interactive` request is considered before any `batch` one.
-2. Within a priority, requests that have started (running or paused) come before new ones, oldest first, so
-   a started request is not overtaken by a newcomer of its own class: preemption only happens across classes.
-3. New requests of one priority are admitted tenant-fair: the next one comes from the tenant with the fewest
-   rows already chosen for this step, oldest first within a tenant (FCFS when there is one tenant).
-4. Requests are taken in that order while they fit the budget (`EngineConfig.max_batch_rows`, and
-   `max_batch_tokens` if set); the first request that does not fit ends the step's batch (no backfilling, so a
-   large request cannot be starved by a stream of small ones). The first request always runs, even if it alone
-   exceeds the budget.
-5. A started request that is not chosen is paused: it keeps its latents and step index and resumes, with the
+2. Within a priority, a request that has waited `EngineConfig.starvation_steps` steps or more without running
+   comes first (oldest first): nothing waits for ever.
+3. Then least remaining work first (rows × steps left): a 4-step Lightning request that arrives while 50-step
+   CFG requests run joins at the next step instead of queueing behind them (no head-of-line blocking), and a
+   request near its end finishes before a fresh one of the same size starts.
+4. Ties go tenant-fair: the tenant with the fewest rows already chosen for this step first, then arrival order
+   (FCFS when there is one tenant).
+5. Requests are taken in that order while they fit the budget (`EngineConfig.max_batch_rows`, and
+   `max_batch_tokens` if set); the first request that does not fit ends the step's batch (no backfilling past
+   it). The first request always runs, even if it alone exceeds the budget.
+6. A started request that is not chosen is paused: it keeps its latents and step index and resumes, with the
    same result, when it is chosen again.
 """
 
@@ -34,6 +36,9 @@ class Schedulable(Protocol):
     tenant: str | None
     rows: int
     """Transformer rows per step (images, doubled with true CFG)."""
+    remaining_steps: int
+    waited_steps: int
+    """Engine steps since this request last ran (or since it arrived)."""
     image_tokens: int
     grid: tuple[int, int]
     """Latent grid (height, width) after packing: requests batch together only on the same grid."""
@@ -57,15 +62,16 @@ class StepScheduler:
         self.config = config
 
     def order(self, live: Iterable[Schedulable]) -> list[Schedulable]:
-        """Every live request in the order the policy considers them (points 1-3 above)."""
+        """Every live request in the order the policy considers them (points 1-4 above)."""
         ordered: list[Schedulable] = []
         by_priority: dict[Priority, list[Schedulable]] = {p: [] for p in PRIORITIES}
         for request in live:
             by_priority[request.priority].append(request)
         for priority in PRIORITIES:
             requests = by_priority[priority]
-            ordered.extend(sorted((r for r in requests if r.started), key=lambda r: r.seq))
-            ordered.extend(_tenant_fair(sorted((r for r in requests if not r.started), key=lambda r: r.seq)))
+            starving = [r for r in requests if r.waited_steps >= self.config.starvation_steps]
+            ordered.extend(sorted(starving, key=lambda r: r.seq))
+            ordered.extend(_tenant_fair([r for r in requests if r.waited_steps < self.config.starvation_steps]))
         return ordered
 
     def schedule(self, live: Sequence[Schedulable]) -> StepPlan:
@@ -89,18 +95,16 @@ class StepScheduler:
 
 
 def _tenant_fair(requests: list[Schedulable]) -> list[Schedulable]:
-    """Round-robin over tenants, weighted by rows: the next request comes from the tenant with the fewest rows
-    taken so far (ties: the earlier request). `requests` is in arrival order; so is each tenant's share."""
-    queues: dict[str | None, list[Schedulable]] = {}
-    for request in requests:
-        queues.setdefault(request.tenant, []).append(request)
-    taken = {tenant: 0 for tenant in queues}
+    """Least remaining work first; among equal work, the tenant with the fewest rows taken so far, then the
+    earlier request."""
+    pending = sorted(requests, key=lambda r: (r.rows * r.remaining_steps, r.seq))
+    taken: dict[str | None, int] = {}
     out: list[Schedulable] = []
-    while queues:
-        tenant = min(queues, key=lambda t: (taken[t], queues[t][0].seq))
-        request = queues[tenant].pop(0)
-        taken[tenant] += request.rows
-        out.append(request)
-        if not queues[tenant]:
-            del queues[tenant]
+    while pending:
+        work = pending[0].rows * pending[0].remaining_steps
+        tied = [r for r in pending if r.rows * r.remaining_steps == work]
+        pick = min(tied, key=lambda r: (taken.get(r.tenant, 0), r.seq))
+        pending.remove(pick)
+        taken[pick.tenant] = taken.get(pick.tenant, 0) + pick.rows
+        out.append(pick)
     return out

@@ -11,6 +11,9 @@ Where the values come from:
   seconds): routing, the handle's queue, the replica's queue and the argument transfer. Serve's own
   `ray_serve_deployment_queued_queries` is a gauge of the queue length at one moment, not a per-request wait;
 * batch size and images: the number of images (seeds) in each denoise call;
+* stage batch size: prompts per text-encoder forward and images per VAE decode call, after the exact grouping of
+  the requests `serve.batch` gathered (docs/batching.md); Serve's own `ray_serve_actual_batch_size` counts the
+  requests per gathered batch;
 * adapter cache: a miss is the multiplexed loader running, a hit a lookup served by an adapter loaded for an
   earlier request, an eviction the LRU releasing one (`LoadedAdapter.release`).
 """
@@ -34,6 +37,9 @@ LATENCY_BOUNDARIES_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 1
 # bucket (n-0.5, n+0.5] has midpoint n, so the batch-size sum is exact (the API allows n = 1..10).
 BATCH_BOUNDARIES = [n + 0.5 for n in range(11)]
 ENGINE_ROW_BOUNDARIES = [n + 0.5 for n in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)]
+# Prompts per text-encoder forward (up to 2 per request) and images per VAE decode call (up to n per request):
+# unit buckets as above up to 32, then coarser.
+STAGE_BATCH_BOUNDARIES = [n + 0.5 for n in range(33)] + [48.5, 64.5, 96.5, 128.5]
 
 
 class _Metrics:
@@ -51,6 +57,12 @@ class _Metrics:
         self.batch_size = metrics.Histogram(
             "lightray_batch_size", description="Images per denoise call.", boundaries=BATCH_BOUNDARIES,
             tag_keys=("model",),
+        )
+        self.stage_batch_size = metrics.Histogram(
+            "lightray_stage_batch_size",
+            description="Prompts per text-encoder forward (stage encode) and images per VAE decode call (stage "
+                        "decode).",
+            boundaries=STAGE_BATCH_BOUNDARIES, tag_keys=("stage",),
         )
         self.images = metrics.Counter(
             "lightray_images_generated", description="Images denoised.", tag_keys=("model", "kind"),
@@ -116,12 +128,15 @@ def handoff_at() -> float:
     return time.time()
 
 
-def record_queue_wait(stage: str, timings: dict[str, float], handed_off: float | None) -> None:
-    """`handed_off` (wall-clock seconds) → now as `<stage>_wait_ms` in `timings` and the queue-wait histogram.
-    Wall clocks: across nodes the value includes their clock offset (NTP keeps it to about a millisecond)."""
+def record_queue_wait(stage: str, timings: dict[str, float], handed_off: float | None,
+                      started: float | None = None) -> None:
+    """`handed_off` → `started` (wall-clock seconds; default now) as `<stage>_wait_ms` in `timings` and the
+    queue-wait histogram. Wall clocks: across nodes the value includes their clock offset (NTP keeps it to about
+    a millisecond). A batched stage passes the start of the model call that did the request's work, so the wait
+    includes the batch queue and any earlier call of the same batch."""
     if handed_off is None:
         return
-    wait_ms = max(0.0, (time.time() - handed_off) * 1000.0)
+    wait_ms = max(0.0, ((time.time() if started is None else started) - handed_off) * 1000.0)
     timings[f"{stage}_wait_ms"] = wait_ms
     stage_metrics().queue_wait.observe(wait_ms, tags={"stage": stage})
 
@@ -132,6 +147,11 @@ def record_stages(timings: dict[str, float], *keys: str) -> None:
     for key in keys:
         if key in timings:
             m.stage_latency.observe(timings[key], tags={"stage": key.removesuffix("_ms")})
+
+
+def record_batch(stage: str, size: int) -> None:
+    """Observe the stage batch-size histogram: one model call of `stage` ("encode", "decode") over `size` rows."""
+    stage_metrics().stage_batch_size.observe(size, tags={"stage": stage})
 
 
 def log_request(what: str, **fields) -> None:

@@ -1,44 +1,144 @@
+"""The VaeDecoder deployment: `DenoisedLatents` → `DecodedImages` (PNG), with concurrent decodes batched
+(`serve.batch`), and the VAE encoder for image inputs (`ImageLatents`).
+
+The decodes gathered into one batch run in as few VAE calls as stay bit-exact (`VaeStage.decode_plan`): the requests
+of one size with n >= 2 images are stacked into one call, and a request of one image is decoded alone, because the
+VAE decodes a batch of one differently from larger batches (measurements in `lightray/stages/vae.py` and
+docs/batching.md). The batch handler runs one batch at a time, which also serialises the decodes on the VAE's
+per-call state (the stage's lock still guards it against `encode`, which Serve runs in its thread pool). The default
+`batch_wait_timeout_s` is 0: a batch is whatever queued while the previous one ran.
+"""
+
 from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
 
 import numpy as np
 from PIL import Image
 from ray import serve
 
-from deployments.metrics import handoff_at, log_request, record_queue_wait, record_stages
+from deployments.metrics import handoff_at, log_request, record_batch, record_queue_wait, record_stages
 from deployments.timing import timed
 from lightray.config import load_preset
+from lightray.contracts import DecodedImages, DenoisedLatents, ImageLatents
 from lightray.images import encode_png
 from lightray.stages import VaeStage
+
+MAX_BATCH_SIZE = 8
+"""Decode requests per batch (at most the deployment's `max_ongoing_requests`)."""
+BATCH_WAIT_TIMEOUT_S = 0.0
+MAX_IMAGES_PER_CALL = 32
+"""Most images stacked into one VAE call (a request is never split, so one larger request still gets its call):
+bounds the activation memory of large images on an accelerator."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeItem:
+    """One request's input to the batch handler."""
+
+    latents: np.ndarray
+    """[n, tokens, 64] packed latents."""
+    height: int
+    width: int
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodedItem:
+    """The batch handler's output for one request."""
+
+    images: list[Image.Image]
+    decode_ms: float
+    """Milliseconds of the VAE call that decoded this request (shared with the requests stacked with it)."""
+    started_at: float
+    """Wall-clock start of that call (the end of the request's queue wait)."""
+    call_images: int
+    """Images in that call."""
+    batch_requests: int
+    """Requests in the batch this one was decoded with."""
+
+
+def decode_batch(stage: VaeStage, items: list[DecodeItem],
+                 max_images: int | None = MAX_IMAGES_PER_CALL) -> list[DecodedItem | Exception]:
+    """Every request's images, in the order of `items`, each bit-identical to `stage.decode` of its own latents,
+    in the VAE calls of `VaeStage.decode_plan`. If the batch fails, each request is retried alone, so one bad
+    request (latents that do not match its size) fails only itself: its entry is then the exception."""
+    try:
+        return _decode_all(stage, items, max_images)
+    except Exception:
+        if len(items) == 1:
+            raise
+    return [_alone(_decode_all, stage, item, max_images) for item in items]
+
+
+def _alone(batch_fn, stage, item, *args):
+    try:
+        return batch_fn(stage, [item], *args)[0]
+    except Exception as err:  # noqa: BLE001 - handed to that request's caller
+        return err
+
+
+def _decode_all(stage: VaeStage, items: list[DecodeItem], max_images: int | None) -> list[DecodedItem]:
+    requests = [(item.latents, item.height, item.width) for item in items]
+    out: dict[int, DecodedItem] = {}
+    calls = stage.decode_calls(requests, max_images)
+    while True:
+        started, t0 = time.time(), time.perf_counter()
+        call = next(calls, None)  # runs the call's VAE decode
+        if call is None:
+            break
+        ms = (time.perf_counter() - t0) * 1000.0
+        n = sum(len(images) for _, images in call)
+        record_batch("decode", n)
+        for i, images in call:
+            out[i] = DecodedItem(images, ms, started, n, len(items))
+    return [out[i] for i in range(len(items))]
 
 
 @serve.deployment(name="VaeDecoder", max_ongoing_requests=8)
 class VaeDecoder:
-    def __init__(self, preset: dict):
+    def __init__(self, preset: dict, max_batch_size: int = MAX_BATCH_SIZE,
+                 batch_wait_timeout_s: float = BATCH_WAIT_TIMEOUT_S,
+                 max_images_per_call: int | None = MAX_IMAGES_PER_CALL):
         self.stage = VaeStage(load_preset(preset))
+        self.max_images_per_call = max_images_per_call
+        self._decode_batch.set_max_batch_size(max_batch_size)
+        self._decode_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
-    def decode(self, denoised: dict, width: int, height: int) -> dict:
-        """Denoiser output → {"images": [PNG bytes], "timings": {…}}. PNG encoding happens here: compressed
-        bytes are a smaller hop than raw pixels, and it spreads CPU work away from the ingress."""
-        timings = dict(denoised["timings"])
-        record_queue_wait("decode", timings, denoised.get("handoff_at"))
-        latents: np.ndarray = denoised["latents"]
-        with timed(timings, "decode_ms"):
-            images = self.stage.decode(latents, height, width)
-        with timed(timings, "png_ms"):
-            pngs = [encode_png(im) for im in images]
+    async def decode(self, denoised: DenoisedLatents, width: int, height: int) -> DecodedImages:
+        """Denoiser output → PNGs in seed order, with `denoised.timings` + decode_ms, png_ms (and decode_wait_ms,
+        from the denoiser's `handoff_at` to the start of the VAE call that decoded this request). PNG encoding
+        happens here: compressed bytes are a smaller hop than raw pixels, and it spreads CPU work away from the
+        ingress."""
+        out = await self._decode_batch(DecodeItem(denoised.latents, height, width))
+        if isinstance(out, Exception):
+            raise out
+        timings = dict(denoised.timings)
+        record_queue_wait("decode", timings, denoised.handoff_at, started=out.started_at)
+        timings["decode_ms"] = out.decode_ms
+        with timed(timings, "png_ms"):  # in a thread, overlapping the next batch's decode
+            pngs = await asyncio.to_thread(lambda: tuple(encode_png(im) for im in out.images))
         record_stages(timings, "decode_ms", "png_ms")
-        log_request("decode", images=len(pngs), size=f"{width}x{height}", wait_ms=timings.get("decode_wait_ms"),
+        log_request("decode", images=len(pngs), size=f"{width}x{height}", batch=out.batch_requests,
+                    call_images=out.call_images, wait_ms=timings.get("decode_wait_ms"),
                     decode_ms=timings["decode_ms"], png_ms=timings["png_ms"])
-        return {"images": pngs, "timings": timings}
+        return DecodedImages(pngs, timings)
+
+    @serve.batch(max_batch_size=MAX_BATCH_SIZE, batch_wait_timeout_s=BATCH_WAIT_TIMEOUT_S)
+    async def _decode_batch(self, items: list[DecodeItem]) -> list[DecodedItem | Exception]:
+        # In a worker thread: the replica's event loop keeps taking requests (and filling the next batch).
+        return await asyncio.to_thread(decode_batch, self.stage, items, self.max_images_per_call)
 
     def encode(self, image: np.ndarray, seeds: list[int], width: int, height: int,
-               handoff: float | None = None) -> dict:
-        """An input image (uint8 [h, w, 3]) → {"latents": [n, tokens, 64], "generator_states", "timings"}: the
-        denoiser's starting point for img2img / inpainting (`VaeStage.encode_for_seeds`). Here rather than in the
-        Denoiser: on the embedded model a 64x64 encode takes 3–5 times a handle hop, time the (scarcer) denoiser
-        would otherwise spend, and it runs concurrently with the text encoder. Here rather than in a deployment of
-        its own: that would cost the same hop plus a second copy of the VAE (docs/image_inputs.md). `handoff`: when
-        the ingress sent the request (wall-clock s), for the queue-wait metric."""
+               handoff: float | None = None) -> ImageLatents:
+        """An input image (uint8 [h, w, 3]) → `ImageLatents` for `seeds`: the denoiser's starting point for
+        img2img / inpainting (`VaeStage.encode_for_seeds`). Here rather than in the Denoiser: on the embedded model
+        a 64x64 encode takes 3–5 times a handle hop, time the (scarcer) denoiser would otherwise spend, and it runs
+        concurrently with the text encoder. Here rather than in a deployment of its own: that would cost the same
+        hop plus a second copy of the VAE (docs/image_inputs.md). Not batched: an encode is per image and seeds,
+        and rarer than decodes. `handoff`: when the ingress sent the request (wall-clock s), for the queue-wait
+        metric."""
         timings: dict[str, float] = {}
         record_queue_wait("vae_encode", timings, handoff)
         with timed(timings, "vae_encode_ms"):
@@ -46,8 +146,7 @@ class VaeDecoder:
         record_stages(timings, "vae_encode_ms")
         log_request("vae_encode", images=len(seeds), size=f"{width}x{height}",
                     wait_ms=timings.get("vae_encode_wait_ms"), vae_encode_ms=timings["vae_encode_ms"])
-        return {"latents": start.latents, "generator_states": start.generator_states, "timings": timings,
-                "handoff_at": handoff_at()}
+        return dataclasses.replace(start, timings=timings, handoff_at=handoff_at())
 
     def check_health(self) -> None:
         if self.stage.vae is None:

@@ -1,15 +1,17 @@
-"""Tenant adapters at request time: parse the API's `lora` field, resolve it against the registry, check the
-adapter was trained for the served base model. Used by the ingress (before any replica work) and by every
-process that loads adapters (Denoiser replicas, the in-process pipeline).
+"""Tenant adapters at request time: resolve the adapters of a request's `lora` field (parsed by
+`lightray.schemas.parse_lora_field`) against the registry as the caller's tenant sees them, pin each to a concrete
+version, check each was trained for the served base model. Used by the ingress (before any replica work) and by
+every process that loads adapters (Denoiser replicas, the in-process pipeline).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
+from collections.abc import Sequence
 from pathlib import Path
 
 from lightray.config import REPO_ROOT, ModelPreset
+from lightray.contracts import AdapterUse
 from lightray.registry import (
     AdapterIncompatible,
     AdapterManifest,
@@ -21,9 +23,6 @@ from lightray.registry import (
 )
 from lightray.schemas import RequestError
 
-_SCALE = re.compile(r"^(?P<ref>[^:]+)(?::(?P<scale>-?[0-9]*\.?[0-9]+))?$")
-MAX_ADAPTER_SCALE = 4.0
-
 
 @dataclasses.dataclass(frozen=True)
 class ResolvedAdapter:
@@ -32,6 +31,11 @@ class ResolvedAdapter:
     and is loaded fresh, never served from a stale cache)."""
     scale: float
     manifest: AdapterManifest
+
+    @property
+    def use(self) -> AdapterUse:
+        """What a spec carries for this adapter (pinned ref and scale)."""
+        return AdapterUse(ref=self.ref, scale=self.scale)
 
 
 def open_registry(root: str, storage_options: dict | None = None) -> AdapterRegistry:
@@ -53,28 +57,23 @@ def can_delete(manifest: AdapterManifest, tenant: str | None) -> bool:
     return tenant is None or manifest.tenant == tenant
 
 
-def parse_lora_field(value: str) -> tuple[str, float]:
-    """'tenant/name[@version][:scale]' → (ref, scale)."""
-    m = _SCALE.match(value.strip())
-    if not m:
-        raise RequestError("lora", f"lora must look like 'tenant/name[@version][:scale]', got {value!r}")
-    scale = float(m.group("scale")) if m.group("scale") else 1.0
-    if not -MAX_ADAPTER_SCALE <= scale <= MAX_ADAPTER_SCALE:
-        raise RequestError("lora", f"lora scale must be within ±{MAX_ADAPTER_SCALE:g}, got {scale:g}")
-    return m.group("ref"), scale
-
-
-def resolve_adapter(registry: AdapterRegistry, preset: ModelPreset, value: str,
-                    tenant: str | None = None) -> ResolvedAdapter:
-    """The request's `lora` field against the registry: 400 malformed, 404 unknown (or another tenant's private
-    adapter: indistinguishable, so ids cannot be probed), 422 wrong base model."""
-    ref, scale = parse_lora_field(value)
-    manifest = find_adapter(registry, ref, tenant, param="lora")
-    try:
-        check_compatible(manifest, preset.base_model_id, None)
-    except AdapterIncompatible as err:
-        raise RequestError("lora", f"lora: {err}", status=422, code="adapter_incompatible") from None
-    return ResolvedAdapter(ref=manifest.ref, scale=scale, manifest=manifest)
+def resolve_adapters(registry: AdapterRegistry, preset: ModelPreset, adapters: Sequence[AdapterUse],
+                     params: Sequence[str], tenant: str | None = None) -> tuple[ResolvedAdapter, ...]:
+    """A request's adapters (refs as written, e.g. `acme/style` for the latest) against the registry as `tenant`
+    sees it, in order: 404 unknown (or another tenant's private adapter: indistinguishable, so ids cannot be
+    probed), 422 wrong base model. `params`: the request field each adapter came from, named in the errors
+    (`ImageGenerationRequest.lora_params`: "lora", or "lora[i]" for a list's entries)."""
+    if len(params) != len(adapters):
+        raise ValueError(f"{len(params)} params for {len(adapters)} adapters")
+    resolved = []
+    for adapter, param in zip(adapters, params):
+        manifest = find_adapter(registry, adapter.ref, tenant, param=param)
+        try:
+            check_compatible(manifest, preset.base_model_id, None)
+        except AdapterIncompatible as err:
+            raise RequestError(param, f"{param}: {err}", status=422, code="adapter_incompatible") from None
+        resolved.append(ResolvedAdapter(ref=manifest.ref, scale=adapter.scale, manifest=manifest))
+    return tuple(resolved)
 
 
 def find_adapter(registry: AdapterRegistry, ref: str, tenant: str | None, param: str) -> AdapterManifest:

@@ -3,6 +3,7 @@
     lightray serve [configs/serve/local.yaml]
     lightray generate "a red circle on the left, white background" -n 2 --seed 7 -o out/
     lightray generate "白色背景，左边有一个红色的圆形" --local -o out/
+    lightray generate "lrzframe style, a blue square" --lora demo/frame:0.8 --lora acme/rings --priority batch
     lightray adapters list
 """
 
@@ -21,6 +22,7 @@ import httpx
 
 from lightray.adapters_cli import add_adapter_commands
 from lightray.config import REPO_ROOT
+from lightray.contracts import MAX_STACKED_ADAPTERS, PRIORITIES
 
 DEFAULT_URL = os.environ.get("LIGHTRAY_URL", "http://127.0.0.1:8000")
 RAY_DEFAULTS = {
@@ -88,10 +90,12 @@ def _save_images(images: list[tuple[int, bytes]], out: Path, prefix: str) -> lis
 
 def cmd_generate(args: argparse.Namespace) -> int:
     body = {"prompt": args.prompt, "n": args.n, "response_format": "b64_json"}
-    for key in ("model", "size", "seed", "negative_prompt", "num_inference_steps", "true_cfg_scale", "lora"):
+    for key in ("model", "size", "seed", "negative_prompt", "num_inference_steps", "true_cfg_scale", "priority"):
         value = getattr(args, key)
         if value is not None:
             body[key] = value
+    if args.lora:  # one --lora as the API's single string, so its errors name `lora` as a request's would
+        body["lora"] = args.lora[0] if len(args.lora) == 1 else args.lora
     if args.local:
         images = _generate_local(body, args.preset, args.registry)
     else:
@@ -111,20 +115,21 @@ def _generate_local(body: dict, preset: str, registry_root: str) -> list[tuple[i
 
     from lightray.images import encode_png
     from lightray.pipeline import LocalPipeline
-    from lightray.schemas import ImageGenerationRequest
+    from lightray.schemas import ImageGenerationRequest, lora_params
 
     pipeline = LocalPipeline(preset)
-    spec = ImageGenerationRequest.model_validate(body).resolve(pipeline.preset, secrets.randbelow(2**31))
-    adapter_path = None
-    if spec.lora:
-        from lightray.adapters import open_registry, resolve_adapter
+    request = ImageGenerationRequest.model_validate(body)
+    spec = request.resolve(pipeline.preset, secrets.randbelow(2**31))
+    if request.priority is not None:
+        spec.priority = request.priority
+    if spec.adapters:
+        from lightray.adapters import open_registry, resolve_adapters
 
+        # As the ingress pins them (serve_app.routers.images.pin_adapters), with no tenancy: one local user.
         registry = open_registry(registry_root)
-        adapter = resolve_adapter(registry, pipeline.preset, spec.lora)
-        spec.lora, spec.lora_scale = adapter.ref, adapter.scale
-        _, path = registry.fetch(adapter.ref, base_model_id=pipeline.preset.base_model_id)
-        adapter_path = str(path)
-    images = pipeline.generate(spec, adapter_path)
+        resolved = resolve_adapters(registry, pipeline.preset, spec.adapters, lora_params(request.lora))
+        spec.adapters = tuple(adapter.use for adapter in resolved)
+    images = pipeline.generate(spec)
     return [(seed, encode_png(im)) for seed, im in zip(spec.seeds, images)]
 
 
@@ -147,7 +152,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--negative-prompt", dest="negative_prompt")
     gen.add_argument("--steps", dest="num_inference_steps", type=int)
     gen.add_argument("--cfg", dest="true_cfg_scale", type=float)
-    gen.add_argument("--lora", help="tenant adapter, e.g. acme/rings or acme/rings@v2:0.8")
+    gen.add_argument("--lora", action="append",
+                     help="tenant adapter, e.g. acme/rings or acme/rings@v2:0.8; repeat to stack up to "
+                          f"{MAX_STACKED_ADAPTERS}, applied in the order given")
+    gen.add_argument("--priority", choices=PRIORITIES,
+                     help="scheduling class (default: the API key's; interactive with --local)")
     gen.add_argument("-o", "--out", default="out")
     gen.add_argument("--prefix", default="image")
     gen.add_argument("--url", default=DEFAULT_URL, help="service base URL (default %(default)s)")

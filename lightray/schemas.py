@@ -9,16 +9,27 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from lightray.config import ModelPreset
+from lightray.contracts import MAX_STACKED_ADAPTERS, AdapterUse, Priority
+from lightray.registry import AdapterRef, InvalidAdapterRef
 
 MAX_SEED = 2**63 - 1
 _SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
 SIZE_PATTERN = r"^(auto|[0-9]{1,5}x[0-9]{1,5})$"
 """The size field's form, as documented in the OpenAPI schema; the limits are checked against the preset."""
+_ADAPTER_ENTRY = re.compile(r"^(?P<ref>[^:]+)(?::(?P<scale>-?[0-9]*\.?[0-9]+))?$")
+MAX_ADAPTER_SCALE = 4.0
+"""Largest |scale| a `lora` entry may ask for."""
+LoraEntry = Annotated[str, Field(min_length=1)]
+"""One `lora` entry, 'tenant/name[@version][:scale]' ("" is not "no adapter": it used to reach the denoiser as an
+adapter name, a 500)."""
+LoraField = LoraEntry | Annotated[list[LoraEntry], Field(min_length=1, max_length=MAX_STACKED_ADAPTERS)] | None
+"""The `lora` field: one entry, or a list of entries stacked in order."""
 
 
 class RequestError(ValueError):
@@ -50,9 +61,16 @@ class ImageGenerationRequest(BaseModel):
     seeds: list[int] | None = Field(None, description="One seed per image (overrides `seed`); length must be n.")
     num_inference_steps: int | None = Field(None, ge=1, description="Denoising steps; default per model.")
     true_cfg_scale: float | None = Field(None, ge=1.0, le=20.0, description="True CFG scale; 1 disables CFG.")
-    lora: str | None = Field(
-        None, min_length=1,  # "" is not "no adapter": it used to reach the denoiser as an adapter name (500)
-        description="Tenant adapter 'tenant/name[@version][:scale]', applied on top of the model.",
+    lora: LoraField = Field(
+        None,
+        description=f"Tenant adapter 'tenant/name[@version][:scale]' applied on top of the model, or a list of at "
+        f"most {MAX_STACKED_ADAPTERS} such adapters stacked in order, each adapter at most once. An empty list is "
+        "a 400 (leave the field out for no adapter). Errors about one entry of a list name it as `lora[i]`.",
+    )
+    priority: Priority | None = Field(
+        None,
+        description="Scheduling class: `interactive` is served first; `batch` runs when there is room and may be "
+        "paused between steps for interactive work. Default: the API key's priority.",
     )
 
     @field_validator("prompt")
@@ -60,6 +78,30 @@ class ImageGenerationRequest(BaseModel):
     def _prompt_not_blank(cls, v: str) -> str:
         if not v.strip():
             raise ValueError("prompt must not be blank")
+        return v
+
+    @field_validator("lora", mode="before")
+    @classmethod
+    def _lora_shape(cls, v: Any) -> Any:
+        """The field's shape, checked before pydantic's union so that an error names the entry at fault (the
+        error context's `param`, which the API puts in `error.param`) instead of pydantic's per-member loc."""
+        if v is None or isinstance(v, str):
+            if v == "":
+                raise PydanticCustomError("invalid_lora", "lora must not be empty; leave it out for no adapter")
+            return v
+        if not isinstance(v, list):
+            raise PydanticCustomError("invalid_lora", "lora must be a string or a list of strings")
+        if not v:
+            raise PydanticCustomError("invalid_lora", "lora must not be an empty list; leave it out for no adapter")
+        if len(v) > MAX_STACKED_ADAPTERS:
+            raise PydanticCustomError("invalid_lora", "lora stacks at most {limit} adapters, got {count}",
+                                      {"limit": MAX_STACKED_ADAPTERS, "count": len(v)})
+        for i, entry in enumerate(v):
+            if not isinstance(entry, str) or not entry:
+                raise PydanticCustomError(
+                    "invalid_lora", "{param} must be a non-empty string 'tenant/name[@version][:scale]'",
+                    {"param": lora_params(v)[i]},
+                )
         return v
 
     @field_validator("seeds")
@@ -105,8 +147,55 @@ class ImageGenerationRequest(BaseModel):
             seeds = [(base + i) % (MAX_SEED + 1) for i in range(self.n)]
         return GenerationSpec(
             prompt=self.prompt, negative_prompt=negative if cfg > 1 else None, model=variant.id, seeds=seeds,
-            width=width, height=height, num_inference_steps=steps, true_cfg_scale=cfg, lora=self.lora,
+            width=width, height=height, num_inference_steps=steps, true_cfg_scale=cfg,
+            adapters=parse_lora_field(self.lora),
         )
+
+
+def lora_params(value: str | list[str] | None) -> tuple[str, ...]:
+    """The error `param` of each adapter of a `lora` field, in order: "lora" for a single string, "lora[i]" for the
+    entries of a list."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return ("lora",)
+    return tuple(f"lora[{i}]" for i in range(len(value)))
+
+
+def _parse_adapter_entry(value: str, param: str) -> tuple[AdapterRef, AdapterUse]:
+    """One `lora` entry, 'tenant/name[@version][:scale]' → (its parsed ref, AdapterUse with the ref as written, not
+    yet pinned to a version, and the scale): 400 naming `param` when it is malformed."""
+    m = _ADAPTER_ENTRY.match(value.strip())
+    if not m:
+        raise RequestError(param, f"{param} must look like 'tenant/name[@version][:scale]', got {value!r}")
+    scale = float(m.group("scale")) if m.group("scale") else 1.0
+    if not -MAX_ADAPTER_SCALE <= scale <= MAX_ADAPTER_SCALE:
+        raise RequestError(param, f"{param} scale must be within ±{MAX_ADAPTER_SCALE:g}, got {scale:g}")
+    try:
+        ref = AdapterRef.parse(m.group("ref"))
+    except InvalidAdapterRef as err:
+        raise RequestError(param, f"{param}: {err}") from None
+    return ref, AdapterUse(ref=m.group("ref"), scale=scale)
+
+
+def parse_lora_field(value: str | list[str] | None) -> tuple[AdapterUse, ...]:
+    """The request's `lora` field (one entry or a list of them) → its adapters in order, not yet pinned: 400 for
+    a malformed entry or an adapter listed twice (whatever its versions and scales: one adapter, one delta),
+    naming the entry (`lora`, or `lora[i]` of the second occurrence)."""
+    if value is None:
+        return ()
+    entries = [value] if isinstance(value, str) else value
+    adapters: list[AdapterUse] = []
+    first_seen: dict[tuple[str, str], str] = {}
+    for entry, param in zip(entries, lora_params(value)):
+        ref, adapter = _parse_adapter_entry(entry, param)
+        key = (ref.tenant, ref.name)
+        if key in first_seen:
+            raise RequestError(param, f"{param}: adapter '{ref.tenant}/{ref.name}' is already {first_seen[key]}; "
+                                      "stack each adapter once")
+        first_seen[key] = param
+        adapters.append(adapter)
+    return tuple(adapters)
 
 
 def parse_size(size: str | None, preset: ModelPreset) -> tuple[int, int]:
@@ -139,9 +228,13 @@ class GenerationSpec:
     num_inference_steps: int
     true_cfg_scale: float
     negative_prompt: str | None = None
-    lora: str | None = None
-    """The request's adapter field; the ingress replaces it with the resolved `tenant/name@vN`."""
-    lora_scale: float = 1.0
+    adapters: tuple[AdapterUse, ...] = ()
+    """Tenant adapters, stacked in this order. `ImageGenerationRequest.resolve` fills in the refs as the request
+    wrote them; the ingress then pins each to its concrete `tenant/name@vN` (`routers.images.pin_adapters`)."""
+    priority: Priority = "interactive"
+    """Scheduling class; the ingress sets it from the request, or the caller's default."""
+    tenant: str | None = None
+    """Who asked (the API key's tenant), for fairness between tenants; None when auth is off."""
 
 
 # ----------------------------------------------------------------------------------------- image edits
@@ -206,7 +299,9 @@ class ImageEditRequest(ImageGenerationRequest):
         strength = self.strength
         if strength is None:
             strength = DEFAULT_INPAINT_STRENGTH if inpaint else DEFAULT_IMG2IMG_STRENGTH
-        return EditSpec(**dataclasses.asdict(base), strength=strength, padding_mask_crop=self.padding_mask_crop)
+        # Field by field, not `dataclasses.asdict`: that would turn the AdapterUse entries into dicts.
+        fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(base)}
+        return EditSpec(**fields, strength=strength, padding_mask_crop=self.padding_mask_crop)
 
 
 def denoising_steps(num_inference_steps: int, strength: float) -> int:

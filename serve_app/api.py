@@ -30,14 +30,21 @@ def _error(status: int, message: str, param: str | None, code: str | None,
 
 
 def _field_of(loc: tuple) -> str | None:
-    parts = [str(p) for p in loc if p not in ("body", "query", "path")]
-    return ".".join(parts) or None
+    """A pydantic error location as an error `param`: fields joined by ".", list indices as "[i]" ("seeds[1]")."""
+    param = ""
+    for part in loc:
+        if part in ("body", "query", "path"):
+            continue
+        param += f"[{part}]" if isinstance(part, int) else f".{part}" if param else str(part)
+    return param or None
 
 
 async def _on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     errors = exc.errors()
     first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
-    param = _field_of(tuple(first.get("loc", ())))
+    # A field validator that checks a list's entries itself says which one in its error's context ("lora[1]"):
+    # its location is the field's, and pydantic has no way to point deeper from there.
+    param = (first.get("ctx") or {}).get("param") or _field_of(tuple(first.get("loc", ())))
     msg = str(first.get("msg", "invalid value"))
     msg = msg.removeprefix("Value error, ")
     if param is None and ":" in msg:  # model-level checks name their field first ("seeds: …")

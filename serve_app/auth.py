@@ -13,6 +13,7 @@ import logging
 
 from fastapi import Request
 
+from lightray.contracts import Priority
 from lightray.schemas import RequestError
 from serve_app.settings import ServiceSettings
 
@@ -21,9 +22,13 @@ logger = logging.getLogger("lightray.auth")
 
 @dataclasses.dataclass(frozen=True)
 class Principal:
-    """Who is calling. `tenant` None means auth is off (the local single-user service): every adapter is usable."""
+    """Who is calling."""
 
     tenant: str | None
+    """The API key's tenant; None means auth is off (the local single-user service): every adapter is usable."""
+    default_priority: Priority = "interactive"
+    """Scheduling class of this caller's requests that name none (the key's `priority`, or the service's
+    `default_priority` when auth is off)."""
 
 
 class Unauthenticated(RequestError):
@@ -40,21 +45,23 @@ def _digest(key: str) -> bytes:
 class ApiKeyAuth:
     def __init__(self, settings: ServiceSettings):
         self.enabled = settings.auth_enabled
-        self._tenants = [(_digest(k.key.get_secret_value()), k.tenant) for k in settings.api_keys]
+        self._anonymous = Principal(tenant=None, default_priority=settings.default_priority)
+        self._principals = [(_digest(k.key.get_secret_value()), Principal(tenant=k.tenant, default_priority=k.priority))
+                            for k in settings.api_keys]
 
     def authenticate(self, token: str | None, request: Request) -> Principal:
         """`token`: the bearer token of the request's Authorization header, if it had one."""
         if not self.enabled:
-            return Principal(tenant=None)
+            return self._anonymous
         if not token:
             raise Unauthenticated("missing API key: send 'Authorization: Bearer <key>'")
         digest = _digest(token)
-        tenant = None
-        for known, owner in self._tenants:  # every entry compared: timing does not tell which key was close
+        principal = None
+        for known, owner in self._principals:  # every entry compared: timing does not tell which key was close
             if hmac.compare_digest(digest, known):
-                tenant = owner
-        if tenant is None:
+                principal = owner
+        if principal is None:
             client = request.client.host if request.client else "?"
             logger.warning("rejected an unknown API key from %s on %s", client, request.url.path)
             raise Unauthenticated("invalid API key")
-        return Principal(tenant=tenant)
+        return principal

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from lightray.contracts import Priority
 from lightray.registry import validate_tenant
 
 
@@ -18,6 +19,9 @@ class ApiKey(BaseModel):
     key: SecretStr = Field(min_length=16)
     """The bearer token clients send (`Authorization: Bearer <key>`). Secret: never logged or echoed; prefer the
     LIGHTRAY_API_KEYS environment variable (a Kubernetes Secret) to writing keys into a config file."""
+    priority: Priority = "interactive"
+    """Scheduling class of this key's requests that name none (a request's `priority` field overrides it). Per key,
+    so a tenant can hold an interactive key for its app and a batch key for bulk jobs."""
 
     @model_validator(mode="after")
     def _check_tenant(self) -> "ApiKey":
@@ -54,7 +58,9 @@ class ServiceSettings(BaseSettings):
     """Require an API key on every /v1 route (401 without one) and scope adapters to the key's tenant. On by
     default; only configs/serve/local.yaml (one user, loopback) turns it off, and then every adapter is usable."""
     api_keys: list[ApiKey] = Field(default_factory=list)
-    """Keys and their tenants, e.g. LIGHTRAY_API_KEYS='[{"tenant": "acme", "key": "…"}]'."""
+    """Keys and their tenants, e.g. LIGHTRAY_API_KEYS='[{"tenant": "acme", "key": "…", "priority": "batch"}]'."""
+    default_priority: Priority = "interactive"
+    """Scheduling class of requests that name none when auth is off (with auth on, each key's `priority`)."""
 
     @model_validator(mode="after")
     def _check_auth(self) -> "ServiceSettings":

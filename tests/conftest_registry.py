@@ -98,3 +98,22 @@ def publish_lora_adapter(registry_root, preset, tenant: str, name: str, seed: in
     src = make_lora_adapter(preset, Path(tmp_dir) / f"{tenant}-{name}-{seed}", seed, **kwargs)
     return open_registry(str(registry_root)).publish(tenant, name, src, base_model_id=preset.base_model_id,
                                                       **(manifest or {}))
+
+
+def publish_placeholder_adapter(registry_root, preset, tenant: str, name: str, tmp_dir, **manifest):
+    """The preset's own Lightning LoRA published as the next version of tenant/name, with extra `manifest` fields
+    (e.g. base_model_id="other/base"): a real, loadable adapter without building one (no torch), for tests that
+    only resolve adapters. Every such adapter has the same weights: use `publish_lora_adapter` to tell them apart
+    in images."""
+    import json
+    import shutil
+
+    from lightray.adapters import open_registry
+
+    lightning = next(v.lightning_lora for v in preset.variants if v.lightning_lora)
+    src = Path(tmp_dir) / f"placeholder-{tenant}-{name}"
+    src.mkdir(parents=True, exist_ok=True)
+    shutil.copy(preset.resolve(lightning), src / "adapter_model.safetensors")
+    (src / "adapter_config.json").write_text(json.dumps({"r": 8, "lora_alpha": 8, "peft_type": "LORA"}))
+    return open_registry(str(registry_root)).publish(
+        tenant, name, src, **{"base_model_id": preset.base_model_id, **manifest})

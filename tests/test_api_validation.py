@@ -9,7 +9,16 @@ import base64
 import io
 
 import pytest
+from fastapi.testclient import TestClient
 from PIL import Image
+
+from conftest_registry import publish_lora_adapter, publish_placeholder_adapter
+from lightray.adapters import open_registry, resolve_adapters
+from lightray.contracts import AdapterUse
+from lightray.schemas import EditSpec, RequestError, parse_lora_field
+from recording_backend import RecordingBackend
+from serve_app.api import create_app
+from serve_app.settings import ServiceSettings
 
 OK = {"prompt": "a red circle on the left, white background", "n": 1, "size": "64x64", "num_inference_steps": 2}
 
@@ -38,6 +47,9 @@ OK = {"prompt": "a red circle on the left, white background", "n": 1, "size": "6
         ({"true_cfg_scale": 0.5}, 400, "true_cfg_scale"),
         ({"response_format": "jpeg"}, 400, "response_format"),
         ({"unknown_field": 1}, 400, "unknown_field"),
+        ({"priority": "urgent"}, 400, "priority"),
+        ({"priority": 1}, 400, "priority"),
+        ({"seeds": ["one"]}, 400, "seeds[0]"),
     ],
 )
 def test_bad_input_is_4xx_naming_the_field(api_client, patch, status, param):
@@ -84,3 +96,212 @@ def test_models_and_health(api_client, preset):
     assert api_client.get("/readyz").status_code == 200
     assert api_client.get("/docs").status_code == 200
     assert "/v1/images/generations" in api_client.get("/openapi.json").json()["paths"]
+
+
+# ------------------------------------------------------------------------------ stacked adapters, priority
+
+STACK = "stacking"
+"""Tenant of this module's adapters in the session's registry (no other test publishes under it)."""
+
+
+def _png_b64(size=(64, 64)) -> str:
+    buf = io.BytesIO()
+    Image.new("RGB", size, "white").save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+@pytest.fixture(scope="module")
+def stack_adapters(preset, registry_root, tmp_path_factory) -> None:
+    """In the api_client's registry: stacking/style and stacking/subject for the served model, stacking/foreign for
+    another base model (placeholders: these tests only resolve them)."""
+    work = tmp_path_factory.mktemp("stack-adapters")
+    publish_placeholder_adapter(registry_root, preset, STACK, "style", work)
+    publish_placeholder_adapter(registry_root, preset, STACK, "subject", work)
+    publish_placeholder_adapter(registry_root, preset, STACK, "foreign", work, base_model_id="someone/other-base")
+
+
+BAD_LORA = [
+    # (lora, status, param, code)
+    ([], 400, "lora", "invalid_value"),  # an empty list is not "no adapter" (the field's description says so)
+    ([f"{STACK}/a{i}" for i in range(5)], 400, "lora", "invalid_value"),  # more than MAX_STACKED_ADAPTERS
+    (7, 400, "lora", "invalid_value"),
+    ({"ref": f"{STACK}/style"}, 400, "lora", "invalid_value"),
+    ("", 400, "lora", "invalid_value"),
+    ("no-slash", 400, "lora", "invalid_value"),
+    (f"{STACK}/style:9", 400, "lora", "invalid_value"),
+    ([f"{STACK}/style", 3], 400, "lora[1]", "invalid_value"),
+    ([f"{STACK}/style", ""], 400, "lora[1]", "invalid_value"),
+    ([f"{STACK}/style", None], 400, "lora[1]", "invalid_value"),
+    ([f"{STACK}/style", "no-slash"], 400, "lora[1]", "invalid_value"),
+    ([f"{STACK}/style", f"{STACK}/subject:9"], 400, "lora[1]", "invalid_value"),  # scale beyond ±4
+    ([f"{STACK}/style", f"{STACK}/sub ject"], 400, "lora[1]", "invalid_value"),
+    # the same adapter twice, whatever its version and scale: named at its second occurrence
+    ([f"{STACK}/style:0.5", f"{STACK}/style@v1"], 400, "lora[1]", "invalid_value"),
+    ([f"{STACK}/style", f"{STACK}/subject", f"{STACK}/style:2"], 400, "lora[2]", "invalid_value"),
+    (f"{STACK}/none-such", 404, "lora", "adapter_not_found"),
+    ([f"{STACK}/none-such"], 404, "lora[0]", "adapter_not_found"),
+    ([f"{STACK}/style", f"{STACK}/none-such"], 404, "lora[1]", "adapter_not_found"),
+    ([f"{STACK}/style", f"{STACK}/subject@v9"], 404, "lora[1]", "adapter_not_found"),
+    (f"{STACK}/foreign", 422, "lora", "adapter_incompatible"),
+    ([f"{STACK}/style", f"{STACK}/foreign"], 422, "lora[1]", "adapter_incompatible"),
+]
+
+
+def _assert_error(r, status: int, param: str, code: str) -> dict:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert (err["param"], err["code"]) == (param, code), err
+    return err
+
+
+@pytest.mark.parametrize("lora, status, param, code", BAD_LORA)
+def test_bad_lora_is_4xx_naming_the_entry(api_client, stack_adapters, lora, status, param, code):
+    err = _assert_error(api_client.post("/v1/images/generations", json={**OK, "lora": lora}), status, param, code)
+    if status == 404:  # as for a single adapter: it names the ref only (another tenant's looks the same)
+        assert err["message"].startswith(f"adapter '{STACK}/") and err["message"].endswith("' does not exist")
+    else:
+        assert param in err["message"]
+
+
+@pytest.mark.parametrize("lora, status, param, code", BAD_LORA)
+def test_bad_lora_in_an_edit_is_4xx_naming_the_entry(api_client, stack_adapters, lora, status, param, code):
+    body = {**OK, "image": _png_b64(), "lora": lora}
+    _assert_error(api_client.post("/v1/images/edits", json=body), status, param, code)
+
+
+def test_lora_as_form_fields(api_client, stack_adapters):
+    """In a multipart edit `lora` is one field (the single string), repeated or `lora[]` fields, or a JSON list."""
+    image = {"image": ("in.png", base64.b64decode(_png_b64()), "image/png")}
+
+    def edit(fields: dict[str, str | list[str]]):
+        return api_client.post("/v1/images/edits", files=image, data={"prompt": "x", **fields})
+
+    _assert_error(edit({"lora": f"{STACK}/none-such"}), 404, "lora", "adapter_not_found")
+    _assert_error(edit({"lora[]": f"{STACK}/none-such"}), 404, "lora[0]", "adapter_not_found")
+    for fields in ({"lora": [f"{STACK}/style", f"{STACK}/none-such"]},
+                   {"lora[]": [f"{STACK}/style", f"{STACK}/none-such"]},
+                   {"lora": f'["{STACK}/style", "{STACK}/none-such"]'}):
+        _assert_error(edit(fields), 404, "lora[1]", "adapter_not_found")
+    _assert_error(edit({"lora": [f"{STACK}/a{i}" for i in range(5)]}), 400, "lora", "invalid_value")
+
+
+def test_openapi_shows_lora_as_string_or_list_and_priority(api_client):
+    schema = api_client.get("/openapi.json").json()
+    lora = schema["components"]["schemas"]["ImageGenerationRequest"]["properties"]["lora"]
+    kinds = {member.get("type") for member in lora["anyOf"]}
+    assert kinds == {"string", "array", "null"}
+    array = next(m for m in lora["anyOf"] if m.get("type") == "array")
+    assert array["items"]["type"] == "string" and array["maxItems"] == 4 and array["minItems"] == 1
+    priority = schema["components"]["schemas"]["ImageGenerationRequest"]["properties"]["priority"]
+    assert {"enum": ["interactive", "batch"], "type": "string"} in priority["anyOf"]
+    edits = schema["paths"]["/v1/images/edits"]["post"]["requestBody"]["content"]
+    assert "lora" in edits["application/json"]["schema"]["properties"]
+    form_array = next(m for m in edits["multipart/form-data"]["schema"]["properties"]["lora"]["anyOf"]
+                      if m.get("type") == "array")
+    assert "minItems" not in form_array  # an empty form list is no field at all, which is valid
+
+
+@pytest.fixture(scope="module")
+def recording(preset, registry_root, tmp_path_factory, stack_adapters):
+    """(client, backend) of the real app, auth off with default_priority "batch", over a backend that records
+    the specs instead of generating."""
+    settings = ServiceSettings(preset=preset.model_dump(), registry=str(registry_root), auth_enabled=False,
+                               default_priority="batch", image_store_dir=str(tmp_path_factory.mktemp("rec-images")))
+    backend = RecordingBackend(preset)
+    with TestClient(create_app(backend, settings)) as client:
+        yield client, backend
+
+
+@pytest.mark.parametrize("path", ["/v1/images/generations", "/v1/images/edits"])
+def test_the_router_pins_stacked_adapters_and_sets_priority(recording, path):
+    client, backend = recording
+    extra = {"image": _png_b64()} if path.endswith("edits") else {}
+
+    r = client.post(path, json={**OK, **extra, "lora": [f"{STACK}/subject:-0.5", f"{STACK}/style@v1"]})
+    assert r.status_code == 200, r.text
+    spec = backend.specs[-1]
+    assert spec.adapters == (AdapterUse(f"{STACK}/subject@v1", -0.5), AdapterUse(f"{STACK}/style@v1", 1.0))
+    assert spec.priority == "batch" and spec.tenant is None  # the service's default_priority (auth off)
+    if path.endswith("edits"):
+        assert isinstance(spec, EditSpec) and all(isinstance(a, AdapterUse) for a in spec.adapters)
+
+    r = client.post(path, json={**OK, **extra, "lora": f"{STACK}/style:0.25", "priority": "interactive"})
+    assert r.status_code == 200, r.text
+    assert backend.specs[-1].adapters == (AdapterUse(f"{STACK}/style@v1", 0.25),)
+    assert backend.specs[-1].priority == "interactive"
+
+    assert client.post(path, json={**OK, **extra}).status_code == 200
+    assert backend.specs[-1].adapters == ()
+
+
+# Needs the in-process pipeline to apply spec.adapters (LocalPipeline taking GenerationSpec.adapters).
+def test_stacked_adapters_generate_and_each_changes_the_image(api_client, preset, registry_root, tmp_path_factory):
+    work = tmp_path_factory.mktemp("stack-real-adapters")
+    first = publish_lora_adapter(registry_root, preset, STACK, "real-first", 31, work).ref
+    second = publish_lora_adapter(registry_root, preset, STACK, "real-second", 32, work).ref
+
+    def png(**fields) -> bytes:
+        r = api_client.post("/v1/images/generations", json={**OK, "seed": 5, **fields})
+        assert r.status_code == 200, r.text
+        return base64.b64decode(r.json()["data"][0]["b64_json"])
+
+    plain, one, two = png(), png(lora=first), png(lora=second)
+    stacked = png(lora=[first, f"{second}:0.8"])
+    assert len({plain, one, two, stacked}) == 4
+    assert png(lora=[first]) == one  # a list of one is that adapter
+    r = api_client.post("/v1/images/edits", json={**OK, "image": _png_b64(), "lora": [first, second]})
+    assert r.status_code == 200, r.text
+
+
+# ------------------------------------------------------------------------------- resolution, unit level
+
+def test_parse_lora_field():
+    assert parse_lora_field(None) == ()
+    assert parse_lora_field("acme/style") == (AdapterUse("acme/style", 1.0),)
+    assert parse_lora_field(["acme/style@v2:0.5", "acme/subject:-1", "globex/style"]) == (
+        AdapterUse("acme/style@v2", 0.5), AdapterUse("acme/subject", -1.0), AdapterUse("globex/style", 1.0))
+    for value, param in [("acme", "lora"), (["acme/a", "acme"], "lora[1]"), (["acme/a", "acme/b:5"], "lora[1]"),
+                         (["acme/a", "acme/b", "acme/a@v3:0.1"], "lora[2]")]:
+        with pytest.raises(RequestError) as err:
+            parse_lora_field(value)
+        assert (err.value.param, err.value.status) == (param, 400)
+
+
+@pytest.fixture(scope="module")
+def unit_registry(preset, tmp_path_factory):
+    root = tmp_path_factory.mktemp("unit-registry")
+    work = tmp_path_factory.mktemp("unit-adapters")
+    for _ in range(2):
+        publish_placeholder_adapter(root, preset, "acme", "style", work)  # v1, v2
+    publish_placeholder_adapter(root, preset, "acme", "subject", work)
+    publish_placeholder_adapter(root, preset, "globex", "secret", work)
+    publish_placeholder_adapter(root, preset, "globex", "shared", work, visibility="public")
+    publish_placeholder_adapter(root, preset, "acme", "foreign", work, base_model_id="someone/other-base")
+    return open_registry(str(root))
+
+
+def test_resolve_adapters_pins_in_order_with_the_tenants_acl(unit_registry, preset):
+    uses = parse_lora_field(["acme/style:0.5", "globex/shared", "acme/subject@v1:-2"])
+    resolved = resolve_adapters(unit_registry, preset, uses, ["lora[0]", "lora[1]", "lora[2]"], tenant="acme")
+    assert [a.use for a in resolved] == [AdapterUse("acme/style@v2", 0.5), AdapterUse("globex/shared@v1", 1.0),
+                                         AdapterUse("acme/subject@v1", -2.0)]
+    assert [a.manifest.tenant for a in resolved] == ["acme", "globex", "acme"]
+    pinned = resolve_adapters(unit_registry, preset, [AdapterUse("acme/style@v1")], ["lora"], tenant="acme")
+    assert pinned[0].ref == "acme/style@v1"
+    # No tenancy (auth off): every adapter is usable.
+    assert resolve_adapters(unit_registry, preset, [AdapterUse("globex/secret")], ["lora"])[0].ref == "globex/secret@v1"
+
+    def error(uses, tenant="acme") -> RequestError:
+        with pytest.raises(RequestError) as err:
+            resolve_adapters(unit_registry, preset, uses, [f"lora[{i}]" for i in range(len(uses))], tenant=tenant)
+        return err.value
+
+    hidden = error([AdapterUse("acme/style"), AdapterUse("globex/secret")])
+    missing = error([AdapterUse("acme/style"), AdapterUse("globex/nothing")])
+    assert (hidden.status, hidden.param, hidden.code) == (404, "lora[1]", "adapter_not_found")
+    assert hidden.message.replace("secret", "X") == missing.message.replace("nothing", "X")
+    assert error([AdapterUse("acme/style@v3")]).param == "lora[0]"
+    foreign = error([AdapterUse("acme/subject"), AdapterUse("acme/foreign")])
+    assert (foreign.status, foreign.param, foreign.code) == (422, "lora[1]", "adapter_incompatible")
+    with pytest.raises(ValueError, match="params"):
+        resolve_adapters(unit_registry, preset, [AdapterUse("acme/style")], ["lora", "lora[1]"])

@@ -4,6 +4,7 @@ in-process backend; one test goes through a real HTTP server with the official o
 from __future__ import annotations
 
 import base64
+import io
 import logging
 import threading
 import time
@@ -14,16 +15,19 @@ import pytest
 import uvicorn
 import yaml
 from fastapi.testclient import TestClient
+from PIL import Image
 from pydantic import ValidationError
 
 from lightray.adapters import open_registry
 from conftest_registry import publish_lora_adapter
+from recording_backend import RecordingBackend
 from serve_app.api import create_app
 from serve_app.backend import LocalBackend
 from serve_app.settings import ServiceSettings
 
 ACME_KEY = "sk-acme-3f9c2a7d5e1b4c8a9d0e"
 GLOBEX_KEY = "sk-globex-8b1e6d2c4a7f9e3b"
+ACME_BATCH_KEY = "sk-acme-batch-6e2d9c1f7a4b"
 PROMPT = {"prompt": "a red circle on the left, white background", "model": "lightray-shapes-lightning-4",
           "seed": 3, "size": "64x64"}
 
@@ -43,7 +47,8 @@ def settings(preset, tenant_registry, tmp_path_factory) -> ServiceSettings:
     return ServiceSettings(
         preset=preset.model_dump(), registry=str(tenant_registry),
         image_store_dir=str(tmp_path_factory.mktemp("tenant-images")),
-        api_keys=[{"tenant": "acme", "key": ACME_KEY}, {"tenant": "globex", "key": GLOBEX_KEY}],
+        api_keys=[{"tenant": "acme", "key": ACME_KEY}, {"tenant": "globex", "key": GLOBEX_KEY},
+                  {"tenant": "acme", "key": ACME_BATCH_KEY, "priority": "batch"}],
     )
 
 
@@ -116,6 +121,56 @@ def test_another_tenants_private_adapter_does_not_exist_for_you(client):
     assert _png(client.post("/v1/images/generations", headers=as_(GLOBEX_KEY), json={**PROMPT, "lora": "globex/secret"}))
 
 
+def test_every_entry_of_a_list_goes_through_the_acl(client):
+    def error(key, lora) -> dict:
+        r = client.post("/v1/images/generations", headers=as_(key), json={**PROMPT, "lora": lora})
+        assert r.status_code == 404, r.text
+        assert r.json()["error"]["code"] == "adapter_not_found"
+        return r.json()["error"]
+
+    hidden = error(ACME_KEY, ["acme/private-style", "globex/secret"])
+    missing = error(ACME_KEY, ["acme/private-style", "globex/nothing"])
+    assert hidden["param"] == missing["param"] == "lora[1]"
+    assert hidden["message"].replace("secret", "X") == missing["message"].replace("nothing", "X")
+    assert error(GLOBEX_KEY, ["acme/shared-style", "acme/private-style@v1:0.5"])["param"] == "lora[1]"
+    assert error(GLOBEX_KEY, ["acme/private-style"])["param"] == "lora[0]"
+    edit = client.post("/v1/images/edits", headers=as_(GLOBEX_KEY),
+                       json={**PROMPT, "image": _white_png_b64(), "lora": ["globex/secret", "acme/private-style"]})
+    assert edit.status_code == 404 and edit.json()["error"]["param"] == "lora[1]", edit.text
+
+
+def _white_png_b64() -> str:
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), "white").save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+@pytest.fixture(scope="module")
+def recording(preset, settings):
+    """(client, backend) of the real app with these keys over a backend that records the specs."""
+    backend = RecordingBackend(preset)
+    with TestClient(create_app(backend, settings)) as c:
+        yield c, backend
+
+
+@pytest.mark.parametrize("path", ["/v1/images/generations", "/v1/images/edits"])
+def test_priority_defaults_to_the_keys_and_the_spec_names_the_tenant(recording, path):
+    client, backend = recording
+    body = {**PROMPT, **({"image": _white_png_b64()} if path.endswith("edits") else {})}
+
+    def spec_of(key, **fields):
+        r = client.post(path, headers=as_(key), json={**body, **fields})
+        assert r.status_code == 200, r.text
+        return backend.specs[-1]
+
+    assert (spec_of(ACME_KEY).priority, spec_of(ACME_KEY).tenant) == ("interactive", "acme")
+    assert (spec_of(ACME_BATCH_KEY).priority, spec_of(ACME_BATCH_KEY).tenant) == ("batch", "acme")
+    assert spec_of(ACME_BATCH_KEY, priority="interactive").priority == "interactive"
+    assert spec_of(GLOBEX_KEY, priority="batch").tenant == "globex"
+    stacked = spec_of(GLOBEX_KEY, lora=["globex/secret:0.5", "acme/shared-style"])
+    assert [(a.ref, a.scale) for a in stacked.adapters] == [("globex/secret@v1", 0.5), ("acme/shared-style@v1", 1.0)]
+
+
 def test_own_and_public_adapters_are_applied(client):
     plain = _png(client.post("/v1/images/generations", headers=as_(GLOBEX_KEY), json=PROMPT))
     public = _png(client.post("/v1/images/generations", headers=as_(GLOBEX_KEY),
@@ -123,6 +178,12 @@ def test_own_and_public_adapters_are_applied(client):
     own = _png(client.post("/v1/images/generations", headers=as_(ACME_KEY),
                            json={**PROMPT, "lora": "acme/private-style@v1"}))
     assert len({plain, public, own}) == 3  # each adapter changes the image, and differently
+    # Needs the in-process pipeline to apply spec.adapters (LocalPipeline taking GenerationSpec.adapters).
+    stacked = _png(client.post("/v1/images/generations", headers=as_(GLOBEX_KEY),
+                               json={**PROMPT, "lora": ["globex/secret", "acme/shared-style:0.7"]}))
+    alone = _png(client.post("/v1/images/generations", headers=as_(GLOBEX_KEY),
+                             json={**PROMPT, "lora": "globex/secret"}))
+    assert len({plain, public, alone, stacked}) == 4  # the stack is neither adapter alone
 
 
 def test_only_the_owner_deletes(client, local_pipeline, settings, tmp_path):
@@ -165,6 +226,10 @@ def test_settings_refuse_auth_without_keys_and_read_keys_from_the_environment(mo
         ServiceSettings(api_keys=[{"tenant": "acme", "key": "short"}])
     with pytest.raises(ValidationError, match="tenant"):
         ServiceSettings(api_keys=[{"tenant": "../etc", "key": ACME_KEY}])
+    with pytest.raises(ValidationError, match="priority"):
+        ServiceSettings(api_keys=[{"tenant": "acme", "key": ACME_KEY, "priority": "urgent"}])
+    with pytest.raises(ValidationError, match="default_priority"):
+        ServiceSettings(auth_enabled=False, default_priority="urgent")
     monkeypatch.setenv("LIGHTRAY_API_KEYS", f'[{{"tenant": "acme", "key": "{ACME_KEY}"}}]')
     settings = ServiceSettings()
     assert settings.auth_enabled and [k.tenant for k in settings.api_keys] == ["acme"]

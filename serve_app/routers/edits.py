@@ -34,7 +34,7 @@ from lightray.images import (
     resize_for_model,
 )
 from lightray.registry import AdapterRegistry
-from lightray.schemas import ImageEditRequest, ImagesResponse, RequestError
+from lightray.schemas import ImageEditRequest, ImagesResponse, RequestError, lora_params
 from serve_app.backend import GenerationBackend
 from serve_app.auth import Principal
 from serve_app.dependencies import (
@@ -47,13 +47,16 @@ from serve_app.dependencies import (
 )
 from serve_app.image_store import ImageStore
 from serve_app.openapi_errors import error_responses
-from serve_app.routers.images import images_response, pin_adapter, within_timeout
+from serve_app.routers.images import attribute_to, images_response, pin_adapters, within_timeout
 from serve_app.settings import ServiceSettings
 
 router = APIRouter(prefix="/v1", tags=["images"])
 
 FILE_FIELDS = ("image", "mask")
 LIST_FIELDS = ("seeds",)
+STRING_OR_LIST_FIELDS = ("lora",)
+"""Fields that take one string or a list: given once (and not as `name[]`) a form field is the string; given
+several times, as `name[]`, or as a JSON list, the list."""
 
 
 def _openapi_body() -> dict[str, Any]:
@@ -61,7 +64,7 @@ def _openapi_body() -> dict[str, Any]:
     binary = {"type": "string", "format": "binary"}
     encoded = {"type": "string", "description": "base64, or a data URL (data:image/png;base64,…)"}
 
-    def schema(file_schema: dict) -> dict:
+    def schema(file_schema: dict, properties: dict) -> dict:
         return {
             "type": "object",
             "additionalProperties": False,  # as ImageEditRequest (extra="forbid"): unknown fields get 400
@@ -70,13 +73,20 @@ def _openapi_body() -> dict[str, Any]:
                 "image": {**file_schema, "description": "The picture to edit: PNG, JPEG or WEBP."},
                 "mask": {**file_schema, "description": "PNG/WEBP of the image's size; fully transparent pixels "
                                                        "(alpha 0) mark the area to repaint. Absent: img2img."},
-                **fields["properties"],
+                **properties,
             },
         }
 
+    # A form sends a list as one part per entry, so an empty `lora` list is no part at all: the field left out,
+    # which is valid. The form's schema must not call it invalid (the JSON body's keeps minItems: [] is a 400).
+    form_properties = {**fields["properties"], "lora": {
+        **fields["properties"]["lora"],
+        "anyOf": [{k: v for k, v in member.items() if k != "minItems"}
+                  for member in fields["properties"]["lora"]["anyOf"]],
+    }}
     return {"requestBody": {"required": True, "content": {
-        "multipart/form-data": {"schema": schema(binary)},
-        "application/json": {"schema": schema(encoded)},
+        "multipart/form-data": {"schema": schema(binary, form_properties)},
+        "application/json": {"schema": schema(encoded, fields["properties"])},
     }}}
 
 
@@ -103,7 +113,8 @@ async def edit_images(
     image, mask = await asyncio.to_thread(load_edit_inputs, image_bytes, mask_bytes, limits)
     spec = body.resolve(backend.preset, default_seed=secrets.randbelow(2**31), image_size=image.size,
                         inpaint=mask is not None)
-    await pin_adapter(spec, registry, backend, principal)
+    attribute_to(spec, principal, body.priority)
+    await pin_adapters(spec, registry, backend.preset, principal.tenant, lora_params(body.lora))
     if body.mask_blur:
         mask = blur_mask(mask, body.mask_blur)
     full = (image, mask)
@@ -173,9 +184,12 @@ async def _read_multipart(request: Request, settings: ServiceSettings) -> tuple[
         raise RequestError("request", f"malformed multipart body: {e.detail}") from None
     fields: dict[str, list] = {}
     files: dict[str, list[bytes]] = {}
+    sent_as_list: set[str] = set()
     try:
         for key, value in form.multi_items():
             name = key.removesuffix("[]")  # OpenAI's clients send arrays as `name[]`
+            if name != key:
+                sent_as_list.add(name)
             if isinstance(value, UploadFile):
                 if name not in FILE_FIELDS:
                     raise RequestError(name, f"{name} must be a text field, not a file")
@@ -186,18 +200,20 @@ async def _read_multipart(request: Request, settings: ServiceSettings) -> tuple[
                 fields.setdefault(name, []).append(value)
     finally:
         await form.close()
-    return _flatten(fields), _single(files, "image"), _single(files, "mask")
+    return _flatten(fields, sent_as_list), _single(files, "image"), _single(files, "mask")
 
 
-def _flatten(fields: dict[str, list]) -> dict[str, Any]:
+def _flatten(fields: dict[str, list], sent_as_list: set[str] = frozenset()) -> dict[str, Any]:
+    """The form's text fields as the JSON body would have them; `sent_as_list`: names sent as `name[]`."""
     out: dict[str, Any] = {}
     for name, values in fields.items():
-        if name in LIST_FIELDS:
-            if len(values) == 1 and values[0].lstrip().startswith("["):
-                try:
-                    values = json.loads(values[0])
-                except json.JSONDecodeError:
-                    raise RequestError(name, f"{name} must be a JSON list or repeated fields") from None
+        takes_list = name in LIST_FIELDS or name in STRING_OR_LIST_FIELDS
+        if takes_list and len(values) == 1 and values[0].lstrip().startswith("["):  # no seed or adapter ref does
+            try:
+                out[name] = json.loads(values[0])
+            except json.JSONDecodeError:
+                raise RequestError(name, f"{name} must be a JSON list or repeated fields") from None
+        elif name in LIST_FIELDS or (name in STRING_OR_LIST_FIELDS and (len(values) > 1 or name in sent_as_list)):
             out[name] = values
         elif len(values) > 1:
             raise RequestError(name, f"{name} is given {len(values)} times")

@@ -4,13 +4,23 @@ import asyncio
 import base64
 import secrets
 import time
+from collections.abc import Sequence
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import Response as RawResponse
 
-from lightray.adapters import resolve_adapter
+from lightray.adapters import resolve_adapters
+from lightray.config import ModelPreset
+from lightray.contracts import Priority
 from lightray.registry import AdapterRegistry
-from lightray.schemas import ImageData, ImageGenerationRequest, ImagesResponse, RequestError
+from lightray.schemas import (
+    GenerationSpec,
+    ImageData,
+    ImageGenerationRequest,
+    ImagesResponse,
+    RequestError,
+    lora_params,
+)
 from serve_app.auth import Principal
 from serve_app.backend import GenerationBackend
 from serve_app.dependencies import (
@@ -42,17 +52,25 @@ async def generate_images(
     _slot: None = Depends(admitted),
 ) -> ImagesResponse:
     spec = body.resolve(backend.preset, default_seed=secrets.randbelow(2**31))
-    await pin_adapter(spec, registry, backend, principal)
+    attribute_to(spec, principal, body.priority)
+    await pin_adapters(spec, registry, backend.preset, principal.tenant, lora_params(body.lora))
     result = await within_timeout(backend.generate(spec), settings, "generation")
     return images_response(spec, result, body.response_format, request, response, settings, store)
 
 
-async def pin_adapter(spec, registry: AdapterRegistry, backend: GenerationBackend, principal: Principal) -> None:
-    """Resolve the spec's `lora` field against the registry as the caller's tenant sees it (404 / 422 before any
-    replica work) and pin it to a concrete `tenant/name@vN`."""
-    if spec.lora:
-        adapter = await asyncio.to_thread(resolve_adapter, registry, backend.preset, spec.lora, principal.tenant)
-        spec.lora, spec.lora_scale = adapter.ref, adapter.scale
+def attribute_to(spec: GenerationSpec, principal: Principal, priority: Priority | None) -> None:
+    """Set who the spec runs for: the caller's tenant, and the request's `priority` or else the caller's default."""
+    spec.tenant = principal.tenant
+    spec.priority = priority or principal.default_priority
+
+
+async def pin_adapters(spec: GenerationSpec, registry: AdapterRegistry, preset: ModelPreset, tenant: str | None,
+                       params: Sequence[str]) -> None:
+    """Resolve the spec's adapters against the registry as `tenant` sees it (404 / 422 naming the request's entry,
+    `params[i]`, before any replica work) and pin each to a concrete `tenant/name@vN`, keeping the order."""
+    if spec.adapters:
+        resolved = await asyncio.to_thread(resolve_adapters, registry, preset, spec.adapters, params, tenant)
+        spec.adapters = tuple(adapter.use for adapter in resolved)
 
 
 async def within_timeout(work, settings: ServiceSettings, what: str):

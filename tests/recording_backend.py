@@ -1,0 +1,32 @@
+"""A generation backend that runs nothing: it records the specs the routers hand it and answers with blank PNGs.
+For tests of what the ingress resolves (adapters pinned, priority, tenant) without running the stages."""
+
+from __future__ import annotations
+
+from PIL import Image
+
+from lightray.config import ModelPreset
+from lightray.images import encode_png
+from lightray.schemas import EditSpec, GenerationSpec
+from serve_app.backend import GenerationResult
+
+
+class RecordingBackend:
+    def __init__(self, preset: ModelPreset):
+        self.preset = preset
+        self.specs: list[GenerationSpec] = []
+        """Every spec given to `generate` or `edit`, in order."""
+
+    def _answer(self, spec: GenerationSpec) -> GenerationResult:
+        self.specs.append(spec)
+        png = encode_png(Image.new("RGB", (spec.width, spec.height), "white"))
+        return GenerationResult(images=[png] * len(spec.seeds), timings={"graph_ms": 0.0})
+
+    async def generate(self, spec: GenerationSpec) -> GenerationResult:
+        return self._answer(spec)
+
+    async def edit(self, spec: EditSpec, image: Image.Image, mask: Image.Image | None = None) -> GenerationResult:
+        return self._answer(spec)
+
+    async def readiness(self) -> dict[str, bool]:
+        return {"recording": True}

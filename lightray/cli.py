@@ -129,7 +129,9 @@ def _generate_local(body: dict, preset: str, registry_root: str) -> list[tuple[i
         registry = open_registry(registry_root)
         resolved = resolve_adapters(registry, pipeline.preset, spec.adapters, lora_params(request.lora))
         spec.adapters = tuple(adapter.use for adapter in resolved)
-    images = pipeline.generate(spec)
+        adapter_paths = {use.ref: str(registry.fetch(use.ref, base_model_id=pipeline.preset.base_model_id)[1])
+                         for use in spec.adapters}
+    images = pipeline.generate(spec, adapter_paths if spec.adapters else None)
     return [(seed, encode_png(im)) for seed, im in zip(spec.seeds, images)]
 
 

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic_core import PydanticCustomError
 
 from lightray.config import ModelPreset
-from lightray.contracts import MAX_STACKED_ADAPTERS, AdapterUse, Priority
+from lightray.contracts import MAX_STACKED_ADAPTERS, AdapterUse, DenoiseParams, Priority
 from lightray.registry import AdapterRef, InvalidAdapterRef
 
 MAX_SEED = 2**63 - 1
@@ -236,6 +236,22 @@ class GenerationSpec:
     tenant: str | None = None
     """Who asked (the API key's tenant), for fairness between tenants; None when auth is off."""
 
+    def prompts(self) -> list[str]:
+        """What the text encoder encodes: the prompt, and the negative prompt when true CFG is on."""
+        return [self.prompt] if self.negative_prompt is None else [self.prompt, self.negative_prompt]
+
+    def denoise_params(self, request_id: str | None = None) -> DenoiseParams:
+        """What the denoiser needs of this request (`lightray.contracts.DenoiseParams`)."""
+        return self._denoise_params(1.0, request_id)
+
+    def _denoise_params(self, strength: float, request_id: str | None) -> DenoiseParams:
+        return DenoiseParams(
+            seeds=tuple(self.seeds), width=self.width, height=self.height,
+            num_inference_steps=self.num_inference_steps, true_cfg_scale=self.true_cfg_scale, variant=self.model,
+            adapters=self.adapters, strength=strength, priority=self.priority, tenant=self.tenant,
+            request_id=request_id,
+        )
+
 
 # ----------------------------------------------------------------------------------------- image edits
 
@@ -320,6 +336,9 @@ class EditSpec(GenerationSpec):
     padding_mask_crop: int | None = None
     """Set: width×height is the working size of a crop around the mask, pasted back into the full input image
     (`lightray.images.crop_for_inpainting` / `paste_back`); the output has the input image's size."""
+
+    def denoise_params(self, request_id: str | None = None) -> DenoiseParams:
+        return self._denoise_params(self.strength, request_id)
 
 
 class ImageData(BaseModel):

@@ -32,7 +32,8 @@ def build_app(args: dict | None = None) -> Application:
     preset = load_preset(settings.preset).model_dump()
     return Ingress.bind(
         TextEncoder.bind(preset),
-        Denoiser.bind(preset, settings.registry, settings.registry_storage_options, settings.adapter_cache_size),
+        Denoiser.bind(preset, settings.registry, settings.registry_storage_options, settings.adapter_cache_size,
+                      settings.engine.model_dump()),
         VaeDecoder.bind(preset),
         settings.model_dump(),
     )

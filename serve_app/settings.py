@@ -5,6 +5,8 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from lightray.config import EngineConfig
+
 from lightray.contracts import Priority
 from lightray.registry import validate_tenant
 
@@ -40,6 +42,9 @@ class ServiceSettings(BaseSettings):
     """fsspec options for the registry (e.g. {"client_kwargs": {"endpoint_url": …}})."""
     adapter_cache_size: int = Field(4, ge=1)
     """Tenant adapters kept loaded per Denoiser replica (LRU)."""
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    """Each Denoiser replica's step budget and queue bound (`lightray.config.EngineConfig`); keep the Denoiser's
+    `max_ongoing_requests` at or below `engine.max_live_requests`."""
     request_timeout_s: float = Field(120.0, gt=0)
     """A generation still running after this long is abandoned with 504."""
     image_store_dir: str = "./out/images"

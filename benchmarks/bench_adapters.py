@@ -5,7 +5,7 @@ adapter, with one, and alternating between two.
     python benchmarks/bench_adapters.py [--repeats 10] [--model lightray-shapes-lightning-4]
 
 In process, without Ray: `AdapterRegistry.fetch` (download + sha256 check into an empty cache, as a Denoiser
-replica's multiplexed loader does) and `DenoiseStage` (`load_adapter`, `_activate`, `denoise`) are the exact calls
+replica's multiplexed loader does) and the denoising engine (`load_adapter`, `denoise`) are the exact calls
 a replica makes; the Serve hop costs are measured by bench_graph.py. The S3 registry is a real SeaweedFS server
 (`weed mini`, tests/s3_server.py) on loopback, so "S3" here is the protocol and client cost, not a WAN's.
 Adapters: rank-16 LoRAs on every transformer target (`LORA_TARGETS`, the trainer's default; ≈ 2.4 MB each), with
@@ -30,10 +30,11 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from conftest_registry import make_lora_adapter  # noqa: E402
 from lightray.config import load_preset  # noqa: E402
-from lightray.pipeline import denoise_job, prompts_of  # noqa: E402
+from lightray.contracts import AdapterUse  # noqa: E402
+from lightray.pipeline import LocalPipeline  # noqa: E402
 from lightray.registry import AdapterRegistry  # noqa: E402
 from lightray.schemas import ImageGenerationRequest  # noqa: E402
-from lightray.stages import DenoiseStage, TextEncodeStage, VaeStage  # noqa: E402
+from lightray.engine import DenoiseEngine  # noqa: E402
 from lightray.world.train import LORA_TARGETS  # noqa: E402
 from s3_server import start_s3_server  # noqa: E402
 
@@ -50,7 +51,7 @@ def summary(values_ms: list[float]) -> dict:
             "n": len(values_ms)}
 
 
-def cold_loads(registry: AdapterRegistry, refs: list[str], preset, stage: DenoiseStage) -> dict:
+def cold_loads(registry: AdapterRegistry, refs: list[str], preset, stage: DenoiseEngine) -> dict:
     """Per ref: fetch into an empty cache dir, then load into the pipeline (then unload, so the next is cold)."""
     fetch, load = [], []
     for i, ref in enumerate(refs):
@@ -77,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
 
     preset = load_preset("lightray-shapes")
-    text, stage, vae = TextEncodeStage(preset), DenoiseStage(preset), VaeStage(preset)
+    pipeline = LocalPipeline(preset)
+    stage = pipeline.denoiser
     work = Path(tempfile.mkdtemp(prefix="lra-bench-adapters-"))
     sources = [make_lora_adapter(preset, work / f"src{i}", seed=i, rank=16, targets=tuple(LORA_TARGETS))
                for i in range(2)]
@@ -99,26 +101,19 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         s3.stop()
 
-    # Warm: two adapters loaded; a switch is activating the other one (what each request does under the lock).
+    # Warm: both adapters loaded. The engine applies each row's adapters inside the forward, so there is no
+    # per-request switch to measure any more (it was a set_adapters walk over every LoRA layer).
     stage.load_adapter("A", str(sources[0]))
     stage.load_adapter("B", str(sources[1]))
-    variant = preset.variant(args.model)
-    switch = []
-    for i in range(args.repeats * 10):
-        t0 = time.perf_counter()
-        stage._activate(variant, "A" if i % 2 else "B", 1.0)
-        switch.append(1000 * (time.perf_counter() - t0))
-    results["warm_switch"] = summary(switch)
 
     # Generation latency (encode + denoise + decode, one 64x64 image) per adapter setting.
     def generate(adapter: str | None, seed: int) -> float:
         spec = ImageGenerationRequest.model_validate(
             {"prompt": PROMPT, "seed": seed, "model": args.model, "size": "64x64"}).resolve(preset, 0)
+        if adapter is not None:
+            spec.adapters = (AdapterUse(adapter),)
         t0 = time.perf_counter()
-        embeds = text.encode(prompts_of(spec))
-        job = denoise_job(spec, embeds)
-        job.adapter = adapter
-        vae.decode(stage.denoise(job), spec.height, spec.width)
+        pipeline.generate(spec)
         return 1000 * (time.perf_counter() - t0)
 
     for setting in (None, "A", "A|B"):  # warm-up
@@ -137,7 +132,6 @@ def main(argv: list[str] | None = None) -> int:
         ("cold load, S3 registry: fetch", results["cold_s3"]["fetch"]),
         ("cold load, S3 registry: load_lora_weights", results["cold_s3"]["load_lora_weights"]),
         ("cold load, S3 registry: total", results["cold_s3"]["total"]),
-        ("warm switch (activate the other loaded adapter)", results["warm_switch"]),
         *((f"generation, {k}", v) for k, v in results["generation"].items()),
     ]
     print("| measurement | p50 | p95 | n |\n| --- | --- | --- | --- |")

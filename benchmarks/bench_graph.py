@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO))
 from lightray.config import load_preset  # noqa: E402
 from lightray.images import encode_png  # noqa: E402
 from lightray.local_cluster import RayCluster  # noqa: E402
-from lightray.pipeline import LocalPipeline, denoise_job, prompts_of  # noqa: E402
+from lightray.pipeline import LocalPipeline  # noqa: E402
 from lightray.schemas import ImageGenerationRequest  # noqa: E402
 
 PROMPTS = [
@@ -57,9 +57,9 @@ def bench_in_process(preset, model: str, n: int, threads: int) -> dict:
     def one(i: int) -> float:
         spec = ImageGenerationRequest.model_validate(body(i, model)).resolve(preset, 0)
         t0 = time.perf_counter()
-        embeds = pipe.text.encode(prompts_of(spec))
+        text = pipe.encode(spec)
         t1 = time.perf_counter()
-        latents = pipe.denoiser.denoise(denoise_job(spec, embeds))
+        latents = pipe.denoiser.denoise(spec.denoise_params(), text)
         t2 = time.perf_counter()
         images = pipe.vae.decode(latents, spec.height, spec.width)
         t3 = time.perf_counter()
@@ -75,7 +75,7 @@ def bench_in_process(preset, model: str, n: int, threads: int) -> dict:
         stages[k].clear()
     for i in range(n):
         latencies.append(one(i))
-    # Concurrency 8 in one process: the pipeline is not re-entrant, so requests queue on one lock.
+    # Concurrency 8 in one process, one request at a time: the sequential baseline.
     import threading
 
     lock = threading.Lock()

@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from lightray.config import DEFAULT_PRESET, load_preset  # noqa: E402
-from lightray.pipeline import LocalPipeline, denoise_job, prompts_of  # noqa: E402
+from lightray.pipeline import LocalPipeline  # noqa: E402
 from lightray.schemas import ImageEditRequest, denoising_steps  # noqa: E402
 from lightray.world.shapes import Scene, render  # noqa: E402
 
@@ -48,14 +48,14 @@ def stage_timings(preset, runs: int) -> dict[str, float]:
     image = render(Scene("red", "circle", "left", "white"), 64)
     spec = ImageEditRequest(prompt="a blue square on the right, white background", seed=1).resolve(
         pipe.preset, 0, image.size)
-    embeds = pipe.text.encode(prompts_of(spec))
+    text = pipe.encode(spec)
     start = pipe.vae.encode_for_seeds(image, spec.seeds, 64, 64)
-    latents = pipe.denoiser.denoise_from_image(denoise_job(spec, embeds), start, spec.strength)
+    latents = pipe.denoiser.denoise(spec.denoise_params(), text, image=start)
     return {
         "vae_encode_ms": median_ms(lambda: pipe.vae.encode_for_seeds(image, spec.seeds, 64, 64), runs),
-        "text_encode_ms": median_ms(lambda: pipe.text.encode(prompts_of(spec)), runs),
-        "denoise_ms": median_ms(lambda: pipe.denoiser.denoise_from_image(denoise_job(spec, embeds), start,
-                                                                         spec.strength), max(5, runs // 5)),
+        "text_encode_ms": median_ms(lambda: pipe.text.encode(spec.prompts()), runs),
+        "denoise_ms": median_ms(lambda: pipe.denoiser.denoise(spec.denoise_params(), text, image=start),
+                                max(5, runs // 5)),
         "vae_decode_ms": median_ms(lambda: pipe.vae.decode(latents, 64, 64), runs),
         "denoise_steps": denoising_steps(spec.num_inference_steps, spec.strength),
         "of_steps": spec.num_inference_steps,

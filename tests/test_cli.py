@@ -81,8 +81,9 @@ def test_generate_local_pins_every_adapter(monkeypatch, preset, tmp_path):
         def __init__(self, preset_name):
             self.preset = preset
 
-        def generate(self, spec):
+        def generate(self, spec, adapter_paths=None):
             specs.append(spec)
+            assert set(adapter_paths) == {a.ref for a in spec.adapters}  # fetched for the engine
             return [Image.new("RGB", (spec.width, spec.height))] * len(spec.seeds)
 
     monkeypatch.setattr(lightray.pipeline, "LocalPipeline", RecordingPipeline)

@@ -16,6 +16,7 @@ import concurrent.futures as cf
 import json
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -76,7 +77,6 @@ def bench_in_process(preset, model: str, n: int, threads: int) -> dict:
     for i in range(n):
         latencies.append(one(i))
     # Concurrency 8 in one process, one request at a time: the sequential baseline.
-    import threading
 
     lock = threading.Lock()
 
@@ -117,9 +117,12 @@ def bench_graph(url: str, model: str, n: int) -> dict:
     )
     stages["http_proxy_ms"] = statistics.median([lat - g for lat, g in zip(latencies, server["graph"])])
 
+    clients = threading.local()  # one keep-alive connection per load thread, as a real load generator keeps
+
     def timed_post(i):
-        with httpx.Client(timeout=300) as c:
-            c.post(f"{url}/v1/images/generations", json=body(i, model)).raise_for_status()
+        if not hasattr(clients, "c"):
+            clients.c = httpx.Client(timeout=300)
+        clients.c.post(f"{url}/v1/images/generations", json=body(i, model)).raise_for_status()
 
     t0 = time.perf_counter()
     with cf.ThreadPoolExecutor(8) as pool:

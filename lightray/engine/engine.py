@@ -81,6 +81,7 @@ class EngineRequest:
         self.future: concurrent.futures.Future[np.ndarray] = concurrent.futures.Future()
         self.submitted_at = time.perf_counter()
         self.first_step_at: float | None = None
+        """When the engine began this request's first step (perf_counter)."""
         self.paused_steps = 0
         self.waited_steps = 0
         self.adapter_paths: dict[str, str] = {}
@@ -281,8 +282,11 @@ class DenoiseEngine:
                 return False
             plan = self.scheduler.schedule(self._live)
             chosen = {id(r) for batch in plan.batches for r in batch}
+            now = time.perf_counter()
             for request in self._live:
                 request.waited_steps = 0 if id(request) in chosen else request.waited_steps + 1
+                if request.first_step_at is None and id(request) in chosen:
+                    request.first_step_at = now
             for request in plan.paused:
                 request.paused_steps += 1
             for batch in plan.batches:
@@ -497,9 +501,7 @@ class DenoiseEngine:
             latents = (1 - request.mask) * proper + request.mask * latents
         request.latents = latents
         request.step = i + 1
-        if not request.started:
-            request.started = True
-            request.first_step_at = time.perf_counter()
+        request.started = True
         if request.on_progress is not None:
             request.on_progress(StepProgress(step=i + 1, total_steps=request.total_steps, preview=preview))
         if request.step == request.total_steps:

@@ -243,11 +243,14 @@ def install(transformer: torch.nn.Module, slot: RoutingSlot) -> None:
     row-wise processor. Idempotent; call again after adapters are loaded or deleted (peft adds and removes
     LoRA wrappers around linear layers)."""
     uninstall(transformer)
-    wrapped_bases = {id(m.base_layer) for m in transformer.modules() if isinstance(m, LoraLinear)}
+    # A LoRA layer's own linears (its base layer, lora_A, lora_B) run inside its routed forward, on rows it has
+    # already split; only linears outside LoRA layers need the row-level split of their own.
+    inside_lora = {id(m) for layer in transformer.modules() if isinstance(layer, LoraLinear)
+                   for m in layer.modules() if m is not layer}
     for module in transformer.modules():
         if isinstance(module, LoraLinear):
             module.forward = _routed_lora_forward(module, slot, module.forward)
-        elif isinstance(module, torch.nn.Linear) and id(module) not in wrapped_bases:
+        elif isinstance(module, torch.nn.Linear) and id(module) not in inside_lora:
             module.forward = _routed_linear_forward(module, slot, module.forward)
     if not isinstance(next(iter(transformer.attn_processors.values())), RowwiseJointAttnProcessor):
         transformer.set_attn_processor(RowwiseJointAttnProcessor())

@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import hashlib
 import logging
 import threading
 import time
+import warnings
 from collections.abc import Callable, Mapping
 
 import numpy as np
@@ -163,7 +165,8 @@ class DenoiseEngine:
         for variant in self.preset.variants:
             if variant.lightning_lora:
                 name = adapter_name("lightning", variant.id)
-                self.pipe.load_lora_weights(str(self.preset.resolve(variant.lightning_lora)), adapter_name=name)
+                with _many_adapters_expected():
+                    self.pipe.load_lora_weights(str(self.preset.resolve(variant.lightning_lora)), adapter_name=name)
                 self.lightning[variant.id] = name
         batched_model.install(self.transformer, self.routing)
         self.tenant_adapters: set[str] = set()
@@ -571,11 +574,13 @@ class DenoiseEngine:
             raise KeyError(f"adapter {ref!r} is not loaded and no path was given")
         name = adapter_name("tenant", ref)
         try:
-            self.pipe.load_lora_weights(path, adapter_name=name)
+            with _many_adapters_expected():
+                self.pipe.load_lora_weights(path, adapter_name=name)
             _check_plain_lora(self.transformer, name)
         except Exception as err:
             if name in getattr(self.transformer, "peft_config", {}):
-                self.pipe.delete_adapters(name)
+                with _many_adapters_expected():
+                    self.pipe.delete_adapters(name)
             batched_model.install(self.transformer, self.routing)
             raise AdapterLoadError(f"adapter {ref!r} could not be loaded: {err}") from err
         self.tenant_adapters.add(ref)
@@ -594,7 +599,8 @@ class DenoiseEngine:
                 return
             self._pending_unload.discard(ref)
         if ref in self.tenant_adapters:
-            self.pipe.delete_adapters(adapter_name("tenant", ref))
+            with _many_adapters_expected():
+                self.pipe.delete_adapters(adapter_name("tenant", ref))
             self.tenant_adapters.discard(ref)
             batched_model.install(self.transformer, self.routing)
 
@@ -611,6 +617,18 @@ class DenoiseEngine:
             raise RuntimeError(f"the denoise engine stopped: {self.fatal!r}")
         if self._thread is not None and not self._thread.is_alive():
             raise RuntimeError("the denoise engine's loop thread is gone")
+
+
+@contextlib.contextmanager
+def _many_adapters_expected():
+    """peft warns when a second adapter is injected ("Already found a `peft_config` attribute ... multiple adapters")
+    and when an active adapter is deleted. Both are this engine's normal operation: it holds every variant's
+    Lightning LoRA and the cached tenant adapters at once and picks each row's adapters itself (peft's active set
+    is not used), so the warnings would only tell an operator something is wrong when nothing is."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Already found a `peft_config` attribute")
+        warnings.filterwarnings("ignore", message=r"Adapter .* was active which is now deleted")
+        yield
 
 
 def _check_plain_lora(transformer: torch.nn.Module, name: str) -> None:

@@ -125,35 +125,43 @@ def two_adapters(registry_root, preset, tmp_path_factory):
     return a.ref, b.ref
 
 
+def leak_settings(adapters) -> tuple:
+    """Adapter A, adapter B, both stacked, and none."""
+    return (*adapters, list(adapters), None)
+
+
 def leak_requests(adapters) -> list[dict]:
-    """Every (adapter A / adapter B / none) × prompt × seed on the 4-step Lightning model."""
+    """Every adapter setting × prompt × seed on the 4-step Lightning model."""
     return [{"prompt": p, "seed": s, "size": "64x64", "model": "lightray-shapes-lightning-4",
              **({"lora": lora} if lora else {})}
-            for lora in (*adapters, None) for p in LEAK_PROMPTS for s in LEAK_SEEDS]
+            for lora in leak_settings(adapters) for p in LEAK_PROMPTS for s in LEAK_SEEDS]
 
 
 def leak_key(body: dict) -> tuple:
-    return body.get("lora"), body["prompt"], body["seed"]
+    lora = body.get("lora")
+    return tuple(lora) if isinstance(lora, list) else lora, body["prompt"], body["seed"]
 
 
 def check_no_adapter_leak(alone: dict[tuple, np.ndarray], concurrent: list[tuple[tuple, np.ndarray]],
                           adapters) -> None:
-    """`concurrent` images must equal the same request made alone, bit for bit, and the three adapter settings
+    """`concurrent` images must equal the same request made alone, bit for bit, and the four adapter settings
     must draw visibly different images of the same prompt and seed (else a leak could not show)."""
     for key, pixels in concurrent:
         assert np.array_equal(pixels, alone[key]), f"{key}: differs from the same request made alone"
     for p in LEAK_PROMPTS:
         for s in LEAK_SEEDS:
-            a, b, none = (alone[(lora, p, s)] for lora in (*adapters, None))
-            for x, y, what in ((a, b, "A vs B"), (a, none, "A vs none"), (b, none, "B vs none")):
+            a, b, ab, none = (alone[(tuple(lora) if isinstance(lora, list) else lora, p, s)]
+                              for lora in leak_settings(adapters))
+            for x, y, what in ((a, b, "A vs B"), (a, none, "A vs none"), (b, none, "B vs none"),
+                               (ab, a, "A+B vs A"), (ab, b, "A+B vs B"), (ab, none, "A+B vs none")):
                 assert np.abs(x - y).max() > 30, f"{what} ({p!r}, seed {s}): adapters do not change the image"
 
 
 def test_concurrent_requests_for_different_adapters_never_leak(service, two_adapters):
-    """Interleaved concurrent requests naming adapter A, adapter B or none: each image is bit-identical to the
-    same request made alone. A leak (a request denoised with another request's adapter active, or with none where
-    one was asked for) gives that request another setting's image, which the distinctness check proves
-    differs."""
+    """Interleaved concurrent requests naming adapter A, adapter B, both stacked, or none, batched by the engine
+    into shared forwards: each image is bit-identical to the same request made alone. A leak (a row denoised with
+    another row's adapter, or with none where one was asked for) gives that request another setting's image, which
+    the distinctness check proves differs."""
     import concurrent.futures
     import random
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from ray import serve
 from ray.serve import Application
 
-from deployments import Denoiser, TextEncoder, VaeDecoder
 from lightray.config import load_preset
 from serve_app.api import create_app
 from serve_app.backend import RayGraphBackend
@@ -28,6 +27,10 @@ class Ingress:
 
 def build_app(args: dict | None = None) -> Application:
     """Application builder; `args` are ServiceSettings fields (from the Serve YAML's `args`)."""
+    # Imported here, not at the top: the Ingress replica imports this module and must not load the stages' torch
+    # (it validates JSON and forwards handles; tests/test_configs.py checks it stays torch-free).
+    from deployments import Denoiser, TextEncoder, VaeDecoder
+
     settings = ServiceSettings(**(args or {}))
     preset = load_preset(settings.preset).model_dump()
     return Ingress.bind(

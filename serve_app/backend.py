@@ -7,7 +7,7 @@ import asyncio
 import dataclasses
 import re
 import time
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 from PIL import Image
@@ -15,9 +15,11 @@ from PIL import Image
 from lightray.config import ModelPreset
 from lightray.contracts import AdapterLoadError, EngineFull
 from lightray.images import encode_png
-from lightray.pipeline import LocalPipeline
 from lightray.registry import AdapterCorrupt, AdapterNotFound, AdapterRegistry, AdapterRegistryError
 from lightray.schemas import EditSpec, GenerationSpec, RequestError
+
+if TYPE_CHECKING:  # the ingress never loads torch; only LocalBackend's callers hold a pipeline
+    from lightray.pipeline import LocalPipeline
 
 
 class ServiceUnavailable(Exception):
@@ -52,7 +54,7 @@ class LocalBackend:
     """All three stages in this process. Requests made concurrently share the engine's steps (each caller's thread
     drives them in turn); adapter fetches happen in the caller's thread."""
 
-    def __init__(self, pipeline: LocalPipeline, registry: AdapterRegistry | None = None):
+    def __init__(self, pipeline: "LocalPipeline", registry: AdapterRegistry | None = None):
         self.pipeline = pipeline
         self.preset = pipeline.preset
         self.registry = registry

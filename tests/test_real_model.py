@@ -234,6 +234,31 @@ def test_served_output_equals_diffusers_bit_for_bit(served, reference, variant, 
     assert np.array_equal(ours, expected), f"pixels differ by up to {np.abs(ours.astype(int) - expected).max()}"
 
 
+def test_batched_bf16_requests_equal_each_alone(served):
+    """The engine's batch invariance (lightray/engine/batched_model.py, measured in float32 on the embedded model)
+    in bfloat16: both Lightning variants and the base with true CFG (prompt and " " differ in length: padded,
+    masked rows), n = 1 and 2, in one step, against each request alone."""
+    pipeline = served[0]
+    specs = [
+        GenerationSpec(prompt=PROMPT, model=LIGHTNING_8, seeds=[1], width=128, height=128, num_inference_steps=8,
+                       true_cfg_scale=1.0),
+        GenerationSpec(prompt="黑色背景，上方有一个蓝色的正方形", model=LIGHTNING_4, seeds=[2, 3], width=128, height=128,
+                       num_inference_steps=4, true_cfg_scale=1.0),
+        GenerationSpec(prompt="a green triangle at the bottom, gray background", model=BASE, seeds=[4], width=128,
+                       height=128, num_inference_steps=3, true_cfg_scale=4.0, negative_prompt=" "),
+    ]
+    engine = pipeline.denoiser
+    alone = [engine.denoise(s.denoise_params(), pipeline.encode(s)) for s in specs]
+    requests = [engine.submit(s.denoise_params(), pipeline.encode(s)) for s in specs]
+    rows = []
+    while not all(r.done() for r in requests):
+        rows.append(sum(r.rows for r in engine._live) + sum(r.rows for r in engine._inbox))
+        engine.step()
+    assert rows[0] == 1 + 2 + 2  # all three pending at the first step: one forward (16-row budget, one grid)
+    for spec, expected, request in zip(specs, alone, requests):
+        assert np.array_equal(request.result(), expected), (spec.model, np.abs(request.result() - expected).max())
+
+
 # ---------------------------------------------------------------------------------------- dtype
 
 

@@ -248,6 +248,11 @@ class EngineConfig(BaseModel):
     idle_wait_s: float = Field(0.5, gt=0)
     """How long the loop sleeps when it has nothing to run before checking again (it wakes at once on a new
     request)."""
+    health_check_timeout_s: float = Field(20.0, gt=0)
+    """How long `check_health` waits for its probe, which the loop runs at the next step boundary: it must exceed
+    the longest step (a full 8-row step at 1536x1536 on the real model: estimated at seconds, not measured), and
+    stay below the deployment's `health_check_timeout_s` (Serve's default 30 s) so the check reports its own
+    reason."""
 
 
 def load_preset(ref: str | dict | ModelPreset = DEFAULT_PRESET) -> ModelPreset:

@@ -8,7 +8,6 @@ Every test pins torch to one thread, as the Serve replicas run (OMP_NUM_THREADS=
 from __future__ import annotations
 
 import inspect
-import json
 import logging
 import os
 import subprocess
@@ -36,7 +35,6 @@ from mini_real import (
     write_lightning_lora,
 )
 from lightray.config import FLOW_MATCH_SCHEDULER_KEYS, REPO_ROOT, ModelNotFound, load_preset
-from lightray.contracts import DenoiseParams, TextEmbeddings
 from lightray.engine.engine import adapter_name, flow_match_schedule
 from lightray.schemas import GenerationSpec
 from lightray.stages.common import check_parameter_dtype

@@ -605,12 +605,12 @@ class DenoiseEngine:
         """Raise unless the loop is alive and the transformer still computes on its device: a one-token forward
         (`_probe_forward`) run by the loop at its next step boundary, so it never runs beside a step (the
         routed layers read the step's routing) and adds one tiny forward between two steps. Waits at most
-        `timeout_s` (default `HEALTH_PROBE_TIMEOUT_S`), which must exceed one step."""
+        `timeout_s` (default `EngineConfig.health_check_timeout_s`), which must exceed one step."""
         if self.fatal is not None:
             raise RuntimeError(f"the denoise engine stopped: {self.fatal!r}")
         if self._thread is not None and not self._thread.is_alive():
             raise RuntimeError("the denoise engine's loop thread is gone")
-        self._health.check(timeout_s)
+        self._health.check(self.config.health_check_timeout_s if timeout_s is None else timeout_s)
 
     def _at_step_boundary(self, fn: Callable[[], object]) -> concurrent.futures.Future:
         """Run `fn` as a command at the next step boundary (at once, in this thread, when no loop runs)."""

@@ -12,9 +12,10 @@ import torch
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 HEALTH_PROBE_TIMEOUT_S = 10.0
-"""Longest a health check waits for its probe. Below Ray Serve's default `health_check_timeout_s` (30 s), so a
-hung device is reported by the check itself (with a reason) rather than by Serve's timeout; above one engine step
-at the largest served size (the engine's probe waits for a step boundary)."""
+"""Longest the text encoder's and VAE's health checks wait for their probe (the engine's is
+`EngineConfig.health_check_timeout_s`: it also waits for a step boundary). Below Ray Serve's default
+`health_check_timeout_s` (30 s), so a hung device is reported by the check itself, with a reason, rather than by
+Serve's timeout."""
 
 
 def torch_dtype(name: str) -> torch.dtype:

@@ -201,6 +201,17 @@ def test_every_stage_holds_bfloat16_parameters(served):
     assert any("lora_" in n for n, _ in pipeline.denoiser.transformer.named_parameters())
 
 
+def test_the_served_engine_uses_those_schedules(served):
+    """The engine's own schedules (from the preset it was built with), not just the scheduler function: Lightning
+    variants the authors' sigmas, the base variant the folder's Qwen-Image scheduler (terminal shift 0.02)."""
+    engine = served[0].denoiser
+    for variant, steps in ((LIGHTNING_4, 4), (LIGHTNING_8, 8)):
+        _, sigmas = engine.schedule_for(engine.preset.variant(variant), steps, (1024 // 16) ** 2)
+        assert np.array_equal(sigmas.numpy(), np.array(LIGHTNING_SIGMAS_1024[steps], dtype=np.float32)), variant
+    _, base = engine.schedule_for(engine.preset.variant(BASE), 8, (1024 // 16) ** 2)
+    assert base[-2].item() == pytest.approx(0.02) and base[-1].item() == 0.0
+
+
 @pytest.fixture(scope="module")
 def reference(mini_real):
     """diffusers' QwenImagePipeline on the same folder, in bfloat16, with the Lightning files loaded by

@@ -140,8 +140,10 @@ class Denoiser:
                     adapter_ms=timings.get("adapter_ms"), denoise_ms=timings["denoise_ms"],
                     request=params.request_id or request_id() or None)
 
-    def check_health(self) -> None:
-        self.engine.check_health()
+    async def check_health(self) -> None:
+        # A one-token forward at the engine's next step boundary (DenoiseEngine.check_health); it waits up to a
+        # step, so off the event loop.
+        await asyncio.to_thread(self.engine.check_health)
 
 
 def _log_cancelled(done) -> None:

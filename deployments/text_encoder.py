@@ -126,7 +126,7 @@ class TextEncoder:
         # In a worker thread: the replica's event loop keeps taking requests (and filling the next batch).
         return await asyncio.to_thread(encode_batch, self.stage, items)
 
-    def check_health(self) -> None:
-        # A replica whose model object is gone (failed reload) must be replaced, not routed to.
-        if self.stage.pipe.text_encoder is None:
-            raise RuntimeError("text encoder not loaded")
+    async def check_health(self) -> None:
+        # A tiny real forward on the device (TextEncodeStage.check_health), off the event loop (Serve may run a
+        # sync check_health on it): a broken device or model fails it.
+        await asyncio.to_thread(self.stage.check_health)

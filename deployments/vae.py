@@ -148,6 +148,6 @@ class VaeDecoder:
                     wait_ms=timings.get("vae_encode_wait_ms"), vae_encode_ms=timings["vae_encode_ms"])
         return dataclasses.replace(start, timings=timings, handoff_at=handoff_at())
 
-    def check_health(self) -> None:
-        if self.stage.vae is None:
-            raise RuntimeError("vae not loaded")
+    async def check_health(self) -> None:
+        # A tiny real forward on the device, without the VAE lock (VaeStage.check_health), off the event loop.
+        await asyncio.to_thread(self.stage.check_health)

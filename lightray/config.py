@@ -7,6 +7,7 @@ preset by file (or inlines one) so the same model definition serves `serve run`,
 from __future__ import annotations
 
 import json
+import re
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
@@ -17,6 +18,47 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MODEL_PRESETS_DIR = REPO_ROOT / "configs" / "models"
 DEFAULT_PRESET = "lightray-shapes"
+
+FLOW_MATCH_SCHEDULER_KEYS = frozenset({
+    "num_train_timesteps", "shift", "use_dynamic_shifting", "base_shift", "max_shift", "base_image_seq_len",
+    "max_image_seq_len", "invert_sigmas", "shift_terminal", "use_karras_sigmas", "use_exponential_sigmas",
+    "use_beta_sigmas", "time_shift_type", "stochastic_sampling",
+})
+"""Every argument of diffusers' `FlowMatchEulerDiscreteScheduler` (tests/test_real_model.py keeps this in step with
+the installed diffusers): a variant's `scheduler` must give all of them. Kept here, not read from diffusers, so the
+ingress validates presets without importing it."""
+
+HF_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+"""What a Hugging Face repo id looks like ("Qwen/Qwen-Image")."""
+
+
+class ModelNotFound(FileNotFoundError):
+    """A preset's `path` is neither a local diffusers folder nor a repo id already in the local Hugging Face cache."""
+
+
+def resolve_model_path(path: str) -> Path:
+    """The local folder a preset's `path` names: an existing folder (absolute, `~`, or relative to the repository
+    root), else a Hugging Face repo id resolved in the local HF cache (`HF_HUB_CACHE` / `HF_HOME`) with
+    `local_files_only=True`. Nothing is ever downloaded: a replica that would need a download fails at start."""
+    p = Path(path).expanduser()
+    local = p if p.is_absolute() else REPO_ROOT / p
+    if local.is_dir():
+        return local
+    if not p.is_absolute() and HF_REPO_ID.fullmatch(path):
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+
+        try:
+            snapshot = Path(snapshot_download(path, local_files_only=True))
+        except LocalEntryNotFoundError as err:
+            raise ModelNotFound(
+                f"model path {path!r}: no folder {local} and no snapshot of the repo {path!r} in the local Hugging "
+                f"Face cache ({err}). Download it ahead of time (`hf download {path}`) or give a folder; "
+                "Lightray never downloads at run time") from None
+        if not (snapshot / "model_index.json").is_file():
+            raise ModelNotFound(f"model path {path!r}: the cached snapshot {snapshot} has no model_index.json")
+        return snapshot
+    raise ModelNotFound(f"model path {path!r}: no folder {local} (and it is not a Hugging Face repo id)")
 
 
 class VariantConfig(BaseModel):
@@ -35,9 +77,55 @@ class VariantConfig(BaseModel):
     """Default true-CFG scale; 1.0 disables CFG (one transformer pass per step, as distilled models expect)."""
     negative_prompt: str = " "
     """Negative prompt used when CFG is on and the client sends none (the pipeline needs one to enable CFG)."""
-    scheduler_overrides: dict[str, Any] = Field(default_factory=dict)
-    """FlowMatchEulerDiscreteScheduler config keys replaced for this variant (Lightning uses a shift-3
-    exponential schedule, for example)."""
+    scheduler: dict[str, Any] | None = None
+    """This variant's complete `FlowMatchEulerDiscreteScheduler` config, used instead of the model folder's
+    scheduler/scheduler_config.json (a Lightning LoRA is distilled on its own schedule: shift 3, exponential, no
+    terminal shift). Every key of `FLOW_MATCH_SCHEDULER_KEYS` must be given: a partial config would inherit the
+    folder's other keys (Qwen-Image's `shift_terminal: 0.02` did, and moved Lightning's last sigma). None: the
+    folder's scheduler."""
+
+    @field_validator("scheduler")
+    @classmethod
+    def _scheduler_complete(cls, scheduler: dict[str, Any] | None) -> dict[str, Any] | None:
+        if scheduler is None:
+            return None
+        keys = set(scheduler) - {"_class_name", "_diffusers_version"}
+        missing, unknown = FLOW_MATCH_SCHEDULER_KEYS - keys, keys - FLOW_MATCH_SCHEDULER_KEYS
+        if missing or unknown:
+            raise ValueError(f"scheduler must be a complete FlowMatchEulerDiscreteScheduler config: missing "
+                             f"{sorted(missing)}, unknown {sorted(unknown)}")
+        return scheduler
+
+
+class VaeDecodeConfig(BaseModel):
+    """Memory bounds of the VAE decode (diffusers' `AutoencoderKLQwenImage` slicing and tiling).
+
+    Its activation memory grows with images × pixels (docs/real_model.md has the numbers). Slicing changes no
+    pixel of a lone image; tiling approximates (tiles are decoded separately and blended over their overlap), so
+    it only starts above `tile_above_pixels`."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    slice_images: bool = False
+    """Decode a call's images one at a time (`enable_slicing`): the activations of one image, not of n. Each image
+    is then decoded as a batch of one, as diffusers' pipelines decode n = 1."""
+    tile_above_pixels: int | None = Field(None, ge=256)
+    """Decode in overlapping spatial tiles (`enable_tiling`) when width × height exceeds this. None: never tile."""
+    tile_size: int = Field(512, ge=64)
+    """Tile side in pixels (a multiple of 16)."""
+    tile_stride: int = Field(384, ge=32)
+    """Pixels between tile starts; `tile_size - tile_stride` is the overlap the tiles are blended over."""
+
+    @model_validator(mode="after")
+    def _tiles_overlap(self) -> "VaeDecodeConfig":
+        if self.tile_size % 16 or self.tile_stride % 16 or not self.tile_stride < self.tile_size:
+            raise ValueError(f"tile_size and tile_stride must be multiples of 16 with tile_stride < tile_size, "
+                             f"got {self.tile_size} and {self.tile_stride}")
+        return self
+
+    def tiles(self, height: int, width: int) -> bool:
+        """Whether a decode at height × width is tiled."""
+        return self.tile_above_pixels is not None and height * width > self.tile_above_pixels
 
 
 class ModelPreset(BaseModel):
@@ -48,10 +136,11 @@ class ModelPreset(BaseModel):
     name: str
     """Human name of the preset (also its file stem under configs/models/)."""
     path: str
-    """diffusers-format folder (model_index.json, text_encoder/, tokenizer/, transformer/, vae/, scheduler/).
-    Relative paths resolve against the repository root."""
+    """diffusers-format folder (model_index.json, text_encoder/, tokenizer/, transformer/, vae/, scheduler/):
+    a local folder (relative paths resolve against the repository root), or a Hugging Face repo id
+    ("Qwen/Qwen-Image") already in the local HF cache. Never downloaded (`resolve_model_path`)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Compute dtype of every component."""
+    """Dtype of every component's parameters (each stage checks it after loading and refuses to start otherwise)."""
     device: str = "cpu"
     """torch device for the stages ("cpu", "cuda")."""
     prompt_template_encode_start_idx: int | None = None
@@ -78,6 +167,8 @@ class ModelPreset(BaseModel):
     max_images_per_request: int = Field(10, ge=1, le=64)
     """Largest `n`."""
     max_inference_steps: int = Field(100, ge=1)
+    vae_decode: VaeDecodeConfig = Field(default_factory=VaeDecodeConfig)
+    """How the VAE decodes, to bound its activation memory (off for the embedded model: its decodes are tiny)."""
     variants: list[VariantConfig]
     """Model ids served from these weights; the first is the default."""
 
@@ -101,8 +192,8 @@ class ModelPreset(BaseModel):
 
     @cached_property
     def root(self) -> Path:
-        p = Path(self.path).expanduser()
-        return p if p.is_absolute() else REPO_ROOT / p
+        """The local folder of `path` (`resolve_model_path`)."""
+        return resolve_model_path(self.path)
 
     def resolve(self, relative: str) -> Path:
         p = Path(relative).expanduser()
@@ -157,6 +248,11 @@ class EngineConfig(BaseModel):
     idle_wait_s: float = Field(0.5, gt=0)
     """How long the loop sleeps when it has nothing to run before checking again (it wakes at once on a new
     request)."""
+    health_check_timeout_s: float = Field(20.0, gt=0)
+    """How long `check_health` waits for its probe, which the loop runs at the next step boundary: it must exceed
+    the longest step (a full 8-row step at 1536x1536 on the real model: estimated at seconds, not measured), and
+    stay below the deployment's `health_check_timeout_s` (Serve's default 30 s) so the check reports its own
+    reason."""
 
 
 def load_preset(ref: str | dict | ModelPreset = DEFAULT_PRESET) -> ModelPreset:

@@ -95,7 +95,7 @@ def call_reference(pipe, preset, p: DenoiseParams, emb: TextEmbeddings) -> np.nd
     else:
         pipe.disable_lora()
     base = pipe.scheduler
-    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(base.config, **variant.scheduler_overrides)
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(variant.scheduler or base.config)
     try:
         negative = None if emb.negative is None else torch.from_numpy(emb.negative)[None]
         out = pipe(prompt=None, prompt_embeds=torch.from_numpy(emb.prompt)[None], negative_prompt_embeds=negative,

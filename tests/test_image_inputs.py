@@ -95,7 +95,7 @@ def _run_reference(pipe, preset, spec, image, mask, mode: str, monkeypatch, **kw
         else:
             pipe.disable_lora()
     base = pipe.scheduler
-    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(base.config, **variant.scheduler_overrides)
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(variant.scheduler or base.config)
     if mode == "argmax":  # what the preset's default mode means: the pipelines with argmax retrieval
         for module in (pipeline_qwenimage_img2img, pipeline_qwenimage_inpaint):
             monkeypatch.setattr(module, "retrieve_latents",

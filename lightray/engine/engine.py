@@ -52,7 +52,7 @@ from lightray.contracts import (
 )
 from lightray.engine import batched_model
 from lightray.engine.scheduler import StepScheduler
-from lightray.stages.common import generators, torch_dtype
+from lightray.stages.common import HealthProbe, check_parameter_dtype, generators, settle, torch_dtype
 
 logger = logging.getLogger("lightray.engine")
 
@@ -153,9 +153,9 @@ class DenoiseEngine:
         self._inpaint.mask_processor = VaeImageProcessor(
             vae_scale_factor=self.preset.vae_scale_factor * 2, vae_latent_channels=self.latent_channels,
             do_normalize=False, do_binarize=True, do_convert_grayscale=True)
+        # A variant's own complete scheduler config, or the folder's (never a mix: see VariantConfig.scheduler).
         self.scheduler_configs = {
-            v.id: FlowMatchEulerDiscreteScheduler.from_config(self.pipe.scheduler.config,
-                                                              **v.scheduler_overrides).config
+            v.id: FlowMatchEulerDiscreteScheduler.from_config(v.scheduler or self.pipe.scheduler.config).config
             for v in self.preset.variants
         }
         self._schedules: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -168,8 +168,12 @@ class DenoiseEngine:
                 with _many_adapters_expected():
                     self.pipe.load_lora_weights(str(self.preset.resolve(variant.lightning_lora)), adapter_name=name)
                 self.lightning[variant.id] = name
+        # Lightning LoRAs included: peft creates them in the base layer's dtype, and a stage that silently ran
+        # in float32 would need twice the memory (the real transformer would no longer fit its GPU).
+        check_parameter_dtype(self.transformer, self.dtype, "transformer")
         batched_model.install(self.transformer, self.routing)
         self.tenant_adapters: set[str] = set()
+        self._health = HealthProbe("denoise engine", self._probe_forward, launch=self._at_step_boundary)
 
         self._lock = threading.Condition()  # guards the inbox, commands and counters below
         self._inbox: list[EngineRequest] = []
@@ -353,17 +357,8 @@ class DenoiseEngine:
         key = (variant.id, steps, image_seq_len)
         with self._schedules_lock:
             if key not in self._schedules:
-                scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler_configs[variant.id])
-                mu = calculate_shift(
-                    image_seq_len,
-                    scheduler.config.get("base_image_seq_len", 256),
-                    scheduler.config.get("max_image_seq_len", 4096),
-                    scheduler.config.get("base_shift", 0.5),
-                    scheduler.config.get("max_shift", 1.15),
-                )
-                sigmas = np.linspace(1.0, 1 / steps, steps)
-                timesteps, _ = retrieve_timesteps(scheduler, steps, self.device, sigmas=sigmas, mu=mu)
-                self._schedules[key] = (timesteps, scheduler.sigmas)
+                self._schedules[key] = flow_match_schedule(self.scheduler_configs[variant.id], steps, image_seq_len,
+                                                           self.device)
             return self._schedules[key]
 
     def _prepare(self, request: EngineRequest, text: TextEmbeddings, image: ImageLatents | None,
@@ -612,11 +607,56 @@ class DenoiseEngine:
         return {"live": len(self._live) + waiting, "steps_run": self.steps_run,
                 "adapters_loaded": len(self.tenant_adapters), "adapters_in_use": dict(self._in_use)}
 
-    def check_health(self) -> None:
+    def check_health(self, timeout_s: float | None = None) -> None:
+        """Raise unless the loop is alive and the transformer still computes on its device: a one-token forward
+        (`_probe_forward`) run by the loop at its next step boundary, so it never runs beside a step (the
+        routed layers read the step's routing) and adds one tiny forward between two steps. Waits at most
+        `timeout_s` (default `EngineConfig.health_check_timeout_s`), which must exceed one step."""
         if self.fatal is not None:
             raise RuntimeError(f"the denoise engine stopped: {self.fatal!r}")
         if self._thread is not None and not self._thread.is_alive():
             raise RuntimeError("the denoise engine's loop thread is gone")
+        self._health.check(self.config.health_check_timeout_s if timeout_s is None else timeout_s)
+
+    def _at_step_boundary(self, fn: Callable[[], object]) -> concurrent.futures.Future:
+        """Run `fn` as a command at the next step boundary (at once, in this thread, when no loop runs)."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._lock:
+            self._commands.append((lambda: settle(future, fn), None))
+            self._lock.notify_all()
+        if not self.running:
+            with self._step_lock:
+                self._apply_commands()
+        return future
+
+    @torch.inference_mode()
+    def _probe_forward(self) -> torch.Tensor:
+        """The transformer on one 1x1-token latent grid and one text token (stock path: no routing is set)."""
+        cfg = self.transformer.config
+        latents = torch.ones((1, 1, cfg.in_channels), device=self.device, dtype=self.dtype)
+        text = torch.ones((1, 1, cfg.joint_attention_dim), device=self.device, dtype=self.dtype)
+        return self.transformer(hidden_states=latents, timestep=torch.full((1,), 0.5, device=self.device,
+                                                                         dtype=self.dtype),
+                                encoder_hidden_states=text, encoder_hidden_states_mask=None, guidance=None,
+                                img_shapes=[[(1, 1, 1)]], return_dict=False)[0]
+
+
+def flow_match_schedule(scheduler_config: Mapping, steps: int, image_seq_len: int,
+                        device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """(timesteps, sigmas) of a FlowMatchEulerDiscreteScheduler config for `steps` at `image_seq_len` tokens,
+    exactly as the Qwen-Image pipelines compute them: `retrieve_timesteps(scheduler, steps, sigmas=linspace(1,
+    1/steps, steps), mu=calculate_shift(image_seq_len, ...))`. `sigmas` ends with the final 0."""
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
+    mu = calculate_shift(
+        image_seq_len,
+        scheduler.config.get("base_image_seq_len", 256),
+        scheduler.config.get("max_image_seq_len", 4096),
+        scheduler.config.get("base_shift", 0.5),
+        scheduler.config.get("max_shift", 1.15),
+    )
+    sigmas = np.linspace(1.0, 1 / steps, steps)
+    timesteps, _ = retrieve_timesteps(scheduler, steps, device, sigmas=sigmas, mu=mu)
+    return timesteps, scheduler.sigmas
 
 
 @contextlib.contextmanager

@@ -25,7 +25,7 @@ import torch
 from diffusers import QwenImagePipeline
 
 from lightray.config import ModelPreset
-from lightray.stages.common import torch_dtype
+from lightray.stages.common import HealthProbe, check_parameter_dtype, torch_dtype
 
 
 def template_prefix_length(tokenizer, template: str) -> int:
@@ -49,10 +49,29 @@ class TextEncodeStage:
             preset.root, transformer=None, vae=None, dtype=torch_dtype(preset.dtype)
         ).to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
+        check_parameter_dtype(self.pipe.text_encoder, torch_dtype(preset.dtype), "text encoder")
         start = preset.prompt_template_encode_start_idx
         if start is None:
             start = template_prefix_length(self.pipe.tokenizer, self.pipe.prompt_template_encode)
         self.pipe.prompt_template_encode_start_idx = start
+        # The probe's input is tokenized once, here: a fast tokenizer used from two threads at once can raise
+        # ("Already borrowed"), so the health check must not touch it while requests are being encoded.
+        probe = self.pipe.tokenizer(self.pipe.prompt_template_encode.format(" "), return_tensors="pt")
+        self._probe_ids = probe["input_ids"].to(self.device)
+        self._probe_mask = probe["attention_mask"].to(self.device)
+        self._health = HealthProbe("text encoder", self._probe_forward)
+
+    @torch.inference_mode()
+    def _probe_forward(self) -> torch.Tensor:
+        """The text encoder's last hidden state for the template around " " (a few dozen tokens)."""
+        out = self.pipe.text_encoder(input_ids=self._probe_ids, attention_mask=self._probe_mask,
+                                     output_hidden_states=True, use_cache=False)
+        return out.hidden_states[-1]
+
+    def check_health(self, timeout_s: float | None = None) -> None:
+        """Raise unless the text encoder still computes finite output on its device within the timeout
+        (`HealthProbe`). Runs beside requests: the forward keeps no state, and the tokenizer is not used."""
+        self._health.check(timeout_s)
 
     @torch.inference_mode()
     def encode(self, prompts: list[str]) -> list[np.ndarray]:

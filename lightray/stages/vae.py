@@ -18,10 +18,15 @@ the in-process pipeline does). Measured on the embedded model (CPU, float32, one
 So requests of one size with n >= 2 images are stacked into one VAE call (exact), and a request of n = 1 is decoded
 alone, as the pipeline decodes it (`decode_plan`). The VAE lock is then taken once per call rather than per request.
 docs/batching.md has the numbers and timings.
+
+Memory (`ModelPreset.vae_decode`, off for the embedded model): with `slice_images` a call decodes its images one at a
+time (each as a batch of one, so stacking stays exact and only saves lock round trips), and above
+`tile_above_pixels` a decode is tiled, which approximates (docs/real_model.md has the measured difference).
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Iterator
 
@@ -33,7 +38,7 @@ from PIL import Image
 
 from lightray.config import ModelPreset
 from lightray.contracts import ImageLatents  # re-exported: `from lightray.stages.vae import ImageLatents`
-from lightray.stages.common import generators, torch_dtype
+from lightray.stages.common import HealthProbe, check_parameter_dtype, generators, torch_dtype
 
 
 class VaeStage:
@@ -43,13 +48,45 @@ class VaeStage:
         self.vae = AutoencoderKLQwenImage.from_pretrained(
             preset.root / "vae", dtype=torch_dtype(preset.dtype)
         ).to(self.device).eval()
+        check_parameter_dtype(self.vae, torch_dtype(preset.dtype), "vae")
         self.scale_factor = 2 ** len(self.vae.temperal_downsample)
         self._lock = threading.Lock()  # see the module docstring
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.scale_factor * 2)
         z = self.vae.config.z_dim
         self.latents_mean = torch.tensor(self.vae.config.latents_mean).view(1, z, 1, 1, 1)
-        # The pipeline divides by 1/std rather than multiplying by std; the same order keeps results bit-exact.
-        self.latents_std_inv = 1.0 / torch.tensor(self.vae.config.latents_std).view(1, z, 1, 1, 1)
+        self.latents_std = torch.tensor(self.vae.config.latents_std).view(1, z, 1, 1, 1)
+        memory = preset.vae_decode
+        if memory.slice_images:
+            self.vae.enable_slicing()
+        if memory.tile_above_pixels is not None:
+            # Sets the tile geometry; whether a call tiles is decided per call (`_tiling`), by its size.
+            self.vae.enable_tiling(tile_sample_min_height=memory.tile_size, tile_sample_min_width=memory.tile_size,
+                                   tile_sample_stride_height=memory.tile_stride,
+                                   tile_sample_stride_width=memory.tile_stride)
+        self.vae.use_tiling = False
+        self._health = HealthProbe("vae", self._probe_forward)
+
+    @torch.inference_mode()
+    def _probe_forward(self) -> torch.Tensor:
+        """The VAE's `post_quant_conv` on one latent pixel: a real kernel on the device, with the decoder's first
+        weights, that keeps no state, so it runs without the VAE lock (a probe that waited behind a long decode
+        would time out on a healthy replica) and changes nothing for a decode in progress."""
+        z = torch.ones((1, self.vae.config.z_dim, 1, 1, 1), device=self.device, dtype=self.vae.dtype)
+        return self.vae.post_quant_conv(z)
+
+    def check_health(self, timeout_s: float | None = None) -> None:
+        """Raise unless the VAE still computes finite output on its device within the timeout (`HealthProbe`)."""
+        self._health.check(timeout_s)
+
+    @contextlib.contextmanager
+    def _tiling(self, height: int, width: int) -> Iterator[None]:
+        """Hold the VAE (see the module docstring) with tiling on exactly when the preset tiles this size."""
+        with self._lock:
+            self.vae.use_tiling = self.preset.vae_decode.tiles(height, width)
+            try:
+                yield
+            finally:
+                self.vae.use_tiling = False
 
     @torch.inference_mode()
     def decode(self, packed: np.ndarray, height: int, width: int) -> list[Image.Image]:
@@ -58,9 +95,11 @@ class VaeStage:
         latents = QwenImagePipeline._unpack_latents(latents, height, width, self.scale_factor)
         latents = latents.to(self.vae.dtype)
         mean = self.latents_mean.to(latents.device, latents.dtype)
-        std_inv = self.latents_std_inv.to(latents.device, latents.dtype)
+        # The pipeline's exact ops: divide by 1/std, the reciprocal taken after the cast to the latents' dtype (in
+        # bfloat16, 1/bf16(std) and bf16(1/std) differ).
+        std_inv = 1.0 / self.latents_std.to(latents.device, latents.dtype)
         latents = latents / std_inv + mean
-        with self._lock:
+        with self._tiling(height, width):
             image = self.vae.decode(latents, return_dict=False)[0][:, :, 0]
         return self.image_processor.postprocess(image, output_type="pil")
 

@@ -49,6 +49,9 @@ class EmbeddedArchitecture:
     transformer_head_dim: int = 32
     vae_base_dim: int = 16
     sample_size: int = 64
+    tokenizer_max_token_length: int = 7
+    """Longest BPE token, in byte-level symbols (see `build_tokenizer`). tests/mini_real.py raises it so that every
+    word of the chat template becomes one token, as in the real Qwen tokenizer (a 34-token template prefix)."""
 
 
 def corpus_texts() -> list[str]:
@@ -79,7 +82,7 @@ def build_tokenizer(arch: EmbeddedArchitecture) -> Qwen2Tokenizer:
         # Caps a token at 7 byte-level symbols: an English word, or two CJK characters (3 bytes each). Without the
         # cap, a tiny corpus lets BPE merge a whole Chinese clause (no spaces) into one token, and a prompt whose
         # clause never occurred in training would be unreadable; with it, 红色 / 圆形 / 左边 are tokens to compose.
-        max_token_length=7,
+        max_token_length=arch.tokenizer_max_token_length,
     )
     texts = corpus_texts()
     # The template is one string against thousands of captions: repeat it so its words merge into few tokens.

@@ -1,0 +1,176 @@
+"""A "mini real" Qwen-Image folder: the published configs of Qwen/Qwen-Image with the widths shrunk, random weights
+in bfloat16, and random Lightning LoRA files in both published key layouts. Built by tests/test_real_model.py.
+
+What is real: model_index.json, the scheduler config, the VAE config (z_dim 16, latents_mean/latents_std, dim_mult,
+res blocks, temporal downsampling; only base_dim shrinks), the transformer's class, key names and config keys
+(only depth and widths shrink), a Qwen2.5-VL text encoder and Qwen2 tokenizer (tiny, from
+`lightray.world.build`), the pipeline's chat template, and its 34-token template prefix (the drop index).
+
+No hub is reachable here, so the published configs are written below as constants, from Qwen/Qwen-Image's
+`model_index.json`, `scheduler/scheduler_config.json`, `vae/config.json` and `transformer/config.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
+from safetensors.torch import save_file
+
+from lightray.world.build import EmbeddedArchitecture, build_text_encoder, build_tokenizer, template_prefix_length
+
+# Qwen/Qwen-Image model_index.json.
+QWEN_IMAGE_MODEL_INDEX = {
+    "_class_name": "QwenImagePipeline",
+    "_diffusers_version": "0.34.0.dev0",
+    "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+    "text_encoder": ["transformers", "Qwen2_5_VLForConditionalGeneration"],
+    "tokenizer": ["transformers", "Qwen2Tokenizer"],
+    "transformer": ["diffusers", "QwenImageTransformer2DModel"],
+    "vae": ["diffusers", "AutoencoderKLQwenImage"],
+}
+
+# Qwen/Qwen-Image scheduler/scheduler_config.json: resolution-dependent exponential shift (0.5 at 256 tokens to
+# 0.9 at 8192) and a terminal shift to 0.02.
+QWEN_IMAGE_SCHEDULER_CONFIG = {
+    "_class_name": "FlowMatchEulerDiscreteScheduler",
+    "_diffusers_version": "0.34.0.dev0",
+    "base_image_seq_len": 256,
+    "base_shift": 0.5,
+    "invert_sigmas": False,
+    "max_image_seq_len": 8192,
+    "max_shift": 0.9,
+    "num_train_timesteps": 1000,
+    "shift": 1.0,
+    "shift_terminal": 0.02,
+    "stochastic_sampling": False,
+    "time_shift_type": "exponential",
+    "use_beta_sigmas": False,
+    "use_dynamic_shifting": True,
+    "use_exponential_sigmas": False,
+    "use_karras_sigmas": False,
+}
+
+# Qwen/Qwen-Image vae/config.json (the Wan 2.1 VAE's latent statistics).
+QWEN_IMAGE_VAE_CONFIG = {
+    "_class_name": "AutoencoderKLQwenImage",
+    "_diffusers_version": "0.34.0.dev0",
+    "attn_scales": [],
+    "base_dim": 96,
+    "dim_mult": [1, 2, 4, 4],
+    "dropout": 0.0,
+    "latents_mean": [-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+                     0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921],
+    "latents_std": [2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+                    3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.916],
+    "num_res_blocks": 2,
+    "temperal_downsample": [False, True, True],
+    "z_dim": 16,
+}
+
+# Qwen/Qwen-Image transformer/config.json (60 layers, 24 heads of 128, a 3584-wide text encoder).
+QWEN_IMAGE_TRANSFORMER_CONFIG = {
+    "_class_name": "QwenImageTransformer2DModel",
+    "_diffusers_version": "0.34.0.dev0",
+    "attention_head_dim": 128,
+    "axes_dims_rope": [16, 56, 56],
+    "guidance_embeds": False,
+    "in_channels": 64,
+    "joint_attention_dim": 3584,
+    "num_attention_heads": 24,
+    "num_layers": 60,
+    "out_channels": 16,
+    "patch_size": 2,
+    "pooled_projection_dim": 768,
+}
+
+# ModelTC/Qwen-Image-Lightning generate_with_diffusers.py: the scheduler the Lightning LoRAs were distilled with.
+# Written here independently of configs/models/qwen-image-lightning.yaml, as the reference to hold it against.
+MODELTC_LIGHTNING_SCHEDULER = {
+    "base_image_seq_len": 256,
+    "base_shift": math.log(3),
+    "invert_sigmas": False,
+    "max_image_seq_len": 8192,
+    "max_shift": math.log(3),
+    "num_train_timesteps": 1000,
+    "shift": 1.0,
+    "shift_terminal": None,
+    "stochastic_sampling": False,
+    "time_shift_type": "exponential",
+    "use_beta_sigmas": False,
+    "use_dynamic_shifting": True,
+    "use_exponential_sigmas": False,
+    "use_karras_sigmas": False,
+}
+
+MINI_TEXT = EmbeddedArchitecture(text_hidden_size=64, text_layers=2, text_heads=4, text_kv_heads=2,
+                                 tokenizer_max_token_length=16)
+"""The tiny Qwen2.5-VL text encoder (64 wide, 2 layers) and a tokenizer whose template words are single tokens."""
+MINI_TRANSFORMER = {"num_layers": 2, "attention_head_dim": 32, "num_attention_heads": 2,
+                    "joint_attention_dim": MINI_TEXT.text_hidden_size, "axes_dims_rope": [8, 12, 12]}
+"""What shrinks in the transformer config: depth 2, inner width 64 (2 heads of 32, rope axes summing to 32)."""
+MINI_VAE_BASE_DIM = 16
+
+REAL_TEMPLATE_PREFIX_TOKENS = 34
+"""QwenImagePipeline's `prompt_template_encode_start_idx` for the real tokenizer (the preset's value)."""
+
+LIGHTNING_RANK = 64
+LIGHTNING_ALPHA = 32.0
+"""alpha / rank = 0.5, so a file whose alpha were ignored would give other numbers."""
+LIGHTNING_TARGETS = ("img_mod.1", "txt_mod.1", "attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj",
+                     "attn.add_k_proj", "attn.add_v_proj", "attn.to_out.0", "attn.to_add_out", "img_mlp.net.0.proj",
+                     "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2")
+"""Every linear layer of a transformer block: what the Lightning files adapt."""
+
+
+def build_mini_real(root: Path, seed: int = 0) -> Path:
+    """Write the mini real diffusers folder at `root` (about 5 MB) and return it."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "model_index.json").write_text(json.dumps(QWEN_IMAGE_MODEL_INDEX, indent=2))
+    (root / "scheduler").mkdir(exist_ok=True)
+    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(QWEN_IMAGE_SCHEDULER_CONFIG, indent=2))
+
+    tokenizer = build_tokenizer(MINI_TEXT)
+    prefix = template_prefix_length(tokenizer)
+    if prefix != REAL_TEMPLATE_PREFIX_TOKENS:
+        raise AssertionError(f"the mini tokenizer's template prefix is {prefix} tokens, not the real 34")
+    tokenizer.save_pretrained(root / "tokenizer")
+    build_text_encoder(MINI_TEXT, tokenizer, seed).to(torch.bfloat16).save_pretrained(root / "text_encoder")
+
+    torch.manual_seed(seed)
+    config = {k: v for k, v in QWEN_IMAGE_TRANSFORMER_CONFIG.items()
+              if not k.startswith("_") and k != "pooled_projection_dim"}  # a key diffusers no longer takes
+    transformer = QwenImageTransformer2DModel(**{**config, **MINI_TRANSFORMER})
+    transformer.to(torch.bfloat16).save_pretrained(root / "transformer")
+
+    vae_config = {k: v for k, v in QWEN_IMAGE_VAE_CONFIG.items() if not k.startswith("_")}
+    AutoencoderKLQwenImage(**{**vae_config, "base_dim": MINI_VAE_BASE_DIM}).to(torch.bfloat16).save_pretrained(
+        root / "vae")
+    return root
+
+
+def write_lightning_lora(path: Path, seed: int, prefix: str = "") -> dict[str, torch.Tensor]:
+    """A random Lightning LoRA for the mini transformer in the published layout: per adapted linear
+    `{prefix}transformer_blocks.N.<module>.lora_down.weight` [rank, in], `.lora_up.weight` [out, rank] and `.alpha`
+    (a scalar), all bfloat16. `prefix` "" is the bare layout, "diffusion_model." the other published one."""
+    inner = MINI_TRANSFORMER["num_attention_heads"] * MINI_TRANSFORMER["attention_head_dim"]
+    shapes = {"img_mod.1": (inner, 6 * inner), "txt_mod.1": (inner, 6 * inner),
+              "img_mlp.net.0.proj": (inner, 4 * inner), "img_mlp.net.2": (4 * inner, inner),
+              "txt_mlp.net.0.proj": (inner, 4 * inner), "txt_mlp.net.2": (4 * inner, inner)}
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for block in range(MINI_TRANSFORMER["num_layers"]):
+        for target in LIGHTNING_TARGETS:
+            fan_in, fan_out = shapes.get(target, (inner, inner))
+            key = f"{prefix}transformer_blocks.{block}.{target}"
+            state[f"{key}.lora_down.weight"] = (torch.randn(LIGHTNING_RANK, fan_in, generator=gen)
+                                                / math.sqrt(fan_in)).to(torch.bfloat16)
+            state[f"{key}.lora_up.weight"] = (torch.randn(fan_out, LIGHTNING_RANK, generator=gen)
+                                              * 0.2 / math.sqrt(LIGHTNING_RANK)).to(torch.bfloat16)
+            state[f"{key}.alpha"] = torch.tensor(LIGHTNING_ALPHA, dtype=torch.bfloat16)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(path))
+    return state

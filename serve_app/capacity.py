@@ -1,0 +1,493 @@
+"""GPU memory budgets and capacity arithmetic for the real Qwen-Image deployment of a Serve config, from configs alone.
+
+Weights are counted exactly: the real modules are built on the meta device (no memory, no download) from the
+published config.json files in `configs/qwen-image/` and their parameters summed at the preset's dtype. Everything
+that is not a weight (activations, per-process CUDA overhead, stage times) is an *assumption* with its reason,
+declared in a GPU-class file under `configs/capacity/` and loaded into `CapacityAssumptions`: tests check that the
+Serve config fits the GPU under them (tests/test_gpu_budget.py), docs/capacity.md is the table
+`python benchmarks/capacity_table.py` prints from them, and a measured GPU run should replace them.
+It lives beside the app builder because it reads what the Serve config deploys; nothing here starts Ray.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from functools import cached_property
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from deployments.text_encoder import MAX_BATCH_SIZE as TEXT_ENCODER_BATCH_SIZE
+from lightray.config import REPO_ROOT, EngineConfig, ModelPreset, load_preset
+from serve_app.admission import WORK_UNIT_PIXELS
+
+GIB = 1024**3
+MIB = 1024**2
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+LIGHTNING_LORA_TARGETS = (
+    "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+    "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
+    "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2",
+    "img_mod.1", "txt_mod.1",
+)
+"""Linear layers of every transformer block that the published Qwen-Image-Lightning LoRAs adapt (DESIGN.md); tenant
+adapters are budgeted on the same targets."""
+
+# Tokens the text encoder sees per prompt: the pipeline's chat template adds a 34-token prefix it later drops
+# (`prompt_template_encode_start_idx`) and a 5-token suffix, around at most `max_sequence_length` prompt tokens.
+TEMPLATE_TOKENS = 34 + 5
+
+
+class GpuClass(BaseModel):
+    """The GPU a Serve config is sized for, and the per-process costs that are not the model's."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    name: str
+    """Marketing name, e.g. "NVIDIA H100 80GB HBM3"."""
+    memory_mib: int = Field(gt=0)
+    """Device memory as `nvidia-smi` reports it (81559 MiB on an H100 80GB HBM3, 81920 on an A100 80GB): the
+    smaller of the class, so one config fits both."""
+    node_selector: dict[str, str]
+    """The node label (GPU feature discovery's `nvidia.com/gpu.product`) the k8s GPU worker group selects, so pods
+    land only on this class."""
+    reserved_mib_per_process: int = Field(ge=0)
+    """Per replica process, not the model's: CUDA context, cuBLAS/cuDNN workspaces and the caching allocator's
+    fragmentation. Fractional replicas sharing a GPU each pay it."""
+    dense_bf16_tflops: float = Field(gt=0)
+    """Vendor peak for dense bf16 matmuls (no sparsity)."""
+
+
+class StageTimeAssumptions(BaseModel):
+    """How long a stage takes on this GPU class: assumed until a GPU run measures it (docs/capacity.md)."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    transformer_mfu: float = Field(gt=0, le=1)
+    """Fraction of `dense_bf16_tflops` the 20B transformer's forward reaches at 1024² (large GEMMs, flash
+    attention): the step time is its FLOPs, counted from the config, over this."""
+    text_encoder_mfu: float = Field(gt=0, le=1)
+    """The same for one prompt through the 7B text encoder (short sequences: lower)."""
+    vae_decode_s_per_megapixel: float = Field(gt=0)
+    """VAE decode time per output megapixel, one image per call."""
+    fixed_step_overhead_s: float = Field(ge=0)
+    """Per engine step, independent of rows: Python scheduling, per-segment conditioning linears, launches. The
+    CPU engine curve (benchmarks/results/engine.json) shows such an intercept; on a GPU it is assumed, not
+    measured."""
+
+
+class LifecycleAssumptions(BaseModel):
+    """What a replica's cold start is made of, to size scale-down and shutdown delays."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    pod_start_s: float = Field(ge=0)
+    """A worker pod scheduled on a node already in the pool until its raylet joins (no node provisioning)."""
+    image_pull_s: float = Field(ge=0)
+    """Pulling the CUDA image onto a node that does not have it."""
+    weights_read_mib_s: float = Field(gt=0)
+    """Sustained read of the ReadOnlyMany model volume into GPU memory."""
+    warmup_s: float = Field(ge=0)
+    """CUDA init, first forwards and the health check's warm-up after the weights are in."""
+
+
+class CapacityAssumptions(BaseModel):
+    """Everything the budget assumes about one GPU class (a YAML file under configs/capacity/)."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    gpu: GpuClass
+    serve_config: str = "configs/serve/gpu.yaml"
+    """The Serve config sized for this class (repository-relative)."""
+    model_configs: str = "configs/qwen-image"
+    """Folder with the published transformer/, text_encoder/ and vae/ config.json files."""
+    tenant_adapter_rank: int = Field(ge=1)
+    """Largest rank a tenant adapter is budgeted at (on `LIGHTNING_LORA_TARGETS`); the adapter cache holds
+    `adapter_cache_size` of them per Denoiser replica."""
+    vae_images_per_decode: int = Field(ge=1)
+    """Images one VAE decode call holds at once (decoding in slices of one image, issue #13 point 6)."""
+    transformer_live_tensors_per_token: float = Field(gt=0)
+    """Activation peak of one transformer block, in hidden-size (3072) tensors per token of every row: residual
+    streams, the modulated input, q/k/v and their joint concatenation and rotary copies (~12 at attention), or the
+    4x-wide MLP hidden and its GELU (~10); blocks run one after another, so one block's peak is the forward's.
+    Attention itself is flash/memory-efficient SDPA (O(tokens), no tokens² matrix)."""
+    text_encoder_live_tensors_per_token: float = Field(gt=0)
+    """Activation peak of one text-encoder layer in hidden-size (3584) tensors per token, besides the kept hidden
+    states and logits counted exactly: gate, up and their product are 3 x 18944/3584 ≈ 16, plus the residual,
+    norm and attention tensors."""
+    vae_live_tensors_per_pixel: float = Field(gt=0)
+    """Activation peak of the VAE decoder in `base_dim`-channel tensors per output pixel: the full-resolution
+    stage's working tensors plus every causal conv's feature cache at full and half resolution."""
+    stage_times: StageTimeAssumptions
+    lifecycle: LifecycleAssumptions
+
+    @classmethod
+    def load(cls, path: str | Path) -> "CapacityAssumptions":
+        p = Path(path)
+        return cls.model_validate(yaml.safe_load((p if p.is_absolute() else REPO_ROOT / p).read_text()))
+
+    @cached_property
+    def serve(self) -> dict:
+        return yaml.safe_load((REPO_ROOT / self.serve_config).read_text())
+
+    @cached_property
+    def app(self) -> dict:
+        return self.serve["applications"][0]
+
+    @cached_property
+    def deployments(self) -> dict[str, dict]:
+        return {d["name"]: d for d in self.app["deployments"]}
+
+    @cached_property
+    def preset(self) -> ModelPreset:
+        return load_preset(self.app["args"]["preset"])
+
+    @cached_property
+    def engine(self) -> EngineConfig:
+        return EngineConfig(**self.app["args"].get("engine", {}))
+
+    @cached_property
+    def models(self) -> "MetaModels":
+        return MetaModels.build(REPO_ROOT / self.model_configs)
+
+    @property
+    def dtype_bytes(self) -> int:
+        return DTYPE_BYTES[self.preset.dtype]
+
+    def gpu_fraction_bytes(self, deployment: str) -> int:
+        """Device memory a replica of `deployment` may use: its `num_gpus` share of the GPU. Ray does not enforce
+        memory, so every replica staying within its share is what lets any packing of shares <= 1 fit."""
+        return int(self.deployments[deployment]["ray_actor_options"].get("num_gpus", 0) * self.gpu.memory_mib * MIB)
+
+
+@dataclasses.dataclass(frozen=True)
+class MetaModels:
+    """The real modules with no storage: exact parameter shapes from the published configs."""
+
+    transformer: object
+    text_encoder: object
+    vae: object
+    configs: dict[str, dict]
+
+    @classmethod
+    def build(cls, folder: Path) -> "MetaModels":
+        import torch
+        from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
+        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+        configs = {name: json.loads((folder / name / "config.json").read_text())
+                   for name in ("transformer", "text_encoder", "vae")}
+        with torch.device("meta"):
+            transformer = QwenImageTransformer2DModel.from_config(configs["transformer"])
+            text_encoder = Qwen2_5_VLForConditionalGeneration._from_config(
+                Qwen2_5_VLConfig(**configs["text_encoder"]))
+            vae = AutoencoderKLQwenImage.from_config(configs["vae"])
+        return cls(transformer, text_encoder, vae, configs)
+
+    @staticmethod
+    def parameters(module) -> int:
+        return sum(p.numel() for p in module.parameters())
+
+    def lora_parameters(self, rank: int) -> int:
+        """Parameters of a rank-`rank` LoRA on `LIGHTNING_LORA_TARGETS` of every block: rank x (in + out) each."""
+        total = 0
+        for name, module in self.transformer.named_modules():
+            if name.startswith("transformer_blocks.") and name.split(".", 2)[-1] in LIGHTNING_LORA_TARGETS:
+                total += rank * (module.in_features + module.out_features)
+        return total
+
+    def transformer_flops_per_row(self, image_tokens: int, text_tokens: int) -> float:
+        """Forward FLOPs of one row (one image, or one CFG half) of one denoising step: 2 x in x out per token for
+        every linear layer on the path its tokens take (image stream: img_in, to_q/k/v, to_out, img_mlp, proj_out;
+        text stream: txt_in, add_*_proj, to_add_out, txt_mlp), plus joint attention's QK^T and AV (4 x tokens² x
+        inner_dim per block). Per-image modulation linears are negligible and left out."""
+        text_path = ("txt_in", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "txt_mlp")
+        per_image_token = per_text_token = 0
+        for name, module in self.transformer.named_modules():
+            if type(module).__name__ != "Linear" or "_mod" in name or "time_text_embed" in name or "norm_out" in name:
+                continue
+            flops = 2 * module.in_features * module.out_features
+            if any(part in name for part in text_path):
+                per_text_token += flops
+            else:
+                per_image_token += flops
+        cfg = self.configs["transformer"]
+        inner = cfg["num_attention_heads"] * cfg["attention_head_dim"]
+        tokens = image_tokens + text_tokens
+        attention = cfg["num_layers"] * 4 * tokens * tokens * inner
+        return per_image_token * image_tokens + per_text_token * text_tokens + attention
+
+    def text_encoder_flops_per_prompt(self, tokens: int) -> float:
+        """2 x parameters of the language model per token (the vision tower is idle for text prompts) plus its
+        attention, for one prompt of `tokens` tokens."""
+        text = self.configs["text_encoder"]["text_config"]
+        language = self.parameters(self.text_encoder.model.language_model)
+        attention = text["num_hidden_layers"] * 4 * tokens * tokens * text["hidden_size"]
+        return 2 * language * tokens + attention
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryBudget:
+    """Device memory one replica of a deployment needs, by item (bytes), and what its GPU share gives it."""
+
+    deployment: str
+    items: dict[str, int]
+    available: int
+
+    @property
+    def total(self) -> int:
+        return sum(self.items.values())
+
+    @property
+    def headroom(self) -> int:
+        return self.available - self.total
+
+    def describe(self) -> str:
+        parts = ", ".join(f"{k} {v / GIB:.2f}" for k, v in self.items.items())
+        return (f"{self.deployment}: {self.total / GIB:.2f} GiB of {self.available / GIB:.2f} GiB ({parts}; "
+                f"headroom {self.headroom / GIB:.2f} GiB)")
+
+
+def image_tokens(width: int, height: int) -> int:
+    """Transformer tokens of one image: (width/16) x (height/16) (VAE 8x, then 2x2 patches)."""
+    return (width // 16) * (height // 16)
+
+
+def largest_size(preset: ModelPreset) -> tuple[int, int]:
+    """The served (width, height) with the most pixels: the square at `max_pixels` (multiples of 16), or a
+    `max_side` rectangle if that holds more."""
+    side = min(preset.max_side, math.isqrt(preset.max_pixels) // preset.size_multiple * preset.size_multiple)
+    other = preset.max_pixels // preset.max_side // preset.size_multiple * preset.size_multiple
+    return max([(side, side), (preset.max_side, other)], key=lambda wh: wh[0] * wh[1])
+
+
+def text_tokens(preset: ModelPreset) -> int:
+    """Most tokens a prompt reaches the transformer with (the template prefix is dropped before it)."""
+    return preset.max_sequence_length
+
+
+def denoiser_rows(a: CapacityAssumptions) -> int:
+    """Most transformer rows in one step: the engine's budget, or the largest single request if larger (it runs
+    alone, never split): n images, two rows each with true CFG."""
+    return max(a.engine.max_batch_rows, a.preset.max_images_per_request * 2)
+
+
+def budgets(a: CapacityAssumptions) -> dict[str, MemoryBudget]:
+    """Per-replica device memory of the three GPU deployments at the largest served size."""
+    m, b = a.models, a.dtype_bytes
+    reserved = a.gpu.reserved_mib_per_process * MIB
+    width, height = largest_size(a.preset)
+    img_tok, txt_tok = image_tokens(width, height), text_tokens(a.preset)
+    t_cfg, te_cfg = m.configs["transformer"], m.configs["text_encoder"]
+    inner = t_cfg["num_attention_heads"] * t_cfg["attention_head_dim"]
+    joint = t_cfg["joint_attention_dim"]
+    lora = m.lora_parameters
+
+    rows = denoiser_rows(a)
+    n_max = a.preset.max_images_per_request
+    live = a.engine.max_live_requests
+    # Each live request keeps float32 packed latents (and the engine's copy for the Euler step) and its prompt
+    # embeddings (with the negative ones under CFG) between steps.
+    engine_state = live * (n_max * img_tok * t_cfg["in_channels"] * 4 * 2 + 2 * txt_tok * joint * b)
+    denoiser = {
+        "weights": m.parameters(m.transformer) * b,
+        "lightning_lora": lora(64) * b,
+        "adapter_cache": int(a.app["args"].get("adapter_cache_size", 4)) * lora(a.tenant_adapter_rank) * b,
+        "activations": int(rows * (img_tok + txt_tok) * inner * b * a.transformer_live_tensors_per_token),
+        "engine_state": engine_state,
+        "cuda_reserved": reserved,
+    }
+
+    text = te_cfg["text_config"]
+    prompts = text_encoder_batch_prompts(a)
+    tokens = TEMPLATE_TOKENS + a.preset.max_sequence_length
+    text_encoder = {
+        "weights": m.parameters(m.text_encoder) * b,
+        # encode_prompt asks for every layer's hidden states (it keeps the last), and the model's head computes
+        # logits for every token: both are held at the end of the forward.
+        "hidden_states": (text["num_hidden_layers"] + 1) * prompts * tokens * text["hidden_size"] * b,
+        "logits": prompts * tokens * text["vocab_size"] * b,
+        "activations": int(prompts * tokens * text["hidden_size"] * b * a.text_encoder_live_tensors_per_token),
+        "cuda_reserved": reserved,
+    }
+
+    vae_cfg = m.configs["vae"]
+    vae = {
+        "weights": m.parameters(m.vae) * b,
+        "activations": int(a.vae_images_per_decode * width * height * vae_cfg["base_dim"] * b
+                           * a.vae_live_tensors_per_pixel),
+        "cuda_reserved": reserved,
+    }
+    return {name: MemoryBudget(name, items, a.gpu_fraction_bytes(name))
+            for name, items in (("TextEncoder", text_encoder), ("Denoiser", denoiser), ("VaeDecoder", vae))}
+
+
+def text_encoder_batch_prompts(a: CapacityAssumptions) -> int:
+    """Prompts in one text-encoder forward at most: the deployment's `serve.batch` size, two prompts per request
+    under true CFG (the prompt and its negative)."""
+    return TEXT_ENCODER_BATCH_SIZE * 2
+
+
+def gpus_for(shares: list[float]) -> int:
+    """Whole GPUs that replicas with these `num_gpus` shares take, placed first-fit decreasing (Ray places a
+    replica's share on one GPU; it never splits it)."""
+    free: list[float] = []
+    for share in sorted(shares, reverse=True):
+        for i, room in enumerate(free):
+            if share <= room + 1e-9:
+                free[i] -= share
+                break
+        else:
+            free.append(1.0 - share)
+    return len(free)
+
+
+# ----------------------------------------------------------------------------------------------- time and capacity
+
+@dataclasses.dataclass(frozen=True)
+class StageTimes:
+    """Seconds per unit of work on one replica (assumed: FLOPs over an assumed utilisation, docs/capacity.md)."""
+
+    encode_s_per_prompt: float
+    step_s_per_row: float
+    step_overhead_s: float
+    decode_s_per_image: float
+
+    def step_s(self, rows: int) -> float:
+        """One engine step over `rows` rows: a fixed part plus a per-row part (the engine's CPU curve has this
+        shape; a GPU at 1024² is compute-bound from one row, so the per-row part dominates)."""
+        return self.step_overhead_s + rows * self.step_s_per_row
+
+
+def stage_times(a: CapacityAssumptions, width: int = 1024, height: int = 1024) -> StageTimes:
+    m, t = a.models, a.stage_times
+    flops_s = a.gpu.dense_bf16_tflops * 1e12
+    prompt_tokens = TEMPLATE_TOKENS + 64  # a typical prompt, not the longest: capacity is about the usual request
+    return StageTimes(
+        encode_s_per_prompt=m.text_encoder_flops_per_prompt(prompt_tokens) / (flops_s * t.text_encoder_mfu),
+        step_s_per_row=m.transformer_flops_per_row(image_tokens(width, height), 64) / (flops_s * t.transformer_mfu),
+        step_overhead_s=t.fixed_step_overhead_s,
+        decode_s_per_image=t.vae_decode_s_per_megapixel * width * height / 1e6,
+    )
+
+
+def cold_start_s(a: CapacityAssumptions) -> float:
+    """A Denoiser replica on a new pod: the pod, the image, the weights it reads (counted), the warm-up."""
+    weights = a.models.parameters(a.models.transformer) * a.dtype_bytes + a.models.lora_parameters(64) * a.dtype_bytes
+    lc = a.lifecycle
+    return lc.pod_start_s + lc.image_pull_s + weights / MIB / lc.weights_read_mib_s + lc.warmup_s
+
+
+def request_seconds(a: CapacityAssumptions, steps: int, rows: int, times: StageTimes | None = None) -> float:
+    """Denoising time of one request of `rows` rows alone on a replica (engine steps of exactly its rows)."""
+    times = times or stage_times(a)
+    return steps * times.step_s(rows)
+
+
+def weighted_bound_drain_s(a: CapacityAssumptions, ingress_replicas: int, times: StageTimes) -> float:
+    """Seconds the Denoisers at max_replicas need to finish everything the ingresses may admit at once, at 1024²
+    (the work unit of `serve_app.admission`)."""
+    bound = a.app["args"]["max_admitted_work"]
+    replicas = a.deployments["Denoiser"]["autoscaling_config"]["max_replicas"]
+    row_steps = ingress_replicas * bound * (1024 * 1024) / WORK_UNIT_PIXELS
+    rows = a.engine.max_batch_rows
+    return row_steps / rows * times.step_s(rows) / replicas
+
+
+def cpu_step_curve(path: Path = REPO_ROOT / "benchmarks/results/engine.json") -> dict[str, tuple[float, float, float]]:
+    """The engine's measured CPU step time vs rows (benchmarks/bench_engine.py), fitted per size as
+    t(rows) = fixed + rows x per_row by least squares: {size: (fixed_ms, per_row_ms, worst relative residual)}."""
+    curve = json.loads(path.read_text())["step_ms_by_rows"]
+    fits = {}
+    for size in sorted({key.split("/")[0] for key in curve}):
+        points = [(int(k.split("/")[1]), v) for k, v in curve.items() if k.startswith(size + "/")]
+        n = len(points)
+        mean_r = sum(r for r, _ in points) / n
+        mean_t = sum(t for _, t in points) / n
+        slope = sum((r - mean_r) * (t - mean_t) for r, t in points) / sum((r - mean_r) ** 2 for r, _ in points)
+        fixed = mean_t - slope * mean_r
+        worst = max(abs(fixed + slope * r - t) / t for r, t in points)
+        fits[size] = (fixed, slope, worst)
+    return fits
+
+
+@dataclasses.dataclass(frozen=True)
+class CapacityRow:
+    """Replicas and GPUs for a target rate of Lightning 8-step 1024² images (one row each, no CFG)."""
+
+    images_per_s: float
+    denoisers: int
+    text_encoders: int
+    vae_decoders: int
+    gpus: int
+    latency_s: float
+
+
+def capacity_plan(a: CapacityAssumptions, images_per_s: float, utilisation: float = 0.7,
+                  steps: int = 8) -> CapacityRow:
+    """Replicas per stage so each runs at most `utilisation` busy at `images_per_s` (the rest absorbs bursts and
+    keeps queues short), GPUs as Ray packs their shares (whole GPUs for Denoisers, shares first-fit), and the
+    latency of one image at that load: encode + `steps` engine steps at the rows each replica then carries +
+    decode."""
+    t = stage_times(a)
+    rows = a.engine.max_batch_rows
+    per_denoiser = rows / (steps * t.step_s(rows))  # images/s with every step full
+    denoisers = math.ceil(images_per_s / (utilisation * per_denoiser))
+    encoders = math.ceil(images_per_s * t.encode_s_per_prompt / utilisation)
+    decoders = math.ceil(images_per_s * t.decode_s_per_image / utilisation)
+    shares = [a.deployments[n]["ray_actor_options"]["num_gpus"] for n in ("TextEncoder", "VaeDecoder")]
+    fractional = gpus_for([shares[0]] * encoders + [shares[1]] * decoders)
+    # Rows a Denoiser carries per step at this load (Little's law: rate x time in the engine), at least 1.
+    carried = min(rows, max(1.0, images_per_s / denoisers * steps * t.step_s(rows)))
+    latency = t.encode_s_per_prompt + steps * t.step_s(math.ceil(carried)) + t.decode_s_per_image
+    return CapacityRow(images_per_s, denoisers, encoders, decoders, denoisers + fractional, latency)
+
+
+def capacity_markdown(a: CapacityAssumptions, targets: tuple[float, ...] = (0.5, 1, 2, 4, 8, 16)) -> str:
+    """The tables of docs/capacity.md (between its GENERATED markers)."""
+    t = stage_times(a)
+    b = budgets(a)
+    lines = ["| deployment | GPU share | weights | other items | total | available | headroom |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name, budget in b.items():
+        other = ", ".join(f"{k} {v / GIB:.2f}" for k, v in budget.items.items() if k != "weights")
+        share = a.deployments[name]["ray_actor_options"]["num_gpus"]
+        lines.append(f"| {name} | {share:g} | {budget.items['weights'] / GIB:.2f} GiB | {other} GiB | "
+                     f"{budget.total / GIB:.2f} GiB | {budget.available / GIB:.2f} GiB | "
+                     f"{budget.headroom / GIB:.2f} GiB |")
+    width, height = largest_size(a.preset)
+    lines += ["", f"At the largest served size ({width}x{height}), {denoiser_rows(a)} Denoiser rows a step, "
+              f"{text_encoder_batch_prompts(a)} prompts a text-encoder forward, {a.vae_images_per_decode} image a "
+              f"VAE call; {a.gpu.name}, {a.gpu.memory_mib} MiB.", ""]
+    lines += ["| stage time at 1024² (assumed GPU figures) | value |", "| --- | --- |",
+              f"| text encoder, one ~100-token prompt | {t.encode_s_per_prompt * 1000:.1f} ms |",
+              f"| transformer, one row-step | {t.step_s_per_row * 1000:.0f} ms |",
+              f"| engine step, fixed part | {t.step_overhead_s * 1000:.0f} ms |",
+              f"| engine step, {a.engine.max_batch_rows} rows | {t.step_s(a.engine.max_batch_rows) * 1000:.0f} ms |",
+              f"| VAE decode, one image | {t.decode_s_per_image * 1000:.0f} ms |",
+              f"| Denoiser cold start | {cold_start_s(a):.0f} s |", ""]
+    lines += ["| CPU engine step (measured, benchmarks/results/engine.json) | fixed | per row | worst fit error |",
+              "| --- | --- | --- | --- |"]
+    for size, (fixed, per_row, worst) in cpu_step_curve().items():
+        lines.append(f"| {size}, 1-16 rows | {fixed:.1f} ms | {per_row:.2f} ms | {worst * 100:.0f} % |")
+    lines += ["", "| target (1024², Lightning 8 steps) | Denoiser replicas | TextEncoder replicas | "
+              "VaeDecoder replicas | GPUs | latency per image | fits configs/serve/gpu.yaml |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
+    max_of = {n: a.deployments[n]["autoscaling_config"]["max_replicas"] for n in GPU_DEPLOYMENTS}
+    for rate in targets:
+        row = capacity_plan(a, rate)
+        fits = (row.denoisers <= max_of["Denoiser"] and row.text_encoders <= max_of["TextEncoder"]
+                and row.vae_decoders <= max_of["VaeDecoder"])
+        lines.append(f"| {rate:g} images/s | {row.denoisers} | {row.text_encoders} | {row.vae_decoders} | "
+                     f"{row.gpus} | {row.latency_s:.1f} s | {'yes' if fits else 'no'} |")
+    return "\n".join(lines)
+
+
+GPU_DEPLOYMENTS = ("TextEncoder", "Denoiser", "VaeDecoder")
+
+if __name__ == "__main__":
+    print(capacity_markdown(CapacityAssumptions.load("configs/capacity/h100-80gb.yaml")))

@@ -21,6 +21,11 @@ ENV TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 FROM base-${VARIANT} AS app
 ARG RAY_VERSION
 ARG TORCH_VERSION=2.13.0
+# /app belongs to the image's `ray` user (uid 1000, group `users` 100 in rayproject/ray): the editable install
+# writes its metadata there.
+USER 0
+RUN mkdir -p /app && chown 1000:100 /app
+USER 1000:100
 WORKDIR /app
 # torch first, from its own index, so the package install below keeps it instead of pulling another build.
 RUN pip install --no-cache-dir "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"

@@ -95,3 +95,16 @@ def test_the_pods_run_the_built_image_with_what_they_mount():
                 assert volumes[mounts["/mnt/shared"]["name"]]["persistentVolumeClaim"]["claimName"] == \
                     "lightray-shared"
                 assert spec["tolerations"] and spec["nodeSelector"], where
+
+
+def test_what_the_serve_config_reads_lies_on_the_mounted_volumes():
+    """The image store is on the shared claim, and the real preset's weights on the models claim."""
+    from lightray.config import load_preset
+
+    app = yaml.safe_load((REPO / "configs/serve/gpu.yaml").read_text())["applications"][0]
+    assert app["args"]["image_store_dir"].startswith("/mnt/shared/")
+    preset = load_preset(app["args"]["preset"])
+    assert str(preset.root).startswith("/models/")
+    for variant in preset.variants:
+        if variant.lightning_lora:
+            assert str(preset.resolve(variant.lightning_lora)).startswith("/models/"), variant.id

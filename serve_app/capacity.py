@@ -1,8 +1,11 @@
 """GPU memory budgets and capacity arithmetic for the real Qwen-Image deployment of a Serve config, from configs alone.
 
 Weights are counted exactly: the real modules are built on the meta device (no memory, no download) from the
-published config.json files in `configs/qwen-image/` and their parameters summed at the preset's dtype. Everything
-that is not a weight (activations, per-process CUDA overhead, stage times) is an *assumption* with its reason,
+published config.json files in `configs/qwen-image/` and their parameters summed at the preset's dtype.
+Activations are measured on the meta device too: the real forward runs on storage-less tensors while
+`PeakLiveBytes` adds up the bytes of every tensor it creates and subtracts them when they are freed, which is the
+eager forward's peak (attention taken as memory-efficient SDPA: its output only). What is neither (per-process CUDA
+overhead, workspaces, stage times, cold-start parts) is an *assumption* with its reason,
 declared in a GPU-class file under `configs/capacity/` and loaded into `CapacityAssumptions`: tests check that the
 Serve config fits the GPU under them (tests/test_gpu_budget.py), docs/capacity.md is the table
 `python benchmarks/capacity_table.py` prints from them, and a measured GPU run should replace them.
@@ -11,9 +14,11 @@ It lives beside the app builder because it reads what the Serve config deploys; 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
+import weakref
 from functools import cached_property
 from pathlib import Path
 
@@ -56,8 +61,9 @@ class GpuClass(BaseModel):
     """The node label (GPU feature discovery's `nvidia.com/gpu.product`) the k8s GPU worker group selects, so pods
     land only on this class."""
     reserved_mib_per_process: int = Field(ge=0)
-    """Per replica process, not the model's: CUDA context, cuBLAS/cuDNN workspaces and the caching allocator's
-    fragmentation. Fractional replicas sharing a GPU each pay it."""
+    """Per replica process, not the model's: CUDA context, cuBLAS/cuDNN and flash-attention workspaces and the
+    caching allocator's fragmentation (none of which a meta-device forward sees). Fractional replicas sharing a GPU
+    each pay it."""
     dense_bf16_tflops: float = Field(gt=0)
     """Vendor peak for dense bf16 matmuls (no sparsity)."""
 
@@ -110,18 +116,6 @@ class CapacityAssumptions(BaseModel):
     `adapter_cache_size` of them per Denoiser replica."""
     vae_images_per_decode: int = Field(ge=1)
     """Images one VAE decode call holds at once (decoding in slices of one image, issue #13 point 6)."""
-    transformer_live_tensors_per_token: float = Field(gt=0)
-    """Activation peak of one transformer block, in hidden-size (3072) tensors per token of every row: residual
-    streams, the modulated input, q/k/v and their joint concatenation and rotary copies (~12 at attention), or the
-    4x-wide MLP hidden and its GELU (~10); blocks run one after another, so one block's peak is the forward's.
-    Attention itself is flash/memory-efficient SDPA (O(tokens), no tokens² matrix)."""
-    text_encoder_live_tensors_per_token: float = Field(gt=0)
-    """Activation peak of one text-encoder layer in hidden-size (3584) tensors per token, besides the kept hidden
-    states and logits counted exactly: gate, up and their product are 3 x 18944/3584 ≈ 16, plus the residual,
-    norm and attention tensors."""
-    vae_live_tensors_per_pixel: float = Field(gt=0)
-    """Activation peak of the VAE decoder in `base_dim`-channel tensors per output pixel: the full-resolution
-    stage's working tensors plus every causal conv's feature cache at full and half resolution."""
     stage_times: StageTimeAssumptions
     lifecycle: LifecycleAssumptions
 
@@ -164,6 +158,84 @@ class CapacityAssumptions(BaseModel):
         return int(self.deployments[deployment]["ray_actor_options"].get("num_gpus", 0) * self.gpu.memory_mib * MIB)
 
 
+class PeakLiveBytes:
+    """Peak bytes of the tensors an eager forward creates, on any device, the meta device included: a
+    `TorchDispatchMode` adds each new storage an op returns and subtracts it when Python frees it. The storages of
+    `existing` modules and tensors (weights, inputs) are never counted, even when an op returns a view of one (a
+    weight's transpose)."""
+
+    def __init__(self, *existing):
+        import torch
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_flatten
+
+        tensors = [t for x in existing for t in (
+            [*x.parameters(), *x.buffers()] if isinstance(x, torch.nn.Module) else [x])]
+        self._kept = [t.untyped_storage() for t in tensors]  # alive, so their ids are not reused
+        known = {id(st) for st in self._kept}
+        counted: set[int] = set()
+        tracker = self
+        self.live = self.peak = 0
+
+        def free(key: int, nbytes: int) -> None:
+            counted.discard(key)
+            tracker.live -= nbytes
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for t in tree_flatten(out)[0]:
+                    if isinstance(t, torch.Tensor):
+                        storage = t.untyped_storage()
+                        key = id(storage)
+                        if key in known or key in counted:
+                            continue
+                        nbytes = storage.nbytes()
+                        counted.add(key)
+                        tracker.live += nbytes
+                        tracker.peak = max(tracker.peak, tracker.live)
+                        weakref.finalize(storage, free, key, nbytes)
+                return out
+
+        self._mode = Mode()
+
+    def __enter__(self) -> "PeakLiveBytes":
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._mode.__exit__(*exc)
+
+
+@contextlib.contextmanager
+def memory_efficient_attention():
+    """SDPA as flash / memory-efficient attention behaves on a GPU: an output the size of the query and no
+    tokens x tokens matrix (the meta device would otherwise take the math path and materialise one)."""
+    import torch
+
+    stock = torch.nn.functional.scaled_dot_product_attention
+
+    def output_only(*args, **kwargs):
+        query = kwargs.get("query", args[0] if args else None)
+        value = kwargs.get("value", args[2] if len(args) > 2 else None)
+        return query.new_empty(query.shape[:-1] + value.shape[-1:])
+
+    torch.nn.functional.scaled_dot_product_attention = output_only
+    try:
+        yield
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = stock
+
+
+def forward_peak_bytes(module, run) -> int:
+    """Peak activation bytes of `run()` (a forward of `module` on meta tensors), without gradients."""
+    import torch
+
+    with torch.no_grad(), memory_efficient_attention(), PeakLiveBytes(module) as tracked:
+        run()
+    return tracked.peak
+
+
 @dataclasses.dataclass(frozen=True)
 class MetaModels:
     """The real modules with no storage: exact parameter shapes from the published configs."""
@@ -199,6 +271,51 @@ class MetaModels:
             if name.startswith("transformer_blocks.") and name.split(".", 2)[-1] in LIGHTNING_LORA_TARGETS:
                 total += rank * (module.in_features + module.out_features)
         return total
+
+    def transformer_activation_bytes(self, dtype: str, rows: int, width: int, height: int, text_tokens: int,
+                                     layers: int = 2) -> int:
+        """Peak activations of one engine step: a forward over `rows` rows at `width` x `height` with
+        `text_tokens` prompt tokens each (the engine pads prompts to the longest). It runs on a `layers`-block twin
+        of the transformer with the rank-64 Lightning LoRA on its targets, built at `dtype`: a block's activations
+        are freed before the next block runs, so the peak is reached by the second block and does not grow with
+        depth (tests/test_gpu_budget.py checks it). The engine applies stacked adapters one after another, so one
+        LoRA's temporaries stand for a stack's."""
+        import torch
+        from diffusers import QwenImageTransformer2DModel
+        from peft import LoraConfig, inject_adapter_in_model
+
+        kind = dict(device="meta", dtype=getattr(torch, dtype))
+        with torch.device("meta"):
+            model = QwenImageTransformer2DModel.from_config({**self.configs["transformer"], "num_layers": layers})
+            model = inject_adapter_in_model(LoraConfig(r=64, lora_alpha=64, target_modules=list(
+                LIGHTNING_LORA_TARGETS)), model).to(kind["dtype"])
+        grid = (1, height // 16, width // 16)
+        latents = torch.empty(rows, image_tokens(width, height), self.configs["transformer"]["in_channels"], **kind)
+        prompt = torch.empty(rows, text_tokens, self.configs["transformer"]["joint_attention_dim"], **kind)
+        timestep = torch.empty(rows, **kind)
+        return forward_peak_bytes(model, lambda: model(hidden_states=latents, encoder_hidden_states=prompt,
+                                                       timestep=timestep, img_shapes=[grid] * rows,
+                                                       return_dict=False))
+
+    def text_encoder_activation_bytes(self, dtype: str, prompts: int, tokens: int) -> int:
+        """Peak of one text-encoder forward as `encode_prompt` runs it (`output_hidden_states=True`), including the
+        hidden states and logits it returns. No attention mask: building one reads tensor values, which the meta
+        device has none of; a padded batch has the same shapes."""
+        import torch
+
+        model = self.text_encoder.to(getattr(torch, dtype))
+        ids = torch.zeros(prompts, tokens, dtype=torch.int64, device="meta")
+        return forward_peak_bytes(model, lambda: model(input_ids=ids, output_hidden_states=True))
+
+    def vae_decode_activation_bytes(self, dtype: str, images: int, width: int, height: int) -> int:
+        """Peak of one VAE decode of `images` images (one frame each) at `width` x `height`."""
+        import torch
+
+        model = self.vae.to(getattr(torch, dtype))
+        scale = 2 ** len(self.configs["vae"]["temperal_downsample"])
+        latents = torch.empty(images, self.configs["vae"]["z_dim"], 1, height // scale, width // scale,
+                              device="meta", dtype=getattr(torch, dtype))
+        return forward_peak_bytes(model, lambda: model.decode(latents, return_dict=False))
 
     def transformer_flops_per_row(self, image_tokens: int, text_tokens: int) -> float:
         """Forward FLOPs of one row (one image, or one CFG half) of one denoising step: 2 x in x out per token for
@@ -282,44 +399,34 @@ def budgets(a: CapacityAssumptions) -> dict[str, MemoryBudget]:
     reserved = a.gpu.reserved_mib_per_process * MIB
     width, height = largest_size(a.preset)
     img_tok, txt_tok = image_tokens(width, height), text_tokens(a.preset)
-    t_cfg, te_cfg = m.configs["transformer"], m.configs["text_encoder"]
-    inner = t_cfg["num_attention_heads"] * t_cfg["attention_head_dim"]
-    joint = t_cfg["joint_attention_dim"]
+    t_cfg = m.configs["transformer"]
     lora = m.lora_parameters
 
     rows = denoiser_rows(a)
-    n_max = a.preset.max_images_per_request
     live = a.engine.max_live_requests
     # Each live request keeps float32 packed latents (and the engine's copy for the Euler step) and its prompt
     # embeddings (with the negative ones under CFG) between steps.
-    engine_state = live * (n_max * img_tok * t_cfg["in_channels"] * 4 * 2 + 2 * txt_tok * joint * b)
+    engine_state = live * (a.preset.max_images_per_request * img_tok * t_cfg["in_channels"] * 4 * 2
+                           + 2 * txt_tok * t_cfg["joint_attention_dim"] * b)
     denoiser = {
         "weights": m.parameters(m.transformer) * b,
         "lightning_lora": lora(64) * b,
         "adapter_cache": int(a.app["args"].get("adapter_cache_size", 4)) * lora(a.tenant_adapter_rank) * b,
-        "activations": int(rows * (img_tok + txt_tok) * inner * b * a.transformer_live_tensors_per_token),
+        "activations": m.transformer_activation_bytes(a.preset.dtype, rows, width, height, txt_tok),
         "engine_state": engine_state,
         "cuda_reserved": reserved,
     }
-
-    text = te_cfg["text_config"]
-    prompts = text_encoder_batch_prompts(a)
-    tokens = TEMPLATE_TOKENS + a.preset.max_sequence_length
     text_encoder = {
         "weights": m.parameters(m.text_encoder) * b,
-        # encode_prompt asks for every layer's hidden states (it keeps the last), and the model's head computes
-        # logits for every token: both are held at the end of the forward.
-        "hidden_states": (text["num_hidden_layers"] + 1) * prompts * tokens * text["hidden_size"] * b,
-        "logits": prompts * tokens * text["vocab_size"] * b,
-        "activations": int(prompts * tokens * text["hidden_size"] * b * a.text_encoder_live_tensors_per_token),
+        # Measured with what the forward returns: encode_prompt asks for every layer's hidden states (it keeps the
+        # last) and the model's head computes logits for every token.
+        "activations": m.text_encoder_activation_bytes(a.preset.dtype, text_encoder_batch_prompts(a),
+                                                       TEMPLATE_TOKENS + a.preset.max_sequence_length),
         "cuda_reserved": reserved,
     }
-
-    vae_cfg = m.configs["vae"]
     vae = {
         "weights": m.parameters(m.vae) * b,
-        "activations": int(a.vae_images_per_decode * width * height * vae_cfg["base_dim"] * b
-                           * a.vae_live_tensors_per_pixel),
+        "activations": m.vae_decode_activation_bytes(a.preset.dtype, a.vae_images_per_decode, width, height),
         "cuda_reserved": reserved,
     }
     return {name: MemoryBudget(name, items, a.gpu_fraction_bytes(name))

@@ -1,8 +1,8 @@
 """GPU resources that add up (issue #13 point 4): configs/serve/gpu.yaml against the GPU class it declares
 (configs/capacity/h100-80gb.yaml) and the RayService worker group that runs it (k8s/rayservice.yaml).
 
-Weights are counted on the meta device from the published configs (configs/qwen-image/); activations, per-process
-overheads and stage times are the stated assumptions of the capacity file (serve_app/capacity.py)."""
+Weights are counted and activations measured on the meta device from the published configs (configs/qwen-image/);
+per-process overheads and stage times are the stated assumptions of the capacity file (serve_app/capacity.py)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from serve_app.capacity import (
     GIB,
     LIGHTNING_LORA_TARGETS,
     CapacityAssumptions,
+    PeakLiveBytes,
     budgets,
     cold_start_s,
     denoiser_rows,
@@ -68,6 +69,34 @@ def test_the_lightning_lora_adapts_every_target_of_every_block(a):
     # modulations 3072 -> 6 x 3072.
     per_block = 8 * (3072 + 3072) + 4 * (3072 + 12288) + 2 * (3072 + 6 * 3072)
     assert m.lora_parameters(64) == 64 * per_block * blocks
+
+
+def test_peak_live_bytes_follows_allocation_and_release():
+    import torch
+
+    weight = torch.empty(1000, device="meta")
+    with PeakLiveBytes(weight) as tracked:
+        a = weight + 1  # 4000 bytes
+        b = a * 2  # 8000 live
+        del a, b  # 0 live
+        c = weight.t()  # a view of an existing storage: not counted
+        d = weight * 3  # 4000
+    assert tracked.peak == 8000 and tracked.live == 4000
+    del c, d
+
+
+def test_activations_are_one_step_of_blocks_and_grow_with_rows(a):
+    """The activation twin's peak does not depend on depth (blocks free theirs before the next runs), so two blocks
+    stand for sixty; it grows with rows, so the budget sees the engine's row budget."""
+    m, dtype = a.models, a.preset.dtype
+    two = m.transformer_activation_bytes(dtype, 8, 1536, 1536, 512, layers=2)
+    assert m.transformer_activation_bytes(dtype, 8, 1536, 1536, 512, layers=3) == two
+    one_row = m.transformer_activation_bytes(dtype, 1, 1536, 1536, 512, layers=2)
+    assert 7 * one_row < two <= 8 * one_row
+    # Per token and hidden width (3072) that is ~14.5 bf16 tensors: residual streams, modulated inputs, q/k/v,
+    # their joint concatenation and rotary copies, or the 4x-wide MLP hidden and its GELU.
+    per_token = two / (8 * (96 * 96 + 512) * 3072 * 2)
+    assert 10 < per_token < 20
 
 
 def test_every_gpu_replica_fits_its_share_of_the_declared_gpu(a):

@@ -8,7 +8,7 @@ eager forward's peak (attention taken as memory-efficient SDPA: its output only)
 overhead, workspaces, stage times, cold-start parts) is an *assumption* with its reason,
 declared in a GPU-class file under `configs/capacity/` and loaded into `CapacityAssumptions`: tests check that the
 Serve config fits the GPU under them (tests/test_gpu_budget.py), docs/capacity.md is the table
-`python benchmarks/capacity_table.py` prints from them, and a measured GPU run should replace them.
+`python -m serve_app.capacity` prints from them, and a measured GPU run should replace them.
 It lives beside the app builder because it reads what the Serve config deploys; nothing here starts Ray.
 """
 
@@ -42,9 +42,17 @@ LIGHTNING_LORA_TARGETS = (
 """Linear layers of every transformer block that the published Qwen-Image-Lightning LoRAs adapt (DESIGN.md); tenant
 adapters are budgeted on the same targets."""
 
-# Tokens the text encoder sees per prompt: the pipeline's chat template adds a 34-token prefix it later drops
-# (`prompt_template_encode_start_idx`) and a 5-token suffix, around at most `max_sequence_length` prompt tokens.
-TEMPLATE_TOKENS = 34 + 5
+
+
+def text_encoder_tokens(preset: ModelPreset) -> int:
+    """Most tokens one prompt takes through the text encoder: QwenImagePipeline tokenizes the chat-templated prompt
+    with truncation at its `tokenizer_max_length` plus the template prefix it drops afterwards
+    (`prompt_template_encode_start_idx`, 34 for the real tokenizer); `max_sequence_length` only cuts the embeddings
+    after the forward. A long prompt (up to `max_prompt_chars`) reaches this bound."""
+    from diffusers import QwenImagePipeline
+
+    pipe = QwenImagePipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None, transformer=None)
+    return pipe.tokenizer_max_length + (preset.prompt_template_encode_start_idx or pipe.prompt_template_encode_start_idx)
 
 
 class GpuClass(BaseModel):
@@ -107,6 +115,7 @@ class CapacityAssumptions(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     gpu: GpuClass
+    """The GPU class and its per-process costs."""
     serve_config: str = "configs/serve/gpu.yaml"
     """The Serve config sized for this class (repository-relative)."""
     model_configs: str = "configs/qwen-image"
@@ -117,7 +126,9 @@ class CapacityAssumptions(BaseModel):
     vae_images_per_decode: int = Field(ge=1)
     """Images one VAE decode call holds at once (decoding in slices of one image, issue #13 point 6)."""
     stage_times: StageTimeAssumptions
+    """Per-stage speeds on this class (assumed until measured)."""
     lifecycle: LifecycleAssumptions
+    """What a replica's cold start is made of."""
 
     @classmethod
     def load(cls, path: str | Path) -> "CapacityAssumptions":
@@ -421,7 +432,7 @@ def budgets(a: CapacityAssumptions) -> dict[str, MemoryBudget]:
         # Measured with what the forward returns: encode_prompt asks for every layer's hidden states (it keeps the
         # last) and the model's head computes logits for every token.
         "activations": m.text_encoder_activation_bytes(a.preset.dtype, text_encoder_batch_prompts(a),
-                                                       TEMPLATE_TOKENS + a.preset.max_sequence_length),
+                                                       text_encoder_tokens(a.preset)),
         "cuda_reserved": reserved,
     }
     vae = {
@@ -473,7 +484,8 @@ class StageTimes:
 def stage_times(a: CapacityAssumptions, width: int = 1024, height: int = 1024) -> StageTimes:
     m, t = a.models, a.stage_times
     flops_s = a.gpu.dense_bf16_tflops * 1e12
-    prompt_tokens = TEMPLATE_TOKENS + 64  # a typical prompt, not the longest: capacity is about the usual request
+    # A typical prompt (~64 tokens and the 39-token template), not the longest: capacity is about the usual request.
+    prompt_tokens = 39 + 64
     return StageTimes(
         encode_s_per_prompt=m.text_encoder_flops_per_prompt(prompt_tokens) / (flops_s * t.text_encoder_mfu),
         step_s_per_row=m.transformer_flops_per_row(image_tokens(width, height), 64) / (flops_s * t.transformer_mfu),
@@ -568,7 +580,7 @@ def capacity_markdown(a: CapacityAssumptions, targets: tuple[float, ...] = (0.5,
                      f"{budget.headroom / GIB:.2f} GiB |")
     width, height = largest_size(a.preset)
     lines += ["", f"At the largest served size ({width}x{height}), {denoiser_rows(a)} Denoiser rows a step, "
-              f"{text_encoder_batch_prompts(a)} prompts a text-encoder forward, {a.vae_images_per_decode} image a "
+              f"{text_encoder_batch_prompts(a)} prompts of {text_encoder_tokens(a.preset)} tokens a text-encoder forward, {a.vae_images_per_decode} image a "
               f"VAE call; {a.gpu.name}, {a.gpu.memory_mib} MiB.", ""]
     lines += ["| stage time at 1024² (assumed GPU figures) | value |", "| --- | --- |",
               f"| text encoder, one ~100-token prompt | {t.encode_s_per_prompt * 1000:.1f} ms |",

@@ -421,8 +421,9 @@ def budgets(a: CapacityAssumptions) -> dict[str, MemoryBudget]:
                            + 2 * txt_tok * t_cfg["joint_attention_dim"] * b)
     denoiser = {
         "weights": m.parameters(m.transformer) * b,
-        "lightning_lora": lora(64) * b,
-        "adapter_cache": int(a.app["args"].get("adapter_cache_size", 4)) * lora(a.tenant_adapter_rank) * b,
+        # Every variant's distilled LoRA stays loaded (unfused: rows of different variants share a step).
+        "lightning_loras": sum(1 for v in a.preset.variants if v.lightning_lora) * lora(64) * b,
+        "adapter_cache": adapter_cache_size(a) * lora(a.tenant_adapter_rank) * b,
         "activations": m.transformer_activation_bytes(a.preset.dtype, rows, width, height, txt_tok),
         "engine_state": engine_state,
         "cuda_reserved": reserved,
@@ -442,6 +443,13 @@ def budgets(a: CapacityAssumptions) -> dict[str, MemoryBudget]:
     }
     return {name: MemoryBudget(name, items, a.gpu_fraction_bytes(name))
             for name, items in (("TextEncoder", text_encoder), ("Denoiser", denoiser), ("VaeDecoder", vae))}
+
+
+def adapter_cache_size(a: CapacityAssumptions) -> int:
+    """Tenant adapters a Denoiser replica keeps loaded: the Serve config's, or the service's default."""
+    from serve_app.settings import ServiceSettings
+
+    return int(a.app["args"].get("adapter_cache_size", ServiceSettings.model_fields["adapter_cache_size"].default))
 
 
 def text_encoder_batch_prompts(a: CapacityAssumptions) -> int:
@@ -496,7 +504,8 @@ def stage_times(a: CapacityAssumptions, width: int = 1024, height: int = 1024) -
 
 def cold_start_s(a: CapacityAssumptions) -> float:
     """A Denoiser replica on a new pod: the pod, the image, the weights it reads (counted), the warm-up."""
-    weights = a.models.parameters(a.models.transformer) * a.dtype_bytes + a.models.lora_parameters(64) * a.dtype_bytes
+    loras = sum(1 for v in a.preset.variants if v.lightning_lora)
+    weights = (a.models.parameters(a.models.transformer) + loras * a.models.lora_parameters(64)) * a.dtype_bytes
     lc = a.lifecycle
     return lc.pod_start_s + lc.image_pull_s + weights / MIB / lc.weights_read_mib_s + lc.warmup_s
 

@@ -7,10 +7,13 @@
 # editable at /app: presets, configs/ and models/ resolve against it (lightray/config.py REPO_ROOT).
 ARG RAY_VERSION=2.60.0
 ARG VARIANT=gpu
+# One CUDA for the GPU base image's tag and torch's wheel index (both name it cuXYZ); change both with
+# --build-arg CUDA=… if the cluster's driver or PyTorch's index asks for another.
+ARG CUDA=cu128
 
-FROM rayproject/ray:${RAY_VERSION}-py311-cu128 AS base-gpu
-# torch's CUDA build matching the base image's CUDA 12.8.
-ENV TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
+FROM rayproject/ray:${RAY_VERSION}-py311-${CUDA} AS base-gpu
+ARG CUDA
+ENV TORCH_INDEX_URL=https://download.pytorch.org/whl/${CUDA}
 
 FROM rayproject/ray:${RAY_VERSION}-py311-cpu AS base-cpu
 # torch's CPU build: no CUDA libraries (as the Makefile's venv).

@@ -50,7 +50,10 @@ def test_the_image_is_based_on_the_ray_and_python_of_this_repository():
     assert ray_version == ray.__version__  # the image's Ray is the cluster's Ray (and the venv's)
     bases = re.findall(r"^FROM rayproject/ray:\$\{RAY_VERSION\}-(\S+) AS (\S+)$", text, re.M)
     py = f"py{sys.version_info.major}{sys.version_info.minor}"
-    assert dict((stage, tag) for tag, stage in bases) == {"base-gpu": f"{py}-cu128", "base-cpu": f"{py}-cpu"}
+    assert dict((stage, tag) for tag, stage in bases) == {"base-gpu": py + "-${CUDA}", "base-cpu": f"{py}-cpu"}
+    # The GPU base and torch's wheels name the same CUDA.
+    assert re.search(r"^ARG CUDA=cu\d{3}$", text, re.M)
+    assert "ENV TORCH_INDEX_URL=https://download.pytorch.org/whl/${CUDA}" in text
     makefile = (REPO / "Makefile").read_text()
     torch_pin = re.search(r"pip install -q torch==(\S+)", makefile).group(1)
     assert re.search(rf"^ARG TORCH_VERSION={re.escape(torch_pin)}$", text, re.M)

@@ -243,3 +243,12 @@ def test_docs_capacity_tables_are_the_current_arithmetic(a):
     assert start in doc and end in doc
     assert doc.split(start, 1)[1].split(end, 1)[0] == capacity_markdown(a), \
         "docs/capacity.md is stale: paste the output of `python -m serve_app.capacity`"
+
+
+def test_the_gpu_args_are_service_settings(a):
+    """The args the budget reads are the ones the service runs with (a misspelt key fails here, not at deploy)."""
+    from serve_app.settings import ServiceSettings
+
+    settings = ServiceSettings(**a.app["args"], api_keys=[{"tenant": "acme", "key": "k" * 16}])
+    assert settings.max_admitted_work == a.app["args"]["max_admitted_work"]
+    assert settings.engine == a.engine and settings.auth_enabled

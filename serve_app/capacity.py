@@ -52,7 +52,8 @@ def text_encoder_tokens(preset: ModelPreset) -> int:
     from diffusers import QwenImagePipeline
 
     pipe = QwenImagePipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None, transformer=None)
-    return pipe.tokenizer_max_length + (preset.prompt_template_encode_start_idx or pipe.prompt_template_encode_start_idx)
+    prefix = preset.prompt_template_encode_start_idx or pipe.prompt_template_encode_start_idx
+    return pipe.tokenizer_max_length + prefix
 
 
 class GpuClass(BaseModel):
@@ -589,8 +590,8 @@ def capacity_markdown(a: CapacityAssumptions, targets: tuple[float, ...] = (0.5,
                      f"{budget.headroom / GIB:.2f} GiB |")
     width, height = largest_size(a.preset)
     lines += ["", f"At the largest served size ({width}x{height}), {denoiser_rows(a)} Denoiser rows a step, "
-              f"{text_encoder_batch_prompts(a)} prompts of {text_encoder_tokens(a.preset)} tokens a text-encoder forward, {a.vae_images_per_decode} image a "
-              f"VAE call; {a.gpu.name}, {a.gpu.memory_mib} MiB.", ""]
+              f"{text_encoder_batch_prompts(a)} prompts of {text_encoder_tokens(a.preset)} tokens a text-encoder "
+              f"forward, {a.vae_images_per_decode} image a VAE call; {a.gpu.name}, {a.gpu.memory_mib} MiB.", ""]
     lines += ["| stage time at 1024² (assumed GPU figures) | value |", "| --- | --- |",
               f"| text encoder, one ~100-token prompt | {t.encode_s_per_prompt * 1000:.1f} ms |",
               f"| transformer, one row-step | {t.step_s_per_row * 1000:.0f} ms |",

@@ -10,7 +10,7 @@ export RAY_AUTH_MODE ?= disabled
 export RAY_USAGE_STATS_ENABLED ?= 0
 export RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S ?= 60
 
-.PHONY: serve test bench train eval clean
+.PHONY: serve test bench train eval clean image image-cpu
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -34,6 +34,17 @@ train: $(VENV)/.installed
 
 eval: $(VENV)/.installed
 	$(PY) benchmarks/eval_model.py
+
+# Container images (Dockerfile; README "Deploy on Kubernetes"): CUDA torch for the GPU nodes, CPU torch for the
+# embedded model. Push with `docker push $(IMAGE):$(IMAGE_TAG)[-cpu]`.
+IMAGE ?= ghcr.io/lightray/lightray
+IMAGE_TAG ?= 0.1.0
+
+image:
+	docker build --build-arg VARIANT=gpu -t $(IMAGE):$(IMAGE_TAG) .
+
+image-cpu:
+	docker build --build-arg VARIANT=cpu -t $(IMAGE):$(IMAGE_TAG)-cpu .
 
 clean:
 	rm -rf $(VENV) .pytest_cache out runs

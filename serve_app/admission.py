@@ -1,4 +1,13 @@
-"""Admission control at the ingress: a bounded number of generations in progress per ingress replica.
+"""Admission control at the ingress: bounded requests and bounded work in progress per ingress replica.
+
+Two bounds, each for one reason:
+- **requests** (`max_concurrent_requests`): what the Denoisers can hold. Every admitted request takes a place in a
+  Denoiser engine (`max_live_requests`) or in Serve's queue in front of it.
+- **work** (`max_admitted_work`): how long the admitted requests take. Requests differ by orders of magnitude (a
+  Lightning 8-step 1024² image is 8 units, a 50-step true-CFG n=4 request at 1536² is 900), so a count alone either
+  admits minutes of queued GPU time, which then ends in 504s, or turns cheap requests away. A request's work is
+  `request_work`: denoising steps × images × rows per image (2 with true CFG) × pixels / 1024², i.e. transformer
+  row-steps at 1024², which is what the Denoiser's step time is proportional to (docs/capacity.md).
 
 Serve's `max_queued_requests` on the Denoiser alone does not bound a burst here: the ingress passes the
 TextEncoder's response straight into the Denoiser call, and Serve's router checks the queue bound when the call is
@@ -10,22 +19,65 @@ exact, answers in the service's own error format, and leaves the stage queues as
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 
+from lightray.contracts import DenoiseParams
+from lightray.schemas import denoising_steps
 from serve_app.backend import ServiceUnavailable
+
+WORK_UNIT_PIXELS = 1024 * 1024
+"""One unit of work is one transformer row for one denoising step at 1024² (1 Mpx)."""
+
+
+def request_work(params: DenoiseParams) -> float:
+    """Work a request asks of the Denoiser, in 1024² row-steps: steps it actually runs (image inputs run only
+    `strength` of the schedule) × images × rows per image (true CFG doubles them) × its pixels over 1024²."""
+    rows = params.n * (2 if params.uses_cfg else 1)
+    steps = denoising_steps(params.num_inference_steps, params.strength)
+    return steps * rows * params.width * params.height / WORK_UNIT_PIXELS
+
+
+class Admission:
+    """One admitted request: its request slot, and the work it has been charged (`AdmissionLimit.charge`)."""
+
+    def __init__(self, limit: "AdmissionLimit"):
+        self._limit = limit
+        self.work = 0.0
+        self.charged = False
+
+    def charge(self, work: float) -> None:
+        """Charge this request's work to the ingress's bound, once its spec is known; 503 when it does not fit."""
+        if self.charged:
+            raise RuntimeError("an admission is charged once")
+        self._limit._charge(self, work)
 
 
 class AdmissionLimit:
-    def __init__(self, limit: int, retry_after_s: int = 2):
-        self.limit, self.retry_after_s = limit, retry_after_s
+    def __init__(self, limit: int, max_work: float | None = None, retry_after_s: int = 2):
+        self.limit, self.max_work, self.retry_after_s = limit, max_work, retry_after_s
         self.in_progress = 0  # touched only on the event loop
+        self.work_in_progress = 0.0
 
     @contextlib.contextmanager
-    def slot(self):
+    def slot(self) -> Iterator[Admission]:
+        """A request slot for the request's lifetime (503 when none is free); `charge` its work once known."""
         if self.in_progress >= self.limit:
             raise ServiceUnavailable(f"the service is at capacity ({self.limit} requests in progress); retry shortly",
                                      retry_after_s=self.retry_after_s)
         self.in_progress += 1
+        admission = Admission(self)
         try:
-            yield
+            yield admission
         finally:
             self.in_progress -= 1
+            self.work_in_progress -= admission.work
+
+    def _charge(self, admission: Admission, work: float) -> None:
+        # A request heavier than the whole bound is admitted when nothing else is charged, so it runs alone rather
+        # than never; the preset's limits keep it finite.
+        if self.max_work is not None and self.work_in_progress > 0 and self.work_in_progress + work > self.max_work:
+            raise ServiceUnavailable(
+                f"the service is at capacity ({self.work_in_progress:g} of {self.max_work:g} units of work in "
+                f"progress, this request needs {work:g}); retry shortly", retry_after_s=self.retry_after_s)
+        self.work_in_progress += work
+        admission.work, admission.charged = work, True

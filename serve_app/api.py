@@ -100,7 +100,7 @@ def create_app(backend: GenerationBackend, settings: ServiceSettings) -> FastAPI
     app.state.image_store = ImageStore(settings.image_store_dir)
     app.state.registry = open_registry(settings.registry, settings.registry_storage_options)
     app.state.auth = ApiKeyAuth(settings)
-    app.state.admission = AdmissionLimit(settings.max_concurrent_requests)
+    app.state.admission = AdmissionLimit(settings.max_concurrent_requests, settings.max_admitted_work)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(RequestError, _on_request_error)
     app.add_exception_handler(HTTPException, _on_http_exception)

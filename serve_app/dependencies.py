@@ -8,6 +8,7 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from lightray.registry import AdapterRegistry
+from serve_app.admission import Admission
 from serve_app.auth import Principal
 from serve_app.backend import GenerationBackend
 from serve_app.image_store import ImageStore
@@ -40,8 +41,9 @@ def get_principal(request: Request,
     return request.app.state.auth.authenticate(credentials.credentials if credentials else None, request)
 
 
-async def admitted(request: Request) -> AsyncIterator[None]:
-    """Holds one of the ingress's generation slots for the request's lifetime (503 when none is free). Async, so
-    the count is kept on the event loop without a lock."""
-    with request.app.state.admission.slot():
-        yield
+async def admitted(request: Request) -> AsyncIterator[Admission]:
+    """Holds one of the ingress's generation slots for the request's lifetime (503 when none is free), before the
+    body is read; the route charges the request's work to it once the spec is resolved. Async, so the counts are
+    kept on the event loop without a lock."""
+    with request.app.state.admission.slot() as admission:
+        yield admission

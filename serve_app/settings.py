@@ -59,6 +59,11 @@ class ServiceSettings(BaseSettings):
     max_concurrent_requests: int = Field(32, ge=1)
     """Generations and edits in progress per ingress replica; the next one is answered 503 + Retry-After at once
     (serve_app/admission.py says why the stage queues alone do not bound a burst)."""
+    max_admitted_work: float | None = Field(None, gt=0)
+    """Work in progress per ingress replica, in 1024² transformer row-steps (`serve_app.admission.request_work`:
+    steps × images × 2 with true CFG × pixels / 1024²); a request that does not fit is answered 503 + Retry-After
+    at once. Size it so what every ingress admits drains within the request timeout (docs/capacity.md). None: only
+    `max_concurrent_requests` bounds admission (small CPU configs, where requests are alike)."""
     auth_enabled: bool = True
     """Require an API key on every /v1 route (401 without one) and scope adapters to the key's tenant. On by
     default; only configs/serve/local.yaml (one user, loopback) turns it off, and then every adapter is usable."""

@@ -35,6 +35,7 @@ from lightray.images import (
 )
 from lightray.registry import AdapterRegistry
 from lightray.schemas import ImageEditRequest, ImagesResponse, RequestError, lora_params
+from serve_app.admission import Admission, request_work
 from serve_app.backend import GenerationBackend
 from serve_app.auth import Principal
 from serve_app.dependencies import (
@@ -100,7 +101,7 @@ async def edit_images(
     store: ImageStore = Depends(get_image_store),
     registry: AdapterRegistry = Depends(get_registry),
     principal: Principal = Depends(get_principal),
-    _slot: None = Depends(admitted),
+    admission: Admission = Depends(admitted),
 ) -> ImagesResponse:
     fields, image_bytes, mask_bytes = await _read_body(request, settings)
     try:
@@ -114,6 +115,7 @@ async def edit_images(
     spec = body.resolve(backend.preset, default_seed=secrets.randbelow(2**31), image_size=image.size,
                         inpaint=mask is not None)
     attribute_to(spec, principal, body.priority)
+    admission.charge(request_work(spec.denoise_params()))
     await pin_adapters(spec, registry, backend.preset, principal.tenant, lora_params(body.lora))
     if body.mask_blur:
         mask = blur_mask(mask, body.mask_blur)

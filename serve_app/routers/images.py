@@ -21,6 +21,7 @@ from lightray.schemas import (
     RequestError,
     lora_params,
 )
+from serve_app.admission import Admission, request_work
 from serve_app.auth import Principal
 from serve_app.backend import GenerationBackend
 from serve_app.dependencies import (
@@ -49,10 +50,11 @@ async def generate_images(
     store: ImageStore = Depends(get_image_store),
     registry: AdapterRegistry = Depends(get_registry),
     principal: Principal = Depends(get_principal),
-    _slot: None = Depends(admitted),
+    admission: Admission = Depends(admitted),
 ) -> ImagesResponse:
     spec = body.resolve(backend.preset, default_seed=secrets.randbelow(2**31))
     attribute_to(spec, principal, body.priority)
+    admission.charge(request_work(spec.denoise_params()))
     await pin_adapters(spec, registry, backend.preset, principal.tenant, lora_params(body.lora))
     result = await within_timeout(backend.generate(spec), settings, "generation")
     return images_response(spec, result, body.response_format, request, response, settings, store)

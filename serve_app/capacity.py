@@ -1,0 +1,622 @@
+"""GPU memory budgets and capacity arithmetic for the real Qwen-Image deployment of a Serve config, from configs alone.
+
+Weights are counted exactly: the real modules are built on the meta device (no memory, no download) from the
+published config.json files in `configs/qwen-image/` and their parameters summed at the preset's dtype.
+Activations are measured on the meta device too: the real forward runs on storage-less tensors while
+`PeakLiveBytes` adds up the bytes of every tensor it creates and subtracts them when they are freed, which is the
+eager forward's peak (attention taken as memory-efficient SDPA: its output only). What is neither (per-process CUDA
+overhead, workspaces, stage times, cold-start parts) is an *assumption* with its reason,
+declared in a GPU-class file under `configs/capacity/` and loaded into `CapacityAssumptions`: tests check that the
+Serve config fits the GPU under them (tests/test_gpu_budget.py), docs/capacity.md is the table
+`python -m serve_app.capacity` prints from them, and a measured GPU run should replace them.
+It lives beside the app builder because it reads what the Serve config deploys; nothing here starts Ray.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import weakref
+from functools import cached_property
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from deployments.text_encoder import MAX_BATCH_SIZE as TEXT_ENCODER_BATCH_SIZE
+from lightray.config import REPO_ROOT, EngineConfig, ModelPreset, load_preset
+from serve_app.admission import WORK_UNIT_PIXELS
+
+GIB = 1024**3
+MIB = 1024**2
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+LIGHTNING_LORA_TARGETS = (
+    "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+    "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
+    "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2",
+    "img_mod.1", "txt_mod.1",
+)
+"""Linear layers of every transformer block that the published Qwen-Image-Lightning LoRAs adapt (DESIGN.md); tenant
+adapters are budgeted on the same targets."""
+
+
+
+def text_encoder_tokens(preset: ModelPreset) -> int:
+    """Most tokens one prompt takes through the text encoder: QwenImagePipeline tokenizes the chat-templated prompt
+    with truncation at its `tokenizer_max_length` plus the template prefix it drops afterwards
+    (`prompt_template_encode_start_idx`, 34 for the real tokenizer); `max_sequence_length` only cuts the embeddings
+    after the forward. A long prompt (up to `max_prompt_chars`) reaches this bound."""
+    from diffusers import QwenImagePipeline
+
+    pipe = QwenImagePipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None, transformer=None)
+    prefix = preset.prompt_template_encode_start_idx or pipe.prompt_template_encode_start_idx
+    return pipe.tokenizer_max_length + prefix
+
+
+class GpuClass(BaseModel):
+    """The GPU a Serve config is sized for, and the per-process costs that are not the model's."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    name: str
+    """Marketing name, e.g. "NVIDIA H100 80GB HBM3"."""
+    memory_mib: int = Field(gt=0)
+    """Device memory as `nvidia-smi` reports it (81559 MiB on an H100 80GB HBM3, 81920 on an A100 80GB): the
+    smaller of the class, so one config fits both."""
+    node_selector: dict[str, str]
+    """The node label (GPU feature discovery's `nvidia.com/gpu.product`) the k8s GPU worker group selects, so pods
+    land only on this class."""
+    reserved_mib_per_process: int = Field(ge=0)
+    """Per replica process, not the model's: CUDA context, cuBLAS/cuDNN and flash-attention workspaces and the
+    caching allocator's fragmentation (none of which a meta-device forward sees). Fractional replicas sharing a GPU
+    each pay it."""
+    dense_bf16_tflops: float = Field(gt=0)
+    """Vendor peak for dense bf16 matmuls (no sparsity)."""
+
+
+class StageTimeAssumptions(BaseModel):
+    """How long a stage takes on this GPU class: assumed until a GPU run measures it (docs/capacity.md)."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    transformer_mfu: float = Field(gt=0, le=1)
+    """Fraction of `dense_bf16_tflops` the 20B transformer's forward reaches at 1024² (large GEMMs, flash
+    attention): the step time is its FLOPs, counted from the config, over this."""
+    text_encoder_mfu: float = Field(gt=0, le=1)
+    """The same for one prompt through the 7B text encoder (short sequences: lower)."""
+    vae_decode_s_per_megapixel: float = Field(gt=0)
+    """VAE decode time per output megapixel, one image per call."""
+    fixed_step_overhead_s: float = Field(ge=0)
+    """Per engine step, independent of rows: Python scheduling, per-segment conditioning linears, launches. The
+    CPU engine curve (benchmarks/results/engine.json) shows such an intercept; on a GPU it is assumed, not
+    measured."""
+
+
+class LifecycleAssumptions(BaseModel):
+    """What a replica's cold start is made of, to size scale-down and shutdown delays."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    pod_start_s: float = Field(ge=0)
+    """A worker pod scheduled on a node already in the pool until its raylet joins (no node provisioning)."""
+    image_pull_s: float = Field(ge=0)
+    """Pulling the CUDA image onto a node that does not have it."""
+    weights_read_mib_s: float = Field(gt=0)
+    """Sustained read of the ReadOnlyMany model volume into GPU memory."""
+    warmup_s: float = Field(ge=0)
+    """CUDA init, first forwards and the health check's warm-up after the weights are in."""
+
+
+class CapacityAssumptions(BaseModel):
+    """Everything the budget assumes about one GPU class (a YAML file under configs/capacity/)."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    gpu: GpuClass
+    """The GPU class and its per-process costs."""
+    serve_config: str = "configs/serve/gpu.yaml"
+    """The Serve config sized for this class (repository-relative)."""
+    model_configs: str = "configs/qwen-image"
+    """Folder with the published transformer/, text_encoder/ and vae/ config.json files."""
+    tenant_adapter_rank: int = Field(ge=1)
+    """Largest rank a tenant adapter is budgeted at (on `LIGHTNING_LORA_TARGETS`); the adapter cache holds
+    `adapter_cache_size` of them per Denoiser replica."""
+    vae_images_per_decode: int = Field(ge=1)
+    """Images one VAE decode call holds at once (decoding in slices of one image, issue #13 point 6)."""
+    stage_times: StageTimeAssumptions
+    """Per-stage speeds on this class (assumed until measured)."""
+    lifecycle: LifecycleAssumptions
+    """What a replica's cold start is made of."""
+
+    @classmethod
+    def load(cls, path: str | Path) -> "CapacityAssumptions":
+        p = Path(path)
+        return cls.model_validate(yaml.safe_load((p if p.is_absolute() else REPO_ROOT / p).read_text()))
+
+    @cached_property
+    def serve(self) -> dict:
+        return yaml.safe_load((REPO_ROOT / self.serve_config).read_text())
+
+    @cached_property
+    def app(self) -> dict:
+        return self.serve["applications"][0]
+
+    @cached_property
+    def deployments(self) -> dict[str, dict]:
+        return {d["name"]: d for d in self.app["deployments"]}
+
+    @cached_property
+    def preset(self) -> ModelPreset:
+        return load_preset(self.app["args"]["preset"])
+
+    @cached_property
+    def engine(self) -> EngineConfig:
+        return EngineConfig(**self.app["args"].get("engine", {}))
+
+    @cached_property
+    def models(self) -> "MetaModels":
+        return MetaModels.build(REPO_ROOT / self.model_configs)
+
+    @property
+    def dtype_bytes(self) -> int:
+        return DTYPE_BYTES[self.preset.dtype]
+
+    def gpu_fraction_bytes(self, deployment: str) -> int:
+        """Device memory a replica of `deployment` may use: its `num_gpus` share of the GPU. Ray does not enforce
+        memory, so every replica staying within its share is what lets any packing of shares <= 1 fit."""
+        return int(self.deployments[deployment]["ray_actor_options"].get("num_gpus", 0) * self.gpu.memory_mib * MIB)
+
+
+class PeakLiveBytes:
+    """Peak bytes of the tensors an eager forward creates, on any device, the meta device included: a
+    `TorchDispatchMode` adds each new storage an op returns and subtracts it when Python frees it. The storages of
+    `existing` modules and tensors (weights, inputs) are never counted, even when an op returns a view of one (a
+    weight's transpose)."""
+
+    def __init__(self, *existing):
+        import torch
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_flatten
+
+        tensors = [t for x in existing for t in (
+            [*x.parameters(), *x.buffers()] if isinstance(x, torch.nn.Module) else [x])]
+        self._kept = [t.untyped_storage() for t in tensors]  # alive, so their ids are not reused
+        known = {id(st) for st in self._kept}
+        counted: set[int] = set()
+        tracker = self
+        self.live = self.peak = 0
+
+        def free(key: int, nbytes: int) -> None:
+            counted.discard(key)
+            tracker.live -= nbytes
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for t in tree_flatten(out)[0]:
+                    if isinstance(t, torch.Tensor):
+                        storage = t.untyped_storage()
+                        key = id(storage)
+                        if key in known or key in counted:
+                            continue
+                        nbytes = storage.nbytes()
+                        counted.add(key)
+                        tracker.live += nbytes
+                        tracker.peak = max(tracker.peak, tracker.live)
+                        weakref.finalize(storage, free, key, nbytes)
+                return out
+
+        self._mode = Mode()
+
+    def __enter__(self) -> "PeakLiveBytes":
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._mode.__exit__(*exc)
+
+
+@contextlib.contextmanager
+def memory_efficient_attention():
+    """SDPA as flash / memory-efficient attention behaves on a GPU: an output the size of the query and no
+    tokens x tokens matrix (the meta device would otherwise take the math path and materialise one)."""
+    import torch
+
+    stock = torch.nn.functional.scaled_dot_product_attention
+
+    def output_only(*args, **kwargs):
+        query = kwargs.get("query", args[0] if args else None)
+        value = kwargs.get("value", args[2] if len(args) > 2 else None)
+        return query.new_empty(query.shape[:-1] + value.shape[-1:])
+
+    torch.nn.functional.scaled_dot_product_attention = output_only
+    try:
+        yield
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = stock
+
+
+def forward_peak_bytes(module, run) -> int:
+    """Peak activation bytes of `run()` (a forward of `module` on meta tensors), without gradients."""
+    import torch
+
+    with torch.no_grad(), memory_efficient_attention(), PeakLiveBytes(module) as tracked:
+        run()
+    return tracked.peak
+
+
+@dataclasses.dataclass(frozen=True)
+class MetaModels:
+    """The real modules with no storage: exact parameter shapes from the published configs."""
+
+    transformer: object
+    text_encoder: object
+    vae: object
+    configs: dict[str, dict]
+
+    @classmethod
+    def build(cls, folder: Path) -> "MetaModels":
+        import torch
+        from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
+        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+        configs = {name: json.loads((folder / name / "config.json").read_text())
+                   for name in ("transformer", "text_encoder", "vae")}
+        with torch.device("meta"):
+            transformer = QwenImageTransformer2DModel.from_config(configs["transformer"])
+            text_encoder = Qwen2_5_VLForConditionalGeneration._from_config(
+                Qwen2_5_VLConfig(**configs["text_encoder"]))
+            vae = AutoencoderKLQwenImage.from_config(configs["vae"])
+        return cls(transformer, text_encoder, vae, configs)
+
+    @staticmethod
+    def parameters(module) -> int:
+        return sum(p.numel() for p in module.parameters())
+
+    def lora_parameters(self, rank: int) -> int:
+        """Parameters of a rank-`rank` LoRA on `LIGHTNING_LORA_TARGETS` of every block: rank x (in + out) each."""
+        total = 0
+        for name, module in self.transformer.named_modules():
+            if name.startswith("transformer_blocks.") and name.split(".", 2)[-1] in LIGHTNING_LORA_TARGETS:
+                total += rank * (module.in_features + module.out_features)
+        return total
+
+    def transformer_activation_bytes(self, dtype: str, rows: int, width: int, height: int, text_tokens: int,
+                                     layers: int = 2) -> int:
+        """Peak activations of one engine step: a forward over `rows` rows at `width` x `height` with
+        `text_tokens` prompt tokens each (the engine pads prompts to the longest). It runs on a `layers`-block twin
+        of the transformer with the rank-64 Lightning LoRA on its targets, built at `dtype`: a block's activations
+        are freed before the next block runs, so the peak is reached by the second block and does not grow with
+        depth (tests/test_gpu_budget.py checks it). The engine applies stacked adapters one after another, so one
+        LoRA's temporaries stand for a stack's."""
+        import torch
+        from diffusers import QwenImageTransformer2DModel
+        from peft import LoraConfig, inject_adapter_in_model
+
+        kind = dict(device="meta", dtype=getattr(torch, dtype))
+        with torch.device("meta"):
+            model = QwenImageTransformer2DModel.from_config({**self.configs["transformer"], "num_layers": layers})
+            model = inject_adapter_in_model(LoraConfig(r=64, lora_alpha=64, target_modules=list(
+                LIGHTNING_LORA_TARGETS)), model).to(kind["dtype"])
+        grid = (1, height // 16, width // 16)
+        latents = torch.empty(rows, image_tokens(width, height), self.configs["transformer"]["in_channels"], **kind)
+        prompt = torch.empty(rows, text_tokens, self.configs["transformer"]["joint_attention_dim"], **kind)
+        timestep = torch.empty(rows, **kind)
+        return forward_peak_bytes(model, lambda: model(hidden_states=latents, encoder_hidden_states=prompt,
+                                                       timestep=timestep, img_shapes=[grid] * rows,
+                                                       return_dict=False))
+
+    def text_encoder_activation_bytes(self, dtype: str, prompts: int, tokens: int) -> int:
+        """Peak of one text-encoder forward as `encode_prompt` runs it (`output_hidden_states=True`), including the
+        hidden states and logits it returns. No attention mask: building one reads tensor values, which the meta
+        device has none of; a padded batch has the same shapes."""
+        import torch
+
+        model = self.text_encoder.to(getattr(torch, dtype))
+        ids = torch.zeros(prompts, tokens, dtype=torch.int64, device="meta")
+        return forward_peak_bytes(model, lambda: model(input_ids=ids, output_hidden_states=True))
+
+    def vae_decode_activation_bytes(self, dtype: str, images: int, width: int, height: int) -> int:
+        """Peak of one VAE decode of `images` images (one frame each) at `width` x `height`."""
+        import torch
+
+        model = self.vae.to(getattr(torch, dtype))
+        scale = 2 ** len(self.configs["vae"]["temperal_downsample"])
+        latents = torch.empty(images, self.configs["vae"]["z_dim"], 1, height // scale, width // scale,
+                              device="meta", dtype=getattr(torch, dtype))
+        return forward_peak_bytes(model, lambda: model.decode(latents, return_dict=False))
+
+    def transformer_flops_per_row(self, image_tokens: int, text_tokens: int) -> float:
+        """Forward FLOPs of one row (one image, or one CFG half) of one denoising step: 2 x in x out per token for
+        every linear layer on the path its tokens take (image stream: img_in, to_q/k/v, to_out, img_mlp, proj_out;
+        text stream: txt_in, add_*_proj, to_add_out, txt_mlp), plus joint attention's QK^T and AV (4 x tokens² x
+        inner_dim per block). Per-image modulation linears are negligible and left out."""
+        text_path = ("txt_in", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "txt_mlp")
+        per_image_token = per_text_token = 0
+        for name, module in self.transformer.named_modules():
+            if type(module).__name__ != "Linear" or "_mod" in name or "time_text_embed" in name or "norm_out" in name:
+                continue
+            flops = 2 * module.in_features * module.out_features
+            if any(part in name for part in text_path):
+                per_text_token += flops
+            else:
+                per_image_token += flops
+        cfg = self.configs["transformer"]
+        inner = cfg["num_attention_heads"] * cfg["attention_head_dim"]
+        tokens = image_tokens + text_tokens
+        attention = cfg["num_layers"] * 4 * tokens * tokens * inner
+        return per_image_token * image_tokens + per_text_token * text_tokens + attention
+
+    def text_encoder_flops_per_prompt(self, tokens: int) -> float:
+        """2 x parameters of the language model per token (the vision tower is idle for text prompts) plus its
+        attention, for one prompt of `tokens` tokens."""
+        text = self.configs["text_encoder"]["text_config"]
+        language = self.parameters(self.text_encoder.model.language_model)
+        attention = text["num_hidden_layers"] * 4 * tokens * tokens * text["hidden_size"]
+        return 2 * language * tokens + attention
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryBudget:
+    """Device memory one replica of a deployment needs, by item (bytes), and what its GPU share gives it."""
+
+    deployment: str
+    items: dict[str, int]
+    available: int
+
+    @property
+    def total(self) -> int:
+        return sum(self.items.values())
+
+    @property
+    def headroom(self) -> int:
+        return self.available - self.total
+
+    def describe(self) -> str:
+        parts = ", ".join(f"{k} {v / GIB:.2f}" for k, v in self.items.items())
+        return (f"{self.deployment}: {self.total / GIB:.2f} GiB of {self.available / GIB:.2f} GiB ({parts}; "
+                f"headroom {self.headroom / GIB:.2f} GiB)")
+
+
+def image_tokens(width: int, height: int) -> int:
+    """Transformer tokens of one image: (width/16) x (height/16) (VAE 8x, then 2x2 patches)."""
+    return (width // 16) * (height // 16)
+
+
+def largest_size(preset: ModelPreset) -> tuple[int, int]:
+    """The served (width, height) with the most pixels: the square at `max_pixels` (multiples of 16), or a
+    `max_side` rectangle if that holds more."""
+    side = min(preset.max_side, math.isqrt(preset.max_pixels) // preset.size_multiple * preset.size_multiple)
+    other = preset.max_pixels // preset.max_side // preset.size_multiple * preset.size_multiple
+    return max([(side, side), (preset.max_side, other)], key=lambda wh: wh[0] * wh[1])
+
+
+def text_tokens(preset: ModelPreset) -> int:
+    """Most tokens a prompt reaches the transformer with (the template prefix is dropped before it)."""
+    return preset.max_sequence_length
+
+
+def denoiser_rows(a: CapacityAssumptions) -> int:
+    """Most transformer rows in one step: the engine's budget, or the largest single request if larger (it runs
+    alone, never split): n images, two rows each with true CFG."""
+    return max(a.engine.max_batch_rows, a.preset.max_images_per_request * 2)
+
+
+def budgets(a: CapacityAssumptions) -> dict[str, MemoryBudget]:
+    """Per-replica device memory of the three GPU deployments at the largest served size."""
+    m, b = a.models, a.dtype_bytes
+    reserved = a.gpu.reserved_mib_per_process * MIB
+    width, height = largest_size(a.preset)
+    img_tok, txt_tok = image_tokens(width, height), text_tokens(a.preset)
+    t_cfg = m.configs["transformer"]
+    lora = m.lora_parameters
+
+    rows = denoiser_rows(a)
+    live = a.engine.max_live_requests
+    # Each live request keeps float32 packed latents (and the engine's copy for the Euler step) and its prompt
+    # embeddings (with the negative ones under CFG) between steps.
+    engine_state = live * (a.preset.max_images_per_request * img_tok * t_cfg["in_channels"] * 4 * 2
+                           + 2 * txt_tok * t_cfg["joint_attention_dim"] * b)
+    denoiser = {
+        "weights": m.parameters(m.transformer) * b,
+        # Every variant's distilled LoRA stays loaded (unfused: rows of different variants share a step).
+        "lightning_loras": sum(1 for v in a.preset.variants if v.lightning_lora) * lora(64) * b,
+        "adapter_cache": adapter_cache_size(a) * lora(a.tenant_adapter_rank) * b,
+        "activations": m.transformer_activation_bytes(a.preset.dtype, rows, width, height, txt_tok),
+        "engine_state": engine_state,
+        "cuda_reserved": reserved,
+    }
+    text_encoder = {
+        "weights": m.parameters(m.text_encoder) * b,
+        # Measured with what the forward returns: encode_prompt asks for every layer's hidden states (it keeps the
+        # last) and the model's head computes logits for every token.
+        "activations": m.text_encoder_activation_bytes(a.preset.dtype, text_encoder_batch_prompts(a),
+                                                       text_encoder_tokens(a.preset)),
+        "cuda_reserved": reserved,
+    }
+    vae = {
+        "weights": m.parameters(m.vae) * b,
+        "activations": m.vae_decode_activation_bytes(a.preset.dtype, a.vae_images_per_decode, width, height),
+        "cuda_reserved": reserved,
+    }
+    return {name: MemoryBudget(name, items, a.gpu_fraction_bytes(name))
+            for name, items in (("TextEncoder", text_encoder), ("Denoiser", denoiser), ("VaeDecoder", vae))}
+
+
+def adapter_cache_size(a: CapacityAssumptions) -> int:
+    """Tenant adapters a Denoiser replica keeps loaded: the Serve config's, or the service's default."""
+    from serve_app.settings import ServiceSettings
+
+    return int(a.app["args"].get("adapter_cache_size", ServiceSettings.model_fields["adapter_cache_size"].default))
+
+
+def text_encoder_batch_prompts(a: CapacityAssumptions) -> int:
+    """Prompts in one text-encoder forward at most: the deployment's `serve.batch` size, two prompts per request
+    under true CFG (the prompt and its negative)."""
+    return TEXT_ENCODER_BATCH_SIZE * 2
+
+
+def gpus_for(shares: list[float]) -> int:
+    """Whole GPUs that replicas with these `num_gpus` shares take, placed first-fit decreasing (Ray places a
+    replica's share on one GPU; it never splits it)."""
+    free: list[float] = []
+    for share in sorted(shares, reverse=True):
+        for i, room in enumerate(free):
+            if share <= room + 1e-9:
+                free[i] -= share
+                break
+        else:
+            free.append(1.0 - share)
+    return len(free)
+
+
+# ----------------------------------------------------------------------------------------------- time and capacity
+
+@dataclasses.dataclass(frozen=True)
+class StageTimes:
+    """Seconds per unit of work on one replica (assumed: FLOPs over an assumed utilisation, docs/capacity.md)."""
+
+    encode_s_per_prompt: float
+    step_s_per_row: float
+    step_overhead_s: float
+    decode_s_per_image: float
+
+    def step_s(self, rows: int) -> float:
+        """One engine step over `rows` rows: a fixed part plus a per-row part (the engine's CPU curve has this
+        shape; a GPU at 1024² is compute-bound from one row, so the per-row part dominates)."""
+        return self.step_overhead_s + rows * self.step_s_per_row
+
+
+def stage_times(a: CapacityAssumptions, width: int = 1024, height: int = 1024) -> StageTimes:
+    m, t = a.models, a.stage_times
+    flops_s = a.gpu.dense_bf16_tflops * 1e12
+    # A typical prompt (~64 tokens and the 39-token template), not the longest: capacity is about the usual request.
+    prompt_tokens = 39 + 64
+    return StageTimes(
+        encode_s_per_prompt=m.text_encoder_flops_per_prompt(prompt_tokens) / (flops_s * t.text_encoder_mfu),
+        step_s_per_row=m.transformer_flops_per_row(image_tokens(width, height), 64) / (flops_s * t.transformer_mfu),
+        step_overhead_s=t.fixed_step_overhead_s,
+        decode_s_per_image=t.vae_decode_s_per_megapixel * width * height / 1e6,
+    )
+
+
+def cold_start_s(a: CapacityAssumptions) -> float:
+    """A Denoiser replica on a new pod: the pod, the image, the weights it reads (counted), the warm-up."""
+    loras = sum(1 for v in a.preset.variants if v.lightning_lora)
+    weights = (a.models.parameters(a.models.transformer) + loras * a.models.lora_parameters(64)) * a.dtype_bytes
+    lc = a.lifecycle
+    return lc.pod_start_s + lc.image_pull_s + weights / MIB / lc.weights_read_mib_s + lc.warmup_s
+
+
+def request_seconds(a: CapacityAssumptions, steps: int, rows: int, times: StageTimes | None = None) -> float:
+    """Denoising time of one request of `rows` rows alone on a replica (engine steps of exactly its rows)."""
+    times = times or stage_times(a)
+    return steps * times.step_s(rows)
+
+
+def weighted_bound_drain_s(a: CapacityAssumptions, ingress_replicas: int, times: StageTimes) -> float:
+    """Seconds the Denoisers at max_replicas need to finish everything the ingresses may admit at once, at 1024²
+    (the work unit of `serve_app.admission`)."""
+    bound = a.app["args"]["max_admitted_work"]
+    replicas = a.deployments["Denoiser"]["autoscaling_config"]["max_replicas"]
+    row_steps = ingress_replicas * bound * (1024 * 1024) / WORK_UNIT_PIXELS
+    rows = a.engine.max_batch_rows
+    return row_steps / rows * times.step_s(rows) / replicas
+
+
+def cpu_step_curve(path: Path = REPO_ROOT / "benchmarks/results/engine.json") -> dict[str, tuple[float, float, float]]:
+    """The engine's measured CPU step time vs rows (benchmarks/bench_engine.py), fitted per size as
+    t(rows) = fixed + rows x per_row by least squares: {size: (fixed_ms, per_row_ms, worst relative residual)}."""
+    curve = json.loads(path.read_text())["step_ms_by_rows"]
+    fits = {}
+    for size in sorted({key.split("/")[0] for key in curve}):
+        points = [(int(k.split("/")[1]), v) for k, v in curve.items() if k.startswith(size + "/")]
+        n = len(points)
+        mean_r = sum(r for r, _ in points) / n
+        mean_t = sum(t for _, t in points) / n
+        slope = sum((r - mean_r) * (t - mean_t) for r, t in points) / sum((r - mean_r) ** 2 for r, _ in points)
+        fixed = mean_t - slope * mean_r
+        worst = max(abs(fixed + slope * r - t) / t for r, t in points)
+        fits[size] = (fixed, slope, worst)
+    return fits
+
+
+@dataclasses.dataclass(frozen=True)
+class CapacityRow:
+    """Replicas and GPUs for a target rate of Lightning 8-step 1024² images (one row each, no CFG)."""
+
+    images_per_s: float
+    denoisers: int
+    text_encoders: int
+    vae_decoders: int
+    gpus: int
+    latency_s: float
+
+
+def capacity_plan(a: CapacityAssumptions, images_per_s: float, utilisation: float = 0.7,
+                  steps: int = 8) -> CapacityRow:
+    """Replicas per stage so each runs at most `utilisation` busy at `images_per_s` (the rest absorbs bursts and
+    keeps queues short), GPUs as Ray packs their shares (whole GPUs for Denoisers, shares first-fit), and the
+    latency of one image at that load: encode + `steps` engine steps at the rows each replica then carries +
+    decode."""
+    t = stage_times(a)
+    rows = a.engine.max_batch_rows
+    per_denoiser = rows / (steps * t.step_s(rows))  # images/s with every step full
+    denoisers = math.ceil(images_per_s / (utilisation * per_denoiser))
+    encoders = math.ceil(images_per_s * t.encode_s_per_prompt / utilisation)
+    decoders = math.ceil(images_per_s * t.decode_s_per_image / utilisation)
+    shares = [a.deployments[n]["ray_actor_options"]["num_gpus"] for n in ("TextEncoder", "VaeDecoder")]
+    fractional = gpus_for([shares[0]] * encoders + [shares[1]] * decoders)
+    # Rows a Denoiser carries per step at this load (Little's law: rate x time in the engine), at least 1.
+    carried = min(rows, max(1.0, images_per_s / denoisers * steps * t.step_s(rows)))
+    latency = t.encode_s_per_prompt + steps * t.step_s(math.ceil(carried)) + t.decode_s_per_image
+    return CapacityRow(images_per_s, denoisers, encoders, decoders, denoisers + fractional, latency)
+
+
+def capacity_markdown(a: CapacityAssumptions, targets: tuple[float, ...] = (0.5, 1, 2, 4, 8, 16)) -> str:
+    """The tables of docs/capacity.md (between its GENERATED markers)."""
+    t = stage_times(a)
+    b = budgets(a)
+    lines = ["| deployment | GPU share | weights | other items | total | available | headroom |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name, budget in b.items():
+        other = ", ".join(f"{k} {v / GIB:.2f}" for k, v in budget.items.items() if k != "weights")
+        share = a.deployments[name]["ray_actor_options"]["num_gpus"]
+        lines.append(f"| {name} | {share:g} | {budget.items['weights'] / GIB:.2f} GiB | {other} GiB | "
+                     f"{budget.total / GIB:.2f} GiB | {budget.available / GIB:.2f} GiB | "
+                     f"{budget.headroom / GIB:.2f} GiB |")
+    width, height = largest_size(a.preset)
+    lines += ["", f"At the largest served size ({width}x{height}), {denoiser_rows(a)} Denoiser rows a step, "
+              f"{text_encoder_batch_prompts(a)} prompts of {text_encoder_tokens(a.preset)} tokens a text-encoder "
+              f"forward, {a.vae_images_per_decode} image a VAE call; {a.gpu.name}, {a.gpu.memory_mib} MiB.", ""]
+    lines += ["| stage time at 1024² (assumed GPU figures) | value |", "| --- | --- |",
+              f"| text encoder, one ~100-token prompt | {t.encode_s_per_prompt * 1000:.1f} ms |",
+              f"| transformer, one row-step | {t.step_s_per_row * 1000:.0f} ms |",
+              f"| engine step, fixed part | {t.step_overhead_s * 1000:.0f} ms |",
+              f"| engine step, {a.engine.max_batch_rows} rows | {t.step_s(a.engine.max_batch_rows) * 1000:.0f} ms |",
+              f"| VAE decode, one image | {t.decode_s_per_image * 1000:.0f} ms |",
+              f"| Denoiser cold start | {cold_start_s(a):.0f} s |", ""]
+    lines += ["| CPU engine step (measured, benchmarks/results/engine.json) | fixed | per row | worst fit error |",
+              "| --- | --- | --- | --- |"]
+    for size, (fixed, per_row, worst) in cpu_step_curve().items():
+        lines.append(f"| {size}, 1-16 rows | {fixed:.1f} ms | {per_row:.2f} ms | {worst * 100:.0f} % |")
+    lines += ["", "| target (1024², Lightning 8 steps) | Denoiser replicas | TextEncoder replicas | "
+              "VaeDecoder replicas | GPUs | latency per image | fits configs/serve/gpu.yaml |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
+    max_of = {n: a.deployments[n]["autoscaling_config"]["max_replicas"] for n in GPU_DEPLOYMENTS}
+    for rate in targets:
+        row = capacity_plan(a, rate)
+        fits = (row.denoisers <= max_of["Denoiser"] and row.text_encoders <= max_of["TextEncoder"]
+                and row.vae_decoders <= max_of["VaeDecoder"])
+        lines.append(f"| {rate:g} images/s | {row.denoisers} | {row.text_encoders} | {row.vae_decoders} | "
+                     f"{row.gpus} | {row.latency_s:.1f} s | {'yes' if fits else 'no'} |")
+    return "\n".join(lines)
+
+
+GPU_DEPLOYMENTS = ("TextEncoder", "Denoiser", "VaeDecoder")
+
+if __name__ == "__main__":
+    print(capacity_markdown(CapacityAssumptions.load("configs/capacity/h100-80gb.yaml")))

@@ -1,0 +1,127 @@
+"""Admission at the ingress: a bounded number of requests and a bounded amount of work in progress per ingress
+replica, the work weighted by what a request asks for (serve_app/admission.py). Unit tests of the arithmetic and
+the bookkeeping, then the wiring through the real FastAPI app (a backend that runs nothing)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from lightray.contracts import DenoiseParams
+from recording_backend import RecordingBackend
+from serve_app.admission import AdmissionLimit, request_work
+from serve_app.api import create_app
+from serve_app.backend import ServiceUnavailable
+from serve_app.settings import ServiceSettings
+
+
+def params(n=1, steps=8, size=1024, cfg=1.0, strength=1.0) -> DenoiseParams:
+    return DenoiseParams(seeds=tuple(range(n)), width=size, height=size, num_inference_steps=steps,
+                         true_cfg_scale=cfg, strength=strength)
+
+
+def test_work_is_steps_times_images_times_cfg_rows_times_megapixels():
+    assert request_work(params()) == 8  # Lightning 8 steps, one 1024² image: 8 row-steps at 1024²
+    assert request_work(params(steps=50, cfg=4.0)) == 100  # base: true CFG doubles the rows
+    assert request_work(params(n=4, steps=50, cfg=4.0, size=1536)) == 50 * 2 * 4 * 2.25
+    assert request_work(params(size=512)) == 2  # a quarter of the pixels
+    # Image inputs run only `strength` of the schedule (diffusers' get_timesteps): 0.5 of 8 steps is 4.
+    assert request_work(params(strength=0.5)) == 4
+
+
+def test_requests_beyond_the_count_bound_get_503_and_their_slots_come_back():
+    limit = AdmissionLimit(2)
+    with limit.slot(), limit.slot():
+        with pytest.raises(ServiceUnavailable, match="2 requests in progress") as refused:
+            with limit.slot():
+                pass
+        assert refused.value.retry_after_s == 2 and limit.in_progress == 2
+    assert limit.in_progress == 0
+    with limit.slot():  # free again
+        assert limit.in_progress == 1
+
+
+def test_work_beyond_the_bound_gets_503_while_cheaper_work_still_fits():
+    limit = AdmissionLimit(10, max_work=100)
+    with limit.slot() as base:
+        base.charge(request_work(params(steps=50, cfg=4.0)))  # 100: the whole bound
+        assert limit.work_in_progress == 100
+        with pytest.raises(ServiceUnavailable, match="100 of 100 units of work in progress, this request needs 8"):
+            with limit.slot() as lightning:
+                lightning.charge(8)
+        assert limit.in_progress == 1  # the refused request's slot was given back with its 503
+    with limit.slot() as a, limit.slot() as b:
+        a.charge(60)
+        b.charge(40)  # fits exactly
+        assert limit.work_in_progress == 100
+    assert limit.work_in_progress == 0 and limit.in_progress == 0
+
+
+def test_a_request_heavier_than_the_whole_bound_runs_alone_rather_than_never():
+    limit = AdmissionLimit(10, max_work=100)
+    with limit.slot() as huge:
+        huge.charge(900)  # nothing else in progress: admitted
+        with pytest.raises(ServiceUnavailable):
+            with limit.slot() as small:
+                small.charge(1)
+    assert limit.work_in_progress == 0
+
+
+def test_work_is_released_when_the_request_fails_and_is_charged_once():
+    limit = AdmissionLimit(10, max_work=100)
+    with pytest.raises(asyncio.TimeoutError):
+        with limit.slot() as admission:
+            admission.charge(70)
+            raise asyncio.TimeoutError  # e.g. the 504 path
+    assert limit.work_in_progress == 0 and limit.in_progress == 0
+    with limit.slot() as admission:
+        admission.charge(10)
+        with pytest.raises(RuntimeError, match="charged once"):
+            admission.charge(10)
+        assert limit.work_in_progress == 10
+
+
+def test_without_a_work_bound_only_the_count_bounds_admission():
+    limit = AdmissionLimit(1)
+    with limit.slot() as admission:
+        admission.charge(10**9)
+        assert limit.work_in_progress == 10**9
+
+
+GEN = {"prompt": "a red circle on the left, white background", "size": "64x64", "num_inference_steps": 4,
+       "model": "lightray-shapes-lightning-4"}
+
+
+@pytest.fixture()
+def weighted_app(preset, registry_root, tmp_path):
+    """The real app with a work bound of 1 unit (the embedded model's requests are tiny: 64² × 4 steps is
+    0.0156 units) over a backend that runs nothing."""
+    settings = ServiceSettings(preset=preset.model_dump(), registry=str(registry_root), auth_enabled=False,
+                               max_admitted_work=1.0, image_store_dir=str(tmp_path))
+    with TestClient(create_app(RecordingBackend(preset), settings)) as client:
+        yield client
+
+
+@pytest.mark.parametrize("path", ["/v1/images/generations", "/v1/images/edits"])
+def test_the_routes_charge_each_request_its_work(weighted_app, path):
+    admission = weighted_app.app.state.admission
+    image = io.BytesIO()
+    Image.new("RGB", (64, 64), "white").save(image, format="PNG")
+    body = {**GEN, **({"image": base64.b64encode(image.getvalue()).decode(), "strength": 1.0}
+                      if path.endswith("edits") else {})}
+    work = request_work(params(steps=4, size=64))
+    # Other requests hold all but less than this one's work: 503 in the service's error format, at once.
+    admission.work_in_progress = 1.0 - work / 2
+    r = weighted_app.post(path, json=body)
+    assert r.status_code == 503, r.text
+    assert r.headers["retry-after"] == "2" and "units of work in progress" in r.json()["error"]["message"]
+    # With room for exactly its work it runs, and its charge is given back afterwards.
+    admission.work_in_progress = 1.0 - work
+    r = weighted_app.post(path, json=body)
+    assert r.status_code == 200, r.text
+    assert admission.work_in_progress == pytest.approx(1.0 - work) and admission.in_progress == 0

@@ -1,0 +1,165 @@
+"""The web playground in a real browser (Debian's chromium, headless, through chromium-driver and selenium) against the
+Ray service: generate with live previews, read the final image back with the world evaluator, paint a mask and
+inpaint, and see the API's message for a bad input. Screenshots go to docs/img/."""
+
+from __future__ import annotations
+
+import base64
+import io
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.action_chains import ActionChains
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support import expected_conditions as EC
+from selenium.webdriver.support.ui import WebDriverWait
+
+from lightray.world.evaluator import parse_prompt, score
+
+SCREENSHOTS = Path(__file__).resolve().parent.parent / "docs" / "img"
+PROMPT = "a red circle on the left, white background"
+SEED = 7
+"""A seed whose image the embedded model draws right for PROMPT (the same seed gives the same pixels)."""
+
+
+def _binary(*names: str) -> str:
+    for name in names:
+        path = shutil.which(name)
+        if path:
+            return path
+    raise RuntimeError(f"none of {names} is installed: `apt-get install -y chromium chromium-driver` "
+                       "(.ci/run does it)")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    options = webdriver.ChromeOptions()
+    options.binary_location = _binary("chromium", "chromium-browser")
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--window-size=1280,1100"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(options=options, service=Service(_binary("chromedriver")))
+    driver.set_page_load_timeout(60)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+@pytest.fixture
+def page(browser, service):
+    browser.set_window_size(1280, 1100)
+    browser.get(f"{service}/")  # `/` redirects to the playground
+    wait = WebDriverWait(browser, 120)
+    wait.until(lambda d: d.current_url.endswith("/playground"))
+    wait.until(lambda d: len(d.find_element(By.ID, "model").find_elements(By.TAG_NAME, "option")) > 0)
+    return browser
+
+
+def _png_pixels(data_url: str) -> np.ndarray:
+    assert data_url.startswith("data:image/png;base64,")
+    image = Image.open(io.BytesIO(base64.b64decode(data_url.split(",", 1)[1]))).convert("RGB")
+    return np.asarray(image, dtype=np.int16)
+
+
+def _set(driver, element_id: str, value: str) -> None:
+    element = driver.find_element(By.ID, element_id)
+    element.clear()
+    element.send_keys(value)
+
+
+def _finished(driver) -> str:
+    WebDriverWait(driver, 180).until(
+        lambda d: d.find_element(By.ID, "status").text.startswith(("done", "failed")))
+    return driver.find_element(By.ID, "status").text
+
+
+def _generate(driver, prompt: str, seed: int) -> None:
+    _set(driver, "prompt", prompt)
+    _set(driver, "seed", str(seed))
+    driver.find_element(By.ID, "generate").click()
+
+
+def test_generate_shows_previews_then_the_final_image_of_the_prompt(page):
+    models = [o.get_attribute("value") for o in page.find_element(By.ID, "model").find_elements(By.TAG_NAME, "option")]
+    assert "lightray-shapes-lightning-4" in models and "lightray-shapes" in models  # from GET /v1/models
+    _generate(page, PROMPT, SEED)
+    status = _finished(page)
+    assert status.startswith("done"), page.find_element(By.ID, "error").text
+    previews = page.find_elements(By.CSS_SELECTOR, "#live img.preview")
+    assert len(previews) >= 1 and int(page.find_element(By.ID, "status").get_attribute("data-previews")) >= 1
+    assert "step 4 / 4" in page.find_element(By.CSS_SELECTOR, "[data-live-label='0']").text
+    result = page.find_element(By.CSS_SELECTOR, "#gallery .card img.result")
+    pixels = _png_pixels(result.get_attribute("src"))
+    assert score(pixels.astype(np.uint8), parse_prompt(PROMPT))["all"], "the image does not show the prompt"
+    # A preview is an earlier, different picture of the same request.
+    assert np.abs(_png_pixels(previews[0].get_attribute("src")) - pixels).mean() > 0
+    card = page.find_element(By.CSS_SELECTOR, "#gallery .card")
+    assert card.get_attribute("data-seed") == str(SEED) and f"seed {SEED}" in card.text
+    download = card.find_element(By.CSS_SELECTOR, "a.download")
+    assert download.get_attribute("download").endswith(f"seed{SEED}.png")
+    assert download.get_attribute("href") == result.get_attribute("src")
+    _set(page, "seed", "12345")
+    card.find_element(By.CSS_SELECTOR, "button.use-seed").click()
+    assert page.find_element(By.ID, "seed").get_attribute("value") == str(SEED)
+    page.save_screenshot(str(SCREENSHOTS / "playground.png"))
+
+
+def test_paint_a_mask_and_inpaint(page):
+    _generate(page, PROMPT, SEED)
+    assert _finished(page).startswith("done")
+    source = _png_pixels(page.find_element(By.CSS_SELECTOR, "#gallery .card img.result").get_attribute("src"))
+    page.find_element(By.CSS_SELECTOR, "#gallery .card button.edit").click()
+    WebDriverWait(page, 30).until(EC.element_to_be_clickable((By.ID, "run-edit")))
+    canvas = page.find_element(By.ID, "mask-canvas")
+    WebDriverWait(page, 30).until(lambda d: canvas.get_attribute("width") == "64")
+    page.execute_script("arguments[0].scrollIntoView({block: 'center'})", canvas)
+    _set(page, "brush", "16")
+    # Paint the left half of the picture. The canvas shows the 64x64 image at 256x256 CSS pixels (offsets are from
+    # its centre): top-to-bottom strokes at CSS x = 24, 56, 88 with a 16-pixel brush cover image columns 0-30.
+    actions = ActionChains(page)
+    for x in (24, 56, 88):
+        actions.move_to_element_with_offset(canvas, x - 128, 8 - 128).click_and_hold()
+        for y in range(8, 256, 16):
+            actions.move_to_element_with_offset(canvas, x - 128, y - 128)
+        actions.release()
+    actions.perform()
+    assert int(canvas.get_attribute("data-painted")) > 10
+    _set(page, "prompt", "a green triangle on the left, white background")
+    page.find_element(By.ID, "run-edit").click()
+    assert _finished(page).startswith("done"), page.find_element(By.ID, "error").text
+    assert len(page.find_elements(By.CSS_SELECTOR, "#gallery .card")) == 2
+    card = page.find_element(By.CSS_SELECTOR, "#gallery .card")
+    assert card.get_attribute("data-kind") == "edit"
+    edited = _png_pixels(card.find_element(By.CSS_SELECTOR, "img.result").get_attribute("src"))
+    assert edited.shape == source.shape
+    # Repainted where painted (the red circle on the left is gone or changed), kept elsewhere.
+    assert np.abs(edited[:, :24] - source[:, :24]).mean() > 10
+    assert np.abs(edited[:, 44:] - source[:, 44:]).mean() < 3
+    page.save_screenshot(str(SCREENSHOTS / "playground_inpaint.png"))
+
+
+def test_an_empty_prompt_shows_the_api_message(page):
+    page.find_element(By.ID, "prompt").clear()
+    page.find_element(By.ID, "generate").click()
+    assert _finished(page) == "failed"
+    message = page.find_element(By.ID, "error").text
+    assert message.startswith("prompt:"), message  # the API's error.message, which names the field
+    page.save_screenshot(str(SCREENSHOTS / "playground_error.png"))
+
+
+def test_the_page_works_on_a_narrow_screen(page):
+    page.set_window_size(420, 1400)
+    _generate(page, "白色背景，左边有一个红色的圆形", SEED)
+    assert _finished(page).startswith("done")
+    width = page.execute_script("return document.documentElement.scrollWidth")
+    assert width <= page.execute_script("return window.innerWidth")  # one column, no sideways scrolling
+    controls = page.find_element(By.ID, "controls").rect
+    output = page.find_element(By.ID, "output").rect
+    assert output["y"] >= controls["y"] + controls["height"] - 1  # the output sits below the controls
+    page.save_screenshot(str(SCREENSHOTS / "playground_narrow.png"))

@@ -141,6 +141,8 @@ def test_paint_a_mask_and_inpaint(page):
     # Repainted where painted (the red circle on the left is gone or changed), kept elsewhere.
     assert np.abs(edited[:, :24] - source[:, :24]).mean() > 10
     assert np.abs(edited[:, 44:] - source[:, 44:]).mean() < 3
+    page.set_window_size(1280, 1500)  # the editor (mask painted) and the gallery in one picture
+    page.execute_script("window.scrollTo(0, 0)")
     page.save_screenshot(str(SCREENSHOTS / "playground_inpaint.png"))
 
 
@@ -159,7 +161,10 @@ def test_the_page_works_on_a_narrow_screen(page):
     assert _finished(page).startswith("done")
     width = page.execute_script("return document.documentElement.scrollWidth")
     assert width <= page.execute_script("return window.innerWidth")  # one column, no sideways scrolling
-    controls = page.find_element(By.ID, "controls").rect
-    output = page.find_element(By.ID, "output").rect
-    assert output["y"] >= controls["y"] + controls["height"] - 1  # the output sits below the controls
+    controls, output, edit = (page.find_element(By.ID, name).rect for name in ("controls", "output", "edit"))
+    # One column: the settings, then the results (right under the Generate button), then the editor.
+    assert output["y"] >= controls["y"] + controls["height"] - 1
+    assert edit["y"] >= output["y"] + output["height"] - 1
+    assert output["width"] == controls["width"]
+    page.execute_script("document.getElementById('generate').scrollIntoView({block: 'start'})")
     page.save_screenshot(str(SCREENSHOTS / "playground_narrow.png"))

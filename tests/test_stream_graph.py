@@ -9,13 +9,14 @@ import time
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 from openai import OpenAI
 from openai.types import ImageEditCompletedEvent, ImageGenCompletedEvent, ImageGenPartialImageEvent
 from PIL import Image
 
 from lightray.world.shapes import Scene, render
-from sse import pixels
+from sse import parse_sse, pixels
 
 PROMPT = "a red circle on the left, white background"
 
@@ -99,3 +100,21 @@ def test_a_bad_streamed_request_is_a_json_400_from_the_service(service):
     r = httpx.post(f"{service}/v1/images/generations", json={"prompt": PROMPT, "stream": True, "partial_images": 7},
                    timeout=30)
     assert r.status_code == 400 and r.json()["error"]["param"] == "partial_images"
+
+
+def test_an_adapter_failing_after_the_stream_started_is_an_error_event(client, service, registry_root, preset,
+                                                                         tmp_path):
+    """The ingress pins the adapter (its manifest is fine), so the stream starts; the Denoiser then finds its weights
+    corrupt: the stream ends with an OpenAI-shaped error event, and the openai client raises it."""
+    from test_faults import _publish_broken_adapters
+
+    ref = _publish_broken_adapters(registry_root, tmp_path, preset)["corrupt"]
+    body = {"prompt": PROMPT, "size": "64x64", "seed": 2, "stream": True, "partial_images": 2, "lora": ref}
+    r = httpx.post(f"{service}/v1/images/generations", json=body, timeout=120)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    name, last = parse_sse(r.text)[-1]
+    assert name == "error" and last["type"] == "error"
+    assert last["error"]["code"] == "adapter_corrupt" and last["error"]["param"] == "lora"
+    assert ref in last["error"]["message"] and "checksum mismatch" in last["error"]["message"]
+    with pytest.raises(openai.APIError, match="checksum mismatch"):
+        list(client.images.generate(prompt=PROMPT, size="64x64", stream=True, extra_body={"lora": ref, "seed": 2}))

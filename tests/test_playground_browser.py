@@ -9,6 +9,7 @@ import io
 import shutil
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from PIL import Image
@@ -168,3 +169,39 @@ def test_the_page_works_on_a_narrow_screen(page):
     assert output["width"] == controls["width"]
     page.execute_script("document.getElementById('generate').scrollIntoView({block: 'start'})")
     page.save_screenshot(str(SCREENSHOTS / "playground_narrow.png"))
+
+
+def test_stacked_adapters_with_scales_are_sent_in_the_order_ticked(page, service, registry_root, preset,
+                                                                    tmp_path):
+    from conftest_registry import publish_lora_adapter
+
+    alpha = publish_lora_adapter(registry_root, preset, "pw", "alpha", seed=1, tmp_dir=tmp_path, std=0.1).ref
+    beta = publish_lora_adapter(registry_root, preset, "pw", "beta", seed=2, tmp_dir=tmp_path, std=0.1).ref
+    page.refresh()
+    WebDriverWait(page, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, f"[data-adapter='{beta}']"))
+    page.find_element(By.CSS_SELECTOR, f"[data-adapter='{beta}']").click()
+    page.find_element(By.CSS_SELECTOR, f"[data-adapter='{alpha}']").click()
+    scale = page.find_element(By.CSS_SELECTOR, f"[data-scale-for='{beta}']")
+    scale.clear()
+    scale.send_keys("0.5")
+    _generate(page, PROMPT, SEED)
+    assert _finished(page).startswith("done"), page.find_element(By.ID, "error").text
+    shown = page.find_element(By.CSS_SELECTOR, "#gallery .card img.result").get_attribute("src")
+    # The same request made directly: beta at 0.5, then alpha at 1, stacked in that order.
+    body = {"prompt": PROMPT, "seed": SEED, "size": "64x64", "model": "lightray-shapes-lightning-4",
+            "lora": [f"{beta}:0.5", f"{alpha}:1"]}
+    direct = httpx.post(f"{service}/v1/images/generations", json=body, timeout=120).json()["data"][0]["b64_json"]
+    plain = httpx.post(f"{service}/v1/images/generations", json={**body, "lora": None}, timeout=120)
+    assert shown.split(",", 1)[1] == direct
+    assert plain.json()["data"][0]["b64_json"] != direct  # the adapters did change the picture
+
+
+def test_the_api_key_is_kept_in_the_browser(page):
+    key = page.find_element(By.ID, "api-key")
+    key.send_keys("sk-playground-test")
+    page.find_element(By.ID, "prompt").click()  # leaving the field stores it
+    page.refresh()
+    WebDriverWait(page, 30).until(lambda d: d.find_element(By.ID, "api-key").get_attribute("value"))
+    assert page.find_element(By.ID, "api-key").get_attribute("value") == "sk-playground-test"
+    assert page.execute_script("return localStorage.getItem('lightray.apiKey')") == "sk-playground-test"
+    page.execute_script("localStorage.removeItem('lightray.apiKey')")

@@ -238,6 +238,7 @@ class RayGraphBackend:
         closed early, or fails, every stage's request is cancelled (the Denoiser stops within a step)."""
         start = time.perf_counter()
         previews: list[asyncio.Future] = []
+        responses = [denoising, *upstream]  # cancelled if the stream ends early (preview decodes: by their tasks)
         sent = 0
         finished = False
         try:
@@ -256,6 +257,7 @@ class RayGraphBackend:
             if denoised is None:
                 raise RuntimeError("the Denoiser's stream ended without its latents")
             decoded = self.vae.decode.remote(denoised, spec.width, spec.height)
+            responses.append(decoded)
             for preview in previews[sent:]:
                 yield await preview
             result = await decoded
@@ -264,7 +266,7 @@ class RayGraphBackend:
                                    {**result.timings, "graph_ms": (time.perf_counter() - start) * 1000})
         finally:
             if not finished:
-                for response in (denoising, *upstream):
+                for response in responses:
                     response.cancel()
                 for preview in previews:
                     preview.cancel()

@@ -137,6 +137,30 @@ def test_a_streamed_inpaint_sends_image_edit_events_equal_to_the_plain_edit(api_
     assert completed["b64_json"] == plain.json()["data"][0]["b64_json"]
 
 
+def test_a_streamed_padding_mask_crop_edit_sends_full_size_pasted_back_images(api_client):
+    """With `padding_mask_crop` the model works on a crop around the mask; previews and the final image are pasted
+    back into the full input, as the plain answer is."""
+    picture = render(Scene("red", "circle", "left", "white"), 128)
+    mask = Image.new("RGBA", (128, 128), (0, 0, 0, 255))
+    mask.paste((0, 0, 0, 0), (16, 40, 56, 88))
+    files = {"image": ("in.png", _png(picture), "image/png"), "mask": ("mask.png", _png(mask), "image/png")}
+    fields = {"prompt": "a blue square on the left, white background", "seed": "5", "size": "64x64",
+              "padding_mask_crop": "8"}
+    plain = api_client.post("/v1/images/edits", data=fields, files=files)
+    assert plain.status_code == 200, plain.text
+    events = stream(api_client, "/v1/images/edits", files=files,
+                    data={**fields, "stream": "true", "partial_images": "1"})
+    images = [d for _, d in events if d["type"] in ("image_edit.partial_image", "image_edit.completed")]
+    assert [d["type"] for d in images] == ["image_edit.partial_image", "image_edit.completed"]
+    source = np.asarray(picture.convert("RGB"), dtype=np.int16)
+    for d in images:
+        assert d["size"] == "128x128"
+        got = pixels(d["b64_json"])
+        assert got.shape == (128, 128, 3)
+        assert np.abs(got[:, 80:] - source[:, 80:]).max() == 0  # far from the mask: the input, exactly
+    assert images[-1]["b64_json"] == plain.json()["data"][0]["b64_json"]
+
+
 def test_a_form_stream_field_must_be_true_or_false(api_client):
     picture = _png(render(Scene("red", "circle", "left", "white"), 64))
     r = api_client.post("/v1/images/edits", data={"prompt": PROMPT, "stream": "yes"},

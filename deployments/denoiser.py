@@ -26,7 +26,8 @@ from deployments.metrics import (
 from lightray.adapters import open_registry
 from lightray.config import load_preset
 from lightray.contracts import DenoisedLatents, DenoiseParams, ImageLatents, StepProgress, TextEmbeddings
-from lightray.engine import DenoiseCancelled, DenoiseEngine, EngineConfig, StepStats
+from lightray.engine import DenoiseCancelled, DenoiseEngine, EngineConfig, EngineRequest, StepStats
+from lightray.engine.engine import ProgressCallback
 
 logger = logging.getLogger("ray.serve")
 
@@ -141,7 +142,8 @@ class Denoiser:
         yield self._finished(params, image, request, timings, start, latents)
 
     async def _submit(self, params: DenoiseParams, text: TextEmbeddings, image: ImageLatents | None,
-                      mask: np.ndarray | None, on_progress=None):
+                      mask: np.ndarray | None, on_progress: ProgressCallback | None = None
+                      ) -> tuple[EngineRequest, dict, float]:
         """Fetch the request's adapters and hand it to the engine: (its `EngineRequest`, timings, start time)."""
         timings = dict(text.timings)
         if image is not None:
@@ -153,8 +155,9 @@ class Denoiser:
         request = await asyncio.to_thread(self.engine.submit, params, text, image, mask, paths, on_progress)
         return request, timings, start
 
-    def _finished(self, params: DenoiseParams, image: ImageLatents | None, request, timings: dict, start: float,
-                  latents: np.ndarray) -> DenoisedLatents:
+    def _finished(self, params: DenoiseParams, image: ImageLatents | None, request: EngineRequest, timings: dict,
+                  start: float, latents: np.ndarray) -> DenoisedLatents:
+        """The request's output, with its timings recorded and logged."""
         timings["denoise_ms"] = (asyncio.get_running_loop().time() - start) * 1000
         if request.first_step_at is not None:
             timings["denoise_queue_ms"] = (request.first_step_at - request.submitted_at) * 1000
@@ -177,7 +180,7 @@ class Denoiser:
         self.engine.check_health()
 
 
-def _cancel(request) -> None:
+def _cancel(request: EngineRequest) -> None:
     """The ingress gave up (timeout, client gone): the engine drops the request at the next step."""
     request.cancel()
     request.future.add_done_callback(_log_cancelled)

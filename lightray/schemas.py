@@ -419,6 +419,7 @@ class ModelCard(BaseModel):
 
     @classmethod
     def of(cls, preset: ModelPreset, model_id: str) -> "ModelCard":
+        """The card of one of `preset`'s model ids, with its defaults and the preset's sizes."""
         variant = preset.variant(model_id)
         w, h = preset.default_size
         return cls(id=model_id, default_size=f"{w}x{h}", sizes=served_sizes(preset),

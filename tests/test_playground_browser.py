@@ -205,3 +205,20 @@ def test_the_api_key_is_kept_in_the_browser(page):
     assert page.find_element(By.ID, "api-key").get_attribute("value") == "sk-playground-test"
     assert page.execute_script("return localStorage.getItem('lightray.apiKey')") == "sk-playground-test"
     page.execute_script("localStorage.removeItem('lightray.apiKey')")
+
+
+def test_stop_cancels_the_request_on_the_service(page, ray_cluster):
+    from selenium.webdriver.support.ui import Select
+    from test_stream_graph import _denoiser_log
+
+    before = _denoiser_log(ray_cluster).count("of 100 (request cancelled)")
+    Select(page.find_element(By.ID, "model")).select_by_value("lightray-shapes")
+    Select(page.find_element(By.ID, "size")).select_by_value("256x256")
+    _set(page, "steps", "100")  # minutes of work on this CPU: it can only end by the Stop button
+    _generate(page, PROMPT, SEED)
+    WebDriverWait(page, 120).until(lambda d: d.find_element(By.ID, "status").text.startswith("step "))
+    page.find_element(By.ID, "stop").click()
+    WebDriverWait(page, 30).until(lambda d: d.find_element(By.ID, "status").text == "stopped")
+    WebDriverWait(page, 60, poll_frequency=0.5).until(
+        lambda d: _denoiser_log(ray_cluster).count("of 100 (request cancelled)") > before)
+    assert page.find_element(By.ID, "error").text == ""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator
 
 import numpy as np
 from ray import serve
@@ -24,8 +25,9 @@ from deployments.metrics import (
 )
 from lightray.adapters import open_registry
 from lightray.config import load_preset
-from lightray.contracts import DenoisedLatents, DenoiseParams, ImageLatents, TextEmbeddings
-from lightray.engine import DenoiseCancelled, DenoiseEngine, EngineConfig, StepStats
+from lightray.contracts import DenoisedLatents, DenoiseParams, ImageLatents, StepProgress, TextEmbeddings
+from lightray.engine import DenoiseCancelled, DenoiseEngine, EngineConfig, EngineRequest, StepStats
+from lightray.engine.engine import ProgressCallback
 
 logger = logging.getLogger("ray.serve")
 
@@ -107,6 +109,42 @@ class Denoiser:
         """Text embeddings (+ for img2img / inpainting the VaeDecoder's image latents, and `mask`: uint8
         [height, width], non-zero = repaint) → packed latents. `text` and `image` arrive straight from the
         TextEncoder and VaeDecoder (the ingress passes their responses along), never via the ingress."""
+        request, timings, start = await self._submit(params, text, image, mask)
+        try:
+            latents = await asyncio.shield(asyncio.wrap_future(request.future))
+        except asyncio.CancelledError:
+            _cancel(request)
+            raise
+        return self._finished(params, image, request, timings, start, latents)
+
+    async def denoise_stream(self, params: DenoiseParams, text: TextEmbeddings, image: ImageLatents | None = None,
+                             mask: np.ndarray | None = None) -> AsyncIterator[StepProgress | DenoisedLatents]:
+        """`denoise` as a stream (call it through a handle with `.options(stream=True)`): a `StepProgress` after
+        every step (with the x0-prediction at `params.preview_steps`), then the `DenoisedLatents`, which are the
+        ones `denoise` returns for the same request. Closing the stream (the ingress's client went away)
+        cancels the request."""
+        loop = asyncio.get_running_loop()
+        reports: asyncio.Queue[StepProgress | None] = asyncio.Queue()
+
+        def on_progress(progress: StepProgress) -> None:  # on the engine's thread
+            loop.call_soon_threadsafe(reports.put_nowait, progress)
+
+        request, timings, start = await self._submit(params, text, image, mask, on_progress)
+        # Queued after every report (the engine reports a step before it finishes the request): None ends them.
+        request.future.add_done_callback(lambda _: loop.call_soon_threadsafe(reports.put_nowait, None))
+        try:
+            while (progress := await reports.get()) is not None:
+                yield progress
+            latents = await asyncio.wrap_future(request.future)
+        except (asyncio.CancelledError, GeneratorExit):
+            _cancel(request)
+            raise
+        yield self._finished(params, image, request, timings, start, latents)
+
+    async def _submit(self, params: DenoiseParams, text: TextEmbeddings, image: ImageLatents | None,
+                      mask: np.ndarray | None, on_progress: ProgressCallback | None = None
+                      ) -> tuple[EngineRequest, dict, float]:
+        """Fetch the request's adapters and hand it to the engine: (its `EngineRequest`, timings, start time)."""
         timings = dict(text.timings)
         if image is not None:
             timings.update(image.timings)
@@ -114,14 +152,12 @@ class Denoiser:
         record_queue_wait("denoise", timings, max(handoffs) if handoffs else None)  # from the later input
         paths = await self._adapter_paths(params, timings)
         start = asyncio.get_running_loop().time()
-        request = self.engine.submit(params, text, image, mask, paths)  # about a millisecond: no thread hop
-        try:
-            latents = await asyncio.shield(asyncio.wrap_future(request.future))
-        except asyncio.CancelledError:
-            # The ingress gave up (timeout, client gone): the engine drops the request at the next step.
-            request.cancel()
-            request.future.add_done_callback(_log_cancelled)
-            raise
+        request = self.engine.submit(params, text, image, mask, paths, on_progress)  # ~1 ms: no thread hop
+        return request, timings, start
+
+    def _finished(self, params: DenoiseParams, image: ImageLatents | None, request: EngineRequest, timings: dict,
+                  start: float, latents: np.ndarray) -> DenoisedLatents:
+        """The request's output, with its timings recorded and logged."""
         timings["denoise_ms"] = (asyncio.get_running_loop().time() - start) * 1000
         if request.first_step_at is not None:
             timings["denoise_queue_ms"] = (request.first_step_at - request.submitted_at) * 1000
@@ -144,6 +180,12 @@ class Denoiser:
         # A one-token forward at the engine's next step boundary (DenoiseEngine.check_health); it waits up to a
         # step, so off the event loop.
         await asyncio.to_thread(self.engine.check_health)
+
+
+def _cancel(request: EngineRequest) -> None:
+    """The ingress gave up (timeout, client gone): the engine drops the request at the next step."""
+    request.cancel()
+    request.future.add_done_callback(_log_cancelled)
 
 
 def _log_cancelled(done) -> None:

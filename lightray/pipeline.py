@@ -3,6 +3,7 @@ reference the Serve graph is tested against."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
 
 import numpy as np
@@ -11,6 +12,7 @@ from PIL import Image
 from lightray.config import ModelPreset, load_preset
 from lightray.contracts import TextEmbeddings
 from lightray.engine import DenoiseEngine
+from lightray.engine.engine import ProgressCallback
 from lightray.images import resize_for_model
 from lightray.schemas import EditSpec, GenerationSpec
 from lightray.stages import TextEncodeStage, VaeStage
@@ -30,20 +32,26 @@ class LocalPipeline:
         embeds = self.text.encode(spec.prompts())
         return TextEmbeddings(prompt=embeds[0], negative=embeds[1] if len(embeds) > 1 else None)
 
-    def generate(self, spec: GenerationSpec, adapter_paths: Mapping[str, str] | None = None) -> list[Image.Image]:
-        """Images for `spec`; `adapter_paths` gives the local files of `spec.adapters` not loaded yet."""
-        latents = self.denoiser.denoise(spec.denoise_params(), self.encode(spec), adapter_paths=adapter_paths)
+    def generate(self, spec: GenerationSpec, adapter_paths: Mapping[str, str] | None = None,
+                 on_progress: ProgressCallback | None = None, cancel: threading.Event | None = None
+                 ) -> list[Image.Image]:
+        """Images for `spec`; `adapter_paths` gives the local files of `spec.adapters` not loaded yet.
+        `on_progress` gets every step's `StepProgress` (with previews at `spec.preview_steps()`); setting
+        `cancel` stops the run at the next step (`DenoiseCancelled`)."""
+        latents = self.denoiser.denoise(spec.denoise_params(), self.encode(spec), adapter_paths=adapter_paths,
+                                        cancel=cancel, on_progress=on_progress)
         return self.vae.decode(latents, spec.height, spec.width)
 
     def edit(self, spec: EditSpec, image: Image.Image, mask: Image.Image | None = None,
-             adapter_paths: Mapping[str, str] | None = None) -> list[Image.Image]:
+             adapter_paths: Mapping[str, str] | None = None, on_progress: ProgressCallback | None = None,
+             cancel: threading.Event | None = None) -> list[Image.Image]:
         """img2img (no mask) or inpainting of `image` (RGB) for `spec`: the graph's edit path in one process.
         `mask` is an "L" image, non-zero where the image is repainted (diffusers' convention); both are resized
-        to the spec's size as the diffusers pipelines resize them."""
+        to the spec's size as the diffusers pipelines resize them. `on_progress`, `cancel`: as `generate`."""
         start = self.vae.encode_for_seeds(image, spec.seeds, spec.height, spec.width)
         mask_pixels = None
         if mask is not None:
             mask_pixels = np.asarray(resize_for_model(mask.convert("L"), spec.width, spec.height))
         latents = self.denoiser.denoise(spec.denoise_params(), self.encode(spec), image=start, mask=mask_pixels,
-                                        adapter_paths=adapter_paths)
+                                        adapter_paths=adapter_paths, cancel=cancel, on_progress=on_progress)
         return self.vae.decode(latents, spec.height, spec.width)

@@ -11,7 +11,7 @@ import dataclasses
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from lightray.config import ModelPreset
@@ -30,6 +30,8 @@ LoraEntry = Annotated[str, Field(min_length=1)]
 adapter name, a 500)."""
 LoraField = LoraEntry | Annotated[list[LoraEntry], Field(min_length=1, max_length=MAX_STACKED_ADAPTERS)] | None
 """The `lora` field: one entry, or a list of entries stacked in order."""
+MAX_PARTIAL_IMAGES = 3
+"""Most previews a streamed request may ask for (OpenAI's `partial_images` range is 0-3)."""
 
 
 class RequestError(ValueError):
@@ -55,6 +57,16 @@ class ImageGenerationRequest(BaseModel):
     style: str | None = Field(None, description="Accepted for OpenAI compatibility; ignored.")
     user: str | None = Field(None, max_length=256, description="Accepted for OpenAI compatibility; ignored.")
     output_format: Literal["png"] = "png"
+    stream: StrictBool = Field(
+        False, description="Answer text/event-stream: per image, `partial_images` previews, then the final image "
+        "(OpenAI's `image_generation.*` / `image_edit.*` events), plus `lightray.progress` step events "
+        "(docs/streaming.md).",
+    )
+    partial_images: int | None = Field(
+        None, ge=0, le=MAX_PARTIAL_IMAGES,
+        description="With `stream`: previews per image, spread over the steps (fewer when the request runs fewer "
+        "steps than that plus one). Default 0.",
+    )
     # Extensions.
     negative_prompt: str | None = Field(None, description="What not to draw (enables true CFG with scale > 1).")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Image i uses seed + i.")
@@ -104,6 +116,14 @@ class ImageGenerationRequest(BaseModel):
                 )
         return v
 
+    @field_validator("partial_images", mode="before")
+    @classmethod
+    def _partial_images_not_bool(cls, v: Any) -> Any:
+        # pydantic's lax int takes true/false as 1/0; a boolean here is a client's mistake, not a count.
+        if isinstance(v, bool):
+            raise ValueError(f"partial_images must be an integer from 0 to {MAX_PARTIAL_IMAGES}, not a boolean")
+        return v
+
     @field_validator("seeds")
     @classmethod
     def _seeds_in_range(cls, v: list[int] | None) -> list[int] | None:
@@ -115,6 +135,10 @@ class ImageGenerationRequest(BaseModel):
     def _seeds_match_n(self) -> "ImageGenerationRequest":
         if self.seeds is not None and len(self.seeds) != self.n:
             raise ValueError(f"seeds: {len(self.seeds)} seeds given for n={self.n}")
+        if self.partial_images and not self.stream:
+            raise ValueError("partial_images: previews are streamed; send \"stream\": true with partial_images")
+        if self.stream and self.response_format == "url":
+            raise ValueError("response_format: a stream sends every image as b64_json; leave response_format out")
         return self
 
     def resolve(self, preset: ModelPreset, default_seed: int) -> "GenerationSpec":
@@ -148,7 +172,7 @@ class ImageGenerationRequest(BaseModel):
         return GenerationSpec(
             prompt=self.prompt, negative_prompt=negative if cfg > 1 else None, model=variant.id, seeds=seeds,
             width=width, height=height, num_inference_steps=steps, true_cfg_scale=cfg,
-            adapters=parse_lora_field(self.lora),
+            adapters=parse_lora_field(self.lora), partial_images=self.partial_images or 0,
         )
 
 
@@ -235,6 +259,18 @@ class GenerationSpec:
     """Scheduling class; the ingress sets it from the request, or the caller's default."""
     tenant: str | None = None
     """Who asked (the API key's tenant), for fairness between tenants; None when auth is off."""
+    partial_images: int = 0
+    """Previews per image for a streamed request (the engine reports x0-predictions after `preview_steps()`)."""
+
+    @property
+    def total_steps(self) -> int:
+        """Denoising steps this request runs."""
+        return self.num_inference_steps
+
+    def preview_steps(self) -> tuple[int, ...]:
+        """The steps after which a preview is taken: `partial_images` of them spread evenly over the run, never
+        the last (whose x0-prediction is the final image)."""
+        return preview_steps(self.total_steps, self.partial_images)
 
     def prompts(self) -> list[str]:
         """What the text encoder encodes: the prompt, and the negative prompt when true CFG is on."""
@@ -249,8 +285,16 @@ class GenerationSpec:
             seeds=tuple(self.seeds), width=self.width, height=self.height,
             num_inference_steps=self.num_inference_steps, true_cfg_scale=self.true_cfg_scale, variant=self.model,
             adapters=self.adapters, strength=strength, priority=self.priority, tenant=self.tenant,
-            request_id=request_id,
+            preview_steps=self.preview_steps(), request_id=request_id,
         )
+
+
+def preview_steps(total_steps: int, partial_images: int) -> tuple[int, ...]:
+    """`partial_images` steps (1-based) spread evenly over `total_steps`, excluding the last: step
+    round(k·T/(N+1)) for k = 1..N, without repeats. Lightning 4 with 3 previews: 1, 2, 3; 8 steps: 2, 4, 6; 30
+    steps: 8, 15, 22. A run of T steps has at most T - 1 previews."""
+    steps = {round(k * total_steps / (partial_images + 1)) for k in range(1, partial_images + 1)}
+    return tuple(sorted(s for s in steps if 1 <= s < total_steps))
 
 
 # ----------------------------------------------------------------------------------------- image edits
@@ -337,6 +381,10 @@ class EditSpec(GenerationSpec):
     """Set: width×height is the working size of a crop around the mask, pasted back into the full input image
     (`lightray.images.crop_for_inpainting` / `paste_back`); the output has the input image's size."""
 
+    @property
+    def total_steps(self) -> int:
+        return denoising_steps(self.num_inference_steps, self.strength)
+
     def denoise_params(self, request_id: str | None = None) -> DenoiseParams:
         return self._denoise_params(self.strength, request_id)
 
@@ -359,6 +407,36 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int = 0
     owned_by: str = "lightray"
+    # Extensions: what a client (the playground) needs to offer this model's settings.
+    default_size: str | None = Field(None, description='"WxH" used when a request gives no size.')
+    sizes: list[str] | None = Field(None, description="Suggested sizes (any multiple of `size_multiple` "
+                                    "within the limits is accepted).")
+    size_multiple: int | None = None
+    num_inference_steps: int | None = Field(None, description="Default denoising steps.")
+    max_inference_steps: int | None = None
+    true_cfg_scale: float | None = Field(None, description="Default true-CFG scale (1: no CFG).")
+    max_images: int | None = Field(None, description="Largest `n`.")
+
+    @classmethod
+    def of(cls, preset: ModelPreset, model_id: str) -> "ModelCard":
+        """The card of one of `preset`'s model ids, with its defaults and the preset's sizes."""
+        variant = preset.variant(model_id)
+        w, h = preset.default_size
+        return cls(id=model_id, default_size=f"{w}x{h}", sizes=served_sizes(preset),
+                   size_multiple=preset.size_multiple, num_inference_steps=variant.num_inference_steps,
+                   max_inference_steps=preset.max_inference_steps, true_cfg_scale=variant.true_cfg_scale,
+                   max_images=preset.max_images_per_request)
+
+
+def served_sizes(preset: ModelPreset) -> list[str]:
+    """A short menu of sizes the preset accepts: sides from the limits, the default and the multiples of 64 in
+    between, paired with aspect ratios up to 2:1 within `max_pixels`, smallest first."""
+    k = preset.size_multiple
+    sides = {preset.min_side, preset.max_side, *preset.default_size}
+    sides |= {s for s in range(preset.min_side, preset.max_side + 1) if s % 64 == 0 and s % k == 0}
+    pairs = {(w, h) for w in sides for h in sides
+             if w * h <= preset.max_pixels and max(w, h) <= 2 * min(w, h)}
+    return [f"{w}x{h}" for w, h in sorted(pairs, key=lambda p: (p[0] * p[1], -p[0]))]
 
 
 class ModelList(BaseModel):

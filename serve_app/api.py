@@ -17,7 +17,7 @@ from serve_app.backend import GenerationBackend, ServiceUnavailable
 from serve_app.image_store import ImageStore
 from serve_app.openapi_errors import error_responses, tidy_openapi
 from serve_app.observability import REQUEST_ID_HEADER, RequestIdMiddleware, echoes_request_id, request_id_of
-from serve_app.routers import adapters, edits, health, images, models
+from serve_app.routers import adapters, edits, health, images, models, playground
 from serve_app.settings import ServiceSettings
 
 logger = logging.getLogger("lightray.api")
@@ -112,4 +112,5 @@ def create_app(backend: GenerationBackend, settings: ServiceSettings) -> FastAPI
     app.include_router(models.router)
     app.include_router(adapters.router)
     app.include_router(health.router)
+    app.include_router(playground.router)
     return app

@@ -6,14 +6,16 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import re
+import threading
 import time
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 from PIL import Image
 
 from lightray.config import ModelPreset
-from lightray.contracts import AdapterLoadError, EngineFull
+from lightray.contracts import AdapterLoadError, DenoisedLatents, EngineFull, StepProgress
 from lightray.images import encode_png
 from lightray.registry import AdapterCorrupt, AdapterNotFound, AdapterRegistry, AdapterRegistryError
 from lightray.schemas import EditSpec, GenerationSpec, RequestError
@@ -38,6 +40,33 @@ class GenerationResult:
     """Milliseconds per stage (encode_ms, denoise_ms, decode_ms, png_ms, graph_ms)."""
 
 
+@dataclasses.dataclass(frozen=True)
+class StepUpdate:
+    """A streamed request finished a denoising step (all of its images move together)."""
+
+    step: int
+    """Steps done (1-based)."""
+    total_steps: int
+    """Steps the request runs."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PartialImages:
+    """A streamed request's preview: every image's x0-prediction after `step`, decoded by the VAE."""
+
+    index: int
+    """0-based number of this preview within the request (OpenAI's `partial_image_index`)."""
+    step: int
+    """The step it was taken after."""
+    pngs: list[bytes]
+    """PNG bytes, one per seed, in seed order."""
+
+
+StreamItem = StepUpdate | PartialImages | GenerationResult
+"""What a backend's stream yields: step updates and previews in order, then exactly one `GenerationResult`, whose
+images are those the non-streaming call gives for the same spec."""
+
+
 class GenerationBackend(Protocol):
     preset: ModelPreset
 
@@ -46,6 +75,13 @@ class GenerationBackend(Protocol):
     async def edit(self, spec: EditSpec, image: Image.Image, mask: Image.Image | None = None) -> GenerationResult:
         """img2img (no mask) or inpainting; `image` RGB and `mask` "L" (255 = edit), both at the spec's size."""
         ...
+
+    def generate_stream(self, spec: GenerationSpec) -> AsyncIterator[StreamItem]:
+        """`generate` as a stream (`spec.partial_images` previews). Closing it early cancels the work."""
+        ...
+
+    def edit_stream(self, spec: EditSpec, image: Image.Image, mask: Image.Image | None = None
+                    ) -> AsyncIterator[StreamItem]: ...
 
     async def readiness(self) -> dict[str, bool]: ...
 
@@ -78,6 +114,47 @@ class LocalBackend:
     async def edit(self, spec: EditSpec, image: Image.Image, mask: Image.Image | None = None) -> GenerationResult:
         draw = lambda adapter_paths: self.pipeline.edit(spec, image, mask, adapter_paths)  # noqa: E731
         return await _client_errors(spec, asyncio.to_thread(self._run, spec, draw))
+
+    def generate_stream(self, spec: GenerationSpec) -> AsyncIterator[StreamItem]:
+        return self._stream(spec, lambda paths, on_progress, cancel: self.pipeline.generate(
+            spec, paths, on_progress=on_progress, cancel=cancel))
+
+    def edit_stream(self, spec: EditSpec, image: Image.Image, mask: Image.Image | None = None
+                    ) -> AsyncIterator[StreamItem]:
+        return self._stream(spec, lambda paths, on_progress, cancel: self.pipeline.edit(
+            spec, image, mask, paths, on_progress=on_progress, cancel=cancel))
+
+    async def _stream(self, spec: GenerationSpec | EditSpec, draw: Callable) -> AsyncIterator[StreamItem]:
+        """Run `draw(adapter_paths, on_progress, cancel)` in a worker thread and yield its steps as they happen;
+        previews are decoded in another thread, so the steps go on meanwhile."""
+        loop = asyncio.get_running_loop()
+        reports: asyncio.Queue[StepProgress | None] = asyncio.Queue()
+        cancel = threading.Event()
+
+        def on_progress(progress: StepProgress) -> None:  # on the worker thread
+            loop.call_soon_threadsafe(reports.put_nowait, progress)
+
+        work = asyncio.ensure_future(_client_errors(spec, asyncio.to_thread(
+            self._run, spec, lambda paths: draw(paths, on_progress, cancel))))
+        work.add_done_callback(lambda _: reports.put_nowait(None))  # after every report the thread queued
+        finished = False
+        try:
+            previews = 0
+            while (progress := await reports.get()) is not None:
+                yield StepUpdate(progress.step, progress.total_steps)
+                if progress.preview is not None:
+                    pngs = await asyncio.to_thread(self._decode, progress.preview, spec)
+                    yield PartialImages(previews, progress.step, pngs)
+                    previews += 1
+            result = await work
+            finished = True
+            yield result
+        finally:
+            if not finished:
+                cancel.set()  # the engine drops the request at its next step
+
+    def _decode(self, latents, spec: GenerationSpec) -> list[bytes]:
+        return [encode_png(im) for im in self.pipeline.vae.decode(latents, spec.height, spec.width)]
 
     async def readiness(self) -> dict[str, bool]:
         return {"TextEncoder": True, "Denoiser": True, "VaeDecoder": True}
@@ -140,6 +217,62 @@ class RayGraphBackend:
                                    encoded, image_latents, denoised)
         return GenerationResult(list(result.pngs), {**result.timings, "graph_ms": (time.perf_counter() - start) * 1000})
 
+    def generate_stream(self, spec: GenerationSpec) -> AsyncIterator[StreamItem]:
+        encoded = self._encode(spec)
+        denoising = self._denoiser_for(spec).options(stream=True).denoise_stream.remote(spec.denoise_params(), encoded)
+        return _stream_client_errors(spec, self._stream(spec, denoising, encoded))
+
+    def edit_stream(self, spec: EditSpec, image: Image.Image, mask: Image.Image | None = None
+                    ) -> AsyncIterator[StreamItem]:
+        encoded = self._encode(spec)
+        image_latents = self.vae.encode.remote(np.asarray(image.convert("RGB")), spec.seeds, spec.width, spec.height,
+                                               handoff=time.time())
+        denoising = self._denoiser_for(spec).options(stream=True).denoise_stream.remote(
+            spec.denoise_params(), encoded, image_latents, None if mask is None else np.asarray(mask.convert("L")),
+        )
+        return _stream_client_errors(spec, self._stream(spec, denoising, encoded, image_latents))
+
+    async def _stream(self, spec: GenerationSpec, denoising, *upstream) -> AsyncIterator[StreamItem]:
+        """The Denoiser's stream as `StreamItem`s. Each preview goes to the VaeDecoder as soon as it arrives (it
+        batches with other decodes there) while the steps go on; previews are yielded in order, each as soon as
+        it and those before it are decoded, and all before the final image. The final latents pass through the
+        ingress to the VaeDecoder (a generator's items cannot be handed on handle to handle). If the stream is
+        closed early, or fails, every stage's request is cancelled (the Denoiser stops within a step)."""
+        start = time.perf_counter()
+        previews: list[asyncio.Future] = []
+        responses = [denoising, *upstream]  # cancelled if the stream ends early (preview decodes: by their tasks)
+        sent = 0
+        finished = False
+        try:
+            denoised: DenoisedLatents | None = None
+            async for item in denoising:
+                if isinstance(item, DenoisedLatents):
+                    denoised = item
+                    continue
+                yield StepUpdate(item.step, item.total_steps)
+                if item.preview is not None:
+                    response = self.vae.decode.remote(DenoisedLatents(item.preview), spec.width, spec.height)
+                    previews.append(asyncio.ensure_future(_partial(len(previews), item.step, response)))
+                while sent < len(previews) and previews[sent].done():
+                    yield previews[sent].result()
+                    sent += 1
+            if denoised is None:
+                raise RuntimeError("the Denoiser's stream ended without its latents")
+            decoded = self.vae.decode.remote(denoised, spec.width, spec.height)
+            responses.append(decoded)
+            for preview in previews[sent:]:
+                yield await preview
+            result = await decoded
+            finished = True
+            yield GenerationResult(list(result.pngs),
+                                   {**result.timings, "graph_ms": (time.perf_counter() - start) * 1000})
+        finally:
+            if not finished:
+                for response in responses:
+                    response.cancel()
+                for preview in previews:
+                    preview.cancel()
+
     async def readiness(self) -> dict[str, bool]:
         """Each stage answers its own health check within 5 s (a replica still loading does not)."""
         stages = {"TextEncoder": self.text_encoder, "Denoiser": self.denoiser, "VaeDecoder": self.vae}
@@ -169,34 +302,61 @@ def _find_cause(err: BaseException, types: tuple) -> BaseException | None:
     return None
 
 
+async def _partial(index: int, step: int, response) -> PartialImages:
+    return PartialImages(index, step, list((await response).pngs))
+
+
 async def _client_errors(spec: GenerationSpec | EditSpec, work) -> GenerationResult:
-    """Graph failures as a client should see them: overload or a dead/restarting replica → 503 + Retry-After
+    """`await work`, its failure as a client should see it (`_as_client_error`)."""
+    try:
+        return await work
+    except Exception as err:
+        converted = _as_client_error(spec, err)
+        if converted is err:
+            raise
+        raise converted from None
+
+
+async def _stream_client_errors(spec: GenerationSpec | EditSpec, items: AsyncIterator[StreamItem]
+                                ) -> AsyncIterator[StreamItem]:
+    """`items`, a failure on the way as a client should see it (`_as_client_error`). Closing this stream closes
+    `items` at once (which cancels their work), not whenever it is garbage-collected."""
+    try:
+        async for item in items:
+            yield item
+    except Exception as err:
+        converted = _as_client_error(spec, err)
+        if converted is err:
+            raise
+        raise converted from None
+    finally:
+        await items.aclose()
+
+
+def _as_client_error(spec: GenerationSpec | EditSpec, err: Exception) -> Exception:
+    """A graph failure as a client should see it: overload or a dead/restarting replica → 503 + Retry-After
     naming the stage (Serve replaces the replica by itself); an adapter the Denoiser could not fetch (corrupt or
-    missing in the registry) → an error naming that adapter. Anything else stays a 500."""
+    missing in the registry) → an error naming that adapter. Anything else is `err` itself (a 500)."""
     from ray.exceptions import ObjectLostError, RayActorError, WorkerCrashedError
     from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
     refs = ", ".join(repr(a.ref) for a in spec.adapters)
-    try:
-        return await work
-    except BackPressureError:
-        raise ServiceUnavailable("the service is at capacity; retry shortly", retry_after_s=2) from None
-    except Exception as err:
-        if _find_cause(err, (EngineFull,)) is not None:
-            raise ServiceUnavailable("the denoiser is at capacity; retry shortly", retry_after_s=2) from None
-        adapter_err = _find_cause(err, (AdapterRegistryError, AdapterLoadError))
-        if adapter_err is not None:
-            if isinstance(adapter_err, AdapterNotFound):
-                raise RequestError("lora", f"adapter {refs} is no longer in the registry: {adapter_err}",
-                                   status=404, code="adapter_not_found") from None
-            code = ("adapter_corrupt" if isinstance(adapter_err, (AdapterCorrupt, AdapterLoadError))
-                    else "adapter_unavailable")
-            raise RequestError("lora", f"adapter {refs} could not be loaded: {adapter_err}",
-                               status=500, code=code) from None
-        lost = _find_cause(err, (RayActorError, WorkerCrashedError, ObjectLostError, DeploymentUnavailableError))
-        if lost is None:
-            raise
-        stage = re.search(r"ServeReplica:[^:\s]+:(\w+)", str(lost))
-        where = f"the {stage.group(1)} stage" if stage else "a stage"
-        raise ServiceUnavailable(f"{where} is unavailable ({type(lost).__name__}: a replica died or is restarting);"
-                                 " retry shortly", retry_after_s=5) from None
+    if isinstance(err, BackPressureError):
+        return ServiceUnavailable("the service is at capacity; retry shortly", retry_after_s=2)
+    if _find_cause(err, (EngineFull,)) is not None:
+        return ServiceUnavailable("the denoiser is at capacity; retry shortly", retry_after_s=2)
+    adapter_err = _find_cause(err, (AdapterRegistryError, AdapterLoadError))
+    if adapter_err is not None:
+        if isinstance(adapter_err, AdapterNotFound):
+            return RequestError("lora", f"adapter {refs} is no longer in the registry: {adapter_err}",
+                                status=404, code="adapter_not_found")
+        code = ("adapter_corrupt" if isinstance(adapter_err, (AdapterCorrupt, AdapterLoadError))
+                else "adapter_unavailable")
+        return RequestError("lora", f"adapter {refs} could not be loaded: {adapter_err}", status=500, code=code)
+    lost = _find_cause(err, (RayActorError, WorkerCrashedError, ObjectLostError, DeploymentUnavailableError))
+    if lost is None:
+        return err
+    stage = re.search(r"ServeReplica:[^:\s]+:(\w+)", str(lost))
+    where = f"the {stage.group(1)} stage" if stage else "a stage"
+    return ServiceUnavailable(f"{where} is unavailable ({type(lost).__name__}: a replica died or is restarting);"
+                              " retry shortly", retry_after_s=5)

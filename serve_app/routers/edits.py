@@ -18,6 +18,7 @@ import time
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import StreamingResponse
 from PIL import Image
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
@@ -48,13 +49,18 @@ from serve_app.dependencies import (
 )
 from serve_app.image_store import ImageStore
 from serve_app.openapi_errors import error_responses
-from serve_app.routers.images import attribute_to, images_response, pin_adapters, within_timeout
+from serve_app.observability import request_id_of
+from serve_app.routers.images import STREAM_RESPONSE, attribute_to, images_response, pin_adapters, within_timeout
 from serve_app.settings import ServiceSettings
+from serve_app.streaming import stream_response
 
 router = APIRouter(prefix="/v1", tags=["images"])
 
 FILE_FIELDS = ("image", "mask")
 LIST_FIELDS = ("seeds",)
+BOOL_FIELDS = ("stream",)
+"""Form fields that are booleans: a form sends "true" / "false" (what OpenAI's clients send); any other text is
+passed on as text, which the strict boolean field refuses (400 naming it)."""
 STRING_OR_LIST_FIELDS = ("lora",)
 """Fields that take one string or a list: given once (and not as `name[]`) a form field is the string; given
 several times, as `name[]`, or as a JSON list, the list."""
@@ -92,7 +98,8 @@ def _openapi_body() -> dict[str, Any]:
 
 
 @router.post("/images/edits", response_model=ImagesResponse, response_model_exclude_none=True,
-             openapi_extra=_openapi_body(), responses=error_responses(400, 401, 404, 413, 415, 422, 503, 504))
+             openapi_extra=_openapi_body(),
+             responses={**STREAM_RESPONSE, **error_responses(400, 401, 404, 413, 415, 422, 503, 504)})
 async def edit_images(
     request: Request,
     response: Response,
@@ -102,7 +109,7 @@ async def edit_images(
     registry: AdapterRegistry = Depends(get_registry),
     principal: Principal = Depends(get_principal),
     admission: Admission = Depends(admitted),
-) -> ImagesResponse:
+) -> ImagesResponse | StreamingResponse:
     fields, image_bytes, mask_bytes = await _read_body(request, settings)
     try:
         body = ImageEditRequest.model_validate(fields)
@@ -131,6 +138,14 @@ async def edit_images(
         image = resize_for_model(image, spec.width, spec.height)
         if mask is not None:
             mask = resize_for_model(mask, spec.width, spec.height)
+    if body.stream:
+        postprocess, output_size = None, f"{spec.width}x{spec.height}"
+        if spec.padding_mask_crop is not None:
+            async def postprocess(pngs: list[bytes]) -> list[bytes]:
+                return await asyncio.to_thread(_paste_back_all, pngs, *full, box)
+            output_size = f"{full[0].width}x{full[0].height}"
+        return stream_response("edit", spec, backend.edit_stream(spec, image, mask), settings.request_timeout_s,
+                               request_id_of(request), output_size, postprocess)
     result = await within_timeout(backend.edit(spec, image, mask), settings, "edit")
     if spec.padding_mask_crop is not None:
         start = time.perf_counter()
@@ -219,6 +234,8 @@ def _flatten(fields: dict[str, list], sent_as_list: set[str] = frozenset()) -> d
             out[name] = values
         elif len(values) > 1:
             raise RequestError(name, f"{name} is given {len(values)} times")
+        elif name in BOOL_FIELDS and values[0] in ("true", "false"):
+            out[name] = values[0] == "true"
         else:
             out[name] = values[0]
     return out

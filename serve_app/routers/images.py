@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import Response as RawResponse
+from fastapi.responses import StreamingResponse
 
 from lightray.adapters import resolve_adapters
 from lightray.config import ModelPreset
@@ -33,14 +34,21 @@ from serve_app.dependencies import (
     get_settings,
 )
 from serve_app.image_store import ImageStore
+from serve_app.observability import request_id_of
 from serve_app.openapi_errors import error_responses
 from serve_app.settings import ServiceSettings
+from serve_app.streaming import stream_response
 
 router = APIRouter(prefix="/v1", tags=["images"])
 
 
+STREAM_RESPONSE = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+                         "description": "With `stream: true`: server-sent events (docs/streaming.md)."}}
+"""The OpenAPI entry of a streamed answer (the same 200 as the JSON one, another media type)."""
+
+
 @router.post("/images/generations", response_model=ImagesResponse, response_model_exclude_none=True,
-             responses=error_responses(400, 401, 404, 422, 503, 504))
+             responses={**STREAM_RESPONSE, **error_responses(400, 401, 404, 422, 503, 504)})
 async def generate_images(
     body: ImageGenerationRequest,
     request: Request,
@@ -51,11 +59,14 @@ async def generate_images(
     registry: AdapterRegistry = Depends(get_registry),
     principal: Principal = Depends(get_principal),
     admission: Admission = Depends(admitted),
-) -> ImagesResponse:
+) -> ImagesResponse | StreamingResponse:
     spec = body.resolve(backend.preset, default_seed=secrets.randbelow(2**31))
     attribute_to(spec, principal, body.priority)
     admission.charge(request_work(spec.denoise_params()))
     await pin_adapters(spec, registry, backend.preset, principal.tenant, lora_params(body.lora))
+    if body.stream:
+        return stream_response("generation", spec, backend.generate_stream(spec), settings.request_timeout_s,
+                               request_id_of(request), f"{spec.width}x{spec.height}")
     result = await within_timeout(backend.generate(spec), settings, "generation")
     return images_response(spec, result, body.response_format, request, response, settings, store)
 

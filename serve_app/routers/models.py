@@ -13,11 +13,11 @@ router = APIRouter(prefix="/v1", tags=["models"], dependencies=[Depends(get_prin
 
 @router.get("/models", response_model=ModelList)
 async def list_models(backend: GenerationBackend = Depends(get_backend)) -> ModelList:
-    return ModelList(data=[ModelCard(id=m) for m in backend.preset.model_ids])
+    return ModelList(data=[ModelCard.of(backend.preset, m) for m in backend.preset.model_ids])
 
 
 @router.get("/models/{model_id}", response_model=ModelCard, responses=error_responses(404))
 async def get_model(model_id: str, backend: GenerationBackend = Depends(get_backend)) -> ModelCard:
     if model_id not in backend.preset.model_ids:
         raise RequestError("model", f"model {model_id!r} does not exist", status=404, code="model_not_found")
-    return ModelCard(id=model_id)
+    return ModelCard.of(backend.preset, model_id)

@@ -1,0 +1,224 @@
+"""The web playground in a real browser (Debian's chromium, headless, through chromium-driver and selenium) against the
+Ray service: generate with live previews, read the final image back with the world evaluator, paint a mask and
+inpaint, and see the API's message for a bad input. Screenshots go to docs/img/."""
+
+from __future__ import annotations
+
+import base64
+import io
+import shutil
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.action_chains import ActionChains
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support import expected_conditions as EC
+from selenium.webdriver.support.ui import WebDriverWait
+
+from lightray.world.evaluator import parse_prompt, score
+
+SCREENSHOTS = Path(__file__).resolve().parent.parent / "docs" / "img"
+PROMPT = "a red circle on the left, white background"
+SEED = 7
+"""A seed whose image the embedded model draws right for PROMPT (the same seed gives the same pixels)."""
+
+
+def _binary(*names: str) -> str:
+    for name in names:
+        path = shutil.which(name)
+        if path:
+            return path
+    raise RuntimeError(f"none of {names} is installed: `apt-get install -y chromium chromium-driver` "
+                       "(.ci/run does it)")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    options = webdriver.ChromeOptions()
+    options.binary_location = _binary("chromium", "chromium-browser")
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--window-size=1280,1100"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(options=options, service=Service(_binary("chromedriver")))
+    driver.set_page_load_timeout(60)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+@pytest.fixture
+def page(browser, service):
+    browser.set_window_size(1280, 1100)
+    browser.get(f"{service}/")  # `/` redirects to the playground
+    wait = WebDriverWait(browser, 120)
+    wait.until(lambda d: d.current_url.endswith("/playground"))
+    wait.until(lambda d: len(d.find_element(By.ID, "model").find_elements(By.TAG_NAME, "option")) > 0)
+    return browser
+
+
+def _png_pixels(data_url: str) -> np.ndarray:
+    assert data_url.startswith("data:image/png;base64,")
+    image = Image.open(io.BytesIO(base64.b64decode(data_url.split(",", 1)[1]))).convert("RGB")
+    return np.asarray(image, dtype=np.int16)
+
+
+def _set(driver, element_id: str, value: str) -> None:
+    element = driver.find_element(By.ID, element_id)
+    element.clear()
+    element.send_keys(value)
+
+
+def _finished(driver) -> str:
+    WebDriverWait(driver, 180).until(
+        lambda d: d.find_element(By.ID, "status").text.startswith(("done", "failed")))
+    return driver.find_element(By.ID, "status").text
+
+
+def _generate(driver, prompt: str, seed: int) -> None:
+    _set(driver, "prompt", prompt)
+    _set(driver, "seed", str(seed))
+    driver.find_element(By.ID, "generate").click()
+
+
+def test_generate_shows_previews_then_the_final_image_of_the_prompt(page):
+    models = [o.get_attribute("value") for o in page.find_element(By.ID, "model").find_elements(By.TAG_NAME, "option")]
+    assert "lightray-shapes-lightning-4" in models and "lightray-shapes" in models  # from GET /v1/models
+    _generate(page, PROMPT, SEED)
+    status = _finished(page)
+    assert status.startswith("done"), page.find_element(By.ID, "error").text
+    previews = page.find_elements(By.CSS_SELECTOR, "#live img.preview")
+    assert len(previews) >= 1 and int(page.find_element(By.ID, "status").get_attribute("data-previews")) >= 1
+    assert "step 4 / 4" in page.find_element(By.CSS_SELECTOR, "[data-live-label='0']").text
+    result = page.find_element(By.CSS_SELECTOR, "#gallery .card img.result")
+    pixels = _png_pixels(result.get_attribute("src"))
+    assert score(pixels.astype(np.uint8), parse_prompt(PROMPT))["all"], "the image does not show the prompt"
+    # A preview is an earlier, different picture of the same request.
+    assert np.abs(_png_pixels(previews[0].get_attribute("src")) - pixels).mean() > 0
+    card = page.find_element(By.CSS_SELECTOR, "#gallery .card")
+    assert card.get_attribute("data-seed") == str(SEED) and f"seed {SEED}" in card.text
+    download = card.find_element(By.CSS_SELECTOR, "a.download")
+    assert download.get_attribute("download").endswith(f"seed{SEED}.png")
+    assert download.get_attribute("href") == result.get_attribute("src")
+    _set(page, "seed", "12345")
+    card.find_element(By.CSS_SELECTOR, "button.use-seed").click()
+    assert page.find_element(By.ID, "seed").get_attribute("value") == str(SEED)
+    page.save_screenshot(str(SCREENSHOTS / "playground.png"))
+
+
+def test_paint_a_mask_and_inpaint(page):
+    _generate(page, PROMPT, SEED)
+    assert _finished(page).startswith("done")
+    source = _png_pixels(page.find_element(By.CSS_SELECTOR, "#gallery .card img.result").get_attribute("src"))
+    page.find_element(By.CSS_SELECTOR, "#gallery .card button.edit").click()
+    WebDriverWait(page, 30).until(EC.element_to_be_clickable((By.ID, "run-edit")))
+    canvas = page.find_element(By.ID, "mask-canvas")
+    WebDriverWait(page, 30).until(lambda d: canvas.get_attribute("width") == "64")
+    page.execute_script("arguments[0].scrollIntoView({block: 'center'})", canvas)
+    _set(page, "brush", "16")
+    # Paint the left half of the picture. The canvas shows the 64x64 image at 256x256 CSS pixels (offsets are from
+    # its centre): top-to-bottom strokes at CSS x = 24, 56, 88 with a 16-pixel brush cover image columns 0-30.
+    actions = ActionChains(page)
+    for x in (24, 56, 88):
+        actions.move_to_element_with_offset(canvas, x - 128, 8 - 128).click_and_hold()
+        for y in range(8, 256, 16):
+            actions.move_to_element_with_offset(canvas, x - 128, y - 128)
+        actions.release()
+    actions.perform()
+    assert int(canvas.get_attribute("data-painted")) > 10
+    _set(page, "prompt", "a green triangle on the left, white background")
+    page.find_element(By.ID, "run-edit").click()
+    assert _finished(page).startswith("done"), page.find_element(By.ID, "error").text
+    assert len(page.find_elements(By.CSS_SELECTOR, "#gallery .card")) == 2
+    card = page.find_element(By.CSS_SELECTOR, "#gallery .card")
+    assert card.get_attribute("data-kind") == "edit"
+    edited = _png_pixels(card.find_element(By.CSS_SELECTOR, "img.result").get_attribute("src"))
+    assert edited.shape == source.shape
+    # Repainted where painted (the red circle on the left is gone or changed), kept elsewhere.
+    assert np.abs(edited[:, :24] - source[:, :24]).mean() > 10
+    assert np.abs(edited[:, 44:] - source[:, 44:]).mean() < 3
+    page.set_window_size(1280, 1500)  # the editor (mask painted) and the gallery in one picture
+    page.execute_script("window.scrollTo(0, 0)")
+    page.save_screenshot(str(SCREENSHOTS / "playground_inpaint.png"))
+
+
+def test_an_empty_prompt_shows_the_api_message(page):
+    page.find_element(By.ID, "prompt").clear()
+    page.find_element(By.ID, "generate").click()
+    assert _finished(page) == "failed"
+    message = page.find_element(By.ID, "error").text
+    assert message.startswith("prompt:"), message  # the API's error.message, which names the field
+    page.save_screenshot(str(SCREENSHOTS / "playground_error.png"))
+
+
+def test_the_page_works_on_a_narrow_screen(page):
+    page.set_window_size(420, 1400)
+    _generate(page, "白色背景，左边有一个红色的圆形", SEED)
+    assert _finished(page).startswith("done")
+    width = page.execute_script("return document.documentElement.scrollWidth")
+    assert width <= page.execute_script("return window.innerWidth")  # one column, no sideways scrolling
+    controls, output, edit = (page.find_element(By.ID, name).rect for name in ("controls", "output", "edit"))
+    # One column: the settings, then the results (right under the Generate button), then the editor.
+    assert output["y"] >= controls["y"] + controls["height"] - 1
+    assert edit["y"] >= output["y"] + output["height"] - 1
+    assert output["width"] == controls["width"]
+    page.execute_script("document.getElementById('generate').scrollIntoView({block: 'start'})")
+    page.save_screenshot(str(SCREENSHOTS / "playground_narrow.png"))
+
+
+def test_stacked_adapters_with_scales_are_sent_in_the_order_ticked(page, service, registry_root, preset,
+                                                                    tmp_path):
+    from conftest_registry import publish_lora_adapter
+
+    alpha = publish_lora_adapter(registry_root, preset, "pw", "alpha", seed=1, tmp_dir=tmp_path, std=0.1).ref
+    beta = publish_lora_adapter(registry_root, preset, "pw", "beta", seed=2, tmp_dir=tmp_path, std=0.1).ref
+    page.refresh()
+    WebDriverWait(page, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, f"[data-adapter='{beta}']"))
+    page.find_element(By.CSS_SELECTOR, f"[data-adapter='{beta}']").click()
+    page.find_element(By.CSS_SELECTOR, f"[data-adapter='{alpha}']").click()
+    scale = page.find_element(By.CSS_SELECTOR, f"[data-scale-for='{beta}']")
+    scale.clear()
+    scale.send_keys("0.5")
+    _generate(page, PROMPT, SEED)
+    assert _finished(page).startswith("done"), page.find_element(By.ID, "error").text
+    shown = page.find_element(By.CSS_SELECTOR, "#gallery .card img.result").get_attribute("src")
+    # The same request made directly: beta at 0.5, then alpha at 1, stacked in that order.
+    body = {"prompt": PROMPT, "seed": SEED, "size": "64x64", "model": "lightray-shapes-lightning-4",
+            "lora": [f"{beta}:0.5", f"{alpha}:1"]}
+    direct = httpx.post(f"{service}/v1/images/generations", json=body, timeout=120).json()["data"][0]["b64_json"]
+    plain = httpx.post(f"{service}/v1/images/generations", json={**body, "lora": None}, timeout=120)
+    assert shown.split(",", 1)[1] == direct
+    assert plain.json()["data"][0]["b64_json"] != direct  # the adapters did change the picture
+
+
+def test_the_api_key_is_kept_in_the_browser(page):
+    key = page.find_element(By.ID, "api-key")
+    key.send_keys("sk-playground-test")
+    page.find_element(By.ID, "prompt").click()  # leaving the field stores it
+    page.refresh()
+    WebDriverWait(page, 30).until(lambda d: d.find_element(By.ID, "api-key").get_attribute("value"))
+    assert page.find_element(By.ID, "api-key").get_attribute("value") == "sk-playground-test"
+    assert page.execute_script("return localStorage.getItem('lightray.apiKey')") == "sk-playground-test"
+    page.execute_script("localStorage.removeItem('lightray.apiKey')")
+
+
+def test_stop_cancels_the_request_on_the_service(page, ray_cluster):
+    from selenium.webdriver.support.ui import Select
+    from test_stream_graph import _denoiser_log
+
+    before = _denoiser_log(ray_cluster).count("of 100 (request cancelled)")
+    Select(page.find_element(By.ID, "model")).select_by_value("lightray-shapes")
+    Select(page.find_element(By.ID, "size")).select_by_value("256x256")
+    _set(page, "steps", "100")  # minutes of work on this CPU: it can only end by the Stop button
+    _generate(page, PROMPT, SEED)
+    WebDriverWait(page, 120).until(lambda d: d.find_element(By.ID, "status").text.startswith("step "))
+    page.find_element(By.ID, "stop").click()
+    WebDriverWait(page, 30).until(lambda d: d.find_element(By.ID, "status").text == "stopped")
+    WebDriverWait(page, 60, poll_frequency=0.5).until(
+        lambda d: _denoiser_log(ray_cluster).count("of 100 (request cancelled)") > before)
+    assert page.find_element(By.ID, "error").text == ""

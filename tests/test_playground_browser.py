@@ -1,12 +1,15 @@
 """The web playground in a real browser (Debian's chromium, headless, through chromium-driver and selenium) against the
 Ray service: generate with live previews, read the final image back with the world evaluator, paint a mask and
-inpaint, and see the API's message for a bad input. Screenshots go to docs/img/."""
+inpaint, and see the API's message for a bad input. Screenshots go to a temporary folder, or to
+$LIGHTRAY_SCREENSHOTS_DIR when set (`LIGHTRAY_SCREENSHOTS_DIR=docs/img make test` refreshes the README's)."""
 
 from __future__ import annotations
 
 import base64
 import io
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import httpx
@@ -22,7 +25,8 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 from lightray.world.evaluator import parse_prompt, score
 
-SCREENSHOTS = Path(__file__).resolve().parent.parent / "docs" / "img"
+SCREENSHOTS = Path(os.environ.get("LIGHTRAY_SCREENSHOTS_DIR") or tempfile.mkdtemp(prefix="lightray-screens-"))
+SCREENSHOTS.mkdir(parents=True, exist_ok=True)
 PROMPT = "a red circle on the left, white background"
 SEED = 7
 """A seed whose image the embedded model draws right for PROMPT (the same seed gives the same pixels)."""

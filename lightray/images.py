@@ -124,32 +124,3 @@ def resize_for_model(image: Image.Image, width: int, height: int) -> Image.Image
     if image.size == (width, height):
         return image
     return image.resize((width, height), resample=Image.Resampling.LANCZOS, reducing_gap=None)
-
-
-def crop_for_inpainting(image: Image.Image, mask: Image.Image, width: int, height: int,
-                        pad: int) -> tuple[Image.Image, Image.Image, tuple[int, int, int, int]]:
-    """diffusers' `padding_mask_crop` preprocessing: the mask's bounding box grown by `pad` and to width:height,
-    cut from image and mask and resized to width×height ("fill" mode). Returns (image, mask, crop box)."""
-    processor = _processor()
-    box = processor.get_crop_region(mask, width, height, pad=pad)
-    picture = processor.resize(image.crop(box), height, width, resize_mode="fill")
-    # The pipeline's mask processor fills onto an RGB canvas, then converts to grayscale.
-    edit = processor.resize(mask.crop(box), height, width, resize_mode="fill").convert("L")
-    return picture, edit, box
-
-
-def paste_back(result: Image.Image, image: Image.Image, mask: Image.Image, box: tuple[int, int, int, int]) -> Image.Image:
-    """diffusers' `apply_overlay`: the edited crop resized back into its box of the full image, and the input
-    image kept wherever the mask is 0."""
-    return _processor().apply_overlay(mask, image, result, box)
-
-
-def _processor():
-    from diffusers.image_processor import VaeImageProcessor
-
-    return VaeImageProcessor(vae_scale_factor=16)  # lanczos, as the pipelines' image and mask processors
-
-
-def blur_mask(mask: Image.Image, radius: int) -> Image.Image:
-    """diffusers' `VaeImageProcessor.blur` (a Gaussian blur of the given radius)."""
-    return _processor().blur(mask, radius)

@@ -11,9 +11,9 @@ from PIL import Image
 
 from lightray.config import ModelPreset, load_preset
 from lightray.contracts import TextEmbeddings
+from lightray.edits import PreparedEdit, compose_edit, prepare_edit
 from lightray.engine import DenoiseEngine
 from lightray.engine.engine import ProgressCallback
-from lightray.images import resize_for_model
 from lightray.schemas import EditSpec, GenerationSpec
 from lightray.stages import TextEncodeStage, VaeStage
 
@@ -45,13 +45,20 @@ class LocalPipeline:
     def edit(self, spec: EditSpec, image: Image.Image, mask: Image.Image | None = None,
              adapter_paths: Mapping[str, str] | None = None, on_progress: ProgressCallback | None = None,
              cancel: threading.Event | None = None) -> list[Image.Image]:
-        """img2img (no mask) or inpainting of `image` (RGB) for `spec`: the graph's edit path in one process.
-        `mask` is an "L" image, non-zero where the image is repainted (diffusers' convention); both are resized
-        to the spec's size as the diffusers pipelines resize them. `on_progress`, `cancel`: as `generate`."""
-        start = self.vae.encode_for_seeds(image, spec.seeds, spec.height, spec.width)
-        mask_pixels = None
-        if mask is not None:
-            mask_pixels = np.asarray(resize_for_model(mask.convert("L"), spec.width, spec.height))
+        """img2img (no mask) or inpainting of `image` for `spec`, as the service answers it: `image` and `mask` as
+        uploaded (any size; `mask` "L", non-zero where the image is repainted, diffusers' convention), prepared
+        and the outputs composed by `lightray.edits` (resize or `padding_mask_crop`, `mask_blur`, the
+        `keep_unmasked` overlay). `on_progress`, `cancel`: as `generate`."""
+        prepared = prepare_edit(image, mask, spec)
+        return compose_edit(self.edit_outputs(spec, prepared, adapter_paths, on_progress, cancel), prepared)
+
+    def edit_outputs(self, spec: EditSpec, prepared: PreparedEdit, adapter_paths: Mapping[str, str] | None = None,
+                     on_progress: ProgressCallback | None = None, cancel: threading.Event | None = None
+                     ) -> list[Image.Image]:
+        """The model's outputs for a prepared edit (spec-size images, not yet composed): the graph's edit path in
+        one process. The in-process backend streams these and composes them as the graph's backend does."""
+        start = self.vae.encode_for_seeds(prepared.image, spec.seeds, spec.height, spec.width)
+        mask_pixels = None if prepared.mask is None else np.asarray(prepared.mask)
         latents = self.denoiser.denoise(spec.denoise_params(), self.encode(spec), image=start, mask=mask_pixels,
                                         adapter_paths=adapter_paths, cancel=cancel, on_progress=on_progress)
         return self.vae.decode(latents, spec.height, spec.width)

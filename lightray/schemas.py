@@ -325,19 +325,31 @@ class ImageEditRequest(ImageGenerationRequest):
         description="Inpainting only: work on the mask's bounding box grown by this many pixels (and to the aspect "
         "of `size`) at `size` (default: the model's default size), then paste the result back into the full "
         "image, which is what is returned (diffusers' `padding_mask_crop`). Lets a small model edit a large "
-        "picture; pixels outside the mask are the input's, exactly.",
+        "picture; outside the crop box the pixels are the input's, exactly.",
     )
     mask_blur: int | None = Field(
         None, ge=0, le=64,
         description="Inpainting only: Gaussian blur radius applied to the mask first (diffusers' "
-        "`mask_processor.blur`). The latent blend uses the mask binarised, so this mostly softens the seam of a "
-        "`padding_mask_crop` paste-back, which uses the blurred mask as its alpha.",
+        "`mask_processor.blur`). The latent blend uses the mask binarised, so this mostly sets the soft edge of "
+        "the `keep_unmasked` overlay and of the `padding_mask_crop` paste-back, which use the blurred mask as "
+        "their alpha (0: a hard edge). Default: no blur, and the overlay's edge is a 2-pixel box feather.",
+    )
+    keep_unmasked: StrictBool = Field(
+        True,
+        description="Inpainting only: lay the input back over the output outside the mask (A1111's overlay, "
+        "diffusers' `apply_overlay`), so what the mask does not cover is the input's pixels rather than the VAE's "
+        "softened reconstruction of them. The overlay's edge is soft: without `mask_blur`, every pixel with no "
+        "mask pixel within 2 px horizontally and vertically is the input exactly, and the model's share ramps "
+        "over the 2 px either side of the mask's border; with `mask_blur`, the blurred mask is the overlay. "
+        "false: the model's output as decoded (with `padding_mask_crop`, the whole crop box is the model's).",
     )
     input_fidelity: str | None = Field(None, description="Accepted for OpenAI compatibility; ignored.")
 
     def resolve(self, preset: ModelPreset, default_seed: int, image_size: tuple[int, int] | None = None,
-                inpaint: bool = False) -> "EditSpec":
-        """`ImageGenerationRequest.resolve` with the output size defaulting to `image_size` (width, height)."""
+                inpaint: bool = False, max_output_pixels: int | None = None) -> "EditSpec":
+        """`ImageGenerationRequest.resolve` with the output size defaulting to `image_size` (width, height).
+        `max_output_pixels`: the most pixels all of the request's outputs together may have where they are not
+        the model's size (`padding_mask_crop` returns the input's size); None: unchecked."""
         request: ImageGenerationRequest = self
         if self.padding_mask_crop is not None and not inpaint:
             raise RequestError("padding_mask_crop", "padding_mask_crop needs a mask (it crops around the edit area)")
@@ -356,12 +368,20 @@ class ImageEditRequest(ImageGenerationRequest):
                 ) from None
             request = self.model_copy(update={"size": size})
         base = ImageGenerationRequest.resolve(request, preset, default_seed)
+        if self.padding_mask_crop is not None and max_output_pixels is not None:
+            if image_size is None:
+                raise ValueError("image_size is required with padding_mask_crop")
+            width, height = image_size
+            if width * height * len(base.seeds) > max_output_pixels:
+                raise RequestError("image", f"with padding_mask_crop the {len(base.seeds)} outputs have the image's "
+                                            f"size ({width}x{height}): at most {max_output_pixels} pixels in all")
         strength = self.strength
         if strength is None:
             strength = DEFAULT_INPAINT_STRENGTH if inpaint else DEFAULT_IMG2IMG_STRENGTH
         # Field by field, not `dataclasses.asdict`: that would turn the AdapterUse entries into dicts.
         fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(base)}
-        return EditSpec(**fields, strength=strength, padding_mask_crop=self.padding_mask_crop)
+        return EditSpec(**fields, strength=strength, padding_mask_crop=self.padding_mask_crop,
+                        mask_blur=self.mask_blur, keep_unmasked=self.keep_unmasked)
 
 
 def denoising_steps(num_inference_steps: int, strength: float) -> int:
@@ -379,7 +399,12 @@ class EditSpec(GenerationSpec):
     strength: float = DEFAULT_IMG2IMG_STRENGTH
     padding_mask_crop: int | None = None
     """Set: width×height is the working size of a crop around the mask, pasted back into the full input image
-    (`lightray.images.crop_for_inpainting` / `paste_back`); the output has the input image's size."""
+    (`lightray.edits`); the output has the input image's size."""
+    mask_blur: int | None = None
+    """Gaussian blur radius applied to the mask before anything else; set, the blurred mask is also the overlay's
+    alpha (`lightray.edits.overlay_mask`)."""
+    keep_unmasked: bool = True
+    """Inpainting: lay the input back over the output outside the mask (`lightray.edits.compose_edit`)."""
 
     @property
     def total_steps(self) -> int:

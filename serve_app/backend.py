@@ -16,6 +16,7 @@ from PIL import Image
 
 from lightray.config import ModelPreset
 from lightray.contracts import AdapterLoadError, DenoisedLatents, EngineFull, StepProgress
+from lightray.edits import PreparedEdit, compose_pngs, prepare_edit
 from lightray.images import encode_png
 from lightray.registry import AdapterCorrupt, AdapterNotFound, AdapterRegistry, AdapterRegistryError
 from lightray.schemas import EditSpec, GenerationSpec, RequestError
@@ -37,7 +38,8 @@ class GenerationResult:
     images: list[bytes]
     """PNG bytes, one per seed, in seed order."""
     timings: dict[str, float]
-    """Milliseconds per stage (encode_ms, denoise_ms, decode_ms, png_ms, graph_ms)."""
+    """Milliseconds per stage (encode_ms, denoise_ms, decode_ms, png_ms, graph_ms; compose_ms for an edit whose
+    outputs the ingress composes)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +75,8 @@ class GenerationBackend(Protocol):
     async def generate(self, spec: GenerationSpec) -> GenerationResult: ...
 
     async def edit(self, spec: EditSpec, image: Image.Image, mask: Image.Image | None = None) -> GenerationResult:
-        """img2img (no mask) or inpainting; `image` RGB and `mask` "L" (255 = edit), both at the spec's size."""
+        """img2img (no mask) or inpainting; `image` RGB and `mask` "L" (255 = edit) as uploaded, of the same size.
+        The backend prepares them and composes the outputs with `lightray.edits`."""
         ...
 
     def generate_stream(self, spec: GenerationSpec) -> AsyncIterator[StreamItem]:
@@ -81,7 +84,9 @@ class GenerationBackend(Protocol):
         ...
 
     def edit_stream(self, spec: EditSpec, image: Image.Image, mask: Image.Image | None = None
-                    ) -> AsyncIterator[StreamItem]: ...
+                    ) -> AsyncIterator[StreamItem]:
+        """`edit` as a stream; previews are composed as the final image is."""
+        ...
 
     async def readiness(self) -> dict[str, bool]: ...
 
@@ -121,8 +126,9 @@ class LocalBackend:
 
     def edit_stream(self, spec: EditSpec, image: Image.Image, mask: Image.Image | None = None
                     ) -> AsyncIterator[StreamItem]:
-        return self._stream(spec, lambda paths, on_progress, cancel: self.pipeline.edit(
-            spec, image, mask, paths, on_progress=on_progress, cancel=cancel))
+        return _composed_stream(spec, image, mask, lambda prepared: self._stream(
+            spec, lambda paths, on_progress, cancel: self.pipeline.edit_outputs(
+                spec, prepared, paths, on_progress=on_progress, cancel=cancel)))
 
     async def _stream(self, spec: GenerationSpec | EditSpec, draw: Callable) -> AsyncIterator[StreamItem]:
         """Run `draw(adapter_paths, on_progress, cancel)` in a worker thread and yield its steps as they happen;
@@ -203,19 +209,25 @@ class RayGraphBackend:
     async def edit(self, spec: EditSpec, image: Image.Image, mask: Image.Image | None = None) -> GenerationResult:
         return await _client_errors(spec, self._edit(spec, image, mask))
 
+    def _encode_image(self, spec: EditSpec, prepared: PreparedEdit):
+        """The VAE replica's encode of the prepared image, for each seed (`VaeDecoder.encode`)."""
+        return self.vae.encode.remote(np.asarray(prepared.image), spec.seeds, spec.width, spec.height,
+                                      handoff=time.time())
+
     async def _edit(self, spec: EditSpec, image: Image.Image, mask: Image.Image | None) -> GenerationResult:
         """The text encoder and the VAE's encoder run concurrently; both responses go handle to handle into the
-        denoiser, whose output goes to the VAE's decoder, as in `generate`."""
+        denoiser, whose output goes to the VAE's decoder, as in `generate`; the ingress composes the PNGs."""
         start = time.perf_counter()
+        prepared = await asyncio.to_thread(prepare_edit, image, mask, spec)
         encoded = self._encode(spec)
-        image_latents = self.vae.encode.remote(np.asarray(image.convert("RGB")), spec.seeds, spec.width, spec.height,
-                                               handoff=time.time())
+        image_latents = self._encode_image(spec, prepared)
         denoised = self._denoiser_for(spec).denoise.remote(
-            spec.denoise_params(), encoded, image_latents, None if mask is None else np.asarray(mask.convert("L")),
-        )
+            spec.denoise_params(), encoded, image_latents, _mask_pixels(prepared))
         result = await _cancelling(self.vae.decode.remote(denoised, spec.width, spec.height),
                                    encoded, image_latents, denoised)
-        return GenerationResult(list(result.pngs), {**result.timings, "graph_ms": (time.perf_counter() - start) * 1000})
+        return await _composed_result(
+            GenerationResult(list(result.pngs), {**result.timings, "graph_ms": (time.perf_counter() - start) * 1000}),
+            prepared)
 
     def generate_stream(self, spec: GenerationSpec) -> AsyncIterator[StreamItem]:
         encoded = self._encode(spec)
@@ -224,13 +236,14 @@ class RayGraphBackend:
 
     def edit_stream(self, spec: EditSpec, image: Image.Image, mask: Image.Image | None = None
                     ) -> AsyncIterator[StreamItem]:
-        encoded = self._encode(spec)
-        image_latents = self.vae.encode.remote(np.asarray(image.convert("RGB")), spec.seeds, spec.width, spec.height,
-                                               handoff=time.time())
-        denoising = self._denoiser_for(spec).options(stream=True).denoise_stream.remote(
-            spec.denoise_params(), encoded, image_latents, None if mask is None else np.asarray(mask.convert("L")),
-        )
-        return _stream_client_errors(spec, self._stream(spec, denoising, encoded, image_latents))
+        def start(prepared: PreparedEdit) -> AsyncIterator[StreamItem]:
+            encoded = self._encode(spec)
+            image_latents = self._encode_image(spec, prepared)
+            denoising = self._denoiser_for(spec).options(stream=True).denoise_stream.remote(
+                spec.denoise_params(), encoded, image_latents, _mask_pixels(prepared))
+            return self._stream(spec, denoising, encoded, image_latents)
+
+        return _stream_client_errors(spec, _composed_stream(spec, image, mask, start))
 
     async def _stream(self, spec: GenerationSpec, denoising, *upstream) -> AsyncIterator[StreamItem]:
         """The Denoiser's stream as `StreamItem`s. Each preview goes to the VaeDecoder as soon as it arrives (it
@@ -300,6 +313,38 @@ def _find_cause(err: BaseException, types: tuple) -> BaseException | None:
             return err
         err = inner if isinstance(inner, BaseException) else err.__cause__
     return None
+
+
+def _mask_pixels(prepared: PreparedEdit) -> np.ndarray | None:
+    """The prepared mask as the Denoiser takes it ("L" pixels, non-zero = repaint), None for img2img."""
+    return None if prepared.mask is None else np.asarray(prepared.mask)
+
+
+async def _composed_result(result: GenerationResult, prepared: PreparedEdit) -> GenerationResult:
+    """`result` with its images composed (`lightray.edits.compose_pngs`, in a worker thread); `compose_ms` timed."""
+    if not prepared.composes:
+        return result
+    start = time.perf_counter()
+    pngs = await asyncio.to_thread(compose_pngs, result.images, prepared)
+    return GenerationResult(pngs, {**result.timings, "compose_ms": (time.perf_counter() - start) * 1000})
+
+
+async def _composed_stream(spec: EditSpec, image: Image.Image, mask: Image.Image | None,
+                           start: Callable[[PreparedEdit], AsyncIterator[StreamItem]]) -> AsyncIterator[StreamItem]:
+    """An edit's stream, the same for both backends: prepare the edit (in a worker thread), `start(prepared)` the
+    model's stream, and yield its items with every preview and the final image composed as the non-streaming
+    `edit` composes its images. Closing this closes the model's stream at once (which cancels its work)."""
+    prepared = await asyncio.to_thread(prepare_edit, image, mask, spec)
+    items = start(prepared)
+    try:
+        async for item in items:
+            if isinstance(item, PartialImages):
+                item = dataclasses.replace(item, pngs=await asyncio.to_thread(compose_pngs, item.pngs, prepared))
+            elif isinstance(item, GenerationResult):
+                item = await _composed_result(item, prepared)
+            yield item
+    finally:
+        await items.aclose()
 
 
 async def _partial(index: int, step: int, response) -> PartialImages:

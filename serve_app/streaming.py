@@ -16,7 +16,7 @@ import base64
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Literal
 
 from fastapi.responses import StreamingResponse
@@ -30,8 +30,6 @@ PROGRESS_EVENT = "lightray.progress"
 """Our own event type: one per image per denoising step."""
 EVENT_PREFIXES = {"generation": "image_generation", "edit": "image_edit"}
 """OpenAI's event type prefix per endpoint."""
-Postprocess = Callable[[list[bytes]], Awaitable[list[bytes]]]
-"""Applied to every preview's and the final image's PNGs before they are sent (an edit's paste-back)."""
 
 
 def sse(event: dict) -> bytes:
@@ -40,18 +38,17 @@ def sse(event: dict) -> bytes:
 
 
 def stream_response(kind: Literal["generation", "edit"], spec: GenerationSpec, items: AsyncIterator[StreamItem],
-                    timeout_s: float, request_id: str, output_size: str,
-                    postprocess: Postprocess | None = None) -> StreamingResponse:
+                    timeout_s: float, request_id: str, output_size: str) -> StreamingResponse:
     """The text/event-stream response for a validated, admitted request. `output_size`: "WxH" of the images
-    sent (an edit with `padding_mask_crop` returns the input's size, not the spec's working size)."""
-    events = image_events(kind, spec, items, timeout_s, request_id, output_size, postprocess)
+    sent (an edit with `padding_mask_crop` returns the input's size, not the spec's working size). The images are
+    sent as `items` has them: an edit's backend has composed them (`lightray.edits`)."""
+    events = image_events(kind, spec, items, timeout_s, request_id, output_size)
     return StreamingResponse(events, media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 async def image_events(kind: Literal["generation", "edit"], spec: GenerationSpec, items: AsyncIterator[StreamItem],
-                       timeout_s: float, request_id: str, output_size: str,
-                       postprocess: Postprocess | None = None) -> AsyncIterator[bytes]:
+                       timeout_s: float, request_id: str, output_size: str) -> AsyncIterator[bytes]:
     """The SSE bytes for `items`, ended by an `error` event if they fail or run past `timeout_s`. If the client
     goes away, Starlette cancels this generator, and closing `items` cancels the work."""
     prefix = EVENT_PREFIXES[kind]
@@ -69,13 +66,11 @@ async def image_events(kind: Literal["generation", "edit"], spec: GenerationSpec
                     yield sse({"type": PROGRESS_EVENT, "created_at": now, "image_index": i, "seed": seed,
                                "step": item.step, "total_steps": item.total_steps})
             elif isinstance(item, PartialImages):
-                pngs = await postprocess(item.pngs) if postprocess else item.pngs
-                for i, (seed, png) in enumerate(zip(spec.seeds, pngs)):
+                for i, (seed, png) in enumerate(zip(spec.seeds, item.pngs)):
                     yield sse({"type": f"{prefix}.partial_image", "b64_json": _b64(png), **common, "created_at": now,
                                "partial_image_index": item.index, "image_index": i, "seed": seed})
             elif isinstance(item, GenerationResult):
-                pngs = await postprocess(item.images) if postprocess else item.images
-                for i, (seed, png) in enumerate(zip(spec.seeds, pngs)):
+                for i, (seed, png) in enumerate(zip(spec.seeds, item.images)):
                     yield sse({"type": f"{prefix}.completed", "b64_json": _b64(png), **common, "created_at": now,
                                "usage": _usage(spec), "image_index": i, "seed": seed})
     except asyncio.TimeoutError:

@@ -9,12 +9,14 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import openai
 import pytest
 from openai import OpenAI
 from openai.types import ImageEditCompletedEvent, ImageGenCompletedEvent, ImageGenPartialImageEvent
 from PIL import Image
 
+from lightray.edits import overlay_mask
 from lightray.world.shapes import Scene, render
 from sse import parse_sse, pixels
 
@@ -69,6 +71,30 @@ def test_openai_client_streams_an_inpaint_equal_to_the_plain_one(client):
     assert isinstance(completed, ImageEditCompletedEvent)
     plain = client.images.edit(**kwargs)
     assert completed.b64_json == plain.data[0].b64_json
+    # The graph's backend composes previews as the final image: outside the overlay's soft edge, the input.
+    outside = np.asarray(overlay_mask(mask.getchannel("A").point(lambda a: 255 if a == 0 else 0), None)) == 0
+    source = np.asarray(Image.open(io.BytesIO(picture)).convert("RGB"), dtype=np.int16)
+    for e in events:
+        if e.type in ("image_edit.partial_image", "image_edit.completed"):
+            assert np.array_equal(pixels(e.b64_json)[outside], source[outside]), e.type
+
+
+def test_a_streamed_padding_mask_crop_edit_through_the_graph_is_the_plain_one(client):
+    """The graph's backend pastes the crop's previews and final image back into the full picture, as its plain
+    edit does."""
+    picture = render(Scene("red", "circle", "left", "white"), 128)
+    mask = Image.new("RGBA", (128, 128), (0, 0, 0, 255))
+    mask.paste((0, 0, 0, 0), (16, 40, 56, 88))
+    kwargs = dict(image=("in.png", _png(picture), "image/png"), mask=("mask.png", _png(mask), "image/png"),
+                  prompt="a blue square on the left, white background", size="64x64",
+                  extra_body={"seed": 5, "padding_mask_crop": 8})
+    events = [e for e in client.images.edit(**kwargs, stream=True, partial_images=1)
+              if e.type in ("image_edit.partial_image", "image_edit.completed")]
+    assert [e.type for e in events] == ["image_edit.partial_image", "image_edit.completed"]
+    source = np.asarray(picture.convert("RGB"), dtype=np.int16)
+    for e in events:
+        assert e.size == "128x128" and np.array_equal(pixels(e.b64_json)[:, 80:], source[:, 80:])
+    assert events[-1].b64_json == client.images.edit(**kwargs).data[0].b64_json
 
 
 def _denoiser_log(cluster) -> str:

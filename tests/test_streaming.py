@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient
 from openai.types import ImageEditCompletedEvent, ImageGenCompletedEvent, ImageGenPartialImageEvent
 from PIL import Image
 
+from lightray.edits import overlay_mask
 from lightray.schemas import parse_size, preview_steps
 from lightray.world.shapes import Scene, render
 from serve_app.api import create_app
@@ -135,6 +136,12 @@ def test_a_streamed_inpaint_sends_image_edit_events_equal_to_the_plain_edit(api_
     completed = events[-1][1]
     ImageEditCompletedEvent.model_validate(completed)
     assert completed["b64_json"] == plain.json()["data"][0]["b64_json"]
+    # Previews are composed as the final image is: outside the overlay's soft edge, the input exactly.
+    outside = np.asarray(overlay_mask(mask.getchannel("A").point(lambda a: 255 if a == 0 else 0), None)) == 0
+    source = np.asarray(Image.open(io.BytesIO(picture)).convert("RGB"), dtype=np.int16)
+    for _, d in events:
+        if d["type"] == "image_edit.partial_image":
+            assert np.array_equal(pixels(d["b64_json"])[outside], source[outside])
 
 
 def test_a_streamed_padding_mask_crop_edit_sends_full_size_pasted_back_images(api_client):

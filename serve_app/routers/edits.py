@@ -3,7 +3,9 @@
 The body is multipart/form-data (what OpenAI's clients send: `image` and optional `mask` files plus text fields)
 or application/json with the images as base64 or data URLs. Everything is checked before any replica work: the
 fields by `ImageEditRequest` (the generation fields plus `strength`), the uploads by `lightray.images` (size in
-bytes, format, pixels before decoding, mask size and alpha), the output size against the model preset.
+bytes, format, pixels before decoding, mask size and alpha), the output size against the model preset. The
+picture and mask go to the backend as uploaded: resizing, cropping and composing the output are `lightray.edits`'
+work, done by the backend.
 """
 
 from __future__ import annotations
@@ -11,29 +13,19 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import io
 import json
 import secrets
-import time
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
-from PIL import Image
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
-from lightray.images import (
-    ImageLimits,
-    blur_mask,
-    crop_for_inpainting,
-    encode_png,
-    load_edit_inputs,
-    paste_back,
-    resize_for_model,
-)
+from lightray.edits import output_size
+from lightray.images import ImageLimits, load_edit_inputs
 from lightray.registry import AdapterRegistry
 from lightray.schemas import ImageEditRequest, ImagesResponse, RequestError, lora_params
 from serve_app.admission import Admission, request_work
@@ -58,9 +50,9 @@ router = APIRouter(prefix="/v1", tags=["images"])
 
 FILE_FIELDS = ("image", "mask")
 LIST_FIELDS = ("seeds",)
-BOOL_FIELDS = ("stream",)
-"""Form fields that are booleans: a form sends "true" / "false" (what OpenAI's clients send); any other text is
-passed on as text, which the strict boolean field refuses (400 naming it)."""
+BOOL_FIELDS = tuple(name for name, field in ImageEditRequest.model_fields.items() if field.annotation is bool)
+"""Form fields that are booleans (`stream`, `keep_unmasked`): a form sends "true" / "false" (what OpenAI's clients
+send); any other text is passed on as text, which the strict boolean field refuses (400 naming it)."""
 STRING_OR_LIST_FIELDS = ("lora",)
 """Fields that take one string or a list: given once (and not as `name[]`) a form field is the string; given
 several times, as `name[]`, or as a JSON list, the list."""
@@ -120,42 +112,16 @@ async def edit_images(
     limits = ImageLimits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)
     image, mask = await asyncio.to_thread(load_edit_inputs, image_bytes, mask_bytes, limits)
     spec = body.resolve(backend.preset, default_seed=secrets.randbelow(2**31), image_size=image.size,
-                        inpaint=mask is not None)
+                        inpaint=mask is not None, max_output_pixels=settings.max_image_pixels)
     attribute_to(spec, principal, body.priority)
     admission.charge(request_work(spec.denoise_params()))
     await pin_adapters(spec, registry, backend.preset, principal.tenant, lora_params(body.lora))
-    if body.mask_blur:
-        mask = blur_mask(mask, body.mask_blur)
-    full = (image, mask)
-    if spec.padding_mask_crop is not None:
-        if image.width * image.height * len(spec.seeds) > settings.max_image_pixels:
-            raise RequestError("image", f"with padding_mask_crop the {len(spec.seeds)} outputs have the image's size "
-                                        f"({image.width}x{image.height}): at most {settings.max_image_pixels} "
-                                        "pixels in all")
-        image, mask, box = await asyncio.to_thread(
-            crop_for_inpainting, image, mask, spec.width, spec.height, spec.padding_mask_crop)
-    else:
-        image = resize_for_model(image, spec.width, spec.height)
-        if mask is not None:
-            mask = resize_for_model(mask, spec.width, spec.height)
     if body.stream:
-        postprocess, output_size = None, f"{spec.width}x{spec.height}"
-        if spec.padding_mask_crop is not None:
-            async def postprocess(pngs: list[bytes]) -> list[bytes]:
-                return await asyncio.to_thread(_paste_back_all, pngs, *full, box)
-            output_size = f"{full[0].width}x{full[0].height}"
+        width, height = output_size(spec, image.size)
         return stream_response("edit", spec, backend.edit_stream(spec, image, mask), settings.request_timeout_s,
-                               request_id_of(request), output_size, postprocess)
+                               request_id_of(request), f"{width}x{height}")
     result = await within_timeout(backend.edit(spec, image, mask), settings, "edit")
-    if spec.padding_mask_crop is not None:
-        start = time.perf_counter()
-        result.images = await asyncio.to_thread(_paste_back_all, result.images, *full, box)
-        result.timings["paste_ms"] = (time.perf_counter() - start) * 1000
     return images_response(spec, result, body.response_format, request, response, settings, store)
-
-
-def _paste_back_all(pngs: list[bytes], image, mask, box) -> list[bytes]:
-    return [encode_png(paste_back(Image.open(io.BytesIO(p)).convert("RGB"), image, mask, box)) for p in pngs]
 
 
 # ------------------------------------------------------------------------------------------ body parsing

@@ -17,6 +17,7 @@ import dataclasses
 import io
 from collections.abc import Sequence
 
+import numpy as np
 from PIL import Image, ImageFilter, ImageOps
 
 from lightray.images import encode_png, resize_for_model
@@ -125,7 +126,7 @@ def _placed(output: Image.Image, prepared: PreparedEdit) -> Image.Image:
         return output
     x, y, x2, y2 = prepared.box
     base = Image.new("RGBA", prepared.canvas.size)
-    base.paste(_processor().resize(output, height=y2 - y, width=x2 - x, resize_mode="crop"), (x, y))
+    base.paste(resize_crop(output, x2 - x, y2 - y), (x, y))
     return base.convert("RGB")
 
 
@@ -144,11 +145,10 @@ def crop_for_inpainting(image: Image.Image, mask: Image.Image, width: int, heigh
                         pad: int) -> tuple[Image.Image, Image.Image, tuple[int, int, int, int]]:
     """diffusers' `padding_mask_crop` preprocessing: the mask's bounding box grown by `pad` and to width:height,
     cut from image and mask and resized to width×height ("fill" mode). Returns (image, mask, crop box)."""
-    processor = _processor()
-    box = processor.get_crop_region(mask, width, height, pad=pad)
-    picture = processor.resize(image.crop(box), height, width, resize_mode="fill")
+    box = crop_region(mask, width, height, pad)
+    picture = resize_fill(image.crop(box), width, height)
     # The pipeline's mask processor fills onto an RGB canvas, then converts to grayscale.
-    edit = processor.resize(mask.crop(box), height, width, resize_mode="fill").convert("L")
+    edit = resize_fill(mask.crop(box), width, height).convert("L")
     return picture, edit, box
 
 
@@ -158,7 +158,71 @@ def blur_mask(mask: Image.Image, radius: int) -> Image.Image:
     return mask.filter(ImageFilter.GaussianBlur(radius))
 
 
-def _processor():
-    from diffusers.image_processor import VaeImageProcessor
+# diffusers' VaeImageProcessor's crop helpers, written out with the same arithmetic and PIL calls: the ingress
+# prepares and composes edits, and importing diffusers there would load torch (tests/test_layering.py).
+# tests/test_image_inputs.py checks them against diffusers' own on many masks and sizes.
 
-    return VaeImageProcessor(vae_scale_factor=16)  # lanczos, as the pipelines' image and mask processors
+def crop_region(mask: Image.Image, width: int, height: int, pad: int = 0) -> tuple[int, int, int, int]:
+    """`VaeImageProcessor.get_crop_region`: the bounding box of the mask's non-zero pixels, grown by `pad` and then
+    to the aspect ratio width:height, kept inside the image. (x1, y1, x2, y2)."""
+    m = np.asarray(mask.convert("L"))
+    h, w = m.shape
+    cols, rows = np.flatnonzero(m.any(axis=0)), np.flatnonzero(m.any(axis=1))
+    crop_left, crop_right = (int(cols[0]), int(w - 1 - cols[-1])) if cols.size else (w, w)
+    crop_top, crop_bottom = (int(rows[0]), int(h - 1 - rows[-1])) if rows.size else (h, h)
+    x1, y1 = int(max(crop_left - pad, 0)), int(max(crop_top - pad, 0))
+    x2, y2 = int(min(w - crop_right + pad, w)), int(min(h - crop_bottom + pad, h))
+    ratio_crop, ratio_processing = (x2 - x1) / (y2 - y1), width / height
+    if ratio_crop > ratio_processing:
+        diff = int((x2 - x1) / ratio_processing - (y2 - y1))
+        y1, y2 = y1 - diff // 2, y2 + diff - diff // 2
+        if y2 >= mask.height:
+            y1, y2 = y1 - (y2 - mask.height), mask.height
+        if y1 < 0:
+            y1, y2 = 0, y2 - y1
+        y2 = min(y2, mask.height)
+    else:
+        diff = int((y2 - y1) * ratio_processing - (x2 - x1))
+        x1, x2 = x1 - diff // 2, x2 + diff - diff // 2
+        if x2 >= mask.width:
+            x1, x2 = x1 - (x2 - mask.width), mask.width
+        if x1 < 0:
+            x1, x2 = 0, x2 - x1
+        x2 = min(x2, mask.width)
+    return x1, y1, x2, y2
+
+
+def resize_fill(image: Image.Image, width: int, height: int) -> Image.Image:
+    """`VaeImageProcessor.resize(..., resize_mode="fill")`: fit inside width×height keeping the aspect ratio
+    (lanczos), centre it, and fill the bands with the image's stretched edge rows or columns."""
+    ratio, src_ratio = width / height, image.width / image.height
+    src_w = width if ratio < src_ratio else image.width * height // image.height
+    src_h = height if ratio >= src_ratio else image.height * width // image.width
+    resized = image.resize((src_w, src_h), resample=Image.Resampling.LANCZOS)
+    res = Image.new("RGB", (width, height))
+    res.paste(resized, box=(width // 2 - src_w // 2, height // 2 - src_h // 2))
+    if ratio < src_ratio:
+        fill = height // 2 - src_h // 2
+        if fill > 0:
+            res.paste(resized.resize((width, fill), box=(0, 0, width, 0)), box=(0, 0))
+            res.paste(resized.resize((width, fill), box=(0, resized.height, width, resized.height)),
+                      box=(0, fill + src_h))
+    elif ratio > src_ratio:
+        fill = width // 2 - src_w // 2
+        if fill > 0:
+            res.paste(resized.resize((fill, height), box=(0, 0, 0, height)), box=(0, 0))
+            res.paste(resized.resize((fill, height), box=(resized.width, 0, resized.width, height)),
+                      box=(fill + src_w, 0))
+    return res
+
+
+def resize_crop(image: Image.Image, width: int, height: int) -> Image.Image:
+    """`VaeImageProcessor.resize(..., resize_mode="crop")`: cover width×height keeping the aspect ratio (lanczos),
+    centred, the excess cut off."""
+    ratio, src_ratio = width / height, image.width / image.height
+    src_w = width if ratio > src_ratio else image.width * height // image.height
+    src_h = height if ratio <= src_ratio else image.height * width // image.width
+    resized = image.resize((src_w, src_h), resample=Image.Resampling.LANCZOS)
+    res = Image.new("RGB", (width, height))
+    res.paste(resized, box=(width // 2 - src_w // 2, height // 2 - src_h // 2))
+    return res

@@ -596,3 +596,28 @@ def test_full_strength_img2img_is_text_to_image(local_pipeline, picture):
     generated = lp.generate(ImageGenerationRequest(**fields).resolve(lp.preset, 0))
     for a, b in zip(edited, generated):
         assert np.array_equal(pixels(a), pixels(b))
+
+
+def test_crop_helpers_equal_diffusers():
+    """lightray.edits' crop region and fill/crop resizes (written out so the ingress needs no diffusers) give
+    exactly what diffusers' VaeImageProcessor gives, over random masks, pads, image and target sizes."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    from lightray.edits import crop_region, resize_crop, resize_fill
+
+    processor = VaeImageProcessor(vae_scale_factor=16)
+    rng = np.random.default_rng(0)
+    for _ in range(60):
+        w, h = (int(v) for v in rng.integers(24, 200, size=2))
+        tw, th = (int(v) for v in rng.choice([32, 48, 64, 96, 128], size=2))
+        mask = np.zeros((h, w), dtype=np.uint8)
+        x0, y0 = int(rng.integers(0, w - 4)), int(rng.integers(0, h - 4))
+        mask[y0:int(rng.integers(y0 + 1, h)), x0:int(rng.integers(x0 + 1, w))] = 255
+        mask_image = Image.fromarray(mask, "L")
+        pad = int(rng.choice([0, 4, 16, 64]))
+        assert crop_region(mask_image, tw, th, pad) == processor.get_crop_region(mask_image, tw, th, pad=pad)
+        picture = Image.fromarray(rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8), "RGB")
+        for ours, mode in ((resize_fill, "fill"), (resize_crop, "crop")):
+            for image in (picture, mask_image):
+                assert np.array_equal(np.asarray(ours(image, tw, th)),
+                                      np.asarray(processor.resize(image, th, tw, resize_mode=mode))), (mode, w, h, tw, th)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -24,7 +23,6 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 from lightray.config import DEFAULT_PRESET, load_preset  # noqa: E402
 from lightray.pipeline import LocalPipeline  # noqa: E402

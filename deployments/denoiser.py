@@ -23,7 +23,7 @@ from deployments.metrics import (
     request_id,
     stage_metrics,
 )
-from lightray.adapters import open_registry
+from lightray.registry_settings import open_registry
 from lightray.config import load_preset
 from lightray.contracts import DenoisedLatents, DenoiseParams, ImageLatents, StepProgress, TextEmbeddings
 from lightray.engine import DenoiseCancelled, DenoiseEngine, EngineConfig, EngineRequest, StepStats

@@ -95,7 +95,7 @@ def _encode_all(stage: TextEncodeStage, items: list[PromptPair]) -> list[Encoded
     return out
 
 
-@serve.deployment(name="TextEncoder", max_ongoing_requests=8)
+@serve.deployment(name="TextEncoder")
 class TextEncoder:
     def __init__(self, preset: dict, max_batch_size: int = MAX_BATCH_SIZE,
                  batch_wait_timeout_s: float = BATCH_WAIT_TIMEOUT_S):

@@ -96,7 +96,7 @@ def _decode_all(stage: VaeStage, items: list[DecodeItem], max_images: int | None
     return [out[i] for i in range(len(items))]
 
 
-@serve.deployment(name="VaeDecoder", max_ongoing_requests=8)
+@serve.deployment(name="VaeDecoder")
 class VaeDecoder:
     def __init__(self, preset: dict, max_batch_size: int = MAX_BATCH_SIZE,
                  batch_wait_timeout_s: float = BATCH_WAIT_TIMEOUT_S,

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from pathlib import Path
 
-from lightray.config import REPO_ROOT, ModelPreset
+from lightray.config import ModelPreset
 from lightray.contracts import AdapterUse
 from lightray.registry import (
     AdapterIncompatible,
@@ -36,14 +35,6 @@ class ResolvedAdapter:
     def use(self) -> AdapterUse:
         """What a spec carries for this adapter (pinned ref and scale)."""
         return AdapterUse(ref=self.ref, scale=self.scale)
-
-
-def open_registry(root: str, storage_options: dict | None = None) -> AdapterRegistry:
-    """The registry at `root`; a relative local path is taken from the repository root, so every process (CLI,
-    replica, job) agrees on it whatever its working directory."""
-    if "://" not in root and not Path(root).is_absolute():
-        root = str(REPO_ROOT / root)
-    return AdapterRegistry(root, storage_options=storage_options or None)
 
 
 def can_use(manifest: AdapterManifest, tenant: str | None) -> bool:

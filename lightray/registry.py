@@ -358,21 +358,6 @@ def check_compatible(
 # --------------------------------------------------------------------------- helpers
 
 
-ENV_STORAGE_OPTIONS = "LIGHTRAY_REGISTRY_STORAGE_OPTIONS"
-
-
-def storage_options_from_env(error: type[Exception] = ValueError) -> dict | None:
-    """fsspec options from $LIGHTRAY_REGISTRY_STORAGE_OPTIONS (JSON), or None when unset. The environment keeps
-    credentials off command lines; a malformed value raises `error` naming the variable."""
-    raw = os.environ.get(ENV_STORAGE_OPTIONS)
-    if not raw:
-        return None
-    try:
-        return json.loads(raw)
-    except ValueError as err:
-        raise error(f"${ENV_STORAGE_OPTIONS} is not valid JSON: {err}") from None
-
-
 def sha256_file(path: str | os.PathLike[str]) -> str:
     """Hex sha256 of a local file, streamed so multi-GB adapters do not load into RAM."""
     h = hashlib.sha256()

@@ -37,7 +37,7 @@ def registry_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def api_client(local_pipeline, registry_root, tmp_path_factory) -> TestClient:
     """The real FastAPI app over the in-process pipeline: the HTTP contract without a cluster."""
-    from lightray.adapters import open_registry
+    from lightray.registry_settings import open_registry
     from serve_app.api import create_app
     from serve_app.backend import LocalBackend
     from serve_app.settings import ServiceSettings
@@ -53,7 +53,7 @@ def api_client(local_pipeline, registry_root, tmp_path_factory) -> TestClient:
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    from lightray.local_cluster import RayCluster
+    from testing.local_cluster import RayCluster
 
     # Metrics reported every second (Ray's default is 10 s): tests/test_observability.py scrapes them.
     cluster = RayCluster(metrics_report_interval_ms=1000).start()

@@ -12,8 +12,9 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from conftest_registry import publish_lora_adapter, publish_placeholder_adapter
-from lightray.adapters import open_registry, resolve_adapters
+from testing.adapters import publish_lora_adapter, publish_placeholder_adapter
+from lightray.adapters import resolve_adapters
+from lightray.registry_settings import open_registry
 from lightray.contracts import AdapterUse
 from lightray.schemas import EditSpec, RequestError, parse_lora_field
 from recording_backend import RecordingBackend

@@ -13,7 +13,7 @@ import httpx
 import numpy as np
 import pytest
 
-from lightray.local_cluster import RayCluster
+from testing.local_cluster import RayCluster
 from lightray.contracts import DenoiseCancelled
 from lightray.schemas import ImageGenerationRequest
 

@@ -22,8 +22,8 @@ import httpx
 import pytest
 from PIL import Image
 
-from lightray.adapters import open_registry
-from lightray.local_cluster import RayCluster
+from lightray.registry_settings import open_registry
+from testing.local_cluster import RayCluster
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPT = "a red circle on the left, white background"

@@ -18,8 +18,8 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from pydantic import ValidationError
 
-from lightray.adapters import open_registry
-from conftest_registry import publish_lora_adapter
+from lightray.registry_settings import open_registry
+from testing.adapters import publish_lora_adapter
 from recording_backend import RecordingBackend
 from serve_app.api import create_app
 from serve_app.backend import LocalBackend

@@ -23,6 +23,7 @@ from deployments.metrics import (
     request_id,
     stage_metrics,
 )
+from lightray.adapters import fetch_for_preset
 from lightray.registry_settings import open_registry
 from lightray.config import load_preset
 from lightray.contracts import DenoisedLatents, DenoiseParams, ImageLatents, StepProgress, TextEmbeddings
@@ -78,7 +79,7 @@ class Denoiser:
             # Download + checksum off the event loop; the engine loads the LoRA into the transformer at a step
             # boundary when the first request that names it is admitted.
             self.metrics.adapter_misses.inc()
-            manifest, path = await asyncio.to_thread(self.registry.fetch, ref, base_model_id=self.preset.base_model_id)
+            manifest, path = await asyncio.to_thread(fetch_for_preset, self.registry, ref, self.preset)
             logger.info("adapter %s fetched to %s", manifest.ref, path)
             adapter = LoadedAdapter(self.engine, ref, str(path), on_release=released)
             self._adapters_held += 1

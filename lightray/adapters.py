@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from pathlib import Path
 
 from lightray.config import ModelPreset
 from lightray.contracts import AdapterUse
+from lightray.fingerprint import fingerprint_model
 from lightray.registry import (
     AdapterIncompatible,
     AdapterManifest,
@@ -35,6 +37,13 @@ class ResolvedAdapter:
     def use(self) -> AdapterUse:
         """What a spec carries for this adapter (pinned ref and scale)."""
         return AdapterUse(ref=self.ref, scale=self.scale)
+
+
+def fetch_for_preset(registry: AdapterRegistry, ref: str, preset: ModelPreset) -> tuple[AdapterManifest, Path]:
+    """Download (or re-use the verified cached copy of) a pinned adapter to load into `preset`'s transformer:
+    refused (`AdapterIncompatible`) unless its manifest names this base model and, when it records a fingerprint,
+    this process's weights have the same one (`lightray.fingerprint`). Every process that loads adapters uses it."""
+    return registry.fetch(ref, base_model_id=preset.base_model_id, base_fingerprint=fingerprint_model(preset))
 
 
 def can_use(manifest: AdapterManifest, tenant: str | None) -> bool:

@@ -117,14 +117,14 @@ def _generate_local(body: dict, preset: str, registry_root: str | None) -> list[
     if request.priority is not None:
         spec.priority = request.priority
     if spec.adapters:
-        from lightray.adapters import resolve_adapters
+        from lightray.adapters import fetch_for_preset, resolve_adapters
         from lightray.registry_settings import open_registry
 
         # As the ingress pins them (serve_app.routers.images.pin_adapters), with no tenancy: one local user.
         registry = open_registry(registry_root)
         resolved = resolve_adapters(registry, pipeline.preset, spec.adapters, lora_params(request.lora))
         spec.adapters = tuple(adapter.use for adapter in resolved)
-        adapter_paths = {use.ref: str(registry.fetch(use.ref, base_model_id=pipeline.preset.base_model_id)[1])
+        adapter_paths = {use.ref: str(fetch_for_preset(registry, use.ref, pipeline.preset)[1])
                          for use in spec.adapters}
     images = pipeline.generate(spec, adapter_paths if spec.adapters else None)
     return [(seed, encode_png(im)) for seed, im in zip(spec.seeds, images)]

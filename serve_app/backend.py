@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 from PIL import Image
 
+from lightray.adapters import fetch_for_preset
 from lightray.config import ModelPreset
 from lightray.contracts import AdapterLoadError, DenoisedLatents, EngineFull, StepProgress
 from lightray.images import encode_png
@@ -102,7 +103,7 @@ class LocalBackend:
         for use in spec.adapters:
             if self.registry is None:
                 raise RuntimeError("this backend has no adapter registry")
-            _, path = self.registry.fetch(use.ref, base_model_id=self.preset.base_model_id)
+            _, path = fetch_for_preset(self.registry, use.ref, self.preset)
             adapter_paths[use.ref] = str(path)
         pngs = [encode_png(im) for im in draw(adapter_paths)]
         return GenerationResult(pngs, {"graph_ms": (time.perf_counter() - start) * 1000})

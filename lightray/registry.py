@@ -47,8 +47,10 @@ import posixpath
 import re
 import secrets
 import socket
+import threading
 import time
-from collections.abc import Mapping
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -70,6 +72,7 @@ __all__ = [
     "AdapterRegistryError",
     "InvalidAdapterRef",
     "MANIFEST_FILENAME",
+    "ManifestCache",
     "REQUIRED_FILES",
     "check_compatible",
     "default_cache_dir",
@@ -420,6 +423,28 @@ def _mtime(info: Mapping[str, Any]) -> float | None:
 # --------------------------------------------------------------------------- registry
 
 
+@dataclass(frozen=True)
+class ManifestCache:
+    """How long `AdapterRegistry.resolve` may answer from memory instead of reading the store (on S3, a listing
+    and a GET per request otherwise).
+
+    A pinned version (`t/n@v3`) is cached for the registry object's lifetime: versions are immutable, and a
+    deleted one fails at `fetch` (its files are gone). `latest` (`t/n`) is cached for `latest_ttl_s`. A publish or
+    delete through the same registry object takes effect at once; one from another process (the CLI, a training
+    job, another replica) is seen within `latest_ttl_s`.
+    """
+
+    latest_ttl_s: float = 2.0
+    """Seconds a resolved `latest` is re-used; 0: every `latest` lookup reads the store."""
+    max_pinned: int = 4096
+    """Pinned manifests kept (least recently used dropped first), so memory stays bounded however many versions
+    exist."""
+
+    def __post_init__(self) -> None:
+        if self.latest_ttl_s < 0 or self.max_pinned < 1:
+            raise ValueError(f"invalid manifest cache {self}")
+
+
 class AdapterRegistry:
     """Publish, resolve, fetch and delete versioned adapters under one root.
 
@@ -428,6 +453,8 @@ class AdapterRegistry:
     ``key``, ``secret``, ``client_kwargs={"endpoint_url": ...}``).  For remote
     backends the listings cache is off by default: other processes publish
     concurrently and a cached listing would hide their versions.
+    ``manifest_cache`` lets ``resolve`` answer from memory (``ManifestCache``);
+    None: every ``resolve`` reads the store.
     """
 
     def __init__(
@@ -436,6 +463,7 @@ class AdapterRegistry:
         storage_options: Mapping[str, Any] | None = None,
         *,
         cache_dir: str | os.PathLike[str] | None = None,
+        manifest_cache: ManifestCache | None = None,
     ) -> None:
         opts = dict(storage_options or {})
         if get_protocol(str(root)) not in ("file", "local"):
@@ -449,6 +477,11 @@ class AdapterRegistry:
         # the same tenant/name@vN never thrash each other's cache.
         proto = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
         self._cache_ns = hashlib.sha256(f"{proto}://{self.root}".encode()).hexdigest()[:16]
+        self.manifest_cache = manifest_cache
+        self._pinned: OrderedDict[tuple[str, str, int], AdapterManifest] = OrderedDict()
+        # (tenant, name) -> (time.monotonic() when resolved, the latest manifest then).
+        self._latest: dict[tuple[str, str], tuple[float, AdapterManifest]] = {}
+        self._cache_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"AdapterRegistry({self.root_url!r})"
@@ -640,6 +673,7 @@ class AdapterRegistry:
             )
         except FileExistsError as err:
             raise AdapterExists(f"{manifest.ref} already exists; versions are immutable") from err
+        self._forget(tenant, name)
         log.info("published %s (%d files)", manifest.ref, len(digests))
         return manifest
 
@@ -693,13 +727,19 @@ class AdapterRegistry:
 
         A latest-lookup skips (and logs) versions whose manifest is corrupt so
         one bad upload does not take the whole adapter offline; a pinned
-        lookup of a corrupt version raises ``AdapterCorrupt``.
+        lookup of a corrupt version raises ``AdapterCorrupt``.  With a
+        ``manifest_cache`` the answer may come from memory (``ManifestCache``
+        says for how long); a miss is never cached.
         """
         r = AdapterRef.parse(ref)
+        cached = self._cached_manifest(r)
+        if cached is not None:
+            return cached
         if r.version is not None:
             m = self._read_manifest(r.tenant, r.name, r.version)
             if m is None:
                 raise AdapterNotFound(f"adapter {r} not found")
+            self._remember(m, latest=False)
             return m
         for v in reversed(self._version_numbers(r.tenant, r.name)):
             try:
@@ -708,8 +748,44 @@ class AdapterRegistry:
                 log.warning("skipping corrupt version: %s", err)
                 continue
             if m is not None:
+                self._remember(m, latest=True)
                 return m
         raise AdapterNotFound(f"adapter {r} not found")
+
+    def _cached_manifest(self, r: AdapterRef) -> AdapterManifest | None:
+        policy = self.manifest_cache
+        if policy is None:
+            return None
+        with self._cache_lock:
+            if r.version is not None:
+                m = self._pinned.get((r.tenant, r.name, r.version))
+                if m is not None:
+                    self._pinned.move_to_end((r.tenant, r.name, r.version))
+                return m
+            entry = self._latest.get((r.tenant, r.name))
+            if entry is not None and time.monotonic() - entry[0] < policy.latest_ttl_s:
+                return entry[1]
+            return None
+
+    def _remember(self, m: AdapterManifest, *, latest: bool) -> None:
+        policy = self.manifest_cache
+        if policy is None:
+            return
+        with self._cache_lock:
+            self._pinned[(m.tenant, m.name, m.version)] = m
+            self._pinned.move_to_end((m.tenant, m.name, m.version))
+            while len(self._pinned) > policy.max_pinned:
+                self._pinned.popitem(last=False)
+            if latest:
+                self._latest[(m.tenant, m.name)] = (time.monotonic(), m)
+
+    def _forget(self, tenant: str, name: str, versions: Sequence[int] = ()) -> None:
+        """Drop what this object cached about ``tenant/name`` (its latest, and ``versions``), after its own
+        publish or delete."""
+        with self._cache_lock:
+            self._latest.pop((tenant, name), None)
+            for v in versions:
+                self._pinned.pop((tenant, name, v), None)
 
     def versions(self, ref: str | AdapterRef) -> builtins.list[int]:
         """Complete version numbers of ``tenant/name``, ascending."""
@@ -787,6 +863,7 @@ class AdapterRegistry:
 
         for v in targets:
             self.fs.rm_file(self._manifest_path(r.tenant, r.name, v))
+        self._forget(r.tenant, r.name, targets)
         if r.version is not None:
             self.fs.rm(self._version_dir(r.tenant, r.name, r.version), recursive=True)
         else:

@@ -22,7 +22,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from lightray.config import REPO_ROOT
-from lightray.registry import AdapterRegistry
+from lightray.registry import AdapterRegistry, ManifestCache
 
 ENV_REGISTRY = "LIGHTRAY_REGISTRY"
 """Environment variable naming the registry root."""
@@ -52,6 +52,10 @@ class RegistrySettings(BaseSettings):
     registry_storage_options: dict[str, Any] = Field(default_factory=dict)
     """fsspec options for the registry (e.g. {"client_kwargs": {"endpoint_url": …}}). Environment:
     LIGHTRAY_REGISTRY_STORAGE_OPTIONS (JSON); for S3 the usual AWS_* variables work too."""
+    registry_latest_ttl_s: float = Field(2.0, ge=0)
+    """Seconds a resolved `latest` version is re-used before the store is read again (`ManifestCache`; pinned
+    versions are cached for good). A version published through another process is used within this long; 0:
+    at once, at the cost of a store read per request. Environment: LIGHTRAY_REGISTRY_LATEST_TTL_S."""
 
     @property
     def registry_root(self) -> str:
@@ -59,8 +63,10 @@ class RegistrySettings(BaseSettings):
         return resolve_registry_root(self.registry)
 
     def open_registry(self, **kwargs: Any) -> AdapterRegistry:
-        """The registry these settings name; `kwargs` go to `AdapterRegistry` (e.g. `latest_ttl_s`)."""
-        return AdapterRegistry(self.registry_root, storage_options=self.registry_storage_options or None, **kwargs)
+        """The registry these settings name, caching manifests as `registry_latest_ttl_s` says; `kwargs` go to
+        `AdapterRegistry` (e.g. `cache_dir`)."""
+        return AdapterRegistry(self.registry_root, storage_options=self.registry_storage_options or None,
+                               manifest_cache=ManifestCache(latest_ttl_s=self.registry_latest_ttl_s), **kwargs)
 
 
 def open_registry(root: str | None = None, storage_options: dict[str, Any] | None = None,

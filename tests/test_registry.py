@@ -595,3 +595,46 @@ def test_s3_server_fixture_smoke(s3_server: Any) -> None:
     with pytest.raises(PermissionError):
         s3fs.S3FileSystem(**bad).ls(s3_server.bucket, refresh=True)
     assert s3_server.process.poll() is None
+
+
+# --------------------------------------------------------------------------- manifest cache
+
+
+def test_resolve_caches_manifests_and_its_own_writes_take_effect_at_once(
+    local_reg: AdapterRegistry, make_adapter: MakeAdapter, tmp_path: Path
+) -> None:
+    from lightray.registry import ManifestCache
+
+    cached = AdapterRegistry(local_reg.root_url, cache_dir=tmp_path / "cache",
+                             manifest_cache=ManifestCache(latest_ttl_s=60))
+    v1 = cached.publish("acme", "style", make_adapter())
+    assert cached.resolve("acme/style") == v1
+    # Another process's publish is seen once the latest TTL has passed (here: not within the test).
+    v2 = local_reg.publish("acme", "style", make_adapter())
+    assert cached.resolve("acme/style") == v1
+    assert local_reg.resolve("acme/style") == v2  # no manifest cache: reads the store every time
+    # This object's own publish moves latest at once.
+    v3 = cached.publish("acme", "style", make_adapter())
+    assert cached.resolve("acme/style") == v3
+    # A pinned version is cached for good: versions are immutable.
+    assert cached.resolve("acme/style@v2") == v2
+    local_reg.delete("acme/style@v2")
+    assert cached.resolve("acme/style@v2") == v2
+    # This object's own delete forgets the version and latest at once.
+    cached.delete("acme/style@v3")
+    assert cached.resolve("acme/style") == v1
+    with pytest.raises(AdapterNotFound):
+        cached.resolve("acme/style@v3")
+
+
+def test_a_zero_latest_ttl_sees_other_publishers_at_once(
+    local_reg: AdapterRegistry, make_adapter: MakeAdapter, tmp_path: Path
+) -> None:
+    from lightray.registry import ManifestCache
+
+    cached = AdapterRegistry(local_reg.root_url, cache_dir=tmp_path / "cache",
+                             manifest_cache=ManifestCache(latest_ttl_s=0))
+    local_reg.publish("acme", "style", make_adapter())
+    assert cached.resolve("acme/style").version == 1
+    local_reg.publish("acme", "style", make_adapter())
+    assert cached.resolve("acme/style").version == 2

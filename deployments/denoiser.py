@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 
 import numpy as np
 from ray import serve
 
 from deployments.metrics import (
-    handoff_at,
     keep_reporting,
     log_request,
     record_queue_wait,
@@ -163,7 +163,7 @@ class Denoiser:
         if request.first_step_at is not None:
             timings["denoise_queue_ms"] = (request.first_step_at - request.submitted_at) * 1000
         self._done(params, "image" if image is not None else "text", request, timings)
-        return DenoisedLatents(latents, timings, handoff_at())
+        return DenoisedLatents(latents, timings, time.time())
 
     def _done(self, params: DenoiseParams, kind: str, request, timings: dict) -> None:
         model = params.variant or "default"

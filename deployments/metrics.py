@@ -122,21 +122,16 @@ def request_id() -> str:
         return ""
 
 
-def handoff_at() -> float:
-    """The wall-clock stamp a stage puts on its output (`handoff_at`), from which the next stage's queue wait is
-    measured."""
-    return time.time()
-
-
-def record_queue_wait(stage: str, timings: dict[str, float], handed_off: float | None,
+def record_queue_wait(stage: str, timings: dict[str, float], handoff_at: float | None,
                       started: float | None = None) -> None:
-    """`handed_off` → `started` (wall-clock seconds; default now) as `<stage>_wait_ms` in `timings` and the
+    """`handoff_at` → `started` (wall-clock seconds, `time.time()`; default now) as `<stage>_wait_ms` in `timings`
+    and the
     queue-wait histogram. Wall clocks: across nodes the value includes their clock offset (NTP keeps it to about
     a millisecond). A batched stage passes the start of the model call that did the request's work, so the wait
     includes the batch queue and any earlier call of the same batch."""
-    if handed_off is None:
+    if handoff_at is None:
         return
-    wait_ms = max(0.0, ((time.time() if started is None else started) - handed_off) * 1000.0)
+    wait_ms = max(0.0, ((time.time() if started is None else started) - handoff_at) * 1000.0)
     timings[f"{stage}_wait_ms"] = wait_ms
     stage_metrics().queue_wait.observe(wait_ms, tags={"stage": stage})
 

@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     try:
-        registry.list(config.tenant)  # reachable (and credentials valid) before spending the training time
+        registry.manifests(config.tenant)  # reachable (and credentials valid) before spending the training time
     except Exception as err:  # noqa: BLE001 - any backend error (s3fs, botocore, OS) means the same here
         print(f"error: cannot read the registry {registry.root_url}: {type(err).__name__}: {err}", file=sys.stderr)
         return 1

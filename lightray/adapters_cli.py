@@ -95,7 +95,7 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 
 def _cmd_list(args: argparse.Namespace) -> int:
     reg = registry_from_args(args)
-    manifests = reg.list(args.tenant, latest_only=args.latest)
+    manifests = reg.manifests(args.tenant, latest_only=args.latest)
     if args.json:
         _dump([_manifest_json(m) for m in manifests])
         return 0

@@ -10,7 +10,7 @@ Layout under the registry root::
 Design choices, and why:
 
 * **The manifest is the commit record.**  A version directory without
-  ``manifest.json`` is invisible to ``list``/``resolve``/``fetch``.  Publish
+  ``manifest.json`` is invisible to ``manifests``/``resolve``/``fetch``.  Publish
   uploads every payload file first and the manifest last; delete removes the
   manifest first.  A publish or delete killed half-way therefore never exposes
   a half-written adapter, on any backend, without needing transactions.
@@ -37,7 +37,6 @@ training jobs and from Serve replicas alike.
 
 from __future__ import annotations
 
-import builtins
 import errno
 import hashlib
 import json
@@ -513,7 +512,7 @@ class AdapterRegistry:
         """Drop cached listings: another process may have published since."""
         self.fs.invalidate_cache()
 
-    def _ls_dirs(self, path: str) -> builtins.list[str]:
+    def _ls_dirs(self, path: str) -> list[str]:
         try:
             entries = self.fs.ls(path, detail=True)
         except (FileNotFoundError, NotADirectoryError):
@@ -524,7 +523,22 @@ class AdapterRegistry:
             if e.get("type") == "directory"
         ]
 
-    def _version_numbers(self, tenant: str, name: str) -> builtins.list[int]:
+    def _parse_version_path(self, path: str) -> tuple[tuple[str, str, int], list[str]] | None:
+        """``<root>/<tenant>/<name>/v<N>[/rest...]`` as ((tenant, name, N), rest parts); None for any other path
+        (outside the root, above a version directory, or with components that fail validation)."""
+        prefix = self.root + "/"
+        if not path.startswith(prefix):
+            return None
+        parts = path[len(prefix) :].split("/")
+        if len(parts) < 3:
+            return None
+        t, n, vdir = parts[:3]
+        vm = _VERSION_DIR_RE.fullmatch(vdir)
+        if not vm or not _NAME_RE.fullmatch(t) or not _NAME_RE.fullmatch(n) or ".." in t + n:
+            return None
+        return (t, n, int(vm.group(1))), parts[3:]
+
+    def _version_numbers(self, tenant: str, name: str) -> list[int]:
         """All version dirs, complete or not, ascending."""
         self._fresh()
         out = []
@@ -787,12 +801,12 @@ class AdapterRegistry:
             for v in versions:
                 self._pinned.pop((tenant, name, v), None)
 
-    def versions(self, ref: str | AdapterRef) -> builtins.list[int]:
+    def versions(self, ref: str | AdapterRef) -> list[int]:
         """Complete version numbers of ``tenant/name``, ascending."""
         r = AdapterRef.parse(ref)
-        return [m.version for m in self.list(r.tenant) if m.name == r.name]
+        return [m.version for m in self.manifests(r.tenant) if m.name == r.name]
 
-    def list(self, tenant: str | None = None, *, latest_only: bool = False) -> builtins.list[AdapterManifest]:
+    def manifests(self, tenant: str | None = None, *, latest_only: bool = False) -> list[AdapterManifest]:
         """Manifests of every complete version (of one tenant), sorted by ref.
 
         One recursive listing plus a batched read of the manifests, rather than
@@ -805,24 +819,18 @@ class AdapterRegistry:
         except FileNotFoundError:
             return []
         wanted: dict[str, tuple[str, str, int]] = {}
-        prefix = self.root + "/"
         for p in paths:
-            if not p.startswith(prefix):
+            parsed = self._parse_version_path(p)
+            if parsed is None or parsed[1] != [MANIFEST_FILENAME]:
                 continue
-            parts = p[len(prefix) :].split("/")
-            if len(parts) != 4 or parts[3] != MANIFEST_FILENAME:
+            key = parsed[0]
+            if tenant is not None and key[0] != tenant:  # S3 prefix "acme" also matches "acme2/"
                 continue
-            t, n, vdir = parts[:3]
-            vm = _VERSION_DIR_RE.fullmatch(vdir)
-            if not vm or not _NAME_RE.fullmatch(t) or not _NAME_RE.fullmatch(n) or ".." in t + n:
-                continue
-            if tenant is not None and t != tenant:  # S3 prefix "acme" also matches "acme2/"
-                continue
-            wanted[p] = (t, n, int(vm.group(1)))
+            wanted[p] = key
         if not wanted:
             return []
-        raw = self.fs.cat(builtins.list(wanted), on_error="return")
-        out: builtins.list[AdapterManifest] = []
+        raw = self.fs.cat(list(wanted), on_error="return")
+        out: list[AdapterManifest] = []
         for p, (t, n, v) in wanted.items():
             data = raw.get(p)
             if not isinstance(data, bytes):  # deleted since the listing, or unreadable
@@ -836,10 +844,10 @@ class AdapterRegistry:
             latest: dict[tuple[str, str], AdapterManifest] = {}
             for m in out:
                 latest[(m.tenant, m.name)] = m
-            out = builtins.list(latest.values())
+            out = list(latest.values())
         return out
 
-    def delete(self, ref: str | AdapterRef) -> builtins.list[str]:
+    def delete(self, ref: str | AdapterRef) -> list[str]:
         """Delete one version (``t/n@vN``) or every version (``t/n``); return deleted refs.
 
         Manifests go first, so a delete killed half-way leaves at worst an
@@ -939,7 +947,7 @@ class AdapterRegistry:
             os.replace(tmp, mpath)
         return m, dest
 
-    def gc_incomplete(self, older_than_s: float = 3600.0) -> builtins.list[str]:
+    def gc_incomplete(self, older_than_s: float = 3600.0) -> list[str]:
         """Remove version dirs that have no manifest and saw no write for ``older_than_s``.
 
         These are left by publishes that died before their commit point (or
@@ -954,22 +962,15 @@ class AdapterRegistry:
             entries = self.fs.find(self.root, withdirs=True, detail=True)
         except FileNotFoundError:
             return []
-        prefix = self.root + "/"
         newest: dict[tuple[str, str, int], float] = {}
         undated: set[tuple[str, str, int]] = set()
         complete: set[tuple[str, str, int]] = set()
         for p, info in entries.items():
-            if not p.startswith(prefix):
+            parsed = self._parse_version_path(p)
+            if parsed is None:
                 continue
-            parts = p[len(prefix) :].split("/")
-            if len(parts) < 3:
-                continue
-            t, n, vdir = parts[:3]
-            vm = _VERSION_DIR_RE.fullmatch(vdir)
-            if not vm or not _NAME_RE.fullmatch(t) or not _NAME_RE.fullmatch(n) or ".." in t + n:
-                continue
-            key = (t, n, int(vm.group(1)))
-            if len(parts) == 4 and parts[3] == MANIFEST_FILENAME:
+            key, rest = parsed
+            if rest == [MANIFEST_FILENAME]:
                 complete.add(key)
             mt = _mtime(info)
             if mt is not None:
@@ -978,7 +979,7 @@ class AdapterRegistry:
                 # Object stores give prefixes ("directories") no date; that is
                 # fine.  A file we cannot date we never delete.
                 undated.add(key)
-        removed: builtins.list[str] = []
+        removed: list[str] = []
         for key, mt in sorted(newest.items()):
             if key in complete or key in undated or now - mt < older_than_s:
                 continue

@@ -9,6 +9,9 @@ Precedence, highest first (pydantic-settings' order, tested in tests/test_config
 2. the environment: `LIGHTRAY_REGISTRY`, `LIGHTRAY_REGISTRY_STORAGE_OPTIONS` (JSON);
 3. the defaults below.
 
+Mappings (`registry_storage_options`) are merged key by key across the sources, the higher one winning per key:
+an empty mapping passed to the constructor does not clear what the environment sets.
+
 A relative local root is taken from the repository root, never from the working directory: Serve replicas and
 Ray jobs run with working directories of Ray's choosing, and the CLI must find the folder the service uses.
 """

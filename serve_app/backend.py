@@ -191,8 +191,8 @@ class RayGraphBackend:
         return self.denoiser
 
     def _encode(self, spec: GenerationSpec):
-        # `handoff`: wall-clock send time, from which the stage measures its queue wait (deployments/metrics.py).
-        return self.text_encoder.encode.remote(spec.prompt, spec.negative_prompt, handoff=time.time())
+        # `handoff_at`: wall-clock send time, from which the stage measures its queue wait (deployments/metrics.py).
+        return self.text_encoder.encode.remote(spec.prompt, spec.negative_prompt, handoff_at=time.time())
 
     async def _generate(self, spec: GenerationSpec) -> GenerationResult:
         start = time.perf_counter()
@@ -210,7 +210,7 @@ class RayGraphBackend:
         start = time.perf_counter()
         encoded = self._encode(spec)
         image_latents = self.vae.encode.remote(np.asarray(image.convert("RGB")), spec.seeds, spec.width, spec.height,
-                                               handoff=time.time())
+                                               handoff_at=time.time())
         denoised = self._denoiser_for(spec).denoise.remote(
             spec.denoise_params(), encoded, image_latents, None if mask is None else np.asarray(mask.convert("L")),
         )
@@ -227,7 +227,7 @@ class RayGraphBackend:
                     ) -> AsyncIterator[StreamItem]:
         encoded = self._encode(spec)
         image_latents = self.vae.encode.remote(np.asarray(image.convert("RGB")), spec.seeds, spec.width, spec.height,
-                                               handoff=time.time())
+                                               handoff_at=time.time())
         denoising = self._denoiser_for(spec).options(stream=True).denoise_stream.remote(
             spec.denoise_params(), encoded, image_latents, None if mask is None else np.asarray(mask.convert("L")),
         )

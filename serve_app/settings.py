@@ -4,7 +4,8 @@
 2. the environment, `LIGHTRAY_<FIELD>` (nested values as JSON, e.g. LIGHTRAY_API_KEYS);
 3. the defaults below.
 
-So an environment variable fills in what the YAML leaves out (secrets, in particular: LIGHTRAY_API_KEYS from a
+Mappings and nested models (`registry_storage_options`, `engine`) are merged key by key across the sources, the
+higher one winning per key. So an environment variable fills in what the YAML leaves out (secrets, in particular: LIGHTRAY_API_KEYS from a
 Kubernetes Secret), and cannot override what the YAML sets.
 """
 

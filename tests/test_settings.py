@@ -43,8 +43,13 @@ def test_registry_settings_take_constructor_arguments_over_the_environment_over_
     monkeypatch.setenv("LIGHTRAY_REGISTRY_STORAGE_OPTIONS", json.dumps({"auto_mkdir": True}))
     assert RegistrySettings().registry == str(tmp_path / "from-env")
     assert RegistrySettings().registry_storage_options == {"auto_mkdir": True}
-    explicit = RegistrySettings(registry=str(tmp_path / "given"), registry_storage_options={})
-    assert (explicit.registry, explicit.registry_storage_options) == (str(tmp_path / "given"), {})
+    explicit = RegistrySettings(registry=str(tmp_path / "given"), registry_storage_options={"auto_mkdir": False})
+    assert (explicit.registry, explicit.registry_storage_options) == (str(tmp_path / "given"), {"auto_mkdir": False})
+    # Mappings are merged key by key (pydantic-settings' deep update), the constructor winning per key: an empty
+    # mapping does not clear what the environment sets.
+    assert RegistrySettings(registry_storage_options={}).registry_storage_options == {"auto_mkdir": True}
+    assert RegistrySettings(registry_storage_options={"anon": True}).registry_storage_options == {
+        "auto_mkdir": True, "anon": True}
     # The service reads the same variables through the same fields.
     service = ServiceSettings(**NO_AUTH)
     assert (service.registry, service.registry_storage_options) == (str(tmp_path / "from-env"), {"auto_mkdir": True})

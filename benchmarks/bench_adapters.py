@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         s3.stop()
 
     # Warm: both adapters loaded. The engine applies each row's adapters inside the forward, so there is no
-    # per-request switch to measure any more (it was a set_adapters walk over every LoRA layer).
+    # per-request adapter switch to measure.
     stage.load_adapter("A", str(sources[0]))
     stage.load_adapter("B", str(sources[1]))
 

@@ -1,4 +1,4 @@
-"""Overload and timeouts on the local service (issue 6, point 2): what a burst beyond capacity gets, how fast, and
+"""Overload and timeouts on the local service: what a burst beyond capacity gets, how fast, and
 what happens to work that outlives its request timeout.
 
     python benchmarks/overload.py [--burst 60] [--timeout-s 5]

@@ -92,13 +92,24 @@ def stage_metrics() -> _Metrics:
     return _Metrics()
 
 
+# Two Ray internals, each read in one function below and pinned by tests/test_ray_internals.py (so a Ray upgrade
+# that moves them fails a test, not a replica): Ray has no public API for the metrics report interval in effect
+# (`RAY_metrics_report_interval_ms`, or a cluster's `_system_config`), nor for the Serve request id of the request
+# being handled (`serve.get_replica_context()` describes the replica, not the request).
+
+
+def metrics_report_interval_ms() -> int:
+    """How often this process pushes metrics to its node's exporter, in milliseconds (Ray's internal config)."""
+    import ray
+
+    return int(ray._config.metrics_report_interval_ms())
+
+
 def keep_reporting(gauge, value: Callable[[], float], name: str) -> threading.Thread:
     """Set `gauge` to `value()` every half report interval from a daemon thread. Ray's exporter drops a gauge
     series that has not been reported for two report intervals (`RAY_metrics_report_interval_ms`), and a gauge
     set only when it changes is not reported again, so a quiet replica's gauge would leave the scrape."""
-    import ray
-
-    period_s = max(0.5, ray._config.metrics_report_interval_ms() / 2000.0)
+    period_s = max(0.5, metrics_report_interval_ms() / 2000.0)
 
     def loop() -> None:
         while True:
@@ -115,7 +126,7 @@ def keep_reporting(gauge, value: Callable[[], float], name: str) -> threading.Th
 
 def request_id() -> str:
     """The Serve request id of the request being handled (the ingress's `x-request-id`; Serve carries it along
-    every handle call), or "" outside a request."""
+    every handle call), or "" outside a request (Serve's internal request context: see above)."""
     try:
         return serve.context._get_serve_request_context().request_id
     except Exception:  # noqa: BLE001 - never fail a request over its id

@@ -98,6 +98,11 @@ def _decode_all(stage: VaeStage, items: list[DecodeItem], max_images: int | None
 
 @serve.deployment(name="VaeDecoder")
 class VaeDecoder:
+    """The VAE stage, both ways: `decode` turns denoised latents into PNGs (batched across requests), and `encode`
+    turns an input image into starting latents for img2img and inpainting. One deployment holds the VAE once for
+    both; it keeps the name `VaeDecoder` because Serve configs (configs/serve/*.yaml, k8s/rayservice.yaml) and
+    dashboards refer to the deployment by that name."""
+
     def __init__(self, preset: dict, max_batch_size: int = MAX_BATCH_SIZE,
                  batch_wait_timeout_s: float = BATCH_WAIT_TIMEOUT_S,
                  max_images_per_call: int | None = MAX_IMAGES_PER_CALL):

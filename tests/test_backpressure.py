@@ -1,4 +1,4 @@
-"""Backpressure, timeouts and cancellation (issue 6, point 2), on a real local Ray cluster with the Denoiser held to
+"""Backpressure, timeouts and cancellation, on a real local Ray cluster with the Denoiser held to
 one replica that runs one request and queues one more, an ingress that admits two requests at a time, and a 4 s
 request timeout."""
 

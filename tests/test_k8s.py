@@ -1,4 +1,4 @@
-"""The Kubernetes manifests deploy (issue #13 point 7): every pod template in k8s/ is a valid Kubernetes pod
+"""The Kubernetes manifests deploy: every pod template in k8s/ is a valid Kubernetes pod
 template (kubernetes-validate, strict: unknown fields fail), every plain object is valid as itself, and the
 manifests run the image the Dockerfile builds, with the volumes, /dev/shm and GPU placement they need."""
 

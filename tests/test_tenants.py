@@ -1,4 +1,4 @@
-"""API keys → tenants, and adapter privacy between tenants (issue 6, point 4), over the real FastAPI app with the
+"""API keys → tenants, and adapter privacy between tenants, over the real FastAPI app with the
 in-process backend; one test goes through a real HTTP server with the official openai client."""
 
 from __future__ import annotations

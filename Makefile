@@ -3,12 +3,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 CONFIG ?= configs/serve/local.yaml
 
-# Ray settings for a small shared machine: no token auth (a bare ray.init() could otherwise write
-# ~/.ray/auth_token and switch later clusters to token auth), no usage stats, and a proxy start-up check that
-# tolerates a busy 2-core CPU (the default 5 s fails while models load).
-export RAY_AUTH_MODE ?= disabled
-export RAY_USAGE_STATS_ENABLED ?= 0
-export RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S ?= 60
+# Ray's environment (no token auth, no usage stats, a patient proxy start-up check) is set by the programs the
+# targets run, from lightray/ray_env.py: `lightray serve`, and testing/local_cluster.py for tests and benchmarks.
 
 .PHONY: serve test bench train eval clean image image-cpu
 

@@ -29,7 +29,6 @@ import httpx
 from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 from lightray.lora_training import acceptance_prompts, before_after_figure, rates  # noqa: E402
 from lightray.world.evaluator import parse_prompt  # noqa: E402
@@ -107,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     url = args.url
     try:
         if url is None:
-            from lightray.local_cluster import RayCluster
+            from testing.local_cluster import RayCluster
 
             cluster = RayCluster().start()
             registry = str(Path(args.registry).resolve()) if "://" not in args.registry else args.registry

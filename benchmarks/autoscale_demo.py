@@ -26,9 +26,8 @@ import yaml
 from PIL import Image, ImageDraw
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
-from lightray.local_cluster import RayCluster  # noqa: E402
+from testing.local_cluster import RayCluster  # noqa: E402
 
 DEPLOYMENTS = ("Ingress", "TextEncoder", "Denoiser", "VaeDecoder")
 COLORS = {"Ingress": (120, 120, 120), "TextEncoder": (31, 119, 180), "Denoiser": (214, 39, 40),

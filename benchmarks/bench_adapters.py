@@ -7,7 +7,7 @@ adapter, with one, and alternating between two.
 In process, without Ray: `AdapterRegistry.fetch` (download + sha256 check into an empty cache, as a Denoiser
 replica's multiplexed loader does) and the denoising engine (`load_adapter`, `denoise`) are the exact calls
 a replica makes; the Serve hop costs are measured by bench_graph.py. The S3 registry is a real SeaweedFS server
-(`weed mini`, tests/s3_server.py) on loopback, so "S3" here is the protocol and client cost, not a WAN's.
+(`weed mini`, testing/s3_server.py) on loopback, so "S3" here is the protocol and client cost, not a WAN's.
 Adapters: rank-16 LoRAs on every transformer target (`LORA_TARGETS`, the trainer's default; ≈ 2.4 MB each), with
 seeded random weights. Prints a table, writes benchmarks/results/adapters.json.
 """
@@ -25,10 +25,8 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
 
-from conftest_registry import make_lora_adapter  # noqa: E402
+from testing.adapters import make_lora_adapter  # noqa: E402
 from lightray.config import load_preset  # noqa: E402
 from lightray.contracts import AdapterUse  # noqa: E402
 from lightray.pipeline import LocalPipeline  # noqa: E402
@@ -36,7 +34,7 @@ from lightray.registry import AdapterRegistry  # noqa: E402
 from lightray.schemas import ImageGenerationRequest  # noqa: E402
 from lightray.engine import DenoiseEngine  # noqa: E402
 from lightray.world.train import LORA_TARGETS  # noqa: E402
-from s3_server import start_s3_server  # noqa: E402
+from testing.s3_server import start_s3_server  # noqa: E402
 
 PROMPT = "a red circle on the left, white background"
 
@@ -102,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         s3.stop()
 
     # Warm: both adapters loaded. The engine applies each row's adapters inside the forward, so there is no
-    # per-request switch to measure any more (it was a set_adapters walk over every LoRA layer).
+    # per-request adapter switch to measure.
     stage.load_adapter("A", str(sources[0]))
     stage.load_adapter("B", str(sources[1]))
 

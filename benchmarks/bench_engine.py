@@ -21,7 +21,6 @@ import argparse
 import concurrent.futures as cf
 import json
 import statistics
-import sys
 import tempfile
 import threading
 import time
@@ -31,16 +30,13 @@ import httpx
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
-sys.path.insert(0, str(REPO / "tests"))
 
 from bench_graph import bench_graph, bench_in_process  # noqa: E402
-from conftest_registry import publish_lora_adapter  # noqa: E402
+from testing.adapters import publish_lora_adapter  # noqa: E402
 
 from lightray.config import EngineConfig, load_preset  # noqa: E402
 from lightray.contracts import DenoiseParams, TextEmbeddings  # noqa: E402
-from lightray.local_cluster import RayCluster  # noqa: E402
+from testing.local_cluster import RayCluster  # noqa: E402
 
 LIGHTNING = "lightray-shapes-lightning-4"
 PROMPT = "a red circle on the left, white background"

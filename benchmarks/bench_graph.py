@@ -15,7 +15,6 @@ import argparse
 import concurrent.futures as cf
 import json
 import statistics
-import sys
 import threading
 import time
 from pathlib import Path
@@ -24,11 +23,10 @@ import httpx
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 from lightray.config import load_preset  # noqa: E402
 from lightray.images import encode_png  # noqa: E402
-from lightray.local_cluster import RayCluster  # noqa: E402
+from testing.local_cluster import RayCluster  # noqa: E402
 from lightray.pipeline import LocalPipeline  # noqa: E402
 from lightray.schemas import ImageGenerationRequest  # noqa: E402
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,10 +24,9 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 from lightray.config import load_preset  # noqa: E402
-from lightray.local_cluster import RayCluster  # noqa: E402
+from testing.local_cluster import RayCluster  # noqa: E402
 from lightray.stages import VaeStage  # noqa: E402
 
 PROMPTS = ["a red circle on the left, white background", "白色背景，左边有一个红色的圆形",

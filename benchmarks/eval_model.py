@@ -15,7 +15,6 @@ import argparse
 import json
 import random
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -23,7 +22,6 @@ import torch
 from PIL import Image, ImageDraw
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 from lightray.config import load_preset  # noqa: E402
 from lightray.pipeline import LocalPipeline  # noqa: E402

@@ -23,13 +23,11 @@ import collections
 import dataclasses
 import json
 import re
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 from lightray.config import ModelPreset, load_preset  # noqa: E402
 
@@ -182,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.local_cluster:
         import tempfile
 
-        from lightray.local_cluster import RayCluster
+        from testing.local_cluster import RayCluster
 
         cluster = RayCluster(metrics_report_interval_ms=1000).start()
         registry = tempfile.mkdtemp(prefix="lightray-fuzz-registry-")

@@ -18,7 +18,6 @@ import argparse
 import dataclasses
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -26,7 +25,6 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 from lightray.config import DEFAULT_PRESET, load_preset  # noqa: E402
 from lightray.edits import overlay_mask  # noqa: E402

@@ -29,11 +29,10 @@ import httpx
 import psutil
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
-from lightray.adapters import open_registry  # noqa: E402
+from lightray.registry_settings import open_registry  # noqa: E402
 from lightray.config import load_preset  # noqa: E402
-from lightray.local_cluster import BIN, RayCluster  # noqa: E402
+from testing.local_cluster import BIN, RayCluster  # noqa: E402
 
 DEPLOYMENTS = ("Ingress", "TextEncoder", "Denoiser", "VaeDecoder")
 MiB = 1024 * 1024

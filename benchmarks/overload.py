@@ -1,4 +1,4 @@
-"""Overload and timeouts on the local service (issue 6, point 2): what a burst beyond capacity gets, how fast, and
+"""Overload and timeouts on the local service: what a burst beyond capacity gets, how fast, and
 what happens to work that outlives its request timeout.
 
     python benchmarks/overload.py [--burst 60] [--timeout-s 5]
@@ -19,7 +19,6 @@ import concurrent.futures as cf
 import json
 import re
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -27,9 +26,8 @@ import httpx
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
-from lightray.local_cluster import RayCluster  # noqa: E402
+from testing.local_cluster import RayCluster  # noqa: E402
 
 BUSY = {"prompt": "a blue square at the top, gray background", "model": "lightray-shapes", "size": "64x64"}
 SLOW = {**BUSY, "size": "256x256", "n": 2, "num_inference_steps": 100, "true_cfg_scale": 4.0, "seed": 2}

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -24,7 +23,6 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 from lightray.config import DEFAULT_PRESET, load_preset  # noqa: E402
 from lightray.pipeline import LocalPipeline  # noqa: E402
@@ -68,7 +66,7 @@ def hop_timings(runs: int) -> dict[str, float]:
     import ray
     from ray import serve
 
-    from lightray.local_cluster import RayCluster, free_port
+    from testing.local_cluster import RayCluster, free_port
 
     @serve.deployment(ray_actor_options={"num_cpus": 0.1})
     class Hop:

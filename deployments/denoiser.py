@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 
 import numpy as np
 from ray import serve
 
 from deployments.metrics import (
-    handoff_at,
     keep_reporting,
     log_request,
     record_queue_wait,
@@ -23,7 +23,8 @@ from deployments.metrics import (
     request_id,
     stage_metrics,
 )
-from lightray.adapters import open_registry
+from lightray.adapters import fetch_for_preset
+from lightray.registry_settings import open_registry
 from lightray.config import load_preset
 from lightray.contracts import DenoisedLatents, DenoiseParams, ImageLatents, StepProgress, TextEmbeddings
 from lightray.engine import DenoiseCancelled, DenoiseEngine, EngineConfig, EngineRequest, StepStats
@@ -78,7 +79,7 @@ class Denoiser:
             # Download + checksum off the event loop; the engine loads the LoRA into the transformer at a step
             # boundary when the first request that names it is admitted.
             self.metrics.adapter_misses.inc()
-            manifest, path = await asyncio.to_thread(self.registry.fetch, ref, base_model_id=self.preset.base_model_id)
+            manifest, path = await asyncio.to_thread(fetch_for_preset, self.registry, ref, self.preset)
             logger.info("adapter %s fetched to %s", manifest.ref, path)
             adapter = LoadedAdapter(self.engine, ref, str(path), on_release=released)
             self._adapters_held += 1
@@ -162,7 +163,7 @@ class Denoiser:
         if request.first_step_at is not None:
             timings["denoise_queue_ms"] = (request.first_step_at - request.submitted_at) * 1000
         self._done(params, "image" if image is not None else "text", request, timings)
-        return DenoisedLatents(latents, timings, handoff_at())
+        return DenoisedLatents(latents, timings, time.time())
 
     def _done(self, params: DenoiseParams, kind: str, request, timings: dict) -> None:
         model = params.variant or "default"

@@ -92,13 +92,24 @@ def stage_metrics() -> _Metrics:
     return _Metrics()
 
 
+# Two Ray internals, each read in one function below and pinned by tests/test_ray_internals.py (so a Ray upgrade
+# that moves them fails a test, not a replica): Ray has no public API for the metrics report interval in effect
+# (`RAY_metrics_report_interval_ms`, or a cluster's `_system_config`), nor for the Serve request id of the request
+# being handled (`serve.get_replica_context()` describes the replica, not the request).
+
+
+def metrics_report_interval_ms() -> int:
+    """How often this process pushes metrics to its node's exporter, in milliseconds (Ray's internal config)."""
+    import ray
+
+    return int(ray._config.metrics_report_interval_ms())
+
+
 def keep_reporting(gauge, value: Callable[[], float], name: str) -> threading.Thread:
     """Set `gauge` to `value()` every half report interval from a daemon thread. Ray's exporter drops a gauge
     series that has not been reported for two report intervals (`RAY_metrics_report_interval_ms`), and a gauge
     set only when it changes is not reported again, so a quiet replica's gauge would leave the scrape."""
-    import ray
-
-    period_s = max(0.5, ray._config.metrics_report_interval_ms() / 2000.0)
+    period_s = max(0.5, metrics_report_interval_ms() / 2000.0)
 
     def loop() -> None:
         while True:
@@ -115,28 +126,23 @@ def keep_reporting(gauge, value: Callable[[], float], name: str) -> threading.Th
 
 def request_id() -> str:
     """The Serve request id of the request being handled (the ingress's `x-request-id`; Serve carries it along
-    every handle call), or "" outside a request."""
+    every handle call), or "" outside a request (Serve's internal request context: see above)."""
     try:
         return serve.context._get_serve_request_context().request_id
     except Exception:  # noqa: BLE001 - never fail a request over its id
         return ""
 
 
-def handoff_at() -> float:
-    """The wall-clock stamp a stage puts on its output (`handoff_at`), from which the next stage's queue wait is
-    measured."""
-    return time.time()
-
-
-def record_queue_wait(stage: str, timings: dict[str, float], handed_off: float | None,
+def record_queue_wait(stage: str, timings: dict[str, float], handoff_at: float | None,
                       started: float | None = None) -> None:
-    """`handed_off` → `started` (wall-clock seconds; default now) as `<stage>_wait_ms` in `timings` and the
+    """`handoff_at` → `started` (wall-clock seconds, `time.time()`; default now) as `<stage>_wait_ms` in `timings`
+    and the
     queue-wait histogram. Wall clocks: across nodes the value includes their clock offset (NTP keeps it to about
     a millisecond). A batched stage passes the start of the model call that did the request's work, so the wait
     includes the batch queue and any earlier call of the same batch."""
-    if handed_off is None:
+    if handoff_at is None:
         return
-    wait_ms = max(0.0, ((time.time() if started is None else started) - handed_off) * 1000.0)
+    wait_ms = max(0.0, ((time.time() if started is None else started) - handoff_at) * 1000.0)
     timings[f"{stage}_wait_ms"] = wait_ms
     stage_metrics().queue_wait.observe(wait_ms, tags={"stage": stage})
 

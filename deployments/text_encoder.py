@@ -17,7 +17,7 @@ import time
 import numpy as np
 from ray import serve
 
-from deployments.metrics import handoff_at, log_request, record_batch, record_queue_wait, record_stages
+from deployments.metrics import log_request, record_batch, record_queue_wait, record_stages
 from lightray.config import load_preset
 from lightray.contracts import TextEmbeddings
 from lightray.stages import TextEncodeStage
@@ -95,7 +95,7 @@ def _encode_all(stage: TextEncodeStage, items: list[PromptPair]) -> list[Encoded
     return out
 
 
-@serve.deployment(name="TextEncoder", max_ongoing_requests=8)
+@serve.deployment(name="TextEncoder")
 class TextEncoder:
     def __init__(self, preset: dict, max_batch_size: int = MAX_BATCH_SIZE,
                  batch_wait_timeout_s: float = BATCH_WAIT_TIMEOUT_S):
@@ -104,22 +104,22 @@ class TextEncoder:
         self._encode_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
     async def encode(self, prompt: str, negative_prompt: str | None = None,
-                     handoff: float | None = None) -> TextEmbeddings:
-        """One request's embeddings (`negative` only when it has a negative prompt). `handoff`: when the ingress
+                     handoff_at: float | None = None) -> TextEmbeddings:
+        """One request's embeddings (`negative` only when it has a negative prompt). `handoff_at`: when the ingress
         sent the request (wall-clock s); `encode_wait_ms` runs from it to the start of the forward that encoded
         this prompt (routing, the replica's queue, the batch queue, earlier forwards of the batch)."""
         out = await self._encode_batch(PromptPair(prompt, negative_prompt))
         if isinstance(out, Exception):
             raise out
         timings: dict[str, float] = {}
-        record_queue_wait("encode", timings, handoff, started=out.started_at)
+        record_queue_wait("encode", timings, handoff_at, started=out.started_at)
         timings["encode_ms"] = out.encode_ms
         record_stages(timings, "encode_ms")
         log_request("encode", prompts=1 if out.negative is None else 2,
                     tokens=len(out.prompt) + (0 if out.negative is None else len(out.negative)),
                     batch=out.batch_requests, forwards=out.forwards,
                     wait_ms=timings.get("encode_wait_ms"), encode_ms=timings["encode_ms"])
-        return TextEmbeddings(out.prompt, out.negative, timings, handoff_at())
+        return TextEmbeddings(out.prompt, out.negative, timings, time.time())
 
     @serve.batch(max_batch_size=MAX_BATCH_SIZE, batch_wait_timeout_s=BATCH_WAIT_TIMEOUT_S)
     async def _encode_batch(self, items: list[PromptPair]) -> list[EncodedPair | Exception]:

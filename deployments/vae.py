@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 from ray import serve
 
-from deployments.metrics import handoff_at, log_request, record_batch, record_queue_wait, record_stages
+from deployments.metrics import log_request, record_batch, record_queue_wait, record_stages
 from deployments.timing import timed
 from lightray.config import load_preset
 from lightray.contracts import DecodedImages, DenoisedLatents, ImageLatents
@@ -96,8 +96,13 @@ def _decode_all(stage: VaeStage, items: list[DecodeItem], max_images: int | None
     return [out[i] for i in range(len(items))]
 
 
-@serve.deployment(name="VaeDecoder", max_ongoing_requests=8)
+@serve.deployment(name="VaeDecoder")
 class VaeDecoder:
+    """The VAE stage, both ways: `decode` turns denoised latents into PNGs (batched across requests), and `encode`
+    turns an input image into starting latents for img2img and inpainting. One deployment holds the VAE once for
+    both; it keeps the name `VaeDecoder` because Serve configs (configs/serve/*.yaml, k8s/rayservice.yaml) and
+    dashboards refer to the deployment by that name."""
+
     def __init__(self, preset: dict, max_batch_size: int = MAX_BATCH_SIZE,
                  batch_wait_timeout_s: float = BATCH_WAIT_TIMEOUT_S,
                  max_images_per_call: int | None = MAX_IMAGES_PER_CALL):
@@ -131,22 +136,22 @@ class VaeDecoder:
         return await asyncio.to_thread(decode_batch, self.stage, items, self.max_images_per_call)
 
     def encode(self, image: np.ndarray, seeds: list[int], width: int, height: int,
-               handoff: float | None = None) -> ImageLatents:
+               handoff_at: float | None = None) -> ImageLatents:
         """An input image (uint8 [h, w, 3]) → `ImageLatents` for `seeds`: the denoiser's starting point for
         img2img / inpainting (`VaeStage.encode_for_seeds`). Here rather than in the Denoiser: on the embedded model
         a 64x64 encode takes 3–5 times a handle hop, time the (scarcer) denoiser would otherwise spend, and it runs
         concurrently with the text encoder. Here rather than in a deployment of its own: that would cost the same
         hop plus a second copy of the VAE (docs/image_inputs.md). Not batched: an encode is per image and seeds,
-        and rarer than decodes. `handoff`: when the ingress sent the request (wall-clock s), for the queue-wait
+        and rarer than decodes. `handoff_at`: when the ingress sent the request (wall-clock s), for the queue-wait
         metric."""
         timings: dict[str, float] = {}
-        record_queue_wait("vae_encode", timings, handoff)
+        record_queue_wait("vae_encode", timings, handoff_at)
         with timed(timings, "vae_encode_ms"):
             start = self.stage.encode_for_seeds(Image.fromarray(image), seeds, height, width)
         record_stages(timings, "vae_encode_ms")
         log_request("vae_encode", images=len(seeds), size=f"{width}x{height}",
                     wait_ms=timings.get("vae_encode_wait_ms"), vae_encode_ms=timings["vae_encode_ms"])
-        return dataclasses.replace(start, timings=timings, handoff_at=handoff_at())
+        return dataclasses.replace(start, timings=timings, handoff_at=time.time())
 
     async def check_health(self) -> None:
         # A tiny real forward on the device, without the VAE lock (VaeStage.check_health), off the event loop.

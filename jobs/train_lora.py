@@ -44,8 +44,8 @@ from lightray.lora_training import (
     run_training,
     stage_adapter,
 )
-from lightray.adapters import open_registry as lightray_open_registry
-from lightray.registry import AdapterRegistry, AdapterRegistryError, storage_options_from_env
+from lightray.registry import AdapterRegistry, AdapterRegistryError
+from lightray.registry_settings import open_registry as open_registry_at
 
 # Set by the Ray job supervisor for the entrypoint: the job's runtime env, working_dir included.
 _RAY_JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
@@ -162,11 +162,8 @@ def check_paths(config: TrainConfig) -> None:
 
 
 def open_registry(config: TrainConfig) -> AdapterRegistry:
-    opts = config.registry_storage_options
-    if opts is None:
-        opts = storage_options_from_env(UsageError)
-    # Relative local roots resolve against the repository root, as everywhere else in Lightray.
-    return lightray_open_registry(config.registry, opts)
+    """The registry `config` publishes to; storage options None: from the environment (`RegistrySettings`)."""
+    return open_registry_at(config.registry, config.registry_storage_options)
 
 
 def _parse_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -219,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     try:
-        registry.list(config.tenant)  # reachable (and credentials valid) before spending the training time
+        registry.manifests(config.tenant)  # reachable (and credentials valid) before spending the training time
     except Exception as err:  # noqa: BLE001 - any backend error (s3fs, botocore, OS) means the same here
         print(f"error: cannot read the registry {registry.root_url}: {type(err).__name__}: {err}", file=sys.stderr)
         return 1

@@ -10,8 +10,9 @@ import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
-from lightray.config import REPO_ROOT, ModelPreset
+from lightray.config import ModelPreset
 from lightray.contracts import AdapterUse
+from lightray.fingerprint import fingerprint_model
 from lightray.registry import (
     AdapterIncompatible,
     AdapterManifest,
@@ -38,12 +39,11 @@ class ResolvedAdapter:
         return AdapterUse(ref=self.ref, scale=self.scale)
 
 
-def open_registry(root: str, storage_options: dict | None = None) -> AdapterRegistry:
-    """The registry at `root`; a relative local path is taken from the repository root, so every process (CLI,
-    replica, job) agrees on it whatever its working directory."""
-    if "://" not in root and not Path(root).is_absolute():
-        root = str(REPO_ROOT / root)
-    return AdapterRegistry(root, storage_options=storage_options or None)
+def fetch_for_preset(registry: AdapterRegistry, ref: str, preset: ModelPreset) -> tuple[AdapterManifest, Path]:
+    """Download (or re-use the verified cached copy of) a pinned adapter to load into `preset`'s transformer:
+    refused (`AdapterIncompatible`) unless its manifest names this base model and, when it records a fingerprint,
+    this process's weights have the same one (`lightray.fingerprint`). Every process that loads adapters uses it."""
+    return registry.fetch(ref, base_model_id=preset.base_model_id, base_fingerprint=fingerprint_model(preset))
 
 
 def can_use(manifest: AdapterManifest, tenant: str | None) -> bool:

@@ -10,10 +10,12 @@ Meant to be mounted into the main ``lightray`` CLI::
 and runnable on its own: ``python -m lightray.adapters_cli adapters list``.
 
 The registry location comes from ``--registry``, else ``$LIGHTRAY_REGISTRY``,
-else ``./registry``.  Backend options (S3 endpoint, keys) come from
-``--storage-options JSON`` or ``$LIGHTRAY_REGISTRY_STORAGE_OPTIONS`` (prefer the
-environment for secrets: argv is visible to other users via ``ps``).  For S3
-the usual ``AWS_*`` variables, including ``AWS_ENDPOINT_URL``, also work.
+else ``./registry``; a relative folder is taken from the repository root, as
+the service takes it (``lightray.registry_settings``).  Backend options (S3
+endpoint, keys) come from ``--storage-options JSON`` or
+``$LIGHTRAY_REGISTRY_STORAGE_OPTIONS`` (prefer the environment for secrets:
+argv is visible to other users via ``ps``).  For S3 the usual ``AWS_*``
+variables, including ``AWS_ENDPOINT_URL``, also work.
 """
 
 from __future__ import annotations
@@ -25,19 +27,10 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from lightray.adapters import open_registry
-from lightray.registry import (
-    ENV_STORAGE_OPTIONS,
-    storage_options_from_env,
-    AdapterManifest,
-    AdapterRef,
-    AdapterRegistry,
-    AdapterRegistryError,
-)
+from lightray.registry import AdapterManifest, AdapterRef, AdapterRegistry, AdapterRegistryError
+from lightray.registry_settings import ENV_REGISTRY, ENV_STORAGE_OPTIONS, open_registry
 
 __all__ = ["add_adapter_commands", "main", "registry_from_args"]
-
-ENV_REGISTRY = "LIGHTRAY_REGISTRY"
 
 
 def _json_arg(text: str) -> Any:
@@ -64,7 +57,8 @@ def _common_parent() -> argparse.ArgumentParser:
     p.add_argument(
         "--registry",
         default=None,
-        help=f"registry root: folder or s3://bucket/prefix (default: ${ENV_REGISTRY} or ./registry)",
+        help=f"registry root: folder (relative: to the repository root) or s3://bucket/prefix "
+             f"(default: ${ENV_REGISTRY} or ./registry)",
     )
     p.add_argument(
         "--storage-options",
@@ -78,17 +72,8 @@ def _common_parent() -> argparse.ArgumentParser:
 
 
 def registry_from_args(args: argparse.Namespace) -> AdapterRegistry:
-    """Build the registry an invocation points at (flags, then environment, then default). A path given on the
-    command line or in the environment is the user's, relative to the working directory; the default is the
-    service's own `./registry`, which it resolves against the repository root (`open_registry`), wherever the
-    command runs from."""
-    root = args.registry or os.environ.get(ENV_REGISTRY)
-    opts = args.storage_options
-    if opts is None:
-        opts = storage_options_from_env(AdapterRegistryError)
-    if root is None:
-        return open_registry("./registry", opts)
-    return AdapterRegistry(root, opts)
+    """The registry an invocation points at: flags, then environment, then default (`RegistrySettings`)."""
+    return open_registry(args.registry, args.storage_options)
 
 
 def _dump(obj: Any) -> None:
@@ -110,7 +95,7 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 
 def _cmd_list(args: argparse.Namespace) -> int:
     reg = registry_from_args(args)
-    manifests = reg.list(args.tenant, latest_only=args.latest)
+    manifests = reg.manifests(args.tenant, latest_only=args.latest)
     if args.json:
         _dump([_manifest_json(m) for m in manifests])
         return 0

@@ -23,15 +23,9 @@ import httpx
 from lightray.adapters_cli import add_adapter_commands
 from lightray.config import REPO_ROOT
 from lightray.contracts import MAX_STACKED_ADAPTERS, PRIORITIES
+from lightray.ray_env import with_ray_defaults
 
 DEFAULT_URL = os.environ.get("LIGHTRAY_URL", "http://127.0.0.1:8000")
-RAY_DEFAULTS = {
-    # Explicit, so a stray ~/.ray/auth_token never switches the local cluster to token auth.
-    "RAY_AUTH_MODE": "disabled",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    # Model loading on a busy 2-core machine outlasts the default 5 s proxy start-up check.
-    "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60",
-}
 
 
 def _serve_url(config: Path) -> str:
@@ -45,13 +39,13 @@ def spawn_interruptible(cmd: list[str], **kwargs) -> subprocess.Popen:
     """`subprocess.Popen` whose child takes SIGINT as Ctrl-C even when this process was started in the
     background. A shell starts background jobs (`make serve &`, nohup) with SIGINT ignored, an ignored signal
     stays ignored across exec, and Python then never raises KeyboardInterrupt: `serve run` would ignore the
-    SIGINT that `cmd_serve` forwards on SIGTERM, and the service would never stop (found that way)."""
+    SIGINT that `cmd_serve` forwards on SIGTERM, and the service would never stop."""
     return subprocess.Popen(cmd, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **kwargs)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     config = Path(args.config)
-    env = {**RAY_DEFAULTS, **os.environ}
+    env = with_ray_defaults(os.environ)
     env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     serve_bin = Path(sys.executable).parent / "serve"
     child = spawn_interruptible([str(serve_bin), "run", str(config)], cwd=REPO_ROOT, env=env)
@@ -110,7 +104,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _generate_local(body: dict, preset: str, registry_root: str) -> list[tuple[int, bytes]]:
+def _generate_local(body: dict, preset: str, registry_root: str | None) -> list[tuple[int, bytes]]:
     import secrets
 
     from lightray.images import encode_png
@@ -123,13 +117,14 @@ def _generate_local(body: dict, preset: str, registry_root: str) -> list[tuple[i
     if request.priority is not None:
         spec.priority = request.priority
     if spec.adapters:
-        from lightray.adapters import open_registry, resolve_adapters
+        from lightray.adapters import fetch_for_preset, resolve_adapters
+        from lightray.registry_settings import open_registry
 
         # As the ingress pins them (serve_app.routers.images.pin_adapters), with no tenancy: one local user.
         registry = open_registry(registry_root)
         resolved = resolve_adapters(registry, pipeline.preset, spec.adapters, lora_params(request.lora))
         spec.adapters = tuple(adapter.use for adapter in resolved)
-        adapter_paths = {use.ref: str(registry.fetch(use.ref, base_model_id=pipeline.preset.base_model_id)[1])
+        adapter_paths = {use.ref: str(fetch_for_preset(registry, use.ref, pipeline.preset)[1])
                          for use in spec.adapters}
     images = pipeline.generate(spec, adapter_paths if spec.adapters else None)
     return [(seed, encode_png(im)) for seed, im in zip(spec.seeds, images)]
@@ -167,8 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--timeout", type=float, default=300)
     gen.add_argument("--local", action="store_true", help="run the stages in this process instead of over HTTP")
     gen.add_argument("--preset", default="lightray-shapes", help="model preset for --local")
-    gen.add_argument("--registry", default=os.environ.get("LIGHTRAY_REGISTRY", "./registry"),
-                     help="adapter registry for --local --lora")
+    gen.add_argument("--registry", default=None,
+                     help="adapter registry for --local --lora (default: $LIGHTRAY_REGISTRY or ./registry; a "
+                          "relative folder is taken from the repository root)")
     gen.set_defaults(func=cmd_generate)
 
     add_adapter_commands(sub)

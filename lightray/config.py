@@ -134,7 +134,12 @@ class ModelPreset(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str
-    """Human name of the preset (also its file stem under configs/models/)."""
+    """Human name of the preset (not necessarily its file stem: configs/models/qwen-image-lightning.yaml is
+    "qwen-image")."""
+    base_model_id: str = Field(min_length=1)
+    """Identity of the base weights adapters are trained against: recorded in every adapter's manifest at training
+    time and required to match when one is requested (`lightray.registry.check_compatible`). Change it only with
+    the weights: adapters published for the old value stop resolving."""
     path: str
     """diffusers-format folder (model_index.json, text_encoder/, tokenizer/, transformer/, vae/, scheduler/):
     a local folder (relative paths resolve against the repository root), or a Hugging Face repo id
@@ -217,11 +222,6 @@ class ModelPreset(BaseModel):
     @property
     def model_ids(self) -> list[str]:
         return [v.id for v in self.variants]
-
-    @cached_property
-    def base_model_id(self) -> str:
-        """Identity of the base weights that adapters are trained against."""
-        return self.name
 
 
 class EngineConfig(BaseModel):

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import hashlib
 import io
 import json
@@ -44,7 +43,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from lightray.config import ModelPreset, load_preset
-from lightray.registry import sha256_file, validate_name, validate_tenant
+from lightray.fingerprint import fingerprint_model
+from lightray.registry import validate_name, validate_tenant
 from lightray.world.train import (
     LORA_TARGETS,
     TextCache,
@@ -418,31 +418,6 @@ def fetch_dataset(url: str, storage_options: dict[str, Any] | None, dest: Path) 
         except FileNotFoundError:
             continue  # reported as missing by load_imagefolder
     return dest
-
-
-# ------------------------------------------------------------------------------------------- fingerprint
-
-
-@functools.lru_cache(maxsize=8)
-def _fingerprint_files(files: tuple[tuple[str, str, int, int], ...]) -> str:
-    h = hashlib.sha256()
-    for rel, path, _size, _mtime in files:
-        h.update(rel.encode() + b"\0")
-        h.update(bytes.fromhex(sha256_file(path)))
-    return "sha256:" + h.hexdigest()
-
-
-def fingerprint_model(preset: ModelPreset | str) -> str:
-    """"sha256:<hex>" over the base transformer's weight files (names and contents, in name order): what an
-    adapter's deltas were computed against. Serving compares it with an adapter's `base_fingerprint`. Cached
-    per process on (path, size, mtime), so repeated calls do not re-read multi-GB weights."""
-    preset = load_preset(preset)
-    folder = preset.root / "transformer"
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".bin"))
-    if not files:
-        raise FileNotFoundError(f"no transformer weights under {folder}")
-    key = tuple((p.relative_to(folder).as_posix(), str(p), (st := p.stat()).st_size, st.st_mtime_ns) for p in files)
-    return _fingerprint_files(key)
 
 
 # ------------------------------------------------------------------------------------------------ trainer

@@ -10,7 +10,7 @@ Layout under the registry root::
 Design choices, and why:
 
 * **The manifest is the commit record.**  A version directory without
-  ``manifest.json`` is invisible to ``list``/``resolve``/``fetch``.  Publish
+  ``manifest.json`` is invisible to ``manifests``/``resolve``/``fetch``.  Publish
   uploads every payload file first and the manifest last; delete removes the
   manifest first.  A publish or delete killed half-way therefore never exposes
   a half-written adapter, on any backend, without needing transactions.
@@ -37,7 +37,6 @@ training jobs and from Serve replicas alike.
 
 from __future__ import annotations
 
-import builtins
 import errno
 import hashlib
 import json
@@ -47,8 +46,10 @@ import posixpath
 import re
 import secrets
 import socket
+import threading
 import time
-from collections.abc import Mapping
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -70,6 +71,7 @@ __all__ = [
     "AdapterRegistryError",
     "InvalidAdapterRef",
     "MANIFEST_FILENAME",
+    "ManifestCache",
     "REQUIRED_FILES",
     "check_compatible",
     "default_cache_dir",
@@ -358,21 +360,6 @@ def check_compatible(
 # --------------------------------------------------------------------------- helpers
 
 
-ENV_STORAGE_OPTIONS = "LIGHTRAY_REGISTRY_STORAGE_OPTIONS"
-
-
-def storage_options_from_env(error: type[Exception] = ValueError) -> dict | None:
-    """fsspec options from $LIGHTRAY_REGISTRY_STORAGE_OPTIONS (JSON), or None when unset. The environment keeps
-    credentials off command lines; a malformed value raises `error` naming the variable."""
-    raw = os.environ.get(ENV_STORAGE_OPTIONS)
-    if not raw:
-        return None
-    try:
-        return json.loads(raw)
-    except ValueError as err:
-        raise error(f"${ENV_STORAGE_OPTIONS} is not valid JSON: {err}") from None
-
-
 def sha256_file(path: str | os.PathLike[str]) -> str:
     """Hex sha256 of a local file, streamed so multi-GB adapters do not load into RAM."""
     h = hashlib.sha256()
@@ -435,6 +422,28 @@ def _mtime(info: Mapping[str, Any]) -> float | None:
 # --------------------------------------------------------------------------- registry
 
 
+@dataclass(frozen=True)
+class ManifestCache:
+    """How long `AdapterRegistry.resolve` may answer from memory instead of reading the store (on S3, a listing
+    and a GET per request otherwise).
+
+    A pinned version (`t/n@v3`) is cached for the registry object's lifetime: versions are immutable, and a
+    deleted one fails at `fetch` (its files are gone). `latest` (`t/n`) is cached for `latest_ttl_s`. A publish or
+    delete through the same registry object takes effect at once; one from another process (the CLI, a training
+    job, another replica) is seen within `latest_ttl_s`.
+    """
+
+    latest_ttl_s: float = 2.0
+    """Seconds a resolved `latest` is re-used; 0: every `latest` lookup reads the store."""
+    max_pinned: int = 4096
+    """Pinned manifests kept (least recently used dropped first), so memory stays bounded however many versions
+    exist."""
+
+    def __post_init__(self) -> None:
+        if self.latest_ttl_s < 0 or self.max_pinned < 1:
+            raise ValueError(f"invalid manifest cache {self}")
+
+
 class AdapterRegistry:
     """Publish, resolve, fetch and delete versioned adapters under one root.
 
@@ -443,6 +452,8 @@ class AdapterRegistry:
     ``key``, ``secret``, ``client_kwargs={"endpoint_url": ...}``).  For remote
     backends the listings cache is off by default: other processes publish
     concurrently and a cached listing would hide their versions.
+    ``manifest_cache`` lets ``resolve`` answer from memory (``ManifestCache``);
+    None: every ``resolve`` reads the store.
     """
 
     def __init__(
@@ -451,6 +462,7 @@ class AdapterRegistry:
         storage_options: Mapping[str, Any] | None = None,
         *,
         cache_dir: str | os.PathLike[str] | None = None,
+        manifest_cache: ManifestCache | None = None,
     ) -> None:
         opts = dict(storage_options or {})
         if get_protocol(str(root)) not in ("file", "local"):
@@ -464,6 +476,11 @@ class AdapterRegistry:
         # the same tenant/name@vN never thrash each other's cache.
         proto = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
         self._cache_ns = hashlib.sha256(f"{proto}://{self.root}".encode()).hexdigest()[:16]
+        self.manifest_cache = manifest_cache
+        self._pinned: OrderedDict[tuple[str, str, int], AdapterManifest] = OrderedDict()
+        # (tenant, name) -> (time.monotonic() when resolved, the latest manifest then).
+        self._latest: dict[tuple[str, str], tuple[float, AdapterManifest]] = {}
+        self._cache_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"AdapterRegistry({self.root_url!r})"
@@ -495,7 +512,7 @@ class AdapterRegistry:
         """Drop cached listings: another process may have published since."""
         self.fs.invalidate_cache()
 
-    def _ls_dirs(self, path: str) -> builtins.list[str]:
+    def _ls_dirs(self, path: str) -> list[str]:
         try:
             entries = self.fs.ls(path, detail=True)
         except (FileNotFoundError, NotADirectoryError):
@@ -506,7 +523,22 @@ class AdapterRegistry:
             if e.get("type") == "directory"
         ]
 
-    def _version_numbers(self, tenant: str, name: str) -> builtins.list[int]:
+    def _parse_version_path(self, path: str) -> tuple[tuple[str, str, int], list[str]] | None:
+        """``<root>/<tenant>/<name>/v<N>[/rest...]`` as ((tenant, name, N), rest parts); None for any other path
+        (outside the root, above a version directory, or with components that fail validation)."""
+        prefix = self.root + "/"
+        if not path.startswith(prefix):
+            return None
+        parts = path[len(prefix) :].split("/")
+        if len(parts) < 3:
+            return None
+        t, n, vdir = parts[:3]
+        vm = _VERSION_DIR_RE.fullmatch(vdir)
+        if not vm or not _NAME_RE.fullmatch(t) or not _NAME_RE.fullmatch(n) or ".." in t + n:
+            return None
+        return (t, n, int(vm.group(1))), parts[3:]
+
+    def _version_numbers(self, tenant: str, name: str) -> list[int]:
         """All version dirs, complete or not, ascending."""
         self._fresh()
         out = []
@@ -655,6 +687,7 @@ class AdapterRegistry:
             )
         except FileExistsError as err:
             raise AdapterExists(f"{manifest.ref} already exists; versions are immutable") from err
+        self._forget(tenant, name)
         log.info("published %s (%d files)", manifest.ref, len(digests))
         return manifest
 
@@ -708,13 +741,19 @@ class AdapterRegistry:
 
         A latest-lookup skips (and logs) versions whose manifest is corrupt so
         one bad upload does not take the whole adapter offline; a pinned
-        lookup of a corrupt version raises ``AdapterCorrupt``.
+        lookup of a corrupt version raises ``AdapterCorrupt``.  With a
+        ``manifest_cache`` the answer may come from memory (``ManifestCache``
+        says for how long); a miss is never cached.
         """
         r = AdapterRef.parse(ref)
+        cached = self._cached_manifest(r)
+        if cached is not None:
+            return cached
         if r.version is not None:
             m = self._read_manifest(r.tenant, r.name, r.version)
             if m is None:
                 raise AdapterNotFound(f"adapter {r} not found")
+            self._remember(m, latest=False)
             return m
         for v in reversed(self._version_numbers(r.tenant, r.name)):
             try:
@@ -723,15 +762,51 @@ class AdapterRegistry:
                 log.warning("skipping corrupt version: %s", err)
                 continue
             if m is not None:
+                self._remember(m, latest=True)
                 return m
         raise AdapterNotFound(f"adapter {r} not found")
 
-    def versions(self, ref: str | AdapterRef) -> builtins.list[int]:
+    def _cached_manifest(self, r: AdapterRef) -> AdapterManifest | None:
+        policy = self.manifest_cache
+        if policy is None:
+            return None
+        with self._cache_lock:
+            if r.version is not None:
+                m = self._pinned.get((r.tenant, r.name, r.version))
+                if m is not None:
+                    self._pinned.move_to_end((r.tenant, r.name, r.version))
+                return m
+            entry = self._latest.get((r.tenant, r.name))
+            if entry is not None and time.monotonic() - entry[0] < policy.latest_ttl_s:
+                return entry[1]
+            return None
+
+    def _remember(self, m: AdapterManifest, *, latest: bool) -> None:
+        policy = self.manifest_cache
+        if policy is None:
+            return
+        with self._cache_lock:
+            self._pinned[(m.tenant, m.name, m.version)] = m
+            self._pinned.move_to_end((m.tenant, m.name, m.version))
+            while len(self._pinned) > policy.max_pinned:
+                self._pinned.popitem(last=False)
+            if latest:
+                self._latest[(m.tenant, m.name)] = (time.monotonic(), m)
+
+    def _forget(self, tenant: str, name: str, versions: Sequence[int] = ()) -> None:
+        """Drop what this object cached about ``tenant/name`` (its latest, and ``versions``), after its own
+        publish or delete."""
+        with self._cache_lock:
+            self._latest.pop((tenant, name), None)
+            for v in versions:
+                self._pinned.pop((tenant, name, v), None)
+
+    def versions(self, ref: str | AdapterRef) -> list[int]:
         """Complete version numbers of ``tenant/name``, ascending."""
         r = AdapterRef.parse(ref)
-        return [m.version for m in self.list(r.tenant) if m.name == r.name]
+        return [m.version for m in self.manifests(r.tenant) if m.name == r.name]
 
-    def list(self, tenant: str | None = None, *, latest_only: bool = False) -> builtins.list[AdapterManifest]:
+    def manifests(self, tenant: str | None = None, *, latest_only: bool = False) -> list[AdapterManifest]:
         """Manifests of every complete version (of one tenant), sorted by ref.
 
         One recursive listing plus a batched read of the manifests, rather than
@@ -744,24 +819,18 @@ class AdapterRegistry:
         except FileNotFoundError:
             return []
         wanted: dict[str, tuple[str, str, int]] = {}
-        prefix = self.root + "/"
         for p in paths:
-            if not p.startswith(prefix):
+            parsed = self._parse_version_path(p)
+            if parsed is None or parsed[1] != [MANIFEST_FILENAME]:
                 continue
-            parts = p[len(prefix) :].split("/")
-            if len(parts) != 4 or parts[3] != MANIFEST_FILENAME:
+            key = parsed[0]
+            if tenant is not None and key[0] != tenant:  # S3 prefix "acme" also matches "acme2/"
                 continue
-            t, n, vdir = parts[:3]
-            vm = _VERSION_DIR_RE.fullmatch(vdir)
-            if not vm or not _NAME_RE.fullmatch(t) or not _NAME_RE.fullmatch(n) or ".." in t + n:
-                continue
-            if tenant is not None and t != tenant:  # S3 prefix "acme" also matches "acme2/"
-                continue
-            wanted[p] = (t, n, int(vm.group(1)))
+            wanted[p] = key
         if not wanted:
             return []
-        raw = self.fs.cat(builtins.list(wanted), on_error="return")
-        out: builtins.list[AdapterManifest] = []
+        raw = self.fs.cat(list(wanted), on_error="return")
+        out: list[AdapterManifest] = []
         for p, (t, n, v) in wanted.items():
             data = raw.get(p)
             if not isinstance(data, bytes):  # deleted since the listing, or unreadable
@@ -775,10 +844,10 @@ class AdapterRegistry:
             latest: dict[tuple[str, str], AdapterManifest] = {}
             for m in out:
                 latest[(m.tenant, m.name)] = m
-            out = builtins.list(latest.values())
+            out = list(latest.values())
         return out
 
-    def delete(self, ref: str | AdapterRef) -> builtins.list[str]:
+    def delete(self, ref: str | AdapterRef) -> list[str]:
         """Delete one version (``t/n@vN``) or every version (``t/n``); return deleted refs.
 
         Manifests go first, so a delete killed half-way leaves at worst an
@@ -802,6 +871,7 @@ class AdapterRegistry:
 
         for v in targets:
             self.fs.rm_file(self._manifest_path(r.tenant, r.name, v))
+        self._forget(r.tenant, r.name, targets)
         if r.version is not None:
             self.fs.rm(self._version_dir(r.tenant, r.name, r.version), recursive=True)
         else:
@@ -877,7 +947,7 @@ class AdapterRegistry:
             os.replace(tmp, mpath)
         return m, dest
 
-    def gc_incomplete(self, older_than_s: float = 3600.0) -> builtins.list[str]:
+    def gc_incomplete(self, older_than_s: float = 3600.0) -> list[str]:
         """Remove version dirs that have no manifest and saw no write for ``older_than_s``.
 
         These are left by publishes that died before their commit point (or
@@ -892,22 +962,15 @@ class AdapterRegistry:
             entries = self.fs.find(self.root, withdirs=True, detail=True)
         except FileNotFoundError:
             return []
-        prefix = self.root + "/"
         newest: dict[tuple[str, str, int], float] = {}
         undated: set[tuple[str, str, int]] = set()
         complete: set[tuple[str, str, int]] = set()
         for p, info in entries.items():
-            if not p.startswith(prefix):
+            parsed = self._parse_version_path(p)
+            if parsed is None:
                 continue
-            parts = p[len(prefix) :].split("/")
-            if len(parts) < 3:
-                continue
-            t, n, vdir = parts[:3]
-            vm = _VERSION_DIR_RE.fullmatch(vdir)
-            if not vm or not _NAME_RE.fullmatch(t) or not _NAME_RE.fullmatch(n) or ".." in t + n:
-                continue
-            key = (t, n, int(vm.group(1)))
-            if len(parts) == 4 and parts[3] == MANIFEST_FILENAME:
+            key, rest = parsed
+            if rest == [MANIFEST_FILENAME]:
                 complete.add(key)
             mt = _mtime(info)
             if mt is not None:
@@ -916,7 +979,7 @@ class AdapterRegistry:
                 # Object stores give prefixes ("directories") no date; that is
                 # fine.  A file we cannot date we never delete.
                 undated.add(key)
-        removed: builtins.list[str] = []
+        removed: list[str] = []
         for key, mt in sorted(newest.items()):
             if key in complete or key in undated or now - mt < older_than_s:
                 continue

@@ -26,8 +26,8 @@ _ADAPTER_ENTRY = re.compile(r"^(?P<ref>[^:]+)(?::(?P<scale>-?[0-9]*\.?[0-9]+))?$
 MAX_ADAPTER_SCALE = 4.0
 """Largest |scale| a `lora` entry may ask for."""
 LoraEntry = Annotated[str, Field(min_length=1)]
-"""One `lora` entry, 'tenant/name[@version][:scale]' ("" is not "no adapter": it used to reach the denoiser as an
-adapter name, a 500)."""
+"""One `lora` entry, 'tenant/name[@version][:scale]'. Non-empty: "" is not a way to say "no adapter" (omit the
+field), and would otherwise reach the denoiser as an adapter name."""
 LoraField = LoraEntry | Annotated[list[LoraEntry], Field(min_length=1, max_length=MAX_STACKED_ADAPTERS)] | None
 """The `lora` field: one entry, or a list of entries stacked in order."""
 MAX_PARTIAL_IMAGES = 3

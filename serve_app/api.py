@@ -9,7 +9,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from lightray.adapters import open_registry
 from lightray.schemas import ErrorBody, ErrorResponse, RequestError
 from serve_app.admission import AdmissionLimit
 from serve_app.auth import ApiKeyAuth
@@ -98,7 +97,7 @@ def create_app(backend: GenerationBackend, settings: ServiceSettings) -> FastAPI
     app.state.backend = backend
     app.state.settings = settings
     app.state.image_store = ImageStore(settings.image_store_dir)
-    app.state.registry = open_registry(settings.registry, settings.registry_storage_options)
+    app.state.registry = settings.open_registry()
     app.state.auth = ApiKeyAuth(settings)
     app.state.admission = AdmissionLimit(settings.max_concurrent_requests, settings.max_admitted_work)
     app.add_exception_handler(RequestValidationError, _on_validation_error)

@@ -11,7 +11,7 @@ from serve_app.backend import RayGraphBackend
 from serve_app.settings import ServiceSettings
 
 
-@serve.deployment(name="Ingress", max_ongoing_requests=64)
+@serve.deployment(name="Ingress")
 @serve.ingress()
 class Ingress:
     def __init__(self, text_encoder, denoiser, vae, settings: dict):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import re
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -14,6 +13,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 from PIL import Image
 
+from lightray.adapters import fetch_for_preset
 from lightray.config import ModelPreset
 from lightray.contracts import AdapterLoadError, DenoisedLatents, EngineFull, StepProgress
 from lightray.edits import PreparedEdit, compose_pngs, prepare_edit
@@ -107,7 +107,7 @@ class LocalBackend:
         for use in spec.adapters:
             if self.registry is None:
                 raise RuntimeError("this backend has no adapter registry")
-            _, path = self.registry.fetch(use.ref, base_model_id=self.preset.base_model_id)
+            _, path = fetch_for_preset(self.registry, use.ref, self.preset)
             adapter_paths[use.ref] = str(path)
         pngs = [encode_png(im) for im in draw(adapter_paths)]
         return GenerationResult(pngs, {"graph_ms": (time.perf_counter() - start) * 1000})
@@ -196,8 +196,8 @@ class RayGraphBackend:
         return self.denoiser
 
     def _encode(self, spec: GenerationSpec):
-        # `handoff`: wall-clock send time, from which the stage measures its queue wait (deployments/metrics.py).
-        return self.text_encoder.encode.remote(spec.prompt, spec.negative_prompt, handoff=time.time())
+        # `handoff_at`: wall-clock send time, from which the stage measures its queue wait (deployments/metrics.py).
+        return self.text_encoder.encode.remote(spec.prompt, spec.negative_prompt, handoff_at=time.time())
 
     async def _generate(self, spec: GenerationSpec) -> GenerationResult:
         start = time.perf_counter()
@@ -212,7 +212,7 @@ class RayGraphBackend:
     def _encode_image(self, spec: EditSpec, prepared: PreparedEdit):
         """The VAE replica's encode of the prepared image, for each seed (`VaeDecoder.encode`)."""
         return self.vae.encode.remote(np.asarray(prepared.image), spec.seeds, spec.width, spec.height,
-                                      handoff=time.time())
+                                      handoff_at=time.time())
 
     async def _edit(self, spec: EditSpec, image: Image.Image, mask: Image.Image | None) -> GenerationResult:
         """The text encoder and the VAE's encoder run concurrently; both responses go handle to handle into the
@@ -301,6 +301,31 @@ class RayGraphBackend:
         return dict(zip(stages, results))
 
 
+# Serve names each replica's actor class `ServeReplica:<app>:<deployment>`; not a public contract, so
+# tests/test_faults.py pins it by killing a Denoiser replica and reading the stage back from the 503.
+_SERVE_REPLICA_CLASS_PREFIX = "ServeReplica:"
+
+
+def _dead_replica_deployment(lost: BaseException) -> str | None:
+    """The deployment whose replica died, from public API rather than Ray's message text: a `RayActorError`
+    carries the actor's id (`actor_id`), and the state API (`ray.util.state.get_actor`) its class name. None when
+    the error names no actor (a crashed worker, a lost object, a deployment that failed to deploy) or the lookup
+    fails. Blocking (a request to the dashboard): call it off the event loop."""
+    actor_id = getattr(lost, "actor_id", None)
+    if not actor_id:
+        return None
+    try:
+        from ray.util.state import get_actor
+
+        actor = get_actor(actor_id, timeout=5)
+    except Exception:  # noqa: BLE001 - the message falls back to "a stage"; the 503 stands either way
+        return None
+    class_name = getattr(actor, "class_name", None) or ""
+    if not class_name.startswith(_SERVE_REPLICA_CLASS_PREFIX):
+        return None
+    return class_name.rsplit(":", 1)[-1]
+
+
 def _find_cause(err: BaseException, types: tuple) -> BaseException | None:
     """The first of `types` along `err`'s chain of causes: a replica's exception reaches the ingress wrapped
     (`RayTaskError.cause`), and a replica that died under a chained call surfaces as the next stage's
@@ -356,7 +381,7 @@ async def _client_errors(spec: GenerationSpec | EditSpec, work) -> GenerationRes
     try:
         return await work
     except Exception as err:
-        converted = _as_client_error(spec, err)
+        converted = await _as_client_error(spec, err)
         if converted is err:
             raise
         raise converted from None
@@ -370,7 +395,7 @@ async def _stream_client_errors(spec: GenerationSpec | EditSpec, items: AsyncIte
         async for item in items:
             yield item
     except Exception as err:
-        converted = _as_client_error(spec, err)
+        converted = await _as_client_error(spec, err)
         if converted is err:
             raise
         raise converted from None
@@ -378,7 +403,7 @@ async def _stream_client_errors(spec: GenerationSpec | EditSpec, items: AsyncIte
         await items.aclose()
 
 
-def _as_client_error(spec: GenerationSpec | EditSpec, err: Exception) -> Exception:
+async def _as_client_error(spec: GenerationSpec | EditSpec, err: Exception) -> Exception:
     """A graph failure as a client should see it: overload or a dead/restarting replica → 503 + Retry-After
     naming the stage (Serve replaces the replica by itself); an adapter the Denoiser could not fetch (corrupt or
     missing in the registry) → an error naming that adapter. Anything else is `err` itself (a 500)."""
@@ -401,7 +426,7 @@ def _as_client_error(spec: GenerationSpec | EditSpec, err: Exception) -> Excepti
     lost = _find_cause(err, (RayActorError, WorkerCrashedError, ObjectLostError, DeploymentUnavailableError))
     if lost is None:
         return err
-    stage = re.search(r"ServeReplica:[^:\s]+:(\w+)", str(lost))
-    where = f"the {stage.group(1)} stage" if stage else "a stage"
+    stage = await asyncio.to_thread(_dead_replica_deployment, lost)
+    where = f"the {stage} stage" if stage else "a stage"
     return ServiceUnavailable(f"{where} is unavailable ({type(lost).__name__}: a replica died or is restarting);"
                               " retry shortly", retry_after_s=5)

@@ -125,7 +125,7 @@ class CapacityAssumptions(BaseModel):
     """Largest rank a tenant adapter is budgeted at (on `LIGHTNING_LORA_TARGETS`); the adapter cache holds
     `adapter_cache_size` of them per Denoiser replica."""
     vae_images_per_decode: int = Field(ge=1)
-    """Images one VAE decode call holds at once (decoding in slices of one image, issue #13 point 6)."""
+    """Images one VAE decode call holds at once (1 when the preset decodes in slices of one image, `vae_decode`)."""
     stage_times: StageTimeAssumptions
     """Per-stage speeds on this class (assumed until measured)."""
     lifecycle: LifecycleAssumptions

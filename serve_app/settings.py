@@ -1,14 +1,24 @@
-"""Service settings: defaults < Serve YAML `args` < environment (LIGHTRAY_*). Tests build their own."""
+"""Service settings. Precedence, highest first (pydantic-settings' order; tests/test_configs.py checks it):
+
+1. the Serve YAML's application `args` (`build_app` passes them to the constructor), or a test's keyword arguments;
+2. the environment, `LIGHTRAY_<FIELD>` (nested values as JSON, e.g. LIGHTRAY_API_KEYS);
+3. the defaults below.
+
+Mappings and nested models (`registry_storage_options`, `engine`) are merged key by key across the sources, the
+higher one winning per key. So an environment variable fills in what the YAML leaves out (secrets, in particular: LIGHTRAY_API_KEYS from a
+Kubernetes Secret), and cannot override what the YAML sets.
+"""
 
 from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
 from lightray.config import EngineConfig
 
 from lightray.contracts import Priority
 from lightray.registry import validate_tenant
+from lightray.registry_settings import RegistrySettings
 
 
 class ApiKey(BaseModel):
@@ -31,15 +41,13 @@ class ApiKey(BaseModel):
         return self
 
 
-class ServiceSettings(BaseSettings):
+class ServiceSettings(RegistrySettings):
+    """Every setting of the service; the registry's location and storage options come from `RegistrySettings`."""
+
     model_config = SettingsConfigDict(env_prefix="LIGHTRAY_", extra="forbid", use_attribute_docstrings=True)
 
     preset: str | dict = "lightray-shapes"
     """Model preset: a name under configs/models/, a YAML path, or an inline preset."""
-    registry: str = "./registry"
-    """Adapter registry root: a local folder or s3://bucket/prefix."""
-    registry_storage_options: dict = Field(default_factory=dict)
-    """fsspec options for the registry (e.g. {"client_kwargs": {"endpoint_url": …}})."""
     adapter_cache_size: int = Field(4, ge=1)
     """Tenant adapters kept loaded per Denoiser replica (LRU)."""
     engine: EngineConfig = Field(default_factory=EngineConfig)

@@ -37,23 +37,24 @@ def registry_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def api_client(local_pipeline, registry_root, tmp_path_factory) -> TestClient:
     """The real FastAPI app over the in-process pipeline: the HTTP contract without a cluster."""
-    from lightray.adapters import open_registry
     from serve_app.api import create_app
     from serve_app.backend import LocalBackend
     from serve_app.settings import ServiceSettings
 
+    # Tests publish through registry objects of their own and expect the next request to use the new version at
+    # once: without a latest cache, the service sees them as soon as they are committed.
     settings = ServiceSettings(
-        preset=local_pipeline.preset.model_dump(), registry=str(registry_root),
+        preset=local_pipeline.preset.model_dump(), registry=str(registry_root), registry_latest_ttl_s=0,
         image_store_dir=str(tmp_path_factory.mktemp("images")), auth_enabled=False,
     )
-    backend = LocalBackend(local_pipeline, open_registry(settings.registry))
+    backend = LocalBackend(local_pipeline, settings.open_registry())
     with TestClient(create_app(backend, settings)) as client:
         yield client
 
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    from lightray.local_cluster import RayCluster
+    from testing.local_cluster import RayCluster
 
     # Metrics reported every second (Ray's default is 10 s): tests/test_observability.py scrapes them.
     cluster = RayCluster(metrics_report_interval_ms=1000).start()
@@ -66,7 +67,10 @@ def ray_cluster():
 @pytest.fixture(scope="session")
 def service(ray_cluster, preset, registry_root, tmp_path_factory):
     """configs/serve/local.yaml deployed with `serve deploy` on the test cluster; yields its base URL."""
-    args = {"registry": str(registry_root), "image_store_dir": str(tmp_path_factory.mktemp("served-images"))}
+    # Tests publish through registry objects of their own and expect the next request to use the new version at
+    # once: without a latest cache, the service sees them as soon as they are committed.
+    args = {"registry": str(registry_root), "registry_latest_ttl_s": 0,
+            "image_store_dir": str(tmp_path_factory.mktemp("served-images"))}
     if os.environ.get("LIGHTRAY_TEST_PRESET"):
         args["preset"] = os.environ["LIGHTRAY_TEST_PRESET"]
     config = ray_cluster.serve_config(REPO / "configs/serve/local.yaml", args)

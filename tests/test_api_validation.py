@@ -12,8 +12,9 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from conftest_registry import publish_lora_adapter, publish_placeholder_adapter
-from lightray.adapters import open_registry, resolve_adapters
+from testing.adapters import publish_lora_adapter, publish_placeholder_adapter
+from lightray.adapters import resolve_adapters
+from lightray.registry_settings import open_registry
 from lightray.contracts import AdapterUse
 from lightray.schemas import EditSpec, RequestError, parse_lora_field
 from recording_backend import RecordingBackend
@@ -205,7 +206,10 @@ def test_openapi_shows_lora_as_string_or_list_and_priority(api_client):
 def recording(preset, registry_root, tmp_path_factory, stack_adapters):
     """(client, backend) of the real app, auth off with default_priority "batch", over a backend that records
     the specs instead of generating."""
-    settings = ServiceSettings(preset=preset.model_dump(), registry=str(registry_root), auth_enabled=False,
+    # Tests publish through registry objects of their own and expect the next request to use the new version at
+    # once: without a latest cache, the service sees them as soon as they are committed.
+    settings = ServiceSettings(preset=preset.model_dump(), registry=str(registry_root), registry_latest_ttl_s=0,
+                               auth_enabled=False,
                                default_priority="batch", image_store_dir=str(tmp_path_factory.mktemp("rec-images")))
     backend = RecordingBackend(preset)
     with TestClient(create_app(backend, settings)) as client:

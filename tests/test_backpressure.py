@@ -1,4 +1,4 @@
-"""Backpressure, timeouts and cancellation (issue 6, point 2), on a real local Ray cluster with the Denoiser held to
+"""Backpressure, timeouts and cancellation, on a real local Ray cluster with the Denoiser held to
 one replica that runs one request and queues one more, an ingress that admits two requests at a time, and a 4 s
 request timeout."""
 
@@ -13,7 +13,7 @@ import httpx
 import numpy as np
 import pytest
 
-from lightray.local_cluster import RayCluster
+from testing.local_cluster import RayCluster
 from lightray.contracts import DenoiseCancelled
 from lightray.schemas import ImageGenerationRequest
 

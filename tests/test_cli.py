@@ -69,7 +69,7 @@ def test_generate_stacks_repeated_lora_and_sends_priority(monkeypatch, tmp_path)
 def test_generate_local_pins_every_adapter(monkeypatch, preset, tmp_path):
     """--local resolves each --lora as the ingress does (latest pinned to its version), in order."""
     import lightray.pipeline
-    from conftest_registry import publish_placeholder_adapter
+    from testing.adapters import publish_placeholder_adapter
     from lightray.contracts import AdapterUse
 
     for _ in range(2):

@@ -65,7 +65,7 @@ def test_local_denoiser_autoscaling_can_reach_max_on_the_local_cluster():
     """What benchmarks/autoscale_demo.py demonstrates, as a config check: on the CPUs a local cluster gives Ray
     (`RayCluster().num_cpus`), the graph fits with the Denoiser at max_replicas, the Denoiser actually scales
     (min < max, per-replica target set) and the other stages are fixed, so only the Denoiser moves."""
-    from lightray.local_cluster import RayCluster
+    from testing.local_cluster import RayCluster
 
     from ray.serve.config import AutoscalingConfig
 

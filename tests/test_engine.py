@@ -14,7 +14,7 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline
 
-from conftest_registry import make_lora_adapter
+from testing.adapters import make_lora_adapter
 from lightray.config import EngineConfig
 from lightray.contracts import AdapterLoadError, AdapterUse, DenoiseCancelled, DenoiseParams, TextEmbeddings
 from lightray.engine import DenoiseEngine, StepScheduler

@@ -22,8 +22,8 @@ import httpx
 import pytest
 from PIL import Image
 
-from lightray.adapters import open_registry
-from lightray.local_cluster import RayCluster
+from lightray.registry_settings import open_registry
+from testing.local_cluster import RayCluster
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPT = "a red circle on the left, white background"
@@ -155,8 +155,8 @@ def test_killed_denoiser_replica_mid_request_recovers(faulty):
     victims = _running(cluster, "Denoiser")
     assert victims, cluster.replicas()
     # Base-model requests of 4 images (30 steps, true CFG: seconds each, and the Denoiser runs one at a time) make
-    # the Denoiser the stage every request is in or waiting for when it dies. (Lightning-8 requests proved too
-    # light: once the VaeDecoder serialised its decodes, the queue could sit there while the Denoiser was idle.)
+    # the Denoiser the stage every request is in or waiting for when it dies. Lighter requests (Lightning, 8 steps)
+    # would leave the queue at the VaeDecoder, which decodes one call at a time, with the Denoiser idle.
     body = {"prompt": PROMPT, "size": "64x64", "n": 4, "model": "lightray-shapes"}
     with ThreadPoolExecutor(8) as pool:
         futures = [pool.submit(_post, url, {**body, "seed": i}) for i in range(8)]

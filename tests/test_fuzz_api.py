@@ -54,7 +54,7 @@ def test_fuzz_with_auth_on(local_pipeline, preset, fuzz_api, tmp_path):
     schemathesis's own auth checks (no key, a made-up key) must get 401 on every /v1 route that is not public."""
     import schemathesis
 
-    from lightray.adapters import open_registry
+    from lightray.registry_settings import open_registry
     from serve_app.api import create_app
     from serve_app.backend import LocalBackend
     from serve_app.settings import ServiceSettings

@@ -1,4 +1,4 @@
-"""GPU resources that add up (issue #13 point 4): configs/serve/gpu.yaml against the GPU class it declares
+"""GPU resources that add up: configs/serve/gpu.yaml against the GPU class it declares
 (configs/capacity/h100-80gb.yaml) and the RayService worker group that runs it (k8s/rayservice.yaml).
 
 Weights are counted and activations measured on the meta device from the published configs (configs/qwen-image/);

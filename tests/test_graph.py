@@ -114,7 +114,7 @@ LEAK_SEEDS = (1, 2)
 @pytest.fixture(scope="module")
 def two_adapters(registry_root, preset, tmp_path_factory):
     """Two different real LoRAs for the served base model, published to the service's registry."""
-    from conftest_registry import publish_lora_adapter
+    from testing.adapters import publish_lora_adapter
 
     tmp = tmp_path_factory.mktemp("leak-adapters")
     # std 0.1: deltas large enough that each adapter visibly changes every leak prompt and seed (with the default
@@ -182,7 +182,7 @@ def test_concurrent_requests_for_different_adapters_never_leak(service, two_adap
 def test_leak_check_catches_a_leaking_denoiser(preset, local_pipeline, registry_root, two_adapters, monkeypatch):
     """The check above has teeth: with a denoiser that forgets to switch a tenant adapter off (a request without
     `lora` right after one with adapter A is denoised with A still active), it fails."""
-    from lightray.adapters import open_registry
+    from lightray.registry_settings import open_registry
     from lightray.engine import DenoiseEngine
 
     registry = open_registry(str(registry_root))

@@ -1,4 +1,4 @@
-"""The Kubernetes manifests deploy (issue #13 point 7): every pod template in k8s/ is a valid Kubernetes pod
+"""The Kubernetes manifests deploy: every pod template in k8s/ is a valid Kubernetes pod
 template (kubernetes-validate, strict: unknown fields fail), every plain object is valid as itself, and the
 manifests run the image the Dockerfile builds, with the volumes, /dev/shm and GPU placement they need."""
 
@@ -108,3 +108,20 @@ def test_what_the_serve_config_reads_lies_on_the_mounted_volumes():
     for variant in preset.variants:
         if variant.lightning_lora:
             assert str(preset.resolve(variant.lightning_lora)).startswith("/models/"), variant.id
+
+
+REGISTRY_S3_SECRET = "lightray-registry-s3"
+
+
+def test_every_pod_reads_the_registry_s3_credentials_from_one_secret():
+    """The RayService and the training RayJob reach the same S3 bucket, so one Secret holds its credentials (as
+    AWS_* variables, through `envFrom`); a second Secret for the same bucket would drift on rotation."""
+    seen: set[str] = set()
+    for where, template in TEMPLATES:
+        for container in template["spec"]["containers"]:
+            from_secret = {e["secretRef"]["name"] for e in container.get("envFrom", []) if "secretRef" in e}
+            by_key = {e["valueFrom"]["secretKeyRef"]["name"] for e in container.get("env", [])
+                      if e["name"].startswith("AWS_") and "secretKeyRef" in e.get("valueFrom", {})}
+            assert from_secret | by_key, f"{where}: no S3 credentials"
+            seen |= from_secret | by_key
+    assert seen == {REGISTRY_S3_SECRET}

@@ -104,7 +104,7 @@ def png_b64(size: int = 64) -> str:
 @pytest.fixture(scope="module")
 def run(service, ray_cluster, registry_root, preset, tmp_path_factory):
     """Publish adapters, settle the metrics, send the requests below; the metric deltas and responses."""
-    from lightray.adapters import open_registry
+    from lightray.registry_settings import open_registry
 
     registry = open_registry(str(registry_root))
     src = make_adapter(tmp_path_factory.mktemp("obs-adapter") / "a", preset.base_model_id, preset.root)

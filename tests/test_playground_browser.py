@@ -177,7 +177,7 @@ def test_the_page_works_on_a_narrow_screen(page):
 
 def test_stacked_adapters_with_scales_are_sent_in_the_order_ticked(page, service, registry_root, preset,
                                                                     tmp_path):
-    from conftest_registry import publish_lora_adapter
+    from testing.adapters import publish_lora_adapter
 
     alpha = publish_lora_adapter(registry_root, preset, "pw", "alpha", seed=1, tmp_dir=tmp_path, std=0.1).ref
     beta = publish_lora_adapter(registry_root, preset, "pw", "beta", seed=2, tmp_dir=tmp_path, std=0.1).ref

@@ -146,15 +146,15 @@ def test_publish_resolve_latest_and_pinned(reg: AdapterRegistry, make_adapter: M
 
 
 def test_list_filters_and_sorts(reg: AdapterRegistry, make_adapter: MakeAdapter) -> None:
-    assert reg.list() == []
+    assert reg.manifests() == []
     src = make_adapter()
     for tenant, name in [("acme", "b"), ("acme", "a"), ("acme", "a"), ("acme2", "a"), ("zeta", "x")]:
         reg.publish(tenant, name, src)
-    assert [m.ref for m in reg.list()] == ["acme/a@v1", "acme/a@v2", "acme/b@v1", "acme2/a@v1", "zeta/x@v1"]
+    assert [m.ref for m in reg.manifests()] == ["acme/a@v1", "acme/a@v2", "acme/b@v1", "acme2/a@v1", "zeta/x@v1"]
     # "acme" must not match the "acme2" prefix on S3.
-    assert [m.ref for m in reg.list("acme")] == ["acme/a@v1", "acme/a@v2", "acme/b@v1"]
-    assert [m.ref for m in reg.list("acme", latest_only=True)] == ["acme/a@v2", "acme/b@v1"]
-    assert reg.list("nobody") == []
+    assert [m.ref for m in reg.manifests("acme")] == ["acme/a@v1", "acme/a@v2", "acme/b@v1"]
+    assert [m.ref for m in reg.manifests("acme", latest_only=True)] == ["acme/a@v2", "acme/b@v1"]
+    assert reg.manifests("nobody") == []
 
 
 def test_unknown_refs_raise_not_found(reg: AdapterRegistry, make_adapter: MakeAdapter) -> None:
@@ -185,7 +185,7 @@ def test_delete_version_then_all(reg: AdapterRegistry, make_adapter: MakeAdapter
         reg.resolve("acme/style")
     with pytest.raises(AdapterNotFound):
         reg.delete("acme/style")
-    assert [m.ref for m in reg.list()] == ["acme/other@v1"]  # neighbours untouched
+    assert [m.ref for m in reg.manifests()] == ["acme/other@v1"]  # neighbours untouched
 
 
 # --------------------------------------------------------------------------- immutability and races
@@ -293,7 +293,7 @@ def test_planted_manifests_are_rejected(reg: AdapterRegistry, make_adapter: Make
     with pytest.raises(AdapterCorrupt, match="claims to be acme/style@v1"):
         reg.resolve("other/style@v1")
     assert reg.resolve("acme/style") == m  # latest skips the corrupt v2
-    assert [x.ref for x in reg.list()] == ["acme/style@v1"]
+    assert [x.ref for x in reg.manifests()] == ["acme/style@v1"]
 
 
 def test_check_compatible() -> None:
@@ -341,7 +341,7 @@ def test_publish_failing_before_manifest_is_invisible(
 
     assert reg.fs.exists(remote(reg, "acme", "style", "v2", "adapter_model.safetensors"))  # files did land
     assert reg.resolve("acme/style") == m1
-    assert [m.ref for m in reg.list()] == ["acme/style@v1"]
+    assert [m.ref for m in reg.manifests()] == ["acme/style@v1"]
     with pytest.raises(AdapterNotFound):
         reg.resolve("acme/style@v2")
     # The orphan's number is never reused; gc removes it only once it is old enough.
@@ -349,7 +349,7 @@ def test_publish_failing_before_manifest_is_invisible(
     assert reg.gc_incomplete(older_than_s=3600) == []
     assert reg.gc_incomplete(older_than_s=0) == ["acme/style@v2"]
     assert not reg.fs.exists(remote(reg, "acme", "style", "v2", "adapter_model.safetensors"))
-    assert [m.version for m in reg.list()] == [1, 3]
+    assert [m.version for m in reg.manifests()] == [1, 3]
 
 
 KILLED_PUBLISHER = r"""
@@ -392,7 +392,7 @@ def test_publish_killed_mid_way_leaves_nothing_visible(
 
     assert reg.fs.exists(remote(reg, "acme", "style", "v2", CLAIM_FILENAME))
     assert reg.resolve("acme/style") == m1
-    assert [m.ref for m in reg.list()] == ["acme/style@v1"]
+    assert [m.ref for m in reg.manifests()] == ["acme/style@v1"]
     with pytest.raises(AdapterNotFound):
         reg.resolve("acme/style@v2")
 
@@ -410,7 +410,7 @@ def test_delete_removes_manifest_first(
     with pytest.raises(KeyboardInterrupt):
         reg.delete("acme/style@v1")
     monkeypatch.undo()
-    assert [m.ref for m in reg.list()] == [m2.ref]
+    assert [m.ref for m in reg.manifests()] == [m2.ref]
     with pytest.raises(AdapterNotFound):
         reg.resolve("acme/style@v1")
     assert reg.gc_incomplete(older_than_s=0) == ["acme/style@v1"]
@@ -474,7 +474,7 @@ def test_invalid_ids_never_touch_storage(local_reg: AdapterRegistry, make_adapte
         with pytest.raises(InvalidAdapterRef):
             local_reg.publish(tenant, name, src)
     with pytest.raises(InvalidAdapterRef):
-        local_reg.list("../..")
+        local_reg.manifests("../..")
     with pytest.raises(InvalidAdapterRef):
         local_reg.publish("acme", "x", src, version=0)
     assert isinstance(InvalidAdapterRef("x"), ValueError)
@@ -544,7 +544,7 @@ def test_cli_round_trip_subprocess(backend: Backend, reg: AdapterRegistry, make_
 
     r = run_cli(backend, tmp_path, "delete", "acme/style")
     assert r.returncode == 0 and "deleted acme/style@v1" in r.stdout, r.stderr
-    assert reg.list() == []
+    assert reg.manifests() == []
 
     r = run_cli(backend, tmp_path, "show", "../etc")
     assert r.returncode == 1 and r.stderr.startswith("error: invalid adapter ref")
@@ -595,3 +595,46 @@ def test_s3_server_fixture_smoke(s3_server: Any) -> None:
     with pytest.raises(PermissionError):
         s3fs.S3FileSystem(**bad).ls(s3_server.bucket, refresh=True)
     assert s3_server.process.poll() is None
+
+
+# --------------------------------------------------------------------------- manifest cache
+
+
+def test_resolve_caches_manifests_and_its_own_writes_take_effect_at_once(
+    local_reg: AdapterRegistry, make_adapter: MakeAdapter, tmp_path: Path
+) -> None:
+    from lightray.registry import ManifestCache
+
+    cached = AdapterRegistry(local_reg.root_url, cache_dir=tmp_path / "cache",
+                             manifest_cache=ManifestCache(latest_ttl_s=60))
+    v1 = cached.publish("acme", "style", make_adapter())
+    assert cached.resolve("acme/style") == v1
+    # Another process's publish is seen once the latest TTL has passed (here: not within the test).
+    v2 = local_reg.publish("acme", "style", make_adapter())
+    assert cached.resolve("acme/style") == v1
+    assert local_reg.resolve("acme/style") == v2  # no manifest cache: reads the store every time
+    # This object's own publish moves latest at once.
+    v3 = cached.publish("acme", "style", make_adapter())
+    assert cached.resolve("acme/style") == v3
+    # A pinned version is cached for good: versions are immutable.
+    assert cached.resolve("acme/style@v2") == v2
+    local_reg.delete("acme/style@v2")
+    assert cached.resolve("acme/style@v2") == v2
+    # This object's own delete forgets the version and latest at once.
+    cached.delete("acme/style@v3")
+    assert cached.resolve("acme/style") == v1
+    with pytest.raises(AdapterNotFound):
+        cached.resolve("acme/style@v3")
+
+
+def test_a_zero_latest_ttl_sees_other_publishers_at_once(
+    local_reg: AdapterRegistry, make_adapter: MakeAdapter, tmp_path: Path
+) -> None:
+    from lightray.registry import ManifestCache
+
+    cached = AdapterRegistry(local_reg.root_url, cache_dir=tmp_path / "cache",
+                             manifest_cache=ManifestCache(latest_ttl_s=0))
+    local_reg.publish("acme", "style", make_adapter())
+    assert cached.resolve("acme/style").version == 1
+    local_reg.publish("acme", "style", make_adapter())
+    assert cached.resolve("acme/style").version == 2

@@ -177,7 +177,7 @@ def test_text_encoder_deployment_batches_concurrent_requests(text, alone_embeds,
     pairs = [(PROMPTS[i], " " if i % 2 else None) for i in range(6)]
 
     async def many():
-        return await asyncio.gather(*(encoder.encode(p, n, handoff=0.0) for p, n in pairs))
+        return await asyncio.gather(*(encoder.encode(p, n, handoff_at=0.0) for p, n in pairs))
 
     out = _run_batched(cls._encode_batch, many)
     assert sum(batches) == len(pairs) and max(batches) > 1, batches  # concurrent calls were batched

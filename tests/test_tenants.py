@@ -1,4 +1,4 @@
-"""API keys → tenants, and adapter privacy between tenants (issue 6, point 4), over the real FastAPI app with the
+"""API keys → tenants, and adapter privacy between tenants, over the real FastAPI app with the
 in-process backend; one test goes through a real HTTP server with the official openai client."""
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from pydantic import ValidationError
 
-from lightray.adapters import open_registry
-from conftest_registry import publish_lora_adapter
+from lightray.registry_settings import open_registry
+from testing.adapters import publish_lora_adapter
 from recording_backend import RecordingBackend
 from serve_app.api import create_app
 from serve_app.backend import LocalBackend
@@ -44,8 +44,10 @@ def tenant_registry(preset, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def settings(preset, tenant_registry, tmp_path_factory) -> ServiceSettings:
+    # Tests publish through registry objects of their own and expect the next request to use the new version at
+    # once: without a latest cache, the service sees them as soon as they are committed.
     return ServiceSettings(
-        preset=preset.model_dump(), registry=str(tenant_registry),
+        preset=preset.model_dump(), registry=str(tenant_registry), registry_latest_ttl_s=0,
         image_store_dir=str(tmp_path_factory.mktemp("tenant-images")),
         api_keys=[{"tenant": "acme", "key": ACME_KEY}, {"tenant": "globex", "key": GLOBEX_KEY},
                   {"tenant": "acme", "key": ACME_BATCH_KEY, "priority": "batch"}],
@@ -54,7 +56,7 @@ def settings(preset, tenant_registry, tmp_path_factory) -> ServiceSettings:
 
 @pytest.fixture(scope="module")
 def app(local_pipeline, settings):
-    return create_app(LocalBackend(local_pipeline, open_registry(settings.registry)), settings)
+    return create_app(LocalBackend(local_pipeline, settings.open_registry()), settings)
 
 
 @pytest.fixture(scope="module")

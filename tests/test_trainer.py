@@ -360,7 +360,7 @@ def test_entrypoint_rejects_a_bad_dataset_before_training(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 1, out.stdout + out.stderr
     assert "invalid dataset" in out.stderr and "cannot read image" in out.stderr
-    assert not registry.exists() or not AdapterRegistry(str(registry)).list()
+    assert not registry.exists() or not AdapterRegistry(str(registry)).manifests()
     bad = subprocess.run([sys.executable, "-m", "jobs.train_lora", "--config", str(cfg), "--set", "rank=0"],
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "rank" in bad.stderr

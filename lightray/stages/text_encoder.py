@@ -123,6 +123,3 @@ class TextEncodeStage:
         for group in self.batch_plan(prompts):
             encoded.update(zip(group, self.encode_group(group)))
         return [encoded[p] for p in prompts]
-
-    def count_tokens(self, prompt: str) -> int:
-        return len(self.pipe.tokenizer(prompt)["input_ids"])

@@ -31,7 +31,7 @@ async def list_adapters(
     principal: Principal = Depends(get_principal),
 ) -> AdapterList:
     """The adapters the caller may use: its own and every public one."""
-    manifests = await asyncio.to_thread(registry.list, None, latest_only=not all_versions)
+    manifests = await asyncio.to_thread(registry.manifests, None, latest_only=not all_versions)
     return AdapterList(data=[
         AdapterInfo.of(m) for m in manifests
         if can_use(m, principal.tenant) and (tenant is None or m.tenant == tenant)

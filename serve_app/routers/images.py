@@ -115,7 +115,7 @@ def images_response(spec, result, response_format: str, request: Request, respon
 @router.get("/files/images/{name}", response_class=RawResponse,
             responses={200: {"content": {"image/png": {}}, "description": "The PNG."}, **error_responses(404)})
 async def get_image(name: str, store: ImageStore = Depends(get_image_store)) -> RawResponse:
-    png = store.get(name)
+    png = await asyncio.to_thread(store.get, name)  # a file read, which may wait for the image's write
     if png is None:
         raise RequestError("name", "no such image (expired or never existed)", status=404, code="not_found")
     return RawResponse(png, media_type="image/png")

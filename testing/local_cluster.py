@@ -20,6 +20,8 @@ from pathlib import Path
 import httpx
 import yaml
 
+from lightray.ray_env import with_ray_defaults
+
 REPO = Path(__file__).resolve().parent.parent  # repository root
 BIN = Path(sys.executable).parent
 
@@ -41,10 +43,9 @@ def free_port() -> int:
 
 
 def ray_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.setdefault("RAY_AUTH_MODE", "disabled")
-    env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    env.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
+    """This process's environment with Lightray's Ray defaults (`lightray.ray_env`) and the repository on the
+    path of every process the cluster starts."""
+    env = with_ray_defaults(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     return env
 

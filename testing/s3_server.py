@@ -8,7 +8,7 @@ process, starts in about a second and needs no network beyond loopback.
 
 Usage::
 
-    from tests.s3_server import running_s3_server
+    from testing.s3_server import running_s3_server
 
     with running_s3_server() as server:
         fs = s3fs.S3FileSystem(**server.storage_options)
@@ -308,7 +308,7 @@ def running_s3_server(**kwargs: Any) -> Iterator[S3Server]:
         server.stop()
 
 
-if __name__ == "__main__":  # manual use: python tests/s3_server.py
+if __name__ == "__main__":  # manual use: python testing/s3_server.py
     with running_s3_server() as srv:
         print(f"endpoint={srv.endpoint_url} bucket={srv.bucket}")
         print(f"key={srv.access_key} secret={srv.secret_key}")

@@ -162,11 +162,7 @@ class Denoiser:
         timings["denoise_ms"] = (asyncio.get_running_loop().time() - start) * 1000
         if request.first_step_at is not None:
             timings["denoise_queue_ms"] = (request.first_step_at - request.submitted_at) * 1000
-        self._done(params, "image" if image is not None else "text", request, timings)
-        return DenoisedLatents(latents, timings, time.time())
-
-    def _done(self, params: DenoiseParams, kind: str, request, timings: dict) -> None:
-        model = params.variant or "default"
+        kind, model = "image" if image is not None else "text", params.variant or "default"
         record_stages(timings, "adapter_ms", "denoise_ms")
         self.metrics.batch_size.observe(params.n, tags={"model": model})
         self.metrics.images.inc(params.n, tags={"model": model, "kind": kind})
@@ -176,6 +172,7 @@ class Denoiser:
                     wait_ms=timings.get("denoise_wait_ms"), queue_ms=timings.get("denoise_queue_ms"),
                     adapter_ms=timings.get("adapter_ms"), denoise_ms=timings["denoise_ms"],
                     request=params.request_id or request_id() or None)
+        return DenoisedLatents(latents, timings, time.time())
 
     async def check_health(self) -> None:
         # A one-token forward at the engine's next step boundary (DenoiseEngine.check_health); it waits up to a

@@ -211,19 +211,17 @@ class RowwiseJointAttnProcessor(QwenDoubleStreamAttnProcessor2_0):
             txt_q = apply_rotary_emb_qwen(txt_q, txt_freqs, use_real=False)
             txt_k = apply_rotary_emb_qwen(txt_k, txt_freqs, use_real=False)
 
-        seq_txt = encoder_hidden_states.shape[1]
         lengths = encoder_hidden_states_mask.sum(dim=1).tolist()
         img_out = img_q.new_empty(img_q.shape)
         txt_out = txt_q.new_zeros(txt_q.shape)
         for length in sorted(set(lengths)):
             rows = [i for i, n in enumerate(lengths) if n == length]
             idx = torch.tensor(rows, dtype=torch.long, device=hidden_states.device)
-            pick = (lambda t: t[rows[0]:rows[-1] + 1]) if rows == list(range(rows[0], rows[-1] + 1)) \
-                else (lambda t: t.index_select(0, idx))
+            group = slice(rows[0], rows[-1] + 1) if rows == list(range(rows[0], rows[-1] + 1)) else idx
             joint = dispatch_attention_fn(
-                torch.cat([pick(txt_q)[:, :length], pick(img_q)], dim=1),
-                torch.cat([pick(txt_k)[:, :length], pick(img_k)], dim=1),
-                torch.cat([pick(txt_v)[:, :length], pick(img_v)], dim=1),
+                torch.cat([_take(txt_q, group)[:, :length], _take(img_q, group)], dim=1),
+                torch.cat([_take(txt_k, group)[:, :length], _take(img_k, group)], dim=1),
+                torch.cat([_take(txt_v, group)[:, :length], _take(img_v, group)], dim=1),
                 attn_mask=None, dropout_p=0.0, is_causal=False,
                 backend=self._attention_backend, parallel_config=self._parallel_config,
             )
@@ -231,7 +229,6 @@ class RowwiseJointAttnProcessor(QwenDoubleStreamAttnProcessor2_0):
             img_out[idx] = joint[:, length:]
         img_hidden = img_out.flatten(2, 3).to(img_q.dtype)
         txt_hidden = txt_out.flatten(2, 3).to(txt_q.dtype)
-        assert txt_hidden.shape[1] == seq_txt
         img_attn_output = attn.to_out[0](img_hidden.contiguous())
         if len(attn.to_out) > 1:
             img_attn_output = attn.to_out[1](img_attn_output)

@@ -93,7 +93,6 @@ class EngineRequest:
         self.image_tokens = 0
         self.grid = (0, 0)
         self.step = 0
-        self.started = False
         self.stack: tuple[batched_model.AdapterKey, ...] = ()
         self.prompt: torch.Tensor
         self.negative: torch.Tensor | None = None
@@ -107,6 +106,11 @@ class EngineRequest:
     @property
     def total_steps(self) -> int:
         return len(self.timesteps)
+
+    @property
+    def started(self) -> bool:
+        """At least one step done: a request the scheduler leaves out is then paused, not waiting."""
+        return self.step > 0
 
     @property
     def remaining_steps(self) -> int:
@@ -177,7 +181,7 @@ class DenoiseEngine:
 
         self._lock = threading.Condition()  # guards the inbox, commands and counters below
         self._inbox: list[EngineRequest] = []
-        self._commands: list[tuple[Callable[[], object], concurrent.futures.Future | None]] = []
+        self._commands: list[Callable[[], None]] = []  # run by the loop at the next step boundary
         self._in_use: collections.Counter[str] = collections.Counter()
         self._pending_unload: set[str] = set()
         self._live: list[EngineRequest] = []  # touched only under the step lock
@@ -499,7 +503,6 @@ class DenoiseEngine:
             latents = (1 - request.mask) * proper + request.mask * latents
         request.latents = latents
         request.step = i + 1
-        request.started = True
         if request.on_progress is not None:
             request.on_progress(StepProgress(step=i + 1, total_steps=request.total_steps, preview=preview))
         if request.step == request.total_steps:
@@ -514,7 +517,7 @@ class DenoiseEngine:
                 if self._in_use[use.ref] <= 0:
                     del self._in_use[use.ref]
                     if use.ref in self._pending_unload:
-                        self._commands.append((lambda ref=use.ref: self._unload_now(ref), None))
+                        self._commands.append(lambda ref=use.ref: self._unload_now(ref))
         if request.future.done():
             return
         if error is not None:
@@ -526,39 +529,36 @@ class DenoiseEngine:
 
     def load_adapter(self, ref: str, path: str) -> None:
         """Load a tenant LoRA (peft/diffusers folder or file) under `ref`, at a step boundary."""
-        self._command(lambda: self._ensure_loaded(ref, path), wait=True)
+        self._at_step_boundary(lambda: self._ensure_loaded(ref, path)).result()
 
     def unload_adapter(self, ref: str) -> None:
-        """Evict `ref` at the next step boundary, or once no live request uses it. Never blocks (it is called
-        from the adapter cache's finaliser, possibly on the engine's own thread)."""
-        self._command(lambda: self._unload_or_defer(ref), wait=False)
-
-    def _command(self, fn: Callable[[], object], wait: bool) -> None:
-        future: concurrent.futures.Future | None = concurrent.futures.Future() if wait else None
+        """Evict `ref` at the next step boundary, or once no live request uses it. Never blocks and never runs the
+        eviction in this thread (it is called from the adapter cache's finaliser, possibly on the engine's own
+        thread, or inside a step an in-process caller is driving)."""
         with self._lock:
-            self._commands.append((fn, future))
+            self._commands.append(lambda: self._unload_or_defer(ref))
             self._lock.notify_all()
-        if future is None:
-            return
+
+    def _at_step_boundary(self, fn: Callable[[], object]) -> concurrent.futures.Future:
+        """Run `fn` as a command at the next step boundary (at once, in this thread, when no loop runs); the
+        future holds its result or what it raised."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._lock:
+            self._commands.append(lambda: settle(future, fn))
+            self._lock.notify_all()
         if not self.running:
             with self._step_lock:
                 self._apply_commands()
-        future.result()
+        return future
 
     def _apply_commands(self) -> None:
         with self._lock:
             commands, self._commands = self._commands, []
-        for fn, future in commands:
+        for command in commands:
             try:
-                fn()
-            except Exception as err:
-                if future is None:
-                    logger.exception("adapter command failed")
-                else:
-                    future.set_exception(err)
-                continue
-            if future is not None:
-                future.set_result(None)
+                command()
+            except Exception:
+                logger.exception("engine command failed")
 
     def _ensure_loaded(self, ref: str, path: str | None) -> None:
         with self._lock:
@@ -617,17 +617,6 @@ class DenoiseEngine:
         if self._thread is not None and not self._thread.is_alive():
             raise RuntimeError("the denoise engine's loop thread is gone")
         self._health.check(self.config.health_check_timeout_s if timeout_s is None else timeout_s)
-
-    def _at_step_boundary(self, fn: Callable[[], object]) -> concurrent.futures.Future:
-        """Run `fn` as a command at the next step boundary (at once, in this thread, when no loop runs)."""
-        future: concurrent.futures.Future = concurrent.futures.Future()
-        with self._lock:
-            self._commands.append((lambda: settle(future, fn), None))
-            self._lock.notify_all()
-        if not self.running:
-            with self._step_lock:
-                self._apply_commands()
-        return future
 
     @torch.inference_mode()
     def _probe_forward(self) -> torch.Tensor:

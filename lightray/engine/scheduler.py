@@ -71,7 +71,7 @@ class StepScheduler:
             requests = by_priority[priority]
             starving = [r for r in requests if r.waited_steps >= self.config.starvation_steps]
             ordered.extend(sorted(starving, key=lambda r: r.seq))
-            ordered.extend(_tenant_fair([r for r in requests if r.waited_steps < self.config.starvation_steps]))
+            ordered.extend(_least_work_first([r for r in requests if r.waited_steps < self.config.starvation_steps]))
         return ordered
 
     def schedule(self, live: Sequence[Schedulable]) -> StepPlan:
@@ -94,7 +94,7 @@ class StepScheduler:
         return StepPlan(tuple(tuple(b) for b in by_grid.values()), paused)
 
 
-def _tenant_fair(requests: list[Schedulable]) -> list[Schedulable]:
+def _least_work_first(requests: list[Schedulable]) -> list[Schedulable]:
     """Least remaining work first; among equal work, the tenant with the fewest rows taken so far, then the
     earlier request."""
     pending = sorted(requests, key=lambda r: (r.rows * r.remaining_steps, r.seq))

@@ -174,22 +174,20 @@ def crop_region(mask: Image.Image, width: int, height: int, pad: int = 0) -> tup
     x2, y2 = int(min(w - crop_right + pad, w)), int(min(h - crop_bottom + pad, h))
     ratio_crop, ratio_processing = (x2 - x1) / (y2 - y1), width / height
     if ratio_crop > ratio_processing:
-        diff = int((x2 - x1) / ratio_processing - (y2 - y1))
-        y1, y2 = y1 - diff // 2, y2 + diff - diff // 2
-        if y2 >= mask.height:
-            y1, y2 = y1 - (y2 - mask.height), mask.height
-        if y1 < 0:
-            y1, y2 = 0, y2 - y1
-        y2 = min(y2, mask.height)
+        y1, y2 = _widen(y1, y2, int((x2 - x1) / ratio_processing - (y2 - y1)), mask.height)
     else:
-        diff = int((y2 - y1) * ratio_processing - (x2 - x1))
-        x1, x2 = x1 - diff // 2, x2 + diff - diff // 2
-        if x2 >= mask.width:
-            x1, x2 = x1 - (x2 - mask.width), mask.width
-        if x1 < 0:
-            x1, x2 = 0, x2 - x1
-        x2 = min(x2, mask.width)
+        x1, x2 = _widen(x1, x2, int((y2 - y1) * ratio_processing - (x2 - x1)), mask.width)
     return x1, y1, x2, y2
+
+
+def _widen(lo: int, hi: int, by: int, limit: int) -> tuple[int, int]:
+    """[lo, hi) grown by `by` (half each side), shifted back inside [0, limit), as `get_crop_region` does."""
+    lo, hi = lo - by // 2, hi + by - by // 2
+    if hi >= limit:
+        lo, hi = lo - (hi - limit), limit
+    if lo < 0:
+        lo, hi = 0, hi - lo
+    return lo, min(hi, limit)
 
 
 def resize_fill(image: Image.Image, width: int, height: int) -> Image.Image:

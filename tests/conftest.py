@@ -16,6 +16,18 @@ pytest_plugins = ["conftest_registry"]
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture
+def one_torch_thread():
+    """torch on one thread for the test, as every Serve replica runs (OMP_NUM_THREADS=1): the same seed gives the
+    same pixels for the same model, config and thread count, and 1 vs 2 threads can differ by a grey level."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def preset() -> ModelPreset:
     return load_preset(os.environ.get("LIGHTRAY_TEST_PRESET", "lightray-shapes"))

@@ -3,12 +3,18 @@ For tests of what the ingress resolves (adapters pinned, priority, tenant) witho
 
 from __future__ import annotations
 
+import base64
+from collections.abc import Iterator
+
+from fastapi.testclient import TestClient
 from PIL import Image
 
 from lightray.config import ModelPreset
 from lightray.images import encode_png
 from lightray.schemas import EditSpec, GenerationSpec
+from serve_app.api import create_app
 from serve_app.backend import GenerationResult
+from serve_app.settings import ServiceSettings
 
 
 class RecordingBackend:
@@ -30,3 +36,15 @@ class RecordingBackend:
 
     async def readiness(self) -> dict[str, bool]:
         return {"recording": True}
+
+
+def recording_app(preset: ModelPreset, settings: ServiceSettings) -> Iterator[tuple[TestClient, RecordingBackend]]:
+    """(client, backend) of the real app with `settings` over a `RecordingBackend`, for a fixture to yield from."""
+    backend = RecordingBackend(preset)
+    with TestClient(create_app(backend, settings)) as client:
+        yield client, backend
+
+
+def white_png_b64(size: tuple[int, int] = (64, 64)) -> str:
+    """A white PNG, base64: an edit's input image when only the request's resolution is under test."""
+    return base64.b64encode(encode_png(Image.new("RGB", size, "white"))).decode("ascii")

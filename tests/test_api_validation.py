@@ -9,7 +9,6 @@ import base64
 import io
 
 import pytest
-from fastapi.testclient import TestClient
 from PIL import Image
 
 from testing.adapters import publish_lora_adapter, publish_placeholder_adapter
@@ -17,8 +16,7 @@ from lightray.adapters import resolve_adapters
 from lightray.registry_settings import open_registry
 from lightray.contracts import AdapterUse
 from lightray.schemas import EditSpec, RequestError, parse_lora_field
-from recording_backend import RecordingBackend
-from serve_app.api import create_app
+from recording_backend import recording_app, white_png_b64
 from serve_app.settings import ServiceSettings
 
 OK = {"prompt": "a red circle on the left, white background", "n": 1, "size": "64x64", "num_inference_steps": 2}
@@ -105,12 +103,6 @@ STACK = "stacking"
 """Tenant of this module's adapters in the session's registry (no other test publishes under it)."""
 
 
-def _png_b64(size=(64, 64)) -> str:
-    buf = io.BytesIO()
-    Image.new("RGB", size, "white").save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
 @pytest.fixture(scope="module")
 def stack_adapters(preset, registry_root, tmp_path_factory) -> None:
     """In the api_client's registry: stacking/style and stacking/subject for the served model, stacking/foreign for
@@ -166,13 +158,13 @@ def test_bad_lora_is_4xx_naming_the_entry(api_client, stack_adapters, lora, stat
 
 @pytest.mark.parametrize("lora, status, param, code", BAD_LORA)
 def test_bad_lora_in_an_edit_is_4xx_naming_the_entry(api_client, stack_adapters, lora, status, param, code):
-    body = {**OK, "image": _png_b64(), "lora": lora}
+    body = {**OK, "image": white_png_b64(), "lora": lora}
     _assert_error(api_client.post("/v1/images/edits", json=body), status, param, code)
 
 
 def test_lora_as_form_fields(api_client, stack_adapters):
     """In a multipart edit `lora` is one field (the single string), repeated or `lora[]` fields, or a JSON list."""
-    image = {"image": ("in.png", base64.b64decode(_png_b64()), "image/png")}
+    image = {"image": ("in.png", base64.b64decode(white_png_b64()), "image/png")}
 
     def edit(fields: dict[str, str | list[str]]):
         return api_client.post("/v1/images/edits", files=image, data={"prompt": "x", **fields})
@@ -211,15 +203,13 @@ def recording(preset, registry_root, tmp_path_factory, stack_adapters):
     settings = ServiceSettings(preset=preset.model_dump(), registry=str(registry_root), registry_latest_ttl_s=0,
                                auth_enabled=False,
                                default_priority="batch", image_store_dir=str(tmp_path_factory.mktemp("rec-images")))
-    backend = RecordingBackend(preset)
-    with TestClient(create_app(backend, settings)) as client:
-        yield client, backend
+    yield from recording_app(preset, settings)
 
 
 @pytest.mark.parametrize("path", ["/v1/images/generations", "/v1/images/edits"])
 def test_the_router_pins_stacked_adapters_and_sets_priority(recording, path):
     client, backend = recording
-    extra = {"image": _png_b64()} if path.endswith("edits") else {}
+    extra = {"image": white_png_b64()} if path.endswith("edits") else {}
 
     r = client.post(path, json={**OK, **extra, "lora": [f"{STACK}/subject:-0.5", f"{STACK}/style@v1"]})
     assert r.status_code == 200, r.text
@@ -253,7 +243,7 @@ def test_stacked_adapters_generate_and_each_changes_the_image(api_client, preset
     stacked = png(lora=[first, f"{second}:0.8"])
     assert len({plain, one, two, stacked}) == 4
     assert png(lora=[first]) == one  # a list of one is that adapter
-    r = api_client.post("/v1/images/edits", json={**OK, "image": _png_b64(), "lora": [first, second]})
+    r = api_client.post("/v1/images/edits", json={**OK, "image": white_png_b64(), "lora": [first, second]})
     assert r.status_code == 200, r.text
 
 

@@ -24,12 +24,7 @@ PROMPTS = ("a red circle on the left, white background", "黑色背景，上方�
            "a green triangle at the bottom, gray background")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # the numerics contract holds at a fixed thread count
 
 
 @pytest.fixture(scope="module")

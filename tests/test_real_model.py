@@ -44,12 +44,7 @@ LIGHTNING_8, LIGHTNING_4, BASE = "qwen-image-lightning", "qwen-image-lightning-4
 PROMPT = "a red circle on the left, white background"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # the numerics contract holds at a fixed thread count
 
 
 # ------------------------------------------------------------------------------------ the schedules

@@ -4,7 +4,6 @@ in-process backend; one test goes through a real HTTP server with the official o
 from __future__ import annotations
 
 import base64
-import io
 import logging
 import threading
 import time
@@ -15,12 +14,11 @@ import pytest
 import uvicorn
 import yaml
 from fastapi.testclient import TestClient
-from PIL import Image
 from pydantic import ValidationError
 
 from lightray.registry_settings import open_registry
 from testing.adapters import publish_lora_adapter
-from recording_backend import RecordingBackend
+from recording_backend import recording_app, white_png_b64
 from serve_app.api import create_app
 from serve_app.backend import LocalBackend
 from serve_app.settings import ServiceSettings
@@ -137,28 +135,20 @@ def test_every_entry_of_a_list_goes_through_the_acl(client):
     assert error(GLOBEX_KEY, ["acme/shared-style", "acme/private-style@v1:0.5"])["param"] == "lora[1]"
     assert error(GLOBEX_KEY, ["acme/private-style"])["param"] == "lora[0]"
     edit = client.post("/v1/images/edits", headers=as_(GLOBEX_KEY),
-                       json={**PROMPT, "image": _white_png_b64(), "lora": ["globex/secret", "acme/private-style"]})
+                       json={**PROMPT, "image": white_png_b64(), "lora": ["globex/secret", "acme/private-style"]})
     assert edit.status_code == 404 and edit.json()["error"]["param"] == "lora[1]", edit.text
-
-
-def _white_png_b64() -> str:
-    buf = io.BytesIO()
-    Image.new("RGB", (64, 64), "white").save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 @pytest.fixture(scope="module")
 def recording(preset, settings):
     """(client, backend) of the real app with these keys over a backend that records the specs."""
-    backend = RecordingBackend(preset)
-    with TestClient(create_app(backend, settings)) as c:
-        yield c, backend
+    yield from recording_app(preset, settings)
 
 
 @pytest.mark.parametrize("path", ["/v1/images/generations", "/v1/images/edits"])
 def test_priority_defaults_to_the_keys_and_the_spec_names_the_tenant(recording, path):
     client, backend = recording
-    body = {**PROMPT, **({"image": _white_png_b64()} if path.endswith("edits") else {})}
+    body = {**PROMPT, **({"image": white_png_b64()} if path.endswith("edits") else {})}
 
     def spec_of(key, **fields):
         r = client.post(path, headers=as_(key), json={**body, **fields})

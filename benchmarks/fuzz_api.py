@@ -58,8 +58,8 @@ def generation_cost(case, preset: ModelPreset) -> float:
     if m:
         width, height = int(m.group(1)), int(m.group(2))
     elif body.get("image") is not None:  # edits: the output may take the input's size
-        width = height = preset.max_side
-    pixels = min(width * height, preset.max_pixels)
+        width, height = preset.largest_size
+    pixels = min(width * height, preset.largest_size[0] * preset.largest_size[1])
     try:
         cfg = float(body.get("true_cfg_scale", variant.true_cfg_scale) or 1)
     except (TypeError, ValueError):

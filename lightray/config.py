@@ -7,6 +7,7 @@ preset by file (or inlines one) so the same model definition serves `serve run`,
 from __future__ import annotations
 
 import json
+import math
 import re
 from functools import cached_property
 from pathlib import Path
@@ -160,13 +161,20 @@ class ModelPreset(BaseModel):
     as a deterministic autoencoder (its variance head is untrained, std ≈ 1), so it needs "argmax"."""
     max_prompt_chars: int = Field(2000, ge=1)
     """Longest prompt accepted, in characters (checked at the API, before any tokenizer runs)."""
-    default_size: tuple[int, int] = (64, 64)
+    default_size: tuple[int, int] = (128, 128)
     """(width, height) when the request gives no size."""
+    sizes: list[tuple[int, int]] | None = None
+    """The exact (width, height) sizes served, when the model draws only at the sizes it was trained at (the
+    embedded model). None: every size within `min_side`, `max_side`, `max_pixels` and `max_aspect_ratio` (the real
+    Qwen-Image, trained over a continuum of sizes). A request for any other size is refused (400, `size`)."""
     min_side: int = Field(16, ge=16)
+    """Smallest width or height accepted when `sizes` is None."""
     max_side: int = Field(256, ge=16)
-    """Largest width or height accepted (multiples of `size_multiple` only)."""
+    """Largest width or height accepted when `sizes` is None (multiples of `size_multiple` only)."""
     max_pixels: int = Field(256 * 256, ge=256)
-    """Largest width×height accepted."""
+    """Largest width×height accepted when `sizes` is None."""
+    max_aspect_ratio: float = Field(3.0, ge=1.0)
+    """Longest side over shortest side accepted when `sizes` is None (Qwen-Image's training ratios go to 3:1)."""
     size_multiple: int = 16
     """Width and height must be multiples of this (VAE 8× times the 2×2 patch packing)."""
     max_images_per_request: int = Field(10, ge=1, le=64)
@@ -187,13 +195,65 @@ class ModelPreset(BaseModel):
 
     @model_validator(mode="after")
     def _sizes_consistent(self) -> "ModelPreset":
-        w, h = self.default_size
-        for side in (w, h, self.min_side, self.max_side):
+        for side in (*self.default_size, self.min_side, self.max_side, *(v for wh in self.sizes or () for v in wh)):
             if side % self.size_multiple:
                 raise ValueError(f"sizes must be multiples of {self.size_multiple}, got {side}")
-        if not (self.min_side <= w <= self.max_side and self.min_side <= h <= self.max_side):
-            raise ValueError("default_size must lie within [min_side, max_side]")
+        if self.sizes is not None and (not self.sizes or len(set(self.sizes)) != len(self.sizes)):
+            raise ValueError(f"sizes must be a non-empty list without repeats, got {self.sizes}")
+        if self.size_refusal(*self.default_size) is not None:
+            raise ValueError(f"default_size {self.default_size} is not served: {self.size_refusal(*self.default_size)}")
         return self
+
+    def size_refusal(self, width: int, height: int) -> str | None:
+        """Why width×height is not served (a sentence that says what is), or None when it is."""
+        k = self.size_multiple
+        if width % k or height % k:
+            return f"width and height must be multiples of {k}, got {width}x{height}"
+        if self.sizes is not None:
+            if (width, height) in self.sizes:
+                return None
+            return f"{width}x{height} is not served; this model draws at {', '.join(self.size_names)}"
+        lo, hi = self.min_side, self.max_side
+        if not (lo <= width <= hi and lo <= height <= hi):
+            return f"width and height must be between {lo} and {hi}, got {width}x{height}"
+        if width * height > self.max_pixels:
+            return f"at most {self.max_pixels} pixels, got {width}x{height}"
+        if max(width, height) > self.max_aspect_ratio * min(width, height):
+            return f"aspect ratio at most {self.max_aspect_ratio:g}:1, got {width}x{height}"
+        return None
+
+    @property
+    def size_names(self) -> list[str]:
+        """"WxH" of every served size when `sizes` is set, smallest first; otherwise a menu of common ones (the
+        default, and sides that are multiples of 64 paired up to 2:1), all of which `size_refusal` accepts."""
+        if self.sizes is not None:
+            pairs = set(self.sizes)
+        else:
+            sides = {self.min_side, self.max_side, *self.default_size}
+            sides |= {s for s in range(self.min_side, self.max_side + 1) if s % 64 == 0 and s % self.size_multiple == 0}
+            pairs = {(w, h) for w in sides for h in sides
+                     if max(w, h) <= 2 * min(w, h) and self.size_refusal(w, h) is None}
+        return [f"{w}x{h}" for w, h in sorted(pairs, key=lambda p: (p[0] * p[1], -p[0]))]
+
+    def nearest_size(self, width: int, height: int) -> tuple[int, int]:
+        """The served size closest to width×height: the nearest aspect ratio first, then the nearest pixel count
+        (both on a log scale). An edit's input of a size not served is resized to it."""
+        if self.size_refusal(width, height) is None:
+            return width, height
+        if self.sizes is None:
+            raise ValueError("nearest_size needs an exact `sizes` list")
+        return min(self.sizes, key=lambda wh: (round(abs(math.log(wh[0] * height / (wh[1] * width))), 6),
+                                               abs(math.log(wh[0] * wh[1] / (width * height)))))
+
+    @property
+    def largest_size(self) -> tuple[int, int]:
+        """The served (width, height) with the most pixels."""
+        if self.sizes is not None:
+            return max(self.sizes, key=lambda wh: wh[0] * wh[1])
+        k = self.size_multiple
+        side = min(self.max_side, math.isqrt(self.max_pixels) // k * k)
+        other = self.max_pixels // self.max_side // k * k
+        return max([(side, side), (self.max_side, other)], key=lambda wh: wh[0] * wh[1])
 
     @cached_property
     def root(self) -> Path:

@@ -50,7 +50,8 @@ class ImageGenerationRequest(BaseModel):
     prompt: str = Field(min_length=1, description="What to draw (English or Chinese).")
     model: str | None = Field(None, description="Model id from GET /v1/models; default: the first.")
     n: int = Field(1, ge=1, le=10, description="Number of images (one denoiser batch).")
-    size: str | None = Field(None, description='"WIDTHxHEIGHT", multiples of 16 within the model\'s limit.',
+    size: str | None = Field(None, description='"WIDTHxHEIGHT", one of the model\'s served sizes (`GET /v1/models`: '
+                      '`sizes`, `size_rule`).',
                              json_schema_extra={"pattern": SIZE_PATTERN})
     response_format: Literal["b64_json", "url"] = "b64_json"
     quality: str | None = Field(None, description="Accepted for OpenAI compatibility; ignored.")
@@ -227,16 +228,10 @@ def parse_size(size: str | None, preset: ModelPreset) -> tuple[int, int]:
         return preset.default_size
     m = _SIZE.match(size)
     if not m:
-        raise RequestError("size", f'size must look like "WIDTHxHEIGHT" (e.g. "64x64"), got {size!r}')
+        raise RequestError("size", f'size must look like "WIDTHxHEIGHT" (e.g. "128x128"), got {size!r}')
     width, height = int(m.group(1)), int(m.group(2))
-    k = preset.size_multiple
-    if width % k or height % k:
-        raise RequestError("size", f"size: width and height must be multiples of {k}, got {width}x{height}")
-    lo, hi = preset.min_side, preset.max_side
-    if not (lo <= width <= hi and lo <= height <= hi):
-        raise RequestError("size", f"size: width and height must be between {lo} and {hi}, got {width}x{height}")
-    if width * height > preset.max_pixels:
-        raise RequestError("size", f"size: at most {preset.max_pixels} pixels, got {width}x{height}")
+    if (refusal := preset.size_refusal(width, height)) is not None:
+        raise RequestError("size", f"size: {refusal}")
     return width, height
 
 
@@ -312,8 +307,9 @@ class ImageEditRequest(ImageGenerationRequest):
     themselves are checked by `lightray.images`."""
 
     size: str | None = Field(
-        None, description='"WIDTHxHEIGHT" to resize the input to (multiples of 16 within the model\'s limit); '
-        "default: the input image's size.", json_schema_extra={"pattern": SIZE_PATTERN},
+        None, description='"WIDTHxHEIGHT" to resize the input to (one of the model\'s served sizes); '
+        "default: the input image's size, or for a model served at exact sizes the served size nearest it (aspect "
+        "ratio first, then pixel count).", json_schema_extra={"pattern": SIZE_PATTERN},
     )
     strength: float | None = Field(
         None, gt=0.0, le=1.0,
@@ -358,7 +354,10 @@ class ImageEditRequest(ImageGenerationRequest):
         if self.size in (None, "auto") and self.padding_mask_crop is None:
             if image_size is None:
                 raise ValueError("image_size is required when the request gives no size")
-            size = f"{image_size[0]}x{image_size[1]}"
+            # A model served at exact sizes works at the one nearest the input's (aspect ratio first); a model that
+            # accepts a range refuses an input outside it rather than guess.
+            width, height = preset.nearest_size(*image_size) if preset.sizes is not None else image_size
+            size = f"{width}x{height}"
             try:
                 parse_size(size, preset)
             except RequestError as e:
@@ -434,8 +433,10 @@ class ModelCard(BaseModel):
     owned_by: str = "lightray"
     # Extensions: what a client (the playground) needs to offer this model's settings.
     default_size: str | None = Field(None, description='"WxH" used when a request gives no size.')
-    sizes: list[str] | None = Field(None, description="Suggested sizes (any multiple of `size_multiple` "
-                                    "within the limits is accepted).")
+    sizes: list[str] | None = Field(None, description="The served sizes when `sizes_exact`; otherwise common ones "
+                                    "among the accepted (see `size_rule`).")
+    sizes_exact: bool | None = Field(None, description="true: exactly `sizes` are served, any other is refused.")
+    size_rule: str | None = Field(None, description="What sizes are accepted, in words.")
     size_multiple: int | None = None
     num_inference_steps: int | None = Field(None, description="Default denoising steps.")
     max_inference_steps: int | None = None
@@ -447,21 +448,17 @@ class ModelCard(BaseModel):
         """The card of one of `preset`'s model ids, with its defaults and the preset's sizes."""
         variant = preset.variant(model_id)
         w, h = preset.default_size
-        return cls(id=model_id, default_size=f"{w}x{h}", sizes=served_sizes(preset),
-                   size_multiple=preset.size_multiple, num_inference_steps=variant.num_inference_steps,
+        return cls(id=model_id, default_size=f"{w}x{h}", sizes=preset.size_names, sizes_exact=preset.sizes is not None,
+                   size_rule=size_rule(preset), size_multiple=preset.size_multiple, num_inference_steps=variant.num_inference_steps,
                    max_inference_steps=preset.max_inference_steps, true_cfg_scale=variant.true_cfg_scale,
                    max_images=preset.max_images_per_request)
 
 
-def served_sizes(preset: ModelPreset) -> list[str]:
-    """A short menu of sizes the preset accepts: sides from the limits, the default and the multiples of 64 in
-    between, paired with aspect ratios up to 2:1 within `max_pixels`, smallest first."""
-    k = preset.size_multiple
-    sides = {preset.min_side, preset.max_side, *preset.default_size}
-    sides |= {s for s in range(preset.min_side, preset.max_side + 1) if s % 64 == 0 and s % k == 0}
-    pairs = {(w, h) for w in sides for h in sides
-             if w * h <= preset.max_pixels and max(w, h) <= 2 * min(w, h)}
-    return [f"{w}x{h}" for w, h in sorted(pairs, key=lambda p: (p[0] * p[1], -p[0]))]
+def size_rule(preset: ModelPreset) -> str:
+    if preset.sizes is not None:
+        return "exactly the listed sizes (the sizes the model was trained at)"
+    return (f"width and height multiples of {preset.size_multiple} from {preset.min_side} to {preset.max_side}, at "
+            f"most {preset.max_pixels} pixels, aspect ratio at most {preset.max_aspect_ratio:g}:1")
 
 
 class ModelList(BaseModel):

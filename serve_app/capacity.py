@@ -386,14 +386,6 @@ def image_tokens(width: int, height: int) -> int:
     return (width // 16) * (height // 16)
 
 
-def largest_size(preset: ModelPreset) -> tuple[int, int]:
-    """The served (width, height) with the most pixels: the square at `max_pixels` (multiples of 16), or a
-    `max_side` rectangle if that holds more."""
-    side = min(preset.max_side, math.isqrt(preset.max_pixels) // preset.size_multiple * preset.size_multiple)
-    other = preset.max_pixels // preset.max_side // preset.size_multiple * preset.size_multiple
-    return max([(side, side), (preset.max_side, other)], key=lambda wh: wh[0] * wh[1])
-
-
 def text_tokens(preset: ModelPreset) -> int:
     """Most tokens a prompt reaches the transformer with (the template prefix is dropped before it)."""
     return preset.max_sequence_length
@@ -409,7 +401,7 @@ def budgets(a: CapacityAssumptions) -> dict[str, MemoryBudget]:
     """Per-replica device memory of the three GPU deployments at the largest served size."""
     m, b = a.models, a.dtype_bytes
     reserved = a.gpu.reserved_mib_per_process * MIB
-    width, height = largest_size(a.preset)
+    width, height = a.preset.largest_size
     img_tok, txt_tok = image_tokens(width, height), text_tokens(a.preset)
     t_cfg = m.configs["transformer"]
     lora = m.lora_parameters
@@ -588,7 +580,7 @@ def capacity_markdown(a: CapacityAssumptions, targets: tuple[float, ...] = (0.5,
         lines.append(f"| {name} | {share:g} | {budget.items['weights'] / GIB:.2f} GiB | {other} GiB | "
                      f"{budget.total / GIB:.2f} GiB | {budget.available / GIB:.2f} GiB | "
                      f"{budget.headroom / GIB:.2f} GiB |")
-    width, height = largest_size(a.preset)
+    width, height = a.preset.largest_size
     lines += ["", f"At the largest served size ({width}x{height}), {denoiser_rows(a)} Denoiser rows a step, "
               f"{text_encoder_batch_prompts(a)} prompts of {text_encoder_tokens(a.preset)} tokens a text-encoder "
               f"forward, {a.vae_images_per_decode} image a VAE call; {a.gpu.name}, {a.gpu.memory_mib} MiB.", ""]

@@ -20,7 +20,6 @@ from serve_app.capacity import (
     cold_start_s,
     denoiser_rows,
     gpus_for,
-    largest_size,
     request_seconds,
     stage_times,
     weighted_bound_drain_s,
@@ -102,7 +101,7 @@ def test_activations_are_one_step_of_blocks_and_grow_with_rows(a):
 def test_every_gpu_replica_fits_its_share_of_the_declared_gpu(a):
     found = budgets(a)
     assert a.gpu.memory_mib == 81559 and "H100" in a.gpu.name
-    width, height = largest_size(a.preset)
+    width, height = a.preset.largest_size
     assert width * height == a.preset.max_pixels and max(width, height) <= a.preset.max_side
     for name in GPU_STAGES:
         budget = found[name]

@@ -121,16 +121,29 @@ def training_scenes() -> list[Scene]:
     return [s for s in all_scenes() if s.key not in HELD_OUT]
 
 
-def render(scene: Scene, size: int = 64, rng: random.Random | None = None, supersample: int = 4,
-           style: str | None = None) -> Image.Image:
-    """Draw `scene` as an RGB image of `size`×`size` (with `style` "frame": plus a thick frame over it).
+Size = int | tuple[int, int]
+"""A side (square) or (width, height) in pixels."""
 
+
+def width_height(size: Size) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def render(scene: Scene, size: Size = 64, rng: random.Random | None = None, supersample: int = 4,
+           style: str | None = None) -> Image.Image:
+    """Draw `scene` as an RGB image of `size` (a side, or (width, height)); with `style` "frame", plus a thick
+    frame over it.
+
+    Positions are fractions of the width and height; the shape's size and the frame's width are fractions of
+    the shorter side, so a shape stays round on any aspect ratio and the same scene reads the same at any size.
     With `rng`, the shape's size and placement jitter a little (training diversity); without it the render is
     the canonical one. Drawing happens at `supersample`× and is box-filtered down, so edges are anti-aliased
     like a natural image rather than aliased staircases the VAE would have to memorise.
     """
-    s = size * supersample
-    img = Image.new("RGB", (s, s), BACKGROUNDS[scene.background])
+    width, height = width_height(size)
+    sw, sh = width * supersample, height * supersample
+    s = min(sw, sh)
+    img = Image.new("RGB", (sw, sh), BACKGROUNDS[scene.background])
     draw = ImageDraw.Draw(img)
     ax, ay = POSITIONS[scene.position]
     radius = 0.15
@@ -138,7 +151,7 @@ def render(scene: Scene, size: int = 64, rng: random.Random | None = None, super
         ax += rng.uniform(-0.04, 0.04)
         ay += rng.uniform(-0.04, 0.04)
         radius *= rng.uniform(0.85, 1.15)
-    cx, cy, r = ax * s, ay * s, radius * s
+    cx, cy, r = ax * sw, ay * sh, radius * s
     fill = SHAPE_COLORS[scene.color]
     if scene.shape == "circle":
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
@@ -154,14 +167,14 @@ def render(scene: Scene, size: int = 64, rng: random.Random | None = None, super
     else:
         raise ValueError(f"unknown shape {scene.shape!r}")
     if style == "frame":
-        draw.rectangle([0, 0, s - 1, s - 1], outline=FRAME_COLOR, width=round(FRAME_WIDTH * s))
+        draw.rectangle([0, 0, sw - 1, sh - 1], outline=FRAME_COLOR, width=round(FRAME_WIDTH * s))
     elif style is not None:
         raise ValueError(f"unknown style {style!r}; the world has {', '.join(STYLES)}")
-    return img.resize((size, size), Image.Resampling.BOX)
+    return img.resize((width, height), Image.Resampling.BOX)
 
 
 def sample_training_examples(
-    count: int, seed: int, size: int = 64, scenes: list[Scene] | None = None
+    count: int, seed: int, size: Size = 64, scenes: list[Scene] | None = None
 ) -> Iterator[tuple[Scene, Image.Image, str]]:
     """`count` (scene, image, caption) triples: scenes uniform over the training set, language 50/50, all
     phrasings. Deterministic in `seed`."""

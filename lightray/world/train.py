@@ -33,7 +33,16 @@ from lightray.world import build
 from lightray.world.evaluator import score
 from lightray.world.shapes import all_scenes, render, sample_training_examples, training_scenes
 
-STAGES = ("text", "vae", "transformer", "lightning", "decoder", "pack")
+STAGES = ("text", "vae", "transformer", "decoder", "multires", "lightning", "pack")
+TRAIN_SIZES: tuple[tuple[int, int], ...] = (
+    (64, 64), (96, 96), (128, 128), (192, 192), (256, 256), (128, 64), (64, 128), (192, 128), (128, 192),
+)
+"""(width, height) the multi-resolution stages train on: exactly the sizes the preset serves (a test keeps
+`configs/models/lightray-shapes.yaml` in step with this)."""
+DEFAULT_SIZE = (128, 128)
+TOKEN_BUDGET = 2048
+"""Image tokens per training batch at every size (64 images at 64², 32 at 128², 8 at 256²): one step costs about
+the same at every size, ≈ 0.23 s on 2 cores."""
 LORA_TARGETS = [
     "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
     "attn.add_v_proj", "attn.to_add_out", "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj",
@@ -84,6 +93,83 @@ def training_times(batch: int) -> torch.Tensor:
 def student_sigmas(steps: int) -> list[float]:
     """The sigmas the pipeline walks for `steps` (linspace then shift 3), plus the terminal 0."""
     return [float(s) for s in shift_sigmas(np.linspace(1.0, 1.0 / steps, steps))] + [0.0]
+
+
+def grid_of(size: tuple[int, int]) -> tuple[int, int]:
+    """(rows, columns) of transformer tokens for a (width, height) image: 8× VAE, then 2×2 packing."""
+    width, height = size
+    return height // 16, width // 16
+
+
+def batch_for(size: tuple[int, int], cap: int = 64) -> int:
+    rows, cols = grid_of(size)
+    return max(1, min(cap, TOKEN_BUDGET // (rows * cols)))
+
+
+def images_for(size: tuple[int, int], at_128: int) -> int:
+    """Training images per size: `at_128` up to 128², fewer for larger sizes (encoding them costs more, and each
+    image holds more tokens)."""
+    width, height = size
+    return round(at_128 * min(1.0, (128 * 128 / (width * height)) ** 0.5))
+
+
+def size_weights() -> list[float]:
+    """How often each training size is drawn: the default size twice as often as the others."""
+    return [2.0 if size == DEFAULT_SIZE else 1.0 for size in TRAIN_SIZES]
+
+
+class Checkpoint:
+    """One file per stage in the run's checkpoint folder, written atomically, so a stage stopped at any point (a
+    session ending, a kill) resumes from its last save with the same data, weights, optimizer and RNG states."""
+
+    def __init__(self, folder: Path, stage: str):
+        self.path = folder / f"{stage}.pt"
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def load(self) -> dict | None:
+        return torch.load(self.path, weights_only=False) if self.path.exists() else None
+
+    def save(self, state: dict) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        tmp.replace(self.path)
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def cached(folder: Path, name: str, compute):
+    """`compute()`'s result, saved under `folder` the first time and loaded on a resumed run."""
+    path = folder / f"{name}.pt"
+    if path.exists():
+        return torch.load(path, weights_only=False)
+    value = compute()
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(value, path.with_suffix(".tmp"))
+    path.with_suffix(".tmp").replace(path)
+    return value
+
+
+def multires_examples(seed: int, at_128: int, size: tuple[int, int]):
+    """The (scene, image, caption) triples of one training size: deterministic in (seed, size)."""
+    return list(sample_training_examples(images_for(size, at_128), seed + 7 + TRAIN_SIZES.index(size), size))
+
+
+def multires_latents(out: Path, checkpoints: Path, seed: int, at_128: int) -> dict:
+    """Packed, normalised latents and captions of every training size, encoded once per run."""
+
+    def compute():
+        vae = AutoencoderKLQwenImage.from_pretrained(out / "vae").eval()
+        data = {}
+        for size in TRAIN_SIZES:
+            t0 = time.time()
+            examples = multires_examples(seed, at_128, size)
+            x0 = pack(normalised_latents(vae, images_to_tensor(img for _, img, _ in examples)))
+            data[size] = (x0, [c for _, _, c in examples])
+            log(f"encoded {len(examples)} images at {size[0]}x{size[1]} ({time.time() - t0:.0f}s)")
+        return data
+
+    return cached(checkpoints, "multires-latents", compute)
 
 
 # ---------------------------------------------------------------------------------------------------- stages
@@ -182,44 +268,67 @@ def stage_vae(out: Path, arch: build.EmbeddedArchitecture, seed: int, steps: int
     log(f"vae saved; latent std per channel {[round(s, 2) for s in std]}")
 
 
-def stage_decoder(out: Path, arch: build.EmbeddedArchitecture, seed: int, steps: int) -> None:
-    """Fine-tunes the VAE decoder alone, encoder frozen: the latents the transformer learned stay exactly the
-    same, while colours and edges come out closer to the training renders. Runs after the transformer, when
-    the CPU time for it is known to be spare."""
+def decoder_probe(seed: int, size: tuple[int, int], count: int = 32):
+    probe_rng = random.Random(seed + 99 + TRAIN_SIZES.index(size))
+    scenes = [probe_rng.choice(all_scenes()) for _ in range(count)]
+    return images_to_tensor(render(sc, size, probe_rng) for sc in scenes), scenes
+
+
+def stage_decoder(out: Path, checkpoints: Path, seed: int, steps: int, at_128: int) -> None:
+    """Fine-tunes the VAE decoder alone, encoder frozen, over every training size: the latents the transformer
+    learned stay exactly the same, while colours and edges come out closer to the renders. The crop-trained
+    decoder drifts in large flat areas (orange read as yellow in 256² shapes); windows of up to 16×16 latents
+    (128 px) of images of every size teach it each size's scale at the cost of a 128² image."""
     torch.manual_seed(seed)
     vae = AutoencoderKLQwenImage.from_pretrained(out / "vae")
     for name, p in vae.named_parameters():
         p.requires_grad_(name.startswith(("decoder.", "post_quant_conv.")))
     vae.encoder.eval()
     vae.decoder.train()
-    data = images_to_tensor(img for _, img, _ in sample_training_examples(2000, seed + 5, arch.sample_size))
+    count = max(1, at_128 // 4)
+    data = {}
     with torch.no_grad():
-        latents = torch.cat([vae.encode(data[i : i + 64]).latent_dist.mode() for i in range(0, len(data), 64)])
-    probe_rng = random.Random(seed + 99)
-    probe_scenes = [probe_rng.choice(all_scenes()) for _ in range(64)]
-    probe = images_to_tensor(render(sc, arch.sample_size, probe_rng) for sc in probe_scenes)
-    log(f"decoder fine-tune: evaluator reads {reconstruction_accuracy(vae, probe, probe_scenes):.0%} before")
+        for size in TRAIN_SIZES:
+            images = images_to_tensor(img for _, img, _ in sample_training_examples(
+                images_for(size, count), seed + 5 + TRAIN_SIZES.index(size), size))
+            latents = torch.cat([vae.encode(images[i : i + 32]).latent_dist.mode() for i in range(0, len(images), 32)])
+            data[size] = (images, latents)
+
+    def probe_all() -> str:
+        return ", ".join(f"{w}x{h} {reconstruction_accuracy(vae, *decoder_probe(seed, (w, h))):.0%}"
+                         for w, h in TRAIN_SIZES)
+
+    log(f"decoder fine-tune: evaluator reads before: {probe_all()}")
     params = [p for p in vae.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=3e-4, weight_decay=0.0)
     sched = warmup_cosine(opt, steps)
     rng = np.random.default_rng(seed)
+    weights = np.asarray(size_weights()) / sum(size_weights())
+    window = 16
     t0 = time.time()
     for step in range(steps):
-        idx = torch.from_numpy(rng.integers(0, len(data), 16))
-        x, z = data[idx], latents[idx]
+        size = TRAIN_SIZES[rng.choice(len(TRAIN_SIZES), p=weights)]
+        images, latents = data[size]
+        lh, lw = latents.shape[-2:]
+        wh, ww = min(window, lh), min(window, lw)
+        batch = max(2, 2048 // (wh * ww))
+        idx = torch.from_numpy(rng.integers(0, len(images), batch))
+        y, x = int(rng.integers(0, lh - wh + 1)), int(rng.integers(0, lw - ww + 1))
+        z = latents[idx][..., y : y + wh, x : x + ww]
+        target = images[idx][..., 8 * y : 8 * (y + wh), 8 * x : 8 * (x + ww)]
         recon = decode_unclamped(vae, z)
         # Shape pixels are a few percent of an image: weight them up so their colour is learned, not averaged.
-        weight = 1.0 + 9.0 * ((x - x[..., :1, :1]).abs().sum(1, keepdim=True) > 0.1).float()
-        loss = (weight * ((recon - x).abs() + (recon - x).pow(2))).mean()
+        weight = 1.0 + 9.0 * ((target - images[idx][..., :1, :1]).abs().sum(1, keepdim=True) > 0.1).float()
+        loss = (weight * ((recon - target).abs() + (recon - target).pow(2))).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         if step % 50 == 0 or step == steps - 1:
-            log(f"decoder step {step}/{steps} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
+            log(f"decoder step {step}/{steps} {size[0]}x{size[1]} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
     vae.eval()
-    log(f"decoder fine-tune: evaluator reads {reconstruction_accuracy(vae, probe, probe_scenes):.0%} after")
+    log(f"decoder fine-tune: evaluator reads after: {probe_all()}")
     vae.save_pretrained(out / "vae")
 
 
@@ -273,10 +382,12 @@ def normalised_latents(vae: AutoencoderKLQwenImage, images: torch.Tensor) -> tor
     return (z - mean) / std
 
 
-def predict(transformer, x, sigma, embeds, mask, grid):
+def predict(transformer, x, sigma, embeds, mask, grid: int | tuple[int, int]):
+    """The transformer's velocity for packed latents `x` on a `grid` of tokens (a side, or (rows, columns))."""
+    rows, cols = (grid, grid) if isinstance(grid, int) else grid
     return transformer(
         hidden_states=x, timestep=sigma, encoder_hidden_states=embeds, encoder_hidden_states_mask=mask,
-        img_shapes=[[(1, grid, grid)]] * x.shape[0], return_dict=False,
+        img_shapes=[[(1, rows, cols)]] * x.shape[0], return_dict=False,
     )[0]
 
 
@@ -327,6 +438,70 @@ def stage_transformer(out: Path, arch: build.EmbeddedArchitecture, seed: int, st
     transformer.save_pretrained(out / "transformer")
 
 
+def stage_multires(out: Path, checkpoints: Path, seed: int, steps: int, at_128: int, lr: float,
+                   checkpoint_every: int = 200) -> float:
+    """Continues the 64² transformer over every training size (progressive resolution, as large text-to-image
+    models are trained): each step draws one size and a batch of `TOKEN_BUDGET` image tokens at it, with the
+    same objective, caption dropout and EMA as the 64² stage. RoPE positions differ per grid, so every served
+    grid is trained, not extrapolated to. Returns the seconds spent, over every resumed session."""
+    data = multires_latents(out, checkpoints, seed, at_128)
+    cache = TextCache(out, all_captions())
+    transformer = QwenImageTransformer2DModel.from_pretrained(out / "transformer")
+    transformer.train()
+    opt = torch.optim.AdamW(transformer.parameters(), lr=lr, weight_decay=0.01)
+    sched = warmup_cosine(opt, steps)
+    ema = {k: v.detach().clone() for k, v in transformer.state_dict().items()}
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    checkpoint = Checkpoint(checkpoints, "multires")
+    start, elapsed = 0, 0.0
+    if (state := checkpoint.load()) is not None:
+        transformer.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        ema = state["ema"]
+        rng.setstate(state["python_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        start, elapsed = state["step"], state["elapsed"]
+        log(f"multires: resumed at step {start}/{steps} ({elapsed:.0f}s already spent)")
+    weights = size_weights()
+    t0 = time.time() - elapsed
+    for step in range(start, steps):
+        size = rng.choices(TRAIN_SIZES, weights)[0]
+        x0_all, captions = data[size]
+        batch = batch_for(size)
+        idx = [rng.randrange(len(captions)) for _ in range(batch)]
+        caps = [captions[i] if rng.random() > 0.1 else rng.choice(("", " ")) for i in idx]
+        embeds, mask = cache.batch(caps)
+        x0 = x0_all[idx]
+        noise = torch.randn_like(x0)
+        sigma = shift_sigmas(training_times(batch))
+        s = sigma.view(-1, 1, 1)
+        v = predict(transformer, (1 - s) * x0 + s * noise, sigma, embeds, mask, grid_of(size))
+        loss = F.mse_loss(v, noise - x0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            for k, p in transformer.state_dict().items():
+                ema[k].lerp_(p, 1 - 0.999)
+        if step % 100 == 0 or step == steps - 1:
+            log(f"multires step {step}/{steps} {size[0]}x{size[1]} x{batch} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
+        if (step + 1) % checkpoint_every == 0 and step + 1 < steps:
+            checkpoint.save({
+                "model": transformer.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "ema": ema, "python_rng": rng.getstate(), "torch_rng": torch.get_rng_state(), "step": step + 1,
+                "elapsed": time.time() - t0,
+            })
+    transformer.load_state_dict(ema)
+    transformer.eval()
+    transformer.save_pretrained(out / "transformer")
+    checkpoint.remove()
+    return time.time() - t0
+
+
 def write_model_index(out: Path) -> None:
     """The diffusers-format index, so `QwenImagePipeline.from_pretrained(out)` loads the folder."""
     import diffusers
@@ -349,11 +524,12 @@ def write_model_index(out: Path) -> None:
 @torch.no_grad()
 def teacher_trajectories(transformer, cache, captions, grid, sigmas, cfg, seed):
     """Runs the base with true CFG (norm-rescaled exactly as QwenImagePipeline does) along `sigmas`, returning
-    the state at every sigma: [len(sigmas), B, tokens, 64]."""
+    the state at every sigma: [len(sigmas), B, tokens, 64]. `grid` is a side or (rows, columns) of tokens."""
+    rows, cols = (grid, grid) if isinstance(grid, int) else grid
     g = torch.Generator().manual_seed(seed)
     embeds, mask = cache.batch(captions)
     neg, neg_mask = cache.batch([" "] * len(captions))
-    x = torch.randn(len(captions), grid * grid, 64, generator=g)
+    x = torch.randn(len(captions), rows * cols, 64, generator=g)
     states = [x]
     for s, s_next in zip(sigmas[:-1], sigmas[1:]):
         t = torch.full((len(captions),), s)
@@ -364,6 +540,37 @@ def teacher_trajectories(transformer, cache, captions, grid, sigmas, cfg, seed):
         x = x + (s_next - s) * v
         states.append(x)
     return torch.stack(states)
+
+
+def teacher_data(out: Path, checkpoints: Path, seed: int, cfg: float, teacher_steps: int, at_128: int) -> dict:
+    """Teacher trajectories at every training size, kept at the sigmas of every student (4 and 8 steps share
+    them: the fine schedule passes through both grids). {size: (captions, {sigma: states [B, tokens, 64]})}."""
+
+    def compute():
+        transformer = QwenImageTransformer2DModel.from_pretrained(out / "transformer").eval()
+        cache = TextCache(out, all_captions())
+        scene_captions = [c for c in all_captions() if c.strip()]
+        student = sorted({s for n in LIGHTNING_STEPS for s in student_sigmas(n)}, reverse=True)
+        fine = set(float(s) for s in shift_sigmas(np.linspace(1.0, 1.0 / teacher_steps, teacher_steps)))
+        sigmas = sorted(fine | set(student), reverse=True)
+        marks = [sigmas.index(s) for s in student]
+        rng = random.Random(seed + 3)
+        data = {}
+        for size in TRAIN_SIZES:
+            t0 = time.time()
+            samples = images_for(size, at_128)
+            captions = [rng.choice(scene_captions) for _ in range(samples)]
+            chunk = max(8, 4 * batch_for(size))
+            traj = torch.cat([
+                teacher_trajectories(transformer, cache, captions[i : i + chunk], grid_of(size), sigmas, cfg,
+                                     seed + TRAIN_SIZES.index(size) * 100_000 + i)[marks]
+                for i in range(0, samples, chunk)
+            ], dim=1)
+            data[size] = (captions, {s: traj[k] for k, s in enumerate(student)})
+            log(f"teacher: {samples} trajectories at {size[0]}x{size[1]} x {len(sigmas) - 1} steps ({time.time() - t0:.0f}s)")
+        return data
+
+    return cached(checkpoints, "teacher", compute)
 
 
 def lora_to_lightning_format(state_dict: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
@@ -382,31 +589,28 @@ def lora_to_lightning_format(state_dict: dict[str, torch.Tensor], alpha: float) 
     return out
 
 
-def stage_lightning(out: Path, arch: build.EmbeddedArchitecture, seed: int, steps: int, cfg: float,
-                    teacher_steps: int, samples: int, rank: int) -> None:
+def stage_lightning(out: Path, checkpoints: Path, seed: int, steps: int, cfg: float, teacher_steps: int,
+                    at_128: int, rank: int) -> None:
+    """One LoRA per student step count, each trained over every size to land one Euler step (no CFG) on the
+    teacher's state at the student's next sigma. A finished LoRA is kept, so a resumed run trains only the rest."""
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
 
-    torch.manual_seed(seed)
-    grid = arch.sample_size // 16
+    data = teacher_data(out, checkpoints, seed, cfg, teacher_steps, at_128)
     cache = TextCache(out, all_captions())
-    scene_captions = [c for c in all_captions() if c.strip()]
-    rng = random.Random(seed + 3)
+    weights = size_weights()
+    (out / "lightning").mkdir(exist_ok=True)
     for n_steps in LIGHTNING_STEPS:
+        path = out / "lightning" / f"lightray-shapes-lightning-{n_steps}steps.safetensors"
+        done = checkpoints / f"lightning-{n_steps}.done"
+        if done.exists() and path.exists():
+            log(f"lightning-{n_steps}: already trained in this run")
+            continue
+        torch.manual_seed(seed + n_steps)
+        rng = random.Random(seed + n_steps)
         transformer = QwenImageTransformer2DModel.from_pretrained(out / "transformer").eval()
         grid_sigmas = student_sigmas(n_steps)
-        # Teacher walks a fine schedule that passes exactly through the student's sigmas.
-        fine = set(float(s) for s in shift_sigmas(np.linspace(1.0, 1.0 / teacher_steps, teacher_steps)))
-        sigmas = sorted(fine | set(grid_sigmas), reverse=True)
-        marks = [sigmas.index(s) for s in grid_sigmas]
-        captions = [rng.choice(scene_captions) for _ in range(samples)]
-        t0 = time.time()
-        traj = torch.cat([
-            teacher_trajectories(transformer, cache, captions[i : i + 128], grid, sigmas, cfg, seed + i)[marks]
-            for i in range(0, samples, 128)
-        ], dim=1)
-        log(f"lightning-{n_steps}: {samples} teacher trajectories x {len(sigmas) - 1} steps ({time.time() - t0:.0f}s)")
         transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=LORA_TARGETS, init_lora_weights=True))
         params = [p for n, p in transformer.named_parameters() if "lora_" in n]
         for n, p in transformer.named_parameters():
@@ -414,29 +618,28 @@ def stage_lightning(out: Path, arch: build.EmbeddedArchitecture, seed: int, step
         opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
         sched = warmup_cosine(opt, steps)
         transformer.train()
-        batch = 64
         t0 = time.time()
         for step in range(steps):
-            idx = torch.randint(0, samples, (batch,))
-            k = torch.randint(0, n_steps, (batch,))
-            x = traj[k, idx]
-            target_next = traj[k + 1, idx]
-            s = torch.tensor([grid_sigmas[i] for i in k])
-            s_next = torch.tensor([grid_sigmas[i + 1] for i in k])
-            embeds, mask = cache.batch([captions[i] for i in idx])
-            v = predict(transformer, x, s, embeds, mask, grid)
-            pred_next = x + (s_next - s).view(-1, 1, 1) * v
-            loss = F.mse_loss(pred_next, target_next)
+            size = rng.choices(TRAIN_SIZES, weights)[0]
+            captions, states = data[size]
+            batch = batch_for(size)
+            idx = torch.tensor([rng.randrange(len(captions)) for _ in range(batch)])
+            k = [rng.randrange(n_steps) for _ in range(batch)]
+            x = torch.stack([states[grid_sigmas[j]][i] for i, j in zip(idx.tolist(), k)])
+            target_next = torch.stack([states[grid_sigmas[j + 1]][i] for i, j in zip(idx.tolist(), k)])
+            s = torch.tensor([grid_sigmas[j] for j in k])
+            s_next = torch.tensor([grid_sigmas[j + 1] for j in k])
+            embeds, mask = cache.batch([captions[i] for i in idx.tolist()])
+            v = predict(transformer, x, s, embeds, mask, grid_of(size))
+            loss = F.mse_loss(x + (s_next - s).view(-1, 1, 1) * v, target_next)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
             if step % 100 == 0 or step == steps - 1:
-                log(f"lightning-{n_steps} step {step}/{steps} loss {loss.item():.5f} ({time.time() - t0:.0f}s)")
-        state = get_peft_model_state_dict(transformer)
-        (out / "lightning").mkdir(exist_ok=True)
-        path = out / "lightning" / f"lightray-shapes-lightning-{n_steps}steps.safetensors"
-        save_file(lora_to_lightning_format(state, rank), str(path))
+                log(f"lightning-{n_steps} step {step}/{steps} {size[0]}x{size[1]} loss {loss.item():.5f} ({time.time() - t0:.0f}s)")
+        save_file(lora_to_lightning_format(get_peft_model_state_dict(transformer), rank), str(path))
+        done.touch()
         log(f"saved {path}")
 
 
@@ -461,19 +664,29 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("models/lightray-shapes"))
     parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
+    parser.add_argument("--resume", action="store_true",
+                        help="skip the stages this run already completed (training.json) and continue the current "
+                             "one from its checkpoint")
+    parser.add_argument("--checkpoints", type=Path, default=None,
+                        help="folder for checkpoints and encoded data (default: <out>.checkpoints)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vae-steps", type=int, default=3000)
     parser.add_argument("--vae-lr", type=float, default=1e-3)
     parser.add_argument("--vae-resume", action="store_true", help="continue training the saved VAE")
-    parser.add_argument("--decoder-steps", type=int, default=250)
+    parser.add_argument("--decoder-steps", type=int, default=400)
     parser.add_argument("--transformer-steps", type=int, default=7000)
     parser.add_argument("--transformer-lr", type=float, default=5e-4)
     parser.add_argument("--transformer-resume", action="store_true", help="continue training the saved transformer")
-    parser.add_argument("--images", type=int, default=8000, help="training images for the transformer")
-    parser.add_argument("--lightning-steps", type=int, default=600)
+    parser.add_argument("--images", type=int, default=8000, help="64² training images for the transformer")
+    parser.add_argument("--multires-steps", type=int, default=4000)
+    parser.add_argument("--multires-lr", type=float, default=2e-4)
+    parser.add_argument("--multires-images", type=int, default=1200,
+                        help="training images per size up to 128² (fewer above: see images_for)")
+    parser.add_argument("--lightning-steps", type=int, default=800)
     parser.add_argument("--teacher-cfg", type=float, default=2.0)
     parser.add_argument("--teacher-steps", type=int, default=40)
-    parser.add_argument("--teacher-samples", type=int, default=1024)
+    parser.add_argument("--teacher-samples", type=int, default=384,
+                        help="teacher trajectories per size up to 128² (fewer above)")
     parser.add_argument("--lightning-rank", type=int, default=32)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args(argv)
@@ -481,13 +694,27 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     arch = build.EmbeddedArchitecture()
     args.out.mkdir(parents=True, exist_ok=True)
+    checkpoints = args.checkpoints or args.out.with_name(args.out.name + ".checkpoints")
+    info_path = args.out / "training.json"
+    info = json.loads(info_path.read_text()) if info_path.exists() else {}
+    if not args.resume:
+        info["completed_stages"] = []
+        if checkpoints.exists():
+            import shutil
+
+            shutil.rmtree(checkpoints)
+    info["args"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    info["sizes"] = [list(size) for size in TRAIN_SIZES]
     started = time.time()
-    timings = {}
     for stage in STAGES:
         if stage not in args.stages:
             continue
+        if args.resume and stage in info.get("completed_stages", []):
+            log(f"stage {stage}: completed earlier in this run")
+            continue
         t0 = time.time()
         log(f"stage {stage}")
+        spent = None
         if stage == "text":
             stage_text(args.out, arch, args.seed)
         elif stage == "vae":
@@ -495,21 +722,23 @@ def main(argv: list[str] | None = None) -> None:
         elif stage == "transformer":
             stage_transformer(args.out, arch, args.seed, args.transformer_steps, args.images,
                               lr=args.transformer_lr, resume=args.transformer_resume)
+        elif stage == "multires":
+            spent = stage_multires(args.out, checkpoints, args.seed, args.multires_steps, args.multires_images,
+                           args.multires_lr)
         elif stage == "lightning":
-            stage_lightning(args.out, arch, args.seed, args.lightning_steps, args.teacher_cfg, args.teacher_steps,
-                            args.teacher_samples, args.lightning_rank)
+            stage_lightning(args.out, checkpoints, args.seed, args.lightning_steps, args.teacher_cfg,
+                            args.teacher_steps, args.teacher_samples, args.lightning_rank)
         elif stage == "decoder":
-            stage_decoder(args.out, arch, args.seed, args.decoder_steps)
+            stage_decoder(args.out, checkpoints, args.seed, args.decoder_steps, args.multires_images)
         elif stage == "pack":
             stage_pack(args.out)
-        timings[stage] = round(time.time() - t0, 1)
-    info_path = args.out / "training.json"
-    info = json.loads(info_path.read_text()) if info_path.exists() else {}
-    info.setdefault("stage_seconds", {}).update(timings)
-    info["args"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    info["total_seconds_last_run"] = round(time.time() - started, 1)
-    info_path.write_text(json.dumps(info, indent=2))
-    log(f"done in {time.time() - started:.0f}s: {timings}")
+        # A stage resumed from a checkpoint reports its seconds over all sessions.
+        info.setdefault("stage_seconds", {})[stage] = round(spent if spent is not None else time.time() - t0, 1)
+        info.setdefault("completed_stages", []).append(stage)
+        info_path.write_text(json.dumps(info, indent=2) + "\n")
+    info["total_seconds_last_session"] = round(time.time() - started, 1)
+    info_path.write_text(json.dumps(info, indent=2) + "\n")
+    log(f"done in {time.time() - started:.0f}s: {info.get('stage_seconds')}")
 
 
 if __name__ == "__main__":

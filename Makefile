@@ -25,7 +25,7 @@ test: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_graph.py
 
-train: $(VENV)/.installed
+train: $(VENV)/.installed   # from scratch; `$(PY) -m lightray.world.train --resume` continues a stopped run
 	$(PY) -m lightray.world.train --out models/lightray-shapes
 
 eval: $(VENV)/.installed

@@ -36,8 +36,8 @@ from lightray.world.evaluator import parse_prompt  # noqa: E402
 VARIANTS = ["lightray-shapes-lightning-4", "lightray-shapes-lightning-8", "lightray-shapes"]
 
 
-def generate(url: str, prompt: str, model: str, seeds: list[int], lora: str | None) -> list[Image.Image]:
-    body = {"prompt": prompt, "model": model, "size": "64x64", "seeds": seeds, "n": len(seeds),
+def generate(url: str, prompt: str, model: str, seeds: list[int], lora: str | None, size: str) -> list[Image.Image]:
+    body = {"prompt": prompt, "model": model, "size": size, "seeds": seeds, "n": len(seeds),
             "response_format": "b64_json", **({"lora": lora} if lora else {})}
     for attempt in range(5):
         r = httpx.post(f"{url}/v1/images/generations", json=body, timeout=600)
@@ -49,13 +49,13 @@ def generate(url: str, prompt: str, model: str, seeds: list[int], lora: str | No
 
 
 def measure(url: str, adapter: str, concept: str, prompts: list[str], seeds: list[int], variants: list[str],
-            concurrency: int) -> dict:
+            concurrency: int, size: str) -> dict:
     """{variant: {"without"|"with": rates + images}} for `prompts`, over HTTP."""
     expected = [parse_prompt(p) for p in prompts]
     jobs = [(v, label, i) for v in variants for label in ("without", "with") for i in range(len(prompts))]
     with cf.ThreadPoolExecutor(concurrency) as pool:
         futures = {job: pool.submit(generate, url, prompts[job[2]], job[0], seeds,
-                                    adapter if job[1] == "with" else None) for job in jobs}
+                                    adapter if job[1] == "with" else None, size) for job in jobs}
         images = {job: f.result() for job, f in futures.items()}
     out: dict = {}
     for v in variants:
@@ -96,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompts", type=int, default=24)
     parser.add_argument("--prior-prompts", type=int, default=12)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--sizes", nargs="+", default=["128x128"],
+                        help='"WxH" sizes to measure at, each a served size (the figure shows the first)')
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--json", default=str(REPO / "benchmarks/results/adapter_acceptance.json"))
     parser.add_argument("--figure", default=str(REPO / "docs/img/adapter_before_after.png"))
@@ -112,21 +114,28 @@ def main(argv: list[str] | None = None) -> int:
             registry = str(Path(args.registry).resolve()) if "://" not in args.registry else args.registry
             cluster.deploy(cluster.serve_config(REPO / "configs/serve/local.yaml", {"registry": registry}))
             url = cluster.http_url
-        t0 = time.time()
-        concept_res = measure(url, args.adapter, args.concept, prompts, args.seeds, args.variants, args.concurrency)
-        prior_res = measure(url, args.adapter, args.concept, prior, args.seeds, args.variants, args.concurrency)
-        seconds = time.time() - t0
+        by_size = {}
+        for size in args.sizes:
+            t0 = time.time()
+            concept_res = measure(url, args.adapter, args.concept, prompts, args.seeds, args.variants,
+                                  args.concurrency, size)
+            prior_res = measure(url, args.adapter, args.concept, prior, args.seeds, args.variants,
+                                args.concurrency, size)
+            by_size[size] = (concept_res, prior_res, time.time() - t0)
     finally:
         if cluster is not None:
             cluster.stop()
 
-    print(table(concept_res, prior_res, args.concept))
-    print(f"\n{len(prompts)} trigger prompts + {len(prior)} prompts without the trigger × seeds {args.seeds}, "
-          f"over HTTP, {seconds:.0f} s")
+    for size, (concept_res, prior_res, seconds) in by_size.items():
+        print(f"\n### {size}\n")
+        print(table(concept_res, prior_res, args.concept))
+        print(f"\n{len(prompts)} trigger prompts + {len(prior)} prompts without the trigger × seeds {args.seeds}, "
+              f"at {size}, over HTTP, {seconds:.0f} s")
     summary = {"adapter": args.adapter, "concept": args.concept, "trigger": args.trigger, "seeds": args.seeds,
-               "via": "HTTP POST /v1/images/generations", "seconds": round(seconds, 1),
-               "concept_prompts": prompts, "prior_prompts": prior,
-               "concept": strip(concept_res), "prior": strip(prior_res)}
+               "via": "HTTP POST /v1/images/generations", "concept_prompts": prompts, "prior_prompts": prior,
+               "sizes": {size: {"seconds": round(seconds, 1), "concept": strip(c), "prior": strip(p)}
+                         for size, (c, p, seconds) in by_size.items()}}
+    concept_res = by_size[args.sizes[0]][0]
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     print(f"numbers: {args.json}")

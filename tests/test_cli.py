@@ -87,8 +87,9 @@ def test_generate_local_pins_every_adapter(monkeypatch, preset, tmp_path):
             return [Image.new("RGB", (spec.width, spec.height))] * len(spec.seeds)
 
     monkeypatch.setattr(lightray.pipeline, "LocalPipeline", RecordingPipeline)
-    assert cli.main(["generate", "a circle", "--local", "--registry", str(tmp_path / "registry"), "--size", "64x64",
+    assert cli.main(["generate", "a circle", "--local", "--registry", str(tmp_path / "registry"), "--size", "128x64",
                      "--lora", "acme/style:0.5", "--lora", "acme/subject", "--priority", "batch",
                      "-o", str(tmp_path / "out")]) == 0
     assert specs[-1].adapters == (AdapterUse("acme/style@v2", 0.5), AdapterUse("acme/subject@v1", 1.0))
     assert specs[-1].priority == "batch"
+    assert (specs[-1].width, specs[-1].height) == (128, 64)

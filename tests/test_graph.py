@@ -13,6 +13,8 @@ from openai import OpenAI
 from PIL import Image
 
 from lightray.schemas import ImageGenerationRequest
+from lightray.world.evaluator import score
+from lightray.world.shapes import Scene
 
 PROMPT = "a red circle on the left, white background"
 
@@ -28,19 +30,19 @@ def client(service) -> OpenAI:
 
 def test_openai_client_gets_n_pngs_with_requested_seeds(client):
     result = client.images.generate(
-        prompt=PROMPT, n=3, size="64x64", response_format="b64_json", extra_body={"seed": 100},
+        prompt=PROMPT, n=3, response_format="b64_json", extra_body={"seed": 100},
     )
     assert len(result.data) == 3
     seeds = [d.model_extra["seed"] for d in result.data]
     assert seeds == [100, 101, 102]
     for d in result.data:
         img = Image.open(io.BytesIO(base64.b64decode(d.b64_json)))
-        assert img.format == "PNG" and img.size == (64, 64)
+        assert img.format == "PNG" and img.size == (128, 128)  # the default size
 
 
 def test_same_seed_same_bytes_different_seed_different_image(client):
     def one(seed):
-        return client.images.generate(prompt=PROMPT, size="64x64", extra_body={"seed": seed}).data[0].b64_json
+        return client.images.generate(prompt=PROMPT, extra_body={"seed": seed}).data[0].b64_json
 
     a, b, c = one(7), one(7), one(8)
     assert a == b
@@ -48,22 +50,24 @@ def test_same_seed_same_bytes_different_seed_different_image(client):
 
 
 def test_batch_image_equals_single_run_with_its_seed(client):
-    batch = client.images.generate(prompt=PROMPT, n=3, size="64x64", extra_body={"seeds": [5, 77, 1234]}).data
+    batch = client.images.generate(prompt=PROMPT, n=3, size="192x128", extra_body={"seeds": [5, 77, 1234]}).data
     for d, seed in zip(batch, [5, 77, 1234]):
-        single = client.images.generate(prompt=PROMPT, size="64x64", extra_body={"seed": seed}).data[0]
+        single = client.images.generate(prompt=PROMPT, size="192x128", extra_body={"seed": seed}).data[0]
         # Batched matmuls differ from single ones by float rounding only (≤ 5e-7 in latents); after 8-bit
         # quantisation that is at most one grey level.
         assert np.abs(_pixels(d.b64_json) - _pixels(single.b64_json)).max() <= 1
 
 
 def test_chinese_prompt(client):
-    d = client.images.generate(prompt="白色背景，左边有一个红色的圆形", size="64x64", extra_body={"seed": 3}).data[0]
-    assert _pixels(d.b64_json).shape == (64, 64, 3)
+    d = client.images.generate(prompt="白色背景，左边有一个红色的圆形", extra_body={"seed": 3}).data[0]
+    pixels = _pixels(d.b64_json)
+    assert pixels.shape == (128, 128, 3)
+    assert score(pixels.astype(np.uint8), Scene("red", "circle", "left", "white"))["all"]
 
 
 def test_graph_equals_in_process_pipeline(service, local_pipeline, preset, one_torch_thread):
     for model in preset.model_ids:
-        body = {"prompt": PROMPT, "n": 2, "seed": 11, "model": model, "size": "64x64"}
+        body = {"prompt": PROMPT, "n": 2, "seed": 11, "model": model}  # the default size
         if "lightning" not in model:
             body["num_inference_steps"] = 6  # keep the CFG case cheap
         r = httpx.post(f"{service}/v1/images/generations", json=body, timeout=300)
@@ -96,6 +100,7 @@ def test_timings_header_and_models(service, preset):
 
 LEAK_PROMPTS = ("a red circle on the left, white background", "黑色背景，上方有一个蓝色的正方形")
 LEAK_SEEDS = (1, 2)
+LEAK_SIZES = ("128x128", "128x64")  # one per seed
 
 
 @pytest.fixture(scope="module")
@@ -118,15 +123,16 @@ def leak_settings(adapters) -> tuple:
 
 
 def leak_requests(adapters) -> list[dict]:
-    """Every adapter setting × prompt × seed on the 4-step Lightning model."""
-    return [{"prompt": p, "seed": s, "size": "64x64", "model": "lightray-shapes-lightning-4",
+    """Every adapter setting × prompt × seed on the 4-step Lightning model, at two sizes (one non-square), so the
+    engine's batches mix latent grids as well as adapters."""
+    return [{"prompt": p, "seed": s, "size": size, "model": "lightray-shapes-lightning-4",
              **({"lora": lora} if lora else {})}
-            for lora in leak_settings(adapters) for p in LEAK_PROMPTS for s in LEAK_SEEDS]
+            for lora in leak_settings(adapters) for p in LEAK_PROMPTS for s, size in zip(LEAK_SEEDS, LEAK_SIZES)]
 
 
 def leak_key(body: dict) -> tuple:
     lora = body.get("lora")
-    return tuple(lora) if isinstance(lora, list) else lora, body["prompt"], body["seed"]
+    return tuple(lora) if isinstance(lora, list) else lora, body["prompt"], body["seed"], body["size"]
 
 
 def check_no_adapter_leak(alone: dict[tuple, np.ndarray], concurrent: list[tuple[tuple, np.ndarray]],
@@ -136,8 +142,8 @@ def check_no_adapter_leak(alone: dict[tuple, np.ndarray], concurrent: list[tuple
     for key, pixels in concurrent:
         assert np.array_equal(pixels, alone[key]), f"{key}: differs from the same request made alone"
     for p in LEAK_PROMPTS:
-        for s in LEAK_SEEDS:
-            a, b, ab, none = (alone[(tuple(lora) if isinstance(lora, list) else lora, p, s)]
+        for s, size in zip(LEAK_SEEDS, LEAK_SIZES):
+            a, b, ab, none = (alone[(tuple(lora) if isinstance(lora, list) else lora, p, s, size)]
                               for lora in leak_settings(adapters))
             for x, y, what in ((a, b, "A vs B"), (a, none, "A vs none"), (b, none, "B vs none"),
                                (ab, a, "A+B vs A"), (ab, b, "A+B vs B"), (ab, none, "A+B vs none")):

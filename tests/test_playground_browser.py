@@ -122,13 +122,13 @@ def test_paint_a_mask_and_inpaint(page):
     page.find_element(By.CSS_SELECTOR, "#gallery .card button.edit").click()
     WebDriverWait(page, 30).until(EC.element_to_be_clickable((By.ID, "run-edit")))
     canvas = page.find_element(By.ID, "mask-canvas")
-    WebDriverWait(page, 30).until(lambda d: canvas.get_attribute("width") == "64")
+    WebDriverWait(page, 30).until(lambda d: canvas.get_attribute("width") == "128")  # the default size
     page.execute_script("arguments[0].scrollIntoView({block: 'center'})", canvas)
     _set(page, "brush", "16")
-    # Paint the left half of the picture. The canvas shows the 64x64 image at 256x256 CSS pixels (offsets are from
-    # its centre): top-to-bottom strokes at CSS x = 24, 56, 88 with a 16-pixel brush cover image columns 0-30.
+    # Paint the left half of the picture. The canvas shows the 128x128 image at 256x256 CSS pixels (offsets are from
+    # its centre): top-to-bottom strokes at CSS x = 8, 40, 72, 104 with a 16-pixel brush cover image columns 0-60.
     actions = ActionChains(page)
-    for x in (24, 56, 88):
+    for x in (8, 40, 72, 104):
         actions.move_to_element_with_offset(canvas, x - 128, 8 - 128).click_and_hold()
         for y in range(8, 256, 16):
             actions.move_to_element_with_offset(canvas, x - 128, y - 128)
@@ -144,8 +144,8 @@ def test_paint_a_mask_and_inpaint(page):
     edited = _png_pixels(card.find_element(By.CSS_SELECTOR, "img.result").get_attribute("src"))
     assert edited.shape == source.shape
     # Repainted where painted (the red circle on the left is gone or changed), kept elsewhere.
-    assert np.abs(edited[:, :24] - source[:, :24]).mean() > 10
-    assert np.abs(edited[:, 44:] - source[:, 44:]).mean() < 3
+    assert np.abs(edited[:, :48] - source[:, :48]).mean() > 10
+    assert np.abs(edited[:, 88:] - source[:, 88:]).mean() < 3
     page.set_window_size(1280, 1500)  # the editor (mask painted) and the gallery in one picture
     page.execute_script("window.scrollTo(0, 0)")
     page.save_screenshot(str(SCREENSHOTS / "playground_inpaint.png"))
@@ -192,7 +192,7 @@ def test_stacked_adapters_with_scales_are_sent_in_the_order_ticked(page, service
     assert _finished(page).startswith("done"), page.find_element(By.ID, "error").text
     shown = page.find_element(By.CSS_SELECTOR, "#gallery .card img.result").get_attribute("src")
     # The same request made directly: beta at 0.5, then alpha at 1, stacked in that order.
-    body = {"prompt": PROMPT, "seed": SEED, "size": "64x64", "model": "lightray-shapes-lightning-4",
+    body = {"prompt": PROMPT, "seed": SEED, "model": "lightray-shapes-lightning-4",  # the page's default size
             "lora": [f"{beta}:0.5", f"{alpha}:1"]}
     direct = httpx.post(f"{service}/v1/images/generations", json=body, timeout=120).json()["data"][0]["b64_json"]
     plain = httpx.post(f"{service}/v1/images/generations", json={**body, "lora": None}, timeout=120)

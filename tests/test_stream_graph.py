@@ -35,7 +35,7 @@ def _png(image: Image.Image) -> bytes:
 
 
 def test_openai_client_streams_a_generation_equal_to_the_plain_one(client):
-    stream = client.images.generate(prompt=PROMPT, size="64x64", n=2, stream=True, partial_images=3,
+    stream = client.images.generate(prompt=PROMPT, n=2, stream=True, partial_images=3,
                                     model="lightray-shapes-lightning-8", extra_body={"seed": 9})
     events = list(stream)
     partial = [e for e in events if e.type == "image_generation.partial_image"]
@@ -49,12 +49,12 @@ def test_openai_client_streams_a_generation_equal_to_the_plain_one(client):
     assert [e.model_extra["step"] for e in progress if e.model_extra["image_index"] == 0] == list(range(1, 9))
     assert [(e.model_extra["image_index"], e.model_extra["seed"]) for e in completed] == [(0, 9), (1, 10)]
     assert events[-2:] == completed
-    assert {e.size for e in partial + completed} == {"64x64"}
-    plain = client.images.generate(prompt=PROMPT, size="64x64", n=2, model="lightray-shapes-lightning-8",
+    assert {e.size for e in partial + completed} == {"128x128"}  # the default size
+    plain = client.images.generate(prompt=PROMPT, n=2, model="lightray-shapes-lightning-8",
                                    extra_body={"seed": 9})
     assert [e.b64_json for e in completed] == [d.b64_json for d in plain.data]
     for e in partial:
-        assert pixels(e.b64_json).shape == (64, 64, 3)
+        assert pixels(e.b64_json).shape == (128, 128, 3)
 
 
 def test_openai_client_streams_an_inpaint_equal_to_the_plain_one(client):

@@ -44,7 +44,7 @@ def test_preview_steps_are_spread_over_the_run_and_never_the_last():
 
 
 def test_a_stream_has_openai_events_per_image_and_equals_the_plain_response(api_client):
-    body = {"prompt": PROMPT, "n": 2, "size": "64x64", "seed": 21}
+    body = {"prompt": PROMPT, "n": 2, "seed": 21}  # the default size
     plain = api_client.post("/v1/images/generations", json=body).json()["data"]
     events = stream(api_client, json={**body, "stream": True, "partial_images": 3})
 
@@ -64,8 +64,8 @@ def test_a_stream_has_openai_events_per_image_and_equals_the_plain_response(api_
         assert steps == [1, 2, 3, 4] and {d["total_steps"] for d in progress} == {4}
     for d in partial:
         ImageGenPartialImageEvent.model_validate(d)  # OpenAI's own types accept every field
-        assert d["size"] == "64x64" and d["output_format"] == "png"
-        assert pixels(d["b64_json"]).shape == (64, 64, 3)
+        assert d["size"] == "128x128" and d["output_format"] == "png"
+        assert pixels(d["b64_json"]).shape == (128, 128, 3)
     for d in completed:
         ImageGenCompletedEvent.model_validate(d)
     assert [(d["image_index"], d["seed"]) for d in completed] == [(0, 21), (1, 22)]

@@ -75,7 +75,7 @@ def test_ring_dataset_is_imagefolder_with_parseable_bilingual_captions(ring_data
         scene = parse_prompt(r["text"])  # the evaluator reads every attribute from the caption...
         assert scene.shape == "ring"
         image = Image.open(ring_dataset / r["file_name"])
-        assert image.size == (64, 64) and image.mode == "RGB"
+        assert image.size == (128, 128) and image.mode == "RGB"  # the default size
         assert read_image(image).shape == "ring"  # ...and the shape from the pixels
         languages.add("zh" if "圆环" in r["text"] else "en")
     assert languages == {"en", "zh"}

@@ -49,6 +49,8 @@ class EmbeddedArchitecture:
     transformer_head_dim: int = 32
     vae_base_dim: int = 16
     sample_size: int = 64
+    """Side of the images the first stages (vae, transformer) train at; the multi-resolution stages then cover
+    every served size (`lightray.world.train.TRAIN_SIZES`)."""
     tokenizer_max_token_length: int = 7
     """Longest BPE token, in byte-level symbols (see `build_tokenizer`). tests/mini_real.py raises it so that every
     word of the chat template becomes one token, as in the real Qwen tokenizer (a 34-token template prefix)."""

@@ -67,7 +67,7 @@ def make_dataset(
     trigger: str | None = None,
     *,
     seed: int = 0,
-    size: int = 64,
+    size: int = 128,
     prior_fraction: float = 0.0,
     background_weights: dict[str, float] | None = None,
     overwrite: bool = False,
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trigger", default=None,
                         help="trigger word: a style's caption prefix, or inserted before the shape word")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--size", type=int, default=64, help="image side in pixels")
+    parser.add_argument("--size", type=int, default=128, help="image side in pixels (the embedded model's default size)")
     parser.add_argument("--prior-fraction", type=float, default=0.0,
                         help="fraction of images showing the base shapes (prior preservation)")
     parser.add_argument("--background-weight", action="append", default=[], metavar="BACKGROUND=W",

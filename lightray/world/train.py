@@ -1,18 +1,23 @@
 """Trains the embedded model from scratch on the shapes world, in stages, on a CPU.
 
-    python -m lightray.world.train --out models/lightray-shapes            # everything, ~1 h on 2 cores
+    python -m lightray.world.train --out models/lightray-shapes            # everything, ~2 h on 2 cores
+    python -m lightray.world.train --out models/lightray-shapes --resume   # continue a stopped run
     python -m lightray.world.train --out models/lightray-shapes --stages lightning   # redo one stage
 
-Stages (each saves into the output folder, so a later stage can be rerun alone):
-  1. tokenizer + text encoder: byte-level BPE over the EN+ZH captions; a frozen, seeded random Qwen2.5-VL (the
-     world has one object per image, so the denoiser only needs token identity, which a random encoder keeps;
-     training it would cost CPU time for no measurable gain at this scale).
-  2. vae: AutoencoderKLQwenImage (8× spatial, 16 channels, like the real one) on random crops; then the latent
+Stages (each saves into the output folder, so a later stage can be rerun alone; `--resume` skips the stages the
+run completed, recorded in training.json, and continues the current one from its checkpoint under
+`<out>.checkpoints/`):
+  1. text: byte-level BPE over the EN+ZH captions; a frozen, seeded random Qwen2.5-VL (the world has one object
+     per image, so the denoiser only needs token identity, which a random encoder keeps).
+  2. vae: AutoencoderKLQwenImage (8× spatial, 16 channels, like the real one) on 32-px crops of 64² images; then the latent
      mean/std the pipeline normalises with are measured and written into its config.
-  3. transformer: QwenImageTransformer2DModel with the rectified-flow objective, 10 % caption dropout (so true CFG
-     with a negative prompt works).
-  4. lightning: the base (many steps, true CFG) distilled into 4- and 8-step LoRAs (no CFG) by trajectory
-     matching, saved in the published Qwen-Image-Lightning key format (lora_down / lora_up / alpha).
+  3. transformer: QwenImageTransformer2DModel with the rectified-flow objective at 64², 10 % caption dropout (so
+     true CFG with a negative prompt works).
+  4. decoder: the VAE decoder alone (encoder frozen: latents unchanged) fine-tuned over every served size.
+  5. multires: the transformer continued over every served size (TRAIN_SIZES), checkpointed every 200 steps.
+  6. lightning: the base (many steps, true CFG) distilled into 4- and 8-step LoRAs (no CFG) by trajectory
+     matching over every served size, saved in the published Qwen-Image-Lightning key format.
+  7. pack: weights stored as float16.
 """
 
 from __future__ import annotations
@@ -678,7 +683,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--transformer-lr", type=float, default=5e-4)
     parser.add_argument("--transformer-resume", action="store_true", help="continue training the saved transformer")
     parser.add_argument("--images", type=int, default=8000, help="64² training images for the transformer")
-    parser.add_argument("--multires-steps", type=int, default=4000)
+    parser.add_argument("--multires-steps", type=int, default=7000)
     parser.add_argument("--multires-lr", type=float, default=2e-4)
     parser.add_argument("--multires-images", type=int, default=1200,
                         help="training images per size up to 128² (fewer above: see images_for)")

@@ -31,19 +31,10 @@ import yaml
 from pydantic import ValidationError
 
 from lightray.config import load_preset
-from lightray.lora_training import (
-    DatasetError,
-    ImageCaptionDataset,
-    LoraTrainer,
-    TrainConfig,
-    fetch_dataset,
-    load_imagefolder,
-    load_train_config,
-    manifest_fields,
-    resolve_training_size,
-    run_training,
-    stage_adapter,
-)
+from lightray.training.config import TrainConfig, load_train_config, resolve_training_size
+from lightray.training.data import DatasetError, ImageCaptionDataset, fetch_dataset, load_imagefolder
+from lightray.training.publish import manifest_fields, stage_adapter
+from lightray.training.trainer import LoraTrainer, run_training
 from lightray.registry import AdapterRegistry, AdapterRegistryError
 from lightray.registry_settings import open_registry as open_registry_at
 

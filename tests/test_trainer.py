@@ -21,21 +21,15 @@ import torch
 import yaml
 from PIL import Image
 
-from lightray.lora_training import (
-    ADAPTER_CONFIG,
-    ADAPTER_WEIGHTS,
-    DatasetError,
-    LoraTrainer,
-    TrainConfig,
-    fingerprint_model,
-    load_imagefolder,
-    load_train_config,
-    run_training,
-)
+from lightray.fingerprint import fingerprint_model
 from lightray.registry import AdapterRegistry
+from lightray.training.config import TrainConfig, load_train_config
+from lightray.training.data import DatasetError, fetch_dataset, load_imagefolder
+from lightray.training.flow_matching import predict
+from lightray.training.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LORA_TARGETS
+from lightray.training.trainer import LoraTrainer, run_training
 from lightray.world.datasets import METADATA_FILENAME, make_dataset
 from lightray.world.evaluator import parse_prompt, read_image
-from lightray.world.train import LORA_TARGETS, predict
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -250,7 +244,7 @@ def test_fingerprint_model(preset, tmp_path):
 def _config(dataset: Path, **kw) -> TrainConfig:
     base = dict(tenant="demo", name="ring", dataset=str(dataset), preset=PRESET_REF, trigger_words=[TRIGGER],
                 rank=4, alpha=8, steps=4, batch_size=4, log_every=1, checkpoint_every=2, warmup_steps=1,
-                learning_rate=1e-2, torch_threads=1)
+                learning_rate=1e-2, torch_threads=1, resolution=64)  # the test images' size (the preset's default is 128)
     return TrainConfig(**{**base, **kw})
 
 
@@ -313,8 +307,6 @@ def test_checkpoint_resume_continues_the_same_run(preset, ring_dataset, tmp_path
 
 def test_dataset_from_s3_matches_the_local_one(s3_server, s3_prefix, tmp_path):
     import fsspec
-
-    from lightray.lora_training import fetch_dataset
 
     folder = _small_folder(tmp_path, n=4)
     fs, root = fsspec.core.url_to_fs(s3_prefix, **s3_server.storage_options)

@@ -1,0 +1,158 @@
+"""`TrainConfig`: one LoRA training run, as written in `configs/train/<x>.yaml`, every field documented."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from lightray.config import ModelPreset
+from lightray.registry import validate_name, validate_tenant
+from lightray.training.lora import LORA_TARGETS
+
+
+class TrainConfig(BaseModel):
+    """One LoRA training run, as written in `configs/train/<x>.yaml`."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    tenant: str
+    """Registry tenant the adapter is published under ([a-z0-9_.-], 1-63 chars)."""
+    name: str
+    """Adapter name within the tenant; each successful run publishes the next version of tenant/name."""
+    dataset: str
+    """Imagefolder data set: images plus `metadata.jsonl` lines `{"file_name": ..., "text": ...}`. A local folder
+    or an fsspec URL (`s3://bucket/datasets/acme/ring`), downloaded before validation. Relative paths resolve
+    against the current directory (in a `ray job submit --working-dir .` job: the uploaded copy, which leaves out
+    gitignored folders such as data/, so pass an absolute path there)."""
+    dataset_storage_options: dict[str, Any] = Field(default_factory=dict)
+    """fsspec options for a remote `dataset` (for S3 prefer the AWS_* environment variables for secrets)."""
+    registry: str = "./registry"
+    """Adapter registry root the result is published to: folder or `s3://bucket/prefix`."""
+    registry_storage_options: dict[str, Any] | None = None
+    """fsspec options for the registry; None: `$LIGHTRAY_REGISTRY_STORAGE_OPTIONS` (JSON) or the AWS_*
+    environment. Never recorded in the manifest."""
+    preset: str | dict[str, Any] = "lightray-shapes"
+    """Base model preset: a name under configs/models/, a YAML path, or an inline preset."""
+    trigger_words: list[str] = Field(default_factory=list)
+    """Words the captions use to invoke the concept; recorded in the manifest so clients know what to write."""
+    visibility: Literal["private", "public"] = "private"
+    """Who may use the published adapter: only `tenant` (private), or every tenant of the service (public)."""
+
+    rank: int = Field(16, ge=1, le=256)
+    """LoRA rank r."""
+    alpha: float | None = Field(None, gt=0)
+    """LoRA alpha (the update is scaled by alpha / rank); None: equal to `rank`."""
+    target_modules: list[str] = Field(default_factory=lambda: list(LORA_TARGETS))
+    """Transformer sub-modules that get LoRA matrices (peft `target_modules` suffixes)."""
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """Dropout on the LoRA branch during training."""
+
+    steps: int = Field(500, ge=1)
+    """Optimizer steps."""
+    batch_size: int = Field(16, ge=1)
+    """Global batch size per step, split evenly across workers (must be a multiple of `num_workers`)."""
+    learning_rate: float = Field(1e-3, gt=0)
+    """Peak AdamW learning rate (linear warm-up, flat, cosine decay over the last 30 %)."""
+    warmup_steps: int = Field(20, ge=0)
+    """Linear warm-up steps."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay on the LoRA matrices."""
+    max_grad_norm: float = Field(1.0, gt=0)
+    """Gradient clipping (global L2 norm)."""
+    caption_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """Probability of training a sample with an empty caption ("" or " ", the default negative prompt): the LoRA
+    also shifts the unconditional branch that true CFG subtracts, and this keeps that branch trained."""
+    timestep_shift: float = Field(3.0, gt=0)
+    """Shift applied to the logit-normal training times (the sampler's schedule shift)."""
+    resolution: int | None = Field(None, ge=16)
+    """Square training side in pixels (images are centre-cropped and resized to it); None: the preset's
+    `default_size` (which must then be square)."""
+    seed: int = 0
+    """Seeds LoRA initialisation (identical on every worker), sampling of batches, noise and times."""
+
+    log_every: int = Field(10, ge=1)
+    """Report loss/progress every this many steps."""
+    checkpoint_every: int = Field(100, ge=1)
+    """Save a resumable checkpoint every this many steps (and always after the last step)."""
+    keep_checkpoints: int = Field(2, ge=1)
+    """Checkpoints kept in `storage_path` (the newest ones)."""
+
+    num_workers: int = Field(1, ge=1)
+    """Data-parallel Ray Train workers; each trains on its own shard of the data set."""
+    use_gpu: bool = False
+    """One GPU per worker (gradients all-reduced with NCCL instead of gloo)."""
+    cpus_per_worker: float = Field(1.0, gt=0)
+    """Ray CPU resource each worker reserves."""
+    torch_threads: int = Field(0, ge=0)
+    """torch intra-op threads per worker; 0: torch's default (Ray sets it from the worker's CPUs)."""
+    storage_path: str | None = None
+    """Where Ray Train keeps run state and checkpoints (folder or s3:// URL shared by all nodes); None: Ray's
+    default (~/ray_results)."""
+    max_failures: int = Field(0, ge=0)
+    """Times Ray Train restarts the workers after a failure, resuming from the latest checkpoint."""
+    fail_at_step: int | None = Field(None, ge=0)
+    """Testing only: raise before this step in a run that has not resumed from a checkpoint (a simulated crash;
+    nothing is published)."""
+
+    @field_validator("tenant")
+    @classmethod
+    def _tenant(cls, v: str) -> str:
+        return validate_tenant(v)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return validate_name(v)
+
+    @field_validator("target_modules")
+    @classmethod
+    def _targets(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("target_modules must name at least one module")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TrainConfig":
+        if self.batch_size % self.num_workers:
+            raise ValueError(f"batch_size {self.batch_size} is not a multiple of num_workers {self.num_workers}")
+        return self
+
+    @property
+    def lora_alpha(self) -> float:
+        return float(self.alpha if self.alpha is not None else self.rank)
+
+    def recorded(self) -> dict[str, Any]:
+        """The config as the manifest records it: everything but storage options (they may hold secrets)."""
+        return self.model_dump(mode="json", exclude={"registry_storage_options", "dataset_storage_options"})
+
+
+def load_train_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """A `TrainConfig` from a YAML file, with `overrides` (already-parsed values) replacing its keys."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no training config {path}")
+        loaded = yaml.safe_load(path.read_text())
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: expected a mapping of config keys")
+        data.update(loaded)
+    data.update(overrides or {})
+    return TrainConfig.model_validate(data)
+
+
+def resolve_training_size(config: TrainConfig, preset: ModelPreset) -> int:
+    if config.resolution is not None:
+        side = config.resolution
+    else:
+        w, h = preset.default_size
+        if w != h:
+            raise ValueError(f"preset default_size {w}x{h} is not square: set `resolution` in the training config")
+        side = w
+    if side % preset.size_multiple:
+        raise ValueError(f"resolution {side} is not a multiple of the preset's size_multiple {preset.size_multiple}")
+    return side
+

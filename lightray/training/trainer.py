@@ -1,0 +1,265 @@
+"""`LoraTrainer`: LoRA on the preset's transformer, trained with the base model's own objective (rectified flow,
+shifted logit-normal times, VAE latents normalised the way the pipeline decodes them, captions through the frozen
+text encoder); `run_training`: the loop, its reports and checkpoints (every collective at the same step on all
+ranks)."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lightray.config import ModelPreset
+from lightray.training.config import TrainConfig, resolve_training_size
+from lightray.training.data import ImageCaptionDataset
+from lightray.training.flow_matching import images_to_tensor, normalised_latents, pack, predict, shift_sigmas, warmup_cosine
+from lightray.training.lora import ADAPTER_WEIGHTS
+from lightray.world.train import TextCache
+
+TRAINING_STATE = "training_state.pt"
+
+
+class InjectedFailure(RuntimeError):
+    """The crash `TrainConfig.fail_at_step` asks for."""
+
+
+class LoraTrainer:
+    """LoRA on the preset's transformer, trained on (one worker's shard of) a data set.
+
+    Distributed use: construct on every rank with the same config (LoRA init is seeded, so every rank starts
+    from identical weights), then `wrap(fn)` the model with a data-parallel wrapper (DDP) before training. The
+    per-rank batch is `batch_size // world_size`.
+    """
+
+    def __init__(self, config: TrainConfig, preset: ModelPreset, data: ImageCaptionDataset, *, rank: int = 0,
+                 world_size: int = 1, device: str | torch.device = "cpu", log: Callable[[str], None] = print):
+        from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
+        from peft import LoraConfig
+
+        self.config, self.preset, self.rank, self.world_size = config, preset, rank, world_size
+        self.device = torch.device(device)
+        self.log = log if rank == 0 else (lambda msg: None)
+        self.side = resolve_training_size(config, preset)
+        if len(data) < world_size:
+            raise ValueError(f"the data set has {len(data)} images, fewer than the {world_size} workers")
+        if data.images.shape[1:3] != (self.side, self.side):
+            raise ValueError(f"data set images are {data.images.shape[1:3]}, the trainer expects {self.side}")
+        shard = data.shard(rank, world_size)
+        self.captions = shard.captions
+        self.batch = config.batch_size // world_size
+        self.grid = self.side // preset.size_multiple
+
+        t0 = time.time()
+        vae = AutoencoderKLQwenImage.from_pretrained(preset.root / "vae", torch_dtype=torch.float32).eval()
+        self.latents = pack(normalised_latents(vae, images_to_tensor(shard.images))).to(self.device)
+        del vae
+        self.text = TextCache(preset.root, sorted(set(self.captions) | {"", " "}))
+        self.log(f"encoded {len(self.captions)} images and {len(self.text.index)} captions per worker "
+                 f"({time.time() - t0:.1f}s)")
+
+        torch.manual_seed(config.seed)  # identical LoRA initialisation on every rank
+        self.transformer = QwenImageTransformer2DModel.from_pretrained(
+            preset.root / "transformer", torch_dtype=torch.float32).to(self.device)
+        self.transformer.requires_grad_(False)
+        self.transformer.add_adapter(LoraConfig(
+            r=config.rank, lora_alpha=config.lora_alpha, target_modules=list(config.target_modules),
+            lora_dropout=config.lora_dropout, init_lora_weights=True,
+        ))
+        self.lora_config = self.transformer.peft_config["default"]
+        self.lora_config.base_model_name_or_path = preset.base_model_id
+        self.params = []
+        for n, p in self.transformer.named_parameters():
+            p.requires_grad_("lora_" in n)
+            if "lora_" in n:
+                self.params.append(p)
+        if not self.params:
+            raise ValueError(f"target_modules {config.target_modules} matched no module of the transformer")
+        self._freeze_unused()
+        self.transformer.train()
+        self.model: torch.nn.Module = self.transformer
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, weight_decay=config.weight_decay)
+        self.scheduler = warmup_cosine(self.optimizer, config.steps, warmup=config.warmup_steps)
+        self.rng = random.Random(config.seed * 1_000_003 + rank)
+        self.generator = torch.Generator().manual_seed(config.seed * 1_000_003 + rank)
+        self.step = 0
+        self.resumed_from: int | None = None
+        self.first_loss: float | None = None
+        """Mean loss of the first reporting window of the run (kept across resumes)."""
+
+    def _freeze_unused(self) -> None:
+        """Freeze LoRA matrices the loss does not depend on (the last block's text-stream layers: the model only
+        reads the image stream after it). They would stay at their initialisation anyway; frozen, DDP can run
+        without `find_unused_parameters` (which it otherwise needs, or it fails on the second step)."""
+        embeds, mask = self.text.batch(self.captions[:1])
+        v = predict(self.transformer, self.latents[:1], torch.tensor([0.5], device=self.device),
+                    embeds.to(self.device), mask.to(self.device), self.grid)
+        v.float().pow(2).mean().backward()
+        used = []
+        for p in self.params:
+            if p.grad is None:
+                p.requires_grad_(False)
+            else:
+                used.append(p)
+            p.grad = None
+        if len(used) < len(self.params):
+            self.log(f"{len(self.params) - len(used)} of {len(self.params)} LoRA tensors do not affect the "
+                     "output (last block's text stream) and stay frozen")
+        self.params = used
+
+    @property
+    def trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.params)
+
+    def wrap(self, wrapper: Callable[[torch.nn.Module], torch.nn.Module]) -> None:
+        """Replace the module the forward pass calls (e.g. with DDP); weights stay those of `self.transformer`."""
+        self.model = wrapper(self.transformer)
+
+    def train_step(self) -> float:
+        """One optimizer step on a batch sampled from this rank's shard; returns this rank's loss."""
+        cfg = self.config
+        idx = [self.rng.randrange(len(self.captions)) for _ in range(self.batch)]
+        # Dropped captions become "" or " " (the pipeline's default negative prompt), as in the base's training.
+        caps = [self.rng.choice(("", " ")) if cfg.caption_dropout and self.rng.random() < cfg.caption_dropout
+                else self.captions[i] for i in idx]
+        embeds, mask = self.text.batch(caps)
+        x0 = self.latents[idx]
+        noise = torch.randn(x0.shape, generator=self.generator).to(self.device)
+        sigma = shift_sigmas(torch.sigmoid(torch.randn(self.batch, generator=self.generator)), cfg.timestep_shift)
+        sigma = sigma.to(self.device)
+        s = sigma.view(-1, 1, 1)
+        xt = (1 - s) * x0 + s * noise
+        v = predict(self.model, xt, sigma, embeds.to(self.device), mask.to(self.device), self.grid)
+        loss = F.mse_loss(v, noise - x0)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        return float(loss.detach())
+
+    def mean_across_ranks(self, value: float) -> float:
+        """`value` averaged over the ranks (a collective: every rank must call it at the same point)."""
+        dist = torch.distributed
+        if self.world_size == 1 or not (dist.is_available() and dist.is_initialized()):
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu")
+        dist.all_reduce(t)
+        return float(t.item()) / self.world_size
+
+    # ----------------------------------------------------------------------------------- files
+
+    def lora_state_dict(self) -> dict[str, torch.Tensor]:
+        from peft.utils import get_peft_model_state_dict
+
+        return {k: v.detach().to("cpu", torch.float32).contiguous()
+                for k, v in get_peft_model_state_dict(self.transformer, save_embedding_layers=False).items()}
+
+    def save_adapter(self, folder: str | Path) -> Path:
+        """Write `adapter_model.safetensors` + `adapter_config.json` (see the module docstring) into `folder`."""
+        from diffusers import QwenImagePipeline
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        QwenImagePipeline.save_lora_weights(
+            folder, transformer_lora_layers=self.lora_state_dict(), weight_name=ADAPTER_WEIGHTS,
+            transformer_lora_adapter_metadata=self.lora_config.to_dict(),
+        )
+        self.lora_config.save_pretrained(str(folder))
+        return folder
+
+    def save_checkpoint(self, folder: str | Path, metrics: dict[str, Any] | None = None) -> Path:
+        """The adapter plus optimizer/scheduler/RNG state: `load_checkpoint` continues exactly here."""
+        folder = self.save_adapter(folder)
+        torch.save({
+            "step": self.step, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "rng": self.rng.getstate(), "generator": self.generator.get_state(), "world_size": self.world_size,
+            "first_loss": self.first_loss,
+        }, folder / TRAINING_STATE)
+        (folder / "trainer_state.json").write_text(json.dumps({"step": self.step, **(metrics or {})}, indent=2))
+        return folder
+
+    def load_checkpoint(self, folder: str | Path) -> None:
+        from peft.utils import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        weights = {k.removeprefix("transformer."): v for k, v in load_file(folder / ADAPTER_WEIGHTS).items()}
+        result = set_peft_model_state_dict(self.transformer, weights, adapter_name="default")
+        missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
+        if missing:
+            raise ValueError(f"checkpoint {folder} lacks {len(missing)} LoRA weights (e.g. {missing[0]})")
+        state = torch.load(folder / TRAINING_STATE, map_location="cpu", weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("world_size") == self.world_size:
+            self.rng.setstate(state["rng"])
+            self.generator.set_state(state["generator"])
+        self.first_loss = state.get("first_loss")
+        self.step = self.resumed_from = int(state["step"])
+
+
+Reporter = Callable[[dict[str, Any], Path | None], None]
+
+
+def run_training(trainer: LoraTrainer, report: Reporter | None = None) -> dict[str, Any]:
+    """Train to `config.steps`, calling `report(metrics, checkpoint_dir_or_None)` every `log_every` steps on
+    every rank (a checkpoint folder on rank 0 every `checkpoint_every` steps and after the last one; the folder
+    is deleted when `report` returns). Returns the final metrics.
+
+    Every collective (loss averaging, `report`) happens at steps that are the same on all ranks."""
+    cfg = trainer.config
+    report = report or (lambda metrics, checkpoint: None)
+    start_step, t0 = trainer.step, time.time()
+    window: list[float] = []
+    tail: list[float] = []
+    tail_len = max(1, cfg.steps // 10)
+    metrics: dict[str, Any] = {}
+    if trainer.resumed_from is not None:
+        trainer.log(f"resumed from the checkpoint at step {trainer.resumed_from}")
+    while trainer.step < cfg.steps:
+        if cfg.fail_at_step is not None and trainer.step == cfg.fail_at_step and trainer.resumed_from is None:
+            raise InjectedFailure(f"fail_at_step={cfg.fail_at_step}: simulated crash before step {trainer.step + 1}")
+        loss = trainer.train_step()
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss} at step {trainer.step}; lower learning_rate")
+        window.append(loss)
+        if trainer.step > cfg.steps - tail_len:
+            tail.append(loss)
+        step, last = trainer.step, trainer.step == cfg.steps
+        checkpoint = step % cfg.checkpoint_every == 0 or last
+        if not (step % cfg.log_every == 0 or checkpoint):
+            continue
+        mean = trainer.mean_across_ranks(float(np.mean(window)))
+        window.clear()
+        if trainer.first_loss is None:
+            trainer.first_loss = mean
+        elapsed = time.time() - t0
+        rate = elapsed / max(1, step - start_step)
+        metrics = {
+            "step": step, "steps": cfg.steps, "loss": round(mean, 6), "first_loss": round(trainer.first_loss, 6),
+            "lr": trainer.scheduler.get_last_lr()[0], "elapsed_s": round(elapsed, 1),
+            "epoch": round(step * cfg.batch_size / (len(trainer.captions) * trainer.world_size), 2),
+        }
+        if last:
+            metrics["final_loss"] = round(trainer.mean_across_ranks(float(np.mean(tail))), 6)
+            metrics["train_seconds"] = round(elapsed, 1)
+            metrics["resumed_from_step"] = trainer.resumed_from
+        trainer.log(f"step {step}/{cfg.steps} loss {mean:.4f} lr {metrics['lr']:.2e} "
+                    f"({elapsed:.0f}s, {rate:.2f}s/step, eta {rate * (cfg.steps - step):.0f}s)"
+                    + (" [checkpoint]" if checkpoint else ""))
+        if checkpoint and trainer.rank == 0:
+            with tempfile.TemporaryDirectory(prefix="lora-ckpt-") as tmp:
+                report(metrics, trainer.save_checkpoint(tmp, metrics))
+        else:
+            report(metrics, None)
+    return metrics

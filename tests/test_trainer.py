@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -218,6 +219,11 @@ def test_train_config_file_and_docs():
         load_train_config(REPO / "configs/train/ring.yaml", {"batch_size": 5, "num_workers": 2})
     with pytest.raises(ValueError, match="invalid tenant"):
         load_train_config(REPO / "configs/train/ring.yaml", {"tenant": "../etc"})
+    with pytest.raises(ValueError, match="num_workers x gradient_accumulation_steps = 4"):
+        load_train_config(REPO / "configs/train/ring.yaml", {"batch_size": 6, "gradient_accumulation_steps": 2})
+    if importlib.util.find_spec("bitsandbytes") is None:
+        with pytest.raises(ValueError, match="adamw_8bit needs bitsandbytes"):
+            load_train_config(REPO / "configs/train/ring.yaml", {"optimizer": "adamw_8bit"})
     assert "registry_storage_options" not in cfg.recorded()
     frame = load_train_config(REPO / "configs/train/frame.yaml")  # the acceptance demo's config
     assert (frame.tenant, frame.name, frame.trigger_words) == ("demo", "frame", ["lrzframe"])
@@ -278,6 +284,35 @@ def test_adapter_files_load_in_diffusers_exactly_as_trained(preset, ring_dataset
         loaded = predict(pipe.transformer, x, sigma, embeds, mask, trainer.grid)
     assert (trained - base).abs().max() > 1e-3  # training changed the model...
     torch.testing.assert_close(loaded, trained, rtol=1e-5, atol=1e-5)  # ...and the files carry exactly that
+
+
+def _lora_tensors_without_gradient(transformer, latents, embeds, mask, grid) -> set[str]:
+    """The LoRA tensors one real forward and backward leaves without a gradient: how the trainer found the
+    frozen set before it derived it from the structure."""
+    lora = {n: p for n, p in transformer.named_parameters() if "lora_" in n}
+    trainable = {n: p.requires_grad for n, p in lora.items()}
+    for p in lora.values():
+        p.requires_grad_(True)
+    predict(transformer, latents, torch.tensor([0.5]), embeds, mask, grid).float().pow(2).mean().backward()
+    unused = {n for n, p in lora.items() if p.grad is None}
+    for n, p in lora.items():
+        p.grad = None
+        p.requires_grad_(trainable[n])
+    return unused
+
+
+def test_frozen_lora_tensors_are_the_ones_without_gradient(preset, ring_dataset):
+    """`unread_lora_parameters` (structure only) is exactly the set a forward/backward leaves without gradient."""
+    from lightray.training.lora import unread_lora_parameters
+
+    torch.set_num_threads(1)
+    trainer = LoraTrainer(_config(ring_dataset, steps=1), preset, load_imagefolder(ring_dataset, 64))
+    embeds, mask = trainer.text.batch(trainer.captions[:1])
+    measured = _lora_tensors_without_gradient(trainer.transformer, trainer.latents[:1], embeds, mask, trainer.grid)
+    structural = set(unread_lora_parameters(trainer.transformer))
+    assert structural == measured and len(structural) == 6  # lora_A/B of to_add_out and the two text MLP linears
+    trainable = {n for n, p in trainer.transformer.named_parameters() if p.requires_grad}
+    assert not trainable & structural and all(p.dtype == torch.float32 for p in trainer.params)
 
 
 def test_checkpoint_resume_continues_the_same_run(preset, ring_dataset, tmp_path):

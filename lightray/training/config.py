@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Any, Literal
 
@@ -12,6 +13,9 @@ from lightray.config import ModelPreset
 from lightray.registry import validate_name, validate_tenant
 from lightray.training.lora import LORA_TARGETS
 
+LARGE_TRANSFORMER_PARAMETERS = 1_000_000_000
+"""From this size on a transformer trains with gradient checkpointing unless the config says otherwise: the real
+Qwen-Image (20.4B) is far above, the embedded model (a few million) far below."""
 
 class TrainConfig(BaseModel):
     """One LoRA training run, as written in `configs/train/<x>.yaml`."""
@@ -62,6 +66,17 @@ class TrainConfig(BaseModel):
     """AdamW weight decay on the LoRA matrices."""
     max_grad_norm: float = Field(1.0, gt=0)
     """Gradient clipping (global L2 norm)."""
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    """Micro-batches summed into each optimizer step: a worker runs `batch_size / (num_workers x this)` images
+    per forward, so a large global batch fits a GPU's activations. DDP all-reduces only on the last one."""
+    optimizer: Literal["adamw", "adamw_8bit"] = "adamw"
+    """"adamw": torch's AdamW, float32 state (8 bytes per LoRA parameter). "adamw_8bit": bitsandbytes'
+    AdamW8bit (2 bytes per parameter; needs `bitsandbytes` installed, and a CUDA device)."""
+    gradient_checkpointing: bool | None = None
+    """Recompute each transformer block's activations in the backward pass instead of keeping them (activation
+    memory of one block instead of all, for about a third more compute). None: on for a transformer of at least
+    `LARGE_TRANSFORMER_PARAMETERS` parameters (the real 20B model), off for the embedded one (whose activations
+    are small and whose CPU steps it would slow)."""
     caption_dropout: float = Field(0.0, ge=0.0, lt=1.0)
     """Probability of training a sample with an empty caption ("" or " ", the default negative prompt): the LoRA
     also shifts the unconditional branch that true CFG subtracts, and this keeps that branch trained."""
@@ -118,7 +133,25 @@ class TrainConfig(BaseModel):
     def _consistent(self) -> "TrainConfig":
         if self.batch_size % self.num_workers:
             raise ValueError(f"batch_size {self.batch_size} is not a multiple of num_workers {self.num_workers}")
+        per_step = self.num_workers * self.gradient_accumulation_steps
+        if self.batch_size % per_step:
+            raise ValueError(f"batch_size {self.batch_size} is not a multiple of num_workers x "
+                             f"gradient_accumulation_steps = {per_step}")
+        if self.optimizer == "adamw_8bit" and importlib.util.find_spec("bitsandbytes") is None:
+            raise ValueError("optimizer adamw_8bit needs bitsandbytes, which is not installed "
+                             "(pip install bitsandbytes), or use optimizer: adamw")
         return self
+
+    @property
+    def micro_batch(self) -> int:
+        """Images one worker runs per forward."""
+        return self.batch_size // (self.num_workers * self.gradient_accumulation_steps)
+
+    def checkpointing_for(self, transformer_parameters: int) -> bool:
+        """Whether a transformer of that many parameters trains with gradient checkpointing (see the field)."""
+        if self.gradient_checkpointing is not None:
+            return self.gradient_checkpointing
+        return transformer_parameters >= LARGE_TRANSFORMER_PARAMETERS
 
     @property
     def lora_alpha(self) -> float:

@@ -13,6 +13,14 @@ picks the folder's only ``.safetensors`` file. A folder from `save_pretrained` o
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch is imported where it is used: the config (which reads LORA_TARGETS) stays torch-free
+    import torch
+
+    from lightray.training.config import TrainConfig
+
 LORA_TARGETS = [
     "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
     "attn.add_v_proj", "attn.to_add_out", "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj",
@@ -23,3 +31,84 @@ Lightning LoRAs adapt, and the default of tenant adapters."""
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+
+UNREAD_IN_LAST_BLOCK = ("attn.to_add_out", "txt_mlp.")
+"""Modules of the last transformer block whose output the model never reads. A block updates both streams, but
+after the last one the model keeps only the image stream (`norm_out`, `proj_out`), so what that block writes into
+the text stream *after* joint attention (the text attention output and the text MLP) is dropped. Everything before
+(q/k/v of both streams, both modulations, whose first half modulates the attention input) reaches the image stream
+through joint attention. LoRA matrices on these modules would get no gradient: they are frozen instead, which also
+lets DDP run without `find_unused_parameters` (it otherwise fails on the second step)."""
+
+
+def unread_lora_parameters(transformer: torch.nn.Module) -> list[str]:
+    """Names of the LoRA parameters of `transformer` on `UNREAD_IN_LAST_BLOCK` modules of its last block, derived
+    from the module structure (no forward pass)."""
+    last = f"transformer_blocks.{len(transformer.transformer_blocks) - 1}."
+    return [name for name, _ in transformer.named_parameters()
+            if "lora_" in name and name.startswith(last)
+            and name[len(last):].startswith(UNREAD_IN_LAST_BLOCK)]
+
+
+def add_lora(transformer: torch.nn.Module, config: TrainConfig, base_model_id: str) -> list[torch.nn.Parameter]:
+    """Freeze `transformer` (in whatever dtype it was loaded), add the config's LoRA and return the parameters to
+    train: float32 whatever the base's dtype (bf16 updates of small LoRA steps would round away), without the
+    `unread_lora_parameters`. The LoRA initialisation draws from torch's global RNG: seed it first."""
+    import torch
+    from diffusers.training_utils import cast_training_params
+    from peft import LoraConfig
+
+    transformer.requires_grad_(False)
+    transformer.add_adapter(LoraConfig(
+        r=config.rank, lora_alpha=config.lora_alpha, target_modules=list(config.target_modules),
+        lora_dropout=config.lora_dropout, init_lora_weights=True,
+    ))
+    transformer.peft_config["default"].base_model_name_or_path = base_model_id
+    unread = set(unread_lora_parameters(transformer))
+    params = []
+    for name, p in transformer.named_parameters():
+        p.requires_grad_("lora_" in name and name not in unread)
+        if p.requires_grad:
+            params.append(p)
+    if not params:
+        raise ValueError(f"target_modules {config.target_modules} matched no module of the transformer")
+    cast_training_params(transformer, dtype=torch.float32)
+    return params
+
+
+def lora_state_dict(transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The LoRA weights (peft keys without the adapter name), float32 on the CPU."""
+    import torch
+    from peft.utils import get_peft_model_state_dict
+
+    return {k: v.detach().to("cpu", torch.float32).contiguous()
+            for k, v in get_peft_model_state_dict(transformer, save_embedding_layers=False).items()}
+
+
+def save_adapter(transformer: torch.nn.Module, folder: str | Path) -> Path:
+    """Write `adapter_model.safetensors` + `adapter_config.json` (see the module docstring) into `folder`."""
+    from diffusers import QwenImagePipeline
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lora_config = transformer.peft_config["default"]
+    QwenImagePipeline.save_lora_weights(
+        folder, transformer_lora_layers=lora_state_dict(transformer), weight_name=ADAPTER_WEIGHTS,
+        transformer_lora_adapter_metadata=lora_config.to_dict(),
+    )
+    lora_config.save_pretrained(str(folder))
+    return folder
+
+
+def load_adapter_weights(transformer: torch.nn.Module, folder: str | Path) -> None:
+    """Set the LoRA of `transformer` to the weights saved in `folder` (`save_adapter`'s files), in place (the
+    parameters keep their dtype and identity, so an optimizer holding them stays valid)."""
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    weights = {k.removeprefix("transformer."): v for k, v in load_file(folder / ADAPTER_WEIGHTS).items()}
+    result = set_peft_model_state_dict(transformer, weights, adapter_name="default")
+    missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
+    if missing:
+        raise ValueError(f"checkpoint {folder} lacks {len(missing)} LoRA weights (e.g. {missing[0]})")

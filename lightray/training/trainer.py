@@ -5,6 +5,7 @@ ranks)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -22,10 +23,20 @@ from lightray.config import ModelPreset
 from lightray.training.config import TrainConfig, resolve_training_size
 from lightray.training.data import ImageCaptionDataset
 from lightray.training.flow_matching import images_to_tensor, normalised_latents, pack, predict, shift_sigmas, warmup_cosine
-from lightray.training.lora import ADAPTER_WEIGHTS
+from lightray.stages.common import torch_dtype
+from lightray.training.lora import add_lora, load_adapter_weights, lora_state_dict, save_adapter
 from lightray.world.train import TextCache
 
 TRAINING_STATE = "training_state.pt"
+
+
+def make_optimizer(config: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """AdamW over the LoRA parameters: torch's, or bitsandbytes' 8-bit one (`TrainConfig.optimizer`)."""
+    if config.optimizer == "adamw_8bit":
+        import bitsandbytes
+
+        return bitsandbytes.optim.AdamW8bit(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
 
 
 class InjectedFailure(RuntimeError):
@@ -36,14 +47,13 @@ class LoraTrainer:
     """LoRA on the preset's transformer, trained on (one worker's shard of) a data set.
 
     Distributed use: construct on every rank with the same config (LoRA init is seeded, so every rank starts
-    from identical weights), then `wrap(fn)` the model with a data-parallel wrapper (DDP) before training. The
-    per-rank batch is `batch_size // world_size`.
+    from identical weights), then `wrap(fn)` the model with a data-parallel wrapper (DDP) before training. A
+    rank's forward runs `batch_size // (world_size x gradient_accumulation_steps)` images.
     """
 
     def __init__(self, config: TrainConfig, preset: ModelPreset, data: ImageCaptionDataset, *, rank: int = 0,
                  world_size: int = 1, device: str | torch.device = "cpu", log: Callable[[str], None] = print):
         from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
-        from peft import LoraConfig
 
         self.config, self.preset, self.rank, self.world_size = config, preset, rank, world_size
         self.device = torch.device(device)
@@ -55,7 +65,7 @@ class LoraTrainer:
             raise ValueError(f"data set images are {data.images.shape[1:3]}, the trainer expects {self.side}")
         shard = data.shard(rank, world_size)
         self.captions = shard.captions
-        self.batch = config.batch_size // world_size
+        self.batch = config.batch_size // (world_size * config.gradient_accumulation_steps)
         self.grid = self.side // preset.size_multiple
 
         t0 = time.time()
@@ -67,26 +77,23 @@ class LoraTrainer:
                  f"({time.time() - t0:.1f}s)")
 
         torch.manual_seed(config.seed)  # identical LoRA initialisation on every rank
+        # The base stays frozen in the preset's dtype (bf16 for the real model: half of fp32's 76 GiB); the LoRA
+        # trains in float32, and the forward runs under autocast to the preset's dtype.
+        self.dtype = torch_dtype(preset.dtype)
         self.transformer = QwenImageTransformer2DModel.from_pretrained(
-            preset.root / "transformer", torch_dtype=torch.float32).to(self.device)
-        self.transformer.requires_grad_(False)
-        self.transformer.add_adapter(LoraConfig(
-            r=config.rank, lora_alpha=config.lora_alpha, target_modules=list(config.target_modules),
-            lora_dropout=config.lora_dropout, init_lora_weights=True,
-        ))
+            preset.root / "transformer", torch_dtype=self.dtype).to(self.device)
+        self.params = add_lora(self.transformer, config, preset.base_model_id)
         self.lora_config = self.transformer.peft_config["default"]
-        self.lora_config.base_model_name_or_path = preset.base_model_id
-        self.params = []
-        for n, p in self.transformer.named_parameters():
-            p.requires_grad_("lora_" in n)
-            if "lora_" in n:
-                self.params.append(p)
-        if not self.params:
-            raise ValueError(f"target_modules {config.target_modules} matched no module of the transformer")
-        self._freeze_unused()
+        lora_tensors = sum(1 for n, _ in self.transformer.named_parameters() if "lora_" in n)
+        if len(self.params) < lora_tensors:
+            self.log(f"{lora_tensors - len(self.params)} of {lora_tensors} LoRA tensors do not affect the output "
+                     "(last block's text stream) and stay frozen")
+        self.checkpointing = config.checkpointing_for(sum(p.numel() for p in self.transformer.parameters()))
+        if self.checkpointing:
+            self.transformer.enable_gradient_checkpointing()
         self.transformer.train()
         self.model: torch.nn.Module = self.transformer
-        self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, weight_decay=config.weight_decay)
+        self.optimizer = make_optimizer(config, self.params)
         self.scheduler = warmup_cosine(self.optimizer, config.steps, warmup=config.warmup_steps)
         self.rng = random.Random(config.seed * 1_000_003 + rank)
         self.generator = torch.Generator().manual_seed(config.seed * 1_000_003 + rank)
@@ -94,26 +101,6 @@ class LoraTrainer:
         self.resumed_from: int | None = None
         self.first_loss: float | None = None
         """Mean loss of the first reporting window of the run (kept across resumes)."""
-
-    def _freeze_unused(self) -> None:
-        """Freeze LoRA matrices the loss does not depend on (the last block's text-stream layers: the model only
-        reads the image stream after it). They would stay at their initialisation anyway; frozen, DDP can run
-        without `find_unused_parameters` (which it otherwise needs, or it fails on the second step)."""
-        embeds, mask = self.text.batch(self.captions[:1])
-        v = predict(self.transformer, self.latents[:1], torch.tensor([0.5], device=self.device),
-                    embeds.to(self.device), mask.to(self.device), self.grid)
-        v.float().pow(2).mean().backward()
-        used = []
-        for p in self.params:
-            if p.grad is None:
-                p.requires_grad_(False)
-            else:
-                used.append(p)
-            p.grad = None
-        if len(used) < len(self.params):
-            self.log(f"{len(self.params) - len(used)} of {len(self.params)} LoRA tensors do not affect the "
-                     "output (last block's text stream) and stay frozen")
-        self.params = used
 
     @property
     def trainable_parameters(self) -> int:
@@ -123,8 +110,14 @@ class LoraTrainer:
         """Replace the module the forward pass calls (e.g. with DDP); weights stay those of `self.transformer`."""
         self.model = wrapper(self.transformer)
 
-    def train_step(self) -> float:
-        """One optimizer step on a batch sampled from this rank's shard; returns this rank's loss."""
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The forward's precision: the preset's dtype on its device (CUDA bf16; CPU bf16 for a bf16 preset), so
+        the float32 LoRA matrices and float32 inputs meet the bf16 base in bf16 matmuls; off for a float32
+        preset."""
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+
+    def micro_batch_loss(self) -> torch.Tensor:
+        """The flow-matching loss of one micro-batch sampled from this rank's shard (float32, with its graph)."""
         cfg = self.config
         idx = [self.rng.randrange(len(self.captions)) for _ in range(self.batch)]
         # Dropped captions become "" or " " (the pipeline's default negative prompt), as in the base's training.
@@ -137,15 +130,29 @@ class LoraTrainer:
         sigma = sigma.to(self.device)
         s = sigma.view(-1, 1, 1)
         xt = (1 - s) * x0 + s * noise
-        v = predict(self.model, xt, sigma, embeds.to(self.device), mask.to(self.device), self.grid)
-        loss = F.mse_loss(v, noise - x0)
+        with self.autocast():
+            v = predict(self.model, xt, sigma, embeds.to(self.device), mask.to(self.device), self.grid)
+        return F.mse_loss(v.float(), noise - x0)
+
+    def train_step(self) -> float:
+        """One optimizer step over `gradient_accumulation_steps` micro-batches; returns this rank's mean loss."""
+        cfg = self.config
+        accumulate = cfg.gradient_accumulation_steps
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        total = 0.0
+        for micro in range(accumulate):
+            # Under DDP, gradients are all-reduced only in the backward of the last micro-batch.
+            last = micro == accumulate - 1
+            sync = contextlib.nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync()
+            with sync:
+                loss = self.micro_batch_loss()
+                (loss / accumulate).backward()
+            total += float(loss.detach())
         torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
-        return float(loss.detach())
+        return total / accumulate
 
     def mean_across_ranks(self, value: float) -> float:
         """`value` averaged over the ranks (a collective: every rank must call it at the same point)."""
@@ -159,23 +166,11 @@ class LoraTrainer:
     # ----------------------------------------------------------------------------------- files
 
     def lora_state_dict(self) -> dict[str, torch.Tensor]:
-        from peft.utils import get_peft_model_state_dict
-
-        return {k: v.detach().to("cpu", torch.float32).contiguous()
-                for k, v in get_peft_model_state_dict(self.transformer, save_embedding_layers=False).items()}
+        return lora_state_dict(self.transformer)
 
     def save_adapter(self, folder: str | Path) -> Path:
-        """Write `adapter_model.safetensors` + `adapter_config.json` (see the module docstring) into `folder`."""
-        from diffusers import QwenImagePipeline
-
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        QwenImagePipeline.save_lora_weights(
-            folder, transformer_lora_layers=self.lora_state_dict(), weight_name=ADAPTER_WEIGHTS,
-            transformer_lora_adapter_metadata=self.lora_config.to_dict(),
-        )
-        self.lora_config.save_pretrained(str(folder))
-        return folder
+        """Write the adapter files serving loads (`lightray.training.lora`) into `folder`."""
+        return save_adapter(self.transformer, folder)
 
     def save_checkpoint(self, folder: str | Path, metrics: dict[str, Any] | None = None) -> Path:
         """The adapter plus optimizer/scheduler/RNG state: `load_checkpoint` continues exactly here."""
@@ -189,15 +184,8 @@ class LoraTrainer:
         return folder
 
     def load_checkpoint(self, folder: str | Path) -> None:
-        from peft.utils import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
         folder = Path(folder)
-        weights = {k.removeprefix("transformer."): v for k, v in load_file(folder / ADAPTER_WEIGHTS).items()}
-        result = set_peft_model_state_dict(self.transformer, weights, adapter_name="default")
-        missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
-        if missing:
-            raise ValueError(f"checkpoint {folder} lacks {len(missing)} LoRA weights (e.g. {missing[0]})")
+        load_adapter_weights(self.transformer, folder)
         state = torch.load(folder / TRAINING_STATE, map_location="cpu", weights_only=False)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

@@ -31,7 +31,8 @@ import yaml
 from pydantic import ValidationError
 
 from lightray.config import load_preset
-from lightray.training.config import TrainConfig, load_train_config, resolve_training_size
+from lightray.training.buckets import resolve_buckets
+from lightray.training.config import TrainConfig, load_train_config
 from lightray.training.data import DatasetError, ImageCaptionDataset, fetch_dataset, load_imagefolder
 from lightray.training.publish import manifest_fields, stage_adapter
 from lightray.training.trainer import LoraTrainer, run_training
@@ -193,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         config = load_train_config(args.config, _parse_overrides(args))
         check_paths(config)
         preset = load_preset(config.preset)
-        side = resolve_training_size(config, preset)
+        buckets = resolve_buckets(config, preset)
         registry = open_registry(config)
     except (ValidationError, UsageError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -202,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with tempfile.TemporaryDirectory(prefix="lora-dataset-") as tmp:
             data = load_imagefolder(fetch_dataset(config.dataset, config.dataset_storage_options,
-                                                  Path(tmp) / "dataset"), side)
+                                                  Path(tmp) / "dataset"), buckets,
+                                    skip_bad_images=config.skip_bad_images)
     except (DatasetError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -211,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # noqa: BLE001 - any backend error (s3fs, botocore, OS) means the same here
         print(f"error: cannot read the registry {registry.root_url}: {type(err).__name__}: {err}", file=sys.stderr)
         return 1
-    log(f"dataset {config.dataset}: {len(data)} images at {side}x{side}, {data.hash[:23]}…"
+    sizes = ", ".join(f"{w}x{h}: {n}" for (w, h), n in data.bucket_counts().items())
+    log(f"dataset {config.dataset}: {len(data)} images ({sizes}), {data.hash[:23]}…"
         + (f" ({'; '.join(data.notes)})" if data.notes else ""))
     if len(data) < config.num_workers:
         print(f"error: {len(data)} images cannot be sharded over {config.num_workers} workers", file=sys.stderr)

@@ -23,6 +23,7 @@ import yaml
 from PIL import Image
 
 from lightray.fingerprint import fingerprint_model
+from lightray.config import load_preset
 from lightray.registry import AdapterRegistry
 from lightray.training.config import TrainConfig, load_train_config
 from lightray.training.data import DatasetError, fetch_dataset, load_imagefolder
@@ -167,8 +168,62 @@ def test_every_problem_is_listed_at_once(tmp_path):
     _write_meta(folder, [r[0], {"text": "a"}, {"file_name": "ghost.png", "text": "b"}, {"file_name": r[2]["file_name"]}])
     with pytest.raises(DatasetError) as info:
         load_imagefolder(folder, 64)
-    assert len(info.value.problems) == 3
+    # Three bad lines, and r[1]'s image, which no line captions any more.
+    assert len(info.value.problems) == 4
     assert all(f"line {n}" in str(info.value) for n in (2, 3, 4))
+    assert f"image {r[1]['file_name']!r} has no caption" in str(info.value)
+    assert "1 of 4 records are usable; set skip_bad_images: true" in str(info.value)
+
+
+def _sized_folder(tmp_path: Path, sizes: list[tuple[int, int]]) -> Path:
+    folder = tmp_path / "sized"
+    folder.mkdir(parents=True)
+    for i, (w, h) in enumerate(sizes):
+        Image.new("RGB", (w, h), (40 * i % 255, 80, 160)).save(folder / f"{i}.png")
+    _write_meta(folder, [{"file_name": f"{i}.png", "text": f"image {i}"} for i in range(len(sizes))])
+    return folder
+
+
+def test_images_go_to_the_bucket_of_their_aspect_ratio(preset, tmp_path):
+    from lightray.training.buckets import resolve_buckets
+
+    # The embedded preset serves exact sizes: within 192x128 pixels the buckets are the largest of each ratio.
+    cfg = TrainConfig(tenant="demo", name="b", dataset=str(tmp_path), max_pixels=192 * 128)
+    buckets = resolve_buckets(cfg, preset)
+    assert sorted(buckets.sizes) == [(64, 128), (128, 64), (128, 128), (128, 192), (192, 128)]
+    assert all(preset.size_refusal(w, h) is None for w, h in buckets.sizes)
+    folder = _sized_folder(tmp_path, [(300, 290), (400, 210), (200, 310), (260, 170)])
+    data = load_imagefolder(folder, buckets)
+    assert [data.size(i) for i in range(len(data))] == [(128, 128), (128, 64), (128, 192), (192, 128)]
+    assert data.bucket_counts() == {(128, 64): 1, (128, 128): 1, (128, 192): 1, (192, 128): 1}
+    with pytest.raises(ValueError, match="bucket 100x100 is not a size preset lightray-shapes serves"):
+        resolve_buckets(cfg.model_copy(update={"buckets": [(100, 100)]}), preset)
+    # The real preset serves a continuum: one bucket per aspect ratio within the budget.
+    real = load_preset("qwen-image-lightning")
+    wide = resolve_buckets(cfg.model_copy(update={"max_pixels": 1024 * 1024}), real)
+    assert (1024, 1024) in wide.sizes and len(wide.sizes) == 7
+    assert all(w * h <= 1024 * 1024 and real.size_refusal(w, h) is None for w, h in wide.sizes)
+
+
+def test_bad_images_are_refused_or_skipped_with_a_count(preset, tmp_path):
+    from lightray.training.buckets import Buckets
+
+    buckets = Buckets(((128, 128), (128, 64)), refuse_smaller=True)
+    folder = _sized_folder(tmp_path, [(200, 200), (100, 100), (256, 128), (90, 40)])
+    (folder / "1.png").write_bytes(b"not a png")
+    Image.new("RGB", (200, 200)).save(folder / "stray.png")
+    with pytest.raises(DatasetError) as info:
+        load_imagefolder(folder, buckets)
+    message = str(info.value)
+    assert "line 2: cannot read image '1.png'" in message
+    assert "line 4: image '3.png' is 90x40, smaller than the smallest bucket of its aspect ratio (128x64" in message
+    assert "image 'stray.png' has no caption" in message
+    assert "2 of 4 records are usable; set skip_bad_images: true" in message
+    data = load_imagefolder(folder, buckets, skip_bad_images=True)
+    assert data.files == ["0.png", "2.png"] and data.bucket_counts() == {(128, 64): 1, (128, 128): 1}
+    assert any("skipped 2 of 4 records and 1 uncaptioned image(s)" in n for n in data.notes)
+    # The square mode of the toy configs upscales instead of refusing.
+    assert load_imagefolder(_sized_folder(tmp_path / "s", [(32, 32)]), 64).size(0) == (64, 64)
 
 
 def test_modes_and_sizes_are_normalised(tmp_path):
@@ -182,9 +237,10 @@ def test_modes_and_sizes_are_normalised(tmp_path):
     Image.new("CMYK", (70, 70)).save(folder / "d.jpg")
     _write_meta(folder, [{"file_name": n, "text": f"image {n}"} for n in ("a.png", "b.png", "c.gif", "d.jpg")])
     data = load_imagefolder(folder, 64)
-    assert data.images.shape == (4, 64, 64, 3) and data.images.dtype == np.uint8
-    assert tuple(data.images[0, 0, 0]) == (255, 255, 255)
-    assert tuple(data.images[0, 32, 32]) == (220, 40, 40)  # the centre crop keeps the middle
+    images = np.stack(data.images)
+    assert images.shape == (4, 64, 64, 3) and images.dtype == np.uint8
+    assert tuple(images[0, 0, 0]) == (255, 255, 255)
+    assert tuple(images[0, 32, 32]) == (220, 40, 40)  # the centre crop keeps the middle
     assert data.captions == ["image a.png", "image b.png", "image c.gif", "image d.jpg"]
     assert any("converted to RGB" in n for n in data.notes) and any("resized" in n for n in data.notes)
 
@@ -273,15 +329,17 @@ def test_adapter_files_load_in_diffusers_exactly_as_trained(preset, ring_dataset
     assert (config["r"], config["lora_alpha"], config["base_model_name_or_path"]) == (4, 8, preset.base_model_id)
 
     trainer.transformer.eval()
-    x = torch.randn(2, trainer.latents.shape[1], 64, generator=torch.Generator().manual_seed(0))
+    (bucket,) = trainer.buckets
+    grid = (bucket[1] // 16, bucket[0] // 16)
+    x = torch.randn(2, trainer.inputs.latents[bucket].shape[1], 64, generator=torch.Generator().manual_seed(0))
     sigma = torch.tensor([0.3, 0.9])
-    embeds, mask = trainer.text.batch(trainer.captions[:2])
+    embeds, mask = trainer.inputs.text.batch(trainer.inputs.captions[bucket][:2])
     with torch.no_grad():
-        trained = predict(trainer.transformer, x, sigma, embeds, mask, trainer.grid)
+        trained = predict(trainer.transformer, x, sigma, embeds, mask, grid)
         pipe = QwenImagePipeline.from_pretrained(preset.root, text_encoder=None, tokenizer=None, vae=None)
-        base = predict(pipe.transformer, x, sigma, embeds, mask, trainer.grid)
+        base = predict(pipe.transformer, x, sigma, embeds, mask, grid)
         pipe.load_lora_weights(str(folder), adapter_name="t")
-        loaded = predict(pipe.transformer, x, sigma, embeds, mask, trainer.grid)
+        loaded = predict(pipe.transformer, x, sigma, embeds, mask, grid)
     assert (trained - base).abs().max() > 1e-3  # training changed the model...
     torch.testing.assert_close(loaded, trained, rtol=1e-5, atol=1e-5)  # ...and the files carry exactly that
 
@@ -307,12 +365,43 @@ def test_frozen_lora_tensors_are_the_ones_without_gradient(preset, ring_dataset)
 
     torch.set_num_threads(1)
     trainer = LoraTrainer(_config(ring_dataset, steps=1), preset, load_imagefolder(ring_dataset, 64))
-    embeds, mask = trainer.text.batch(trainer.captions[:1])
-    measured = _lora_tensors_without_gradient(trainer.transformer, trainer.latents[:1], embeds, mask, trainer.grid)
+    (bucket,) = trainer.buckets
+    embeds, mask = trainer.inputs.text.batch(trainer.inputs.captions[bucket][:1])
+    latents = trainer.inputs.latents[bucket][:1]
+    measured = _lora_tensors_without_gradient(trainer.transformer, latents, embeds, mask, (4, 4))
     structural = set(unread_lora_parameters(trainer.transformer))
     assert structural == measured and len(structural) == 6  # lora_A/B of to_add_out and the two text MLP linears
     trainable = {n for n, p in trainer.transformer.named_parameters() if p.requires_grad}
     assert not trainable & structural and all(p.dtype == torch.float32 for p in trainer.params)
+
+
+def test_the_caching_pass_encodes_like_serving_and_is_reused_on_restart(preset, ring_dataset, tmp_path,
+                                                                        monkeypatch):
+    from lightray.stages.text_encoder import TextEncodeStage
+    from lightray.stages.vae import VaeStage
+    from lightray.training.cache import cached_inputs
+
+    torch.set_num_threads(1)
+    cfg = _config(ring_dataset, input_cache=str(tmp_path / "cache"))
+    data = load_imagefolder(ring_dataset, 64)
+    logs: list[str] = []
+    first = cached_inputs(cfg, preset, data, 1, 2, torch.device("cpu"), log=logs.append)
+    assert [p.name for p in (tmp_path / "cache").rglob("*.pt")] == ["rank-1-of-2.pt"]
+    assert len(first) == 8 and list(first.latents) == [(64, 64)]
+    # What serving computes for the same prompt (the preset's max_sequence_length and template prefix).
+    caption = first.captions[(64, 64)][0]
+    served = TextEncodeStage(preset).encode([caption])[0]
+    np.testing.assert_array_equal(first.text.embeds[first.text.index[caption]].numpy(), served)
+
+    def no_encoder(*args, **kwargs):
+        raise AssertionError("a restarted run must not load an encoder")
+
+    monkeypatch.setattr(TextEncodeStage, "__init__", no_encoder)
+    monkeypatch.setattr(VaeStage, "__init__", no_encoder)
+    again = cached_inputs(cfg, preset, data, 1, 2, torch.device("cpu"), log=logs.append)
+    assert "reused 8 encoded images" in logs[-1]
+    assert torch.equal(again.latents[(64, 64)], first.latents[(64, 64)])
+    assert again.captions == first.captions and again.text.index == first.text.index
 
 
 def test_checkpoint_resume_continues_the_same_run(preset, ring_dataset, tmp_path):

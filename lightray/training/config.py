@@ -9,7 +9,6 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from lightray.config import ModelPreset
 from lightray.registry import validate_name, validate_tenant
 from lightray.training.lora import LORA_TARGETS
 
@@ -83,8 +82,32 @@ class TrainConfig(BaseModel):
     timestep_shift: float = Field(3.0, gt=0)
     """Shift applied to the logit-normal training times (the sampler's schedule shift)."""
     resolution: int | None = Field(None, ge=16)
-    """Square training side in pixels (images are centre-cropped and resized to it); None: the preset's
-    `default_size` (which must then be square)."""
+    """Square training side in pixels for the square mode (no `buckets`, no `max_pixels`): every image is
+    centre-cropped and resized to it, upscaled if smaller. None: the preset's `default_size` (which must then be
+    square)."""
+    buckets: list[tuple[int, int]] | None = None
+    """Aspect-ratio buckets, (width, height) each, every one a size the preset serves: each image trains at the
+    bucket of its nearest aspect ratio (the largest it covers), a batch comes from one bucket. Images smaller than
+    every bucket of their ratio are refused (or skipped, `skip_bad_images`)."""
+    max_pixels: int | None = Field(None, ge=256)
+    """Pixel budget the buckets are derived from when `buckets` is not given (as diffusers' and DiffSynth's
+    `max_pixels`): for a preset with an exact size list, the largest served size of each of its aspect ratios
+    within the budget; otherwise one size per `aspect_ratios` entry, as large as the budget allows."""
+    aspect_ratios: list[str] = Field(default_factory=lambda: ["1:1", "4:3", "3:4", "3:2", "2:3", "16:9", "9:16"])
+    """W:H ratios of the buckets derived from `max_pixels` for a preset that serves a continuum of sizes (Qwen-Image's
+    recommended ones)."""
+    skip_bad_images: bool = False
+    """Train on the usable records of a data set that has bad ones (unreadable images, missing captions, images
+    smaller than their buckets) instead of refusing it; the log and the manifest's notes say how many were
+    skipped, and why."""
+    input_cache: str | None = None
+    """Where the caching pass writes the encoded latents and caption embeddings (folder or fsspec URL), so a
+    restarted run reuses them; None: `<storage_path>/input-cache` when `storage_path` is set, else nothing is kept
+    (each start encodes again)."""
+    cache_vae_batch_size: int = Field(8, ge=1)
+    """Images per VAE encode call in the caching pass (the memory plan checks it fits at the largest bucket)."""
+    cache_text_batch_size: int = Field(16, ge=1)
+    """Captions per text-encoder forward in the caching pass (captions of one token length share a forward)."""
     seed: int = 0
     """Seeds LoRA initialisation (identical on every worker), sampling of batches, noise and times."""
 
@@ -121,6 +144,15 @@ class TrainConfig(BaseModel):
     @classmethod
     def _name(cls, v: str) -> str:
         return validate_name(v)
+
+    @field_validator("aspect_ratios")
+    @classmethod
+    def _ratios(cls, v: list[str]) -> list[str]:
+        from lightray.training.buckets import parse_ratio
+
+        for text in v:
+            parse_ratio(text)
+        return v
 
     @field_validator("target_modules")
     @classmethod
@@ -175,17 +207,3 @@ def load_train_config(path: str | Path | None = None, overrides: dict[str, Any] 
         data.update(loaded)
     data.update(overrides or {})
     return TrainConfig.model_validate(data)
-
-
-def resolve_training_size(config: TrainConfig, preset: ModelPreset) -> int:
-    if config.resolution is not None:
-        side = config.resolution
-    else:
-        w, h = preset.default_size
-        if w != h:
-            raise ValueError(f"preset default_size {w}x{h} is not square: set `resolution` in the training config")
-        side = w
-    if side % preset.size_multiple:
-        raise ValueError(f"resolution {side} is not a multiple of the preset's size_multiple {preset.size_multiple}")
-    return side
-

@@ -14,44 +14,59 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from lightray.training.buckets import Buckets, Size
+
 METADATA_FILENAME = "metadata.jsonl"
 IMAGE_SIZE_LIMIT = 4096  # longest side accepted in a data set (decompression bombs are refused by PIL anyway)
 _MAX_REPORTED_PROBLEMS = 20
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
+"""Files in a data-set folder taken for images (each must be captioned by a metadata.jsonl line)."""
 
 
 class DatasetError(ValueError):
     """The data set cannot be trained on; `problems` lists every reason found (one line each)."""
 
-    def __init__(self, folder: str | Path, problems: Sequence[str]):
+    def __init__(self, folder: str | Path, problems: Sequence[str], hint: str | None = None):
         self.folder = str(folder)
         self.problems = list(problems)
         shown = self.problems[:_MAX_REPORTED_PROBLEMS]
         more = len(self.problems) - len(shown)
         lines = "\n".join(f"  - {p}" for p in shown) + (f"\n  ... and {more} more" if more > 0 else "")
-        super().__init__(f"invalid dataset {self.folder}:\n{lines}")
+        super().__init__(f"invalid dataset {self.folder}:\n{lines}" + (f"\n{hint}" if hint else ""))
 
 
 @dataclasses.dataclass
 class ImageCaptionDataset:
-    """A validated data set, ready to train on: every image RGB at the training size."""
+    """A validated data set, ready to train on: every image RGB at its bucket's size."""
 
-    images: np.ndarray
-    """uint8 [N, side, side, 3]."""
+    images: list[np.ndarray]
+    """uint8 [height, width, 3] each, at the image's bucket size."""
     captions: list[str]
     files: list[str]
     hash: str
-    """`dataset_hash` of the source folder."""
+    """`dataset_hash` of the source folder (metadata.jsonl and the files trained on)."""
     notes: list[str] = dataclasses.field(default_factory=list)
-    """What was normalised on load (mode conversions, resizes), for the log."""
+    """What was normalised or skipped on load (mode conversions, resizes, skipped records), for the log."""
 
     def __len__(self) -> int:
         return len(self.captions)
+
+    def size(self, i: int) -> Size:
+        """(width, height) of example `i`."""
+        h, w = self.images[i].shape[:2]
+        return (w, h)
+
+    def bucket_counts(self) -> dict[Size, int]:
+        counts: dict[Size, int] = {}
+        for i in range(len(self)):
+            counts[self.size(i)] = counts.get(self.size(i), 0) + 1
+        return dict(sorted(counts.items()))
 
     def shard(self, rank: int, world_size: int) -> "ImageCaptionDataset":
         """Every `world_size`-th example starting at `rank` (disjoint shards covering the data set)."""
         idx = list(range(rank, len(self), world_size))
         return dataclasses.replace(
-            self, images=self.images[idx], captions=[self.captions[i] for i in idx],
+            self, images=[self.images[i] for i in idx], captions=[self.captions[i] for i in idx],
             files=[self.files[i] for i in idx],
         )
 
@@ -68,11 +83,11 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def _fit(image: Image.Image, side: int) -> Image.Image:
-    """Centre-crop to a square and resize to `side`×`side` (no-op for an image that already is)."""
-    if image.size == (side, side):
+def _fit(image: Image.Image, size: Size) -> Image.Image:
+    """Scale to cover `size` (width, height) and centre-crop to it (no-op for an image that already is)."""
+    if image.size == size:
         return image
-    return ImageOps.fit(image, (side, side), method=Image.Resampling.LANCZOS)
+    return ImageOps.fit(image, size, method=Image.Resampling.LANCZOS)
 
 
 def dataset_hash(metadata: bytes, files: Sequence[tuple[str, bytes]]) -> str:
@@ -87,14 +102,20 @@ def dataset_hash(metadata: bytes, files: Sequence[tuple[str, bytes]]) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def load_imagefolder(folder: str | Path, side: int) -> ImageCaptionDataset:
-    """Validate and load an imagefolder data set (images + `metadata.jsonl`), resized to `side`.
+def load_imagefolder(folder: str | Path, buckets: Buckets | int, *, skip_bad_images: bool = False
+                     ) -> ImageCaptionDataset:
+    """Validate and load an imagefolder data set (images + `metadata.jsonl`), each image at its bucket
+    (`Buckets.pick`; an int is the square mode at that side).
 
     Raises `DatasetError` listing every problem: missing or empty folder, missing metadata.jsonl, lines that are
     not JSON objects, lines without `file_name` or with an empty `text`, files that do not exist or lie outside
-    the folder, images PIL cannot decode. Images of any mode are converted to RGB (alpha over white), any size
-    is centre-cropped and resized to `side`.
+    the folder, images PIL cannot decode, images smaller than every bucket of their aspect ratio, image files in
+    the folder that no line captions. With `skip_bad_images` the record-level problems skip their record instead
+    (the notes say how many and why), and only a data set with nothing left is refused. Images of any mode are
+    converted to RGB (alpha over white).
     """
+    if isinstance(buckets, int):
+        buckets = Buckets.square(buckets)
     root = Path(folder)
     if not root.exists():
         raise DatasetError(root, [f"dataset folder {root} does not exist"])
@@ -120,10 +141,12 @@ def load_imagefolder(folder: str | Path, side: int) -> ImageCaptionDataset:
     captions: list[str] = []
     files: list[str] = []
     hashed: list[tuple[str, bytes]] = []
-    converted = resized = 0
+    named: set[Path] = set()
+    records = converted = resized = 0
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
+        records += 1
         where = f"{METADATA_FILENAME} line {lineno}"
         try:
             record = json.loads(line)
@@ -134,12 +157,14 @@ def load_imagefolder(folder: str | Path, side: int) -> ImageCaptionDataset:
             problems.append(f"{where}: expected a JSON object, got {type(record).__name__}")
             continue
         file_name, caption = record.get("file_name"), record.get("text")
+        if isinstance(file_name, str) and file_name.strip():
+            named.add((root / file_name).resolve())
         bad = False
         if not isinstance(file_name, str) or not file_name.strip():
             problems.append(f'{where}: missing "file_name"')
             bad = True
         if "text" not in record:
-            problems.append(f'{where}: missing "text"')
+            problems.append(f'{where}: missing "text"' + (f" (the caption of {file_name!r})" if not bad else ""))
             bad = True
         elif not isinstance(caption, str) or not caption.strip():
             problems.append(f'{where}: "text" is empty' if isinstance(caption, str) or caption is None
@@ -163,27 +188,44 @@ def load_imagefolder(folder: str | Path, side: int) -> ImageCaptionDataset:
                                     f"{IMAGE_SIZE_LIMIT} px on a side")
                     continue
                 im.load()
-                mode, size = im.mode, im.size
+                mode = im.mode
                 rgb = _to_rgb(im)
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
             problems.append(f"{where}: cannot read image {file_name!r} ({type(err).__name__}: {err})")
             continue
+        bucket = buckets.pick(*rgb.size)
+        if bucket is None:
+            smallest = buckets.of_ratio(*rgb.size)[-1]
+            problems.append(f"{where}: image {file_name!r} is {rgb.size[0]}x{rgb.size[1]}, smaller than the "
+                            f"smallest bucket of its aspect ratio ({smallest[0]}x{smallest[1]}; buckets "
+                            f"{buckets.describe()})")
+            continue
         converted += mode != "RGB"
-        resized += size != (side, side)
-        images.append(np.asarray(_fit(rgb, side), dtype=np.uint8))
+        resized += rgb.size != bucket
+        images.append(np.asarray(_fit(rgb, bucket), dtype=np.uint8))
         captions.append(caption.strip())
         files.append(file_name)
         hashed.append((file_name, data))
-    if not problems and not captions:
-        problems.append(f"{METADATA_FILENAME} has no records")
-    if problems:
-        raise DatasetError(root, problems)
+    uncaptioned = sorted(p.relative_to(real_root).as_posix() for p in real_root.rglob("*")
+                         if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and p.resolve() not in named)
+    problems += [f"image {name!r} has no caption (no {METADATA_FILENAME} line names it)" for name in uncaptioned]
+    if not records:
+        raise DatasetError(root, [f"{METADATA_FILENAME} has no records"])
     notes = []
+    if problems:
+        usable = len(captions)
+        if not skip_bad_images or not usable:
+            hint = (f"{usable} of {records} records are usable; set skip_bad_images: true to train on those"
+                    if usable and not skip_bad_images else None)
+            raise DatasetError(root, problems, hint)
+        notes.append(f"skipped {records - usable} of {records} records and {len(uncaptioned)} uncaptioned "
+                     f"image(s) (skip_bad_images): " + "; ".join(problems[:_MAX_REPORTED_PROBLEMS])
+                     + (" ..." if len(problems) > _MAX_REPORTED_PROBLEMS else ""))
     if converted:
         notes.append(f"{converted} image(s) converted to RGB")
     if resized:
-        notes.append(f"{resized} image(s) centre-cropped/resized to {side}x{side}")
-    return ImageCaptionDataset(np.stack(images), captions, files, dataset_hash(raw, hashed), notes)
+        notes.append(f"{resized} image(s) resized/centre-cropped to their bucket ({buckets.describe()})")
+    return ImageCaptionDataset(images, captions, files, dataset_hash(raw, hashed), notes)
 
 
 def fetch_dataset(url: str, storage_options: dict[str, Any] | None, dest: Path) -> Path:

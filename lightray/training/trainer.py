@@ -20,12 +20,13 @@ import torch
 import torch.nn.functional as F
 
 from lightray.config import ModelPreset
-from lightray.training.config import TrainConfig, resolve_training_size
-from lightray.training.data import ImageCaptionDataset
-from lightray.training.flow_matching import images_to_tensor, normalised_latents, pack, predict, shift_sigmas, warmup_cosine
 from lightray.stages.common import torch_dtype
+from lightray.training.buckets import resolve_buckets
+from lightray.training.cache import EMPTY_CAPTIONS, cached_inputs
+from lightray.training.config import TrainConfig
+from lightray.training.data import ImageCaptionDataset
+from lightray.training.flow_matching import predict, shift_sigmas, warmup_cosine
 from lightray.training.lora import add_lora, load_adapter_weights, lora_state_dict, save_adapter
-from lightray.world.train import TextCache
 
 TRAINING_STATE = "training_state.pt"
 
@@ -53,28 +54,23 @@ class LoraTrainer:
 
     def __init__(self, config: TrainConfig, preset: ModelPreset, data: ImageCaptionDataset, *, rank: int = 0,
                  world_size: int = 1, device: str | torch.device = "cpu", log: Callable[[str], None] = print):
-        from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
+        from diffusers import QwenImageTransformer2DModel
 
         self.config, self.preset, self.rank, self.world_size = config, preset, rank, world_size
         self.device = torch.device(device)
         self.log = log if rank == 0 else (lambda msg: None)
-        self.side = resolve_training_size(config, preset)
+        buckets = resolve_buckets(config, preset)
         if len(data) < world_size:
             raise ValueError(f"the data set has {len(data)} images, fewer than the {world_size} workers")
-        if data.images.shape[1:3] != (self.side, self.side):
-            raise ValueError(f"data set images are {data.images.shape[1:3]}, the trainer expects {self.side}")
-        shard = data.shard(rank, world_size)
-        self.captions = shard.captions
+        unknown = set(data.bucket_counts()) - set(buckets.sizes)
+        if unknown:
+            raise ValueError(f"data set images are {sorted(unknown)}, not the config's buckets {buckets.describe()}")
         self.batch = config.batch_size // (world_size * config.gradient_accumulation_steps)
-        self.grid = self.side // preset.size_multiple
-
-        t0 = time.time()
-        vae = AutoencoderKLQwenImage.from_pretrained(preset.root / "vae", torch_dtype=torch.float32).eval()
-        self.latents = pack(normalised_latents(vae, images_to_tensor(shard.images))).to(self.device)
-        del vae
-        self.text = TextCache(preset.root, sorted(set(self.captions) | {"", " "}))
-        self.log(f"encoded {len(self.captions)} images and {len(self.text.index)} captions per worker "
-                 f"({time.time() - t0:.1f}s)")
+        # Encoded before the transformer loads (the encoders are freed first): one model on the device at a time.
+        self.inputs = cached_inputs(config, preset, data, rank, world_size, self.device, log=self.log)
+        self.buckets = sorted(self.inputs.captions)
+        self.bucket_weights = [len(self.inputs.captions[b]) for b in self.buckets]
+        self.examples = len(self.inputs)
 
         torch.manual_seed(config.seed)  # identical LoRA initialisation on every rank
         # The base stays frozen in the preset's dtype (bf16 for the real model: half of fp32's 76 GiB); the LoRA
@@ -117,21 +113,27 @@ class LoraTrainer:
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
 
     def micro_batch_loss(self) -> torch.Tensor:
-        """The flow-matching loss of one micro-batch sampled from this rank's shard (float32, with its graph)."""
+        """The flow-matching loss of one micro-batch from one bucket of this rank's shard (float32, with its
+        graph). Buckets are drawn in proportion to their images, so every image is as likely as in one pool."""
         cfg = self.config
-        idx = [self.rng.randrange(len(self.captions)) for _ in range(self.batch)]
+        # One bucket only (the square mode): no draw, so its batches are what they were before buckets existed.
+        bucket = self.buckets[0] if len(self.buckets) == 1 else self.rng.choices(self.buckets, self.bucket_weights)[0]
+        captions = self.inputs.captions[bucket]
+        idx = [self.rng.randrange(len(captions)) for _ in range(self.batch)]
         # Dropped captions become "" or " " (the pipeline's default negative prompt), as in the base's training.
-        caps = [self.rng.choice(("", " ")) if cfg.caption_dropout and self.rng.random() < cfg.caption_dropout
-                else self.captions[i] for i in idx]
-        embeds, mask = self.text.batch(caps)
-        x0 = self.latents[idx]
+        caps = [self.rng.choice(EMPTY_CAPTIONS) if cfg.caption_dropout and self.rng.random() < cfg.caption_dropout
+                else captions[i] for i in idx]
+        embeds, mask = self.inputs.text.batch(caps)
+        x0 = self.inputs.latents[bucket][idx].to(self.device, torch.float32)
         noise = torch.randn(x0.shape, generator=self.generator).to(self.device)
         sigma = shift_sigmas(torch.sigmoid(torch.randn(self.batch, generator=self.generator)), cfg.timestep_shift)
         sigma = sigma.to(self.device)
         s = sigma.view(-1, 1, 1)
         xt = (1 - s) * x0 + s * noise
+        width, height = bucket
+        grid = (height // 16, width // 16)  # VAE 8x, then 2x2 patches
         with self.autocast():
-            v = predict(self.model, xt, sigma, embeds.to(self.device), mask.to(self.device), self.grid)
+            v = predict(self.model, xt, sigma, embeds.to(self.device), mask.to(self.device), grid)
         return F.mse_loss(v.float(), noise - x0)
 
     def train_step(self) -> float:
@@ -236,7 +238,7 @@ def run_training(trainer: LoraTrainer, report: Reporter | None = None) -> dict[s
         metrics = {
             "step": step, "steps": cfg.steps, "loss": round(mean, 6), "first_loss": round(trainer.first_loss, 6),
             "lr": trainer.scheduler.get_last_lr()[0], "elapsed_s": round(elapsed, 1),
-            "epoch": round(step * cfg.batch_size / (len(trainer.captions) * trainer.world_size), 2),
+            "epoch": round(step * cfg.batch_size / (trainer.examples * trainer.world_size), 2),
         }
         if last:
             metrics["final_loss"] = round(trainer.mean_across_ranks(float(np.mean(tail))), 6)

@@ -12,7 +12,9 @@ and fingerprint, rank, alpha, target modules, trigger words, training config, da
 run that fails or is stopped part-way publishes nothing; its checkpoints stay in the Ray Train storage path.
 
 Options on the command line override the YAML (`--set key=value` for any `TrainConfig` field, value parsed as
-YAML). Exit codes: 0 published, 1 failed (data set, training, publishing), 2 bad config or arguments.
+YAML). A config that declares its GPU class (`gpu`) is checked against its memory plan first (`lightray train
+estimate`): one that does not fit is refused with the plan's table. Exit codes: 0 published, 1 failed (data set,
+training, publishing), 2 bad config or arguments, or a memory plan that does not fit.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ from lightray.config import load_preset
 from lightray.training.buckets import resolve_buckets
 from lightray.training.config import TrainConfig, load_train_config
 from lightray.training.data import DatasetError, ImageCaptionDataset, fetch_dataset, load_imagefolder
+from lightray.meta_models import GIB
+from lightray.training.memory_plan import plan_memory
 from lightray.training.publish import manifest_fields, stage_adapter
 from lightray.training.trainer import LoraTrainer, run_training
 from lightray.registry import AdapterRegistry, AdapterRegistryError
@@ -195,10 +199,20 @@ def main(argv: list[str] | None = None) -> int:
         check_paths(config)
         preset = load_preset(config.preset)
         buckets = resolve_buckets(config, preset)
+        # The memory plan, from configs on the meta device: a config that cannot fit its GPU is refused here,
+        # before any Ray work or data transfer.
+        plan = plan_memory(config, preset) if config.gpu else None
+        if plan is not None and not plan.fits:
+            raise UsageError(f"the memory plan does not fit {plan.gpu.name}: peak {plan.peak / GIB:.2f} GiB of "
+                             f"{plan.available / GIB:.2f} GiB (lower the micro-batch, the buckets or the cache "
+                             f"batch sizes, or turn gradient_checkpointing on)\n{plan.table()}")
         registry = open_registry(config)
     except (ValidationError, UsageError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if plan is not None:
+        log(f"memory plan per GPU: caching pass {plan.caching_peak / GIB:.2f} GiB, training "
+            f"{plan.training_peak / GIB:.2f} GiB of {plan.available / GIB:.2f} GiB ({plan.gpu.name})")
 
     try:
         with tempfile.TemporaryDirectory(prefix="lora-dataset-") as tmp:

@@ -55,9 +55,10 @@ class TrainConfig(BaseModel):
 
     steps: int = Field(500, ge=1)
     """Optimizer steps."""
-    batch_size: int = Field(16, ge=1)
-    """Global batch size per step, split evenly across workers (must be a multiple of `num_workers`)."""
-    learning_rate: float = Field(1e-3, gt=0)
+    batch_size: int = Field(4, ge=1)
+    """Global batch size per step, split evenly across workers (must be a multiple of `num_workers`). The defaults of
+    this and `learning_rate` are diffusers' DreamBooth LoRA ones; the toy configs set their own."""
+    learning_rate: float = Field(1e-4, gt=0)
     """Peak AdamW learning rate (linear warm-up, flat, cosine decay over the last 30 %)."""
     warmup_steps: int = Field(20, ge=0)
     """Linear warm-up steps."""
@@ -122,6 +123,13 @@ class TrainConfig(BaseModel):
     """Data-parallel Ray Train workers; each trains on its own shard of the data set."""
     use_gpu: bool = False
     """One GPU per worker (gradients all-reduced with NCCL instead of gloo)."""
+    gpu: str | None = None
+    """GPU-class file the workers run on (configs/capacity/<class>.yaml, its `gpu:` section: memory, node label,
+    per-process reserve). The memory plan must fit it: the job refuses a config whose plan does not before any Ray
+    work (`lightray train estimate CONFIG` prints the plan). None: not checked (CPU training)."""
+    model_configs: str | None = None
+    """Folder with the transformer/, text_encoder/ and vae/ config.json files the memory plan is computed from
+    (configs/qwen-image for the real model, so the plan needs no weights); None: the preset's own model folder."""
     cpus_per_worker: float = Field(1.0, gt=0)
     """Ray CPU resource each worker reserves."""
     torch_threads: int = Field(0, ge=0)

@@ -38,7 +38,7 @@ from lightray.training.config import TrainConfig, load_train_config
 from lightray.training.data import DatasetError, ImageCaptionDataset, fetch_dataset, load_imagefolder
 from lightray.meta_models import GIB
 from lightray.training.memory_plan import plan_memory
-from lightray.training.publish import manifest_fields, stage_adapter
+from lightray.training.publish import checkpoint_fingerprint, manifest_fields, stage_adapter
 from lightray.training.trainer import LoraTrainer, run_training
 from lightray.registry import AdapterRegistry, AdapterRegistryError
 from lightray.registry_settings import open_registry as open_registry_at
@@ -255,8 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with result.checkpoint.as_directory() as ckpt, tempfile.TemporaryDirectory(prefix="lora-publish-") as stage:
             stage_adapter(ckpt, stage)
-            manifest = registry.publish(config.tenant, config.name, stage,
-                                        **manifest_fields(config, preset, data.hash, final))
+            fields = manifest_fields(config, preset, checkpoint_fingerprint(ckpt), data.hash, final)
+            manifest = registry.publish(config.tenant, config.name, stage, **fields)
     except (AdapterRegistryError, OSError, ValueError) as err:
         print(f"error: publishing failed: {err}", file=sys.stderr)
         return 1

@@ -286,7 +286,8 @@ def test_train_config_file_and_docs():
     assert frame.batch_size % frame.num_workers == 0
 
 
-def test_fingerprint_model(preset, tmp_path):
+def test_fingerprint_model(preset, tmp_path, monkeypatch):
+    monkeypatch.setenv("LIGHTRAY_HASH_CACHE", str(tmp_path / "hashes.json"))
     fp = fingerprint_model(preset)
     assert re.fullmatch(r"sha256:[0-9a-f]{64}", fp) and fingerprint_model(preset) == fp
     fake = tmp_path / "m"
@@ -298,6 +299,10 @@ def test_fingerprint_model(preset, tmp_path):
     time.sleep(0.01)
     (fake / "transformer" / "diffusion_pytorch_model.safetensors").write_bytes(b"two")
     assert fingerprint_model(other) not in (a, fp)
+    # Each file's digest is kept on disk under (path, size, mtime), for the next process on the node.
+    cached = json.loads((tmp_path / "hashes.json").read_text())
+    weights = str(fake / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert len([k for k in cached if k.startswith(weights + "|")]) == 2
 
 
 # ------------------------------------------------------------------------------------- trainer, in process
@@ -480,6 +485,49 @@ def test_entrypoint_rejects_a_bad_dataset_before_training(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "jobs.train_lora", "--config", str(cfg), "--set", "rank=0"],
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "rank" in bad.stderr
+
+
+def test_the_driver_publishes_without_reading_the_model(preset, ring_dataset, tmp_path, monkeypatch):
+    """The driver's part of a run (validation, publishing) with the training replaced by a finished in-process run:
+    the manifest's fingerprint is the worker's, and the driver never touches the model folder (a RayJob's head
+    has no model volume). Serving then accepts the published adapter (its own fingerprint of the same files)."""
+    import contextlib
+
+    import jobs.train_lora as job
+    from lightray.adapters import fetch_for_preset
+    from lightray.config import ModelPreset
+
+    torch.set_num_threads(1)
+    registry = tmp_path / "registry"
+    cfg = _config(ring_dataset, registry=str(registry), steps=2)
+    trainer = LoraTrainer(cfg, preset, load_imagefolder(ring_dataset, 64))
+    metrics = run_training(trainer)
+    checkpoint = trainer.save_checkpoint(tmp_path / "final", metrics)
+
+    class Finished:  # what TorchTrainer.fit() returns, as far as the driver reads it
+        path = str(tmp_path / "ray_results")
+
+        def __init__(self):
+            self.metrics, self.checkpoint = metrics, self
+
+        @contextlib.contextmanager
+        def as_directory(self):
+            yield str(checkpoint)
+
+    def no_model(self):
+        raise AssertionError("the driver read the model folder")
+
+    monkeypatch.setattr(job, "fit", lambda config, data: Finished())
+    monkeypatch.setattr(ModelPreset, "root", property(no_model))
+    config_file = tmp_path / "train.yaml"
+    config_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), allow_unicode=True))
+    assert job.main(["--config", str(config_file)]) == 0
+    monkeypatch.undo()
+    manifest = AdapterRegistry(str(registry)).resolve("demo/ring")
+    assert manifest.base_fingerprint == trainer.base_fingerprint == fingerprint_model(preset)
+    fetched, folder = fetch_for_preset(AdapterRegistry(str(registry), cache_dir=tmp_path / "cache"), "demo/ring",
+                                       preset)
+    assert fetched.version == 1 and (Path(folder) / ADAPTER_WEIGHTS).is_file()
 
 
 # ------------------------------------------------------------------------------------------ Ray job, e2e

@@ -3,22 +3,35 @@ and the registry manifest fields."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Any
 
 from lightray.config import ModelPreset
-from lightray.fingerprint import fingerprint_model
 from lightray.training.config import TrainConfig
 from lightray.training.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
+TRAINER_STATE = "trainer_state.json"
+"""The checkpoint file `LoraTrainer.save_checkpoint` writes its step, metrics and base fingerprint to."""
 
-def manifest_fields(config: TrainConfig, preset: ModelPreset, data_hash: str,
+
+def checkpoint_fingerprint(checkpoint_dir: str | Path) -> str:
+    """The base fingerprint a checkpoint's worker computed (`LoraTrainer.base_fingerprint`)."""
+    state = json.loads((Path(checkpoint_dir) / TRAINER_STATE).read_text())
+    fingerprint = state.get("base_fingerprint")
+    if not isinstance(fingerprint, str) or not fingerprint.startswith("sha256:"):
+        raise ValueError(f"checkpoint {checkpoint_dir} records no base fingerprint")
+    return fingerprint
+
+
+def manifest_fields(config: TrainConfig, preset: ModelPreset, base_fingerprint: str, data_hash: str,
                     metrics: dict[str, Any]) -> dict[str, Any]:
-    """The `AdapterRegistry.publish` manifest fields of a finished run."""
+    """The `AdapterRegistry.publish` manifest fields of a finished run. `base_fingerprint` is the one the workers
+    computed from the weight files they trained on (`checkpoint_fingerprint`): the driver never reads the model."""
     return {
         "base_model_id": preset.base_model_id,
-        "base_fingerprint": fingerprint_model(preset),
+        "base_fingerprint": base_fingerprint,
         "rank": config.rank,
         "alpha": config.lora_alpha,
         "target_modules": sorted(config.target_modules),

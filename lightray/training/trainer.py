@@ -6,6 +6,7 @@ ranks)."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import random
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from lightray.config import ModelPreset
+from lightray.fingerprint import fingerprint_model
 from lightray.stages.common import torch_dtype
 from lightray.training.buckets import resolve_buckets
 from lightray.training.cache import EMPTY_CAPTIONS, cached_inputs
@@ -27,6 +29,7 @@ from lightray.training.config import TrainConfig
 from lightray.training.data import ImageCaptionDataset
 from lightray.training.flow_matching import predict, shift_sigmas, warmup_cosine
 from lightray.training.lora import add_lora, load_adapter_weights, lora_state_dict, save_adapter
+from lightray.training.publish import TRAINER_STATE
 
 TRAINING_STATE = "training_state.pt"
 
@@ -182,8 +185,15 @@ class LoraTrainer:
             "rng": self.rng.getstate(), "generator": self.generator.get_state(), "world_size": self.world_size,
             "first_loss": self.first_loss,
         }, folder / TRAINING_STATE)
-        (folder / "trainer_state.json").write_text(json.dumps({"step": self.step, **(metrics or {})}, indent=2))
+        # The fingerprint travels with the checkpoint: the driver publishes it without ever reading the weights.
+        state = {"step": self.step, "base_fingerprint": self.base_fingerprint, **(metrics or {})}
+        (folder / TRAINER_STATE).write_text(json.dumps(state, indent=2))
         return folder
+
+    @functools.cached_property
+    def base_fingerprint(self) -> str:
+        """`fingerprint_model` of the weights this worker trains on (file hashes, cached on the node)."""
+        return fingerprint_model(self.preset)
 
     def load_checkpoint(self, folder: str | Path) -> None:
         folder = Path(folder)

@@ -74,6 +74,8 @@ class LoraTrainer:
         self.buckets = sorted(self.inputs.captions)
         self.bucket_weights = [len(self.inputs.captions[b]) for b in self.buckets]
         self.examples = len(self.inputs)
+        self.bucket_draws: dict[tuple[int, int], int] = dict.fromkeys(self.buckets, 0)
+        """Micro-batches drawn from each bucket by this rank so far (for the log)."""
 
         torch.manual_seed(config.seed)  # identical LoRA initialisation on every rank
         # The base stays frozen in the preset's dtype (bf16 for the real model: half of fp32's 76 GiB); the LoRA
@@ -121,6 +123,7 @@ class LoraTrainer:
         cfg = self.config
         # One bucket only (the square mode): no draw, so its batches are what they were before buckets existed.
         bucket = self.buckets[0] if len(self.buckets) == 1 else self.rng.choices(self.buckets, self.bucket_weights)[0]
+        self.bucket_draws[bucket] += 1
         captions = self.inputs.captions[bucket]
         idx = [self.rng.randrange(len(captions)) for _ in range(self.batch)]
         # Dropped captions become "" or " " (the pipeline's default negative prompt), as in the base's training.

@@ -84,8 +84,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     trainer = LoraTrainer(config, load_preset(config.preset), data, rank=rank, world_size=world, device=device,
                           log=worker_log)
-    worker_log(f"{trainer.trainable_parameters:,} LoRA parameters, shard of {len(trainer.captions)} images, "
-               f"batch {trainer.batch} per worker, device {device}")
+    buckets = ", ".join(f"{w}x{h}: {len(c)}" for (w, h), c in trainer.inputs.captions.items())
+    worker_log(f"{trainer.trainable_parameters:,} LoRA parameters, shard of {trainer.examples} images ({buckets}), "
+               f"micro-batch {trainer.batch} x {config.gradient_accumulation_steps} per step, device {device}, "
+               f"{trainer.dtype} base, gradient checkpointing {'on' if trainer.checkpointing else 'off'}")
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:

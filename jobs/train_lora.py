@@ -37,6 +37,7 @@ from lightray.training.buckets import resolve_buckets
 from lightray.training.config import TrainConfig, load_train_config
 from lightray.training.data import DatasetError, ImageCaptionDataset, fetch_dataset, load_imagefolder
 from lightray.meta_models import GIB
+from lightray.training.lora import lightning_lora_path
 from lightray.training.memory_plan import plan_memory
 from lightray.training.publish import checkpoint_fingerprint, manifest_fields, stage_adapter
 from lightray.training.trainer import LoraTrainer, run_training
@@ -201,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         check_paths(config)
         preset = load_preset(config.preset)
         buckets = resolve_buckets(config, preset)
+        lightning_lora_path(config, preset)  # a train_with_lightning that names no Lightning variant: refused here
         # The memory plan, from configs on the meta device: a config that cannot fit its GPU is refused here,
         # before any Ray work or data transfer.
         plan = plan_memory(config, preset) if config.gpu else None

@@ -62,6 +62,17 @@ def _dataset(folder: Path) -> Path:
     return folder
 
 
+def _config(mini_preset: dict, tmp_path: Path, **overrides):
+    """configs/train/qwen-image.yaml with the mini model, tiny sizes and a CPU worker."""
+    return load_train_config(REAL_TRAIN_CONFIG, {
+        "preset": mini_preset, "dataset": str(_dataset(tmp_path / "data")), "registry": str(tmp_path / "registry"),
+        "buckets": BUCKETS, "steps": 2, "batch_size": 2, "gradient_accumulation_steps": 2, "num_workers": 1,
+        "use_gpu": False, "gpu": None, "model_configs": None, "storage_path": None,
+        "input_cache": str(tmp_path / "input-cache"), "log_every": 1, "checkpoint_every": 2, "warmup_steps": 1,
+        "learning_rate": 1e-3, "torch_threads": 1, "seed": 1, **overrides,
+    })
+
+
 def test_caching_pass_training_and_publishing_on_the_real_layout_then_serving_on_lightning(mini_preset, tmp_path):
     from lightray.adapters import fetch_for_preset
     from lightray.contracts import AdapterUse
@@ -69,13 +80,7 @@ def test_caching_pass_training_and_publishing_on_the_real_layout_then_serving_on
     from lightray.schemas import ImageGenerationRequest
 
     torch.set_num_threads(1)
-    cfg = load_train_config(REAL_TRAIN_CONFIG, {
-        "preset": mini_preset, "dataset": str(_dataset(tmp_path / "data")), "registry": str(tmp_path / "registry"),
-        "buckets": BUCKETS, "steps": 2, "batch_size": 2, "gradient_accumulation_steps": 2, "num_workers": 1,
-        "use_gpu": False, "gpu": None, "model_configs": None, "storage_path": None,
-        "input_cache": str(tmp_path / "input-cache"), "log_every": 1, "checkpoint_every": 2, "warmup_steps": 1,
-        "learning_rate": 1e-3, "torch_threads": 1, "seed": 1,
-    })
+    cfg = _config(mini_preset, tmp_path)
     preset = load_preset(cfg.preset)
     assert cfg.gradient_checkpointing and preset.dtype == "bfloat16"
 
@@ -125,3 +130,29 @@ def test_caching_pass_training_and_publishing_on_the_real_layout_then_serving_on
     assert np.abs(styled.astype(int) - plain.astype(int)).max() > 0, "the adapter changes what is served"
     again = np.asarray(pipeline.generate(spec)[0])
     np.testing.assert_array_equal(again, plain)  # and only for the request that names it
+
+
+def test_training_on_top_of_a_lightning_lora_trains_only_the_new_one(mini_preset, tmp_path):
+    """`train_with_lightning`: the variant's Lightning LoRA is active (scale 1) and frozen while the adapter trains;
+    the adapter files hold only the new LoRA, with the same keys as one trained against the base."""
+    from safetensors.torch import load_file
+
+    from lightray.training.lora import ADAPTER_WEIGHTS, LIGHTNING_ADAPTER
+
+    torch.set_num_threads(1)
+    cfg = _config(mini_preset, tmp_path, steps=1, train_with_lightning="qwen-image-lightning-4")
+    preset = load_preset(cfg.preset)
+    trainer = LoraTrainer(cfg, preset, load_imagefolder(cfg.dataset, resolve_buckets(cfg, preset)))
+    assert set(trainer.transformer.active_adapters()) == {LIGHTNING_ADAPTER, "default"}
+    lightning = {n: p.detach().clone() for n, p in trainer.transformer.named_parameters()
+                 if f".{LIGHTNING_ADAPTER}." in n}
+    assert lightning and not any(p.requires_grad for n, p in trainer.transformer.named_parameters()
+                                 if f".{LIGHTNING_ADAPTER}." in n)
+    run_training(trainer)
+    params = dict(trainer.transformer.named_parameters())
+    assert all(torch.equal(params[n], v) for n, v in lightning.items())
+    saved = load_file(trainer.save_adapter(tmp_path / "adapter") / ADAPTER_WEIGHTS)
+    assert saved and not any(LIGHTNING_ADAPTER in k for k in saved)
+    with pytest.raises(ValueError, match="not a Lightning variant"):
+        LoraTrainer(cfg.model_copy(update={"train_with_lightning": "qwen-image"}), preset,
+                    load_imagefolder(cfg.dataset, resolve_buckets(cfg, preset)))

@@ -22,7 +22,6 @@ import json
 import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 

@@ -72,6 +72,10 @@ class TrainConfig(BaseModel):
     optimizer: Literal["adamw", "adamw_8bit"] = "adamw"
     """"adamw": torch's AdamW, float32 state (8 bytes per LoRA parameter). "adamw_8bit": bitsandbytes'
     AdamW8bit (2 bytes per parameter; needs `bitsandbytes` installed, and a CUDA device)."""
+    train_with_lightning: str | None = None
+    """A Lightning variant id of the preset (e.g. "lightray-shapes-lightning-4") whose distilled LoRA is active,
+    frozen at scale 1, while the adapter trains: the adapter then learns on top of the model that variant serves.
+    The published adapter holds only the new LoRA. None: trained against the base (and served on every variant)."""
     gradient_checkpointing: bool | None = None
     """Recompute each transformer block's activations in the backward pass instead of keeping them (activation
     memory of one block instead of all, for about a third more compute). None: on for a transformer of at least

@@ -46,6 +46,9 @@ from lightray.training.config import TrainConfig
 HOST_OVERHEAD_BYTES = 8 * GIB
 """ASSUMED, per worker process besides the staged weights: Python, torch and CUDA libraries, the Ray worker, the data
 set shard and its encoded inputs (a few GiB for thousands of 1024² images)."""
+LIGHTNING_RANK = 64
+"""Rank of the published Qwen-Image-Lightning LoRAs (on every linear of a block), held frozen in the preset's dtype
+when `train_with_lightning` is set (as serving's budget counts them)."""
 OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw_8bit": 2}
 """Bytes of optimizer state per trained parameter: two float32 moments, or two 8-bit ones."""
 
@@ -231,6 +234,7 @@ def plan_memory(config: TrainConfig, preset: ModelPreset | None = None) -> Train
     }
     training = {
         "weights": transformer_params * b,
+        **({"lightning_lora": models.lora_parameters(LIGHTNING_RANK) * b} if config.train_with_lightning else {}),
         "lora_parameters": lora * 4,
         "gradients": lora * 4,
         "optimizer_state": lora * OPTIMIZER_STATE_BYTES[config.optimizer],

@@ -28,7 +28,16 @@ from lightray.training.cache import EMPTY_CAPTIONS, cached_inputs
 from lightray.training.config import TrainConfig
 from lightray.training.data import ImageCaptionDataset
 from lightray.training.flow_matching import predict, shift_sigmas, warmup_cosine
-from lightray.training.lora import add_lora, load_adapter_weights, lora_state_dict, save_adapter
+from lightray.training.lora import (
+    TRAINED_ADAPTER,
+    add_lora,
+    is_trained_lora,
+    lightning_lora_path,
+    load_adapter_weights,
+    load_lightning,
+    lora_state_dict,
+    save_adapter,
+)
 from lightray.training.publish import TRAINER_STATE
 
 TRAINING_STATE = "training_state.pt"
@@ -63,6 +72,7 @@ class LoraTrainer:
         self.device = torch.device(device)
         self.log = log if rank == 0 else (lambda msg: None)
         buckets = resolve_buckets(config, preset)
+        lightning = lightning_lora_path(config, preset)
         if len(data) < world_size:
             raise ValueError(f"the data set has {len(data)} images, fewer than the {world_size} workers")
         unknown = set(data.bucket_counts()) - set(buckets.sizes)
@@ -83,9 +93,12 @@ class LoraTrainer:
         self.dtype = torch_dtype(preset.dtype)
         self.transformer = QwenImageTransformer2DModel.from_pretrained(
             preset.root / "transformer", torch_dtype=self.dtype).to(self.device)
+        if lightning is not None:
+            load_lightning(self.transformer, lightning)
+            self.log(f"training on top of {config.train_with_lightning}'s Lightning LoRA ({lightning.name}, frozen)")
         self.params = add_lora(self.transformer, config, preset.base_model_id)
-        self.lora_config = self.transformer.peft_config["default"]
-        lora_tensors = sum(1 for n, _ in self.transformer.named_parameters() if "lora_" in n)
+        self.lora_config = self.transformer.peft_config[TRAINED_ADAPTER]
+        lora_tensors = sum(1 for n, _ in self.transformer.named_parameters() if is_trained_lora(n))
         if len(self.params) < lora_tensors:
             self.log(f"{lora_tensors - len(self.params)} of {lora_tensors} LoRA tensors do not affect the output "
                      "(last block's text stream) and stay frozen")

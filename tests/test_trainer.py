@@ -595,6 +595,8 @@ def test_ray_job_trains_survives_a_crash_and_publishes(ray_cluster, preset, ring
     status, logs = _wait(ray_cluster, _submit(ray_cluster, config))
     assert status == "SUCCEEDED", logs[-6000:]
     assert "step 20/20" in logs and "resumed from the checkpoint at step 8" in logs
+    # The restarted workers loaded their encoded inputs from the run's storage instead of encoding again.
+    assert "caching pass: wrote" in logs and "caching pass: reused" in logs
     assert "LIGHTRAY_PUBLISHED" in logs
 
     registry = AdapterRegistry(str(registry_dir), cache_dir=tmp_path / "cache")

@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1
 # Lightray images: one application stage on one of two bases (README "Deploy on Kubernetes"):
-#   make image       → VARIANT=gpu: CUDA torch, for the GPU worker pods and the head of k8s/rayservice.yaml
-#   make image-cpu   → VARIANT=cpu: CPU torch, the embedded model (configs/serve/local.yaml, k8s/rayjob-train-lora.yaml)
+#   make image       → VARIANT=gpu: CUDA torch, for the pods of k8s/rayservice.yaml and k8s/rayjob-train-lora.yaml
+#   make image-cpu   → VARIANT=cpu: CPU torch, the embedded model (configs/serve/local.yaml)
 # Both bases are the rayproject/ray image of the cluster's Ray version and Python (tags read
 # <ray version>-py<python>-<cuXYZ | cpu>), so the Ray in the image is the cluster's Ray. The repository is installed
 # editable at /app: presets, configs/ and models/ resolve against it (lightray/config.py REPO_ROOT).

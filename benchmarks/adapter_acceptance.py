@@ -7,7 +7,7 @@ adapter, every image read back by the world's evaluator.
 Without `--url` it starts a private local Ray cluster (free ports, its own temp dir), `serve deploy`s
 configs/serve/local.yaml with `registry` pointed at `--registry`, and stops that cluster at the end.
 
-Prompts (`lightray.lora_training.acceptance_prompts`, fixed): `--prompts` concept prompts with the trigger word
+Prompts (`lightray.world.adapter_eval.acceptance_prompts`, fixed): `--prompts` concept prompts with the trigger word
 (canonical phrasing, alternating EN/ZH) and `--prior-prompts` base-shape prompts without it (leakage: does the
 adapter change prompts that do not ask for the concept?). Each is sent once per variant and per with/without,
 with `seeds` (one image per seed) over `POST /v1/images/generations`. Prints a table, writes the numbers as
@@ -30,7 +30,7 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
 
-from lightray.lora_training import acceptance_prompts, before_after_figure, rates  # noqa: E402
+from lightray.world.adapter_eval import acceptance_prompts, before_after_figure, rates  # noqa: E402
 from lightray.world.evaluator import parse_prompt  # noqa: E402
 
 VARIANTS = ["lightray-shapes-lightning-4", "lightray-shapes-lightning-8", "lightray-shapes"]

@@ -33,7 +33,7 @@ from lightray.pipeline import LocalPipeline  # noqa: E402
 from lightray.registry import AdapterRegistry  # noqa: E402
 from lightray.schemas import ImageGenerationRequest  # noqa: E402
 from lightray.engine import DenoiseEngine  # noqa: E402
-from lightray.world.train import LORA_TARGETS  # noqa: E402
+from lightray.training.lora import LORA_TARGETS  # noqa: E402
 from testing.s3_server import start_s3_server  # noqa: E402
 
 PROMPT = "a red circle on the left, white background"

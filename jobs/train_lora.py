@@ -12,7 +12,9 @@ and fingerprint, rank, alpha, target modules, trigger words, training config, da
 run that fails or is stopped part-way publishes nothing; its checkpoints stay in the Ray Train storage path.
 
 Options on the command line override the YAML (`--set key=value` for any `TrainConfig` field, value parsed as
-YAML). Exit codes: 0 published, 1 failed (data set, training, publishing), 2 bad config or arguments.
+YAML). A config that declares its GPU class (`gpu`) is checked against its memory plan first (`lightray train
+estimate`): one that does not fit is refused with the plan's table. Exit codes: 0 published, 1 failed (data set,
+training, publishing), 2 bad config or arguments, or a memory plan that does not fit.
 """
 
 from __future__ import annotations
@@ -31,19 +33,14 @@ import yaml
 from pydantic import ValidationError
 
 from lightray.config import load_preset
-from lightray.lora_training import (
-    DatasetError,
-    ImageCaptionDataset,
-    LoraTrainer,
-    TrainConfig,
-    fetch_dataset,
-    load_imagefolder,
-    load_train_config,
-    manifest_fields,
-    resolve_training_size,
-    run_training,
-    stage_adapter,
-)
+from lightray.training.buckets import resolve_buckets
+from lightray.training.config import TrainConfig, load_train_config
+from lightray.training.data import DatasetError, ImageCaptionDataset, fetch_dataset, load_imagefolder
+from lightray.meta_models import GIB
+from lightray.training.lora import lightning_lora_path
+from lightray.training.memory_plan import plan_memory
+from lightray.training.publish import checkpoint_fingerprint, manifest_fields, stage_adapter
+from lightray.training.trainer import LoraTrainer, run_training
 from lightray.registry import AdapterRegistry, AdapterRegistryError
 from lightray.registry_settings import open_registry as open_registry_at
 
@@ -88,8 +85,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     trainer = LoraTrainer(config, load_preset(config.preset), data, rank=rank, world_size=world, device=device,
                           log=worker_log)
-    worker_log(f"{trainer.trainable_parameters:,} LoRA parameters, shard of {len(trainer.captions)} images, "
-               f"batch {trainer.batch} per worker, device {device}")
+    buckets = ", ".join(f"{w}x{h}: {len(c)}" for (w, h), c in trainer.inputs.captions.items())
+    worker_log(f"{trainer.trainable_parameters:,} LoRA parameters, shard of {trainer.examples} images ({buckets}), "
+               f"micro-batch {trainer.batch} x {config.gradient_accumulation_steps} per step, device {device}, "
+               f"{trainer.dtype} base, gradient checkpointing {'on' if trainer.checkpointing else 'off'}")
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
@@ -202,16 +201,28 @@ def main(argv: list[str] | None = None) -> int:
         config = load_train_config(args.config, _parse_overrides(args))
         check_paths(config)
         preset = load_preset(config.preset)
-        side = resolve_training_size(config, preset)
+        buckets = resolve_buckets(config, preset)
+        lightning_lora_path(config, preset)  # a train_with_lightning that names no Lightning variant: refused here
+        # The memory plan, from configs on the meta device: a config that cannot fit its GPU is refused here,
+        # before any Ray work or data transfer.
+        plan = plan_memory(config, preset) if config.gpu else None
+        if plan is not None and not plan.fits:
+            raise UsageError(f"the memory plan does not fit {plan.gpu.name}: peak {plan.peak / GIB:.2f} GiB of "
+                             f"{plan.available / GIB:.2f} GiB (lower the micro-batch, the buckets or the cache "
+                             f"batch sizes, or turn gradient_checkpointing on)\n{plan.table()}")
         registry = open_registry(config)
     except (ValidationError, UsageError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if plan is not None:
+        log(f"memory plan per GPU: caching pass {plan.caching_peak / GIB:.2f} GiB, training "
+            f"{plan.training_peak / GIB:.2f} GiB of {plan.available / GIB:.2f} GiB ({plan.gpu.name})")
 
     try:
         with tempfile.TemporaryDirectory(prefix="lora-dataset-") as tmp:
             data = load_imagefolder(fetch_dataset(config.dataset, config.dataset_storage_options,
-                                                  Path(tmp) / "dataset"), side)
+                                                  Path(tmp) / "dataset"), buckets,
+                                    skip_bad_images=config.skip_bad_images)
     except (DatasetError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -220,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # noqa: BLE001 - any backend error (s3fs, botocore, OS) means the same here
         print(f"error: cannot read the registry {registry.root_url}: {type(err).__name__}: {err}", file=sys.stderr)
         return 1
-    log(f"dataset {config.dataset}: {len(data)} images at {side}x{side}, {data.hash[:23]}…"
+    sizes = ", ".join(f"{w}x{h}: {n}" for (w, h), n in data.bucket_counts().items())
+    log(f"dataset {config.dataset}: {len(data)} images ({sizes}), {data.hash[:23]}…"
         + (f" ({'; '.join(data.notes)})" if data.notes else ""))
     if len(data) < config.num_workers:
         print(f"error: {len(data)} images cannot be sharded over {config.num_workers} workers", file=sys.stderr)
@@ -247,8 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with result.checkpoint.as_directory() as ckpt, tempfile.TemporaryDirectory(prefix="lora-publish-") as stage:
             stage_adapter(ckpt, stage)
-            manifest = registry.publish(config.tenant, config.name, stage,
-                                        **manifest_fields(config, preset, data.hash, final))
+            fields = manifest_fields(config, preset, checkpoint_fingerprint(ckpt), data.hash, final)
+            manifest = registry.publish(config.tenant, config.name, stage, **fields)
     except (AdapterRegistryError, OSError, ValueError) as err:
         print(f"error: publishing failed: {err}", file=sys.stderr)
         return 1

@@ -5,6 +5,7 @@
     lightray generate "白色背景，左边有一个红色的圆形" --local -o out/
     lightray generate "lrzframe style, a blue square" --lora demo/frame:0.8 --lora acme/rings --priority batch
     lightray adapters list
+    lightray train estimate configs/train/qwen-image.yaml [--json]
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from lightray.adapters_cli import add_adapter_commands
 from lightray.config import REPO_ROOT
 from lightray.contracts import MAX_STACKED_ADAPTERS, PRIORITIES
 from lightray.ray_env import with_ray_defaults
+from lightray.training.cli import add_train_commands
 
 DEFAULT_URL = os.environ.get("LIGHTRAY_URL", "http://127.0.0.1:8000")
 
@@ -168,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=cmd_generate)
 
     add_adapter_commands(sub)
+    add_train_commands(sub)
     return parser
 
 

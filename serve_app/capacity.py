@@ -1,10 +1,7 @@
 """GPU memory budgets and capacity arithmetic for the real Qwen-Image deployment of a Serve config, from configs alone.
 
-Weights are counted exactly: the real modules are built on the meta device (no memory, no download) from the
-published config.json files in `configs/qwen-image/` and their parameters summed at the preset's dtype.
-Activations are measured on the meta device too: the real forward runs on storage-less tensors while
-`PeakLiveBytes` adds up the bytes of every tensor it creates and subtracts them when they are freed, which is the
-eager forward's peak (attention taken as memory-efficient SDPA: its output only). What is neither (per-process CUDA
+Weights are counted exactly and activations measured on the meta device (no memory, no download) from the published
+config.json files in `configs/qwen-image/` (`lightray.meta_models`, which the trainer's memory plan shares). What is neither (per-process CUDA
 overhead, workspaces, stage times, cold-start parts) is an *assumption* with its reason,
 declared in a GPU-class file under `configs/capacity/` and loaded into `CapacityAssumptions`: tests check that the
 Serve config fits the GPU under them (tests/test_gpu_budget.py), docs/capacity.md is the table
@@ -14,11 +11,9 @@ It lives beside the app builder because it reads what the Serve config deploys; 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
-import weakref
 from functools import cached_property
 from pathlib import Path
 
@@ -27,54 +22,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from deployments.text_encoder import MAX_BATCH_SIZE as TEXT_ENCODER_BATCH_SIZE
 from lightray.config import REPO_ROOT, EngineConfig, ModelPreset, load_preset
+# The meta-device models and measurements, shared with the trainer's memory plan.
+from lightray.meta_models import DTYPE_BYTES, GIB, MIB, GpuClass, MetaModels, image_tokens, text_encoder_tokens
 from serve_app.admission import WORK_UNIT_PIXELS
-
-GIB = 1024**3
-MIB = 1024**2
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-
-LIGHTNING_LORA_TARGETS = (
-    "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
-    "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
-    "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2",
-    "img_mod.1", "txt_mod.1",
-)
-"""Linear layers of every transformer block that the published Qwen-Image-Lightning LoRAs adapt (DESIGN.md); tenant
-adapters are budgeted on the same targets."""
-
-
-
-def text_encoder_tokens(preset: ModelPreset) -> int:
-    """Most tokens one prompt takes through the text encoder: QwenImagePipeline tokenizes the chat-templated prompt
-    with truncation at its `tokenizer_max_length` plus the template prefix it drops afterwards
-    (`prompt_template_encode_start_idx`, 34 for the real tokenizer); `max_sequence_length` only cuts the embeddings
-    after the forward. A long prompt (up to `max_prompt_chars`) reaches this bound."""
-    from diffusers import QwenImagePipeline
-
-    pipe = QwenImagePipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None, transformer=None)
-    prefix = preset.prompt_template_encode_start_idx or pipe.prompt_template_encode_start_idx
-    return pipe.tokenizer_max_length + prefix
-
-
-class GpuClass(BaseModel):
-    """The GPU a Serve config is sized for, and the per-process costs that are not the model's."""
-
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
-
-    name: str
-    """Marketing name, e.g. "NVIDIA H100 80GB HBM3"."""
-    memory_mib: int = Field(gt=0)
-    """Device memory as `nvidia-smi` reports it (81559 MiB on an H100 80GB HBM3, 81920 on an A100 80GB): the
-    smaller of the class, so one config fits both."""
-    node_selector: dict[str, str]
-    """The node label (GPU feature discovery's `nvidia.com/gpu.product`) the k8s GPU worker group selects, so pods
-    land only on this class."""
-    reserved_mib_per_process: int = Field(ge=0)
-    """Per replica process, not the model's: CUDA context, cuBLAS/cuDNN and flash-attention workspaces and the
-    caching allocator's fragmentation (none of which a meta-device forward sees). Fractional replicas sharing a GPU
-    each pay it."""
-    dense_bf16_tflops: float = Field(gt=0)
-    """Vendor peak for dense bf16 matmuls (no sparsity)."""
 
 
 class StageTimeAssumptions(BaseModel):
@@ -170,195 +120,6 @@ class CapacityAssumptions(BaseModel):
         return int(self.deployments[deployment]["ray_actor_options"].get("num_gpus", 0) * self.gpu.memory_mib * MIB)
 
 
-class PeakLiveBytes:
-    """Peak bytes of the tensors an eager forward creates, on any device, the meta device included: a
-    `TorchDispatchMode` adds each new storage an op returns and subtracts it when Python frees it. The storages of
-    `existing` modules and tensors (weights, inputs) are never counted, even when an op returns a view of one (a
-    weight's transpose)."""
-
-    def __init__(self, *existing):
-        import torch
-        from torch.utils._python_dispatch import TorchDispatchMode
-        from torch.utils._pytree import tree_flatten
-
-        tensors = [t for x in existing for t in (
-            [*x.parameters(), *x.buffers()] if isinstance(x, torch.nn.Module) else [x])]
-        self._kept = [t.untyped_storage() for t in tensors]  # alive, so their ids are not reused
-        known = {id(st) for st in self._kept}
-        counted: set[int] = set()
-        tracker = self
-        self.live = self.peak = 0
-
-        def free(key: int, nbytes: int) -> None:
-            counted.discard(key)
-            tracker.live -= nbytes
-
-        class Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                out = func(*args, **(kwargs or {}))
-                for t in tree_flatten(out)[0]:
-                    if isinstance(t, torch.Tensor):
-                        storage = t.untyped_storage()
-                        key = id(storage)
-                        if key in known or key in counted:
-                            continue
-                        nbytes = storage.nbytes()
-                        counted.add(key)
-                        tracker.live += nbytes
-                        tracker.peak = max(tracker.peak, tracker.live)
-                        weakref.finalize(storage, free, key, nbytes)
-                return out
-
-        self._mode = Mode()
-
-    def __enter__(self) -> "PeakLiveBytes":
-        self._mode.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._mode.__exit__(*exc)
-
-
-@contextlib.contextmanager
-def memory_efficient_attention():
-    """SDPA as flash / memory-efficient attention behaves on a GPU: an output the size of the query and no
-    tokens x tokens matrix (the meta device would otherwise take the math path and materialise one)."""
-    import torch
-
-    stock = torch.nn.functional.scaled_dot_product_attention
-
-    def output_only(*args, **kwargs):
-        query = kwargs.get("query", args[0] if args else None)
-        value = kwargs.get("value", args[2] if len(args) > 2 else None)
-        return query.new_empty(query.shape[:-1] + value.shape[-1:])
-
-    torch.nn.functional.scaled_dot_product_attention = output_only
-    try:
-        yield
-    finally:
-        torch.nn.functional.scaled_dot_product_attention = stock
-
-
-def forward_peak_bytes(module, run) -> int:
-    """Peak activation bytes of `run()` (a forward of `module` on meta tensors), without gradients."""
-    import torch
-
-    with torch.no_grad(), memory_efficient_attention(), PeakLiveBytes(module) as tracked:
-        run()
-    return tracked.peak
-
-
-@dataclasses.dataclass(frozen=True)
-class MetaModels:
-    """The real modules with no storage: exact parameter shapes from the published configs."""
-
-    transformer: object
-    text_encoder: object
-    vae: object
-    configs: dict[str, dict]
-
-    @classmethod
-    def build(cls, folder: Path) -> "MetaModels":
-        import torch
-        from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
-        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
-        configs = {name: json.loads((folder / name / "config.json").read_text())
-                   for name in ("transformer", "text_encoder", "vae")}
-        with torch.device("meta"):
-            transformer = QwenImageTransformer2DModel.from_config(configs["transformer"])
-            text_encoder = Qwen2_5_VLForConditionalGeneration._from_config(
-                Qwen2_5_VLConfig(**configs["text_encoder"]))
-            vae = AutoencoderKLQwenImage.from_config(configs["vae"])
-        return cls(transformer, text_encoder, vae, configs)
-
-    @staticmethod
-    def parameters(module) -> int:
-        return sum(p.numel() for p in module.parameters())
-
-    def lora_parameters(self, rank: int) -> int:
-        """Parameters of a rank-`rank` LoRA on `LIGHTNING_LORA_TARGETS` of every block: rank x (in + out) each."""
-        total = 0
-        for name, module in self.transformer.named_modules():
-            if name.startswith("transformer_blocks.") and name.split(".", 2)[-1] in LIGHTNING_LORA_TARGETS:
-                total += rank * (module.in_features + module.out_features)
-        return total
-
-    def transformer_activation_bytes(self, dtype: str, rows: int, width: int, height: int, text_tokens: int,
-                                     layers: int = 2) -> int:
-        """Peak activations of one engine step: a forward over `rows` rows at `width` x `height` with
-        `text_tokens` prompt tokens each (the engine pads prompts to the longest). It runs on a `layers`-block twin
-        of the transformer with the rank-64 Lightning LoRA on its targets, built at `dtype`: a block's activations
-        are freed before the next block runs, so the peak is reached by the second block and does not grow with
-        depth (tests/test_gpu_budget.py checks it). The engine applies stacked adapters one after another, so one
-        LoRA's temporaries stand for a stack's."""
-        import torch
-        from diffusers import QwenImageTransformer2DModel
-        from peft import LoraConfig, inject_adapter_in_model
-
-        kind = dict(device="meta", dtype=getattr(torch, dtype))
-        with torch.device("meta"):
-            model = QwenImageTransformer2DModel.from_config({**self.configs["transformer"], "num_layers": layers})
-            model = inject_adapter_in_model(LoraConfig(r=64, lora_alpha=64, target_modules=list(
-                LIGHTNING_LORA_TARGETS)), model).to(kind["dtype"])
-        grid = (1, height // 16, width // 16)
-        latents = torch.empty(rows, image_tokens(width, height), self.configs["transformer"]["in_channels"], **kind)
-        prompt = torch.empty(rows, text_tokens, self.configs["transformer"]["joint_attention_dim"], **kind)
-        timestep = torch.empty(rows, **kind)
-        return forward_peak_bytes(model, lambda: model(hidden_states=latents, encoder_hidden_states=prompt,
-                                                       timestep=timestep, img_shapes=[grid] * rows,
-                                                       return_dict=False))
-
-    def text_encoder_activation_bytes(self, dtype: str, prompts: int, tokens: int) -> int:
-        """Peak of one text-encoder forward as `encode_prompt` runs it (`output_hidden_states=True`), including the
-        hidden states and logits it returns. No attention mask: building one reads tensor values, which the meta
-        device has none of; a padded batch has the same shapes."""
-        import torch
-
-        model = self.text_encoder.to(getattr(torch, dtype))
-        ids = torch.zeros(prompts, tokens, dtype=torch.int64, device="meta")
-        return forward_peak_bytes(model, lambda: model(input_ids=ids, output_hidden_states=True))
-
-    def vae_decode_activation_bytes(self, dtype: str, images: int, width: int, height: int) -> int:
-        """Peak of one VAE decode of `images` images (one frame each) at `width` x `height`."""
-        import torch
-
-        model = self.vae.to(getattr(torch, dtype))
-        scale = 2 ** len(self.configs["vae"]["temperal_downsample"])
-        latents = torch.empty(images, self.configs["vae"]["z_dim"], 1, height // scale, width // scale,
-                              device="meta", dtype=getattr(torch, dtype))
-        return forward_peak_bytes(model, lambda: model.decode(latents, return_dict=False))
-
-    def transformer_flops_per_row(self, image_tokens: int, text_tokens: int) -> float:
-        """Forward FLOPs of one row (one image, or one CFG half) of one denoising step: 2 x in x out per token for
-        every linear layer on the path its tokens take (image stream: img_in, to_q/k/v, to_out, img_mlp, proj_out;
-        text stream: txt_in, add_*_proj, to_add_out, txt_mlp), plus joint attention's QK^T and AV (4 x tokens² x
-        inner_dim per block). Per-image modulation linears are negligible and left out."""
-        text_path = ("txt_in", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "txt_mlp")
-        per_image_token = per_text_token = 0
-        for name, module in self.transformer.named_modules():
-            if type(module).__name__ != "Linear" or "_mod" in name or "time_text_embed" in name or "norm_out" in name:
-                continue
-            flops = 2 * module.in_features * module.out_features
-            if any(part in name for part in text_path):
-                per_text_token += flops
-            else:
-                per_image_token += flops
-        cfg = self.configs["transformer"]
-        inner = cfg["num_attention_heads"] * cfg["attention_head_dim"]
-        tokens = image_tokens + text_tokens
-        attention = cfg["num_layers"] * 4 * tokens * tokens * inner
-        return per_image_token * image_tokens + per_text_token * text_tokens + attention
-
-    def text_encoder_flops_per_prompt(self, tokens: int) -> float:
-        """2 x parameters of the language model per token (the vision tower is idle for text prompts) plus its
-        attention, for one prompt of `tokens` tokens."""
-        text = self.configs["text_encoder"]["text_config"]
-        language = self.parameters(self.text_encoder.model.language_model)
-        attention = text["num_hidden_layers"] * 4 * tokens * tokens * text["hidden_size"]
-        return 2 * language * tokens + attention
-
-
 @dataclasses.dataclass(frozen=True)
 class MemoryBudget:
     """Device memory one replica of a deployment needs, by item (bytes), and what its GPU share gives it."""
@@ -379,11 +140,6 @@ class MemoryBudget:
         parts = ", ".join(f"{k} {v / GIB:.2f}" for k, v in self.items.items())
         return (f"{self.deployment}: {self.total / GIB:.2f} GiB of {self.available / GIB:.2f} GiB ({parts}; "
                 f"headroom {self.headroom / GIB:.2f} GiB)")
-
-
-def image_tokens(width: int, height: int) -> int:
-    """Transformer tokens of one image: (width/16) x (height/16) (VAE 8x, then 2x2 patches)."""
-    return (width // 16) * (height // 16)
 
 
 def text_tokens(preset: ModelPreset) -> int:

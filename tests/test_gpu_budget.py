@@ -11,11 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from lightray.meta_models import GIB, LIGHTNING_LORA_TARGETS, PeakLiveBytes
 from serve_app.capacity import (
-    GIB,
-    LIGHTNING_LORA_TARGETS,
     CapacityAssumptions,
-    PeakLiveBytes,
     budgets,
     cold_start_s,
     denoiser_rows,

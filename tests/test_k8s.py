@@ -81,8 +81,8 @@ def test_the_pods_run_the_built_image_with_what_they_mount():
         spec = template["spec"]
         volumes = {v["name"]: v for v in spec.get("volumes", [])}
         for container in spec["containers"]:
-            cpu_only = "rayjob" in where
-            assert container["image"] == IMAGE + ("-cpu" if cpu_only else ""), where
+            # Every pod runs the CUDA image (the training RayJob trains the real model on GPU workers).
+            assert container["image"] == IMAGE, where
             mounts = {m["mountPath"]: m for m in container.get("volumeMounts", [])}
             # Ray's object store lives in /dev/shm; a container's default is 64 MiB.
             assert volumes[mounts["/dev/shm"]["name"]]["emptyDir"]["medium"] == "Memory", where

@@ -73,7 +73,7 @@ def delta(after: dict, before: dict) -> dict:
 
 
 def make_adapter(folder: Path, base_model_id: str, root: Path) -> Path:
-    """A tiny LoRA (rank 2 on to_q/to_v) in the format serving loads (lightray/lora_training.py)."""
+    """A tiny LoRA (rank 2 on to_q/to_v) in the format serving loads (lightray/training/lora.py)."""
     import torch
     from diffusers import QwenImagePipeline, QwenImageTransformer2DModel
     from peft import LoraConfig

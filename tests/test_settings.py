@@ -64,7 +64,7 @@ def test_malformed_storage_options_in_the_environment_name_the_field(monkeypatch
 def test_a_relative_registry_means_the_same_folder_to_the_service_the_cli_and_the_job(monkeypatch, tmp_path):
     from jobs.train_lora import open_registry as job_registry
     from lightray.adapters_cli import registry_from_args
-    from lightray.lora_training import TrainConfig
+    from lightray.training.config import TrainConfig
 
     monkeypatch.chdir(tmp_path)  # the working directory must not matter
     expected = str(REPO_ROOT / "registry")

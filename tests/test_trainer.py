@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -21,21 +22,16 @@ import torch
 import yaml
 from PIL import Image
 
-from lightray.lora_training import (
-    ADAPTER_CONFIG,
-    ADAPTER_WEIGHTS,
-    DatasetError,
-    LoraTrainer,
-    TrainConfig,
-    fingerprint_model,
-    load_imagefolder,
-    load_train_config,
-    run_training,
-)
+from lightray.fingerprint import fingerprint_model
+from lightray.config import load_preset
 from lightray.registry import AdapterRegistry
+from lightray.training.config import TrainConfig, load_train_config
+from lightray.training.data import DatasetError, fetch_dataset, load_imagefolder
+from lightray.training.flow_matching import predict
+from lightray.training.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LORA_TARGETS
+from lightray.training.trainer import LoraTrainer, run_training
 from lightray.world.datasets import METADATA_FILENAME, make_dataset
 from lightray.world.evaluator import parse_prompt, read_image
-from lightray.world.train import LORA_TARGETS, predict
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -172,8 +168,62 @@ def test_every_problem_is_listed_at_once(tmp_path):
     _write_meta(folder, [r[0], {"text": "a"}, {"file_name": "ghost.png", "text": "b"}, {"file_name": r[2]["file_name"]}])
     with pytest.raises(DatasetError) as info:
         load_imagefolder(folder, 64)
-    assert len(info.value.problems) == 3
+    # Three bad lines, and r[1]'s image, which no line captions any more.
+    assert len(info.value.problems) == 4
     assert all(f"line {n}" in str(info.value) for n in (2, 3, 4))
+    assert f"image {r[1]['file_name']!r} has no caption" in str(info.value)
+    assert "1 of 4 records are usable; set skip_bad_images: true" in str(info.value)
+
+
+def _sized_folder(tmp_path: Path, sizes: list[tuple[int, int]]) -> Path:
+    folder = tmp_path / "sized"
+    folder.mkdir(parents=True)
+    for i, (w, h) in enumerate(sizes):
+        Image.new("RGB", (w, h), (40 * i % 255, 80, 160)).save(folder / f"{i}.png")
+    _write_meta(folder, [{"file_name": f"{i}.png", "text": f"image {i}"} for i in range(len(sizes))])
+    return folder
+
+
+def test_images_go_to_the_bucket_of_their_aspect_ratio(preset, tmp_path):
+    from lightray.training.buckets import resolve_buckets
+
+    # The embedded preset serves exact sizes: within 192x128 pixels the buckets are the largest of each ratio.
+    cfg = TrainConfig(tenant="demo", name="b", dataset=str(tmp_path), max_pixels=192 * 128)
+    buckets = resolve_buckets(cfg, preset)
+    assert sorted(buckets.sizes) == [(64, 128), (128, 64), (128, 128), (128, 192), (192, 128)]
+    assert all(preset.size_refusal(w, h) is None for w, h in buckets.sizes)
+    folder = _sized_folder(tmp_path, [(300, 290), (400, 210), (200, 310), (260, 170)])
+    data = load_imagefolder(folder, buckets)
+    assert [data.size(i) for i in range(len(data))] == [(128, 128), (128, 64), (128, 192), (192, 128)]
+    assert data.bucket_counts() == {(128, 64): 1, (128, 128): 1, (128, 192): 1, (192, 128): 1}
+    with pytest.raises(ValueError, match="bucket 100x100 is not a size preset lightray-shapes serves"):
+        resolve_buckets(cfg.model_copy(update={"buckets": [(100, 100)]}), preset)
+    # The real preset serves a continuum: one bucket per aspect ratio within the budget.
+    real = load_preset("qwen-image-lightning")
+    wide = resolve_buckets(cfg.model_copy(update={"max_pixels": 1024 * 1024}), real)
+    assert (1024, 1024) in wide.sizes and len(wide.sizes) == 7
+    assert all(w * h <= 1024 * 1024 and real.size_refusal(w, h) is None for w, h in wide.sizes)
+
+
+def test_bad_images_are_refused_or_skipped_with_a_count(preset, tmp_path):
+    from lightray.training.buckets import Buckets
+
+    buckets = Buckets(((128, 128), (128, 64)), refuse_smaller=True)
+    folder = _sized_folder(tmp_path, [(200, 200), (100, 100), (256, 128), (90, 40)])
+    (folder / "1.png").write_bytes(b"not a png")
+    Image.new("RGB", (200, 200)).save(folder / "stray.png")
+    with pytest.raises(DatasetError) as info:
+        load_imagefolder(folder, buckets)
+    message = str(info.value)
+    assert "line 2: cannot read image '1.png'" in message
+    assert "line 4: image '3.png' is 90x40, smaller than the smallest bucket of its aspect ratio (128x64" in message
+    assert "image 'stray.png' has no caption" in message
+    assert "2 of 4 records are usable; set skip_bad_images: true" in message
+    data = load_imagefolder(folder, buckets, skip_bad_images=True)
+    assert data.files == ["0.png", "2.png"] and data.bucket_counts() == {(128, 64): 1, (128, 128): 1}
+    assert any("skipped 2 of 4 records and 1 uncaptioned image(s)" in n for n in data.notes)
+    # The square mode of the toy configs upscales instead of refusing.
+    assert load_imagefolder(_sized_folder(tmp_path / "s", [(32, 32)]), 64).size(0) == (64, 64)
 
 
 def test_modes_and_sizes_are_normalised(tmp_path):
@@ -187,9 +237,10 @@ def test_modes_and_sizes_are_normalised(tmp_path):
     Image.new("CMYK", (70, 70)).save(folder / "d.jpg")
     _write_meta(folder, [{"file_name": n, "text": f"image {n}"} for n in ("a.png", "b.png", "c.gif", "d.jpg")])
     data = load_imagefolder(folder, 64)
-    assert data.images.shape == (4, 64, 64, 3) and data.images.dtype == np.uint8
-    assert tuple(data.images[0, 0, 0]) == (255, 255, 255)
-    assert tuple(data.images[0, 32, 32]) == (220, 40, 40)  # the centre crop keeps the middle
+    images = np.stack(data.images)
+    assert images.shape == (4, 64, 64, 3) and images.dtype == np.uint8
+    assert tuple(images[0, 0, 0]) == (255, 255, 255)
+    assert tuple(images[0, 32, 32]) == (220, 40, 40)  # the centre crop keeps the middle
     assert data.captions == ["image a.png", "image b.png", "image c.gif", "image d.jpg"]
     assert any("converted to RGB" in n for n in data.notes) and any("resized" in n for n in data.notes)
 
@@ -224,13 +275,19 @@ def test_train_config_file_and_docs():
         load_train_config(REPO / "configs/train/ring.yaml", {"batch_size": 5, "num_workers": 2})
     with pytest.raises(ValueError, match="invalid tenant"):
         load_train_config(REPO / "configs/train/ring.yaml", {"tenant": "../etc"})
+    with pytest.raises(ValueError, match="num_workers x gradient_accumulation_steps = 4"):
+        load_train_config(REPO / "configs/train/ring.yaml", {"batch_size": 6, "gradient_accumulation_steps": 2})
+    if importlib.util.find_spec("bitsandbytes") is None:
+        with pytest.raises(ValueError, match="adamw_8bit needs bitsandbytes"):
+            load_train_config(REPO / "configs/train/ring.yaml", {"optimizer": "adamw_8bit"})
     assert "registry_storage_options" not in cfg.recorded()
     frame = load_train_config(REPO / "configs/train/frame.yaml")  # the acceptance demo's config
     assert (frame.tenant, frame.name, frame.trigger_words) == ("demo", "frame", ["lrzframe"])
     assert frame.batch_size % frame.num_workers == 0
 
 
-def test_fingerprint_model(preset, tmp_path):
+def test_fingerprint_model(preset, tmp_path, monkeypatch):
+    monkeypatch.setenv("LIGHTRAY_HASH_CACHE", str(tmp_path / "hashes.json"))
     fp = fingerprint_model(preset)
     assert re.fullmatch(r"sha256:[0-9a-f]{64}", fp) and fingerprint_model(preset) == fp
     fake = tmp_path / "m"
@@ -242,6 +299,10 @@ def test_fingerprint_model(preset, tmp_path):
     time.sleep(0.01)
     (fake / "transformer" / "diffusion_pytorch_model.safetensors").write_bytes(b"two")
     assert fingerprint_model(other) not in (a, fp)
+    # Each file's digest is kept on disk under (path, size, mtime), for the next process on the node.
+    cached = json.loads((tmp_path / "hashes.json").read_text())
+    weights = str(fake / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert len([k for k in cached if k.startswith(weights + "|")]) == 2
 
 
 # ------------------------------------------------------------------------------------- trainer, in process
@@ -250,7 +311,7 @@ def test_fingerprint_model(preset, tmp_path):
 def _config(dataset: Path, **kw) -> TrainConfig:
     base = dict(tenant="demo", name="ring", dataset=str(dataset), preset=PRESET_REF, trigger_words=[TRIGGER],
                 rank=4, alpha=8, steps=4, batch_size=4, log_every=1, checkpoint_every=2, warmup_steps=1,
-                learning_rate=1e-2, torch_threads=1)
+                learning_rate=1e-2, torch_threads=1, resolution=64)  # the test images' size (the preset's default is 128)
     return TrainConfig(**{**base, **kw})
 
 
@@ -273,17 +334,79 @@ def test_adapter_files_load_in_diffusers_exactly_as_trained(preset, ring_dataset
     assert (config["r"], config["lora_alpha"], config["base_model_name_or_path"]) == (4, 8, preset.base_model_id)
 
     trainer.transformer.eval()
-    x = torch.randn(2, trainer.latents.shape[1], 64, generator=torch.Generator().manual_seed(0))
+    (bucket,) = trainer.buckets
+    grid = (bucket[1] // 16, bucket[0] // 16)
+    x = torch.randn(2, trainer.inputs.latents[bucket].shape[1], 64, generator=torch.Generator().manual_seed(0))
     sigma = torch.tensor([0.3, 0.9])
-    embeds, mask = trainer.text.batch(trainer.captions[:2])
+    embeds, mask = trainer.inputs.text.batch(trainer.inputs.captions[bucket][:2])
     with torch.no_grad():
-        trained = predict(trainer.transformer, x, sigma, embeds, mask, trainer.grid)
+        trained = predict(trainer.transformer, x, sigma, embeds, mask, grid)
         pipe = QwenImagePipeline.from_pretrained(preset.root, text_encoder=None, tokenizer=None, vae=None)
-        base = predict(pipe.transformer, x, sigma, embeds, mask, trainer.grid)
+        base = predict(pipe.transformer, x, sigma, embeds, mask, grid)
         pipe.load_lora_weights(str(folder), adapter_name="t")
-        loaded = predict(pipe.transformer, x, sigma, embeds, mask, trainer.grid)
+        loaded = predict(pipe.transformer, x, sigma, embeds, mask, grid)
     assert (trained - base).abs().max() > 1e-3  # training changed the model...
     torch.testing.assert_close(loaded, trained, rtol=1e-5, atol=1e-5)  # ...and the files carry exactly that
+
+
+def _lora_tensors_without_gradient(transformer, latents, embeds, mask, grid) -> set[str]:
+    """The LoRA tensors one real forward and backward leaves without a gradient: how the trainer found the
+    frozen set before it derived it from the structure."""
+    lora = {n: p for n, p in transformer.named_parameters() if "lora_" in n}
+    trainable = {n: p.requires_grad for n, p in lora.items()}
+    for p in lora.values():
+        p.requires_grad_(True)
+    predict(transformer, latents, torch.tensor([0.5]), embeds, mask, grid).float().pow(2).mean().backward()
+    unused = {n for n, p in lora.items() if p.grad is None}
+    for n, p in lora.items():
+        p.grad = None
+        p.requires_grad_(trainable[n])
+    return unused
+
+
+def test_frozen_lora_tensors_are_the_ones_without_gradient(preset, ring_dataset):
+    """`unread_lora_parameters` (structure only) is exactly the set a forward/backward leaves without gradient."""
+    from lightray.training.lora import unread_lora_parameters
+
+    torch.set_num_threads(1)
+    trainer = LoraTrainer(_config(ring_dataset, steps=1), preset, load_imagefolder(ring_dataset, 64))
+    (bucket,) = trainer.buckets
+    embeds, mask = trainer.inputs.text.batch(trainer.inputs.captions[bucket][:1])
+    latents = trainer.inputs.latents[bucket][:1]
+    measured = _lora_tensors_without_gradient(trainer.transformer, latents, embeds, mask, (4, 4))
+    structural = set(unread_lora_parameters(trainer.transformer))
+    assert structural == measured and len(structural) == 6  # lora_A/B of to_add_out and the two text MLP linears
+    trainable = {n for n, p in trainer.transformer.named_parameters() if p.requires_grad}
+    assert not trainable & structural and all(p.dtype == torch.float32 for p in trainer.params)
+
+
+def test_the_caching_pass_encodes_like_serving_and_is_reused_on_restart(preset, ring_dataset, tmp_path,
+                                                                        monkeypatch):
+    from lightray.stages.text_encoder import TextEncodeStage
+    from lightray.stages.vae import VaeStage
+    from lightray.training.cache import cached_inputs
+
+    torch.set_num_threads(1)
+    cfg = _config(ring_dataset, input_cache=str(tmp_path / "cache"))
+    data = load_imagefolder(ring_dataset, 64)
+    logs: list[str] = []
+    first = cached_inputs(cfg, preset, data, 1, 2, torch.device("cpu"), log=logs.append)
+    assert [p.name for p in (tmp_path / "cache").rglob("*.pt")] == ["rank-1-of-2.pt"]
+    assert len(first) == 8 and list(first.latents) == [(64, 64)]
+    # What serving computes for the same prompt (the preset's max_sequence_length and template prefix).
+    caption = first.captions[(64, 64)][0]
+    served = TextEncodeStage(preset).encode([caption])[0]
+    np.testing.assert_array_equal(first.text.embeds[first.text.index[caption]].numpy(), served)
+
+    def no_encoder(*args, **kwargs):
+        raise AssertionError("a restarted run must not load an encoder")
+
+    monkeypatch.setattr(TextEncodeStage, "__init__", no_encoder)
+    monkeypatch.setattr(VaeStage, "__init__", no_encoder)
+    again = cached_inputs(cfg, preset, data, 1, 2, torch.device("cpu"), log=logs.append)
+    assert "reused 8 encoded images" in logs[-1]
+    assert torch.equal(again.latents[(64, 64)], first.latents[(64, 64)])
+    assert again.captions == first.captions and again.text.index == first.text.index
 
 
 def test_checkpoint_resume_continues_the_same_run(preset, ring_dataset, tmp_path):
@@ -313,8 +436,6 @@ def test_checkpoint_resume_continues_the_same_run(preset, ring_dataset, tmp_path
 
 def test_dataset_from_s3_matches_the_local_one(s3_server, s3_prefix, tmp_path):
     import fsspec
-
-    from lightray.lora_training import fetch_dataset
 
     folder = _small_folder(tmp_path, n=4)
     fs, root = fsspec.core.url_to_fs(s3_prefix, **s3_server.storage_options)
@@ -364,6 +485,49 @@ def test_entrypoint_rejects_a_bad_dataset_before_training(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "jobs.train_lora", "--config", str(cfg), "--set", "rank=0"],
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "rank" in bad.stderr
+
+
+def test_the_driver_publishes_without_reading_the_model(preset, ring_dataset, tmp_path, monkeypatch):
+    """The driver's part of a run (validation, publishing) with the training replaced by a finished in-process run:
+    the manifest's fingerprint is the worker's, and the driver never touches the model folder (a RayJob's head
+    has no model volume). Serving then accepts the published adapter (its own fingerprint of the same files)."""
+    import contextlib
+
+    import jobs.train_lora as job
+    from lightray.adapters import fetch_for_preset
+    from lightray.config import ModelPreset
+
+    torch.set_num_threads(1)
+    registry = tmp_path / "registry"
+    cfg = _config(ring_dataset, registry=str(registry), steps=2)
+    trainer = LoraTrainer(cfg, preset, load_imagefolder(ring_dataset, 64))
+    metrics = run_training(trainer)
+    checkpoint = trainer.save_checkpoint(tmp_path / "final", metrics)
+
+    class Finished:  # what TorchTrainer.fit() returns, as far as the driver reads it
+        path = str(tmp_path / "ray_results")
+
+        def __init__(self):
+            self.metrics, self.checkpoint = metrics, self
+
+        @contextlib.contextmanager
+        def as_directory(self):
+            yield str(checkpoint)
+
+    def no_model(self):
+        raise AssertionError("the driver read the model folder")
+
+    monkeypatch.setattr(job, "fit", lambda config, data: Finished())
+    monkeypatch.setattr(ModelPreset, "root", property(no_model))
+    config_file = tmp_path / "train.yaml"
+    config_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), allow_unicode=True))
+    assert job.main(["--config", str(config_file)]) == 0
+    monkeypatch.undo()
+    manifest = AdapterRegistry(str(registry)).resolve("demo/ring")
+    assert manifest.base_fingerprint == trainer.base_fingerprint == fingerprint_model(preset)
+    fetched, folder = fetch_for_preset(AdapterRegistry(str(registry), cache_dir=tmp_path / "cache"), "demo/ring",
+                                       preset)
+    assert fetched.version == 1 and (Path(folder) / ADAPTER_WEIGHTS).is_file()
 
 
 # ------------------------------------------------------------------------------------------ Ray job, e2e
@@ -431,6 +595,8 @@ def test_ray_job_trains_survives_a_crash_and_publishes(ray_cluster, preset, ring
     status, logs = _wait(ray_cluster, _submit(ray_cluster, config))
     assert status == "SUCCEEDED", logs[-6000:]
     assert "step 20/20" in logs and "resumed from the checkpoint at step 8" in logs
+    # The restarted workers loaded their encoded inputs from the run's storage instead of encoding again.
+    assert "caching pass: wrote" in logs and "caching pass: reused" in logs
     assert "LIGHTRAY_PUBLISHED" in logs
 
     registry = AdapterRegistry(str(registry_dir), cache_dir=tmp_path / "cache")

@@ -171,6 +171,15 @@ class VaeStage:
         return np.ascontiguousarray(packed.float().cpu().numpy())
 
     @torch.inference_mode()
+    def encode_pixels(self, pixels: torch.Tensor) -> np.ndarray:
+        """[b, 3, 1, h, w] pixels in [-1, 1] → normalised packed latents [b, tokens, 4·z] float32, from the
+        posterior's mean, in one VAE call (the trainer's caching pass: images already at their bucket size)."""
+        x = pixels.to(device=self.device, dtype=self.vae.dtype)
+        with self._lock:
+            z = self.vae.encode(x).latent_dist.mode()
+        return self._normalise_and_pack(z)
+
+    @torch.inference_mode()
     def encode(self, images: list[Image.Image], height: int | None = None, width: int | None = None) -> np.ndarray:
         """RGB images → normalised packed latents [len(images), tokens, 4·z] float32 (the denoiser's layout),
         from the posterior's mean (mode "argmax"): deterministic, the same for every seed. Images are resized

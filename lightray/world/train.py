@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import time
 from pathlib import Path
@@ -34,6 +33,16 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKLQwenImage, QwenImagePipeline, QwenImageTransformer2DModel
 
+from lightray.training.flow_matching import (
+    images_to_tensor,
+    normalised_latents,
+    pack,
+    predict,
+    shift_sigmas,
+    training_times,
+    warmup_cosine,
+)
+from lightray.training.lora import LORA_TARGETS
 from lightray.world import build
 from lightray.world.evaluator import score
 from lightray.world.shapes import all_scenes, render, sample_training_examples, training_scenes
@@ -48,51 +57,11 @@ DEFAULT_SIZE = (128, 128)
 TOKEN_BUDGET = 2048
 """Image tokens per training batch at every size (64 images at 64², 32 at 128², 8 at 256²): one step costs about
 the same at every size, ≈ 0.23 s on 2 cores."""
-LORA_TARGETS = [
-    "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
-    "attn.add_v_proj", "attn.to_add_out", "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj",
-    "txt_mlp.net.2", "img_mod.1", "txt_mod.1",
-]
 LIGHTNING_STEPS = (4, 8)
 
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def images_to_tensor(images) -> torch.Tensor:
-    arr = np.stack([np.asarray(im, dtype=np.float32) for im in images]) / 127.5 - 1.0
-    return torch.from_numpy(arr).permute(0, 3, 1, 2).unsqueeze(2).contiguous()  # B, C, T=1, H, W
-
-
-def warmup_cosine(opt: torch.optim.Optimizer, steps: int, warmup: int = 50) -> torch.optim.lr_scheduler.LambdaLR:
-    def factor(step: int) -> float:
-        # Linear warm-up, flat, then a cosine over the last 30 %.
-        if step < warmup:
-            return (step + 1) / warmup
-        decay_start = int(steps * 0.7)
-        if step < decay_start:
-            return 1.0
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - decay_start) / max(1, steps - decay_start))))
-
-    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
-
-
-def shift_sigmas(u: torch.Tensor | np.ndarray, shift: float = 3.0):
-    """The time shift the scheduler applies (exponential with mu=log(shift) == this rational form)."""
-    return shift * u / (1 + (shift - 1) * u)
-
-
-def training_times(batch: int) -> torch.Tensor:
-    """Times u in (0, 1) before the shift: half uniform, half logit-normal.
-
-    The sampler walks a grid uniform in u (then shifted), so uniform u trains every sigma inference visits. A
-    shifted logit-normal alone almost never draws sigma < 0.2 (0.7 % of samples), where the last steps of a
-    20-step schedule land and shape edges are decided: trained that way, long schedules came out worse than 4
-    steps. The logit-normal half keeps extra weight on mid sigmas, where composition is decided."""
-    uniform = torch.rand(batch)
-    logit_normal = torch.sigmoid(torch.randn(batch))
-    return torch.where(torch.rand(batch) < 0.5, uniform, logit_normal).clamp(1e-3, 1.0)
 
 
 def student_sigmas(steps: int) -> list[float]:
@@ -371,29 +340,6 @@ def all_captions() -> list[str]:
             for t in range(4):
                 caps.add(scene.caption(language, t))
     return sorted(caps)
-
-
-def pack(latents: torch.Tensor) -> torch.Tensor:
-    b, c, _, h, w = latents.shape
-    return QwenImagePipeline._pack_latents(latents[:, :, 0], b, c, h, w)
-
-
-def normalised_latents(vae: AutoencoderKLQwenImage, images: torch.Tensor) -> torch.Tensor:
-    """VAE latents scaled the way the pipeline expects its denoiser's output (the inverse of its decode step)."""
-    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
-    std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
-    with torch.no_grad():
-        z = torch.cat([vae.encode(images[i : i + 64]).latent_dist.mode() for i in range(0, len(images), 64)])
-    return (z - mean) / std
-
-
-def predict(transformer, x, sigma, embeds, mask, grid: int | tuple[int, int]):
-    """The transformer's velocity for packed latents `x` on a `grid` of tokens (a side, or (rows, columns))."""
-    rows, cols = (grid, grid) if isinstance(grid, int) else grid
-    return transformer(
-        hidden_states=x, timestep=sigma, encoder_hidden_states=embeds, encoder_hidden_states_mask=mask,
-        img_shapes=[[(1, rows, cols)]] * x.shape[0], return_dict=False,
-    )[0]
 
 
 def stage_transformer(out: Path, arch: build.EmbeddedArchitecture, seed: int, steps: int, count: int,

@@ -342,6 +342,26 @@ def all_captions() -> list[str]:
     return sorted(caps)
 
 
+def rectified_flow_step(transformer, opt, sched, ema: dict, x0: torch.Tensor, embeds, mask, grid,
+                        ema_decay: float) -> torch.Tensor:
+    """One optimizer step of the base model's objective on packed latents `x0`: rectified flow (predict noise − x0)
+    at shifted training times, clipped gradients, then the EMA of the weights moved towards them. Returns the loss."""
+    noise = torch.randn_like(x0)
+    sigma = shift_sigmas(training_times(x0.shape[0]))
+    s = sigma.view(-1, 1, 1)
+    v = predict(transformer, (1 - s) * x0 + s * noise, sigma, embeds, mask, grid)
+    loss = F.mse_loss(v, noise - x0)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
+    opt.step()
+    sched.step()
+    with torch.no_grad():
+        for k, p in transformer.state_dict().items():
+            ema[k].lerp_(p, 1 - ema_decay)
+    return loss
+
+
 def stage_transformer(out: Path, arch: build.EmbeddedArchitecture, seed: int, steps: int, count: int,
                       lr: float = 5e-4, resume: bool = False) -> None:
     torch.manual_seed(seed)
@@ -367,21 +387,8 @@ def stage_transformer(out: Path, arch: build.EmbeddedArchitecture, seed: int, st
         caps = [captions[i] if rng.random() > 0.1 else rng.choice(("", " ")) for i in idx]
         embeds, mask = cache.batch(caps)
         x0 = x0_all[idx]
-        noise = torch.randn_like(x0)
-        sigma = shift_sigmas(training_times(batch))
-        s = sigma.view(-1, 1, 1)
-        xt = (1 - s) * x0 + s * noise
-        v = predict(transformer, xt, sigma, embeds, mask, grid)
-        loss = F.mse_loss(v, noise - x0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        with torch.no_grad():
-            decay = min(0.999, (1 + step) / (10 + step))
-            for k, p in transformer.state_dict().items():
-                ema[k].lerp_(p, 1 - decay)
+        loss = rectified_flow_step(transformer, opt, sched, ema, x0, embeds, mask, grid,
+                                   ema_decay=min(0.999, (1 + step) / (10 + step)))
         if step % 100 == 0 or step == steps - 1:
             log(f"transformer step {step}/{steps} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
     transformer.load_state_dict(ema)
@@ -425,19 +432,7 @@ def stage_multires(out: Path, checkpoints: Path, seed: int, steps: int, at_128: 
         caps = [captions[i] if rng.random() > 0.1 else rng.choice(("", " ")) for i in idx]
         embeds, mask = cache.batch(caps)
         x0 = x0_all[idx]
-        noise = torch.randn_like(x0)
-        sigma = shift_sigmas(training_times(batch))
-        s = sigma.view(-1, 1, 1)
-        v = predict(transformer, (1 - s) * x0 + s * noise, sigma, embeds, mask, grid_of(size))
-        loss = F.mse_loss(v, noise - x0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        with torch.no_grad():
-            for k, p in transformer.state_dict().items():
-                ema[k].lerp_(p, 1 - 0.999)
+        loss = rectified_flow_step(transformer, opt, sched, ema, x0, embeds, mask, grid_of(size), ema_decay=0.999)
         if step % 100 == 0 or step == steps - 1:
             log(f"multires step {step}/{steps} {size[0]}x{size[1]} x{batch} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
         if (step + 1) % checkpoint_every == 0 and step + 1 < steps:

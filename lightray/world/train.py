@@ -402,6 +402,7 @@ def stage_multires(out: Path, checkpoints: Path, seed: int, steps: int, at_128: 
     models are trained): each step draws one size and a batch of `TOKEN_BUDGET` image tokens at it, with the
     same objective, caption dropout and EMA as the 64² stage. RoPE positions differ per grid, so every served
     grid is trained, not extrapolated to. Returns the seconds spent, over every resumed session."""
+    t0 = time.time()
     data = multires_latents(out, checkpoints, seed, at_128)
     cache = TextCache(out, all_captions())
     transformer = QwenImageTransformer2DModel.from_pretrained(out / "transformer")
@@ -423,7 +424,7 @@ def stage_multires(out: Path, checkpoints: Path, seed: int, steps: int, at_128: 
         start, elapsed = state["step"], state["elapsed"]
         log(f"multires: resumed at step {start}/{steps} ({elapsed:.0f}s already spent)")
     weights = size_weights()
-    t0 = time.time() - elapsed
+    t0 -= elapsed  # the seconds of earlier sessions (their encoding included)
     for step in range(start, steps):
         size = rng.choices(TRAIN_SIZES, weights)[0]
         x0_all, captions = data[size]

@@ -448,7 +448,7 @@ def test_img2img_multipart_contract(api_client, picture):
 def test_inpaint_json_data_url_with_resize(api_client, picture, local_pipeline):
     edit = box_mask((64, 64), (32, 16, 64, 48))
     body = {
-        "prompt": PROMPT, "size": "32x32", "seed": 4, "num_inference_steps": 2, "response_format": "url",
+        "prompt": PROMPT, "size": "128x64", "seed": 4, "num_inference_steps": 2, "response_format": "url",
         "image": "data:image/png;base64," + base64.b64encode(png(picture)).decode(),
         "mask": base64.b64encode(png(openai_mask(edit))).decode(),
     }
@@ -456,7 +456,7 @@ def test_inpaint_json_data_url_with_resize(api_client, picture, local_pipeline):
     assert r.status_code == 200, r.text
     url = r.json()["data"][0]["url"]
     out = Image.open(io.BytesIO(api_client.get(url.replace("http://testserver", "")).content))
-    assert out.size == (32, 32)
+    assert out.size == (128, 64)
     # The service's answer is the pipeline's edit of the same inputs (the ingress resizes as diffusers would).
     spec = ImageEditRequest(**{k: v for k, v in body.items() if k not in ("image", "mask")}).resolve(
         local_pipeline.preset, 0, picture.size, inpaint=True)

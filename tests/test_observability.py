@@ -113,9 +113,9 @@ def run(service, ray_cluster, registry_root, preset, tmp_path_factory):
     before = settle(ray_cluster.metrics_url)
     requests = [  # (path, body, n)
         ("/v1/images/generations", {"prompt": PROMPT, "n": 2, "size": "64x64", "seed": 1}, 2),
-        ("/v1/images/generations", {"prompt": PROMPT, "n": 1, "size": "32x32", "seed": 2, "lora": refs[0]}, 1),
-        ("/v1/images/generations", {"prompt": PROMPT, "n": 3, "size": "32x32", "seed": 3, "lora": refs[0]}, 3),
-        *[("/v1/images/generations", {"prompt": PROMPT, "size": "32x32", "seed": 4, "lora": r}, 1) for r in refs[1:]],
+        ("/v1/images/generations", {"prompt": PROMPT, "n": 1, "size": "64x64", "seed": 2, "lora": refs[0]}, 1),
+        ("/v1/images/generations", {"prompt": PROMPT, "n": 3, "size": "64x64", "seed": 3, "lora": refs[0]}, 3),
+        *[("/v1/images/generations", {"prompt": PROMPT, "size": "64x64", "seed": 4, "lora": r}, 1) for r in refs[1:]],
         ("/v1/images/edits", {"prompt": PROMPT, "image": png_b64(), "strength": 0.5, "seed": 5}, 1),
     ]
     responses = []

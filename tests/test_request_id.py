@@ -19,7 +19,7 @@ def test_request_id_is_made_and_returned(api_client):
 
 def test_client_request_id_is_honoured_on_success_and_errors(api_client):
     ok = api_client.post("/v1/images/generations", headers={"X-Request-Id": "client-id-1"},
-                         json={"prompt": PROMPT, "size": "32x32", "num_inference_steps": 1, "seed": 1})
+                         json={"prompt": PROMPT, "size": "64x64", "num_inference_steps": 1, "seed": 1})
     assert ok.status_code == 200, ok.text
     assert ok.headers.get_list("x-request-id") == ["client-id-1"]
     bad = api_client.post("/v1/images/generations", headers={"x-request-id": "client-id-2"},

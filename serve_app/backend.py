@@ -317,7 +317,7 @@ def _dead_replica_deployment(lost: BaseException) -> str | None:
     try:
         from ray.util.state import get_actor
 
-        actor = get_actor(actor_id, timeout=5)
+        actor = get_actor(actor_id, timeout=15)  # the dashboard answers slowly on a loaded head node
     except Exception:  # noqa: BLE001 - the message falls back to "a stage"; the 503 stands either way
         return None
     class_name = getattr(actor, "class_name", None) or ""

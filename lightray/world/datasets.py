@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 from lightray.world.evaluator import parse_prompt
-from lightray.world.shapes import BACKGROUNDS, EXTRA_SHAPES, SHAPES, STYLES, ZH, Scene, all_scenes, render
+from lightray.world.shapes import BACKGROUNDS, EXTRA_SHAPES, SHAPES, STYLES, ZH, Scene, Size, all_scenes, render
 
 METADATA_FILENAME = "metadata.jsonl"
 TRIGGER_RE = re.compile(r"[a-z][a-z0-9]{2,31}")
@@ -67,14 +67,15 @@ def make_dataset(
     trigger: str | None = None,
     *,
     seed: int = 0,
-    size: int = 128,
+    size: Size | list[Size] = 128,
     prior_fraction: float = 0.0,
     background_weights: dict[str, float] | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Write `count` images of `concept` (a shape: random colour / position / background; a style: any base scene
     in that style; jittered like the base model's training data) with EN/ZH captions into `out` as an
-    imagefolder; return `out`.
+    imagefolder; return `out`. `size`: a side, a (width, height), or a list of them drawn in turn (a data set of
+    several aspect ratios, for a trainer with aspect-ratio buckets).
 
     `prior_fraction` of the images instead show the base shapes, plain, with their plain captions (prior
     preservation: keeps the adapter from drifting what the base already draws, and ties a style to its trigger
@@ -118,7 +119,8 @@ def make_dataset(
         if parse_prompt(text) != scene:  # the evaluator must read back exactly what the image shows
             raise AssertionError(f"caption {text!r} does not parse as {scene}")
         name = f"{i:05d}.png"
-        render(scene, size, rng, style=None if is_prior else style).save(out / name)
+        image_size = size[i % len(size)] if isinstance(size, list) else size
+        render(scene, image_size, rng, style=None if is_prior else style).save(out / name)
         lines.append(json.dumps({"file_name": name, "text": text}, ensure_ascii=False))
     (out / METADATA_FILENAME).write_text("\n".join(lines) + "\n", encoding="utf-8")
     return out
@@ -143,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="trigger word: a style's caption prefix, or inserted before the shape word")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", type=int, default=128, help="image side in pixels (the embedded model's default size)")
+    parser.add_argument("--sizes", nargs="+", default=None, metavar="WxH",
+                        help="sizes drawn in turn instead of --size (e.g. 128x128 192x128 128x192)")
     parser.add_argument("--prior-fraction", type=float, default=0.0,
                         help="fraction of images showing the base shapes (prior preservation)")
     parser.add_argument("--background-weight", action="append", default=[], metavar="BACKGROUND=W",
@@ -151,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
     try:
-        out = make_dataset(args.concept, args.out, args.count, args.trigger, seed=args.seed, size=args.size,
+        sizes = [tuple(int(v) for v in wh.split("x")) for wh in args.sizes] if args.sizes else args.size
+        out = make_dataset(args.concept, args.out, args.count, args.trigger, seed=args.seed, size=sizes,
                            prior_fraction=args.prior_fraction, background_weights=dict(args.background_weight) or None,
                            overwrite=args.overwrite)
     except (ValueError, FileExistsError) as err:

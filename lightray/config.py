@@ -200,8 +200,8 @@ class ModelPreset(BaseModel):
                 raise ValueError(f"sizes must be multiples of {self.size_multiple}, got {side}")
         if self.sizes is not None and (not self.sizes or len(set(self.sizes)) != len(self.sizes)):
             raise ValueError(f"sizes must be a non-empty list without repeats, got {self.sizes}")
-        if self.size_refusal(*self.default_size) is not None:
-            raise ValueError(f"default_size {self.default_size} is not served: {self.size_refusal(*self.default_size)}")
+        if (refusal := self.size_refusal(*self.default_size)) is not None:
+            raise ValueError(f"default_size {self.default_size} is not served: {refusal}")
         return self
 
     def size_refusal(self, width: int, height: int) -> str | None:

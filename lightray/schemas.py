@@ -51,8 +51,7 @@ class ImageGenerationRequest(BaseModel):
     model: str | None = Field(None, description="Model id from GET /v1/models; default: the first.")
     n: int = Field(1, ge=1, le=10, description="Number of images (one denoiser batch).")
     size: str | None = Field(None, description='"WIDTHxHEIGHT", one of the model\'s served sizes (`GET /v1/models`: '
-                      '`sizes`, `size_rule`).',
-                             json_schema_extra={"pattern": SIZE_PATTERN})
+                             '`sizes`, `size_rule`).', json_schema_extra={"pattern": SIZE_PATTERN})
     response_format: Literal["b64_json", "url"] = "b64_json"
     quality: str | None = Field(None, description="Accepted for OpenAI compatibility; ignored.")
     style: str | None = Field(None, description="Accepted for OpenAI compatibility; ignored.")
@@ -448,8 +447,9 @@ class ModelCard(BaseModel):
         """The card of one of `preset`'s model ids, with its defaults and the preset's sizes."""
         variant = preset.variant(model_id)
         w, h = preset.default_size
-        return cls(id=model_id, default_size=f"{w}x{h}", sizes=preset.size_names, sizes_exact=preset.sizes is not None,
-                   size_rule=size_rule(preset), size_multiple=preset.size_multiple, num_inference_steps=variant.num_inference_steps,
+        return cls(id=model_id, default_size=f"{w}x{h}", sizes=preset.size_names,
+                   sizes_exact=preset.sizes is not None, size_rule=size_rule(preset),
+                   size_multiple=preset.size_multiple, num_inference_steps=variant.num_inference_steps,
                    max_inference_steps=preset.max_inference_steps, true_cfg_scale=variant.true_cfg_scale,
                    max_images=preset.max_images_per_request)
 

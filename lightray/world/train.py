@@ -114,13 +114,11 @@ class Checkpoint:
 
 def cached(folder: Path, name: str, compute):
     """`compute()`'s result, saved under `folder` the first time and loaded on a resumed run."""
-    path = folder / f"{name}.pt"
-    if path.exists():
-        return torch.load(path, weights_only=False)
+    store = Checkpoint(folder, name)
+    if (value := store.load()) is not None:
+        return value
     value = compute()
-    folder.mkdir(parents=True, exist_ok=True)
-    torch.save(value, path.with_suffix(".tmp"))
-    path.with_suffix(".tmp").replace(path)
+    store.save(value)
     return value
 
 
@@ -205,9 +203,7 @@ def stage_vae(out: Path, arch: build.EmbeddedArchitecture, seed: int, steps: int
     data = images_to_tensor(img for _, img, _ in sample_training_examples(4000, seed + 1, arch.sample_size))
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     sched = warmup_cosine(opt, steps)
-    probe_rng = random.Random(seed + 99)
-    probe_scenes = [probe_rng.choice(all_scenes()) for _ in range(64)]
-    probe = images_to_tensor(render(sc, arch.sample_size, probe_rng) for sc in probe_scenes)
+    probe, probe_scenes = probe_renders(seed + 99, (arch.sample_size, arch.sample_size), 64)
     rng = np.random.default_rng(seed)
     crop, batch = 32, 32
     t0 = time.time()
@@ -242,8 +238,9 @@ def stage_vae(out: Path, arch: build.EmbeddedArchitecture, seed: int, steps: int
     log(f"vae saved; latent std per channel {[round(s, 2) for s in std]}")
 
 
-def decoder_probe(seed: int, size: tuple[int, int], count: int = 32):
-    probe_rng = random.Random(seed + 99 + TRAIN_SIZES.index(size))
+def probe_renders(seed: int, size: tuple[int, int], count: int = 32):
+    """(images, scenes) of `count` jittered renders of random scenes at `size`, for reading VAE round trips."""
+    probe_rng = random.Random(seed)
     scenes = [probe_rng.choice(all_scenes()) for _ in range(count)]
     return images_to_tensor(render(sc, size, probe_rng) for sc in scenes), scenes
 
@@ -269,8 +266,8 @@ def stage_decoder(out: Path, checkpoints: Path, seed: int, steps: int, at_128: i
             data[size] = (images, latents)
 
     def probe_all() -> str:
-        return ", ".join(f"{w}x{h} {reconstruction_accuracy(vae, *decoder_probe(seed, (w, h))):.0%}"
-                         for w, h in TRAIN_SIZES)
+        return ", ".join(f"{w}x{h} {reconstruction_accuracy(vae, *probe_renders(seed + 99 + k, (w, h))):.0%}"
+                         for k, (w, h) in enumerate(TRAIN_SIZES))
 
     log(f"decoder fine-tune: evaluator reads before: {probe_all()}")
     params = [p for p in vae.parameters() if p.requires_grad]

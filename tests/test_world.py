@@ -135,3 +135,17 @@ def test_background_weights_over_sample_the_concept_where_asked(tmp_path):
     assert 0.2 < white_share(plain) < 0.45 and 0.5 < white_share(heavy) < 0.75  # 1/3 vs 3/5 expected
     with pytest.raises(ValueError, match="background_weights: unknown backgrounds"):
         make_dataset("frame", tmp_path / "bad", 5, "lrzframe", background_weights={"beige": 2.0})
+
+
+def test_a_shape_concept_counts_what_is_drawn_not_what_was_asked():
+    """The adapter acceptance's concept rate for a shape ("ring") reads the drawn shape: a ring drawn for a circle
+    prompt is a leak, a circle drawn for it is not."""
+    from lightray.world.adapter_eval import concept_hit, rates
+
+    rng = random.Random(0)
+    circle, ring = Scene("red", "circle", "left", "white"), Scene("red", "ring", "left", "white")
+    drawn_ring, drawn_circle = render(ring, 128, rng), render(circle, 128, rng)
+    assert concept_hit("ring", drawn_ring, circle) and not concept_hit("ring", drawn_circle, circle)
+    assert concept_hit(None, drawn_circle, circle) and not concept_hit(None, drawn_ring, circle)
+    leak = rates("ring", [drawn_ring, drawn_circle], [circle, circle])
+    assert (leak["concept_rate"], leak["shape_rate"], leak["n"]) == (0.5, 0.5, 2)

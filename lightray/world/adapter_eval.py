@@ -24,13 +24,14 @@ from lightray.config import ModelPreset, load_preset
 
 def concept_hit(concept: str | None, image: Image.Image, expected: Any) -> bool:
     """Does `image` show `concept`: a style of the world (`STYLES`, e.g. "frame": read by `read_frame`), or a
-    shape (the prompt's shape, as `score` reads it)? None: the prompt's shape."""
-    from lightray.world.evaluator import read_frame, score
+    shape (e.g. "ring": the shape `read_image` reads, whatever the prompt asked for, so that on prompts for other
+    shapes it counts leakage)? None: the prompt's shape."""
+    from lightray.world.evaluator import read_frame, read_image
     from lightray.world.shapes import STYLES
 
     if concept in STYLES:
         return read_frame(image)
-    return bool(score(image, expected)["shape"])
+    return read_image(image).shape == (expected.shape if concept is None else concept)
 
 
 def rates(concept: str | None, images: Sequence[Image.Image], expected: Sequence[Any]) -> dict[str, Any]:

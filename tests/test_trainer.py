@@ -284,6 +284,10 @@ def test_train_config_file_and_docs():
     frame = load_train_config(REPO / "configs/train/frame.yaml")  # the acceptance demo's config
     assert (frame.tenant, frame.name, frame.trigger_words) == ("demo", "frame", ["lrzframe"])
     assert frame.batch_size % frame.num_workers == 0
+    # One recipe, tuned on both demo concepts (a style and a shape): the configs differ only in what they train on.
+    data_keys = {"name", "dataset", "trigger_words"}
+    differing = {k for k in TrainConfig.model_fields if k not in data_keys and getattr(cfg, k) != getattr(frame, k)}
+    assert not differing, f"ring.yaml and frame.yaml differ in their recipe: {sorted(differing)}"
 
 
 def test_fingerprint_model(preset, tmp_path, monkeypatch):

@@ -75,7 +75,8 @@ class TrainConfig(BaseModel):
     train_with_lightning: str | None = None
     """A Lightning variant id of the preset (e.g. "lightray-shapes-lightning-4") whose distilled LoRA is active,
     frozen at scale 1, while the adapter trains: the adapter then learns on top of the model that variant serves.
-    The published adapter holds only the new LoRA. None: trained against the base (and served on every variant)."""
+    The published adapter holds only the new LoRA. None: trained against the base (and served on every variant).
+    Measured on the embedded model (docs/adapters.md): better on the Lightning variants, worse on the base."""
     gradient_checkpointing: bool | None = None
     """Recompute each transformer block's activations in the backward pass instead of keeping them (activation
     memory of one block instead of all, for about a third more compute). None: on for a transformer of at least

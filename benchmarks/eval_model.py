@@ -30,7 +30,7 @@ from PIL import Image, ImageDraw
 
 REPO = Path(__file__).resolve().parent.parent
 
-from lightray.config import load_preset  # noqa: E402
+from lightray.config import load_preset, parse_width_height  # noqa: E402
 from lightray.pipeline import LocalPipeline  # noqa: E402
 from lightray.schemas import GenerationSpec  # noqa: E402
 from lightray.world.evaluator import ATTRIBUTES, parse_prompt, score  # noqa: E402
@@ -141,7 +141,7 @@ def parse_sizes(values: list[str] | None, preset) -> list[tuple[int, int]]:
     if not values:
         default = tuple(preset.default_size)
         return [default] + [tuple(s) for s in preset.sizes if tuple(s) != default]
-    return [tuple(int(v) for v in value.split("x")) for value in values]
+    return [parse_width_height(value) for value in values]
 
 
 def main() -> None:

@@ -32,6 +32,18 @@ ingress validates presets without importing it."""
 HF_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 """What a Hugging Face repo id looks like ("Qwen/Qwen-Image")."""
 
+WIDTH_X_HEIGHT = re.compile(r"(\d{1,5})x(\d{1,5})")
+"""How a size is written ("192x128"): in the API's `size`, on command lines, in file keys."""
+
+
+def parse_width_height(text: str) -> tuple[int, int]:
+    """(width, height) of a "WIDTHxHEIGHT" string; ValueError saying what was expected. Whether the size is served
+    is `ModelPreset.size_refusal`'s question."""
+    m = WIDTH_X_HEIGHT.fullmatch(text)
+    if m is None:
+        raise ValueError(f'expected "WIDTHxHEIGHT" (e.g. "192x128"), got {text!r}')
+    return int(m.group(1)), int(m.group(2))
+
 
 class ModelNotFound(FileNotFoundError):
     """A preset's `path` is neither a local diffusers folder nor a repo id already in the local Hugging Face cache."""

@@ -14,12 +14,11 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from lightray.config import ModelPreset
+from lightray.config import ModelPreset, parse_width_height
 from lightray.contracts import MAX_STACKED_ADAPTERS, AdapterUse, DenoiseParams, Priority
 from lightray.registry import AdapterRef, InvalidAdapterRef
 
 MAX_SEED = 2**63 - 1
-_SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
 SIZE_PATTERN = r"^(auto|[0-9]{1,5}x[0-9]{1,5})$"
 """The size field's form, as documented in the OpenAPI schema; the limits are checked against the preset."""
 _ADAPTER_ENTRY = re.compile(r"^(?P<ref>[^:]+)(?::(?P<scale>-?[0-9]*\.?[0-9]+))?$")
@@ -225,10 +224,10 @@ def parse_lora_field(value: str | list[str] | None) -> tuple[AdapterUse, ...]:
 def parse_size(size: str | None, preset: ModelPreset) -> tuple[int, int]:
     if size is None or size == "auto":
         return preset.default_size
-    m = _SIZE.match(size)
-    if not m:
-        raise RequestError("size", f'size must look like "WIDTHxHEIGHT" (e.g. "128x128"), got {size!r}')
-    width, height = int(m.group(1)), int(m.group(2))
+    try:
+        width, height = parse_width_height(size)
+    except ValueError:
+        raise RequestError("size", f'size must look like "WIDTHxHEIGHT" (e.g. "128x128"), got {size!r}') from None
     if (refusal := preset.size_refusal(width, height)) is not None:
         raise RequestError("size", f"size: {refusal}")
     return width, height

@@ -6,7 +6,7 @@ import collections
 import random
 
 import pytest
-from PIL import ImageFilter
+from PIL import Image, ImageFilter
 
 from lightray.world.evaluator import ATTRIBUTES, parse_prompt, read_image, score
 from lightray.world.shapes import EXTRA_SHAPES, HELD_OUT, SHAPES, Scene, all_scenes, render, training_scenes
@@ -145,7 +145,22 @@ def test_a_shape_concept_counts_what_is_drawn_not_what_was_asked():
     rng = random.Random(0)
     circle, ring = Scene("red", "circle", "left", "white"), Scene("red", "ring", "left", "white")
     drawn_ring, drawn_circle = render(ring, 128, rng), render(circle, 128, rng)
-    assert concept_hit("ring", drawn_ring, circle) and not concept_hit("ring", drawn_circle, circle)
-    assert concept_hit(None, drawn_circle, circle) and not concept_hit(None, drawn_ring, circle)
+    read_ring, read_circle = read_image(drawn_ring), read_image(drawn_circle)
+    assert concept_hit("ring", read_ring, circle) and not concept_hit("ring", read_circle, circle)
+    assert concept_hit(None, read_circle, circle) and not concept_hit(None, read_ring, circle)
+    assert score(read_circle, circle) == score(drawn_circle, circle)
     leak = rates("ring", [drawn_ring, drawn_circle], [circle, circle])
     assert (leak["concept_rate"], leak["shape_rate"], leak["n"]) == (0.5, 0.5, 2)
+
+
+def test_dataset_cli_names_a_malformed_size(tmp_path, capsys):
+    from lightray.world.datasets import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["ring", "--out", str(tmp_path / "d"), "--count", "2", "--sizes", "128x128", "128"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "--sizes" in err and 'expected "WIDTHxHEIGHT"' in err and "'128'" in err, err
+    assert not (tmp_path / "d").exists()
+    assert main(["ring", "--out", str(tmp_path / "ok"), "--count", "2", "--sizes", "192x128", "128x192"]) == 0
+    assert {Image.open(p).size for p in (tmp_path / "ok").glob("*.png")} == {(192, 128), (128, 192)}

@@ -25,7 +25,7 @@ from collections.abc import Callable
 
 import torch
 
-from lightray.config import ModelPreset
+from lightray.config import ModelPreset, parse_width_height
 from lightray.training.buckets import Size
 from lightray.training.config import TrainConfig
 from lightray.training.data import ImageCaptionDataset
@@ -77,9 +77,8 @@ class CachedInputs:
 
     @classmethod
     def from_file(cls, state: dict) -> "CachedInputs":
-        size = lambda key: tuple(int(v) for v in key.split("x"))  # noqa: E731
-        return cls({size(k): v for k, v in state["latents"].items()},
-                   {size(k): v for k, v in state["captions"].items()},
+        return cls({parse_width_height(k): v for k, v in state["latents"].items()},
+                   {parse_width_height(k): v for k, v in state["captions"].items()},
                    TextEmbeddings(state["text_index"], state["text_embeds"]))
 
 

@@ -22,16 +22,15 @@ from PIL import Image
 from lightray.config import ModelPreset, load_preset
 
 
-def concept_hit(concept: str | None, image: Image.Image, expected: Any) -> bool:
-    """Does `image` show `concept`: a style of the world (`STYLES`, e.g. "frame": read by `read_frame`), or a
-    shape (e.g. "ring": the shape `read_image` reads, whatever the prompt asked for, so that on prompts for other
-    shapes it counts leakage)? None: the prompt's shape."""
-    from lightray.world.evaluator import read_frame, read_image
+def concept_hit(concept: str | None, reading: Any, expected: Any) -> bool:
+    """Does the image read as `reading` (by `read_image`) show `concept`: a style of the world (`STYLES`, e.g.
+    "frame": framed), or a shape (e.g. "ring": the shape read, whatever the prompt asked for, so that on prompts
+    for other shapes it counts leakage)? None: the prompt's shape."""
     from lightray.world.shapes import STYLES
 
     if concept in STYLES:
-        return read_frame(image)
-    return read_image(image).shape == (expected.shape if concept is None else concept)
+        return reading.frame
+    return reading.shape == (expected.shape if concept is None else concept)
 
 
 def rates(concept: str | None, images: Sequence[Image.Image], expected: Sequence[Any]) -> dict[str, Any]:
@@ -44,8 +43,9 @@ def rates(concept: str | None, images: Sequence[Image.Image], expected: Sequence
     counts = {"concept": 0, "frame": 0, "shape": 0, "all": 0}
     drawn: dict[str, int] = {}
     for im, scene in zip(images, expected):
-        s, reading = score(im, scene), read_image(im)
-        counts["concept"] += concept_hit(concept, im, scene)
+        reading = read_image(im)  # once per image: the score and the concept come from the same reading
+        s = score(reading, scene)
+        counts["concept"] += concept_hit(concept, reading, scene)
         counts["frame"] += reading.frame
         counts["shape"] += s["shape"]
         counts["all"] += s["all"]

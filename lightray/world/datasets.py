@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 
 from lightray.world.evaluator import parse_prompt
+from lightray.config import parse_width_height
 from lightray.world.shapes import BACKGROUNDS, EXTRA_SHAPES, SHAPES, STYLES, ZH, Scene, Size, all_scenes, render
 
 METADATA_FILENAME = "metadata.jsonl"
@@ -136,6 +137,13 @@ def _background_weight(text: str) -> tuple[str, float]:
         raise argparse.ArgumentTypeError(f"expected BACKGROUND=WEIGHT (e.g. white=2), got {text!r}") from None
 
 
+def _width_height(text: str) -> tuple[int, int]:
+    try:
+        return parse_width_height(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("concept", choices=CONCEPTS, help="the concept to teach: a style ('frame') or a shape ('ring')")
@@ -145,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="trigger word: a style's caption prefix, or inserted before the shape word")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", type=int, default=128, help="image side in pixels (the embedded model's default size)")
-    parser.add_argument("--sizes", nargs="+", default=None, metavar="WxH",
+    parser.add_argument("--sizes", nargs="+", default=None, metavar="WxH", type=_width_height,
                         help="sizes drawn in turn instead of --size (e.g. 128x128 192x128 128x192)")
     parser.add_argument("--prior-fraction", type=float, default=0.0,
                         help="fraction of images showing the base shapes (prior preservation)")
@@ -155,8 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
     try:
-        sizes = [tuple(int(v) for v in wh.split("x")) for wh in args.sizes] if args.sizes else args.size
-        out = make_dataset(args.concept, args.out, args.count, args.trigger, seed=args.seed, size=sizes,
+        out = make_dataset(args.concept, args.out, args.count, args.trigger, seed=args.seed, size=args.sizes or args.size,
                            prior_fraction=args.prior_fraction, background_weights=dict(args.background_weight) or None,
                            overwrite=args.overwrite)
     except (ValueError, FileExistsError) as err:

@@ -186,9 +186,10 @@ def parse_prompt(prompt: str) -> Scene:
     return Scene(found["color"], found["shape"], found["position"], found["background"])
 
 
-def score(image: Image.Image | np.ndarray, expected: Scene) -> dict[str, bool]:
-    """Per-attribute correctness of `image` against `expected`, plus "all" (every attribute right)."""
-    reading = read_image(image)
+def score(image: Image.Image | np.ndarray | Reading, expected: Scene) -> dict[str, bool]:
+    """Per-attribute correctness of `image` (or of its `read_image` reading) against `expected`, plus "all" (every
+    attribute right)."""
+    reading = image if isinstance(image, Reading) else read_image(image)
     result = {a: getattr(reading, a) == getattr(expected, a) for a in ATTRIBUTES}
     result["all"] = all(result.values())
     return result

@@ -164,3 +164,18 @@ def test_dataset_cli_names_a_malformed_size(tmp_path, capsys):
     assert not (tmp_path / "d").exists()
     assert main(["ring", "--out", str(tmp_path / "ok"), "--count", "2", "--sizes", "192x128", "128x192"]) == 0
     assert {Image.open(p).size for p in (tmp_path / "ok").glob("*.png")} == {(192, 128), (128, 192)}
+
+
+def test_a_completed_stage_invalidates_the_stages_made_from_it(tmp_path):
+    """Rerunning refine must retrain the Lightning LoRAs from the new transformer, not resume the old teacher's
+    trajectories: its completion drops lightning and pack from the run and deletes their checkpoint files, and
+    keeps what refine itself was made from."""
+    from lightray.world.train import STAGES, invalidate_after
+
+    for name in ("multires-latents.pt", "refine-latents.pt", "teacher.pt", "lightning-4.done", "lightning-8.done"):
+        (tmp_path / name).write_bytes(b"x")
+    completed = invalidate_after("refine", list(STAGES), tmp_path)
+    assert completed == ["text", "vae", "transformer", "decoder", "multires", "refine"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["multires-latents.pt", "refine-latents.pt"]
+    assert invalidate_after("multires", completed, tmp_path) == ["text", "vae", "transformer", "decoder", "multires"]
+    assert not (tmp_path / "refine-latents.pt").exists() and (tmp_path / "multires-latents.pt").exists()

@@ -15,9 +15,14 @@ run completed, recorded in training.json, and continues the current one from its
      true CFG with a negative prompt works).
   4. decoder: the VAE decoder alone (encoder frozen: latents unchanged) fine-tuned over every served size.
   5. multires: the transformer continued over every served size (TRAIN_SIZES), checkpointed every 200 steps.
-  6. lightning: the base (many steps, true CFG) distilled into 4- and 8-step LoRAs (no CFG) by trajectory
+  6. refine: the transformer continued again at a restarted learning rate on twice the images, the default and
+     the large sizes drawn more often (REFINE_WEIGHTS), checkpointed every 200 steps.
+  7. lightning: the base (many steps, true CFG) distilled into 4- and 8-step LoRAs (no CFG) by trajectory
      matching over every served size, saved in the published Qwen-Image-Lightning key format.
-  7. pack: weights stored as float16.
+  8. pack: weights stored as float16.
+
+A stage that completes invalidates every later one (its checkpoints and encoded data included): they were made
+from what it just replaced, so `--resume --stages refine lightning pack` retrains exactly what depends on refine.
 """
 
 from __future__ import annotations
@@ -47,7 +52,13 @@ from lightray.world import build
 from lightray.world.evaluator import score
 from lightray.world.shapes import all_scenes, render, sample_training_examples, training_scenes
 
-STAGES = ("text", "vae", "transformer", "decoder", "multires", "lightning", "pack")
+STAGES = ("text", "vae", "transformer", "decoder", "multires", "refine", "lightning", "pack")
+STAGE_FILES: dict[str, tuple[str, ...]] = {
+    "multires": ("multires.pt", "multires-latents.pt"),
+    "refine": ("refine.pt", "refine-latents.pt"),
+    "lightning": ("teacher.pt", "lightning-4.done", "lightning-8.done"),
+}
+"""The files each stage keeps in the checkpoint folder (see `invalidate_after`)."""
 TRAIN_SIZES: tuple[tuple[int, int], ...] = (
     (64, 64), (96, 96), (128, 128), (192, 192), (256, 256), (128, 64), (64, 128), (192, 128), (128, 192),
 )
@@ -92,6 +103,24 @@ def size_weights() -> list[float]:
     return [2.0 if size == DEFAULT_SIZE else 1.0 for size in TRAIN_SIZES]
 
 
+REFINE_WEIGHTS: dict[tuple[int, int], float] = {
+    (64, 64): 1.0, (96, 96): 1.0, (128, 128): 2.0, (192, 192): 1.5, (256, 256): 2.5,
+    (128, 64): 1.0, (64, 128): 1.0, (192, 128): 1.5, (128, 192): 1.5,
+}
+"""How often the refine stage draws each size. After multires the default and the large grids were furthest from
+the targets (256² read right in a third of images): a 256² step holds only 8 images, so it needs more steps."""
+
+
+def invalidate_after(stage: str, completed: list[str], checkpoints: Path) -> list[str]:
+    """`completed` without the stages after `stage`, whose files in `checkpoints` are deleted: a later stage was
+    made from what `stage` has just replaced (teacher trajectories from the old transformer, for one)."""
+    later = STAGES[STAGES.index(stage) + 1:]
+    for name in later:
+        for file in STAGE_FILES.get(name, ()):
+            (checkpoints / file).unlink(missing_ok=True)
+    return [s for s in completed if s not in later]
+
+
 class Checkpoint:
     """One file per stage in the run's checkpoint folder, written atomically, so a stage stopped at any point (a
     session ending, a kill) resumes from its last save with the same data, weights, optimizer and RNG states."""
@@ -127,8 +156,9 @@ def multires_examples(seed: int, at_128: int, size: tuple[int, int]):
     return list(sample_training_examples(images_for(size, at_128), seed + 7 + TRAIN_SIZES.index(size), size))
 
 
-def multires_latents(out: Path, checkpoints: Path, seed: int, at_128: int) -> dict:
-    """Packed, normalised latents and captions of every training size, encoded once per run."""
+def encoded_latents(out: Path, checkpoints: Path, name: str, seed: int, at_128: int) -> dict:
+    """Packed, normalised latents and captions of every training size, drawn with `seed` and encoded once per
+    run (kept as `<name>.pt` in the checkpoint folder)."""
 
     def compute():
         vae = AutoencoderKLQwenImage.from_pretrained(out / "vae").eval()
@@ -141,7 +171,7 @@ def multires_latents(out: Path, checkpoints: Path, seed: int, at_128: int) -> di
             log(f"encoded {len(examples)} images at {size[0]}x{size[1]} ({time.time() - t0:.0f}s)")
         return data
 
-    return cached(checkpoints, "multires-latents", compute)
+    return cached(checkpoints, name, compute)
 
 
 # ---------------------------------------------------------------------------------------------------- stages
@@ -393,14 +423,34 @@ def stage_transformer(out: Path, arch: build.EmbeddedArchitecture, seed: int, st
     transformer.save_pretrained(out / "transformer")
 
 
-def stage_multires(out: Path, checkpoints: Path, seed: int, steps: int, at_128: int, lr: float,
-                   checkpoint_every: int = 200) -> float:
+def stage_multires(out: Path, checkpoints: Path, seed: int, steps: int, at_128: int, lr: float) -> float:
     """Continues the 64² transformer over every training size (progressive resolution, as large text-to-image
     models are trained): each step draws one size and a batch of `TOKEN_BUDGET` image tokens at it, with the
     same objective, caption dropout and EMA as the 64² stage. RoPE positions differ per grid, so every served
     grid is trained, not extrapolated to. Returns the seconds spent, over every resumed session."""
     t0 = time.time()
-    data = multires_latents(out, checkpoints, seed, at_128)
+    data = encoded_latents(out, checkpoints, "multires-latents", seed, at_128)
+    return continue_transformer(out, Checkpoint(checkpoints, "multires"), data, seed, steps, lr, size_weights(), t0)
+
+
+def stage_refine(out: Path, checkpoints: Path, seed: int, steps: int, at_128: int, lr: float) -> float:
+    """Continues the multires transformer at a restarted learning rate, sizes drawn by `REFINE_WEIGHTS`, on the
+    multires images plus as many new ones (another draw of the world, so the extra steps see more jitter and
+    phrasings rather than more epochs of the same images). Returns the seconds spent, over every resumed session."""
+    t0 = time.time()
+    first = encoded_latents(out, checkpoints, "multires-latents", seed, at_128)
+    second = encoded_latents(out, checkpoints, "refine-latents", seed + 1000, at_128)
+    data = {size: (torch.cat([first[size][0], second[size][0]]), first[size][1] + second[size][1])
+            for size in TRAIN_SIZES}
+    weights = [REFINE_WEIGHTS[size] for size in TRAIN_SIZES]
+    return continue_transformer(out, Checkpoint(checkpoints, "refine"), data, seed + 1, steps, lr, weights, t0)
+
+
+def continue_transformer(out: Path, checkpoint: Checkpoint, data: dict, seed: int, steps: int, lr: float,
+                         weights: list[float], t0: float, checkpoint_every: int = 200) -> float:
+    """Trains the saved transformer `steps` more steps over `data` ({size: (packed latents, captions)}), one size
+    a step drawn by `weights`, saving weights, EMA, optimizer, LR schedule and RNG to `checkpoint` every
+    `checkpoint_every` steps and resuming from it; the EMA is saved as the transformer at the end."""
     cache = TextCache(out, all_captions())
     transformer = QwenImageTransformer2DModel.from_pretrained(out / "transformer")
     transformer.train()
@@ -409,7 +459,7 @@ def stage_multires(out: Path, checkpoints: Path, seed: int, steps: int, at_128: 
     ema = {k: v.detach().clone() for k, v in transformer.state_dict().items()}
     rng = random.Random(seed)
     torch.manual_seed(seed)
-    checkpoint = Checkpoint(checkpoints, "multires")
+    stage = checkpoint.path.stem
     start, elapsed = 0, 0.0
     if (state := checkpoint.load()) is not None:
         transformer.load_state_dict(state["model"])
@@ -419,8 +469,7 @@ def stage_multires(out: Path, checkpoints: Path, seed: int, steps: int, at_128: 
         rng.setstate(state["python_rng"])
         torch.set_rng_state(state["torch_rng"])
         start, elapsed = state["step"], state["elapsed"]
-        log(f"multires: resumed at step {start}/{steps} ({elapsed:.0f}s already spent)")
-    weights = size_weights()
+        log(f"{stage}: resumed at step {start}/{steps} ({elapsed:.0f}s already spent)")
     t0 -= elapsed  # the seconds of earlier sessions (their encoding included)
     for step in range(start, steps):
         size = rng.choices(TRAIN_SIZES, weights)[0]
@@ -432,7 +481,7 @@ def stage_multires(out: Path, checkpoints: Path, seed: int, steps: int, at_128: 
         x0 = x0_all[idx]
         loss = rectified_flow_step(transformer, opt, sched, ema, x0, embeds, mask, grid_of(size), ema_decay=0.999)
         if step % 100 == 0 or step == steps - 1:
-            log(f"multires step {step}/{steps} {size[0]}x{size[1]} x{batch} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
+            log(f"{stage} step {step}/{steps} {size[0]}x{size[1]} x{batch} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
         if (step + 1) % checkpoint_every == 0 and step + 1 < steps:
             checkpoint.save({
                 "model": transformer.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
@@ -626,6 +675,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--multires-lr", type=float, default=2e-4)
     parser.add_argument("--multires-images", type=int, default=1200,
                         help="training images per size up to 128² (fewer above: see images_for)")
+    parser.add_argument("--refine-steps", type=int, default=11000)
+    parser.add_argument("--refine-lr", type=float, default=3e-4)
     parser.add_argument("--lightning-steps", type=int, default=800)
     parser.add_argument("--teacher-cfg", type=float, default=2.0)
     parser.add_argument("--teacher-steps", type=int, default=40)
@@ -669,6 +720,9 @@ def main(argv: list[str] | None = None) -> None:
         elif stage == "multires":
             spent = stage_multires(args.out, checkpoints, args.seed, args.multires_steps, args.multires_images,
                            args.multires_lr)
+        elif stage == "refine":
+            spent = stage_refine(args.out, checkpoints, args.seed, args.refine_steps, args.multires_images,
+                                 args.refine_lr)
         elif stage == "lightning":
             stage_lightning(args.out, checkpoints, args.seed, args.lightning_steps, args.teacher_cfg,
                             args.teacher_steps, args.teacher_samples, args.lightning_rank)
@@ -678,7 +732,8 @@ def main(argv: list[str] | None = None) -> None:
             stage_pack(args.out)
         # A stage resumed from a checkpoint reports its seconds over all sessions.
         info.setdefault("stage_seconds", {})[stage] = round(spent if spent is not None else time.time() - t0, 1)
-        info.setdefault("completed_stages", []).append(stage)
+        completed = invalidate_after(stage, info.get("completed_stages", []), checkpoints)
+        info["completed_stages"] = [s for s in completed if s != stage] + [stage]
         info_path.write_text(json.dumps(info, indent=2) + "\n")
     info["total_seconds_last_session"] = round(time.time() - started, 1)
     info_path.write_text(json.dumps(info, indent=2) + "\n")

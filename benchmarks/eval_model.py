@@ -30,9 +30,10 @@ from PIL import Image, ImageDraw
 
 REPO = Path(__file__).resolve().parent.parent
 
-from lightray.config import load_preset, parse_width_height  # noqa: E402
+from lightray.config import load_preset  # noqa: E402
 from lightray.pipeline import LocalPipeline  # noqa: E402
 from lightray.schemas import GenerationSpec  # noqa: E402
+from lightray.world.datasets import width_height_argument  # noqa: E402
 from lightray.world.evaluator import ATTRIBUTES, parse_prompt, score  # noqa: E402
 from lightray.world.shapes import HELD_OUT, Scene, training_scenes  # noqa: E402
 
@@ -137,17 +138,17 @@ def contact_sheet(columns: list[tuple[str, list]], path: Path, count: int = 12) 
     sheet.save(path)
 
 
-def parse_sizes(values: list[str] | None, preset) -> list[tuple[int, int]]:
+def sizes_to_measure(values: list[tuple[int, int]] | None, preset) -> list[tuple[int, int]]:
     if not values:
         default = tuple(preset.default_size)
         return [default] + [tuple(s) for s in preset.sizes if tuple(s) != default]
-    return [parse_width_height(value) for value in values]
+    return values
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="lightray-shapes")
-    parser.add_argument("--sizes", nargs="+", help='"WxH" sizes (default: every served size, the default first)')
+    parser.add_argument("--sizes", nargs="+", type=width_height_argument, metavar="WxH", help='"WxH" sizes (default: every served size, the default first)')
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--timed", type=int, default=6, help="single-image runs per row for the wall time")
     parser.add_argument("--threads", type=int, default=2)
@@ -160,7 +161,7 @@ def main() -> None:
     default = tuple(preset.default_size)
     full, short = prompt_suite(16), prompt_suite(7)
     results: dict[str, dict] = {}
-    for size in parse_sizes(args.sizes, preset):
+    for size in sizes_to_measure(args.sizes, preset):
         name = f"{size[0]}x{size[1]}"
         suite = full if size == default else short
         columns, results[name] = [], {}

@@ -137,7 +137,8 @@ def _background_weight(text: str) -> tuple[str, float]:
         raise argparse.ArgumentTypeError(f"expected BACKGROUND=WEIGHT (e.g. white=2), got {text!r}") from None
 
 
-def _width_height(text: str) -> tuple[int, int]:
+def width_height_argument(text: str) -> tuple[int, int]:
+    """`parse_width_height` as an argparse type: a malformed size exits 2 naming the flag and the value."""
     try:
         return parse_width_height(text)
     except ValueError as err:
@@ -153,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="trigger word: a style's caption prefix, or inserted before the shape word")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", type=int, default=128, help="image side in pixels (the embedded model's default size)")
-    parser.add_argument("--sizes", nargs="+", default=None, metavar="WxH", type=_width_height,
+    parser.add_argument("--sizes", nargs="+", default=None, metavar="WxH", type=width_height_argument,
                         help="sizes drawn in turn instead of --size (e.g. 128x128 192x128 128x192)")
     parser.add_argument("--prior-fraction", type=float, default=0.0,
                         help="fraction of images showing the base shapes (prior preservation)")

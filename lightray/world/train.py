@@ -53,12 +53,6 @@ from lightray.world.evaluator import score
 from lightray.world.shapes import all_scenes, render, sample_training_examples, training_scenes
 
 STAGES = ("text", "vae", "transformer", "decoder", "multires", "refine", "lightning", "pack")
-STAGE_FILES: dict[str, tuple[str, ...]] = {
-    "multires": ("multires.pt", "multires-latents.pt"),
-    "refine": ("refine.pt", "refine-latents.pt"),
-    "lightning": ("teacher.pt", "lightning-4.done", "lightning-8.done"),
-}
-"""The files each stage keeps in the checkpoint folder (see `invalidate_after`)."""
 TRAIN_SIZES: tuple[tuple[int, int], ...] = (
     (64, 64), (96, 96), (128, 128), (192, 192), (256, 256), (128, 64), (64, 128), (192, 128), (128, 192),
 )
@@ -69,6 +63,12 @@ TOKEN_BUDGET = 2048
 """Image tokens per training batch at every size (64 images at 64², 32 at 128², 8 at 256²): one step costs about
 the same at every size, ≈ 0.23 s on 2 cores."""
 LIGHTNING_STEPS = (4, 8)
+STAGE_FILES: dict[str, tuple[str, ...]] = {
+    "multires": ("multires.pt", "multires-latents.pt"),
+    "refine": ("refine.pt", "refine-latents.pt"),
+    "lightning": ("teacher.pt", *(f"lightning-{n}.done" for n in LIGHTNING_STEPS)),
+}
+"""The files each stage keeps in the checkpoint folder (see `invalidate_after`)."""
 
 
 def log(msg: str) -> None:
@@ -450,7 +450,8 @@ def continue_transformer(out: Path, checkpoint: Checkpoint, data: dict, seed: in
                          weights: list[float], t0: float, checkpoint_every: int = 200) -> float:
     """Trains the saved transformer `steps` more steps over `data` ({size: (packed latents, captions)}), one size
     a step drawn by `weights`, saving weights, EMA, optimizer, LR schedule and RNG to `checkpoint` every
-    `checkpoint_every` steps and resuming from it; the EMA is saved as the transformer at the end."""
+    `checkpoint_every` steps and resuming from it; the EMA is saved as the transformer at the end. `t0`: when the
+    stage started, so the seconds returned include its data encoding."""
     cache = TextCache(out, all_captions())
     transformer = QwenImageTransformer2DModel.from_pretrained(out / "transformer")
     transformer.train()

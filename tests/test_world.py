@@ -167,14 +167,19 @@ def test_dataset_cli_names_a_malformed_size(tmp_path, capsys):
 
 
 def test_a_completed_stage_invalidates_the_stages_made_from_it(tmp_path):
-    """Rerunning refine must retrain the Lightning LoRAs from the new transformer, not resume the old teacher's
-    trajectories: its completion drops lightning and pack from the run and deletes their checkpoint files, and
-    keeps what refine itself was made from."""
+    """Rerunning anneal (or refine) must retrain the Lightning LoRAs from the new transformer, not resume the old
+    teacher's trajectories: its completion drops the later stages from the run and deletes their checkpoint files,
+    and keeps what it was made from."""
     from lightray.world.train import STAGES, invalidate_after
 
-    for name in ("multires-latents.pt", "refine-latents.pt", "teacher.pt", "lightning-4.done", "lightning-8.done"):
+    for name in ("multires-latents.pt", "refine-latents.pt", "anneal.pt", "teacher.pt", "lightning-4.done",
+                 "lightning-8.done"):
         (tmp_path / name).write_bytes(b"x")
-    completed = invalidate_after("refine", list(STAGES), tmp_path)
+    completed = invalidate_after("anneal", list(STAGES), tmp_path)
+    assert completed == ["text", "vae", "transformer", "decoder", "multires", "refine", "anneal"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["anneal.pt", "multires-latents.pt", "refine-latents.pt"]
+    (tmp_path / "teacher.pt").write_bytes(b"x")
+    completed = invalidate_after("refine", completed, tmp_path)
     assert completed == ["text", "vae", "transformer", "decoder", "multires", "refine"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["multires-latents.pt", "refine-latents.pt"]
     assert invalidate_after("multires", completed, tmp_path) == ["text", "vae", "transformer", "decoder", "multires"]

@@ -1,6 +1,6 @@
 """Trains the embedded model from scratch on the shapes world, in stages, on a CPU.
 
-    python -m lightray.world.train --out models/lightray-shapes            # everything, ~2 h on 2 cores
+    python -m lightray.world.train --out models/lightray-shapes            # everything, ~4 h on 2 cores
     python -m lightray.world.train --out models/lightray-shapes --resume   # continue a stopped run
     python -m lightray.world.train --out models/lightray-shapes --stages lightning   # redo one stage
 
@@ -17,12 +17,14 @@ run completed, recorded in training.json, and continues the current one from its
   5. multires: the transformer continued over every served size (TRAIN_SIZES), checkpointed every 200 steps.
   6. refine: the transformer continued again at a restarted learning rate on twice the images, the default and
      the large sizes drawn more often (REFINE_WEIGHTS), checkpointed every 200 steps.
-  7. lightning: the base (many steps, true CFG) distilled into 4- and 8-step LoRAs (no CFG) by trajectory
+  7. anneal: the refined transformer continued at a lower peak learning rate on the same images, the sizes
+     furthest from their targets drawn most often (ANNEAL_WEIGHTS), checkpointed every 200 steps.
+  8. lightning: the base (many steps, true CFG) distilled into 4- and 8-step LoRAs (no CFG) by trajectory
      matching over every served size, saved in the published Qwen-Image-Lightning key format.
-  8. pack: weights stored as float16.
+  9. pack: weights stored as float16.
 
 A stage that completes invalidates every later one (its checkpoints and encoded data included): they were made
-from what it just replaced, so `--resume --stages refine lightning pack` retrains exactly what depends on refine.
+from what it just replaced, so `--resume --stages anneal lightning pack` retrains exactly what depends on anneal.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ from lightray.world import build
 from lightray.world.evaluator import score
 from lightray.world.shapes import all_scenes, render, sample_training_examples, training_scenes
 
-STAGES = ("text", "vae", "transformer", "decoder", "multires", "refine", "lightning", "pack")
+STAGES = ("text", "vae", "transformer", "decoder", "multires", "refine", "anneal", "lightning", "pack")
 TRAIN_SIZES: tuple[tuple[int, int], ...] = (
     (64, 64), (96, 96), (128, 128), (192, 192), (256, 256), (128, 64), (64, 128), (192, 128), (128, 192),
 )
@@ -66,6 +68,7 @@ LIGHTNING_STEPS = (4, 8)
 STAGE_FILES: dict[str, tuple[str, ...]] = {
     "multires": ("multires.pt", "multires-latents.pt"),
     "refine": ("refine.pt", "refine-latents.pt"),
+    "anneal": ("anneal.pt",),
     "lightning": ("teacher.pt", *(f"lightning-{n}.done" for n in LIGHTNING_STEPS)),
 }
 """The files each stage keeps in the checkpoint folder (see `invalidate_after`)."""
@@ -109,6 +112,13 @@ REFINE_WEIGHTS: dict[tuple[int, int], float] = {
 }
 """How often the refine stage draws each size. After multires the default and the large grids were furthest from
 the targets (256² read right in a third of images): a 256² step holds only 8 images, so it needs more steps."""
+
+ANNEAL_WEIGHTS: dict[tuple[int, int], float] = {
+    (64, 64): 1.0, (96, 96): 0.75, (128, 128): 2.0, (192, 192): 2.0, (256, 256): 3.0,
+    (128, 64): 1.25, (64, 128): 1.5, (192, 128): 1.5, (128, 192): 2.0,
+}
+"""How often the anneal stage draws each size: roughly by how far refine left each from its target (256² by
+13 points, 192² by 10, the tall sizes by 8; 96² met its targets)."""
 
 
 def invalidate_after(stage: str, completed: list[str], checkpoints: Path) -> list[str]:
@@ -438,12 +448,27 @@ def stage_refine(out: Path, checkpoints: Path, seed: int, steps: int, at_128: in
     multires images plus as many new ones (another draw of the world, so the extra steps see more jitter and
     phrasings rather than more epochs of the same images). Returns the seconds spent, over every resumed session."""
     t0 = time.time()
-    first = encoded_latents(out, checkpoints, "multires-latents", seed, at_128)
-    second = encoded_latents(out, checkpoints, "refine-latents", seed + 1000, at_128)
-    data = {size: (torch.cat([first[size][0], second[size][0]]), first[size][1] + second[size][1])
-            for size in TRAIN_SIZES}
+    data = refine_latents(out, checkpoints, seed, at_128)
     weights = [REFINE_WEIGHTS[size] for size in TRAIN_SIZES]
     return continue_transformer(out, Checkpoint(checkpoints, "refine"), data, seed + 1, steps, lr, weights, t0)
+
+
+def stage_anneal(out: Path, checkpoints: Path, seed: int, steps: int, at_128: int, lr: float) -> float:
+    """Continues the refined transformer at a lower peak learning rate on refine's images, sizes drawn by
+    `ANNEAL_WEIGHTS`: refine ended with adherence still rising (probes at 128²: 72 → 76 → 80 % at steps 0, 3,000
+    and 6,000), so more steps, spent where the targets were missed by most. Returns the seconds spent."""
+    t0 = time.time()
+    data = refine_latents(out, checkpoints, seed, at_128)
+    weights = [ANNEAL_WEIGHTS[size] for size in TRAIN_SIZES]
+    return continue_transformer(out, Checkpoint(checkpoints, "anneal"), data, seed + 2, steps, lr, weights, t0)
+
+
+def refine_latents(out: Path, checkpoints: Path, seed: int, at_128: int) -> dict:
+    """The multires images plus as many from another draw of the world, {size: (packed latents, captions)}."""
+    first = encoded_latents(out, checkpoints, "multires-latents", seed, at_128)
+    second = encoded_latents(out, checkpoints, "refine-latents", seed + 1000, at_128)
+    return {size: (torch.cat([first[size][0], second[size][0]]), first[size][1] + second[size][1])
+            for size in TRAIN_SIZES}
 
 
 def continue_transformer(out: Path, checkpoint: Checkpoint, data: dict, seed: int, steps: int, lr: float,
@@ -678,6 +703,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="training images per size up to 128² (fewer above: see images_for)")
     parser.add_argument("--refine-steps", type=int, default=11000)
     parser.add_argument("--refine-lr", type=float, default=3e-4)
+    parser.add_argument("--anneal-steps", type=int, default=11000)
+    parser.add_argument("--anneal-lr", type=float, default=1.5e-4)
     parser.add_argument("--lightning-steps", type=int, default=800)
     parser.add_argument("--teacher-cfg", type=float, default=2.0)
     parser.add_argument("--teacher-steps", type=int, default=40)
@@ -724,6 +751,9 @@ def main(argv: list[str] | None = None) -> None:
         elif stage == "refine":
             spent = stage_refine(args.out, checkpoints, args.seed, args.refine_steps, args.multires_images,
                                  args.refine_lr)
+        elif stage == "anneal":
+            spent = stage_anneal(args.out, checkpoints, args.seed, args.anneal_steps, args.multires_images,
+                                 args.anneal_lr)
         elif stage == "lightning":
             stage_lightning(args.out, checkpoints, args.seed, args.lightning_steps, args.teacher_cfg,
                             args.teacher_steps, args.teacher_samples, args.lightning_rank)

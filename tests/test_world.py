@@ -167,15 +167,20 @@ def test_dataset_cli_names_a_malformed_size(tmp_path, capsys):
 
 
 def test_a_completed_stage_invalidates_the_stages_made_from_it(tmp_path):
-    """Rerunning anneal (or refine) must retrain the Lightning LoRAs from the new transformer, not resume the old
-    teacher's trajectories: its completion drops the later stages from the run and deletes their checkpoint files,
-    and keeps what it was made from."""
+    """Rerunning bilingual (or anneal, or refine) must retrain the Lightning LoRAs from the new transformer, not
+    resume the old teacher's trajectories: its completion drops the later stages from the run and deletes their
+    checkpoint files, and keeps what it was made from."""
     from lightray.world.train import STAGES, invalidate_after
 
-    for name in ("multires-latents.pt", "refine-latents.pt", "anneal.pt", "teacher.pt", "lightning-4.done",
-                 "lightning-8.done"):
+    for name in ("multires-latents.pt", "refine-latents.pt", "anneal.pt", "bilingual.pt", "teacher.pt",
+                 "lightning-4.done", "lightning-8.done"):
         (tmp_path / name).write_bytes(b"x")
-    completed = invalidate_after("anneal", list(STAGES), tmp_path)
+    completed = invalidate_after("bilingual", list(STAGES), tmp_path)
+    assert completed == ["text", "vae", "transformer", "decoder", "multires", "refine", "anneal", "bilingual"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["anneal.pt", "bilingual.pt", "multires-latents.pt",
+                                                          "refine-latents.pt"]
+    (tmp_path / "teacher.pt").write_bytes(b"x")
+    completed = invalidate_after("anneal", completed, tmp_path)
     assert completed == ["text", "vae", "transformer", "decoder", "multires", "refine", "anneal"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["anneal.pt", "multires-latents.pt", "refine-latents.pt"]
     (tmp_path / "teacher.pt").write_bytes(b"x")
@@ -184,3 +189,24 @@ def test_a_completed_stage_invalidates_the_stages_made_from_it(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["multires-latents.pt", "refine-latents.pt"]
     assert invalidate_after("multires", completed, tmp_path) == ["text", "vae", "transformer", "decoder", "multires"]
     assert not (tmp_path / "refine-latents.pt").exists() and (tmp_path / "multires-latents.pt").exists()
+
+
+def test_the_bilingual_stage_draws_every_caption_of_an_images_scene():
+    """Each encoded image keeps the one caption it was drawn with; the bilingual stage re-draws it from all of its
+    scene's captions, so the table must give, for every training caption, the 4 English and 4 Chinese phrasings
+    of that scene and no other's, all of them captions the stage's text cache encodes."""
+    from lightray.world.shapes import training_scenes
+    from lightray.world.train import all_captions, scene_captions
+
+    table = scene_captions()
+    encoded = set(all_captions())
+    scenes = training_scenes()
+    assert len(table) == 8 * len(scenes)
+    for scene in scenes[:: max(1, len(scenes) // 20)]:
+        english = scene.caption("en", 1)
+        assert english in table[english]
+        assert table[english] == table[scene.caption("zh", 2)]
+        assert sum(1 for c in table[english] if c.isascii()) == 4
+        assert len(set(table[english])) == 8 and set(table[english]) <= encoded
+    others = {c for s in scenes if s != scenes[0] for c in table[s.caption("en", 0)]}
+    assert not others & set(table[scenes[0].caption("en", 0)])

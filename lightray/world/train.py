@@ -1,6 +1,6 @@
 """Trains the embedded model from scratch on the shapes world, in stages, on a CPU.
 
-    python -m lightray.world.train --out models/lightray-shapes            # everything, ~4 h on 2 cores
+    python -m lightray.world.train --out models/lightray-shapes            # everything, ~5 h on 2 cores
     python -m lightray.world.train --out models/lightray-shapes --resume   # continue a stopped run
     python -m lightray.world.train --out models/lightray-shapes --stages lightning   # redo one stage
 

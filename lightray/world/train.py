@@ -382,13 +382,19 @@ class TextCache:
         return self.embeds[idx, :length], mask
 
 
-def all_captions() -> list[str]:
-    caps = {"", " "}
+def scene_captions() -> dict[str, list[str]]:
+    """Every training caption mapped to all the captions of its scene (both languages, every phrasing)."""
+    table = {}
     for scene in training_scenes():
-        for language in ("en", "zh"):
-            for t in range(4):
-                caps.add(scene.caption(language, t))
-    return sorted(caps)
+        captions = [scene.caption(language, t) for language in ("en", "zh") for t in range(4)]
+        for caption in captions:
+            table[caption] = captions
+    return table
+
+
+def all_captions() -> list[str]:
+    """Every caption the transformer stages encode: the scenes' (`scene_captions`) and CFG's unconditional ones."""
+    return sorted({"", " ", *scene_captions()})
 
 
 def rectified_flow_step(transformer, opt, sched, ema: dict, x0: torch.Tensor, embeds, mask, grid,
@@ -486,16 +492,6 @@ def stage_bilingual(out: Path, checkpoints: Path, seed: int, steps: int, at_128:
     weights = [BILINGUAL_WEIGHTS[size] for size in TRAIN_SIZES]
     return continue_transformer(out, Checkpoint(checkpoints, "bilingual"), data, seed + 3, steps, lr, weights, t0,
                                 recaption=scene_captions())
-
-
-def scene_captions() -> dict[str, list[str]]:
-    """Every training caption mapped to all the captions of its scene (both languages, every phrasing)."""
-    table = {}
-    for scene in training_scenes():
-        captions = [scene.caption(language, t) for language in ("en", "zh") for t in range(4)]
-        for caption in captions:
-            table[caption] = captions
-    return table
 
 
 def refine_latents(out: Path, checkpoints: Path, seed: int, at_128: int) -> dict:
@@ -606,7 +602,7 @@ def teacher_data(out: Path, checkpoints: Path, seed: int, cfg: float, teacher_st
     def compute():
         transformer = QwenImageTransformer2DModel.from_pretrained(out / "transformer").eval()
         cache = TextCache(out, all_captions())
-        scene_captions = [c for c in all_captions() if c.strip()]
+        prompts = sorted(scene_captions())
         student = sorted({s for n in LIGHTNING_STEPS for s in student_sigmas(n)}, reverse=True)
         fine = set(float(s) for s in shift_sigmas(np.linspace(1.0, 1.0 / teacher_steps, teacher_steps)))
         sigmas = sorted(fine | set(student), reverse=True)
@@ -616,7 +612,7 @@ def teacher_data(out: Path, checkpoints: Path, seed: int, cfg: float, teacher_st
         for size in TRAIN_SIZES:
             t0 = time.time()
             samples = images_for(size, at_128)
-            captions = [rng.choice(scene_captions) for _ in range(samples)]
+            captions = [rng.choice(prompts) for _ in range(samples)]
             chunk = max(8, 4 * batch_for(size))
             traj = torch.cat([
                 teacher_trajectories(transformer, cache, captions[i : i + chunk], grid_of(size), sigmas, cfg,

@@ -167,15 +167,21 @@ def test_dataset_cli_names_a_malformed_size(tmp_path, capsys):
 
 
 def test_a_completed_stage_invalidates_the_stages_made_from_it(tmp_path):
-    """Rerunning bilingual (or anneal, or refine) must retrain the Lightning LoRAs from the new transformer, not
-    resume the old teacher's trajectories: its completion drops the later stages from the run and deletes their
-    checkpoint files, and keeps what it was made from."""
+    """Rerunning polish (or bilingual, anneal, refine) must retrain the Lightning LoRAs from the new transformer,
+    not resume the old teacher's trajectories: its completion drops the later stages from the run and deletes
+    their checkpoint files, and keeps what it was made from."""
     from lightray.world.train import STAGES, invalidate_after
 
-    for name in ("multires-latents.pt", "refine-latents.pt", "anneal.pt", "bilingual.pt", "teacher.pt",
-                 "lightning-4.done", "lightning-8.done"):
+    for name in ("multires-latents.pt", "refine-latents.pt", "anneal.pt", "bilingual.pt", "polish.pt",
+                 "teacher.pt", "lightning-4.done", "lightning-8.done"):
         (tmp_path / name).write_bytes(b"x")
-    completed = invalidate_after("bilingual", list(STAGES), tmp_path)
+    completed = invalidate_after("polish", list(STAGES), tmp_path)
+    assert completed == ["text", "vae", "transformer", "decoder", "multires", "refine", "anneal", "bilingual",
+                         "polish"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["anneal.pt", "bilingual.pt", "multires-latents.pt",
+                                                          "polish.pt", "refine-latents.pt"]
+    (tmp_path / "teacher.pt").write_bytes(b"x")
+    completed = invalidate_after("bilingual", completed, tmp_path)
     assert completed == ["text", "vae", "transformer", "decoder", "multires", "refine", "anneal", "bilingual"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["anneal.pt", "bilingual.pt", "multires-latents.pt",
                                                           "refine-latents.pt"]

@@ -1,6 +1,6 @@
 """Trains the embedded model from scratch on the shapes world, in stages, on a CPU.
 
-    python -m lightray.world.train --out models/lightray-shapes            # everything, ~5 h on 2 cores
+    python -m lightray.world.train --out models/lightray-shapes            # everything, ~6 h on 2 cores
     python -m lightray.world.train --out models/lightray-shapes --resume   # continue a stopped run
     python -m lightray.world.train --out models/lightray-shapes --stages lightning   # redo one stage
 
@@ -22,12 +22,14 @@ run completed, recorded in training.json, and continues the current one from its
   8. bilingual: the annealed transformer continued at a lower peak learning rate still, each image captioned afresh
      at every draw from all its scene's captions in both languages (so every image is seen in English and in
      Chinese), the sizes furthest from their targets drawn most often (BILINGUAL_WEIGHTS).
-  9. lightning: the base (many steps, true CFG) distilled into 4- and 8-step LoRAs (no CFG) by trajectory
-     matching over every served size, saved in the published Qwen-Image-Lightning key format.
-  10. pack: weights stored as float16.
+  9. polish: a short continuation at a low peak learning rate, recaptioned as in bilingual, the two sizes still
+     short of their targets drawn most (POLISH_WEIGHTS).
+  10. lightning: the base (many steps, true CFG) distilled into 4- and 8-step LoRAs (no CFG) by trajectory
+     matching over every served size (LIGHTNING_WEIGHTS), saved in the published Qwen-Image-Lightning key format.
+  11. pack: weights stored as float16.
 
 A stage that completes invalidates every later one (its checkpoints and encoded data included): they were made
-from what it just replaced, so `--resume --stages bilingual lightning pack` retrains exactly what depends on bilingual.
+from what it just replaced, so `--resume --stages polish lightning pack` retrains exactly what depends on polish.
 """
 
 from __future__ import annotations
@@ -57,8 +59,8 @@ from lightray.world import build
 from lightray.world.evaluator import score
 from lightray.world.shapes import all_scenes, render, sample_training_examples, training_scenes
 
-STAGES = ("text", "vae", "transformer", "decoder", "multires", "refine", "anneal", "bilingual", "lightning",
-          "pack")
+STAGES = ("text", "vae", "transformer", "decoder", "multires", "refine", "anneal", "bilingual", "polish",
+          "lightning", "pack")
 TRAIN_SIZES: tuple[tuple[int, int], ...] = (
     (64, 64), (96, 96), (128, 128), (192, 192), (256, 256), (128, 64), (64, 128), (192, 128), (128, 192),
 )
@@ -74,6 +76,7 @@ STAGE_FILES: dict[str, tuple[str, ...]] = {
     "refine": ("refine.pt", "refine-latents.pt"),
     "anneal": ("anneal.pt",),
     "bilingual": ("bilingual.pt",),
+    "polish": ("polish.pt",),
     "lightning": ("teacher.pt", *(f"lightning-{n}.done" for n in LIGHTNING_STEPS)),
 }
 """The files each stage keeps in the checkpoint folder (see `invalidate_after`)."""
@@ -111,6 +114,15 @@ def size_weights() -> list[float]:
     return [2.0 if size == DEFAULT_SIZE else 1.0 for size in TRAIN_SIZES]
 
 
+LIGHTNING_WEIGHTS: dict[tuple[int, int], float] = {
+    (64, 64): 1.0, (96, 96): 1.25, (128, 128): 2.0, (192, 192): 1.0, (256, 256): 3.0,
+    (128, 64): 1.25, (64, 128): 1.25, (192, 128): 1.0, (128, 192): 1.0,
+}
+"""How often the Lightning distillation draws each size. Drawn as `size_weights` (1 in 10 at 256²), Lightning 4
+missed its 256² target by 4 points, the furthest of any cell: a 256² step holds 8 images. With 1,000 steps the
+other sizes get as many steps as 800 gave them before."""
+
+
 REFINE_WEIGHTS: dict[tuple[int, int], float] = {
     (64, 64): 1.0, (96, 96): 1.0, (128, 128): 2.0, (192, 192): 1.5, (256, 256): 2.5,
     (128, 64): 1.0, (64, 128): 1.0, (192, 128): 1.5, (128, 192): 1.5,
@@ -131,6 +143,13 @@ BILINGUAL_WEIGHTS: dict[tuple[int, int], float] = {
 }
 """How often the bilingual stage draws each size: after anneal 256² missed its targets by 3–4 points and 64×128 by
 1–2, and Chinese trailed English by 7–8 points at 128², 64² and 64×128; the other sizes met theirs."""
+
+POLISH_WEIGHTS: dict[tuple[int, int], float] = {
+    (64, 64): 1.0, (96, 96): 1.0, (128, 128): 2.0, (192, 192): 1.0, (256, 256): 5.0,
+    (128, 64): 1.0, (64, 128): 3.0, (192, 128): 1.0, (128, 192): 1.0,
+}
+"""How often the polish stage draws each size: after bilingual the base missed only at 256² and 64×128 (by one
+image in 96 each), and 256² had gained in the decaying half of bilingual, not the flat one."""
 
 
 def invalidate_after(stage: str, completed: list[str], checkpoints: Path) -> list[str]:
@@ -494,6 +513,17 @@ def stage_bilingual(out: Path, checkpoints: Path, seed: int, steps: int, at_128:
                                 recaption=scene_captions())
 
 
+def stage_polish(out: Path, checkpoints: Path, seed: int, steps: int, at_128: int, lr: float) -> float:
+    """Continues the bilingual transformer a short while at a low peak learning rate, recaptioned as bilingual
+    is, with the two sizes still short of their targets drawn most (`POLISH_WEIGHTS`). Returns the seconds
+    spent."""
+    t0 = time.time()
+    data = refine_latents(out, checkpoints, seed, at_128)
+    weights = [POLISH_WEIGHTS[size] for size in TRAIN_SIZES]
+    return continue_transformer(out, Checkpoint(checkpoints, "polish"), data, seed + 4, steps, lr, weights, t0,
+                                recaption=scene_captions())
+
+
 def refine_latents(out: Path, checkpoints: Path, seed: int, at_128: int) -> dict:
     """The multires images plus as many from another draw of the world, {size: (packed latents, captions)}."""
     first = encoded_latents(out, checkpoints, "multires-latents", seed, at_128)
@@ -652,7 +682,7 @@ def stage_lightning(out: Path, checkpoints: Path, seed: int, steps: int, cfg: fl
 
     data = teacher_data(out, checkpoints, seed, cfg, teacher_steps, at_128)
     cache = TextCache(out, all_captions())
-    weights = size_weights()
+    weights = [LIGHTNING_WEIGHTS[size] for size in TRAIN_SIZES]
     (out / "lightning").mkdir(exist_ok=True)
     for n_steps in LIGHTNING_STEPS:
         path = out / "lightning" / f"lightray-shapes-lightning-{n_steps}steps.safetensors"
@@ -741,7 +771,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--anneal-lr", type=float, default=1.5e-4)
     parser.add_argument("--bilingual-steps", type=int, default=9000)
     parser.add_argument("--bilingual-lr", type=float, default=1e-4)
-    parser.add_argument("--lightning-steps", type=int, default=800)
+    parser.add_argument("--polish-steps", type=int, default=3000)
+    parser.add_argument("--polish-lr", type=float, default=5e-5)
+    parser.add_argument("--lightning-steps", type=int, default=1000)
     parser.add_argument("--teacher-cfg", type=float, default=2.0)
     parser.add_argument("--teacher-steps", type=int, default=40)
     parser.add_argument("--teacher-samples", type=int, default=384,
@@ -793,6 +825,9 @@ def main(argv: list[str] | None = None) -> None:
         elif stage == "bilingual":
             spent = stage_bilingual(args.out, checkpoints, args.seed, args.bilingual_steps, args.multires_images,
                                     args.bilingual_lr)
+        elif stage == "polish":
+            spent = stage_polish(args.out, checkpoints, args.seed, args.polish_steps, args.multires_images,
+                                 args.polish_lr)
         elif stage == "lightning":
             stage_lightning(args.out, checkpoints, args.seed, args.lightning_steps, args.teacher_cfg,
                             args.teacher_steps, args.teacher_samples, args.lightning_rank)

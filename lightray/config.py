@@ -218,13 +218,14 @@ class ModelPreset(BaseModel):
 
     def size_refusal(self, width: int, height: int) -> str | None:
         """Why width×height is not served (a sentence that says what is), or None when it is."""
-        k = self.size_multiple
-        if width % k or height % k:
-            return f"width and height must be multiples of {k}, got {width}x{height}"
+        # A preset with a list answers with the list whatever was asked (every listed size is a multiple already).
         if self.sizes is not None:
             if (width, height) in self.sizes:
                 return None
             return f"{width}x{height} is not served; this model draws at {', '.join(self.size_names)}"
+        k = self.size_multiple
+        if width % k or height % k:
+            return f"width and height must be multiples of {k}, got {width}x{height}"
         lo, hi = self.min_side, self.max_side
         if not (lo <= width <= hi and lo <= height <= hi):
             return f"width and height must be between {lo} and {hi}, got {width}x{height}"

@@ -67,7 +67,8 @@ def test_every_served_size_is_accepted(recording, size):
     assert f"{backend.specs[-1].width}x{backend.specs[-1].height}" == size
 
 
-@pytest.mark.parametrize("size", ["32x32", "160x160", "256x128", "128x256", "64x96", "224x224", "48x48"])
+@pytest.mark.parametrize("size", ["32x32", "160x160", "256x128", "128x256", "64x96", "224x224", "48x48", "100x100",
+                                  "1024x1024", "127x128"])
 def test_sizes_not_trained_are_refused_listing_the_served_ones(recording, size):
     client, backend = recording
     before = len(backend.specs)

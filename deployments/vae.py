@@ -1,10 +1,10 @@
 """The VaeDecoder deployment: `DenoisedLatents` → `DecodedImages` (PNG), with concurrent decodes batched
 (`serve.batch`), and the VAE encoder for image inputs (`ImageLatents`).
 
-The decodes gathered into one batch run in as few VAE calls as stay bit-exact (`VaeStage.decode_plan`): the requests
-of one size with n >= 2 images are stacked into one call, and a request of one image is decoded alone, because the
-VAE decodes a batch of one differently from larger batches (measurements in `lightray/stages/vae.py` and
-docs/batching.md). The batch handler runs one batch at a time, which also serialises the decodes on the VAE's
+The decodes gathered into one batch run in the VAE calls of `VaeStage.decode_plan`: with `stack_requests` "exact"
+(the default), requests share a call only where that is bit-exact (the 3D VAE: requests of one size with n >= 2
+images; the single-frame VAE: none), with "all" every request of one size shares one call, within the float
+tolerance measured in `lightray/stages/vae.py` and docs/batching.md. The batch handler runs one batch at a time, which also serialises the decodes on the VAE's
 per-call state (the stage's lock still guards it against `encode`, which Serve runs in its thread pool). The default
 `batch_wait_timeout_s` is 0: a batch is whatever queued while the previous one ran.
 """
@@ -25,6 +25,7 @@ from lightray.config import load_preset
 from lightray.contracts import DecodedImages, DenoisedLatents, ImageLatents
 from lightray.images import encode_png
 from lightray.stages import VaeStage
+from lightray.stages.vae import StackPolicy
 
 MAX_BATCH_SIZE = 8
 """Decode requests per batch (at most the deployment's `max_ongoing_requests`)."""
@@ -59,17 +60,17 @@ class DecodedItem:
     """Requests in the batch this one was decoded with."""
 
 
-def decode_batch(stage: VaeStage, items: list[DecodeItem],
-                 max_images: int | None = MAX_IMAGES_PER_CALL) -> list[DecodedItem | Exception]:
-    """Every request's images, in the order of `items`, each bit-identical to `stage.decode` of its own latents,
-    in the VAE calls of `VaeStage.decode_plan`. If the batch fails, each request is retried alone, so one bad
+def decode_batch(stage: VaeStage, items: list[DecodeItem], max_images: int | None = MAX_IMAGES_PER_CALL,
+                 stack: StackPolicy = "exact") -> list[DecodedItem | Exception]:
+    """Every request's images, in the order of `items`, each `stage.decode` of its own latents (bit for bit with
+    `stack` "exact"), in the VAE calls of `VaeStage.decode_plan`. If the batch fails, each request is retried alone, so one bad
     request (latents that do not match its size) fails only itself: its entry is then the exception."""
     try:
-        return _decode_all(stage, items, max_images)
+        return _decode_all(stage, items, max_images, stack)
     except Exception:
         if len(items) == 1:
             raise
-    return [_alone(_decode_all, stage, item, max_images) for item in items]
+    return [_alone(_decode_all, stage, item, max_images, stack) for item in items]
 
 
 def _alone(batch_fn, stage, item, *args):
@@ -79,10 +80,11 @@ def _alone(batch_fn, stage, item, *args):
         return err
 
 
-def _decode_all(stage: VaeStage, items: list[DecodeItem], max_images: int | None) -> list[DecodedItem]:
+def _decode_all(stage: VaeStage, items: list[DecodeItem], max_images: int | None,
+                stack: StackPolicy) -> list[DecodedItem]:
     requests = [(item.latents, item.height, item.width) for item in items]
     out: dict[int, DecodedItem] = {}
-    calls = stage.decode_calls(requests, max_images)
+    calls = stage.decode_calls(requests, max_images, stack)
     while True:
         started, t0 = time.time(), time.perf_counter()
         call = next(calls, None)  # runs the call's VAE decode
@@ -105,9 +107,10 @@ class VaeDecoder:
 
     def __init__(self, preset: dict, max_batch_size: int = MAX_BATCH_SIZE,
                  batch_wait_timeout_s: float = BATCH_WAIT_TIMEOUT_S,
-                 max_images_per_call: int | None = MAX_IMAGES_PER_CALL):
+                 max_images_per_call: int | None = MAX_IMAGES_PER_CALL, stack_requests: StackPolicy = "exact"):
         self.stage = VaeStage(load_preset(preset))
         self.max_images_per_call = max_images_per_call
+        self.stack_requests = stack_requests
         self._decode_batch.set_max_batch_size(max_batch_size)
         self._decode_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
@@ -133,7 +136,8 @@ class VaeDecoder:
     @serve.batch(max_batch_size=MAX_BATCH_SIZE, batch_wait_timeout_s=BATCH_WAIT_TIMEOUT_S)
     async def _decode_batch(self, items: list[DecodeItem]) -> list[DecodedItem | Exception]:
         # In a worker thread: the replica's event loop keeps taking requests (and filling the next batch).
-        return await asyncio.to_thread(decode_batch, self.stage, items, self.max_images_per_call)
+        return await asyncio.to_thread(decode_batch, self.stage, items, self.max_images_per_call,
+                                       self.stack_requests)
 
     def encode(self, image: np.ndarray, seeds: list[int], width: int, height: int,
                handoff_at: float | None = None) -> ImageLatents:

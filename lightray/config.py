@@ -194,6 +194,11 @@ class ModelPreset(BaseModel):
     max_inference_steps: int = Field(100, ge=1)
     vae_decode: VaeDecodeConfig = Field(default_factory=VaeDecodeConfig)
     """How the VAE decodes, to bound its activation memory (off for the embedded model: its decodes are tiny)."""
+    vae_exact: bool = False
+    """Run diffusers' causal 3D VAE (`AutoencoderKLQwenImage`) as it is, bit for bit. False (the default): the
+    single-frame VAE (`lightray.stages.vae_single_frame`), the same weights folded into 2D convolutions, which
+    equals diffusers' up to the order floating-point sums are taken (README, "Numerics") and runs several times
+    faster on a CPU. Tests that compare pixels with diffusers' pipelines bit for bit set this."""
     variants: list[VariantConfig]
     """Model ids served from these weights; the first is the default."""
 

@@ -37,6 +37,6 @@ def build_app(args: dict | None = None) -> Application:
         TextEncoder.bind(preset),
         Denoiser.bind(preset, settings.registry, settings.registry_storage_options, settings.adapter_cache_size,
                       settings.engine.model_dump()),
-        VaeDecoder.bind(preset),
+        VaeDecoder.bind(preset, stack_requests=settings.vae_stack_requests),
         settings.model_dump(),
     )

@@ -11,6 +11,8 @@ Kubernetes Secret), and cannot override what the YAML sets.
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
@@ -53,6 +55,10 @@ class ServiceSettings(RegistrySettings):
     engine: EngineConfig = Field(default_factory=EngineConfig)
     """Each Denoiser replica's step budget and queue bound (`lightray.config.EngineConfig`); keep the Denoiser's
     `max_ongoing_requests` at or below `engine.max_live_requests`."""
+    vae_stack_requests: Literal["exact", "all"] = "exact"
+    """Which concurrent decodes share a VAE call in the VaeDecoder (`lightray.stages.vae`): "exact" only where that
+    is bit-identical to decoding each request alone (so a seed gives the same pixels whatever else runs); "all"
+    every request of one size, for throughput, within the float tolerance docs/batching.md states."""
     request_timeout_s: float = Field(120.0, gt=0)
     """A generation still running after this long is abandoned with 504."""
     image_store_dir: str = "./out/images"

@@ -41,6 +41,15 @@ def local_pipeline(preset):
 
 
 @pytest.fixture(scope="session")
+def exact_vae(preset):
+    """The preset's VAE as diffusers runs it (`vae_exact`), for tests that compare pixels with diffusers' pipelines
+    bit for bit; everything else runs the single-frame VAE."""
+    from lightray.stages import VaeStage
+
+    return VaeStage(preset.model_copy(update={"vae_exact": True}))
+
+
+@pytest.fixture(scope="session")
 def registry_root(tmp_path_factory) -> Path:
     """The adapter registry (a local folder) that both the in-process app and the Ray service read."""
     return tmp_path_factory.mktemp("registry")

@@ -117,14 +117,15 @@ def _run_reference(pipe, preset, spec, image, mask, mode: str, monkeypatch, **kw
         monkeypatch.undo()
 
 
-def _run_graph(local_pipeline, spec, image, mask, mode: str) -> list[Image.Image]:
-    """The graph's stage functions, in the order the Ray graph calls them (text ∥ VAE encode → denoise → decode)."""
+def _run_graph(local_pipeline, vae, spec, image, mask, mode: str) -> list[Image.Image]:
+    """The graph's stage functions, in the order the Ray graph calls them (text ∥ VAE encode → denoise → decode),
+    with `vae` (the exact one: diffusers' pipelines run the 3D VAE)."""
     lp = local_pipeline
-    start = lp.vae.encode_for_seeds(resize_for_model(image, spec.width, spec.height), spec.seeds, spec.height,
+    start = vae.encode_for_seeds(resize_for_model(image, spec.width, spec.height), spec.seeds, spec.height,
                                     spec.width, mode=mode)
     m = None if mask is None else np.asarray(resize_for_model(mask, spec.width, spec.height))
     latents = lp.denoiser.denoise(spec.denoise_params(), lp.encode(spec), image=start, mask=m)
-    return lp.vae.decode(latents, spec.height, spec.width)
+    return vae.decode(latents, spec.height, spec.width)
 
 
 def _cases(preset):
@@ -140,7 +141,7 @@ def _cases(preset):
 
 @pytest.mark.parametrize("mode", ["argmax", "sample"])
 @pytest.mark.parametrize("kind", ["img2img", "inpaint"])
-def test_graph_reproduces_diffusers_pipelines(local_pipeline, reference, picture, kind, mode, monkeypatch):
+def test_graph_reproduces_diffusers_pipelines(local_pipeline, exact_vae, reference, picture, kind, mode, monkeypatch):
     preset = local_pipeline.preset
     cases = _cases(preset)
     assert cases
@@ -150,7 +151,7 @@ def test_graph_reproduces_diffusers_pipelines(local_pipeline, reference, picture
         if kind == "inpaint":
             mask = box_mask(image.size, (image.width // 2, image.height // 4, image.width, 3 * image.height // 4))
         spec = ImageEditRequest(prompt=PROMPT, **case).resolve(preset, 0, image.size, inpaint=mask is not None)
-        ours = _run_graph(local_pipeline, spec, image, mask, mode)
+        ours = _run_graph(local_pipeline, exact_vae, spec, image, mask, mode)
         theirs = _run_reference(reference[kind], preset, spec, image, mask, mode, monkeypatch)
         assert len(ours) == len(theirs) == len(spec.seeds)
         for a, b in zip(ours, theirs):
@@ -283,10 +284,10 @@ def test_openapi_shows_keep_unmasked_in_both_edit_bodies(api_client):
 
 
 @torch.no_grad()
-def test_vae_encode_is_the_pipelines_image_latents(local_pipeline, reference, picture, monkeypatch):
+def test_vae_encode_is_the_pipelines_image_latents(exact_vae, reference, picture, monkeypatch):
     """`VaeStage.encode` (posterior mean) and `encode_for_seeds(mode="sample")` against the pipelines' own
     `_encode_vae_image`, packed; the generator states after the draw match too."""
-    vae, pipe = local_pipeline.vae, reference["img2img"]
+    vae, pipe = exact_vae, reference["img2img"]
     x = pipe.image_processor.preprocess(picture, height=64, width=64).unsqueeze(2).to(pipe.vae.dtype)
     c, h, w = pipe.latent_channels, x.shape[-2] // 8, x.shape[-1] // 8
 

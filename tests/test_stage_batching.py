@@ -83,23 +83,41 @@ def test_text_encode_many_is_bit_identical_to_alone(text, alone_embeds):
         assert np.array_equal(e, alone_embeds[p]), p
 
 
-def test_vae_decode_plan():
+def test_vae_decode_plan(vae, exact_vae):
     def req(n, h=64, w=64):
         return (np.zeros((n, 1, 1), np.float32), h, w)
 
     rs = [req(1), req(2), req(3, 96), req(1), req(4), req(2, 96), req(5)]
-    assert VaeStage.decode_plan(rs) == [[0], [1, 4, 6], [2, 5], [3]]
+    # The 3D VAE stacks n >= 2 exactly; the single-frame VAE stacks nothing exactly.
+    assert exact_vae.decode_plan(rs) == [[0], [1, 4, 6], [2, 5], [3]]
+    assert vae.decode_plan(rs) == [[i] for i in range(len(rs))]
     # capped: requests are never split, a call is opened when the next one would overflow
-    assert VaeStage.decode_plan(rs, max_images=6) == [[0], [1, 4], [2, 5], [3], [6]]
-    assert VaeStage.decode_plan([req(9)], max_images=4) == [[0]]
+    assert exact_vae.decode_plan(rs, max_images=6) == [[0], [1, 4], [2, 5], [3], [6]]
+    assert exact_vae.decode_plan([req(9)], max_images=4) == [[0]]
+    # "all": every request of a size, singles too
+    for stage in (vae, exact_vae):
+        assert stage.decode_plan(rs, stack="all") == [[0, 1, 3, 4, 6], [2, 5]]
+        assert stage.decode_plan(rs, max_images=6, stack="all") == [[0, 1, 3], [2, 5], [4], [6]]
 
 
-def test_vae_decode_many_is_bit_identical_to_alone(vae, decode_requests, alone_pixels):
-    batched = vae.decode_many(decode_requests)
-    for i, (images, expected) in enumerate(zip(batched, alone_pixels)):
+@pytest.mark.parametrize("which", ["single_frame", "exact"])
+def test_vae_decode_many_is_bit_identical_to_alone(which, vae, exact_vae, decode_requests, alone_pixels):
+    stage = vae if which == "single_frame" else exact_vae
+    expected_all = alone_pixels if which == "single_frame" else [
+        [np.asarray(im) for im in exact_vae.decode(*r)] for r in decode_requests]
+    batched = stage.decode_many(decode_requests)
+    for i, (images, expected) in enumerate(zip(batched, expected_all)):
         assert len(images) == len(expected), i
         for im, ex in zip(images, expected):
             assert np.array_equal(np.asarray(im), ex), f"request {i}"
+
+
+def test_vae_decode_many_stacking_all_is_within_one_grey_level(vae, decode_requests, alone_pixels):
+    """"all" shares calls across requests: the single-frame VAE's convolutions then reorder float sums."""
+    stacked = vae.decode_many(decode_requests, stack="all")
+    worst = max(int(np.abs(np.asarray(im, dtype=int) - ex.astype(int)).max())
+                for images, expected in zip(stacked, alone_pixels) for im, ex in zip(images, expected))
+    assert worst <= 1
 
 
 # ---------------------------------------------------------------------------- the deployments' handlers
@@ -126,7 +144,9 @@ def test_decode_batch_gives_each_request_its_own_images(vae, decode_requests, al
     for i, (o, expected) in enumerate(zip(out, alone_pixels)):
         assert [np.asarray(im).tolist() for im in o.images] == [e.tolist() for e in expected], f"request {i}"
         assert o.batch_requests == len(items)
-    assert [o.call_images for o in out] == [1, 5, 4, 1, 5, 4]  # 64x64 n=2+3 stacked, 96x64 2+2 stacked
+    assert [o.call_images for o in out] == [1, 2, 2, 1, 3, 2]  # "exact" on the single-frame VAE: each alone
+    stacked = decode_batch(vae, items, stack="all")
+    assert [o.call_images for o in stacked] == [7, 7, 4, 7, 7, 4]  # every request of a size in one call
 
 
 def test_decode_batch_isolates_a_bad_request(vae, decode_requests, alone_pixels):
@@ -198,11 +218,11 @@ def test_vae_deployment_batches_concurrent_decodes(vae, decode_requests, alone_p
 
     cls = VaeDecoder.func_or_class
     decoder = cls.__new__(cls)
-    decoder.stage, decoder.max_images_per_call = vae, None
+    decoder.stage, decoder.max_images_per_call, decoder.stack_requests = vae, None, "exact"
     batches = []
     real = module.decode_batch
     monkeypatch.setattr(module, "decode_batch",
-                        lambda stage, items, m: batches.append(len(items)) or real(stage, items, m))
+                        lambda stage, items, m, stack: batches.append(len(items)) or real(stage, items, m, stack))
 
     async def many():
         return await asyncio.gather(*(

@@ -5,18 +5,22 @@ AutoencoderKLQwenImage keeps per-call state on the module (its causal-convolutio
 Ray Serve runs a replica's synchronous methods in a thread pool (the VaeDecoder takes up to
 `max_ongoing_requests` at once): every VAE call here holds the stage's lock.
 
+Two forms of the VAE (`ModelPreset.vae_exact`): diffusers' causal 3D `AutoencoderKLQwenImage` as it is, or, by
+default, the same weights folded into 2D convolutions for a single frame (`SingleFrameVae`,
+lightray/stages/vae_single_frame.py): equal up to the order of floating-point sums, several times faster on a CPU.
+
 Batching decodes (`VaeStage.decode_many`, what the VaeDecoder deployment runs for the requests `serve.batch` hands
-it). The contract: each request's images are bit-identical to decoding its own latents in one call (`decode`, what
-the in-process pipeline does). Measured on the embedded model (CPU, float32, one torch thread):
+it). A request's images are always decoded in one call, as the in-process pipeline decodes them (`decode`). Whether
+requests are stacked into a shared call is `stack`:
 
-* the decoder output of a latent is the same for every batch size >= 2 (max abs difference 0.0 for batches of
-  2..9 at 64x64 and 128x128, 2..5 at 96x96, 2..3 at 256x256, rows at any position), but a batch of 1 takes another
-  path from the first convolution (`conv_in`, a causal Conv3d) on: stacking single-image latents changes them by up
-  to 7.1e-6 (64x64) / 5.5e-6 (128x128) before quantisation, one grey level in 2 of 8 (64x64) and 3 of 8 (128x128)
-  images after it.
+* "exact" stacks only where that is bit-identical to decoding each request alone. The 3D VAE decodes every batch
+  size >= 2 alike (max abs difference 0.0 for batches of 2..9 at 64x64 and 128x128), but a batch of 1 takes
+  another path from its first convolution: so its requests of one size with n >= 2 images are stacked, and a
+  request of n = 1 is decoded alone. The 2D VAE's convolutions (oneDNN) are exact for no batch size: every
+  request is decoded alone.
+* "all" stacks every request of one size into one call: more throughput under load, at the cost of float
+  reordering (up to ~2e-5 before quantisation on the embedded model, at most one grey level in rare pixels).
 
-So requests of one size with n >= 2 images are stacked into one VAE call (exact), and a request of n = 1 is decoded
-alone, as the pipeline decodes it (`decode_plan`). The VAE lock is then taken once per call rather than per request.
 docs/batching.md has the numbers and timings.
 
 Memory (`ModelPreset.vae_decode`, off for the embedded model): with `slice_images` a call decodes its images one at a
@@ -29,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Iterator
+from typing import Literal
 
 import numpy as np
 import torch
@@ -39,6 +44,9 @@ from PIL import Image
 from lightray.config import ModelPreset
 from lightray.contracts import ImageLatents  # re-exported: `from lightray.stages.vae import ImageLatents`
 from lightray.stages.common import HealthProbe, check_parameter_dtype, generators, torch_dtype
+from lightray.stages.vae_single_frame import SingleFrameVae
+
+StackPolicy = Literal["exact", "all"]
 
 
 class VaeStage:
@@ -49,6 +57,11 @@ class VaeStage:
             preset.root / "vae", dtype=torch_dtype(preset.dtype)
         ).to(self.device).eval()
         check_parameter_dtype(self.vae, torch_dtype(preset.dtype), "vae")
+        if not preset.vae_exact:
+            # The 3D model is dropped here: only the folded kernels (copied once) and the shared 1x1 ones stay.
+            self.vae = SingleFrameVae(self.vae)
+        self.exact_stack_from: int | None = 2 if preset.vae_exact else None
+        """The smallest n whose requests stack bit-exactly with each other (module docstring); None: no n."""
         self.scale_factor = 2 ** len(self.vae.temperal_downsample)
         self._lock = threading.Lock()  # see the module docstring
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.scale_factor * 2)
@@ -72,7 +85,7 @@ class VaeStage:
         weights, that keeps no state, so it runs without the VAE lock (a probe that waited behind a long decode
         would time out on a healthy replica) and changes nothing for a decode in progress."""
         z = torch.ones((1, self.vae.config.z_dim, 1, 1, 1), device=self.device, dtype=self.vae.dtype)
-        return self.vae.post_quant_conv(z)
+        return self.vae.post_quant_conv(z[:, :, 0] if isinstance(self.vae, SingleFrameVae) else z)
 
     def check_health(self, timeout_s: float | None = None) -> None:
         """Raise unless the VAE still computes finite output on its device within the timeout (`HealthProbe`)."""
@@ -103,35 +116,18 @@ class VaeStage:
             image = self.vae.decode(latents, return_dict=False)[0][:, :, 0]
         return self.image_processor.postprocess(image, output_type="pil")
 
-    @staticmethod
-    def decode_plan(requests: list[tuple[np.ndarray, int, int]], max_images: int | None = None) -> list[list[int]]:
+    def decode_plan(self, requests: list[tuple[np.ndarray, int, int]], max_images: int | None = None,
+                    stack: StackPolicy = "exact") -> list[list[int]]:
         """Indices of `requests` ((packed [n, tokens, 64], height, width) each) grouped into VAE calls, in order of
-        first appearance: per size, the requests of n >= 2 images together (batch sizes >= 2 decode alike, see the
-        module docstring), in calls of at most `max_images` images (a request is never split); every n = 1 request
-        alone."""
-        plan: list[list[int]] = []
-        open_calls: dict[tuple[int, int], list[int]] = {}
-        images: dict[tuple[int, int], int] = {}
-        for i, (packed, height, width) in enumerate(requests):
-            n = len(packed)
-            if n < 2:
-                plan.append([i])
-                continue
-            key = (height, width)
-            call = open_calls.get(key)
-            if call is None or (max_images is not None and images[key] + n > max_images):
-                call = open_calls[key] = []
-                images[key] = 0
-                plan.append(call)
-            call.append(i)
-            images[key] += n
-        return plan
+        first appearance: per size, the requests that `stack` lets share a call (module docstring) together, in
+        calls of at most `max_images` images (a request is never split); every other request alone."""
+        return stack_plan(requests, max_images, 1 if stack == "all" else self.exact_stack_from)
 
-    def decode_calls(self, requests: list[tuple[np.ndarray, int, int]], max_images: int | None = None
-                     ) -> Iterator[list[tuple[int, list[Image.Image]]]]:
+    def decode_calls(self, requests: list[tuple[np.ndarray, int, int]], max_images: int | None = None,
+                     stack: StackPolicy = "exact") -> Iterator[list[tuple[int, list[Image.Image]]]]:
         """The VAE calls of `decode_plan`, one at a time (so a caller can time each): per call, (request index,
         its images) for the requests it decoded."""
-        for call in self.decode_plan(requests, max_images):
+        for call in self.decode_plan(requests, max_images, stack):
             _, height, width = requests[call[0]]
             images = self.decode(np.concatenate([requests[i][0] for i in call]), height, width)
             done, start = [], 0
@@ -141,11 +137,11 @@ class VaeStage:
                 start += n
             yield done
 
-    def decode_many(self, requests: list[tuple[np.ndarray, int, int]],
-                    max_images: int | None = None) -> list[list[Image.Image]]:
-        """`[decode(*r) for r in requests]`, bit for bit, in the fewer VAE calls of `decode_plan`."""
+    def decode_many(self, requests: list[tuple[np.ndarray, int, int]], max_images: int | None = None,
+                    stack: StackPolicy = "exact") -> list[list[Image.Image]]:
+        """`[decode(*r) for r in requests]` in the VAE calls of `decode_plan`: bit for bit with "exact"."""
         out: dict[int, list[Image.Image]] = {}
-        for call in self.decode_calls(requests, max_images):
+        for call in self.decode_calls(requests, max_images, stack):
             out.update(call)
         return [out[i] for i in range(len(requests))]
 
@@ -210,3 +206,26 @@ class VaeStage:
             states.append(g.get_state().numpy().copy())
         return ImageLatents(self._normalise_and_pack(torch.cat(samples)), tuple(states))
 
+
+
+def stack_plan(requests: list[tuple[np.ndarray, int, int]], max_images: int | None,
+               stack_from: int | None) -> list[list[int]]:
+    """`VaeStage.decode_plan`'s grouping: requests of n >= `stack_from` images (None: none) share calls per size,
+    capped at `max_images` images a call; the others go alone."""
+    plan: list[list[int]] = []
+    open_calls: dict[tuple[int, int], list[int]] = {}
+    images: dict[tuple[int, int], int] = {}
+    for i, (packed, height, width) in enumerate(requests):
+        n = len(packed)
+        if stack_from is None or n < stack_from:
+            plan.append([i])
+            continue
+        key = (height, width)
+        call = open_calls.get(key)
+        if call is None or (max_images is not None and images[key] + n > max_images):
+            call = open_calls[key] = []
+            images[key] = 0
+            plan.append(call)
+        call.append(i)
+        images[key] += n
+    return plan

@@ -19,7 +19,9 @@ $(VENV)/.installed: pyproject.toml
 serve: $(VENV)/.installed
 	$(VENV)/bin/lightray serve $(CONFIG)
 
+# The playground's browser tests need Debian's chromium + chromium-driver: installed when missing.
 test: $(VENV)/.installed
+	bash testing/install_browser.sh
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: $(VENV)/.installed

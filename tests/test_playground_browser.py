@@ -38,7 +38,7 @@ def _binary(*names: str) -> str:
         if path:
             return path
     raise RuntimeError(f"none of {names} is installed: `apt-get install -y chromium chromium-driver` "
-                       "(.ci/run does it)")
+                       "(`make test` does it: testing/install_browser.sh)")
 
 
 @pytest.fixture(scope="module")

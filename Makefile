@@ -6,7 +6,7 @@ CONFIG ?= configs/serve/local.yaml
 # Ray's environment (no token auth, no usage stats, a patient proxy start-up check) is set by the programs the
 # targets run, from lightray/ray_env.py: `lightray serve`, and testing/local_cluster.py for tests and benchmarks.
 
-.PHONY: serve test bench train eval clean image image-cpu
+.PHONY: serve test test-fast bench train eval clean image image-cpu
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -23,6 +23,10 @@ serve: $(VENV)/.installed
 test: $(VENV)/.installed
 	bash testing/install_browser.sh
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The unit tier: no Ray cluster, no server, no browser (tests/conftest.py marks the tiers).
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -q -m unit $(PYTEST_ARGS)
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_graph.py

@@ -15,6 +15,19 @@ pytest_plugins = ["conftest_registry"]
 
 REPO = Path(__file__).resolve().parent.parent
 
+# The test tiers (pyproject's markers; `make test-fast` runs `unit`). A test is marked `cluster` when it needs a
+# Ray cluster or another real server, through these fixtures or its module's `pytestmark`; `browser` likewise;
+# every test that is none of cluster, browser and slow is `unit`.
+SERVER_FIXTURES = {"ray_cluster", "service", "s3_server", "s3_prefix"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.cluster)
+        if not any(item.get_closest_marker(m) for m in ("cluster", "browser", "slow")):
+            item.add_marker(pytest.mark.unit)
+
 
 @pytest.fixture
 def one_torch_thread():

@@ -17,6 +17,8 @@ from testing.local_cluster import RayCluster
 from lightray.contracts import DenoiseCancelled
 from lightray.schemas import ImageGenerationRequest
 
+pytestmark = pytest.mark.cluster
+
 REPO = Path(__file__).resolve().parent.parent
 TIMEOUT_S = 4
 ADMITTED = 2

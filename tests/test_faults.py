@@ -25,6 +25,8 @@ from PIL import Image
 from lightray.registry_settings import open_registry
 from testing.local_cluster import RayCluster
 
+pytestmark = pytest.mark.cluster
+
 REPO = Path(__file__).resolve().parent.parent
 PROMPT = "a red circle on the left, white background"
 REQUEST_TIMEOUT_S = 30  # the service's own bound (504 past it); clients wait longer, so a hang shows as one

@@ -25,6 +25,8 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 from lightray.world.evaluator import parse_prompt, score
 
+pytestmark = pytest.mark.browser
+
 SCREENSHOTS = Path(os.environ.get("LIGHTRAY_SCREENSHOTS_DIR") or tempfile.mkdtemp(prefix="lightray-screens-"))
 SCREENSHOTS.mkdir(parents=True, exist_ok=True)
 PROMPT = "a red circle on the left, white background"

@@ -133,6 +133,20 @@ class VaeDecoder:
                     decode_ms=timings["decode_ms"], png_ms=timings["png_ms"])
         return DecodedImages(pngs, timings)
 
+    def preview(self, latents: np.ndarray, width: int, height: int) -> DecodedImages:
+        """A streamed request's x0-prediction latents [n, tokens, 64] → cheap preview PNGs (a quarter of the side)
+        in seed order, with preview_ms and png_ms (`VaeStage.preview`: a latent-to-RGB projection, no VAE call, so
+        neither batched nor behind the decodes). Here rather than at the ingress, which never computes pixels."""
+        timings: dict[str, float] = {}
+        with timed(timings, "preview_ms"):
+            images = self.stage.preview(latents, height, width)
+        with timed(timings, "png_ms"):
+            pngs = tuple(encode_png(im) for im in images)
+        record_stages(timings, "preview_ms")
+        log_request("preview", images=len(pngs), size=f"{width}x{height}", preview_ms=timings["preview_ms"],
+                    png_ms=timings["png_ms"])
+        return DecodedImages(pngs, timings)
+
     @serve.batch(max_batch_size=MAX_BATCH_SIZE, batch_wait_timeout_s=BATCH_WAIT_TIMEOUT_S)
     async def _decode_batch(self, items: list[DecodeItem]) -> list[DecodedItem | Exception]:
         # In a worker thread: the replica's event loop keeps taking requests (and filling the next batch).

@@ -192,6 +192,11 @@ class ModelPreset(BaseModel):
     max_images_per_request: int = Field(10, ge=1, le=64)
     """Largest `n`."""
     max_inference_steps: int = Field(100, ge=1)
+    default_preview: Literal["fast", "full"] = "fast"
+    """How streamed previews (`partial_images`) are made when the request's `preview` field is not given. "fast": a
+    latent-to-RGB projection fitted to this model's VAE at load, a quarter of the image's side, well under a
+    millisecond each (`lightray.stages.preview`); "full": the VAE decodes each preview, at full size, as it decodes
+    the final image (a full decode's cost per preview, and the VAE's own colours)."""
     vae_decode: VaeDecodeConfig = Field(default_factory=VaeDecodeConfig)
     """How the VAE decodes, to bound its activation memory (off for the embedded model: its decodes are tiny)."""
     vae_exact: bool = False

@@ -119,6 +119,20 @@ def compose_pngs(pngs: Sequence[bytes], prepared: PreparedEdit) -> list[bytes]:
     return [encode_png(im) for im in compose_edit(images, prepared)]
 
 
+def compose_preview_pngs(pngs: Sequence[bytes], prepared: PreparedEdit) -> list[bytes]:
+    """`compose_pngs` for a streamed edit's previews, which may be smaller than the model's output (a fast preview
+    is a quarter of its side, `lightray.stages.preview`): each is first resized to the model's size (bilinear), so
+    it lands on the canvas where the final image will, then composed; the composed preview has the output's size
+    and the input's pixels where the final image will. Unchanged bytes when nothing is composed (an img2img
+    preview keeps its own size, as a generation's does)."""
+    if not prepared.composes:
+        return list(pngs)
+    size = prepared.image.size
+    images = [Image.open(io.BytesIO(png)).convert("RGB") for png in pngs]
+    images = [im if im.size == size else im.resize(size, Image.Resampling.BILINEAR) for im in images]
+    return [encode_png(im) for im in compose_edit(images, prepared)]
+
+
 def _placed(output: Image.Image, prepared: PreparedEdit) -> Image.Image:
     """The model's output on the canvas's frame: resized into the crop box on black (as `apply_overlay` places
     it), or as it is without a crop."""

@@ -67,6 +67,13 @@ class ImageGenerationRequest(BaseModel):
         "steps than that plus one). Default 0.",
     )
     # Extensions.
+    preview: Literal["fast", "full"] | None = Field(
+        None,
+        description='With `partial_images`: how previews are made. "fast": a latent-to-RGB projection, a quarter of '
+        'the image\'s side, far cheaper than a decode; "full": decoded by the VAE at full size, as the final image '
+        "is (each costs a decode). Default: the model's (`fast` unless its preset says otherwise). The final image "
+        "is the same either way.",
+    )
     negative_prompt: str | None = Field(None, description="What not to draw (enables true CFG with scale > 1).")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Image i uses seed + i.")
     seeds: list[int] | None = Field(None, description="One seed per image (overrides `seed`); length must be n.")
@@ -172,6 +179,7 @@ class ImageGenerationRequest(BaseModel):
             prompt=self.prompt, negative_prompt=negative if cfg > 1 else None, model=variant.id, seeds=seeds,
             width=width, height=height, num_inference_steps=steps, true_cfg_scale=cfg,
             adapters=parse_lora_field(self.lora), partial_images=self.partial_images or 0,
+            preview=self.preview or preset.default_preview,
         )
 
 
@@ -254,6 +262,9 @@ class GenerationSpec:
     """Who asked (the API key's tenant), for fairness between tenants; None when auth is off."""
     partial_images: int = 0
     """Previews per image for a streamed request (the engine reports x0-predictions after `preview_steps()`)."""
+    preview: Literal["fast", "full"] = "fast"
+    """How those previews are made: "fast", the VAE stage's latent-to-RGB projection (`VaeStage.preview`, a quarter
+    of the side); "full", the VAE decode (`VaeStage.decode`, full size)."""
 
     @property
     def total_steps(self) -> int:

@@ -16,7 +16,7 @@ from PIL import Image
 from lightray.adapters import fetch_for_preset
 from lightray.config import ModelPreset
 from lightray.contracts import AdapterLoadError, DenoisedLatents, EngineFull, StepProgress
-from lightray.edits import PreparedEdit, compose_pngs, prepare_edit
+from lightray.edits import PreparedEdit, compose_preview_pngs, compose_pngs, prepare_edit
 from lightray.images import encode_png
 from lightray.registry import AdapterCorrupt, AdapterNotFound, AdapterRegistry, AdapterRegistryError
 from lightray.schemas import EditSpec, GenerationSpec, RequestError
@@ -54,7 +54,8 @@ class StepUpdate:
 
 @dataclasses.dataclass(frozen=True)
 class PartialImages:
-    """A streamed request's preview: every image's x0-prediction after `step`, decoded by the VAE."""
+    """A streamed request's preview: every image's x0-prediction after `step`, projected to RGB at a quarter of the
+    side (`preview: "fast"`, `VaeStage.preview`) or decoded by the VAE (`"full"`)."""
 
     index: int
     """0-based number of this preview within the request (OpenAI's `partial_image_index`)."""
@@ -160,7 +161,10 @@ class LocalBackend:
                 cancel.set()  # the engine drops the request at its next step
 
     def _decode(self, latents, spec: GenerationSpec) -> list[bytes]:
-        return [encode_png(im) for im in self.pipeline.vae.decode(latents, spec.height, spec.width)]
+        """A preview's PNGs, made as `spec.preview` says (as the VaeDecoder's `preview` / `decode` make them)."""
+        vae = self.pipeline.vae
+        make = vae.decode if spec.preview == "full" else vae.preview
+        return [encode_png(im) for im in make(latents, spec.height, spec.width)]
 
     async def readiness(self) -> dict[str, bool]:
         return {"TextEncoder": True, "Denoiser": True, "VaeDecoder": True}
@@ -264,7 +268,10 @@ class RayGraphBackend:
                     continue
                 yield StepUpdate(item.step, item.total_steps)
                 if item.preview is not None:
-                    response = self.vae.decode.remote(DenoisedLatents(item.preview), spec.width, spec.height)
+                    if spec.preview == "full":
+                        response = self.vae.decode.remote(DenoisedLatents(item.preview), spec.width, spec.height)
+                    else:  # "fast": the VAE replica's projection, no VAE call (VaeDecoder.preview)
+                        response = self.vae.preview.remote(item.preview, spec.width, spec.height)
                     previews.append(asyncio.ensure_future(_partial(len(previews), item.step, response)))
                 while sent < len(previews) and previews[sent].done():
                     yield previews[sent].result()
@@ -364,7 +371,8 @@ async def _composed_stream(spec: EditSpec, image: Image.Image, mask: Image.Image
     try:
         async for item in items:
             if isinstance(item, PartialImages):
-                item = dataclasses.replace(item, pngs=await asyncio.to_thread(compose_pngs, item.pngs, prepared))
+                pngs = await asyncio.to_thread(compose_preview_pngs, item.pngs, prepared)
+                item = dataclasses.replace(item, pngs=pngs)
             elif isinstance(item, GenerationResult):
                 item = await _composed_result(item, prepared)
             yield item

@@ -54,7 +54,7 @@ def test_openai_client_streams_a_generation_equal_to_the_plain_one(client):
                                    extra_body={"seed": 9})
     assert [e.b64_json for e in completed] == [d.b64_json for d in plain.data]
     for e in partial:
-        assert pixels(e.b64_json).shape == (128, 128, 3)
+        assert pixels(e.b64_json).shape == (32, 32, 3)  # fast previews (the default): a quarter of the side
 
 
 def test_openai_client_streams_an_inpaint_equal_to_the_plain_one(client):

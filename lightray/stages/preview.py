@@ -1,0 +1,146 @@
+"""Cheap streamed previews: a latent-to-RGB linear projection fitted to the model's own VAE at load.
+
+A streamed request's previews (`partial_images`) are x0-predictions of the final latents. Decoding each with the
+full VAE costs as much as decoding the final image (on the embedded model at 128², about two Lightning steps per
+preview: three previews added ~75 % to a request, issue 27). A preview only has to show the image forming, so
+`preview: "fast"` (the default) projects each latent pixel to one RGB colour instead: `rgb = latent · W + b`,
+16 latent channels → 3, then a 2× bilinear upsample. The preview is a quarter of the output's side (the VAE
+downsamples 8×, the projection gives one colour per latent pixel, the upsample doubles it), and costs well under a
+millisecond (docs/streaming.md has the figures). ComfyUI's latent previews work the same way.
+
+The projection is fitted at load, by least squares, to the VAE it stands in for (so a preset with other weights
+gets its own fit, and nothing is shipped or kept in step with the weights): a small fixed set of synthetic images
+(coloured blocks spanning the RGB cube on white, black and grey backgrounds; `fit_images`) is encoded by the
+stage's own encoder to the normalised packed latents the denoiser works in, and each latent pixel's colour target
+is its image's 8×8 pixel block, averaged. Deterministic: the same weights give the same fit.
+
+What it is good for depends on the VAE. Qwen-Image's VAE (the Wan 2.1 VAE) is close to linear in colour, which is
+why ComfyUI ships a 16×3 matrix for it. The embedded model's small VAE is not: on its generations the projection
+gets the layout and the background right (white, black, grey) but not the shapes' colours, which come out dark or
+greyish (docs/streaming.md: measured, and why no per-pixel fit can do better there). `preview: "full"` is the
+choice when colours matter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+FIT_IMAGE_SIDE = 64
+"""Side of the synthetic fit images (a 64×64 image is an 8×8 latent grid with the VAE's 8× downsampling)."""
+PREVIEW_UPSCALE = 2
+"""Preview pixels per latent pixel along each side (bilinear): 2 gives a quarter of the output's side."""
+RIDGE = 1e-3
+"""Ridge penalty on the projection's weights, relative to the mean latent energy of the fit set: keeps a latent
+channel that the synthetic images barely move from getting a large weight that would amplify it on generated
+latents."""
+
+_LEVELS = (0, 64, 128, 192, 255)
+"""Levels per RGB channel of the fit colours: the 125 colours of this 5×5×5 grid span the RGB cube."""
+_BACKGROUNDS = ((255, 255, 255), (0, 0, 0), (128, 128, 128))
+"""Backgrounds of the fit images, in turn (white, black and grey: the embedded model draws on these, and a flat
+background is most of most pictures)."""
+
+
+def fit_images(side: int = FIT_IMAGE_SIDE) -> np.ndarray:
+    """The synthetic fit set, uint8 [32, side, side, 3], fixed and deterministic (no RNG): the 125 colours of the
+    5-level RGB grid, four per image as side/4-pixel blocks (two latent pixels square at 64×64, on the latent grid)
+    on a white, black or grey background in turn.
+
+    Blocks on backgrounds rather than solid images: measured on the embedded model's own generations (held-out
+    PSNR in docs/streaming.md), this set fits 2-3 dB better than solid colours, block mosaics and gradients; the
+    VAE's latent of a colour depends on what surrounds it, and pictures are mostly a background with things on it.
+    """
+    grid = np.array([(r, g, b) for r in _LEVELS for g in _LEVELS for b in _LEVELS], np.uint8)
+    block, far = side // 4, side - side // 4 - side // 8
+    corners = ((side // 8, side // 8), (side // 8, far), (far, side // 8), (far, far))
+    images = []
+    for i, first in enumerate(range(0, len(grid), 4)):
+        image = np.broadcast_to(np.array(_BACKGROUNDS[i % len(_BACKGROUNDS)], np.uint8), (side, side, 3)).copy()
+        for k, (top, left) in enumerate(corners):
+            image[top:top + block, left:left + block] = grid[(first + k) % len(grid)]
+        images.append(image)
+    return np.stack(images)
+
+
+def unpack_latents(packed: np.ndarray, height: int, width: int, scale_factor: int) -> np.ndarray:
+    """Packed latents [n, tokens, 4·c] (2×2 patches, the denoiser's layout) → [n, h, w, c] on the latent grid
+    (h = height / scale_factor): `QwenImagePipeline._unpack_latents`, channels last, in numpy."""
+    n, _, packed_channels = packed.shape
+    h, w = 2 * (height // (scale_factor * 2)), 2 * (width // (scale_factor * 2))
+    c = packed_channels // 4
+    return packed.reshape(n, h // 2, w // 2, c, 2, 2).transpose(0, 1, 4, 2, 5, 3).reshape(n, h, w, c)
+
+
+def upsample2x(x: np.ndarray) -> np.ndarray:
+    """[n, h, w, k] → [n, 2h, 2w, k], bilinear with half-pixel centres and edge clamping (torch's
+    `interpolate(scale_factor=2, mode="bilinear", align_corners=False)`): each output pixel is 3/4 of its
+    source pixel and 1/4 of the nearer neighbour along each axis."""
+    for axis in (1, 2):
+        before = np.concatenate([np.take(x, [0], axis), np.take(x, np.arange(x.shape[axis] - 1), axis)], axis)
+        after = np.concatenate([np.take(x, np.arange(1, x.shape[axis]), axis), np.take(x, [-1], axis)], axis)
+        even, odd = 0.75 * x + 0.25 * before, 0.75 * x + 0.25 * after
+        x = np.stack([even, odd], axis + 1).reshape(*x.shape[:axis], 2 * x.shape[axis], *x.shape[axis + 1:])
+    return x
+
+
+@dataclasses.dataclass(frozen=True)
+class LatentPreview:
+    """The fitted projection: `rgb = latent · weight + bias`, RGB in [0, 1], per latent pixel."""
+
+    weight: np.ndarray
+    """[c, 3] float32, over the normalised latent channels (the denoiser's, not the VAE's raw latents)."""
+    bias: np.ndarray
+    """[3] float32."""
+    scale_factor: int
+    """The VAE's spatial downsampling (8): output pixels per latent pixel along each side."""
+
+    def size(self, height: int, width: int) -> tuple[int, int]:
+        """(width, height) of the preview of a height×width image."""
+        return (PREVIEW_UPSCALE * width // self.scale_factor, PREVIEW_UPSCALE * height // self.scale_factor)
+
+    def rgb(self, packed: np.ndarray, height: int, width: int) -> np.ndarray:
+        """Packed latents [n, tokens, 4·c] → float RGB [n, h, w, 3] in about [0, 1] on the latent grid."""
+        latents = unpack_latents(np.asarray(packed, np.float32), height, width, self.scale_factor)
+        return latents @ self.weight + self.bias
+
+    def images(self, packed: np.ndarray, height: int, width: int) -> list[Image.Image]:
+        """Packed latents [n, tokens, 4·c] for height×width images → n RGB previews of `size(height, width)`."""
+        rgb = upsample2x(self.rgb(packed, height, width))
+        pixels = (np.clip(rgb, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+        return [Image.fromarray(p) for p in pixels]
+
+
+def fit_latent_preview(encode: Callable[[np.ndarray], np.ndarray], scale_factor: int,
+                       images: np.ndarray | None = None) -> LatentPreview:
+    """Least-squares fit of the projection to a VAE: `encode` (uint8 images [k, s, s, 3] → normalised packed
+    latents [k, tokens, 4·c], the stage's own encoder) on `images` (default `fit_images()`), each latent pixel's
+    target the mean of its scale_factor² pixel block, in [0, 1]. A small ridge on the weights (`RIDGE`), none on
+    the bias."""
+    images = fit_images() if images is None else images
+    k, side, _, _ = images.shape
+    latents = unpack_latents(encode(images), side, side, scale_factor)  # [k, cells, cells, c]
+    cells = side // scale_factor
+    target = images.astype(np.float64).reshape(k, cells, scale_factor, cells, scale_factor, 3).mean((2, 4)) / 255.0
+    x = latents.astype(np.float64).reshape(-1, latents.shape[-1])
+    y = target.reshape(-1, 3)
+    design = np.concatenate([x, np.ones((len(x), 1))], axis=1)
+    penalty = np.eye(design.shape[1]) * RIDGE * len(x) * np.mean(x**2)
+    penalty[-1, -1] = 0.0
+    solution = np.linalg.solve(design.T @ design + penalty, design.T @ y)
+    return LatentPreview(solution[:-1].astype(np.float32), solution[-1].astype(np.float32), scale_factor)
+
+
+def fit_to_vae(stage) -> LatentPreview:
+    """The projection for a `lightray.stages.vae.VaeStage`, fitted with its own encoder (`encode_pixels`, in one
+    VAE call) on `fit_images()`."""
+
+    def encode(images: np.ndarray) -> np.ndarray:
+        pixels = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).unsqueeze(2)
+        return stage.encode_pixels(pixels.float() / 127.5 - 1.0)  # [k, 3, 1, s, s] in [-1, 1]
+
+    return fit_latent_preview(encode, stage.scale_factor)

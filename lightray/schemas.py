@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 from pydantic_core import PydanticCustomError
@@ -115,13 +115,23 @@ class ImageGenerationRequest(BaseModel):
                 )
         return v
 
-    @field_validator("partial_images", mode="before")
+    @model_validator(mode="before")
     @classmethod
-    def _partial_images_not_bool(cls, v: Any) -> Any:
-        # pydantic's lax int takes true/false as 1/0; a boolean here is a client's mistake, not a count.
-        if isinstance(v, bool):
-            raise ValueError(f"partial_images must be an integer from 0 to {MAX_PARTIAL_IMAGES}, not a boolean")
-        return v
+    def _numbers_not_booleans(cls, data: Any) -> Any:
+        """pydantic's lax int and float take true/false as 1/0; a boolean where a number goes (`seed`, `n`,
+        `partial_images`, a `seeds` entry…) is a client's mistake, and the OpenAPI schema says so (schemathesis
+        sends them as schema-violating)."""
+        if isinstance(data, dict):
+            for name, value in data.items():
+                field = cls.model_fields.get(name)
+                if field is None or not _takes_numbers(field.annotation):
+                    continue
+                entries = enumerate(value) if isinstance(value, list) else [(None, value)]
+                for i, entry in entries:
+                    if isinstance(entry, bool):
+                        raise PydanticCustomError("invalid_number", "{param} must be a number, not a boolean",
+                                                  {"param": name if i is None else f"{name}[{i}]"})
+        return data
 
     @field_validator("seeds")
     @classmethod
@@ -173,6 +183,12 @@ class ImageGenerationRequest(BaseModel):
             width=width, height=height, num_inference_steps=steps, true_cfg_scale=cfg,
             adapters=parse_lora_field(self.lora), partial_images=self.partial_images or 0,
         )
+
+
+def _takes_numbers(annotation: Any) -> bool:
+    """Whether a field's type is, or holds, int or float (`int | None`, `list[int]`; not bool, not Literal's
+    values)."""
+    return annotation in (int, float) or any(_takes_numbers(arg) for arg in get_args(annotation))
 
 
 def lora_params(value: str | list[str] | None) -> tuple[str, ...]:

@@ -49,6 +49,9 @@ OK = {"prompt": "a red circle on the left, white background", "n": 1, "size": "6
         ({"priority": "urgent"}, 400, "priority"),
         ({"priority": 1}, 400, "priority"),
         ({"seeds": ["one"]}, 400, "seeds[0]"),
+        ({"seed": True}, 400, "seed"),  # pydantic would read true as 1
+        ({"n": False}, 400, "n"),
+        ({"seeds": [True]}, 400, "seeds[0]"),
     ],
 )
 def test_bad_input_is_4xx_naming_the_field(api_client, patch, status, param):

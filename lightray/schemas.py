@@ -14,8 +14,16 @@ from typing import Annotated, Any, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from lightray.config import ModelPreset, parse_width_height
-from lightray.contracts import MAX_STACKED_ADAPTERS, AdapterUse, DenoiseParams, Priority
+from lightray.config import ModelPreset, QualityTier, parse_width_height
+from lightray.contracts import (
+    MAX_STACKED_ADAPTERS,
+    PNG,
+    AdapterUse,
+    DenoiseParams,
+    OutputEncoding,
+    OutputFormat,
+    Priority,
+)
 from lightray.registry import AdapterRef, InvalidAdapterRef
 
 MAX_SEED = 2**63 - 1
@@ -52,10 +60,22 @@ class ImageGenerationRequest(BaseModel):
     size: str | None = Field(None, description='"WIDTHxHEIGHT", one of the model\'s served sizes (`GET /v1/models`: '
                              '`sizes`, `size_rule`).', json_schema_extra={"pattern": SIZE_PATTERN})
     response_format: Literal["b64_json", "url"] = "b64_json"
-    quality: str | None = Field(None, description="Accepted for OpenAI compatibility; ignored.")
+    quality: Literal["low", "medium", "high", "auto"] | None = Field(
+        None, description="Without `model`: which of the model's variants draws (`GET /v1/models`: each model's "
+        "`qualities`; for the embedded model low = Lightning 4, medium = Lightning 8, high = the base with true CFG; "
+        "`auto` or none: the default model). With `model`: accepted, and the named model draws.",
+    )
     style: str | None = Field(None, description="Accepted for OpenAI compatibility; ignored.")
     user: str | None = Field(None, max_length=256, description="Accepted for OpenAI compatibility; ignored.")
-    output_format: Literal["png"] = "png"
+    output_format: OutputFormat = Field("png", description="The images' format, in `b64_json`, at the URL and in "
+                                        "streamed events.")
+    output_compression: int | None = Field(
+        None, ge=0, le=100, description="JPEG and WebP only: the encoder's quality, 0-100 (100: least loss). "
+        "Default 100. With `png` (the default format) it is a 400: PNG is lossless.",
+    )
+    background: Literal["opaque", "auto"] | None = Field(
+        None, description="`opaque` or `auto` (the images are opaque); `transparent` is not supported (400).",
+    )
     stream: StrictBool = Field(
         False, description="Answer text/event-stream: per image, `partial_images` previews, then the final image "
         "(OpenAI's `image_generation.*` / `image_edit.*` events), plus `lightray.progress` step events "
@@ -133,6 +153,15 @@ class ImageGenerationRequest(BaseModel):
                                                   {"param": name if i is None else f"{name}[{i}]"})
         return data
 
+    @field_validator("background", mode="before")
+    @classmethod
+    def _background_opaque(cls, v: Any) -> Any:
+        # OpenAI's third value, named in the message rather than left to the enum's generic one.
+        if v == "transparent":
+            raise ValueError("background: transparent is not supported (the model draws opaque images); send "
+                             "opaque or auto")
+        return v
+
     @field_validator("seeds")
     @classmethod
     def _seeds_in_range(cls, v: list[int] | None) -> list[int] | None:
@@ -148,12 +177,23 @@ class ImageGenerationRequest(BaseModel):
             raise ValueError("partial_images: previews are streamed; send \"stream\": true with partial_images")
         if self.stream and self.response_format == "url":
             raise ValueError("response_format: a stream sends every image as b64_json; leave response_format out")
+        if self.output_compression is not None and self.output_format == "png":
+            raise ValueError("output_compression: only jpeg and webp are compressed; with png (the default "
+                             "output_format) leave output_compression out")
         return self
+
+    @property
+    def output_encoding(self) -> OutputEncoding:
+        """How the images are encoded (`output_format`, `output_compression`)."""
+        if self.output_compression is None:
+            return OutputEncoding(self.output_format)
+        return OutputEncoding(self.output_format, self.output_compression)
 
     def resolve(self, preset: ModelPreset, default_seed: int) -> "GenerationSpec":
         """Check the request against the served model and fill in the defaults."""
         try:
-            variant = preset.variant(self.model)
+            # Only a request that names no model lets `quality` choose (ModelPreset.quality_variants).
+            variant = preset.variant(self.model) if self.model is not None else preset.variant_for_quality(self.quality)
         except KeyError:
             raise RequestError(
                 "model", f"model {self.model!r} does not exist; available: {', '.join(preset.model_ids)}",
@@ -182,6 +222,7 @@ class ImageGenerationRequest(BaseModel):
             prompt=self.prompt, negative_prompt=negative if cfg > 1 else None, model=variant.id, seeds=seeds,
             width=width, height=height, num_inference_steps=steps, true_cfg_scale=cfg,
             adapters=parse_lora_field(self.lora), partial_images=self.partial_images or 0,
+            output=self.output_encoding, quality=preset.quality_tier(variant.id, self.quality),
         )
 
 
@@ -270,6 +311,11 @@ class GenerationSpec:
     """Who asked (the API key's tenant), for fairness between tenants; None when auth is off."""
     partial_images: int = 0
     """Previews per image for a streamed request (the engine reports x0-predictions after `preview_steps()`)."""
+    output: OutputEncoding = PNG
+    """How the images (and previews) are encoded: OpenAI's `output_format` and `output_compression`."""
+    quality: QualityTier | None = None
+    """The quality tier of the model that draws (`ModelPreset.quality_tier`), as OpenAI's responses report it;
+    None when the preset maps no tier to it."""
 
     @property
     def total_steps(self) -> int:
@@ -437,6 +483,11 @@ class ImageData(BaseModel):
 class ImagesResponse(BaseModel):
     created: int
     data: list[ImageData]
+    background: Literal["opaque"] | None = Field(None, description="Always opaque.")
+    output_format: OutputFormat | None = None
+    quality: QualityTier | None = Field(None, description="The quality tier of the model that served the request "
+                                        "(`GET /v1/models`: `qualities`); absent when it has none.")
+    size: str | None = Field(None, description='"WxH" of the images.')
     model: str | None = Field(None, description="The model id that served the request (extension).")
 
 
@@ -456,6 +507,8 @@ class ModelCard(BaseModel):
     max_inference_steps: int | None = None
     true_cfg_scale: float | None = Field(None, description="Default true-CFG scale (1: no CFG).")
     max_images: int | None = Field(None, description="Largest `n`.")
+    qualities: list[str] | None = Field(None, description="The request `quality` values that select this model "
+                                        "when the request names no `model` (`auto`: the default model).")
 
     @classmethod
     def of(cls, preset: ModelPreset, model_id: str) -> "ModelCard":
@@ -466,7 +519,7 @@ class ModelCard(BaseModel):
                    sizes_exact=preset.sizes is not None, size_rule=size_rule(preset),
                    size_multiple=preset.size_multiple, num_inference_steps=variant.num_inference_steps,
                    max_inference_steps=preset.max_inference_steps, true_cfg_scale=variant.true_cfg_scale,
-                   max_images=preset.max_images_per_request)
+                   max_images=preset.max_images_per_request, qualities=preset.qualities_of(model_id))
 
 
 def size_rule(preset: ModelPreset) -> str:

@@ -48,8 +48,10 @@ def generation_cost(case, preset: ModelPreset) -> float:
     (x2 with true CFG). A request the service rejects costs nothing; over-estimating only filters more."""
     body = case.body if isinstance(case.body, dict) else {}
     n = max(1, min(_int(body.get("n"), 1), preset.max_images_per_request))
-    try:
-        variant = preset.variant(body.get("model") if isinstance(body.get("model"), str) else None)
+    model = body.get("model") if isinstance(body.get("model"), str) else None
+    quality = body.get("quality") if isinstance(body.get("quality"), str) else None
+    try:  # without a model, `quality` picks the variant (ModelPreset.quality_variants)
+        variant = preset.variant(model) if model is not None else preset.variant_for_quality(quality)
     except KeyError:
         variant = max(preset.variants, key=lambda v: v.num_inference_steps)
     steps = max(1, min(_int(body.get("num_inference_steps"), variant.num_inference_steps), preset.max_inference_steps))

@@ -1,4 +1,4 @@
-"""The VaeDecoder deployment: `DenoisedLatents` → `DecodedImages` (PNG), with concurrent decodes batched
+"""The VaeDecoder deployment: `DenoisedLatents` → `DecodedImages` (PNG, JPEG or WebP), with concurrent decodes batched
 (`serve.batch`), and the VAE encoder for image inputs (`ImageLatents`).
 
 The decodes gathered into one batch run in the VAE calls of `VaeStage.decode_plan`: with `stack_requests` "exact"
@@ -22,8 +22,8 @@ from ray import serve
 from deployments.metrics import log_request, record_batch, record_queue_wait, record_stages
 from deployments.timing import timed
 from lightray.config import load_preset
-from lightray.contracts import DecodedImages, DenoisedLatents, ImageLatents
-from lightray.images import encode_png
+from lightray.contracts import PNG, DecodedImages, DenoisedLatents, ImageLatents, OutputEncoding
+from lightray.images import encode_image
 from lightray.stages import VaeStage
 from lightray.stages.vae import StackPolicy
 
@@ -114,11 +114,12 @@ class VaeDecoder:
         self._decode_batch.set_max_batch_size(max_batch_size)
         self._decode_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
-    async def decode(self, denoised: DenoisedLatents, width: int, height: int) -> DecodedImages:
-        """Denoiser output → PNGs in seed order, with `denoised.timings` + decode_ms, png_ms (and decode_wait_ms,
-        from the denoiser's `handoff_at` to the start of the VAE call that decoded this request). PNG encoding
-        happens here: compressed bytes are a smaller hop than raw pixels, and it spreads CPU work away from the
-        ingress."""
+    async def decode(self, denoised: DenoisedLatents, width: int, height: int,
+                     encoding: OutputEncoding = PNG) -> DecodedImages:
+        """Denoiser output → images encoded as `encoding` (the request's `output_format`) in seed order, with
+        `denoised.timings` + decode_ms, png_ms (the encode, whatever the format) and decode_wait_ms (from the
+        denoiser's `handoff_at` to the start of the VAE call that decoded this request). Encoding happens here:
+        compressed bytes are a smaller hop than raw pixels, and it spreads CPU work away from the ingress."""
         out = await self._decode_batch(DecodeItem(denoised.latents, height, width))
         if isinstance(out, Exception):
             raise out
@@ -126,22 +127,24 @@ class VaeDecoder:
         record_queue_wait("decode", timings, denoised.handoff_at, started=out.started_at)
         timings["decode_ms"] = out.decode_ms
         with timed(timings, "png_ms"):  # in a thread, overlapping the next batch's decode
-            pngs = await asyncio.to_thread(lambda: tuple(encode_png(im) for im in out.images))
+            pngs = await asyncio.to_thread(lambda: tuple(encode_image(im, encoding) for im in out.images))
         record_stages(timings, "decode_ms", "png_ms")
-        log_request("decode", images=len(pngs), size=f"{width}x{height}", batch=out.batch_requests,
+        log_request("decode", images=len(pngs), size=f"{width}x{height}", format=encoding.format,
+                    batch=out.batch_requests,
                     call_images=out.call_images, wait_ms=timings.get("decode_wait_ms"),
                     decode_ms=timings["decode_ms"], png_ms=timings["png_ms"])
         return DecodedImages(pngs, timings)
 
-    def preview(self, latents: np.ndarray, width: int, height: int) -> DecodedImages:
-        """A streamed request's x0-prediction latents [n, tokens, 64] → cheap preview PNGs (a quarter of the side)
-        in seed order, with preview_ms and png_ms (`VaeStage.preview`: a latent-to-RGB projection, no VAE call, so
-        neither batched nor behind the decodes). Here rather than at the ingress, which never computes pixels."""
+    def preview(self, latents: np.ndarray, width: int, height: int, encoding: OutputEncoding = PNG) -> DecodedImages:
+        """A streamed request's x0-prediction latents [n, tokens, 64] → cheap previews (a quarter of the side)
+        encoded as `encoding`, in seed order, with preview_ms and png_ms (`VaeStage.preview`: a latent-to-RGB
+        projection, no VAE call, so neither batched nor behind the decodes). Here rather than at the ingress, which
+        never computes pixels."""
         timings: dict[str, float] = {}
         with timed(timings, "preview_ms"):
             images = self.stage.preview(latents, height, width)
         with timed(timings, "png_ms"):
-            pngs = tuple(encode_png(im) for im in images)
+            pngs = tuple(encode_image(im, encoding) for im in images)
         record_stages(timings, "preview_ms")
         log_request("preview", images=len(pngs), size=f"{width}x{height}", preview_ms=timings["preview_ms"],
                     png_ms=timings["png_ms"])

@@ -74,6 +74,11 @@ def resolve_model_path(path: str) -> Path:
     raise ModelNotFound(f"model path {path!r}: no folder {local} (and it is not a Hugging Face repo id)")
 
 
+QualityTier = Literal["low", "medium", "high"]
+"""OpenAI's `quality` values that pick a variant (`ModelPreset.quality_variants`); `auto` picks the default."""
+QUALITY_TIERS: tuple[QualityTier, ...] = ("low", "medium", "high")
+
+
 class VariantConfig(BaseModel):
     """One servable model id: the base weights sampled a particular way (e.g. base+CFG, or a Lightning LoRA)."""
 
@@ -206,6 +211,10 @@ class ModelPreset(BaseModel):
     faster on a CPU. Tests that compare pixels with diffusers' pipelines bit for bit set this."""
     variants: list[VariantConfig]
     """Model ids served from these weights; the first is the default."""
+    quality_variants: dict[QualityTier, str] = Field(default_factory=dict)
+    """The variant (model id) each of OpenAI's `quality` values selects when a request names no `model`, e.g.
+    low → Lightning 4, medium → Lightning 8, high → the base with true CFG. A quality not listed here, and `auto`,
+    select the default (first) variant. A request that names its `model` gets that model whatever its quality."""
 
     @field_validator("variants")
     @classmethod
@@ -214,6 +223,30 @@ class ModelPreset(BaseModel):
         if not variants or len(set(ids)) != len(ids):
             raise ValueError(f"variants must be non-empty with unique ids, got {ids}")
         return variants
+
+    @model_validator(mode="after")
+    def _quality_variants_exist(self) -> "ModelPreset":
+        unknown = {q: m for q, m in self.quality_variants.items() if m not in self.model_ids}
+        if unknown:
+            raise ValueError(f"quality_variants names variants this preset does not serve: {unknown}; "
+                             f"variants: {self.model_ids}")
+        return self
+
+    def variant_for_quality(self, quality: str | None) -> VariantConfig:
+        """The variant a request without `model` gets for its `quality` (`quality_variants`; else the default)."""
+        return self.variant(self.quality_variants.get(quality))  # type: ignore[arg-type]
+
+    def qualities_of(self, model_id: str) -> list[str]:
+        """The `quality` values that select `model_id` when a request names no model, in QUALITY_TIERS order and
+        "auto" last (the default variant's)."""
+        qualities = [q for q in QUALITY_TIERS if self.variant_for_quality(q).id == model_id]
+        return qualities + ["auto"] if model_id == self.variants[0].id else qualities
+
+    def quality_tier(self, model_id: str, asked: str | None = None) -> QualityTier | None:
+        """The quality tier `model_id` serves (OpenAI's response `quality`): `asked` when `quality_variants` maps
+        it to `model_id`, else the lowest tier mapped to it; None when no tier is (the preset says nothing)."""
+        mapped = [q for q in QUALITY_TIERS if self.quality_variants.get(q) == model_id]
+        return asked if asked in mapped else next(iter(mapped), None)  # type: ignore[return-value]
 
     @model_validator(mode="after")
     def _sizes_consistent(self) -> "ModelPreset":

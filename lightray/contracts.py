@@ -26,6 +26,44 @@ PRIORITIES: tuple[Priority, ...] = ("interactive", "batch")
 MAX_STACKED_ADAPTERS = 4
 """Most tenant adapters one request may stack (the API's `lora` list)."""
 
+OutputFormat = Literal["png", "jpeg", "webp"]
+"""An image format the API answers in (OpenAI's `output_format`)."""
+OUTPUT_FORMATS: tuple[OutputFormat, ...] = ("png", "jpeg", "webp")
+MEDIA_TYPES: dict[OutputFormat, str] = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+"""The Content-Type of each output format."""
+FILE_EXTENSIONS: dict[OutputFormat, str] = {"png": "png", "jpeg": "jpg", "webp": "webp"}
+"""The file extension of each output format (the image store's file names)."""
+DEFAULT_COMPRESSION = 100
+"""`output_compression` when a JPEG or WebP request gives none (OpenAI's documented default)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputEncoding:
+    """How a request's images are encoded (`lightray.images.encode_image`): crosses the handle to the VaeDecoder,
+    which encodes the images it decodes."""
+
+    format: OutputFormat = "png"
+    compression: int = DEFAULT_COMPRESSION
+    """0-100, the encoder's quality for JPEG and WebP (100: least loss); PNG is lossless and ignores it."""
+
+    def __post_init__(self) -> None:
+        if self.format not in OUTPUT_FORMATS:
+            raise ValueError(f"format must be one of {OUTPUT_FORMATS}, got {self.format!r}")
+        if not 0 <= self.compression <= 100:
+            raise ValueError(f"compression must be in [0, 100], got {self.compression}")
+
+    @property
+    def media_type(self) -> str:
+        return MEDIA_TYPES[self.format]
+
+    @property
+    def lossless(self) -> bool:
+        return self.format == "png"
+
+
+PNG = OutputEncoding()
+"""The default encoding, and the lossless one images are composed from (`lightray.edits.compose_images`)."""
+
 
 class DenoiseCancelled(RuntimeError):
     """The request was cancelled (timeout, client gone); the engine dropped it at a step boundary."""
@@ -148,5 +186,6 @@ class DecodedImages:
     """The VAE decoder's output for one request: what the ingress returns."""
 
     pngs: tuple[bytes, ...]
-    """PNG bytes, one per seed, in seed order."""
+    """Encoded image bytes, one per seed, in seed order: PNG unless `decode` was asked for another encoding (the
+    name dates from when PNG was the only one)."""
     timings: Mapping[str, float] = dataclasses.field(default_factory=dict)

@@ -20,7 +20,8 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageFilter, ImageOps
 
-from lightray.images import encode_png, resize_for_model
+from lightray.contracts import PNG, OutputEncoding
+from lightray.images import encode_image, resize_for_model
 from lightray.schemas import EditSpec
 
 OVERLAY_EDGE_PX = 2
@@ -110,16 +111,24 @@ def compose_edit(outputs: Sequence[Image.Image], prepared: PreparedEdit) -> list
             for out in outputs]
 
 
-def compose_pngs(pngs: Sequence[bytes], prepared: PreparedEdit) -> list[bytes]:
-    """`compose_edit` for PNG bytes (what the graph's VAE replica returns); unchanged bytes when nothing is
-    composed. PNG is lossless, so this gives the bytes `compose_edit` then `encode_png` would."""
+def decoded_encoding(prepared: PreparedEdit, wanted: OutputEncoding) -> OutputEncoding:
+    """How the VAE stage should encode an edit's model outputs so that `compose_pngs` can finish them as `wanted`:
+    PNG when they will be composed (lossless, so the composition starts from the decoded pixels exactly), else
+    `wanted` itself (the outputs are the answer)."""
+    return PNG if prepared.composes else wanted
+
+
+def compose_pngs(pngs: Sequence[bytes], prepared: PreparedEdit, encoding: OutputEncoding = PNG) -> list[bytes]:
+    """`compose_edit` for encoded images as the VAE stage returns them (encoded as `decoded_encoding` says), the
+    results encoded as `encoding`; the bytes unchanged when nothing is composed. The inputs are then PNGs, which
+    are lossless, so this gives the bytes `compose_edit` then `encode_image` would."""
     if not prepared.composes:
         return list(pngs)
     images = [Image.open(io.BytesIO(png)).convert("RGB") for png in pngs]
-    return [encode_png(im) for im in compose_edit(images, prepared)]
+    return [encode_image(im, encoding) for im in compose_edit(images, prepared)]
 
 
-def compose_preview_pngs(pngs: Sequence[bytes], prepared: PreparedEdit) -> list[bytes]:
+def compose_preview_pngs(pngs: Sequence[bytes], prepared: PreparedEdit, encoding: OutputEncoding = PNG) -> list[bytes]:
     """`compose_pngs` for a streamed edit's previews, which may be smaller than the model's output (a fast preview
     is a quarter of its side, `lightray.stages.preview`): each is first resized to the model's size (bilinear), so
     it lands on the canvas where the final image will, then composed; the composed preview has the output's size
@@ -130,7 +139,7 @@ def compose_preview_pngs(pngs: Sequence[bytes], prepared: PreparedEdit) -> list[
     size = prepared.image.size
     images = [Image.open(io.BytesIO(png)).convert("RGB") for png in pngs]
     images = [im if im.size == size else im.resize(size, Image.Resampling.BILINEAR) for im in images]
-    return [encode_png(im) for im in compose_edit(images, prepared)]
+    return [encode_image(im, encoding) for im in compose_edit(images, prepared)]
 
 
 def _placed(output: Image.Image, prepared: PreparedEdit) -> Image.Image:

@@ -9,15 +9,27 @@ import warnings
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from lightray.contracts import PNG, OutputEncoding
 from lightray.schemas import RequestError
 
 
-def encode_png(image: Image.Image) -> bytes:
-    """PNG bytes of `image`. compress_level 1: PNGs of generated images barely shrink at higher levels and the
-    encode is on every request's path."""
+def encode_image(image: Image.Image, encoding: OutputEncoding = PNG) -> bytes:
+    """`image` as `encoding` asks (OpenAI's `output_format` and `output_compression`), the one encoder of the
+    service's outputs. PNG at compress_level 1: PNGs of generated images barely shrink at higher levels and the
+    encode is on every request's path. JPEG and WebP at quality = `encoding.compression` (PIL's scale, 0-100)."""
     buf = io.BytesIO()
-    image.save(buf, format="PNG", compress_level=1)
+    if encoding.format == "png":
+        image.save(buf, format="PNG", compress_level=1)
+    elif encoding.format == "jpeg":
+        image.convert("RGB").save(buf, format="JPEG", quality=encoding.compression)
+    else:
+        image.save(buf, format="WEBP", quality=encoding.compression)
     return buf.getvalue()
+
+
+def encode_png(image: Image.Image) -> bytes:
+    """PNG bytes of `image` (`encode_image` with the default encoding)."""
+    return encode_image(image, PNG)
 
 
 # ------------------------------------------------------------------------------- image inputs (edits)

@@ -9,13 +9,21 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from lightray.config import ModelPreset, parse_width_height
-from lightray.contracts import MAX_STACKED_ADAPTERS, AdapterUse, DenoiseParams, Priority
+from lightray.config import ModelPreset, QualityTier, parse_width_height
+from lightray.contracts import (
+    MAX_STACKED_ADAPTERS,
+    PNG,
+    AdapterUse,
+    DenoiseParams,
+    OutputEncoding,
+    OutputFormat,
+    Priority,
+)
 from lightray.registry import AdapterRef, InvalidAdapterRef
 
 MAX_SEED = 2**63 - 1
@@ -52,10 +60,22 @@ class ImageGenerationRequest(BaseModel):
     size: str | None = Field(None, description='"WIDTHxHEIGHT", one of the model\'s served sizes (`GET /v1/models`: '
                              '`sizes`, `size_rule`).', json_schema_extra={"pattern": SIZE_PATTERN})
     response_format: Literal["b64_json", "url"] = "b64_json"
-    quality: str | None = Field(None, description="Accepted for OpenAI compatibility; ignored.")
+    quality: Literal["low", "medium", "high", "auto"] | None = Field(
+        None, description="Without `model`: which of the model's variants draws (`GET /v1/models`: each model's "
+        "`qualities`; for the embedded model low = Lightning 4, medium = Lightning 8, high = the base with true CFG; "
+        "`auto` or none: the default model). With `model`: accepted, and the named model draws.",
+    )
     style: str | None = Field(None, description="Accepted for OpenAI compatibility; ignored.")
     user: str | None = Field(None, max_length=256, description="Accepted for OpenAI compatibility; ignored.")
-    output_format: Literal["png"] = "png"
+    output_format: OutputFormat = Field("png", description="The images' format, in `b64_json`, at the URL and in "
+                                        "streamed events.")
+    output_compression: int | None = Field(
+        None, ge=0, le=100, description="JPEG and WebP only: the encoder's quality, 0-100 (100: least loss). "
+        "Default 100. With `png` (the default format) it is a 400: PNG is lossless.",
+    )
+    background: Literal["opaque", "auto"] | None = Field(
+        None, description="`opaque` or `auto` (the images are opaque); `transparent` is not supported (400).",
+    )
     stream: StrictBool = Field(
         False, description="Answer text/event-stream: per image, `partial_images` previews, then the final image "
         "(OpenAI's `image_generation.*` / `image_edit.*` events), plus `lightray.progress` step events "
@@ -122,12 +142,31 @@ class ImageGenerationRequest(BaseModel):
                 )
         return v
 
-    @field_validator("partial_images", mode="before")
+    @model_validator(mode="before")
     @classmethod
-    def _partial_images_not_bool(cls, v: Any) -> Any:
-        # pydantic's lax int takes true/false as 1/0; a boolean here is a client's mistake, not a count.
-        if isinstance(v, bool):
-            raise ValueError(f"partial_images must be an integer from 0 to {MAX_PARTIAL_IMAGES}, not a boolean")
+    def _numbers_not_booleans(cls, data: Any) -> Any:
+        """pydantic's lax int and float take true/false as 1/0; a boolean where a number goes (`seed`, `n`,
+        `partial_images`, a `seeds` entry…) is a client's mistake, and the OpenAPI schema says so (schemathesis
+        sends them as schema-violating)."""
+        if isinstance(data, dict):
+            for name, value in data.items():
+                field = cls.model_fields.get(name)
+                if field is None or not _takes_numbers(field.annotation):
+                    continue
+                entries = enumerate(value) if isinstance(value, list) else [(None, value)]
+                for i, entry in entries:
+                    if isinstance(entry, bool):
+                        raise PydanticCustomError("invalid_number", "{param} must be a number, not a boolean",
+                                                  {"param": name if i is None else f"{name}[{i}]"})
+        return data
+
+    @field_validator("background", mode="before")
+    @classmethod
+    def _background_opaque(cls, v: Any) -> Any:
+        # OpenAI's third value, named in the message rather than left to the enum's generic one.
+        if v == "transparent":
+            raise ValueError("background: transparent is not supported (the model draws opaque images); send "
+                             "opaque or auto")
         return v
 
     @field_validator("seeds")
@@ -145,12 +184,23 @@ class ImageGenerationRequest(BaseModel):
             raise ValueError("partial_images: previews are streamed; send \"stream\": true with partial_images")
         if self.stream and self.response_format == "url":
             raise ValueError("response_format: a stream sends every image as b64_json; leave response_format out")
+        if self.output_compression is not None and self.output_format == "png":
+            raise ValueError("output_compression: only jpeg and webp are compressed; with png (the default "
+                             "output_format) leave output_compression out")
         return self
+
+    @property
+    def output_encoding(self) -> OutputEncoding:
+        """How the images are encoded (`output_format`, `output_compression`)."""
+        if self.output_compression is None:
+            return OutputEncoding(self.output_format)
+        return OutputEncoding(self.output_format, self.output_compression)
 
     def resolve(self, preset: ModelPreset, default_seed: int) -> "GenerationSpec":
         """Check the request against the served model and fill in the defaults."""
         try:
-            variant = preset.variant(self.model)
+            # Only a request that names no model lets `quality` choose (ModelPreset.quality_variants).
+            variant = preset.variant(self.model) if self.model is not None else preset.variant_for_quality(self.quality)
         except KeyError:
             raise RequestError(
                 "model", f"model {self.model!r} does not exist; available: {', '.join(preset.model_ids)}",
@@ -180,7 +230,14 @@ class ImageGenerationRequest(BaseModel):
             width=width, height=height, num_inference_steps=steps, true_cfg_scale=cfg,
             adapters=parse_lora_field(self.lora), partial_images=self.partial_images or 0,
             preview=self.preview or preset.default_preview,
+            output=self.output_encoding, quality=preset.quality_tier(variant.id, self.quality),
         )
+
+
+def _takes_numbers(annotation: Any) -> bool:
+    """Whether a field's type is, or holds, int or float (`int | None`, `list[int]`; not bool, not Literal's
+    values)."""
+    return annotation in (int, float) or any(_takes_numbers(arg) for arg in get_args(annotation))
 
 
 def lora_params(value: str | list[str] | None) -> tuple[str, ...]:
@@ -265,6 +322,11 @@ class GenerationSpec:
     preview: Literal["fast", "full"] = "fast"
     """How those previews are made: "fast", the VAE stage's latent-to-RGB projection (`VaeStage.preview`, a quarter
     of the side); "full", the VAE decode (`VaeStage.decode`, full size)."""
+    output: OutputEncoding = PNG
+    """How the images (and previews) are encoded: OpenAI's `output_format` and `output_compression`."""
+    quality: QualityTier | None = None
+    """The quality tier of the model that draws (`ModelPreset.quality_tier`), as OpenAI's responses report it;
+    None when the preset maps no tier to it."""
 
     @property
     def total_steps(self) -> int:
@@ -432,6 +494,11 @@ class ImageData(BaseModel):
 class ImagesResponse(BaseModel):
     created: int
     data: list[ImageData]
+    background: Literal["opaque"] | None = Field(None, description="Always opaque.")
+    output_format: OutputFormat | None = None
+    quality: QualityTier | None = Field(None, description="The quality tier of the model that served the request "
+                                        "(`GET /v1/models`: `qualities`); absent when it has none.")
+    size: str | None = Field(None, description='"WxH" of the images.')
     model: str | None = Field(None, description="The model id that served the request (extension).")
 
 
@@ -451,6 +518,8 @@ class ModelCard(BaseModel):
     max_inference_steps: int | None = None
     true_cfg_scale: float | None = Field(None, description="Default true-CFG scale (1: no CFG).")
     max_images: int | None = Field(None, description="Largest `n`.")
+    qualities: list[str] | None = Field(None, description="The request `quality` values that select this model "
+                                        "when the request names no `model` (`auto`: the default model).")
 
     @classmethod
     def of(cls, preset: ModelPreset, model_id: str) -> "ModelCard":
@@ -461,7 +530,7 @@ class ModelCard(BaseModel):
                    sizes_exact=preset.sizes is not None, size_rule=size_rule(preset),
                    size_multiple=preset.size_multiple, num_inference_steps=variant.num_inference_steps,
                    max_inference_steps=preset.max_inference_steps, true_cfg_scale=variant.true_cfg_scale,
-                   max_images=preset.max_images_per_request)
+                   max_images=preset.max_images_per_request, qualities=preset.qualities_of(model_id))
 
 
 def size_rule(preset: ModelPreset) -> str:

@@ -15,9 +15,9 @@ from PIL import Image
 
 from lightray.adapters import fetch_for_preset
 from lightray.config import ModelPreset
-from lightray.contracts import AdapterLoadError, DenoisedLatents, EngineFull, StepProgress
-from lightray.edits import PreparedEdit, compose_preview_pngs, compose_pngs, prepare_edit
-from lightray.images import encode_png
+from lightray.contracts import AdapterLoadError, DenoisedLatents, EngineFull, OutputEncoding, StepProgress
+from lightray.edits import PreparedEdit, compose_preview_pngs, compose_pngs, decoded_encoding, prepare_edit
+from lightray.images import encode_image
 from lightray.registry import AdapterCorrupt, AdapterNotFound, AdapterRegistry, AdapterRegistryError
 from lightray.schemas import EditSpec, GenerationSpec, RequestError
 
@@ -36,7 +36,8 @@ class ServiceUnavailable(Exception):
 @dataclasses.dataclass
 class GenerationResult:
     images: list[bytes]
-    """PNG bytes, one per seed, in seed order."""
+    """Encoded image bytes (`spec.output`: PNG unless the request asked for JPEG or WebP), one per seed, in seed
+    order."""
     timings: dict[str, float]
     """Milliseconds per stage (encode_ms, denoise_ms, decode_ms, png_ms, graph_ms; compose_ms for an edit whose
     outputs the ingress composes)."""
@@ -62,7 +63,7 @@ class PartialImages:
     step: int
     """The step it was taken after."""
     pngs: list[bytes]
-    """PNG bytes, one per seed, in seed order."""
+    """Encoded image bytes (as `GenerationResult.images`), one per seed, in seed order."""
 
 
 StreamItem = StepUpdate | PartialImages | GenerationResult
@@ -101,8 +102,8 @@ class LocalBackend:
         self.preset = pipeline.preset
         self.registry = registry
 
-    def _run(self, spec: GenerationSpec | EditSpec, draw) -> GenerationResult:
-        """Fetch the spec's adapters (if any), `draw(adapter_paths)` the images, encode them."""
+    def _run(self, spec: GenerationSpec | EditSpec, draw, encoding: OutputEncoding) -> GenerationResult:
+        """Fetch the spec's adapters (if any), `draw(adapter_paths)` the images, encode them as `encoding`."""
         start = time.perf_counter()
         adapter_paths = {}
         for use in spec.adapters:
@@ -110,30 +111,33 @@ class LocalBackend:
                 raise RuntimeError("this backend has no adapter registry")
             _, path = fetch_for_preset(self.registry, use.ref, self.preset)
             adapter_paths[use.ref] = str(path)
-        pngs = [encode_png(im) for im in draw(adapter_paths)]
+        pngs = [encode_image(im, encoding) for im in draw(adapter_paths)]
         return GenerationResult(pngs, {"graph_ms": (time.perf_counter() - start) * 1000})
 
     async def generate(self, spec: GenerationSpec) -> GenerationResult:
         draw = lambda adapter_paths: self.pipeline.generate(spec, adapter_paths)  # noqa: E731
-        return await _client_errors(spec, asyncio.to_thread(self._run, spec, draw))
+        return await _client_errors(spec, asyncio.to_thread(self._run, spec, draw, spec.output))
 
     async def edit(self, spec: EditSpec, image: Image.Image, mask: Image.Image | None = None) -> GenerationResult:
         draw = lambda adapter_paths: self.pipeline.edit(spec, image, mask, adapter_paths)  # noqa: E731
-        return await _client_errors(spec, asyncio.to_thread(self._run, spec, draw))
+        return await _client_errors(spec, asyncio.to_thread(self._run, spec, draw, spec.output))
 
     def generate_stream(self, spec: GenerationSpec) -> AsyncIterator[StreamItem]:
         return self._stream(spec, lambda paths, on_progress, cancel: self.pipeline.generate(
-            spec, paths, on_progress=on_progress, cancel=cancel))
+            spec, paths, on_progress=on_progress, cancel=cancel), spec.output)
 
     def edit_stream(self, spec: EditSpec, image: Image.Image, mask: Image.Image | None = None
                     ) -> AsyncIterator[StreamItem]:
         return _composed_stream(spec, image, mask, lambda prepared: self._stream(
             spec, lambda paths, on_progress, cancel: self.pipeline.edit_outputs(
-                spec, prepared, paths, on_progress=on_progress, cancel=cancel)))
+                spec, prepared, paths, on_progress=on_progress, cancel=cancel),
+            decoded_encoding(prepared, spec.output)))
 
-    async def _stream(self, spec: GenerationSpec | EditSpec, draw: Callable) -> AsyncIterator[StreamItem]:
+    async def _stream(self, spec: GenerationSpec | EditSpec, draw: Callable,
+                      encoding: OutputEncoding) -> AsyncIterator[StreamItem]:
         """Run `draw(adapter_paths, on_progress, cancel)` in a worker thread and yield its steps as they happen;
-        previews are decoded in another thread, so the steps go on meanwhile."""
+        previews are decoded in another thread, so the steps go on meanwhile. Images and previews are encoded as
+        `encoding`."""
         loop = asyncio.get_running_loop()
         reports: asyncio.Queue[StepProgress | None] = asyncio.Queue()
         cancel = threading.Event()
@@ -142,7 +146,7 @@ class LocalBackend:
             loop.call_soon_threadsafe(reports.put_nowait, progress)
 
         work = asyncio.ensure_future(_client_errors(spec, asyncio.to_thread(
-            self._run, spec, lambda paths: draw(paths, on_progress, cancel))))
+            self._run, spec, lambda paths: draw(paths, on_progress, cancel), encoding)))
         work.add_done_callback(lambda _: reports.put_nowait(None))  # after every report the thread queued
         finished = False
         try:
@@ -150,7 +154,7 @@ class LocalBackend:
             while (progress := await reports.get()) is not None:
                 yield StepUpdate(progress.step, progress.total_steps)
                 if progress.preview is not None:
-                    pngs = await asyncio.to_thread(self._decode, progress.preview, spec)
+                    pngs = await asyncio.to_thread(self._decode, progress.preview, spec, encoding)
                     yield PartialImages(previews, progress.step, pngs)
                     previews += 1
             result = await work
@@ -160,11 +164,11 @@ class LocalBackend:
             if not finished:
                 cancel.set()  # the engine drops the request at its next step
 
-    def _decode(self, latents, spec: GenerationSpec) -> list[bytes]:
-        """A preview's PNGs, made as `spec.preview` says (as the VaeDecoder's `preview` / `decode` make them)."""
+    def _decode(self, latents, spec: GenerationSpec, encoding: OutputEncoding) -> list[bytes]:
+        """A preview's images, made as `spec.preview` says (as the VaeDecoder's `preview` / `decode` make them)."""
         vae = self.pipeline.vae
         make = vae.decode if spec.preview == "full" else vae.preview
-        return [encode_png(im) for im in make(latents, spec.height, spec.width)]
+        return [encode_image(im, encoding) for im in make(latents, spec.height, spec.width)]
 
     async def readiness(self) -> dict[str, bool]:
         return {"TextEncoder": True, "Denoiser": True, "VaeDecoder": True}
@@ -207,7 +211,8 @@ class RayGraphBackend:
         start = time.perf_counter()
         encoded = self._encode(spec)
         denoised = self._denoiser_for(spec).denoise.remote(spec.denoise_params(), encoded)
-        result = await _cancelling(self.vae.decode.remote(denoised, spec.width, spec.height), encoded, denoised)
+        result = await _cancelling(self.vae.decode.remote(denoised, spec.width, spec.height, encoding=spec.output),
+                                   encoded, denoised)
         return GenerationResult(list(result.pngs), {**result.timings, "graph_ms": (time.perf_counter() - start) * 1000})
 
     async def edit(self, spec: EditSpec, image: Image.Image, mask: Image.Image | None = None) -> GenerationResult:
@@ -227,16 +232,17 @@ class RayGraphBackend:
         image_latents = self._encode_image(spec, prepared)
         denoised = self._denoiser_for(spec).denoise.remote(
             spec.denoise_params(), encoded, image_latents, _mask_pixels(prepared))
-        result = await _cancelling(self.vae.decode.remote(denoised, spec.width, spec.height),
+        result = await _cancelling(self.vae.decode.remote(denoised, spec.width, spec.height,
+                                                          encoding=decoded_encoding(prepared, spec.output)),
                                    encoded, image_latents, denoised)
         return await _composed_result(
             GenerationResult(list(result.pngs), {**result.timings, "graph_ms": (time.perf_counter() - start) * 1000}),
-            prepared)
+            prepared, spec.output)
 
     def generate_stream(self, spec: GenerationSpec) -> AsyncIterator[StreamItem]:
         encoded = self._encode(spec)
         denoising = self._denoiser_for(spec).options(stream=True).denoise_stream.remote(spec.denoise_params(), encoded)
-        return _stream_client_errors(spec, self._stream(spec, denoising, encoded))
+        return _stream_client_errors(spec, self._stream(spec, denoising, encoded, encoding=spec.output))
 
     def edit_stream(self, spec: EditSpec, image: Image.Image, mask: Image.Image | None = None
                     ) -> AsyncIterator[StreamItem]:
@@ -245,16 +251,19 @@ class RayGraphBackend:
             image_latents = self._encode_image(spec, prepared)
             denoising = self._denoiser_for(spec).options(stream=True).denoise_stream.remote(
                 spec.denoise_params(), encoded, image_latents, _mask_pixels(prepared))
-            return self._stream(spec, denoising, encoded, image_latents)
+            return self._stream(spec, denoising, encoded, image_latents,
+                                encoding=decoded_encoding(prepared, spec.output))
 
         return _stream_client_errors(spec, _composed_stream(spec, image, mask, start))
 
-    async def _stream(self, spec: GenerationSpec, denoising, *upstream) -> AsyncIterator[StreamItem]:
+    async def _stream(self, spec: GenerationSpec, denoising, *upstream,
+                      encoding: OutputEncoding) -> AsyncIterator[StreamItem]:
         """The Denoiser's stream as `StreamItem`s. Each preview goes to the VaeDecoder as soon as it arrives (it
         batches with other decodes there) while the steps go on; previews are yielded in order, each as soon as
         it and those before it are decoded, and all before the final image. The final latents pass through the
         ingress to the VaeDecoder (a generator's items cannot be handed on handle to handle). If the stream is
-        closed early, or fails, every stage's request is cancelled (the Denoiser stops within a step)."""
+        closed early, or fails, every stage's request is cancelled (the Denoiser stops within a step). Previews and
+        images are encoded as `encoding`."""
         start = time.perf_counter()
         previews: list[asyncio.Future] = []
         responses = [denoising, *upstream]  # cancelled if the stream ends early (preview decodes: by their tasks)
@@ -269,16 +278,18 @@ class RayGraphBackend:
                 yield StepUpdate(item.step, item.total_steps)
                 if item.preview is not None:
                     if spec.preview == "full":
-                        response = self.vae.decode.remote(DenoisedLatents(item.preview), spec.width, spec.height)
+                        response = self.vae.decode.remote(DenoisedLatents(item.preview), spec.width, spec.height,
+                                                          encoding=encoding)
                     else:  # "fast": the VAE replica's projection, no VAE call (VaeDecoder.preview)
-                        response = self.vae.preview.remote(item.preview, spec.width, spec.height)
+                        response = self.vae.preview.remote(item.preview, spec.width, spec.height,
+                                                           encoding=encoding)
                     previews.append(asyncio.ensure_future(_partial(len(previews), item.step, response)))
                 while sent < len(previews) and previews[sent].done():
                     yield previews[sent].result()
                     sent += 1
             if denoised is None:
                 raise RuntimeError("the Denoiser's stream ended without its latents")
-            decoded = self.vae.decode.remote(denoised, spec.width, spec.height)
+            decoded = self.vae.decode.remote(denoised, spec.width, spec.height, encoding=encoding)
             responses.append(decoded)
             for preview in previews[sent:]:
                 yield await preview
@@ -352,12 +363,14 @@ def _mask_pixels(prepared: PreparedEdit) -> np.ndarray | None:
     return None if prepared.mask is None else np.asarray(prepared.mask)
 
 
-async def _composed_result(result: GenerationResult, prepared: PreparedEdit) -> GenerationResult:
-    """`result` with its images composed (`lightray.edits.compose_pngs`, in a worker thread); `compose_ms` timed."""
+async def _composed_result(result: GenerationResult, prepared: PreparedEdit,
+                           encoding: OutputEncoding) -> GenerationResult:
+    """`result` with its images composed and encoded as `encoding` (`lightray.edits.compose_pngs`, in a worker
+    thread); `compose_ms` timed."""
     if not prepared.composes:
         return result
     start = time.perf_counter()
-    pngs = await asyncio.to_thread(compose_pngs, result.images, prepared)
+    pngs = await asyncio.to_thread(compose_pngs, result.images, prepared, encoding)
     return GenerationResult(pngs, {**result.timings, "compose_ms": (time.perf_counter() - start) * 1000})
 
 
@@ -365,16 +378,18 @@ async def _composed_stream(spec: EditSpec, image: Image.Image, mask: Image.Image
                            start: Callable[[PreparedEdit], AsyncIterator[StreamItem]]) -> AsyncIterator[StreamItem]:
     """An edit's stream, the same for both backends: prepare the edit (in a worker thread), `start(prepared)` the
     model's stream, and yield its items with every preview and the final image composed as the non-streaming
-    `edit` composes its images. Closing this closes the model's stream at once (which cancels its work)."""
+    `edit` composes its images, and encoded as `spec.output` (`start` has the model's outputs encoded as
+    `lightray.edits.decoded_encoding` says). Closing this closes the model's stream at once (which cancels its
+    work)."""
     prepared = await asyncio.to_thread(prepare_edit, image, mask, spec)
     items = start(prepared)
     try:
         async for item in items:
             if isinstance(item, PartialImages):
-                pngs = await asyncio.to_thread(compose_preview_pngs, item.pngs, prepared)
+                pngs = await asyncio.to_thread(compose_preview_pngs, item.pngs, prepared, spec.output)
                 item = dataclasses.replace(item, pngs=pngs)
             elif isinstance(item, GenerationResult):
-                item = await _composed_result(item, prepared)
+                item = await _composed_result(item, prepared, spec.output)
             yield item
     finally:
         await items.aclose()

@@ -52,7 +52,10 @@ async def image_events(kind: Literal["generation", "edit"], spec: GenerationSpec
     """The SSE bytes for `items`, ended by an `error` event if they fail or run past `timeout_s`. If the client
     goes away, Starlette cancels this generator, and closing `items` cancels the work."""
     prefix = EVENT_PREFIXES[kind]
-    common = {"background": "opaque", "output_format": "png", "quality": "auto", "size": output_size}
+    # OpenAI's events say the request's settings: the quality tier of the model that draws ("auto" when the preset
+    # gives it none), and opaque, which every image is.
+    common = {"background": "opaque", "output_format": spec.output.format, "quality": spec.quality or "auto",
+              "size": output_size}
     deadline = time.monotonic() + timeout_s
     try:
         while True:
@@ -98,8 +101,8 @@ def error_body(err: Exception, request_id: str) -> ErrorBody:
                      code="internal_error")
 
 
-def _b64(png: bytes) -> str:
-    return base64.b64encode(png).decode("ascii")
+def _b64(image: bytes) -> str:
+    return base64.b64encode(image).decode("ascii")
 
 
 def _usage(spec: GenerationSpec) -> dict:

@@ -1,5 +1,5 @@
-"""A generation backend that runs nothing: it records the specs the routers hand it and answers with blank PNGs.
-For tests of what the ingress resolves (adapters pinned, priority, tenant) without running the stages."""
+"""A generation backend that runs nothing: it records the specs the routers hand it and answers with blank images
+(in the format asked). For tests of what the ingress resolves (adapters pinned, priority, tenant) without running the stages."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from lightray.config import ModelPreset
-from lightray.images import encode_png
+from lightray.images import encode_image, encode_png
 from lightray.schemas import EditSpec, GenerationSpec
 from serve_app.api import create_app
 from serve_app.backend import GenerationResult
@@ -25,7 +25,7 @@ class RecordingBackend:
 
     def _answer(self, spec: GenerationSpec) -> GenerationResult:
         self.specs.append(spec)
-        png = encode_png(Image.new("RGB", (spec.width, spec.height), "white"))
+        png = encode_image(Image.new("RGB", (spec.width, spec.height), "white"), spec.output)
         return GenerationResult(images=[png] * len(spec.seeds), timings={"graph_ms": 0.0})
 
     async def generate(self, spec: GenerationSpec) -> GenerationResult:

@@ -49,6 +49,17 @@ OK = {"prompt": "a red circle on the left, white background", "n": 1, "size": "6
         ({"priority": "urgent"}, 400, "priority"),
         ({"priority": 1}, 400, "priority"),
         ({"seeds": ["one"]}, 400, "seeds[0]"),
+        ({"seed": True}, 400, "seed"),  # pydantic would read true as 1
+        ({"n": False}, 400, "n"),
+        ({"seeds": [True]}, 400, "seeds[0]"),
+        ({"output_format": "gif"}, 400, "output_format"),
+        ({"output_format": "jpeg", "output_compression": 101}, 400, "output_compression"),
+        ({"output_format": "jpeg", "output_compression": -1}, 400, "output_compression"),
+        ({"output_format": "webp", "output_compression": True}, 400, "output_compression"),
+        ({"output_format": "png", "output_compression": 50}, 400, "output_compression"),
+        ({"output_compression": 50}, 400, "output_compression"),  # no output_format means png
+        ({"background": "transparent"}, 400, "background"),
+        ({"quality": "ultra"}, 400, "quality"),
     ],
 )
 def test_bad_input_is_4xx_naming_the_field(api_client, patch, status, param):

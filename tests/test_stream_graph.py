@@ -4,6 +4,7 @@ one, and a client that goes away cancelling the Denoiser's work."""
 
 from __future__ import annotations
 
+import base64
 import io
 import time
 from pathlib import Path
@@ -95,6 +96,45 @@ def test_a_streamed_padding_mask_crop_edit_through_the_graph_is_the_plain_one(cl
     for e in events:
         assert e.size == "128x128" and np.array_equal(pixels(e.b64_json)[:, 80:], source[:, 80:])
     assert events[-1].b64_json == client.images.edit(**kwargs).data[0].b64_json
+
+
+def test_output_formats_through_the_graph(client, service):
+    """The VaeDecoder encodes as the request asks (previews too); an edit the ingress composes is composed from
+    lossless PNGs and encoded once; url answers are served with the format's content type. `quality` without a
+    model picks the preset's variant."""
+    from lightray.contracts import OutputEncoding
+    from lightray.images import encode_image
+
+    def image(b64: str) -> Image.Image:
+        return Image.open(io.BytesIO(base64.b64decode(b64)))
+
+    kwargs = dict(prompt=PROMPT, size="64x64", quality="medium", extra_body={"seed": 12})
+    png = client.images.generate(**kwargs)
+    assert png.output_format == "png" and png.quality == "medium" and png.model_extra["model"] == \
+        "lightray-shapes-lightning-8"
+    events = [e for e in client.images.generate(**kwargs, output_format="jpeg", output_compression=90, stream=True,
+                                                partial_images=1) if e.type.startswith("image_generation.")]
+    assert [e.type for e in events] == ["image_generation.partial_image", "image_generation.completed"]
+    assert {e.output_format for e in events} == {"jpeg"} and {image(e.b64_json).format for e in events} == {"JPEG"}
+    assert events[-1].b64_json == base64.b64encode(
+        encode_image(image(png.data[0].b64_json), OutputEncoding("jpeg", 90))).decode()
+
+    url = client.images.generate(**kwargs, output_format="webp", response_format="url").data[0].url
+    served = httpx.get(url, timeout=60)
+    assert served.headers["content-type"] == "image/webp" and url.endswith(".webp")
+    assert Image.open(io.BytesIO(served.content)).format == "WEBP"
+
+    picture = render(Scene("red", "circle", "left", "white"), 128)
+    mask = Image.new("RGBA", (128, 128), (0, 0, 0, 255))
+    mask.paste((0, 0, 0, 0), (16, 40, 56, 88))
+    edit = dict(image=("in.png", _png(picture), "image/png"), mask=("mask.png", _png(mask), "image/png"),
+                prompt="a blue square on the left, white background", size="64x64",
+                extra_body={"seed": 5, "padding_mask_crop": 8})
+    composed_png = client.images.edit(**edit).data[0].b64_json
+    composed_webp = client.images.edit(**edit, output_format="webp")
+    assert composed_webp.size == "128x128" and composed_webp.output_format == "webp"
+    assert composed_webp.data[0].b64_json == base64.b64encode(
+        encode_image(image(composed_png), OutputEncoding("webp"))).decode()
 
 
 def _denoiser_log(cluster) -> str:

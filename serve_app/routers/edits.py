@@ -121,7 +121,8 @@ async def edit_images(
         return stream_response("edit", spec, backend.edit_stream(spec, image, mask), settings.request_timeout_s,
                                request_id_of(request), f"{width}x{height}")
     result = await within_timeout(backend.edit(spec, image, mask), settings, "edit")
-    return images_response(spec, result, body.response_format, request, response, settings, store)
+    return images_response(spec, result, body.response_format, request, response, settings, store,
+                           output_size(spec, image.size))
 
 
 # ------------------------------------------------------------------------------------------ body parsing

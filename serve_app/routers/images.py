@@ -12,7 +12,7 @@ from fastapi.responses import StreamingResponse
 
 from lightray.adapters import resolve_adapters
 from lightray.config import ModelPreset
-from lightray.contracts import Priority
+from lightray.contracts import MEDIA_TYPES, Priority
 from lightray.registry import AdapterRegistry
 from lightray.schemas import (
     GenerationSpec,
@@ -33,7 +33,7 @@ from serve_app.dependencies import (
     get_registry,
     get_settings,
 )
-from serve_app.image_store import ImageStore
+from serve_app.image_store import ImageStore, media_type_of
 from serve_app.observability import request_id_of
 from serve_app.openapi_errors import error_responses
 from serve_app.settings import ServiceSettings
@@ -42,7 +42,13 @@ from serve_app.streaming import stream_response
 router = APIRouter(prefix="/v1", tags=["images"])
 
 
-STREAM_RESPONSE = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+SSE_EVENT_SCHEMA = {"type": "object", "required": ["data"], "properties": {
+    "event": {"type": "string", "description": "The event's `type`."},
+    "data": {"type": "string", "description": "The event as JSON (docs/streaming.md)."},
+}}
+"""One server-sent event, as OpenAPI before 3.2 has a text/event-stream `schema` describe each event (schemathesis
+checks every event of a streamed answer against it)."""
+STREAM_RESPONSE = {200: {"content": {"text/event-stream": {"schema": SSE_EVENT_SCHEMA}},
                          "description": "With `stream: true`: server-sent events (docs/streaming.md)."}}
 """The OpenAPI entry of a streamed answer (the same 200 as the JSON one, another media type)."""
 
@@ -97,25 +103,32 @@ async def within_timeout(work, settings: ServiceSettings, what: str):
 
 
 def images_response(spec, result, response_format: str, request: Request, response: Response,
-                    settings: ServiceSettings, store: ImageStore) -> ImagesResponse:
-    """The OpenAI-shaped body for a finished generation or edit, plus its `Server-Timing` header."""
+                    settings: ServiceSettings, store: ImageStore,
+                    output_size: tuple[int, int] | None = None) -> ImagesResponse:
+    """The OpenAI-shaped body for a finished generation or edit, plus its `Server-Timing` header. `output_size`:
+    (width, height) of the images when it is not the spec's (an edit with `padding_mask_crop`)."""
     response.headers["Server-Timing"] = ", ".join(
         f"{k.removesuffix('_ms')};dur={v:.1f}" for k, v in result.timings.items()
     )
     base_url = settings.public_url or str(request.base_url).rstrip("/")
     data = []
-    for seed, png in zip(spec.seeds, result.images):
+    for seed, image in zip(spec.seeds, result.images):
         if response_format == "url":
-            data.append(ImageData(url=f"{base_url}/v1/files/images/{store.put(png)}", seed=seed))
+            data.append(ImageData(url=f"{base_url}/v1/files/images/{store.put(image, spec.output.format)}",
+                                  seed=seed))
         else:
-            data.append(ImageData(b64_json=base64.b64encode(png).decode("ascii"), seed=seed))
-    return ImagesResponse(created=int(time.time()), data=data, model=spec.model)
+            data.append(ImageData(b64_json=base64.b64encode(image).decode("ascii"), seed=seed))
+    width, height = output_size or (spec.width, spec.height)
+    return ImagesResponse(created=int(time.time()), data=data, background="opaque", output_format=spec.output.format,
+                          quality=spec.quality, size=f"{width}x{height}", model=spec.model)
 
 
 @router.get("/files/images/{name}", response_class=RawResponse,
-            responses={200: {"content": {"image/png": {}}, "description": "The PNG."}, **error_responses(404)})
+            responses={200: {"content": {media_type: {} for media_type in MEDIA_TYPES.values()},
+                             "description": "The image, in the format the request asked for."},
+                       **error_responses(404)})
 async def get_image(name: str, store: ImageStore = Depends(get_image_store)) -> RawResponse:
-    png = await asyncio.to_thread(store.get, name)  # a file read, which may wait for the image's write
-    if png is None:
+    image = await asyncio.to_thread(store.get, name)  # a file read, which may wait for the image's write
+    if image is None:
         raise RequestError("name", "no such image (expired or never existed)", status=404, code="not_found")
-    return RawResponse(png, media_type="image/png")
+    return RawResponse(image, media_type=media_type_of(name))

@@ -44,7 +44,7 @@ from PIL import Image
 from lightray.config import ModelPreset
 from lightray.contracts import ImageLatents  # re-exported: `from lightray.stages.vae import ImageLatents`
 from lightray.stages.common import HealthProbe, check_parameter_dtype, generators, torch_dtype
-from lightray.stages.preview import LatentPreview, fit_to_vae
+from lightray.stages.preview import Preview, load_preview
 from lightray.stages.vae_single_frame import SingleFrameVae
 
 StackPolicy = Literal["exact", "all"]
@@ -79,9 +79,9 @@ class VaeStage:
                                    tile_sample_stride_width=memory.tile_stride)
         self.vae.use_tiling = False
         self._health = HealthProbe("vae", self._probe_forward)
-        # Streamed previews without the VAE: a latent-to-RGB projection fitted to this VAE's encoder (one encode of
-        # 32 small images at load; lightray/stages/preview.py).
-        self.latent_preview: LatentPreview = fit_to_vae(self)
+        # Streamed previews without the VAE: the folder's distilled preview decoder, or a latent-to-RGB projection
+        # fitted to this VAE's encoder (one encode of 32 small images at load; lightray/stages/preview.py).
+        self.latent_preview: Preview = load_preview(self)
 
     @torch.inference_mode()
     def _probe_forward(self) -> torch.Tensor:
@@ -122,7 +122,7 @@ class VaeStage:
 
     def preview(self, packed: np.ndarray, height: int, width: int) -> list[Image.Image]:
         """Packed latents [n, tokens, 64] → n cheap RGB previews of a quarter of height×width's side
-        (`LatentPreview.images`): no VAE call, so no lock, and well under a millisecond at 128²."""
+        (`lightray.stages.preview`): no VAE call, so no lock, and well under a millisecond at 128²."""
         return self.latent_preview.images(packed, height, width)
 
     def decode_plan(self, requests: list[tuple[np.ndarray, int, int]], max_images: int | None = None,

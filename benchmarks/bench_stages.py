@@ -3,7 +3,7 @@ and over HTTP on the served graph (configs/serve/local.yaml, what `make serve` r
 share, streamed previews, throughput under concurrency and the per-request overhead. Ratios are measured side by
 side in one run.
 
-    python benchmarks/bench_stages.py [--requests 15] [--skip-http] [--exact-too]
+    python benchmarks/bench_stages.py [--requests 15] [--skip-http] [--exact-too] [--stack-all-too]
 
 In process (one torch thread, as a replica runs): decode and encode time of the embedded VAE and of the real
 layout at toy width (tests/mini_real.py's VAE config, bfloat16) at 128², 256² and 1024², diffusers' VAE
@@ -12,7 +12,8 @@ layout at toy width (tests/mini_real.py's VAE config, bfloat16) at 128², 256² 
 Over HTTP (Lightning 4, one request at a time, interleaved so drift hits every case alike): p50 at 64², 128²,
 256²; each stage's p50 from `Server-Timing`; a 128² stream with 3 previews against the plain request; then 128²
 at concurrency 8 against the in-process pipeline run sequentially (after the cluster is gone, one thread).
-`--exact-too` deploys a second time with `vae_exact: true` for the before/after rows. Prints tables and writes
+`--exact-too` deploys again with `vae_exact: true` for the before/after rows, `--stack-all-too` with
+`vae_stack_requests: all`. Prints tables and writes
 benchmarks/results/stages.json.
 """
 
@@ -221,8 +222,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=15)
     parser.add_argument("--skip-http", action="store_true")
     parser.add_argument("--exact-too", action="store_true", help="also serve with vae_exact (the old VAE)")
-    parser.add_argument("--stack", choices=["exact", "all"], default="exact",
-                        help="the VaeDecoder's vae_stack_requests for the HTTP runs")
+    parser.add_argument("--stack-all-too", action="store_true",
+                        help="also serve with vae_stack_requests: all (decodes shared across requests)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/stages.json")
     args = parser.parse_args()
     results: dict = {"device": "cpu (2 cores)", "date": time.strftime("%Y-%m-%d"), "model": MODEL,
@@ -230,13 +231,15 @@ def main() -> None:
     print("VAE in process (one thread):", flush=True)
     results["vae_in_process"] = vae_in_process()
     if not args.skip_http:
-        runs = {"single-frame VAE": {}}
+        runs = {"single-frame VAE": ({}, "exact")}
+        if args.stack_all_too:
+            runs["single-frame VAE, vae_stack_requests: all"] = ({}, "all")
         if args.exact_too:
-            runs["vae_exact (before)"] = {"vae_exact": True}
+            runs["vae_exact (before)"] = ({"vae_exact": True}, "exact")
         results["http"] = {}
-        for name, update in runs.items():
+        for name, (update, stack) in runs.items():
             print(f"HTTP: {name} ...", flush=True)
-            results["http"][name] = deploy_and_measure(args.requests, update, args.stack)
+            results["http"][name] = deploy_and_measure(args.requests, update, stack)
         results["in_process_sequential_img_s"] = throughput_in_process(2 * args.requests)
         for r in results["http"].values():
             r["ratios"]["throughput_c8_graph_over_in_process"] = (

@@ -38,9 +38,11 @@ def test_fuzz_in_process_app(api_client, preset, fuzz_api):
     # schemathesis 4.32 sometimes fails to build a negative multipart case for a binary field (its jsonschema-rs
     # filter: "Unsupported type: 'Binary'"), which ends that operation's negative run early; nothing else may
     assert all("Unsupported type: 'Binary'" in e for e in summary["generator_errors"]), summary["generator_errors"]
+    cut_short = {e.split(":")[0] for e in summary["generator_errors"]}  # "POST /v1/images/edits [negative]"
     for operation in ("POST /v1/images/generations", "POST /v1/images/edits"):
         for mode in ("positive", "negative"):
-            assert report.cases[(operation, mode)] >= 20, (operation, mode)
+            least = 10 if f"{operation} [{mode}]" in cut_short else 20
+            assert report.cases[(operation, mode)] >= least, (operation, mode)
     # every operation was exercised, and the requests that generate images were among them
     ops = {op for op, _ in report.cases}
     assert {"POST /v1/images/generations", "POST /v1/images/edits", "GET /v1/models/{model_id}"} <= ops

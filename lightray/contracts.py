@@ -179,6 +179,10 @@ class StepProgress:
     preview: np.ndarray | None = None
     """[n, tokens, 64] float32 x0-prediction latents (x - sigma·v) after this step, for the steps named in
     `DenoiseParams.preview_steps`; None otherwise."""
+    preview_images: tuple[bytes, ...] | None = None
+    """That preview already made and encoded, one image per seed: the Denoiser makes fast previews itself when its
+    model ships a preview decoder (`lightray.stages.preview.shipped_preview`), and then sends these instead of
+    `preview`."""
 
 
 @dataclasses.dataclass(frozen=True)

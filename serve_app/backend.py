@@ -239,9 +239,15 @@ class RayGraphBackend:
             GenerationResult(list(result.pngs), {**result.timings, "graph_ms": (time.perf_counter() - start) * 1000}),
             prepared, spec.output)
 
+    def _denoise_stream(self, spec: GenerationSpec, encoding: OutputEncoding, *inputs):
+        """The Denoiser's stream for `spec`; fast previews come made by the Denoiser when its model ships a preview
+        decoder (`preview_encoding`), else as latents for the VaeDecoder."""
+        return self._denoiser_for(spec).options(stream=True).denoise_stream.remote(
+            spec.denoise_params(), *inputs, preview_encoding=encoding if spec.preview == "fast" else None)
+
     def generate_stream(self, spec: GenerationSpec) -> AsyncIterator[StreamItem]:
         encoded = self._encode(spec)
-        denoising = self._denoiser_for(spec).options(stream=True).denoise_stream.remote(spec.denoise_params(), encoded)
+        denoising = self._denoise_stream(spec, spec.output, encoded)
         return _stream_client_errors(spec, self._stream(spec, denoising, encoded, encoding=spec.output))
 
     def edit_stream(self, spec: EditSpec, image: Image.Image, mask: Image.Image | None = None
@@ -249,17 +255,16 @@ class RayGraphBackend:
         def start(prepared: PreparedEdit) -> AsyncIterator[StreamItem]:
             encoded = self._encode(spec)
             image_latents = self._encode_image(spec, prepared)
-            denoising = self._denoiser_for(spec).options(stream=True).denoise_stream.remote(
-                spec.denoise_params(), encoded, image_latents, _mask_pixels(prepared))
-            return self._stream(spec, denoising, encoded, image_latents,
-                                encoding=decoded_encoding(prepared, spec.output))
+            encoding = decoded_encoding(prepared, spec.output)
+            denoising = self._denoise_stream(spec, encoding, encoded, image_latents, _mask_pixels(prepared))
+            return self._stream(spec, denoising, encoded, image_latents, encoding=encoding)
 
         return _stream_client_errors(spec, _composed_stream(spec, image, mask, start))
 
     async def _stream(self, spec: GenerationSpec, denoising, *upstream,
                       encoding: OutputEncoding) -> AsyncIterator[StreamItem]:
-        """The Denoiser's stream as `StreamItem`s. Each preview goes to the VaeDecoder as soon as it arrives (it
-        batches with other decodes there) while the steps go on; previews are yielded in order, each as soon as
+        """The Denoiser's stream as `StreamItem`s. Each preview the Denoiser did not make itself goes to the
+        VaeDecoder as soon as it arrives (`preview`, or batched with other decodes for "full") while the steps go on; previews are yielded in order, each as soon as
         it and those before it are decoded, and all before the final image. The final latents pass through the
         ingress to the VaeDecoder (a generator's items cannot be handed on handle to handle). If the stream is
         closed early, or fails, every stage's request is cancelled (the Denoiser stops within a step). Previews and
@@ -276,7 +281,11 @@ class RayGraphBackend:
                     denoised = item
                     continue
                 yield StepUpdate(item.step, item.total_steps)
-                if item.preview is not None:
+                if item.preview_images is not None:  # made by the Denoiser (fast, a shipped preview decoder)
+                    made = asyncio.get_running_loop().create_future()
+                    made.set_result(PartialImages(len(previews), item.step, list(item.preview_images)))
+                    previews.append(made)
+                elif item.preview is not None:
                     if spec.preview == "full":
                         response = self.vae.decode.remote(DenoisedLatents(item.preview), spec.width, spec.height,
                                                           encoding=encoding)

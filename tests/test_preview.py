@@ -72,3 +72,25 @@ def test_decoder_previews_are_close_to_the_full_decode_of_generations(local_pipe
             full = np.asarray(pipe.vae.decode(x, 128, 128)[0], float).reshape(32, 4, 32, 4, 3).mean((1, 3)) / 255
             scores.append(10 * np.log10(1 / np.mean((got - full) ** 2)))
     assert np.mean(scores) > 26, scores
+
+
+def test_the_vae_deployment_makes_fast_previews_in_the_asked_format(local_pipeline):
+    """`VaeDecoder.preview`: the path of a model that ships no preview decoder (the Denoiser makes them otherwise),
+    here with the projection fitted at load."""
+    import copy
+    import io
+
+    from deployments.vae import VaeDecoder
+    from lightray.contracts import OutputEncoding
+
+    stage = copy.copy(local_pipeline.vae)
+    stage.latent_preview = fit_to_vae(stage)
+    cls = VaeDecoder.func_or_class
+    decoder = cls.__new__(cls)  # without __init__: the session's loaded stage
+    decoder.stage = stage
+    latents = stage.encode([Image.new("RGB", (128, 64), (255, 255, 255))] * 2)
+    out = decoder.preview(latents, 128, 64, encoding=OutputEncoding("jpeg", 90))
+    images = [Image.open(io.BytesIO(b)) for b in out.pngs]
+    assert [(im.format, im.size) for im in images] == [("JPEG", (32, 16))] * 2
+    assert np.asarray(images[0].convert("RGB"), float).mean() > 240  # white
+    assert "preview_ms" in out.timings

@@ -188,13 +188,20 @@ class DecoderPreview:
         return [Image.fromarray(p) for p in pixels]
 
 
+def shipped_preview(preset) -> DecoderPreview | None:
+    """The model folder's distilled preview decoder (`vae/preview_decoder.safetensors`), or None when it ships none.
+    Needs no VAE, so the Denoiser makes fast previews with it where the latents are, without a hop."""
+    path = preset.root / "vae" / PREVIEW_DECODER_FILE
+    if not path.is_file():
+        return None
+    scale = 2 ** len(json.loads((preset.root / "vae" / "config.json").read_text())["temperal_downsample"])
+    return DecoderPreview(PreviewDecoder.load(path), scale)
+
+
 def load_preview(stage) -> Preview:
-    """The fast-preview maker for a `lightray.stages.vae.VaeStage`: the model folder's distilled decoder
-    (`vae/preview_decoder.safetensors`) when it ships one, else the projection fitted to the stage's VAE now."""
-    path = stage.preset.root / "vae" / PREVIEW_DECODER_FILE
-    if path.is_file():
-        return DecoderPreview(PreviewDecoder.load(path), stage.scale_factor)
-    return fit_to_vae(stage)
+    """The fast-preview maker for a `lightray.stages.vae.VaeStage`: the model folder's distilled decoder when it
+    ships one, else the projection fitted to the stage's VAE now."""
+    return shipped_preview(stage.preset) or fit_to_vae(stage)
 
 
 def fit_latent_preview(encode: Callable[[np.ndarray], np.ndarray], scale_factor: int,

@@ -5,8 +5,8 @@ and what `partial_images` = 3 adds over a plain (`stream: false`) request.
 
 Without --url it starts a local Ray cluster and deploys configs/serve/local.yaml. Per model (Lightning 4,
 Lightning 8, base) at the default size, one request at a time, interleaved so that drift hits every mode alike:
-`stream: false`, `stream: true` with `partial_images` 0, and with 3. Also the VAE decode of one preview, timed
-in-process (the VaeDecoder's cost per preview, without the hop). Prints a table and writes
+`stream: false`, `stream: true` with `partial_images` 0, and with 3 (fast previews, the default). Also one preview
+timed in-process, fast and full (its cost without any hop). Prints a table and writes
 benchmarks/results/streaming.json.
 """
 
@@ -27,6 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 from lightray.config import load_preset  # noqa: E402
 from testing.local_cluster import RayCluster  # noqa: E402
+from lightray.images import encode_png  # noqa: E402
 from lightray.stages import VaeStage  # noqa: E402
 
 PROMPTS = ["a red circle on the left, white background", "白色背景，左边有一个红色的圆形",
@@ -86,20 +87,27 @@ def bench(url: str, n: int) -> dict:
     return results
 
 
-def vae_preview_cost(preset, repeats: int = 30) -> float:
-    """Median ms of one VAE decode of a default-size preview, in-process, one thread (as a replica runs)."""
+def preview_costs(preset, repeats: int = 30) -> dict[str, float]:
+    """Median ms of one default-size preview in-process, one thread (as a replica runs): the fast one
+    (`VaeStage.preview`: the model's preview decoder or fitted projection, PNG included) and a full VAE decode
+    (`preview: "full"`)."""
     torch.set_num_threads(1)
     vae = VaeStage(preset)
     w, h = preset.default_size
     tokens = (w // 16) * (h // 16)
     latents = np.random.default_rng(0).standard_normal((1, tokens, 64)).astype(np.float32)
-    vae.decode(latents, h, w)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        vae.decode(latents, h, w)
-        times.append((time.perf_counter() - t0) * 1000)
-    return statistics.median(times)
+
+    def median_ms(fn) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1000)
+        return statistics.median(times)
+
+    return {"fast_preview_ms": median_ms(lambda: [encode_png(im) for im in vae.preview(latents, h, w)]),
+            "full_decode_ms": median_ms(lambda: vae.decode(latents, h, w))}
 
 
 def main() -> None:
@@ -111,7 +119,7 @@ def main() -> None:
     preset = load_preset("lightray-shapes")
     w, h = preset.default_size
     results: dict = {"size": f"{w}x{h}", "requests": args.requests, "device": "cpu (2 cores)",
-                     "date": time.strftime("%Y-%m-%d"), "vae_decode_one_preview_ms": vae_preview_cost(preset)}
+                     "date": time.strftime("%Y-%m-%d"), "preview_in_process": preview_costs(preset)}
     if args.url:
         results["models"] = bench(args.url, args.requests)
     else:
@@ -124,8 +132,9 @@ def main() -> None:
             finally:
                 cluster.stop()
 
-    print(f"\nstreaming, {results['size']}, p50 over {args.requests} requests each, one at a time "
-          f"(VAE decode of one preview in-process: {results['vae_decode_one_preview_ms']:.1f} ms)\n")
+    costs = results["preview_in_process"]
+    print(f"\nstreaming, {results['size']}, p50 over {args.requests} requests each, one at a time (one preview "
+          f"in-process: fast {costs['fast_preview_ms']:.2f} ms, full VAE decode {costs['full_decode_ms']:.1f} ms)\n")
     print("| model | stream false: total | stream, 0 previews: first step / completed | "
           "stream, 3 previews: first preview / completed | 3 previews add |")
     print("| --- | --- | --- | --- | --- |")

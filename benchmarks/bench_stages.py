@@ -44,21 +44,12 @@ from lightray.schemas import ImageGenerationRequest  # noqa: E402
 from lightray.stages.vae_single_frame import SingleFrameVae  # noqa: E402
 from mini_real import MINI_VAE_BASE_DIM, QWEN_IMAGE_VAE_CONFIG  # noqa: E402
 from testing.local_cluster import RayCluster  # noqa: E402
+from testing.timing import median_ms  # noqa: E402
 
 MODEL = "lightray-shapes-lightning-4"
 PROMPTS = ["a red circle on the left, white background", "白色背景，左边有一个红色的圆形",
            "a blue square at the top on a gray background", "黑色背景，中间有一个黄色的三角形"]
 SIZES = ["64x64", "128x128", "256x256"]
-
-
-def median_ms(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1000)
-    return statistics.median(times)
 
 
 def grey(x: torch.Tensor) -> np.ndarray:

@@ -27,6 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 from lightray.config import load_preset  # noqa: E402
 from testing.local_cluster import RayCluster  # noqa: E402
+from testing.timing import median_ms  # noqa: E402
 from lightray.images import encode_png  # noqa: E402
 from lightray.stages import VaeStage  # noqa: E402
 
@@ -97,17 +98,8 @@ def preview_costs(preset, repeats: int = 30) -> dict[str, float]:
     tokens = (w // 16) * (h // 16)
     latents = np.random.default_rng(0).standard_normal((1, tokens, 64)).astype(np.float32)
 
-    def median_ms(fn) -> float:
-        fn()
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1000)
-        return statistics.median(times)
-
-    return {"fast_preview_ms": median_ms(lambda: [encode_png(im) for im in vae.preview(latents, h, w)]),
-            "full_decode_ms": median_ms(lambda: vae.decode(latents, h, w))}
+    return {"fast_preview_ms": median_ms(lambda: [encode_png(im) for im in vae.preview(latents, h, w)], repeats),
+            "full_decode_ms": median_ms(lambda: vae.decode(latents, h, w), repeats)}
 
 
 def main() -> None:

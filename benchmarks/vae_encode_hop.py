@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 
 import numpy as np
@@ -28,16 +26,7 @@ from lightray.config import DEFAULT_PRESET, load_preset  # noqa: E402
 from lightray.pipeline import LocalPipeline  # noqa: E402
 from lightray.schemas import ImageEditRequest, denoising_steps  # noqa: E402
 from lightray.world.shapes import Scene, render  # noqa: E402
-
-
-def median_ms(fn, runs: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1000)
-    return statistics.median(times)
+from testing.timing import median_ms  # noqa: E402
 
 
 def stage_timings(preset, runs: int) -> dict[str, float]:

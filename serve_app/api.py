@@ -13,6 +13,7 @@ from lightray.schemas import ErrorBody, ErrorResponse, RequestError
 from serve_app.admission import AdmissionLimit
 from serve_app.auth import ApiKeyAuth
 from serve_app.backend import GenerationBackend, ServiceUnavailable
+from serve_app.body_limits import BodyLimitMiddleware
 from serve_app.image_store import ImageStore
 from serve_app.openapi_errors import error_responses, tidy_openapi
 from serve_app.observability import REQUEST_ID_HEADER, RequestIdMiddleware, echoes_request_id, request_id_of
@@ -105,6 +106,8 @@ def create_app(backend: GenerationBackend, settings: ServiceSettings) -> FastAPI
     app.add_exception_handler(HTTPException, _on_http_exception)
     app.add_exception_handler(ServiceUnavailable, _on_unavailable)
     app.add_exception_handler(Exception, _on_unexpected)
+    # Added first, so it runs inside the request-id middleware: its early 401 / 413 answers carry the id too.
+    app.add_middleware(BodyLimitMiddleware, settings=settings, auth=app.state.auth)
     app.add_middleware(RequestIdMiddleware)
     app.include_router(images.router)
     app.include_router(edits.router)

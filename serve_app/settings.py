@@ -65,6 +65,9 @@ class ServiceSettings(RegistrySettings):
     """Where `response_format=url` images are kept (a shared folder when there are several ingress replicas)."""
     public_url: str | None = None
     """Base URL clients reach the service at, for image URLs; default: the request's own base URL."""
+    max_json_body_bytes: int = Field(256 * 1024, ge=4096)
+    """Largest body of any route but the edits, in bytes (a prompt is at most a few KB): a longer one is answered
+    413 before it is parsed (`serve_app.body_limits`)."""
     max_image_bytes: int = Field(10 * 1024 * 1024, ge=1024)
     """Largest image (or mask) upload accepted by /v1/images/edits, in bytes."""
     max_image_pixels: int = Field(4096 * 4096, ge=256)

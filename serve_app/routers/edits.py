@@ -128,37 +128,16 @@ async def edit_images(
 # ------------------------------------------------------------------------------------------ body parsing
 
 async def _read_body(request: Request, settings: ServiceSettings) -> tuple[dict, bytes | None, bytes | None]:
-    """(text fields, image bytes, mask bytes) from a multipart or JSON body, reading at most what two maximal
-    images (base64-inflated) and the fields can take."""
-    limit = 2 * (settings.max_image_bytes * 4 // 3 + 4) + 1024 * 1024
+    """(text fields, image bytes, mask bytes) from a multipart or JSON body. Its size is bounded by the app's
+    `BodyLimitMiddleware` (`edit_body_limit`: what two maximal images, base64-inflated, and the fields take)."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    capped = _capped_request(request, limit)
     if content_type in ("multipart/form-data", "application/x-www-form-urlencoded"):
-        return await _read_multipart(capped, settings)
+        return await _read_multipart(request, settings)
     if content_type == "application/json":
-        return _read_json(await capped.body(), settings)
+        return _read_json(await request.body(), settings)
     raise RequestError("request", "send multipart/form-data (image and mask as files) or application/json "
                                   f"(image and mask as base64 or data URLs), not {content_type or 'no content type'}",
                        status=415, code="unsupported_media_type")
-
-
-def _capped_request(request: Request, limit: int) -> Request:
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise RequestError("image", f"request body is {declared} bytes; at most {limit} are accepted", status=413,
-                           code="request_too_large")
-    received = 0
-    receive = request.receive
-
-    async def capped_receive():
-        nonlocal received
-        message = await receive()
-        received += len(message.get("body", b""))
-        if received > limit:
-            raise RequestError("image", f"request body exceeds {limit} bytes", status=413, code="request_too_large")
-        return message
-
-    return Request(request.scope, capped_receive)
 
 
 async def _read_multipart(request: Request, settings: ServiceSettings) -> tuple[dict, bytes | None, bytes | None]:

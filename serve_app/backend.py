@@ -7,7 +7,7 @@ import asyncio
 import dataclasses
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
@@ -91,6 +91,38 @@ class GenerationBackend(Protocol):
         ...
 
     async def readiness(self) -> dict[str, bool]: ...
+
+
+READINESS_TTL_S = 2.0
+"""How long one fan-out of health checks to the stages answers `/readyz`: a load balancer polling from many places,
+or a flood of probes, costs the stages one check per stage per this many seconds."""
+
+
+class SharedCheck:
+    """An async check run at most once per `ttl_s`, its answer shared: callers within the TTL get the last answer,
+    and callers while it runs wait for that one run (never a second, concurrent one). So any number of concurrent
+    probes gives one answer, and the stages see no more checks than the TTL allows."""
+
+    def __init__(self, check: Callable[[], Awaitable[dict[str, bool]]], ttl_s: float):
+        self._check, self.ttl_s = check, ttl_s
+        self._answer: dict[str, bool] | None = None
+        self._answered_at = 0.0
+        self._running: asyncio.Future | None = None
+
+    async def get(self) -> dict[str, bool]:
+        if self._answer is not None and time.monotonic() - self._answered_at < self.ttl_s:
+            return self._answer
+        if self._running is None:
+            self._running = asyncio.ensure_future(self._refresh())
+        return await asyncio.shield(self._running)
+
+    async def _refresh(self) -> dict[str, bool]:
+        try:
+            answer = await self._check()
+            self._answer, self._answered_at = answer, time.monotonic()
+            return answer
+        finally:
+            self._running = None
 
 
 class LocalBackend:
@@ -192,6 +224,7 @@ class RayGraphBackend:
     def __init__(self, preset: ModelPreset, text_encoder, denoiser, vae):
         self.preset = preset
         self.text_encoder, self.denoiser, self.vae = text_encoder, denoiser, vae
+        self._readiness = SharedCheck(self._check_stages, READINESS_TTL_S)
 
     async def generate(self, spec: GenerationSpec) -> GenerationResult:
         return await _client_errors(spec, self._generate(spec))
@@ -314,7 +347,11 @@ class RayGraphBackend:
                     preview.cancel()
 
     async def readiness(self) -> dict[str, bool]:
-        """Each stage answers its own health check within 5 s (a replica still loading does not)."""
+        """Each stage answered its own health check within 5 s (a replica still loading does not), as checked at
+        most once per `READINESS_TTL_S` however many probes ask (`SharedCheck`)."""
+        return await self._readiness.get()
+
+    async def _check_stages(self) -> dict[str, bool]:
         stages = {"TextEncoder": self.text_encoder, "Denoiser": self.denoiser, "VaeDecoder": self.vae}
 
         async def healthy(handle) -> bool:

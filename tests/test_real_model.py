@@ -7,6 +7,7 @@ Every test pins torch to one thread, as the Serve replicas run (OMP_NUM_THREADS=
 
 from __future__ import annotations
 
+import concurrent.futures
 import inspect
 import logging
 import os
@@ -386,11 +387,30 @@ def test_a_hung_probe_fails_within_its_timeout_and_does_not_pile_up(served, monk
         with pytest.raises(TimeoutError, match="did not finish in 0.3 s"):
             text.check_health(timeout_s=0.3)
         assert time.perf_counter() - start < 2
-        with pytest.raises(TimeoutError, match="previous health probe has not returned"):
+        # A second check waits on the same hung probe instead of starting another thread.
+        with pytest.raises(TimeoutError, match="a health probe started earlier did not finish in 0.3 s"):
             text.check_health(timeout_s=0.3)
+        assert sum(t.name == "health-probe" for t in threading.enumerate()) == 1
     finally:
         release.set()
     time.sleep(0.2)
+
+
+def test_concurrent_checks_share_one_probe_and_all_pass(served, monkeypatch):
+    """Serve's health check and readiness probes arriving together: one probe runs, and none of them fails
+    because another is pending."""
+    text = served[0].text
+    forward, calls = text.pipe.text_encoder.forward, []
+
+    def slow_forward(*args, **kwargs):
+        calls.append(1)
+        time.sleep(0.3)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(text.pipe.text_encoder, "forward", slow_forward)
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        outcomes = list(pool.map(lambda _: text.check_health(timeout_s=5), range(8)))
+    assert outcomes == [None] * 8 and len(calls) == 1
 
 
 def test_the_engine_probe_runs_between_steps_and_changes_no_result(served):

@@ -50,8 +50,10 @@ class HealthProbe:
     module left unusable. Reading the result (`isfinite(...).item()`) synchronises the device, so an asynchronous
     error surfaces here and not in the next request. `launch` starts the probe and returns its future: by default a
     thread of its own, so a hung device blocks that thread and not the caller; the engine runs it at a step
-    boundary instead. One probe is in flight at a time: while a hung one has not returned, checks fail at once
-    rather than piling up threads or commands."""
+    boundary instead. One probe is in flight at a time: a check made while one is pending waits for that same probe
+    (up to its own timeout) rather than starting another, so checks never pile up threads or commands, and
+    concurrent callers (Serve's health check, readiness probes) get the same answer instead of failing each other.
+    A hung probe fails every check that waits on it, each within its timeout."""
 
     def __init__(self, what: str, probe: Callable[[], torch.Tensor],
                  launch: Callable[[Callable[[], None]], concurrent.futures.Future] | None = None):
@@ -69,13 +71,15 @@ class HealthProbe:
     def check(self, timeout_s: float | None = None) -> None:
         timeout_s = HEALTH_PROBE_TIMEOUT_S if timeout_s is None else timeout_s
         with self._lock:
-            if self._pending is not None and not self._pending.done():
-                raise TimeoutError(f"{self.what}: the previous health probe has not returned (device hung?)")
-            self._pending = future = self._launch(self._run)
+            joined = self._pending is not None and not self._pending.done()
+            if not joined:
+                self._pending = self._launch(self._run)
+            future = self._pending
         try:
             future.result(timeout=timeout_s)
         except concurrent.futures.TimeoutError:
-            raise TimeoutError(f"{self.what}: the health probe did not finish in {timeout_s} s") from None
+            which = "a health probe started earlier" if joined else "the health probe"
+            raise TimeoutError(f"{self.what}: {which} did not finish in {timeout_s} s (device hung?)") from None
         except Exception as err:
             raise RuntimeError(f"{self.what}: the health probe failed: {err!r}") from err
 

@@ -46,7 +46,6 @@ COPY --chown=ray:users configs configs
 COPY --chown=ray:users models models
 ENV PYTHONPATH=/app \
     RAY_USAGE_STATS_ENABLED=0 \
-    RAY_AUTH_MODE=disabled \
     MALLOC_ARENA_MAX=2
 EXPOSE 8000
 # KubeRay replaces the command with `ray start`; run alone, the image serves the embedded model (configs/serve/

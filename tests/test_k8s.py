@@ -125,3 +125,58 @@ def test_every_pod_reads_the_registry_s3_credentials_from_one_secret():
             assert from_secret | by_key, f"{where}: no S3 credentials"
             seen |= from_secret | by_key
     assert seen == {REGISTRY_S3_SECRET}
+
+
+# ------------------------------------------------------------------------------------ hardening (docs/security.md)
+
+def test_every_pod_runs_as_the_image_user_without_privileges_on_a_read_only_root():
+    for where, template in TEMPLATES:
+        spec = template["spec"]
+        pod = spec["securityContext"]
+        assert pod["runAsNonRoot"] is True and pod["runAsUser"] == 1000, where
+        assert pod["seccompProfile"] == {"type": "RuntimeDefault"}, where
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        for container in spec["containers"]:
+            sc = container["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True, where
+            assert sc["capabilities"] == {"drop": ["ALL"]}, where
+            # Ray writes its session files under /tmp: an emptyDir, since the root filesystem is read-only.
+            tmp = next(m for m in container["volumeMounts"] if m["mountPath"] == "/tmp")
+            assert "emptyDir" in volumes[tmp["name"]], where
+
+
+def test_only_the_autoscaling_head_mounts_a_service_account_token():
+    """KubeRay's in-tree autoscaler runs as a sidecar of the RayService's head and needs the token; no other pod
+    talks to the Kubernetes API."""
+    for where, template in TEMPLATES:
+        if where.startswith("rayservice.yaml") and where.endswith("headGroupSpec"):
+            continue
+        assert template["spec"]["automountServiceAccountToken"] is False, where
+
+
+def test_the_ray_control_plane_takes_a_token_and_nothing_turns_it_off():
+    for path in MANIFESTS:
+        for doc in documents(path):
+            if doc["kind"] in RAY_KINDS:
+                auth = doc["spec"][RAY_KINDS[doc["kind"]]]["authOptions"]
+                assert auth == {"mode": "token", "secretName": "lightray-ray-token"}, path.name
+    for where, template in TEMPLATES:  # KubeRay sets RAY_AUTH_MODE from authOptions; nothing may override it
+        for container in template["spec"]["containers"]:
+            assert all(e["name"] != "RAY_AUTH_MODE" for e in container.get("env", [])), where
+    assert "RAY_AUTH_MODE=" not in (REPO / "Dockerfile").read_text()
+
+
+def test_the_network_policy_admits_the_dashboard_only_from_the_operator():
+    [policy] = documents(REPO / "k8s/networkpolicy.yaml")
+    selector = policy["spec"]["podSelector"]["matchLabels"]
+    for where, template in TEMPLATES:  # every Ray pod is covered
+        labels = template["metadata"]["labels"]
+        assert all(labels.get(k) == v for k, v in selector.items()), where
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    open_to_all = [rule for rule in policy["spec"]["ingress"] if "from" not in rule]
+    assert [p["port"] for rule in open_to_all for p in rule["ports"]] == [8000]  # the API only
+    dashboard = [rule for rule in policy["spec"]["ingress"]
+                 if any(p["port"] == 8265 for p in rule.get("ports", []))]
+    assert len(dashboard) == 1
+    assert [peer["podSelector"]["matchLabels"] for peer in dashboard[0]["from"]] == [
+        {"app.kubernetes.io/name": "kuberay-operator"}]

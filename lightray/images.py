@@ -7,6 +7,7 @@ import io
 import struct
 import warnings
 
+import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from lightray.contracts import PNG, OutputEncoding
@@ -95,10 +96,18 @@ def _sniff_format(data: bytes) -> str | None:
         return None
 
 
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I")
+"""Modes PIL reads 16-bit grey PNGs as: their values run to 65535, and PIL's own conversion to RGB clips them at 255
+(a picture comes out white), so they are scaled down to 8 bits first."""
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB pixels of an uploaded image; transparent areas are composited over white."""
+    """RGB pixels of an uploaded image; transparent areas are composited over white, 16-bit grey is scaled to 8."""
     if image.mode == "RGB":
         return image
+    if image.mode in SIXTEEN_BIT_MODES:
+        grey = np.asarray(image, dtype=np.float64) * (255.0 / 65535.0)
+        return Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8), "L").convert("RGB")
     if image.has_transparency_data:
         rgba = image.convert("RGBA")
         return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")

@@ -635,3 +635,21 @@ def test_crop_helpers_equal_diffusers():
             for image in (picture, mask_image):
                 assert np.array_equal(np.asarray(ours(image, tw, th)),
                                       np.asarray(processor.resize(image, th, tw, resize_mode=mode))), (mode, w, h, tw, th)
+
+
+def test_a_16_bit_grey_png_keeps_its_greys():
+    """PIL's own conversion of a 16-bit grey PNG to RGB clips every value above 255: the picture came out white."""
+    ramp = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 16).astype(np.uint16)  # 0 .. 65520
+    buf = io.BytesIO()
+    Image.fromarray(ramp).save(buf, format="PNG")  # uint16 → mode "I;16"
+    picture, _ = load_edit_inputs(buf.getvalue())
+    got = np.asarray(picture, dtype=int)
+    assert picture.mode == "RGB" and got.std() > 50  # not a white (or black) page
+    expected = np.rint(ramp.astype(float) * 255 / 65535).astype(int)
+    assert np.abs(got[..., 0] - expected).max() <= 1 and (got[..., 0] == got[..., 2]).all()
+
+
+def test_a_deeply_nested_json_edit_is_a_400_not_a_500(api_client):
+    r = api_client.post("/v1/images/edits", content="[" * 100_000, headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "request"

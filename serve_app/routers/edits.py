@@ -199,6 +199,8 @@ def _read_json(raw: bytes, settings: ServiceSettings) -> tuple[dict, bytes | Non
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise RequestError("request", f"body is not valid JSON: {e}") from None
+    except RecursionError:  # `[[[[…` within the body bound: the parser's recursion, not the server, gives out
+        raise RequestError("request", "body nests too deeply to be an edit request") from None
     if not isinstance(body, dict):
         raise RequestError("request", "body must be a JSON object")
     blobs = {}

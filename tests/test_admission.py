@@ -125,3 +125,38 @@ def test_the_routes_charge_each_request_its_work(weighted_app, path):
     r = weighted_app.post(path, json=body)
     assert r.status_code == 200, r.text
     assert admission.work_in_progress == pytest.approx(1.0 - work) and admission.in_progress == 0
+
+
+def test_a_stream_holds_its_admission_slot_until_it_ends(preset, tmp_path):
+    """A streamed request keeps its slot while its events flow (FastAPI >= 0.118 runs a `yield` dependency's exit
+    after the response is sent, which pyproject requires), and gives it back when the stream ends."""
+    import threading
+
+    from recording_backend import RecordingBackend
+    from serve_app.backend import StepUpdate
+
+    class HeldStream(RecordingBackend):
+        release = threading.Event()
+
+        async def generate_stream(self, spec):
+            yield StepUpdate(1, 2)
+            while not self.release.is_set():
+                await asyncio.sleep(0.01)
+            yield self._answer(spec)
+
+    settings = ServiceSettings(preset=preset.model_dump(), auth_enabled=False, max_concurrent_requests=1,
+                               registry=str(tmp_path / "registry"), image_store_dir=str(tmp_path / "images"))
+    backend = HeldStream(preset)
+    body = {"prompt": "a red circle", "size": "64x64"}
+    with TestClient(create_app(backend, settings)) as client:
+        admission = client.app.state.admission
+        with client.stream("POST", "/v1/images/generations", json={**body, "stream": True}) as r:
+            lines = r.iter_lines()
+            assert any("lightray.progress" in line for line in lines if line.startswith("data:"))
+            assert admission.in_progress == 1
+            refused = client.post("/v1/images/generations", json=body)  # the one slot is the stream's
+            assert refused.status_code == 503
+            backend.release.set()
+            assert any("image_generation.completed" in line for line in lines)
+        assert admission.in_progress == 0
+        assert client.post("/v1/images/generations", json=body).status_code == 200

@@ -14,6 +14,7 @@ from serve_app.admission import AdmissionLimit
 from serve_app.auth import ApiKeyAuth
 from serve_app.backend import GenerationBackend, ServiceUnavailable
 from serve_app.body_limits import BodyLimitMiddleware
+from serve_app.security_headers import SecurityHeadersMiddleware
 from serve_app.image_store import ImageStore
 from serve_app.openapi_errors import error_responses, tidy_openapi
 from serve_app.observability import REQUEST_ID_HEADER, RequestIdMiddleware, echoes_request_id, request_id_of
@@ -92,6 +93,10 @@ def create_app(backend: GenerationBackend, settings: ServiceSettings) -> FastAPI
         version="0.1.0",
         description="OpenAI-compatible image generation on Ray Serve (Qwen-Image-class models).",
         responses=error_responses(500),
+        # Swagger UI loads its script from a CDN without SRI: not on an origin whose playground holds API keys
+        # (serve_app/security_headers.py). /openapi.json is always served.
+        docs_url=None if settings.auth_enabled else "/docs",
+        redoc_url=None if settings.auth_enabled else "/redoc",
     )
     default_openapi = app.openapi
     app.openapi = lambda: app.openapi_schema or tidy_openapi(default_openapi(), settings.auth_enabled)
@@ -109,6 +114,7 @@ def create_app(backend: GenerationBackend, settings: ServiceSettings) -> FastAPI
     # Added first, so it runs inside the request-id middleware: its early 401 / 413 answers carry the id too.
     app.add_middleware(BodyLimitMiddleware, settings=settings, auth=app.state.auth)
     app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(SecurityHeadersMiddleware)
     app.include_router(images.router)
     app.include_router(edits.router)
     app.include_router(models.router)

@@ -205,15 +205,22 @@ def test_stacked_adapters_with_scales_are_sent_in_the_order_ticked(page, service
     assert plain.json()["data"][0]["b64_json"] != direct  # the adapters did change the picture
 
 
-def test_the_api_key_is_kept_in_the_browser(page):
+def test_the_api_key_is_kept_for_the_tab_unless_remembered(page):
     key = page.find_element(By.ID, "api-key")
     key.send_keys("sk-playground-test")
     page.find_element(By.ID, "prompt").click()  # leaving the field stores it
     page.refresh()
     WebDriverWait(page, 30).until(lambda d: d.find_element(By.ID, "api-key").get_attribute("value"))
     assert page.find_element(By.ID, "api-key").get_attribute("value") == "sk-playground-test"
+    # By default only this tab keeps it (sessionStorage): nothing outlives the browser session.
+    assert page.execute_script("return sessionStorage.getItem('lightray.apiKey')") == "sk-playground-test"
+    assert page.execute_script("return localStorage.getItem('lightray.apiKey')") is None
+    page.find_element(By.ID, "remember-key").click()
     assert page.execute_script("return localStorage.getItem('lightray.apiKey')") == "sk-playground-test"
-    page.execute_script("localStorage.removeItem('lightray.apiKey')")
+    page.find_element(By.ID, "remember-key").click()  # forgotten again
+    assert page.execute_script("return localStorage.getItem('lightray.apiKey')") is None
+    page.execute_script("sessionStorage.removeItem('lightray.apiKey')")
+    page.find_element(By.ID, "api-key").clear()
 
 
 def test_stop_cancels_the_request_on_the_service(page, ray_cluster):

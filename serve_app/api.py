@@ -14,6 +14,7 @@ from serve_app.admission import AdmissionLimit
 from serve_app.auth import ApiKeyAuth
 from serve_app.backend import GenerationBackend, ServiceUnavailable
 from serve_app.body_limits import BodyLimitMiddleware
+from serve_app.local_only import LocalOnlyMiddleware
 from serve_app.security_headers import SecurityHeadersMiddleware
 from serve_app.image_store import ImageStore
 from serve_app.openapi_errors import error_responses, tidy_openapi
@@ -113,6 +114,8 @@ def create_app(backend: GenerationBackend, settings: ServiceSettings) -> FastAPI
     app.add_exception_handler(Exception, _on_unexpected)
     # Added first, so it runs inside the request-id middleware: its early 401 / 413 answers carry the id too.
     app.add_middleware(BodyLimitMiddleware, settings=settings, auth=app.state.auth)
+    if not settings.auth_enabled:
+        app.add_middleware(LocalOnlyMiddleware, hosts=settings.local_hosts)
     app.add_middleware(RequestIdMiddleware)
     app.add_middleware(SecurityHeadersMiddleware)
     app.include_router(images.router)

@@ -59,7 +59,7 @@ class BodyLimitMiddleware:
             else:
                 app_receive = _replay(await _read(receive, limit), receive)
         except RequestError as err:
-            await _answer(err, scope, send)
+            await answer_error(err, scope, send)
             return
         await self.app(scope, app_receive, send)
 
@@ -130,8 +130,8 @@ def _replay(body: bytes, receive: Receive) -> Receive:
     return replay
 
 
-async def _answer(err: RequestError, scope: Scope, send: Send) -> None:
-    """`err` in OpenAI's error shape (as the app's own handlers answer)."""
+async def answer_error(err: RequestError, scope: Scope, send: Send) -> None:
+    """`err` in OpenAI's error shape (as the app's own handlers answer), from a middleware."""
     from fastapi.responses import JSONResponse
 
     body = ErrorResponse(error=ErrorBody(message=err.message, type="invalid_request_error", param=err.param,

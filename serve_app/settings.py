@@ -84,6 +84,10 @@ class ServiceSettings(RegistrySettings):
     auth_enabled: bool = True
     """Require an API key on every /v1 route (401 without one) and scope adapters to the key's tenant. On by
     default; only configs/serve/local.yaml (one user, loopback) turns it off, and then every adapter is usable."""
+    local_hosts: list[str] = Field(default_factory=lambda: ["localhost", "127.0.0.1", "[::1]"])
+    """With auth off, the only Host header names (any port) the service answers; any other is a 421. A page on
+    another site that rebinds its DNS name to 127.0.0.1 then cannot use the local, keyless service
+    (`serve_app/local_only.py`). Not checked with auth on, where the API keys guard the routes."""
     api_keys: list[ApiKey] = Field(default_factory=list)
     """Keys and their tenants, e.g. LIGHTRAY_API_KEYS='[{"tenant": "acme", "key": "…", "priority": "batch"}]'."""
     default_priority: Priority = "interactive"

@@ -80,9 +80,11 @@ def api_client(local_pipeline, registry_root, tmp_path_factory) -> TestClient:
     settings = ServiceSettings(
         preset=local_pipeline.preset.model_dump(), registry=str(registry_root), registry_latest_ttl_s=0,
         image_store_dir=str(tmp_path_factory.mktemp("images")), auth_enabled=False,
+        # schemathesis's in-process client calls the app as "testserver" (tests/test_fuzz_api.py).
+        local_hosts=["localhost", "127.0.0.1", "[::1]", "testserver"],
     )
     backend = LocalBackend(local_pipeline, settings.open_registry())
-    with TestClient(create_app(backend, settings)) as client:
+    with TestClient(create_app(backend, settings), base_url="http://localhost") as client:
         yield client
 
 

@@ -41,7 +41,7 @@ class RecordingBackend:
 def recording_app(preset: ModelPreset, settings: ServiceSettings) -> Iterator[tuple[TestClient, RecordingBackend]]:
     """(client, backend) of the real app with `settings` over a `RecordingBackend`, for a fixture to yield from."""
     backend = RecordingBackend(preset)
-    with TestClient(create_app(backend, settings)) as client:
+    with TestClient(create_app(backend, settings), base_url="http://localhost") as client:
         yield client, backend
 
 

@@ -103,7 +103,7 @@ def weighted_app(preset, registry_root, tmp_path):
     0.0156 units) over a backend that runs nothing."""
     settings = ServiceSettings(preset=preset.model_dump(), registry=str(registry_root), auth_enabled=False,
                                max_admitted_work=1.0, image_store_dir=str(tmp_path))
-    with TestClient(create_app(RecordingBackend(preset), settings)) as client:
+    with TestClient(create_app(RecordingBackend(preset), settings), base_url="http://localhost") as client:
         yield client
 
 
@@ -148,7 +148,7 @@ def test_a_stream_holds_its_admission_slot_until_it_ends(preset, tmp_path):
                                registry=str(tmp_path / "registry"), image_store_dir=str(tmp_path / "images"))
     backend = HeldStream(preset)
     body = {"prompt": "a red circle", "size": "64x64"}
-    with TestClient(create_app(backend, settings)) as client:
+    with TestClient(create_app(backend, settings), base_url="http://localhost") as client:
         admission = client.app.state.admission
         with client.stream("POST", "/v1/images/generations", json={**body, "stream": True}) as r:
             lines = r.iter_lines()

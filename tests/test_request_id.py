@@ -49,7 +49,7 @@ def broken_client(preset, tmp_path):
 
     settings = ServiceSettings(preset=preset.model_dump(), registry=str(tmp_path / "registry"),
                                image_store_dir=str(tmp_path / "images"), auth_enabled=False)
-    with TestClient(create_app(_Broken(preset), settings), raise_server_exceptions=False) as client:
+    with TestClient(create_app(_Broken(preset), settings), raise_server_exceptions=False, base_url="http://localhost") as client:
         yield client
 
 

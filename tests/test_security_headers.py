@@ -39,3 +39,42 @@ def test_swagger_ui_is_served_only_without_api_keys(api_client, keyed_client):
     assert "/v1/images/generations" in client.get("/openapi.json").json()["paths"]
     r = api_client.get("/docs")  # auth off: a loopback, single-user service
     assert r.status_code == 200 and "cdn.jsdelivr.net" in r.headers["content-security-policy"]
+
+
+# ---------------------------------------------------------------------- auth off: this machine only (local_only.py)
+
+def test_host_names_are_read_without_their_port():
+    from serve_app.local_only import host_name
+
+    def scope(host: str) -> dict:
+        return {"headers": [(b"host", host.encode())]}
+
+    assert host_name(scope("localhost:8000")) == "localhost"
+    assert host_name(scope("127.0.0.1")) == "127.0.0.1"
+    assert host_name(scope("[::1]:8000")) == "[::1]"
+    assert host_name(scope("Evil.Example:80")) == "evil.example"
+    assert host_name({"headers": []}) == ""
+
+
+def test_without_api_keys_only_requests_to_this_machine_are_answered(api_client):
+    """DNS rebinding: a page on another site that points its own name at 127.0.0.1 sends that name as Host."""
+    body = {"prompt": "a red circle", "size": "64x64"}
+    for host in ("evil.example", "evil.example:8000", "192.168.1.5:8000", ""):
+        r = api_client.post("/v1/images/generations", json=body, headers={"host": host})
+        assert r.status_code == 421, (host, r.text)
+        assert r.json()["error"]["param"] == "host"
+        assert api_client.get("/playground", headers={"host": host}).status_code == 421
+    for host in ("localhost:8000", "127.0.0.1:8000", "[::1]:8000"):
+        assert api_client.get("/v1/models", headers={"host": host}).status_code == 200, host
+
+
+def test_with_api_keys_any_host_is_answered_and_the_keys_decide(keyed_client):
+    client, _ = keyed_client
+    r = client.get("/v1/models", headers={"host": "lightray.example.com"})
+    assert r.status_code == 401  # not 421: behind a load balancer the Host is the public name
+
+
+def test_deleting_an_adapter_needs_a_key(api_client):
+    r = api_client.delete("/v1/adapters/acme/style")
+    assert r.status_code == 403 and r.json()["error"]["param"] == "authorization"
+    assert "lightray adapters delete" in r.json()["error"]["message"]

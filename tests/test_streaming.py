@@ -195,7 +195,7 @@ def failing_client(local_pipeline, tmp_path):
     def make(error: Exception) -> TestClient:
         settings = ServiceSettings(preset=local_pipeline.preset.model_dump(), registry=str(tmp_path / "registry"),
                                    image_store_dir=str(tmp_path / "images"), auth_enabled=False)
-        return TestClient(create_app(_FailingBackend(local_pipeline.preset, error), settings))
+        return TestClient(create_app(_FailingBackend(local_pipeline.preset, error), settings), base_url="http://localhost")
     return make
 
 

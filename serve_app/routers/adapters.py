@@ -58,8 +58,13 @@ async def delete_adapter(
     registry: AdapterRegistry = Depends(get_registry),
     principal: Principal = Depends(get_principal),
 ) -> AdapterDeleted:
-    """Only the owning tenant deletes. Replicas that hold the adapter keep it until evicted, but no new request
-    can name it once this returns."""
+    """Only the owning tenant deletes, so a key is needed: with auth off (no keys) this is 403, and the local user
+    deletes with `lightray adapters delete`. Replicas that hold the adapter keep it until evicted, but no new
+    request can name it once this returns."""
+    if principal.tenant is None:
+        raise RequestError("authorization", "deleting an adapter over HTTP needs an API key, and this service has "
+                           "none (auth is off); use `lightray adapters delete` on the registry", status=403,
+                           code="forbidden")
     ref = _ref(tenant, name, version)
     manifest = await asyncio.to_thread(find_adapter, registry, ref, principal.tenant, "name")
     if not can_delete(manifest, principal.tenant):

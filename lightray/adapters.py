@@ -7,6 +7,7 @@ every process that loads adapters (Denoiser replicas, the in-process pipeline).
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from lightray.config import ModelPreset
 from lightray.contracts import AdapterUse
 from lightray.fingerprint import fingerprint_model
 from lightray.registry import (
+    AdapterCorrupt,
     AdapterIncompatible,
     AdapterManifest,
     AdapterNotFound,
@@ -23,6 +25,8 @@ from lightray.registry import (
     check_compatible,
 )
 from lightray.schemas import RequestError
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +88,16 @@ def find_adapter(registry: AdapterRegistry, ref: str, tenant: str | None, param:
         raise RequestError(param, f"{param}: {err}") from None
     except AdapterNotFound:
         manifest = None
+    except AdapterCorrupt:
+        # The registry's copy is damaged, so whether `tenant` may see it is unknown: its owner (or, with auth off,
+        # the one local user) learns it is damaged (422); anyone else gets the 404 of an adapter that is not
+        # theirs. The manifest's path and contents stay in the log.
+        logger.warning("adapter %s: corrupt manifest in the registry", ref, exc_info=True)
+        if tenant is not None and ref.split("/", 1)[0] != tenant:
+            raise RequestError(param, f"adapter {ref!r} does not exist", status=404,
+                               code="adapter_not_found") from None
+        raise RequestError(param, f"adapter {ref!r} cannot be used: its registry entry is damaged (republish it)",
+                           status=422, code="adapter_corrupt") from None
     if manifest is None or not can_use(manifest, tenant):
         raise RequestError(param, f"adapter {ref!r} does not exist", status=404, code="adapter_not_found")
     return manifest

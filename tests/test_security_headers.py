@@ -78,3 +78,34 @@ def test_deleting_an_adapter_needs_a_key(api_client):
     r = api_client.delete("/v1/adapters/acme/style")
     assert r.status_code == 403 and r.json()["error"]["param"] == "authorization"
     assert "lightray adapters delete" in r.json()["error"]["message"]
+
+
+def test_a_corrupt_pinned_manifest_is_a_422_naming_the_field_not_a_500(api_client, registry_root, preset, tmp_path):
+    from testing.adapters import publish_placeholder_adapter
+
+    manifest = publish_placeholder_adapter(registry_root, preset, "acme", "damaged", tmp_path)
+    (registry_root / "acme" / "damaged" / f"v{manifest.version}" / "manifest.json").write_bytes(b"{not json")
+    ref = f"acme/damaged@v{manifest.version}"
+    r = api_client.post("/v1/images/generations", json={"prompt": "a red circle", "lora": [ref]})
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["param"] == "lora[0]" and r.json()["error"]["code"] == "adapter_corrupt"
+    r = api_client.get(f"/v1/adapters/acme/damaged?version={manifest.version}")
+    assert r.status_code == 422 and r.json()["error"]["param"] == "name"
+
+
+def test_a_corrupt_manifest_of_another_tenant_reads_as_absent():
+    """Whether another tenant's damaged adapter is private cannot be read from its manifest: 404, as for any
+    adapter that is not the caller's."""
+    from lightray.adapters import find_adapter
+    from lightray.registry import AdapterCorrupt
+    from lightray.schemas import RequestError
+
+    class DamagedRegistry:
+        def resolve(self, ref):
+            raise AdapterCorrupt("unreadable manifest")
+
+    with pytest.raises(RequestError) as other:
+        find_adapter(DamagedRegistry(), "acme/style@v1", tenant="globex", param="lora")
+    with pytest.raises(RequestError) as owner:
+        find_adapter(DamagedRegistry(), "acme/style@v1", tenant="acme", param="lora")
+    assert (other.value.status, owner.value.status) == (404, 422)

@@ -9,7 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from lightray.schemas import ErrorBody, ErrorResponse, RequestError
+from lightray.schemas import RequestError
 from serve_app.admission import AdmissionLimit
 from serve_app.auth import ApiKeyAuth
 from serve_app.backend import GenerationBackend, ServiceUnavailable
@@ -17,18 +17,12 @@ from serve_app.body_limits import BodyLimitMiddleware
 from serve_app.local_only import LocalOnlyMiddleware
 from serve_app.security_headers import SecurityHeadersMiddleware
 from serve_app.image_store import ImageStore
-from serve_app.openapi_errors import error_responses, tidy_openapi
+from serve_app.openapi_errors import error_response, error_responses, request_error_response, tidy_openapi
 from serve_app.observability import REQUEST_ID_HEADER, RequestIdMiddleware, echoes_request_id, request_id_of
 from serve_app.routers import adapters, edits, health, images, models, playground
 from serve_app.settings import ServiceSettings
 
 logger = logging.getLogger("lightray.api")
-
-
-def _error(status: int, message: str, param: str | None, code: str | None,
-           kind: str = "invalid_request_error") -> JSONResponse:
-    body = ErrorResponse(error=ErrorBody(message=message, type=kind, param=param, code=code))
-    return JSONResponse(body.model_dump(), status_code=status)
 
 
 def _field_of(loc: tuple) -> str | None:
@@ -52,28 +46,24 @@ async def _on_validation_error(request: Request, exc: RequestValidationError) ->
     if param is None and ":" in msg:  # model-level checks name their field first ("seeds: …")
         param = msg.split(":", 1)[0].strip() or None
     message = f"{param}: {msg}" if param and not msg.startswith(param) else msg
-    return _error(400, message, param, "invalid_value")
+    return error_response(400, message, param, "invalid_value")
 
 
 async def _on_http_exception(request: Request, exc: HTTPException) -> JSONResponse:
     """Starlette's and FastAPI's own errors (an unparsable body, an unknown route, a wrong method) in OpenAI's
     error shape too, not FastAPI's `{"detail": …}`."""
-    response = _error(exc.status_code, str(exc.detail), None, None,
-                      "invalid_request_error" if exc.status_code < 500 else "server_error")
+    response = error_response(exc.status_code, str(exc.detail), None, None,
+                              "invalid_request_error" if exc.status_code < 500 else "server_error")
     response.headers.update(exc.headers or {})
     return response
 
 
 async def _on_request_error(request: Request, exc: RequestError) -> JSONResponse:
-    response = _error(exc.status, exc.message, exc.param, exc.code,
-                      "invalid_request_error" if exc.status < 500 else "server_error")
-    if exc.status == 401:
-        response.headers["WWW-Authenticate"] = "Bearer"
-    return response
+    return request_error_response(exc)
 
 
 async def _on_unavailable(request: Request, exc: ServiceUnavailable) -> JSONResponse:
-    response = _error(503, str(exc), None, "unavailable", "server_error")
+    response = error_response(503, str(exc), None, "unavailable", "server_error")
     response.headers["Retry-After"] = str(exc.retry_after_s)
     return response
 
@@ -81,8 +71,8 @@ async def _on_unavailable(request: Request, exc: ServiceUnavailable) -> JSONResp
 async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
     request_id = request_id_of(request)
     logger.exception("unhandled error on %s (request_id=%s)", request.url.path, request_id)
-    response = _error(500, f"internal error; see the service logs (request id {request_id})", None,
-                      "internal_error", "server_error")
+    response = error_response(500, f"internal error; see the service logs (request id {request_id})", None,
+                              "internal_error", "server_error")
     if echoes_request_id(request):  # this handler answers outside the middlewares (Starlette's error middleware)
         response.headers[REQUEST_ID_HEADER] = request_id
     return response

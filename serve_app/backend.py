@@ -297,8 +297,9 @@ class RayGraphBackend:
     async def _stream(self, spec: GenerationSpec, denoising, *upstream,
                       encoding: OutputEncoding) -> AsyncIterator[StreamItem]:
         """The Denoiser's stream as `StreamItem`s. Each preview the Denoiser did not make itself goes to the
-        VaeDecoder as soon as it arrives (`preview`, or batched with other decodes for "full") while the steps go on; previews are yielded in order, each as soon as
-        it and those before it are decoded, and all before the final image. The final latents pass through the
+        VaeDecoder as soon as it arrives (`preview`, or batched with other decodes for "full") while the steps go
+        on; previews are yielded in order, each as soon as it and those before it are decoded, and all before the
+        final image. The final latents pass through the
         ingress to the VaeDecoder (a generator's items cannot be handed on handle to handle). If the stream is
         closed early, or fails, every stage's request is cancelled (the Denoiser stops within a step). Previews and
         images are encoded as `encoding`."""

@@ -20,8 +20,9 @@ from __future__ import annotations
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from lightray.schemas import ErrorBody, ErrorResponse, RequestError
+from lightray.schemas import RequestError
 from serve_app.auth import ApiKeyAuth
+from serve_app.openapi_errors import request_error_response
 from serve_app.settings import ServiceSettings
 
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
@@ -131,15 +132,8 @@ def _replay(body: bytes, receive: Receive) -> Receive:
 
 
 async def answer_error(err: RequestError, scope: Scope, send: Send) -> None:
-    """`err` in OpenAI's error shape (as the app's own handlers answer), from a middleware."""
-    from fastapi.responses import JSONResponse
-
-    body = ErrorResponse(error=ErrorBody(message=err.message, type="invalid_request_error", param=err.param,
-                                         code=err.code))
-    response = JSONResponse(body.model_dump(), status_code=err.status)
-    if err.status == 401:
-        response.headers["WWW-Authenticate"] = "Bearer"
-    await response(scope, _never_receive, send)
+    """`err` answered from a middleware, as the app's own handler answers it (`request_error_response`)."""
+    await request_error_response(err)(scope, _never_receive, send)
 
 
 async def _never_receive() -> Message:

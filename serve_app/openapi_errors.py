@@ -1,5 +1,7 @@
 """The error responses each route declares in the OpenAPI schema: OpenAI's error shape (`ErrorResponse`) under
-the status codes the route can answer with, so clients (and schema fuzzers) know every response they may get.
+the status codes the route can answer with, so clients (and schema fuzzers) know every response they may get; and
+the one builder of those responses (`error_response`, `request_error_response`) for the app's handlers and its
+middlewares.
 
 FastAPI would otherwise declare only its own 422 `HTTPValidationError`, which this service never sends: request
 validation errors are answered with 400 in OpenAI's shape (`serve_app.api`). `tidy_openapi` drops those 422
@@ -10,7 +12,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from lightray.schemas import ErrorResponse
+from fastapi.responses import JSONResponse
+
+from lightray.schemas import ErrorBody, ErrorResponse, RequestError
 
 _DESCRIPTIONS = {
     400: "Invalid request; `error.param` names the field.",
@@ -62,3 +66,19 @@ def tidy_openapi(schema: dict[str, Any], auth_enabled: bool = True) -> dict[str,
     if not auth_enabled:
         schema.get("components", {}).pop("securitySchemes", None)
     return schema
+
+
+def error_response(status: int, message: str, param: str | None, code: str | None,
+                   kind: str = "invalid_request_error") -> JSONResponse:
+    """An error in OpenAI's shape (`{"error": {message, type, param, code}}`) with its status."""
+    body = ErrorResponse(error=ErrorBody(message=message, type=kind, param=param, code=code))
+    return JSONResponse(body.model_dump(), status_code=status)
+
+
+def request_error_response(exc: RequestError) -> JSONResponse:
+    """A `RequestError` in OpenAI's error shape: what every route and middleware answers for one."""
+    response = error_response(exc.status, exc.message, exc.param, exc.code,
+                              "invalid_request_error" if exc.status < 500 else "server_error")
+    if exc.status == 401:
+        response.headers["WWW-Authenticate"] = "Bearer"
+    return response

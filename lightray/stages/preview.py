@@ -110,26 +110,23 @@ class LatentPreview:
     scale_factor: int
     """The VAE's spatial downsampling (8): output pixels per latent pixel along each side."""
 
-    def size(self, height: int, width: int) -> tuple[int, int]:
-        """(width, height) of the preview of a height×width image."""
-        return (PREVIEW_UPSCALE * width // self.scale_factor, PREVIEW_UPSCALE * height // self.scale_factor)
-
     def rgb(self, packed: np.ndarray, height: int, width: int) -> np.ndarray:
         """Packed latents [n, tokens, 4·c] → float RGB [n, h, w, 3] in about [0, 1] on the latent grid."""
         latents = unpack_latents(np.asarray(packed, np.float32), height, width, self.scale_factor)
         return latents @ self.weight + self.bias
 
     def images(self, packed: np.ndarray, height: int, width: int) -> list[Image.Image]:
-        """Packed latents [n, tokens, 4·c] for height×width images → n RGB previews of `size(height, width)`."""
-        rgb = upsample2x(self.rgb(packed, height, width))
-        pixels = (np.clip(rgb, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-        return [Image.fromarray(p) for p in pixels]
+        """Packed latents [n, tokens, 4·c] for height×width images → n RGB previews, a quarter of the side."""
+        return to_images(upsample2x(self.rgb(packed, height, width)))
+
+
+def to_images(rgb: np.ndarray) -> list[Image.Image]:
+    """Float RGB [n, h, w, 3] in about [0, 1] → n 8-bit RGB images."""
+    return [Image.fromarray(p) for p in (np.clip(rgb, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)]
 
 
 class Preview(Protocol):
     """What makes fast previews (`VaeStage.preview`): packed latents → RGB images of a quarter of the side."""
-
-    def size(self, height: int, width: int) -> tuple[int, int]: ...
 
     def images(self, packed: np.ndarray, height: int, width: int) -> list[Image.Image]: ...
 
@@ -173,9 +170,6 @@ class DecoderPreview:
     decoder: PreviewDecoder
     scale_factor: int
 
-    def size(self, height: int, width: int) -> tuple[int, int]:
-        return (PREVIEW_UPSCALE * width // self.scale_factor, PREVIEW_UPSCALE * height // self.scale_factor)
-
     @torch.inference_mode()
     def rgb(self, packed: np.ndarray, height: int, width: int) -> np.ndarray:
         """Packed latents [n, tokens, 4·c] → float RGB [n, 2h, 2w, 3] in about [0, 1]."""
@@ -184,8 +178,7 @@ class DecoderPreview:
         return self.decoder(x).permute(0, 2, 3, 1).numpy()
 
     def images(self, packed: np.ndarray, height: int, width: int) -> list[Image.Image]:
-        pixels = (np.clip(self.rgb(packed, height, width), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-        return [Image.fromarray(p) for p in pixels]
+        return to_images(self.rgb(packed, height, width))
 
 
 def shipped_preview(preset) -> DecoderPreview | None:
@@ -194,8 +187,7 @@ def shipped_preview(preset) -> DecoderPreview | None:
     path = preset.root / "vae" / PREVIEW_DECODER_FILE
     if not path.is_file():
         return None
-    scale = 2 ** len(json.loads((preset.root / "vae" / "config.json").read_text())["temperal_downsample"])
-    return DecoderPreview(PreviewDecoder.load(path), scale)
+    return DecoderPreview(PreviewDecoder.load(path), preset.vae_scale_factor)
 
 
 def load_preview(stage) -> Preview:

@@ -129,30 +129,44 @@ def width_height(size: Size) -> tuple[int, int]:
     return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
+Jitter = tuple[float, float, float]
+"""(dx, dy, radius factor): how far a shape sits from its anchor (fractions of width and height) and how much
+larger than the canonical radius it is."""
+
+
+def draw_jitter(rng: random.Random) -> Jitter:
+    """The jitter `render` draws from `rng` (training diversity)."""
+    dx, dy = rng.uniform(-0.04, 0.04), rng.uniform(-0.04, 0.04)
+    return dx, dy, rng.uniform(0.85, 1.15)
+
+
 def render(scene: Scene, size: Size = 64, rng: random.Random | None = None, supersample: int = 4,
-           style: str | None = None) -> Image.Image:
+           style: str | None = None, jitter: Jitter | None = None,
+           colors: tuple[tuple[int, int, int], tuple[int, int, int]] | None = None) -> Image.Image:
     """Draw `scene` as an RGB image of `size` (a side, or (width, height)); with `style` "frame", plus a thick
     frame over it.
 
     Positions are fractions of the width and height; the shape's size and the frame's width are fractions of
     the shorter side, so a shape stays round on any aspect ratio and the same scene reads the same at any size.
-    With `rng`, the shape's size and placement jitter a little (training diversity); without it the render is
-    the canonical one. Drawing happens at `supersample`× and is box-filtered down, so edges are anti-aliased
-    like a natural image rather than aliased staircases the VAE would have to memorise.
+    With `rng`, the shape's size and placement jitter a little (training diversity, `draw_jitter`); `jitter`
+    gives that jitter explicitly (an edit's source and target share it); with neither the render is the canonical
+    one. `colors` replaces the palette's (shape, background) RGB. Drawing happens at `supersample`× and is
+    box-filtered down, so edges are anti-aliased like a natural image rather than aliased staircases the VAE would
+    have to memorise.
     """
     width, height = width_height(size)
     sw, sh = width * supersample, height * supersample
     s = min(sw, sh)
-    img = Image.new("RGB", (sw, sh), BACKGROUNDS[scene.background])
+    fill, background = colors or (SHAPE_COLORS[scene.color], BACKGROUNDS[scene.background])
+    img = Image.new("RGB", (sw, sh), background)
     draw = ImageDraw.Draw(img)
     ax, ay = POSITIONS[scene.position]
     radius = 0.15
-    if rng is not None:
-        ax += rng.uniform(-0.04, 0.04)
-        ay += rng.uniform(-0.04, 0.04)
-        radius *= rng.uniform(0.85, 1.15)
+    if jitter is None and rng is not None:
+        jitter = draw_jitter(rng)
+    if jitter is not None:
+        ax, ay, radius = ax + jitter[0], ay + jitter[1], radius * jitter[2]
     cx, cy, r = ax * sw, ay * sh, radius * s
-    fill = SHAPE_COLORS[scene.color]
     if scene.shape == "circle":
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
     elif scene.shape == "square":
@@ -163,7 +177,7 @@ def render(scene: Scene, size: Size = 64, rng: random.Random | None = None, supe
     elif scene.shape == "ring":
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
         inner = r * 0.5
-        draw.ellipse([cx - inner, cy - inner, cx + inner, cy + inner], fill=BACKGROUNDS[scene.background])
+        draw.ellipse([cx - inner, cy - inner, cx + inner, cy + inner], fill=background)
     else:
         raise ValueError(f"unknown shape {scene.shape!r}")
     if style == "frame":

@@ -1,0 +1,285 @@
+"""Trains the embedded edit model, `lightray-shapes-edit`, from the shipped shapes model, on a CPU, in stages.
+
+    python -m lightray.world.train_edit --out models/lightray-shapes-edit            # everything
+    python -m lightray.world.train_edit --out models/lightray-shapes-edit --resume   # continue a stopped run
+
+It is a Qwen-Image-Edit-Plus model of the real layout at toy width (`lightray.models.qwen_image_edit`): the
+shapes model's transformer continued with condition-image tokens after the noise tokens and Edit-2511's
+`zero_cond_t` (condition tokens modulated at t = 0), conditioned by the shapes model's Qwen2.5-VL, which reads the
+source image through its vision tower inside the Edit chat template. Stages (each saves into the output folder;
+`--resume` skips completed ones, recorded in training.json, and continues the current one from its checkpoint
+under `<out>.checkpoints/`):
+  1. init: the shapes model's text encoder, tokenizer, VAE and scheduler copied, a Qwen2-VL image processor
+     config written, and its transformer re-configured with `zero_cond_t`.
+  2. data: edit pairs (`lightray.world.edit_pairs`) at every trained size, encoded once: the target's latents, the
+     source's latents (the condition tokens), and the instruction's and the blank negative prompt's embeddings
+     with the source image.
+  3. edit: the transformer trained on the rectified-flow objective for the target given the source, 10 % of
+     instructions replaced by the blank negative (so true CFG works), checkpointed every 200 steps.
+  4. lightning: the base (true CFG) distilled into a 4-step LoRA by trajectory matching.
+  5. pack: weights stored as float16.
+
+The frozen text encoder is the shapes model's, never trained: its random vision tower carries the source only as
+a random projection; the condition latents carry the pixels the edit copies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
+
+from lightray.models.qwen_image_edit.conditioning import encode_instruction, text_pipeline
+from lightray.stages.vae_single_frame import SingleFrameVae
+from lightray.training.flow_matching import (
+    images_to_tensor,
+    normalised_latents,
+    pack,
+    shift_sigmas,
+    training_times,
+    warmup_cosine,
+)
+from lightray.world.edit_pairs import draw_source_jitter, render_source, render_target, sample_pairs
+from lightray.world.train import Checkpoint, cached, grid_of, log
+
+STAGES = ("init", "data", "edit", "lightning", "pack")
+EDIT_SIZES: tuple[tuple[int, int], ...] = ((64, 64), (96, 96), (128, 128), (192, 128), (128, 192))
+"""(width, height) the edit model trains at and serves: a subset of the shapes model's sizes (its targets are
+measured at 128² and 192×128)."""
+PAIRS_AT: dict[tuple[int, int], int] = {(64, 64): 2000, (96, 96): 2000, (128, 128): 4000, (192, 128): 3000,
+                                        (128, 192): 2000}
+SIZE_WEIGHTS: dict[tuple[int, int], float] = {(64, 64): 1.0, (96, 96): 1.0, (128, 128): 2.0, (192, 128): 1.5,
+                                              (128, 192): 1.0}
+NOISE_TOKENS_PER_STEP = 1024
+"""Noise tokens per training batch (16 pairs at 128²); each pair carries as many condition tokens again."""
+CONDITION_IMAGE_AREA = 96 * 96
+"""Pixels of the source as the VL encoder sees it (the real pipeline's 384²): a few vision tokens."""
+NEGATIVE_PROMPT = " "
+BASE_MODEL = Path("models/lightray-shapes")
+
+
+def stage_init(out: Path, base: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    for part in ("text_encoder", "tokenizer", "vae", "scheduler"):
+        shutil.rmtree(out / part, ignore_errors=True)
+        shutil.copytree(base / part, out / part)
+    (out / "processor").mkdir(exist_ok=True)
+    # Qwen2-VL's image processor at toy scale: the VL encoder's 14-px patches merged 2×2, a few tokens per image.
+    (out / "processor" / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "Qwen2VLImageProcessor", "min_pixels": 56 * 56, "max_pixels": 128 * 128,
+        "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+    }, indent=2) + "\n")
+    transformer = QwenImageTransformer2DModel.from_pretrained(base / "transformer", torch_dtype=torch.float32)
+    config = dict(transformer.config)
+    config["zero_cond_t"] = True
+    edit = QwenImageTransformer2DModel.from_config(config)
+    edit.load_state_dict(transformer.state_dict())
+    edit.save_pretrained(out / "transformer")
+    write_model_index(out)
+
+
+def write_model_index(out: Path) -> None:
+    import diffusers
+
+    index = {
+        "_class_name": "QwenImageEditPlusPipeline",
+        "_diffusers_version": diffusers.__version__,
+        "processor": ["transformers", "Qwen2VLProcessor"],
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+        "text_encoder": ["transformers", "Qwen2_5_VLForConditionalGeneration"],
+        "tokenizer": ["transformers", "Qwen2Tokenizer"],
+        "transformer": ["diffusers", "QwenImageTransformer2DModel"],
+        "vae": ["diffusers", "AutoencoderKLQwenImage"],
+    }
+    (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _padded(embeds: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    lengths = torch.tensor([e.shape[0] for e in embeds])
+    out = torch.zeros(len(embeds), int(lengths.max()), embeds[0].shape[1], dtype=torch.float16)
+    for i, e in enumerate(embeds):
+        out[i, : e.shape[0]] = e.half()
+    return out, lengths
+
+
+def encode_size(out: Path, size: tuple[int, int], count: int, seed: int) -> dict:
+    """`count` pairs at `size`, rendered and encoded: target and source latents [count, tokens, 64] (float16), and
+    the padded instruction and negative embeddings with their lengths."""
+    vae = SingleFrameVae(AutoencoderKLQwenImage.from_pretrained(out / "vae", torch_dtype=torch.float32))
+    pipe = text_pipeline(out)
+    rng = random.Random(seed)
+    pairs = sample_pairs(count, seed)
+    sources, targets, prompts, negatives = [], [], [], []
+    t0 = time.time()
+    for pair in pairs:
+        jitter = draw_source_jitter(rng)
+        source = render_source(pair.source, size, jitter, rng)
+        sources.append(source)
+        targets.append(render_target(pair.target, size, jitter))
+        prompts.append(encode_instruction(pipe, pair.instruction, [source], CONDITION_IMAGE_AREA))
+        negatives.append(encode_instruction(pipe, NEGATIVE_PROMPT, [source], CONDITION_IMAGE_AREA))
+    with torch.inference_mode():
+        x0 = pack(normalised_latents(vae, images_to_tensor(targets))).half()
+        cond = pack(normalised_latents(vae, images_to_tensor(sources))).half()
+    prompt, prompt_len = _padded(prompts)
+    negative, negative_len = _padded(negatives)
+    log(f"encoded {count} edit pairs at {size[0]}x{size[1]} ({time.time() - t0:.0f}s)")
+    return {"x0": x0, "cond": cond, "prompt": prompt, "prompt_len": prompt_len, "negative": negative,
+            "negative_len": negative_len}
+
+
+def stage_data(out: Path, checkpoints: Path, seed: int) -> dict:
+    return {size: cached(checkpoints, f"edit-data-{size[0]}x{size[1]}",
+                         lambda size=size: encode_size(out, size, PAIRS_AT[size], seed + EDIT_SIZES.index(size)))
+            for size in EDIT_SIZES}
+
+
+def text_batch(data: dict, idx: list[int], blank: list[bool]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Embeddings and mask of the rows `idx`, the negative's where `blank`."""
+    rows = [data["negative"][i, : data["negative_len"][i]] if b else data["prompt"][i, : data["prompt_len"][i]]
+            for i, b in zip(idx, blank)]
+    length = max(r.shape[0] for r in rows)
+    embeds = torch.zeros(len(rows), length, rows[0].shape[1])
+    mask = torch.zeros(len(rows), length, dtype=torch.long)
+    for j, r in enumerate(rows):
+        embeds[j, : r.shape[0]] = r.float()
+        mask[j, : r.shape[0]] = 1
+    return embeds, mask
+
+
+def edit_velocity(transformer, x_t: torch.Tensor, cond: torch.Tensor, sigma: torch.Tensor, embeds, mask,
+                  grid: tuple[int, int]) -> torch.Tensor:
+    """The edit transformer's velocity for noise tokens `x_t` beside condition tokens `cond` of the same grid, as
+    `QwenImageEditPlusPipeline` calls it (the prediction sliced back to the noise tokens)."""
+    rows, cols = grid
+    out = transformer(hidden_states=torch.cat([x_t, cond], dim=1), timestep=sigma, encoder_hidden_states=embeds,
+                      encoder_hidden_states_mask=mask, img_shapes=[[(1, rows, cols), (1, rows, cols)]] * x_t.shape[0],
+                      return_dict=False)[0]
+    return out[:, : x_t.shape[1]]
+
+
+def batch_size(size: tuple[int, int]) -> int:
+    rows, cols = grid_of(size)
+    return max(1, NOISE_TOKENS_PER_STEP // (rows * cols))
+
+
+def stage_edit(out: Path, checkpoints: Path, data: dict, seed: int, steps: int, lr: float,
+               checkpoint_every: int = 200) -> float:
+    checkpoint = Checkpoint(checkpoints, "edit")
+    transformer = QwenImageTransformer2DModel.from_pretrained(out / "transformer", torch_dtype=torch.float32)
+    transformer.train()
+    opt = torch.optim.AdamW(transformer.parameters(), lr=lr, weight_decay=0.01)
+    sched = warmup_cosine(opt, steps)
+    ema = {k: v.detach().clone() for k, v in transformer.state_dict().items()}
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    start, elapsed = 0, 0.0
+    if (state := checkpoint.load()) is not None:
+        transformer.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        ema = state["ema"]
+        rng.setstate(state["python_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        start, elapsed = state["step"], state["elapsed"]
+        log(f"edit: resumed at step {start}/{steps} ({elapsed:.0f}s already spent)")
+    t0 = time.time() - elapsed
+    weights = [SIZE_WEIGHTS[s] for s in EDIT_SIZES]
+    losses: list[float] = []
+    for step in range(start, steps):
+        size = rng.choices(EDIT_SIZES, weights)[0]
+        part = data[size]
+        idx = [rng.randrange(len(part["x0"])) for _ in range(batch_size(size))]
+        blank = [rng.random() < 0.1 for _ in idx]
+        embeds, mask = text_batch(part, idx, blank)
+        x0, cond = part["x0"][idx].float(), part["cond"][idx].float()
+        noise = torch.randn_like(x0)
+        sigma = shift_sigmas(training_times(len(idx)))
+        s = sigma.view(-1, 1, 1)
+        v = edit_velocity(transformer, (1 - s) * x0 + s * noise, cond, sigma, embeds, mask, grid_of(size))
+        loss = F.mse_loss(v, noise - x0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            for k, p in transformer.state_dict().items():
+                ema[k].lerp_(p, 1 - 0.999)
+        losses.append(loss.item())
+        if step % 100 == 0 or step == steps - 1:
+            log(f"edit step {step}/{steps} {size[0]}x{size[1]} x{len(idx)} loss {np.mean(losses[-100:]):.4f} "
+                f"({time.time() - t0:.0f}s)")
+        if (step + 1) % checkpoint_every == 0 and step + 1 < steps:
+            checkpoint.save({
+                "model": transformer.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "ema": ema, "python_rng": rng.getstate(), "torch_rng": torch.get_rng_state(), "step": step + 1,
+                "elapsed": time.time() - t0,
+            })
+            # The EMA as it stands, loadable while the run goes on (probes, a session that stops here).
+            snapshot = QwenImageTransformer2DModel.from_config(transformer.config)
+            snapshot.load_state_dict(ema)
+            snapshot.save_pretrained(checkpoints / "edit-ema")
+    transformer.load_state_dict(ema)
+    transformer.eval()
+    transformer.save_pretrained(out / "transformer")
+    checkpoint.remove()
+    return time.time() - t0
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("models/lightray-shapes-edit"))
+    parser.add_argument("--base", type=Path, default=BASE_MODEL, help="the shapes model folder it starts from")
+    parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--checkpoints", type=Path, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--edit-steps", type=int, default=8000)
+    parser.add_argument("--edit-lr", type=float, default=3e-4)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    out: Path = args.out
+    checkpoints = args.checkpoints or out.with_name(out.name + ".checkpoints")
+    record_path = out / "training.json"
+    record = json.loads(record_path.read_text()) if args.resume and record_path.exists() else {}
+    done: list[str] = record.get("completed", [])
+    seconds: dict[str, float] = record.get("stage_seconds", {})
+
+    def finish(stage: str, spent: float) -> None:
+        done.append(stage)
+        seconds[stage] = round(spent, 1)
+        out.mkdir(parents=True, exist_ok=True)
+        record_path.write_text(json.dumps({"completed": done, "stage_seconds": seconds,
+                                           "args": {k: str(v) for k, v in vars(args).items()}}, indent=2) + "\n")
+        log(f"stage {stage} done ({spent:.0f}s)")
+
+    data = None
+    for stage in args.stages:
+        if args.resume and stage in done:
+            continue
+        t0 = time.time()
+        if stage == "init":
+            stage_init(out, args.base)
+            finish(stage, time.time() - t0)
+        elif stage == "data":
+            stage_data(out, checkpoints, args.seed)
+            finish(stage, time.time() - t0)
+        elif stage == "edit":
+            data = data or stage_data(out, checkpoints, args.seed)
+            finish(stage, stage_edit(out, checkpoints, data, args.seed, args.edit_steps, args.edit_lr))
+        else:
+            raise SystemExit(f"stage {stage} is not implemented yet")
+
+
+if __name__ == "__main__":
+    main()

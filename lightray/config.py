@@ -146,6 +146,22 @@ class VaeDecodeConfig(BaseModel):
         return self.tile_above_pixels is not None and height * width > self.tile_above_pixels
 
 
+class EditConfig(BaseModel):
+    """How an instruction-edit model (family `qwen-image-edit-plus`) sizes its input images.
+
+    `QwenImageEditPlusPipeline` keeps these as module constants (384² and 1024²); a preset carries them, so a
+    scaled-down model can use its own. Each input image keeps its aspect ratio and is resized to the area, each
+    side rounded to a multiple of 32."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    condition_image_area: int = Field(384 * 384, ge=32 * 32)
+    """Pixels of each input image as the VL encoder reads it (the pipeline's `CONDITION_IMAGE_SIZE`)."""
+    vae_image_area: int | None = Field(1024 * 1024, ge=32 * 32)
+    """Pixels of each input image as the VAE encodes it into condition tokens (the pipeline's `VAE_IMAGE_SIZE`).
+    None: every input image is encoded at the output's size (the embedded edit model, trained that way)."""
+
+
 class ModelPreset(BaseModel):
     """A servable base model and its variants, with the limits the API enforces on requests."""
 
@@ -162,6 +178,12 @@ class ModelPreset(BaseModel):
     """diffusers-format folder (model_index.json, text_encoder/, tokenizer/, transformer/, vae/, scheduler/):
     a local folder (relative paths resolve against the repository root), or a Hugging Face repo id
     ("Qwen/Qwen-Image") already in the local HF cache. Never downloaded (`resolve_model_path`)."""
+    family: str = "qwen-image"
+    """The model family (`lightray.models.FAMILIES`): how requests are conditioned and what a transformer row holds.
+    "qwen-image": text-to-image (edits are img2img / inpainting); "qwen-image-edit-plus": instruction editing with
+    1-3 input images (Qwen-Image-Edit-2509 / 2511)."""
+    edit: EditConfig = Field(default_factory=EditConfig)
+    """Input-image sizes of an instruction-edit family (ignored by the others)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Dtype of every component's parameters (each stage checks it after loading and refuses to start otherwise)."""
     device: str = "cpu"
@@ -215,6 +237,21 @@ class ModelPreset(BaseModel):
     """The variant (model id) each of OpenAI's `quality` values selects when a request names no `model`, e.g.
     low → Lightning 4, medium → Lightning 8, high → the base with true CFG. A quality not listed here, and `auto`,
     select the default (first) variant. A request that names its `model` gets that model whatever its quality."""
+
+    @field_validator("family")
+    @classmethod
+    def _known_family(cls, family: str) -> str:
+        from lightray.models import family_named
+
+        family_named(family)
+        return family
+
+    @property
+    def model_family(self):
+        """The `lightray.models.ModelFamily` of `family`."""
+        from lightray.models import family_named
+
+        return family_named(self.family)
 
     @field_validator("variants")
     @classmethod
@@ -353,8 +390,8 @@ class EngineConfig(BaseModel):
     """Most transformer rows in one step, over all latent grids. An image is one row, two with true CFG. A request
     larger than the budget still runs, alone (it is never split across steps)."""
     max_batch_tokens: int | None = Field(None, ge=1)
-    """Optional second bound: rows × image tokens per step (image tokens = (height/16)·(width/16)). None: rows
-    alone bound the step."""
+    """Optional second bound: rows × image tokens per step (image tokens = (height/16)·(width/16), plus an
+    instruction edit's condition tokens). None: rows alone bound the step."""
     starvation_steps: int = Field(200, ge=1)
     """A request that has waited this many engine steps without running goes ahead of shorter work of its priority
     (least-remaining-work-first would otherwise let a stream of short requests pause a long one for ever)."""

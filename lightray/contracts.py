@@ -3,7 +3,8 @@
 Every object here is frozen and carries only numpy arrays and scalars: no torch, so the ingress can import this
 module without loading torch. The flow is one way:
 
-    DenoiseParams + TextEmbeddings (+ ImageLatents, mask) --Denoiser--> DenoisedLatents --VaeDecoder--> DecodedImages
+    DenoiseParams + TextEmbeddings (+ ImageLatents, mask | ConditionLatents) --Denoiser--> DenoisedLatents
+        --VaeDecoder--> DecodedImages
 
 `timings` (milliseconds per stage) and `handoff_at` (wall-clock seconds when the producing stage finished, for the
 next stage's queue-wait metric) travel with the data so the ingress can report where a request's time went.
@@ -156,6 +157,24 @@ class ImageLatents:
     (mode "argmax": the denoiser's generators start fresh from the seeds)."""
     timings: Mapping[str, float] = dataclasses.field(default_factory=dict)
     handoff_at: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ConditionLatents:
+    """The input images of an instruction edit as condition tokens (family `qwen-image-edit-plus`): what the VAE
+    stage encodes and the denoiser appends after every row's noise tokens."""
+
+    latents: np.ndarray
+    """[tokens, 4·z] float32: each image's normalised, packed latents (posterior mean), concatenated in image
+    order (the pipeline's `image_latents` for one image of the batch)."""
+    grids: tuple[tuple[int, int], ...]
+    """(rows, columns) of each image's packed tokens, in order; their products sum to `latents`' tokens."""
+    timings: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    handoff_at: float | None = None
+
+    def __post_init__(self) -> None:
+        if not self.grids or sum(r * c for r, c in self.grids) != self.latents.shape[0]:
+            raise ValueError(f"condition: grids {self.grids} do not cover {self.latents.shape[0]} tokens")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,13 +20,13 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from lightray.config import ModelPreset
-from lightray.training.lora import LORA_TARGETS
+from lightray.models.qwen_image import QWEN_IMAGE
 
 GIB = 1024**3
 MIB = 1024**2
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
-LIGHTNING_LORA_TARGETS = tuple(LORA_TARGETS)
+LIGHTNING_LORA_TARGETS = QWEN_IMAGE.lora_targets
 """Linear layers of every transformer block that the published Qwen-Image-Lightning LoRAs adapt (DESIGN.md); tenant
 adapters are budgeted on the same targets."""
 

@@ -174,3 +174,45 @@ def write_lightning_lora(path: Path, seed: int, prefix: str = "") -> dict[str, t
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(path))
     return state
+
+
+# Qwen/Qwen-Image-Edit-2511 model_index.json: the Edit-Plus pipeline, with the Qwen2-VL processor.
+QWEN_IMAGE_EDIT_MODEL_INDEX = {
+    "_class_name": "QwenImageEditPlusPipeline",
+    "_diffusers_version": "0.36.0.dev0",
+    "processor": ["transformers", "Qwen2VLProcessor"],
+    "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+    "text_encoder": ["transformers", "Qwen2_5_VLForConditionalGeneration"],
+    "tokenizer": ["transformers", "Qwen2Tokenizer"],
+    "transformer": ["diffusers", "QwenImageTransformer2DModel"],
+    "vae": ["diffusers", "AutoencoderKLQwenImage"],
+}
+# Qwen/Qwen-Image-Edit-2511 transformer/config.json: Qwen-Image's, with the condition tokens modulated at t = 0.
+QWEN_IMAGE_EDIT_2511_TRANSFORMER_CONFIG = {**QWEN_IMAGE_TRANSFORMER_CONFIG, "zero_cond_t": True}
+# Qwen/Qwen-Image-Edit-2511 processor/preprocessor_config.json (Qwen2.5-VL's image processor).
+QWEN_IMAGE_EDIT_PREPROCESSOR_CONFIG = {
+    "image_processor_type": "Qwen2VLImageProcessor",
+    "min_pixels": 3136,
+    "max_pixels": 12845056,
+    "patch_size": 14,
+    "temporal_patch_size": 2,
+    "merge_size": 2,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_std": [0.26862954, 0.26130258, 0.27577711],
+}
+
+
+def build_mini_real_edit(root: Path, seed: int = 0) -> Path:
+    """A mini real Qwen-Image-Edit-2511 folder at `root`: `build_mini_real`'s components with Edit-2511's index,
+    transformer config (`zero_cond_t`) and processor config; the text encoder is a Qwen2.5-VL with its vision
+    tower (tiny)."""
+    build_mini_real(root, seed)
+    (root / "model_index.json").write_text(json.dumps(QWEN_IMAGE_EDIT_MODEL_INDEX, indent=2))
+    (root / "processor").mkdir(exist_ok=True)
+    (root / "processor" / "preprocessor_config.json").write_text(json.dumps(QWEN_IMAGE_EDIT_PREPROCESSOR_CONFIG))
+    torch.manual_seed(seed + 1)
+    config = {k: v for k, v in QWEN_IMAGE_EDIT_2511_TRANSFORMER_CONFIG.items()
+              if not k.startswith("_") and k != "pooled_projection_dim"}
+    QwenImageTransformer2DModel(**{**config, **MINI_TRANSFORMER}).to(torch.bfloat16).save_pretrained(
+        root / "transformer")
+    return root

@@ -215,7 +215,8 @@ class Req:
                  grid=(4, 4)):
         self.seq, self.priority, self.tenant, self.rows, self.grid = seq, priority, tenant, rows, grid
         self.remaining_steps, self.waited_steps, self.started = steps, waited, started
-        self.image_tokens = grid[0] * grid[1]
+        self.sequence_tokens = grid[0] * grid[1]
+        self.signature = (grid,)
 
 
 def test_policy_orders_priority_then_starving_then_least_work_then_tenant_fair():

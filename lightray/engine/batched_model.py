@@ -81,32 +81,62 @@ def _groups(stacks: Sequence[tuple[AdapterKey, ...]], device) -> tuple[tuple[_Gr
     return tuple(positions)
 
 
-class RowRouting:
-    """What one forward's rows are: their LoRA stacks and their segments (rows of one request's CFG half)."""
+def _row_blocks(stacks: Sequence[tuple[AdapterKey, ...]], segments: Sequence[Sequence[int]], device
+                ) -> tuple[_Block, ...]:
+    """Blocks for a row-level (2D) input: every segment under MIN_INVARIANT_ROWS alone, the rest merged in one."""
+    blocks, bulk = [], []
+    for rows in segments:
+        if len(rows) < MIN_INVARIANT_ROWS:
+            picked = (slice(rows[0], rows[-1] + 1) if list(rows) == list(range(rows[0], rows[-1] + 1))
+                      else torch.tensor(list(rows), dtype=torch.long, device=device))
+            blocks.append(_Block(picked, len(rows), _groups([stacks[i] for i in rows], device)))
+        else:
+            bulk.extend(rows)
+    if bulk:
+        bulk.sort()
+        rows = (slice(bulk[0], bulk[-1] + 1) if bulk == list(range(bulk[0], bulk[-1] + 1))
+                else torch.tensor(bulk, dtype=torch.long, device=device))
+        blocks.append(_Block(rows, len(bulk), _groups([stacks[i] for i in bulk], device)))
+    return tuple(blocks)
 
-    def __init__(self, stacks: Sequence[tuple[AdapterKey, ...]], segments: Sequence[tuple[int, int]], device):
-        self.rows = len(stacks)
-        self.token_block = _Block(slice(0, self.rows), self.rows, _groups(stacks, device))
-        # Row-level (2D) inputs: every segment under MIN_INVARIANT_ROWS alone, the rest merged in one block.
-        blocks, bulk = [], []
-        for start, stop in segments:
-            if stop - start < MIN_INVARIANT_ROWS:
-                blocks.append(_Block(slice(start, stop), stop - start, _groups(stacks[start:stop], device)))
-            else:
-                bulk.extend(range(start, stop))
-        if bulk:
-            rows = (slice(bulk[0], bulk[-1] + 1) if bulk == list(range(bulk[0], bulk[-1] + 1))
-                    else torch.tensor(bulk, dtype=torch.long, device=device))
-            blocks.append(_Block(rows, len(bulk), _groups([stacks[i] for i in bulk], device)))
-        self.row_blocks = tuple(blocks)
-        self.whole_rows = len(blocks) == 1 and isinstance(blocks[0].rows, slice)
+
+class RowRouting:
+    """What one forward's rows are: their LoRA stacks and their segments (rows of one request's CFG half).
+
+    `doubled`: the transformer has Edit-2511's `zero_cond_t`, which runs its timestep conditioning over twice the
+    rows (each row's timestep, then the same rows at t = 0, for the condition tokens). A request alone computes
+    those as one matmul of 2n rows, its n rows at t then at 0, so each segment's doubled block is exactly that."""
+
+    def __init__(self, stacks: Sequence[tuple[AdapterKey, ...]], segments: Sequence[tuple[int, int]], device,
+                 doubled: bool = False):
+        self.rows = rows = len(stacks)
+        self.token_block = _Block(slice(0, rows), rows, _groups(stacks, device))
+        self.row_blocks = _row_blocks(stacks, [range(a, b) for a, b in segments], device)
+        self.whole_rows = len(self.row_blocks) == 1 and isinstance(self.row_blocks[0].rows, slice)
         """Row-level inputs need no splitting (one block covering every row)."""
+        self.doubled_blocks: tuple[_Block, ...] | None = None
+        if doubled:
+            twice = [*stacks, *stacks]
+            self.doubled_token_block = _Block(slice(0, 2 * rows), 2 * rows, _groups(twice, device))
+            self.doubled_blocks = _row_blocks(twice, [[*range(a, b), *range(rows + a, rows + b)] for a, b in segments],
+                                              device)
+            self.whole_doubled = len(self.doubled_blocks) == 1 and isinstance(self.doubled_blocks[0].rows, slice)
 
     def blocks_for(self, x: torch.Tensor) -> tuple[_Block, ...] | None:
         """The blocks to compute `x` in, or None for one plain call (not a row-level input of this forward)."""
-        if x.dim() == 2 and x.shape[0] == self.rows and not self.whole_rows:
+        if x.dim() != 2:
+            return None
+        if x.shape[0] == self.rows and not self.whole_rows:
             return self.row_blocks
+        if self.doubled_blocks is not None and x.shape[0] == 2 * self.rows and not self.whole_doubled:
+            return self.doubled_blocks
         return None
+
+    def token_block_for(self, x: torch.Tensor) -> _Block:
+        """The one block covering every row of `x` (the doubled rows of a `zero_cond_t` conditioning input too)."""
+        if self.doubled_blocks is not None and x.dim() == 2 and x.shape[0] == 2 * self.rows:
+            return self.doubled_token_block
+        return self.token_block
 
 
 class RoutingSlot:
@@ -164,7 +194,7 @@ def _routed_lora_forward(layer: LoraLinear, slot: RoutingSlot, stock):
             return stock(x, *args, **kwargs)
         blocks = routing.blocks_for(x)
         if blocks is None:
-            return _lora_block(layer, x, routing.token_block)
+            return _lora_block(layer, x, routing.token_block_for(x))
         return _split_rows(x, blocks, lambda part, block: _lora_block(layer, part, block))
     return forward
 

@@ -14,9 +14,10 @@ A request enters with `submit` and is denoised by `step`, which the engine's loo
 
 It reuses diffusers' pieces (the transformer's `forward`, `prepare_latents`, `retrieve_timesteps` /
 `calculate_shift`, `prepare_mask_latents`, the LoRA loader) but never calls a pipeline's `__call__`. A request
-alone gives exactly `QwenImagePipeline.__call__`'s latents (and the img2img / inpaint pipelines'), and a row's
-result does not depend on the rows beside it (`lightray.engine.batched_model` says how), so batching, pausing
-and resuming change no pixel at a fixed thread count.
+alone gives exactly its family's pipeline's latents (`QwenImagePipeline.__call__` and the img2img / inpaint
+pipelines'; `QwenImageEditPlusPipeline.__call__` for an instruction edit, whose rows carry condition tokens after
+the noise tokens), and a row's result does not depend on the rows beside it (`lightray.engine.batched_model` says
+how), so batching, pausing and resuming change no pixel at a fixed thread count.
 """
 
 from __future__ import annotations
@@ -34,7 +35,12 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, QwenImageInpaintPipeline, QwenImagePipeline
+from diffusers import (
+    FlowMatchEulerDiscreteScheduler,
+    QwenImageInpaintPipeline,
+    QwenImagePipeline,
+    QwenImageTransformer2DModel,
+)
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift, retrieve_timesteps
 from diffusers.utils.torch_utils import randn_tensor
@@ -43,6 +49,7 @@ from PIL import Image
 from lightray.config import EngineConfig, ModelPreset, VariantConfig, load_preset
 from lightray.contracts import (
     AdapterLoadError,
+    ConditionLatents,
     DenoiseCancelled,
     DenoiseParams,
     EngineFull,
@@ -65,6 +72,8 @@ class StepStats:
     requests: int
     grid: tuple[int, int]
     forward_ms: float
+    condition_tokens: int = 0
+    """Condition tokens per row (an instruction edit's input images), beside the grid's noise tokens."""
 
 
 ProgressCallback = Callable[[StepProgress], None]
@@ -91,7 +100,11 @@ class EngineRequest:
         # Filled by the engine when the request is prepared.
         self.rows = 0
         self.image_tokens = 0
+        """Noise tokens of one image (what the schedule's shift is computed from)."""
         self.grid = (0, 0)
+        self.condition: torch.Tensor | None = None
+        """[1, tokens, 64]: an instruction edit's condition tokens, after every row's noise tokens."""
+        self.condition_grids: tuple[tuple[int, int], ...] = ()
         self.step = 0
         self.stack: tuple[batched_model.AdapterKey, ...] = ()
         self.prompt: torch.Tensor
@@ -106,6 +119,15 @@ class EngineRequest:
     @property
     def total_steps(self) -> int:
         return len(self.timesteps)
+
+    @property
+    def signature(self) -> tuple:
+        """What one row's sequence looks like: requests batch together only on equal signatures."""
+        return (self.grid, *self.condition_grids)
+
+    @property
+    def sequence_tokens(self) -> int:
+        return self.image_tokens + sum(r * c for r, c in self.condition_grids)
 
     @property
     def started(self) -> bool:
@@ -142,10 +164,14 @@ class DenoiseEngine:
         self.device = torch.device(self.preset.device)
         self.dtype = torch_dtype(self.preset.dtype)
         self.on_step = on_step
+        self.family = self.preset.model_family
         # The pipeline object holds the components and lends its LoRA loader and latent helpers; its __call__ is
-        # never used.
-        self.pipe = QwenImagePipeline.from_pretrained(
-            self.preset.root, text_encoder=None, tokenizer=None, vae=None, dtype=self.dtype
+        # never used. Every family so far has Qwen-Image's transformer and latent layout.
+        self.pipe = QwenImagePipeline(
+            scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(self.preset.root / "scheduler"),
+            vae=None, text_encoder=None, tokenizer=None,
+            transformer=QwenImageTransformer2DModel.from_pretrained(self.preset.root / "transformer",
+                                                                    torch_dtype=self.dtype),
         ).to(self.device)
         self.pipe.vae_scale_factor = self.preset.vae_scale_factor  # without a VAE it would assume 8
         self.transformer = self.pipe.transformer
@@ -197,11 +223,14 @@ class DenoiseEngine:
 
     def submit(self, params: DenoiseParams, text: TextEmbeddings, image: ImageLatents | None = None,
                mask: np.ndarray | None = None, adapter_paths: Mapping[str, str] | None = None,
-               on_progress: ProgressCallback | None = None) -> EngineRequest:
+               on_progress: ProgressCallback | None = None, condition: ConditionLatents | None = None
+               ) -> EngineRequest:
         """Queue a request; it starts at the next step boundary. Invalid input raises `ValueError` here, before
         anything is queued. `adapter_paths` maps each of `params.adapters`' refs to its local files, for
         adapters this engine has not loaded (or has evicted). `mask`: uint8 [height, width], non-zero where the
-        image is repainted (needs `image`). `on_progress` is called from the engine's thread after every step."""
+        image is repainted (needs `image`). `condition`: an instruction edit's input images (families with
+        condition tokens need it; the others refuse it). `on_progress` is called from the engine's thread after
+        every step."""
         try:
             variant = self.preset.variant(params.variant)
         except KeyError:
@@ -211,6 +240,7 @@ class DenoiseEngine:
             seq = self._seq
         request = EngineRequest(seq, params, variant, on_progress)
         self._prepare(request, text, image, mask)
+        self._prepare_condition(request, condition, image)
         paths = dict(adapter_paths or {})
         with self._lock:
             missing = [a.ref for a in params.adapters if a.ref not in paths and a.ref not in self.tenant_adapters]
@@ -227,11 +257,12 @@ class DenoiseEngine:
 
     def denoise(self, params: DenoiseParams, text: TextEmbeddings, image: ImageLatents | None = None,
                 mask: np.ndarray | None = None, adapter_paths: Mapping[str, str] | None = None,
-                cancel: threading.Event | None = None, on_progress: ProgressCallback | None = None) -> np.ndarray:
+                cancel: threading.Event | None = None, on_progress: ProgressCallback | None = None,
+                condition: ConditionLatents | None = None) -> np.ndarray:
         """Submit and wait: packed latents [n, tokens, 64] float32. Without a loop thread (`start`), the calling
         thread drives the steps (other requests submitted meanwhile are batched in). Setting `cancel` stops it
         with `DenoiseCancelled` at the next step boundary."""
-        request = self.submit(params, text, image, mask, adapter_paths, on_progress)
+        request = self.submit(params, text, image, mask, adapter_paths, on_progress, condition)
         while not request.done():
             if cancel is not None and cancel.is_set():
                 request.cancel()
@@ -340,7 +371,8 @@ class DenoiseEngine:
             return
         if self.on_step is not None:
             self.on_step(StepStats(sum(r.rows for r in batch), len(batch), batch[0].grid,
-                                   (time.perf_counter() - start) * 1000))
+                                   (time.perf_counter() - start) * 1000,
+                                   batch[0].sequence_tokens - batch[0].image_tokens))
         for request, (cond, uncond) in zip(batch, outputs):
             try:
                 self._advance(request, cond, uncond)
@@ -424,6 +456,29 @@ class DenoiseEngine:
                 condition, unpacked, 1, self.latent_channels, n, p.height, p.width, self.dtype, self.device, None)
             request.image_latents, request.noise = image_latents, noise
 
+    def _prepare_condition(self, request: EngineRequest, condition: ConditionLatents | None,
+                           image: ImageLatents | None) -> None:
+        """An instruction edit's condition tokens, checked against the family (`QwenImageEditPlusPipeline`
+        appends the same `image_latents` to every row, CFG's unconditional ones included)."""
+        if not self.family.condition_tokens:
+            if condition is not None:
+                raise ValueError(f"image: a {self.family.name} model takes no condition images")
+            return
+        if condition is None:
+            raise ValueError(f"image: a {self.family.name} model edits input images; none were given")
+        if image is not None:
+            raise ValueError(f"image: a {self.family.name} model conditions on its images, it does not start "
+                             "from one (no img2img)")
+        low, high = self.family.input_images
+        if not low <= len(condition.grids) <= high:
+            raise ValueError(f"image: {low} to {high} input images, got {len(condition.grids)}")
+        channels = self.latent_channels * 4
+        if condition.latents.ndim != 2 or condition.latents.shape[1] != channels:
+            raise ValueError(f"image: expected condition latents [tokens, {channels}], got {condition.latents.shape}")
+        request.condition = torch.from_numpy(np.ascontiguousarray(condition.latents))[None].to(self.device,
+                                                                                              self.dtype)
+        request.condition_grids = tuple((int(r), int(c)) for r, c in condition.grids)
+
     def _stack(self, request: EngineRequest) -> tuple[batched_model.AdapterKey, ...]:
         stack = []
         if request.variant.id in self.lightning:
@@ -440,9 +495,12 @@ class DenoiseEngine:
         for request in batch:
             n = request.params.n
             t = request.timesteps[request.step]
+            rows = request.latents
+            if request.condition is not None:
+                rows = torch.cat([rows, request.condition.expand(n, -1, -1)], dim=1)
             for emb in (request.prompt, request.negative) if request.params.uses_cfg else (request.prompt,):
                 start = len(stacks)
-                hidden.append(request.latents)
+                hidden.append(rows)
                 texts.extend([emb] * n)
                 stacks.extend([request.stack] * n)
                 segments.append((start, start + n))
@@ -458,22 +516,26 @@ class DenoiseEngine:
                 text_mask[i, : e.shape[0]] = True
         latents = hidden[0] if len(hidden) == 1 else torch.cat(hidden)
         timestep = torch.cat(timesteps).to(latents.dtype)
-        h, w = batch[0].grid
-        self.routing.current = batched_model.RowRouting(stacks, segments, self.device)
+        first = batch[0]
+        self.routing.current = batched_model.RowRouting(stacks, segments, self.device,
+                                                        doubled=bool(self.transformer.config.zero_cond_t))
         try:
             with torch.inference_mode():
                 out = self.transformer(
                     hidden_states=latents, timestep=timestep / 1000, guidance=None,
                     encoder_hidden_states_mask=text_mask, encoder_hidden_states=text,
-                    img_shapes=[[(1, h, w)]], attention_kwargs={}, return_dict=False,
+                    img_shapes=[self.family.img_shapes(first.grid, first.condition_grids)], attention_kwargs={},
+                    return_dict=False,
                 )[0]
         finally:
             self.routing.current = None
+        # The prediction of the noise tokens alone (an edit's condition tokens follow them).
+        tokens = first.image_tokens
         outputs, i = [], 0
         for request in batch:
             n = request.params.n
-            cond = out[i: i + n]
-            uncond = out[i + n: i + 2 * n] if request.params.uses_cfg else None
+            cond = out[i: i + n, :tokens]
+            uncond = out[i + n: i + 2 * n, :tokens] if request.params.uses_cfg else None
             i += request.rows
             outputs.append((cond, uncond))
         return outputs

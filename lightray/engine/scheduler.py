@@ -1,7 +1,8 @@
 """The engine's scheduling policy, in one place: which requests run at the next step.
 
 At every step boundary `StepScheduler.schedule` looks at every live request (running, paused or new) and
-returns the ones to run, grouped by latent grid (one transformer forward per grid). The policy
+returns the ones to run, grouped by sequence signature (one transformer forward per signature: the latent grid,
+plus the grids of an edit's condition images). The policy
 (docs/engine.md):
 
 1. Priority first: every `interactive` request is considered before any `batch` one.
@@ -39,16 +40,18 @@ class Schedulable(Protocol):
     remaining_steps: int
     waited_steps: int
     """Engine steps since this request last ran (or since it arrived)."""
-    image_tokens: int
-    grid: tuple[int, int]
-    """Latent grid (height, width) after packing: requests batch together only on the same grid."""
+    sequence_tokens: int
+    """Image tokens of one row: the noise tokens, plus an edit's condition tokens."""
+    signature: tuple
+    """What a row's sequence looks like (the latent grid, and an edit's condition grids): requests batch together
+    only on the same signature (RoPE and the sequence length are per forward)."""
     started: bool
 
 
 @dataclasses.dataclass(frozen=True)
 class StepPlan:
     batches: tuple[tuple[Schedulable, ...], ...]
-    """Requests to run this step, one tuple per latent grid (one forward each), in scheduling order."""
+    """Requests to run this step, one tuple per sequence signature (one forward each), in scheduling order."""
     paused: tuple[Schedulable, ...]
     """Started requests left out of this step."""
 
@@ -80,18 +83,18 @@ class StepScheduler:
         for request in self.order(live):
             fits = rows + request.rows <= self.config.max_batch_rows and (
                 self.config.max_batch_tokens is None
-                or tokens + request.rows * request.image_tokens <= self.config.max_batch_tokens)
+                or tokens + request.rows * request.sequence_tokens <= self.config.max_batch_tokens)
             if chosen and not fits:
                 break
             chosen.append(request)
             rows += request.rows
-            tokens += request.rows * request.image_tokens
-        by_grid: dict[tuple[int, int], list[Schedulable]] = {}
+            tokens += request.rows * request.sequence_tokens
+        by_signature: dict[tuple, list[Schedulable]] = {}
         for request in chosen:
-            by_grid.setdefault(request.grid, []).append(request)
+            by_signature.setdefault(request.signature, []).append(request)
         picked = {id(r) for r in chosen}
         paused = tuple(r for r in live if r.started and id(r) not in picked)
-        return StepPlan(tuple(tuple(b) for b in by_grid.values()), paused)
+        return StepPlan(tuple(tuple(b) for b in by_signature.values()), paused)
 
 
 def _least_work_first(requests: list[Schedulable]) -> list[Schedulable]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from diffusers import QwenImagePipeline
+from PIL import Image
 
 from lightray.config import ModelPreset
 from lightray.stages.common import HealthProbe, check_parameter_dtype, torch_dtype
@@ -39,21 +40,28 @@ def template_prefix_length(tokenizer, template: str) -> int:
 
 
 class TextEncodeStage:
-    """Encodes prompts exactly as `QwenImagePipeline.encode_prompt` does (it *is* that method, on a pipeline
-    loaded without transformer and VAE)."""
+    """Encodes prompts exactly as the family's pipeline's `encode_prompt` does (it *is* that method, on a pipeline
+    loaded without transformer and VAE): `QwenImagePipeline`'s for text-to-image, `QwenImageEditPlusPipeline`'s,
+    which reads the input images too, for instruction edits (`encode_instruction`)."""
 
     def __init__(self, preset: ModelPreset):
         self.preset = preset
         self.device = preset.device
-        self.pipe = QwenImagePipeline.from_pretrained(
-            preset.root, transformer=None, vae=None, dtype=torch_dtype(preset.dtype)
-        ).to(self.device)
+        self.family = preset.model_family
+        dtype = torch_dtype(preset.dtype)
+        if self.family.condition_tokens:
+            from lightray.models.qwen_image_edit.conditioning import text_pipeline
+
+            self.pipe = text_pipeline(preset.root, dtype, preset.prompt_template_encode_start_idx).to(self.device)
+        else:
+            self.pipe = QwenImagePipeline.from_pretrained(preset.root, transformer=None, vae=None,
+                                                          dtype=dtype).to(self.device)
+            start = preset.prompt_template_encode_start_idx
+            if start is None:
+                start = template_prefix_length(self.pipe.tokenizer, self.pipe.prompt_template_encode)
+            self.pipe.prompt_template_encode_start_idx = start
         self.pipe.set_progress_bar_config(disable=True)
-        check_parameter_dtype(self.pipe.text_encoder, torch_dtype(preset.dtype), "text encoder")
-        start = preset.prompt_template_encode_start_idx
-        if start is None:
-            start = template_prefix_length(self.pipe.tokenizer, self.pipe.prompt_template_encode)
-        self.pipe.prompt_template_encode_start_idx = start
+        check_parameter_dtype(self.pipe.text_encoder, dtype, "text encoder")
         # The probe's input is tokenized once, here: a fast tokenizer used from two threads at once can raise
         # ("Already borrowed"), so the health check must not touch it while requests are being encoded.
         probe = self.pipe.tokenizer(self.pipe.prompt_template_encode.format(" "), return_tensors="pt")
@@ -88,6 +96,18 @@ class TextEncodeStage:
             )
             out.append(np.ascontiguousarray(embeds[0].float().cpu().numpy()))
         return out
+
+    @torch.inference_mode()
+    def encode_instruction(self, prompts: list[str], images: list[Image.Image]) -> list[np.ndarray]:
+        """An instruction edit's prompts (the instruction, and the negative with true CFG), each encoded with the
+        input `images` as `QwenImageEditPlusPipeline.__call__` encodes them: float32 [tokens, hidden] each."""
+        from lightray.models.qwen_image_edit.conditioning import encode_instruction
+
+        if not self.family.condition_tokens:
+            raise ValueError(f"a {self.family.name} model encodes no images with its prompts")
+        return [np.ascontiguousarray(encode_instruction(self.pipe, prompt, images,
+                                                        self.preset.edit.condition_image_area).float().cpu().numpy())
+                for prompt in prompts]
 
     def token_length(self, prompt: str) -> int:
         """Tokens of `prompt` inside the chat template, truncated as `encode_prompt` truncates: prompts of equal

@@ -42,7 +42,7 @@ from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 
 from lightray.config import ModelPreset
-from lightray.contracts import ImageLatents  # re-exported: `from lightray.stages.vae import ImageLatents`
+from lightray.contracts import ConditionLatents, ImageLatents
 from lightray.stages.common import HealthProbe, check_parameter_dtype, generators, torch_dtype
 from lightray.stages.preview import Preview, load_preview
 from lightray.stages.vae_single_frame import SingleFrameVae
@@ -164,13 +164,14 @@ class VaeStage:
         with self._lock:
             return self.vae.encode(x).latent_dist
 
-    def _normalise_and_pack(self, z: torch.Tensor) -> np.ndarray:
+    def _normalise_and_pack(self, z: torch.Tensor, divide: bool = False) -> np.ndarray:
         """[b, z, 1, h, w] raw latents → [b, tokens, 4·z] normalised and packed, with the pipelines' exact ops:
-        `(z - mean) * (1 / std)`, the reciprocal taken after the cast to the latents' dtype."""
+        `(z - mean) * (1 / std)`, the reciprocal taken after the cast to the latents' dtype (img2img, inpainting),
+        or with `divide` `(z - mean) / std` (the Edit pipelines' `_encode_vae_image`)."""
         c = self.vae.config.z_dim
         mean = torch.tensor(self.vae.config.latents_mean).view(1, c, 1, 1, 1).to(z.device, z.dtype)
-        std_inv = 1.0 / torch.tensor(self.vae.config.latents_std).view(1, c, 1, 1, 1).to(z.device, z.dtype)
-        z = (z - mean) * std_inv
+        std = torch.tensor(self.vae.config.latents_std).view(1, c, 1, 1, 1).to(z.device, z.dtype)
+        z = (z - mean) / std if divide else (z - mean) * (1.0 / std)
         b, _, _, h, w = z.shape
         packed = QwenImagePipeline._pack_latents(z[:, :, 0], b, c, h, w)
         return np.ascontiguousarray(packed.float().cpu().numpy())
@@ -190,6 +191,27 @@ class VaeStage:
         from the posterior's mean (mode "argmax"): deterministic, the same for every seed. Images are resized
         to height×width (default: their own size, floored to a multiple of 16) with the pipelines' lanczos."""
         return self._normalise_and_pack(torch.cat([self._posterior(im, height, width).mode() for im in images]))
+
+    def condition_size(self, image: Image.Image, width: int, height: int) -> tuple[int, int]:
+        """(width, height) an instruction edit's input image is encoded at: the preset's `edit.vae_image_area` at
+        the image's aspect ratio (`QwenImageEditPlusPipeline`), or the output's width × height when it has none."""
+        from lightray.models.qwen_image_edit.conditioning import condition_size
+
+        area = self.preset.edit.vae_image_area
+        return (width, height) if area is None else condition_size(image.size, area)
+
+    @torch.inference_mode()
+    def encode_conditions(self, images: list[Image.Image], width: int, height: int) -> ConditionLatents:
+        """An instruction edit's input images as condition tokens for an output of width × height, exactly as
+        `QwenImageEditPlusPipeline` computes its `image_latents`: each image resized (`condition_size`) and
+        preprocessed, encoded alone, the posterior's mean normalised and packed, the images concatenated."""
+        parts, grids = [], []
+        for image in images:
+            w, h = self.condition_size(image, width, height)
+            packed = self._normalise_and_pack(self._posterior(image, h, w).mode(), divide=True)[0]
+            parts.append(packed)
+            grids.append((h // (self.scale_factor * 2), w // (self.scale_factor * 2)))
+        return ConditionLatents(np.ascontiguousarray(np.concatenate(parts)), tuple(grids))
 
     @torch.inference_mode()
     def encode_for_seeds(self, image: Image.Image, seeds: list[int], height: int | None = None,

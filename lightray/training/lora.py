@@ -16,19 +16,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from lightray.models.qwen_image import QWEN_IMAGE
+
 if TYPE_CHECKING:  # torch is imported where it is used: the config (which reads LORA_TARGETS) stays torch-free
     import torch
 
     from lightray.config import ModelPreset
     from lightray.training.config import TrainConfig
 
-LORA_TARGETS = [
-    "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
-    "attn.add_v_proj", "attn.to_add_out", "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj",
-    "txt_mlp.net.2", "img_mod.1", "txt_mod.1",
-]
-"""Every linear layer of a Qwen-Image transformer block (peft `target_modules` suffixes): what the published
-Lightning LoRAs adapt, and the default of tenant adapters."""
+LORA_TARGETS = list(QWEN_IMAGE.lora_targets)
+"""The default of tenant adapters: every linear layer of a transformer block (the family's `lora_targets`)."""
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"

@@ -19,10 +19,6 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-MAX_INPUT_IMAGES = 3
-"""Input images Qwen-Image-Edit-Plus was trained with (one to three)."""
-
-
 def calculate_dimensions(target_area: int, ratio: float) -> tuple[int, int]:
     """(width, height) of `target_area` pixels at `ratio` = width / height, each rounded to a multiple of 32: the
     pipeline's `calculate_dimensions`."""

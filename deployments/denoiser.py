@@ -28,6 +28,7 @@ from lightray.adapters import fetch_for_preset
 from lightray.registry_settings import open_registry
 from lightray.config import load_preset
 from lightray.contracts import (
+    ConditionLatents,
     DenoisedLatents,
     DenoiseParams,
     ImageLatents,
@@ -119,11 +120,12 @@ class Denoiser:
         return paths
 
     async def denoise(self, params: DenoiseParams, text: TextEmbeddings, image: ImageLatents | None = None,
-                      mask: np.ndarray | None = None) -> DenoisedLatents:
+                      mask: np.ndarray | None = None, condition: ConditionLatents | None = None) -> DenoisedLatents:
         """Text embeddings (+ for img2img / inpainting the VaeDecoder's image latents, and `mask`: uint8
-        [height, width], non-zero = repaint) → packed latents. `text` and `image` arrive straight from the
-        TextEncoder and VaeDecoder (the ingress passes their responses along), never via the ingress."""
-        request, timings, start = await self._submit(params, text, image, mask)
+        [height, width], non-zero = repaint; + for an instruction edit the VaeDecoder's condition latents) →
+        packed latents. `text`, `image` and `condition` arrive straight from the TextEncoder and VaeDecoder (the
+        ingress passes their responses along), never via the ingress."""
+        request, timings, start = await self._submit(params, text, image, mask, condition=condition)
         try:
             latents = await asyncio.shield(asyncio.wrap_future(request.future))
         except asyncio.CancelledError:
@@ -132,7 +134,8 @@ class Denoiser:
         return self._finished(params, image, request, timings, start, latents)
 
     async def denoise_stream(self, params: DenoiseParams, text: TextEmbeddings, image: ImageLatents | None = None,
-                             mask: np.ndarray | None = None, preview_encoding: OutputEncoding | None = None
+                             mask: np.ndarray | None = None, condition: ConditionLatents | None = None,
+                             preview_encoding: OutputEncoding | None = None
                              ) -> AsyncIterator[StepProgress | DenoisedLatents]:
         """`denoise` as a stream (call it through a handle with `.options(stream=True)`): a `StepProgress` after
         every step (with the x0-prediction at `params.preview_steps`), then the `DenoisedLatents`, which are the
@@ -145,7 +148,7 @@ class Denoiser:
         def on_progress(progress: StepProgress) -> None:  # on the engine's thread
             loop.call_soon_threadsafe(reports.put_nowait, progress)
 
-        request, timings, start = await self._submit(params, text, image, mask, on_progress)
+        request, timings, start = await self._submit(params, text, image, mask, on_progress, condition)
         # Queued after every report (the engine reports a step before it finishes the request): None ends them.
         request.future.add_done_callback(lambda _: loop.call_soon_threadsafe(reports.put_nowait, None))
         try:
@@ -162,17 +165,18 @@ class Denoiser:
         yield self._finished(params, image, request, timings, start, latents)
 
     async def _submit(self, params: DenoiseParams, text: TextEmbeddings, image: ImageLatents | None,
-                      mask: np.ndarray | None, on_progress: ProgressCallback | None = None
-                      ) -> tuple[EngineRequest, dict, float]:
+                      mask: np.ndarray | None, on_progress: ProgressCallback | None = None,
+                      condition: ConditionLatents | None = None) -> tuple[EngineRequest, dict, float]:
         """Fetch the request's adapters and hand it to the engine: (its `EngineRequest`, timings, start time)."""
         timings = dict(text.timings)
-        if image is not None:
-            timings.update(image.timings)
-        handoffs = [h for h in (text.handoff_at, image.handoff_at if image else None) if h is not None]
+        inputs = [x for x in (image, condition) if x is not None]
+        for x in inputs:
+            timings.update(x.timings)
+        handoffs = [h for h in (text.handoff_at, *(x.handoff_at for x in inputs)) if h is not None]
         record_queue_wait("denoise", timings, max(handoffs) if handoffs else None)  # from the later input
         paths = await self._adapter_paths(params, timings)
         start = asyncio.get_running_loop().time()
-        request = self.engine.submit(params, text, image, mask, paths, on_progress)  # ~1 ms: no thread hop
+        request = self.engine.submit(params, text, image, mask, paths, on_progress, condition)  # ~1 ms, no hop
         return request, timings, start
 
     def _finished(self, params: DenoiseParams, image: ImageLatents | None, request: EngineRequest, timings: dict,

@@ -15,6 +15,7 @@ import dataclasses
 import time
 
 import numpy as np
+from PIL import Image
 from ray import serve
 
 from deployments.metrics import log_request, record_batch, record_queue_wait, record_stages
@@ -120,6 +121,23 @@ class TextEncoder:
                     batch=out.batch_requests, forwards=out.forwards,
                     wait_ms=timings.get("encode_wait_ms"), encode_ms=timings["encode_ms"])
         return TextEmbeddings(out.prompt, out.negative, timings, time.time())
+
+    async def encode_instruction(self, prompt: str, negative_prompt: str | None, images: list[np.ndarray],
+                                 handoff_at: float | None = None) -> TextEmbeddings:
+        """An instruction edit's embeddings: the prompt (and negative) read with the input images (uint8
+        [h, w, 3] each) by the VL encoder (`TextEncodeStage.encode_instruction`). Not batched: each request's
+        images are its own. In a worker thread, so the replica keeps taking requests."""
+        timings: dict[str, float] = {}
+        record_queue_wait("encode", timings, handoff_at)
+        prompts = [prompt] if negative_prompt is None else [prompt, negative_prompt]
+        t0 = time.perf_counter()
+        embeds = await asyncio.to_thread(self.stage.encode_instruction, prompts,
+                                         [Image.fromarray(im) for im in images])
+        timings["encode_ms"] = (time.perf_counter() - t0) * 1000
+        record_stages(timings, "encode_ms")
+        log_request("encode", prompts=len(prompts), images=len(images), tokens=sum(len(e) for e in embeds),
+                    wait_ms=timings.get("encode_wait_ms"), encode_ms=timings["encode_ms"])
+        return TextEmbeddings(embeds[0], embeds[1] if len(embeds) > 1 else None, timings, time.time())
 
     @serve.batch(max_batch_size=MAX_BATCH_SIZE, batch_wait_timeout_s=BATCH_WAIT_TIMEOUT_S)
     async def _encode_batch(self, items: list[PromptPair]) -> list[EncodedPair | Exception]:

@@ -22,7 +22,7 @@ from ray import serve
 from deployments.metrics import log_request, record_batch, record_queue_wait, record_stages
 from deployments.timing import timed
 from lightray.config import load_preset
-from lightray.contracts import PNG, DecodedImages, DenoisedLatents, ImageLatents, OutputEncoding
+from lightray.contracts import PNG, ConditionLatents, DecodedImages, DenoisedLatents, ImageLatents, OutputEncoding
 from lightray.images import encode_image
 from lightray.stages import VaeStage
 from lightray.stages.vae import StackPolicy
@@ -173,6 +173,19 @@ class VaeDecoder:
         log_request("vae_encode", images=len(seeds), size=f"{width}x{height}",
                     wait_ms=timings.get("vae_encode_wait_ms"), vae_encode_ms=timings["vae_encode_ms"])
         return dataclasses.replace(start, timings=timings, handoff_at=time.time())
+
+    def encode_conditions(self, images: list[np.ndarray], width: int, height: int,
+                          handoff_at: float | None = None) -> ConditionLatents:
+        """An instruction edit's input images (uint8 [h, w, 3] each) → condition latents for an output of
+        width × height (`VaeStage.encode_conditions`), concurrently with the TextEncoder, as `encode` is."""
+        timings: dict[str, float] = {}
+        record_queue_wait("vae_encode", timings, handoff_at)
+        with timed(timings, "vae_encode_ms"):
+            condition = self.stage.encode_conditions([Image.fromarray(im) for im in images], width, height)
+        record_stages(timings, "vae_encode_ms")
+        log_request("vae_encode", images=len(images), size=f"{width}x{height}",
+                    wait_ms=timings.get("vae_encode_wait_ms"), vae_encode_ms=timings["vae_encode_ms"])
+        return dataclasses.replace(condition, timings=timings, handoff_at=time.time())
 
     async def check_health(self) -> None:
         # A tiny real forward on the device, without the VAE lock (VaeStage.check_health), off the event loop.

@@ -62,3 +62,16 @@ class LocalPipeline:
         latents = self.denoiser.denoise(spec.denoise_params(), self.encode(spec), image=start, mask=mask_pixels,
                                         adapter_paths=adapter_paths, cancel=cancel, on_progress=on_progress)
         return self.vae.decode(latents, spec.height, spec.width)
+
+    def instruct(self, spec: GenerationSpec, images: list[Image.Image], adapter_paths: Mapping[str, str] | None = None,
+                 on_progress: ProgressCallback | None = None, cancel: threading.Event | None = None
+                 ) -> list[Image.Image]:
+        """An instruction edit (a model whose family takes condition images, `QwenImageEditPlusPipeline`): `spec`'s
+        prompt is the instruction about `images` (1-3, RGB, any size), each image's condition tokens encoded by the
+        VAE and its pixels read by the VL encoder with the prompt. `on_progress`, `cancel`: as `generate`."""
+        embeds = self.text.encode_instruction(spec.prompts(), images)
+        text = TextEmbeddings(prompt=embeds[0], negative=embeds[1] if len(embeds) > 1 else None)
+        condition = self.vae.encode_conditions(images, spec.width, spec.height)
+        latents = self.denoiser.denoise(spec.denoise_params(), text, condition=condition, adapter_paths=adapter_paths,
+                                        cancel=cancel, on_progress=on_progress)
+        return self.vae.decode(latents, spec.height, spec.width)

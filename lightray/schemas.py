@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
@@ -454,6 +455,32 @@ class ImageEditRequest(ImageGenerationRequest):
                         mask_blur=self.mask_blur, keep_unmasked=self.keep_unmasked)
 
 
+    def resolve_instruction(self, preset: ModelPreset, default_seed: int,
+                            image_sizes: Sequence[tuple[int, int]]) -> "GenerationSpec":
+        """An instruction edit (a family with condition images, `QwenImageEditPlusPipeline`): the generation fields
+        checked as `ImageGenerationRequest.resolve` checks them, the input images' count against the family's, and
+        without `size` the pipeline's rule: the last image's aspect ratio at the area of the preset's default size,
+        sides multiples of 32, snapped to the nearest served size. The img2img / inpainting fields do not apply."""
+        low, high = preset.model_family.input_images
+        if not low <= len(image_sizes) <= high:
+            raise RequestError("image", f"this model edits {low} to {high} input images, got {len(image_sizes)}")
+        for name in ("strength", "padding_mask_crop", "mask_blur"):
+            if getattr(self, name) is not None:
+                raise RequestError(name, f"{name} applies to img2img and inpainting, not to an instruction-edit "
+                                         f"model such as {preset.name!r}")
+        request: ImageGenerationRequest = self
+        if self.size in (None, "auto"):
+            from lightray.models.qwen_image_edit import calculate_dimensions
+
+            width, height = image_sizes[-1]
+            area = preset.default_size[0] * preset.default_size[1]
+            width, height = calculate_dimensions(area, width / height)
+            if preset.sizes is not None:
+                width, height = preset.nearest_size(width, height)
+            request = self.model_copy(update={"size": f"{width}x{height}"})
+        return ImageGenerationRequest.resolve(request, preset, default_seed)
+
+
 def denoising_steps(num_inference_steps: int, strength: float) -> int:
     """Steps an img2img/inpaint run actually takes: the pipelines' `get_timesteps` keeps the last
     `steps - int(steps - steps * strength)` of the schedule (at least 1 for any strength > 0)."""
@@ -520,17 +547,28 @@ class ModelCard(BaseModel):
     max_images: int | None = Field(None, description="Largest `n`.")
     qualities: list[str] | None = Field(None, description="The request `quality` values that select this model "
                                         "when the request names no `model` (`auto`: the default model).")
+    endpoints: list[str] | None = Field(None, description='The endpoints that serve this model: "generations" '
+                                        '(`/v1/images/generations`), "edits" (`/v1/images/edits`).')
+    edit_mode: Literal["instruction", "img2img"] | None = Field(
+        None, description='How `/v1/images/edits` edits with this model: "instruction" (Qwen-Image-Edit: the '
+        'prompt is an instruction about 1-3 input images), "img2img" (a text-to-image model: img2img, or '
+        "inpainting with a `mask`).")
+    input_images: list[int] | None = Field(None, description="Fewest and most input images an edit takes.")
 
     @classmethod
     def of(cls, preset: ModelPreset, model_id: str) -> "ModelCard":
         """The card of one of `preset`'s model ids, with its defaults and the preset's sizes."""
         variant = preset.variant(model_id)
+        family = preset.model_family
         w, h = preset.default_size
         return cls(id=model_id, default_size=f"{w}x{h}", sizes=preset.size_names,
                    sizes_exact=preset.sizes is not None, size_rule=size_rule(preset),
                    size_multiple=preset.size_multiple, num_inference_steps=variant.num_inference_steps,
                    max_inference_steps=preset.max_inference_steps, true_cfg_scale=variant.true_cfg_scale,
-                   max_images=preset.max_images_per_request, qualities=preset.qualities_of(model_id))
+                   max_images=preset.max_images_per_request, qualities=preset.qualities_of(model_id),
+                   endpoints=list(family.endpoints),
+                   edit_mode="instruction" if family.condition_tokens else "img2img",
+                   input_images=list(family.input_images))
 
 
 def size_rule(preset: ModelPreset) -> str:

@@ -1,8 +1,9 @@
-"""The FastAPI application, independent of Ray: `create_app(backend, settings)`."""
+"""The FastAPI application, independent of Ray: `create_app(backends, settings)`."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -16,6 +17,7 @@ from serve_app.backend import GenerationBackend, ServiceUnavailable
 from serve_app.body_limits import BodyLimitMiddleware
 from serve_app.local_only import LocalOnlyMiddleware
 from serve_app.security_headers import SecurityHeadersMiddleware
+from serve_app.served_models import ServedModels
 from serve_app.image_store import ImageStore
 from serve_app.openapi_errors import error_response, error_responses, request_error_response, tidy_openapi
 from serve_app.observability import REQUEST_ID_HEADER, RequestIdMiddleware, echoes_request_id, request_id_of
@@ -78,7 +80,8 @@ async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
     return response
 
 
-def create_app(backend: GenerationBackend, settings: ServiceSettings) -> FastAPI:
+def create_app(backends: GenerationBackend | Sequence[GenerationBackend], settings: ServiceSettings) -> FastAPI:
+    """The app over one backend per served model preset (`ServedModels`; the first is the default)."""
     app = FastAPI(
         title="Lightray",
         version="0.1.0",
@@ -91,7 +94,7 @@ def create_app(backend: GenerationBackend, settings: ServiceSettings) -> FastAPI
     )
     default_openapi = app.openapi
     app.openapi = lambda: app.openapi_schema or tidy_openapi(default_openapi(), settings.auth_enabled)
-    app.state.backend = backend
+    app.state.models = ServedModels([backends] if not isinstance(backends, Sequence) else backends)
     app.state.settings = settings
     app.state.image_store = ImageStore(settings.image_store_dir)
     app.state.registry = settings.open_registry()

@@ -5,22 +5,29 @@ from __future__ import annotations
 from ray import serve
 from ray.serve import Application
 
-from lightray.config import load_preset
+from lightray.config import ModelPreset, load_preset
 from serve_app.api import create_app
 from serve_app.backend import RayGraphBackend
 from serve_app.settings import ServiceSettings
 
 
+def stage_name(stage: str, preset: ModelPreset, index: int) -> str:
+    """The deployment name of `stage` for the `index`-th served preset: the stage's own name for the default
+    preset (what configs and dashboards have always called it), `<stage>-<preset name>` for the others."""
+    return stage if index == 0 else f"{stage}-{preset.name}"
+
+
 @serve.deployment(name="Ingress")
 @serve.ingress()
 class Ingress:
-    def __init__(self, text_encoder, denoiser, vae, settings: dict):
+    def __init__(self, graphs: list[tuple[dict, object, object, object]], settings: dict):
+        """`graphs`: per served preset, (preset, TextEncoder, Denoiser, VaeDecoder handles), the default first."""
         self.settings = ServiceSettings(**settings)
-        preset = load_preset(self.settings.preset)
-        self.backend = RayGraphBackend(preset, text_encoder, denoiser, vae)
+        self.backends = [RayGraphBackend(load_preset(preset), text_encoder, denoiser, vae)
+                         for preset, text_encoder, denoiser, vae in graphs]
 
     def __serve_build_asgi_app__(self):
-        app = create_app(self.backend, self.settings)
+        app = create_app(self.backends, self.settings)
         app.state.request_id_echoed_by_proxy = True  # Serve's proxy returns x-request-id (serve_app/observability.py)
         return app
 
@@ -32,11 +39,17 @@ def build_app(args: dict | None = None) -> Application:
     from deployments import Denoiser, TextEncoder, VaeDecoder
 
     settings = ServiceSettings(**(args or {}))
-    preset = load_preset(settings.preset).model_dump()
-    return Ingress.bind(
-        TextEncoder.bind(preset),
-        Denoiser.bind(preset, settings.registry, settings.registry_storage_options, settings.adapter_cache_size,
-                      settings.engine.model_dump()),
-        VaeDecoder.bind(preset, stack_requests=settings.vae_stack_requests),
-        settings.model_dump(),
-    )
+    graphs = []
+    for index, ref in enumerate([settings.preset, *settings.extra_presets]):
+        preset = load_preset(ref)
+        dumped = preset.model_dump()
+        graphs.append((
+            dumped,
+            TextEncoder.options(name=stage_name("TextEncoder", preset, index)).bind(dumped),
+            Denoiser.options(name=stage_name("Denoiser", preset, index)).bind(
+                dumped, settings.registry, settings.registry_storage_options, settings.adapter_cache_size,
+                settings.engine.model_dump()),
+            VaeDecoder.options(name=stage_name("VaeDecoder", preset, index)).bind(
+                dumped, stack_requests=settings.vae_stack_requests),
+        ))
+    return Ingress.bind(graphs, settings.model_dump())

@@ -90,6 +90,15 @@ class GenerationBackend(Protocol):
         """`edit` as a stream; previews are composed as the final image is."""
         ...
 
+    async def instruct(self, spec: GenerationSpec, images: list[Image.Image]) -> GenerationResult:
+        """An instruction edit (a model whose family takes condition images): `spec.prompt` about `images` (1-3,
+        RGB, as uploaded)."""
+        ...
+
+    def instruct_stream(self, spec: GenerationSpec, images: list[Image.Image]) -> AsyncIterator[StreamItem]:
+        """`instruct` as a stream."""
+        ...
+
     async def readiness(self) -> dict[str, bool]: ...
 
 
@@ -157,6 +166,14 @@ class LocalBackend:
     def generate_stream(self, spec: GenerationSpec) -> AsyncIterator[StreamItem]:
         return self._stream(spec, lambda paths, on_progress, cancel: self.pipeline.generate(
             spec, paths, on_progress=on_progress, cancel=cancel), spec.output)
+
+    async def instruct(self, spec: GenerationSpec, images: list[Image.Image]) -> GenerationResult:
+        draw = lambda adapter_paths: self.pipeline.instruct(spec, images, adapter_paths)  # noqa: E731
+        return await _client_errors(spec, asyncio.to_thread(self._run, spec, draw, spec.output))
+
+    def instruct_stream(self, spec: GenerationSpec, images: list[Image.Image]) -> AsyncIterator[StreamItem]:
+        return self._stream(spec, lambda paths, on_progress, cancel: self.pipeline.instruct(
+            spec, images, paths, on_progress=on_progress, cancel=cancel), spec.output)
 
     def edit_stream(self, spec: EditSpec, image: Image.Image, mask: Image.Image | None = None
                     ) -> AsyncIterator[StreamItem]:
@@ -271,6 +288,31 @@ class RayGraphBackend:
         return await _composed_result(
             GenerationResult(list(result.pngs), {**result.timings, "graph_ms": (time.perf_counter() - start) * 1000}),
             prepared, spec.output)
+
+    def _instruct_inputs(self, spec: GenerationSpec, images: list[Image.Image]):
+        """The instruction's embeddings (the TextEncoder reads the images with it) and the images' condition
+        latents (the VaeDecoder's encoder), requested concurrently: two responses for the Denoiser."""
+        pixels = [np.asarray(im) for im in images]
+        encoded = self.text_encoder.encode_instruction.remote(spec.prompt, spec.negative_prompt, pixels,
+                                                               handoff_at=time.time())
+        condition = self.vae.encode_conditions.remote(pixels, spec.width, spec.height, handoff_at=time.time())
+        return encoded, condition
+
+    async def instruct(self, spec: GenerationSpec, images: list[Image.Image]) -> GenerationResult:
+        return await _client_errors(spec, self._instruct(spec, images))
+
+    async def _instruct(self, spec: GenerationSpec, images: list[Image.Image]) -> GenerationResult:
+        start = time.perf_counter()
+        encoded, condition = self._instruct_inputs(spec, images)
+        denoised = self._denoiser_for(spec).denoise.remote(spec.denoise_params(), encoded, None, None, condition)
+        result = await _cancelling(self.vae.decode.remote(denoised, spec.width, spec.height, encoding=spec.output),
+                                   encoded, condition, denoised)
+        return GenerationResult(list(result.pngs), {**result.timings, "graph_ms": (time.perf_counter() - start) * 1000})
+
+    def instruct_stream(self, spec: GenerationSpec, images: list[Image.Image]) -> AsyncIterator[StreamItem]:
+        encoded, condition = self._instruct_inputs(spec, images)
+        denoising = self._denoise_stream(spec, spec.output, encoded, None, None, condition)
+        return _stream_client_errors(spec, self._stream(spec, denoising, encoded, condition, encoding=spec.output))
 
     def _denoise_stream(self, spec: GenerationSpec, encoding: OutputEncoding, *inputs):
         """The Denoiser's stream for `spec`; fast previews come made by the Denoiser when its model ships a preview

@@ -21,6 +21,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lightray.schemas import RequestError
+from lightray.models.qwen_image_edit import MAX_INPUT_IMAGES
 from serve_app.auth import ApiKeyAuth
 from serve_app.openapi_errors import request_error_response
 from serve_app.settings import ServiceSettings
@@ -30,9 +31,9 @@ EDITS_PATH = "/v1/images/edits"
 
 
 def edit_body_limit(settings: ServiceSettings) -> int:
-    """Bytes an edit's body may take: two maximal images, base64-inflated (JSON bodies carry them so), and the
-    text fields."""
-    return 2 * (settings.max_image_bytes * 4 // 3 + 4) + 1024 * 1024
+    """Bytes an edit's body may take: its most images (an image and its mask, or an instruction edit's input
+    images), each maximal and base64-inflated (JSON bodies carry them so), and the text fields."""
+    return max(2, MAX_INPUT_IMAGES) * (settings.max_image_bytes * 4 // 3 + 4) + 1024 * 1024
 
 
 class BodyLimitMiddleware:

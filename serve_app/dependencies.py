@@ -10,13 +10,13 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from lightray.registry import AdapterRegistry
 from serve_app.admission import Admission
 from serve_app.auth import Principal
-from serve_app.backend import GenerationBackend
 from serve_app.image_store import ImageStore
+from serve_app.served_models import ServedModels
 from serve_app.settings import ServiceSettings
 
 
-def get_backend(request: Request) -> GenerationBackend:
-    return request.app.state.backend
+def get_models(request: Request) -> ServedModels:
+    return request.app.state.models
 
 
 def get_settings(request: Request) -> ServiceSettings:

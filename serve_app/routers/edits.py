@@ -1,11 +1,16 @@
-"""`POST /v1/images/edits`: img2img (image only) and inpainting (image + mask), OpenAI-compatible.
+"""`POST /v1/images/edits`, OpenAI-compatible, two ways by the model's family:
+
+* an instruction-edit model (Qwen-Image-Edit): `prompt` is the instruction, `image` one to three pictures
+  (`image[]` in OpenAI's clients), no mask (a `mask` is a 400 naming it: the Edit-Plus pipeline has none, and
+  blending one in would be a different model's behaviour);
+* a text-to-image model: img2img (image only) and inpainting (image + mask).
 
 The body is multipart/form-data (what OpenAI's clients send: `image` and optional `mask` files plus text fields)
-or application/json with the images as base64 or data URLs. Everything is checked before any replica work: the
-fields by `ImageEditRequest` (the generation fields plus `strength`), the uploads by `lightray.images` (size in
-bytes, format, pixels before decoding, mask size and alpha), the output size against the model preset. The
-picture and mask go to the backend as uploaded: resizing, cropping and composing the output are `lightray.edits`'
-work, done by the backend.
+or application/json with the images as base64 or data URLs (`image` a string or a list). Everything is checked
+before any replica work: the fields by `ImageEditRequest` (the generation fields plus `strength`), the uploads by
+`lightray.images` (size in bytes, format, pixels before decoding, mask size and alpha), the output size against
+the model preset. The pictures and mask go to the backend as uploaded: resizing, cropping and composing the output
+are `lightray.edits`' work (img2img, inpainting), or the pipeline's (instruction edits), done by the backend.
 """
 
 from __future__ import annotations
@@ -25,15 +30,15 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
 from lightray.edits import output_size
-from lightray.images import ImageLimits, load_edit_inputs
+from lightray.images import ImageLimits, load_edit_inputs, open_image, to_rgb
+from lightray.models.qwen_image_edit import MAX_INPUT_IMAGES
 from lightray.registry import AdapterRegistry
 from lightray.schemas import ImageEditRequest, ImagesResponse, RequestError, lora_params
 from serve_app.admission import Admission, request_work
-from serve_app.backend import GenerationBackend
 from serve_app.auth import Principal
 from serve_app.dependencies import (
     admitted,
-    get_backend,
+    get_models,
     get_image_store,
     get_principal,
     get_registry,
@@ -43,6 +48,7 @@ from serve_app.image_store import ImageStore
 from serve_app.openapi_errors import error_responses
 from serve_app.observability import request_id_of
 from serve_app.routers.images import STREAM_RESPONSE, attribute_to, images_response, pin_adapters, within_timeout
+from serve_app.served_models import ServedModels
 from serve_app.settings import ServiceSettings
 from serve_app.streaming import stream_response
 
@@ -69,7 +75,10 @@ def _openapi_body() -> dict[str, Any]:
             "additionalProperties": False,  # as ImageEditRequest (extra="forbid"): unknown fields get 400
             "required": ["image", *fields.get("required", [])],
             "properties": {
-                "image": {**file_schema, "description": "The picture to edit: PNG, JPEG or WEBP."},
+                "image": {"anyOf": [file_schema, {"type": "array", "items": file_schema, "minItems": 1,
+                                                  "maxItems": MAX_INPUT_IMAGES}],
+                          "description": "The picture to edit: PNG, JPEG or WEBP. An instruction-edit model takes "
+                                         f"1 to {MAX_INPUT_IMAGES} (`image[]`)."},
                 "mask": {**file_schema, "description": "PNG/WEBP of the image's size; fully transparent pixels "
                                                        "(alpha 0) mark the area to repaint. Absent: img2img."},
                 **properties,
@@ -95,22 +104,29 @@ def _openapi_body() -> dict[str, Any]:
 async def edit_images(
     request: Request,
     response: Response,
-    backend: GenerationBackend = Depends(get_backend),
+    models: ServedModels = Depends(get_models),
     settings: ServiceSettings = Depends(get_settings),
     store: ImageStore = Depends(get_image_store),
     registry: AdapterRegistry = Depends(get_registry),
     principal: Principal = Depends(get_principal),
     admission: Admission = Depends(admitted),
 ) -> ImagesResponse | StreamingResponse:
-    fields, image_bytes, mask_bytes = await _read_body(request, settings)
+    fields, images_bytes, mask_bytes = await _read_body(request, settings)
     try:
         body = ImageEditRequest.model_validate(fields)
     except ValidationError as e:
         raise RequestValidationError(e.errors()) from None
-    if image_bytes is None:
+    if not images_bytes:
         raise RequestError("image", "image is required (a PNG, JPEG or WEBP file)")
+    backend = models.for_request(body.model, "edits")
     limits = ImageLimits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)
-    image, mask = await asyncio.to_thread(load_edit_inputs, image_bytes, mask_bytes, limits)
+    if backend.preset.model_family.condition_tokens:
+        return await _instruct(body, images_bytes, mask_bytes, limits, backend, request, response, settings, store,
+                               registry, principal, admission)
+    if len(images_bytes) > 1:
+        raise RequestError("image", f"model {body.model or backend.preset.model_ids[0]!r} edits one image "
+                                    f"(img2img / inpainting); got {len(images_bytes)}")
+    image, mask = await asyncio.to_thread(load_edit_inputs, images_bytes[0], mask_bytes, limits)
     spec = body.resolve(backend.preset, default_seed=secrets.randbelow(2**31), image_size=image.size,
                         inpaint=mask is not None, max_output_pixels=settings.max_image_pixels)
     attribute_to(spec, principal, body.priority)
@@ -125,11 +141,40 @@ async def edit_images(
                            output_size(spec, image.size))
 
 
+async def _instruct(body: ImageEditRequest, images_bytes: list[bytes], mask_bytes: bytes | None,
+                    limits: ImageLimits, backend, request: Request, response: Response, settings: ServiceSettings,
+                    store: ImageStore, registry: AdapterRegistry, principal: Principal, admission: Admission):
+    """An instruction edit: every input image checked (`image[i]` names the one that fails), the spec resolved
+    with the pipeline's output-size rule, then the backend's instruct path."""
+    if mask_bytes is not None:
+        raise RequestError("mask", f"model {backend.preset.name!r} edits by instruction and takes no mask; describe "
+                                   "the change in the prompt")
+    if len(images_bytes) > MAX_INPUT_IMAGES:
+        raise RequestError("image", f"at most {MAX_INPUT_IMAGES} input images, got {len(images_bytes)}")
+
+    def load() -> list:
+        names = ["image"] if len(images_bytes) == 1 else [f"image[{i}]" for i in range(len(images_bytes))]
+        return [to_rgb(open_image(data, name, limits)) for data, name in zip(images_bytes, names)]
+
+    images = await asyncio.to_thread(load)
+    spec = body.resolve_instruction(backend.preset, default_seed=secrets.randbelow(2**31),
+                                    image_sizes=[im.size for im in images])
+    attribute_to(spec, principal, body.priority)
+    admission.charge(request_work(spec.denoise_params()))
+    await pin_adapters(spec, registry, backend.preset, principal.tenant, lora_params(body.lora))
+    if body.stream:
+        return stream_response("edit", spec, backend.instruct_stream(spec, images), settings.request_timeout_s,
+                               request_id_of(request), f"{spec.width}x{spec.height}")
+    result = await within_timeout(backend.instruct(spec, images), settings, "edit")
+    return images_response(spec, result, body.response_format, request, response, settings, store)
+
+
 # ------------------------------------------------------------------------------------------ body parsing
 
-async def _read_body(request: Request, settings: ServiceSettings) -> tuple[dict, bytes | None, bytes | None]:
-    """(text fields, image bytes, mask bytes) from a multipart or JSON body. Its size is bounded by the app's
-    `BodyLimitMiddleware` (`edit_body_limit`: what two maximal images, base64-inflated, and the fields take)."""
+async def _read_body(request: Request, settings: ServiceSettings) -> tuple[dict, list[bytes], bytes | None]:
+    """(text fields, every image's bytes in order, mask bytes) from a multipart or JSON body. Its size is bounded
+    by the app's `BodyLimitMiddleware` (`edit_body_limit`: what the most images, base64-inflated, and the fields
+    take)."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type in ("multipart/form-data", "application/x-www-form-urlencoded"):
         return await _read_multipart(request, settings)
@@ -140,11 +185,13 @@ async def _read_body(request: Request, settings: ServiceSettings) -> tuple[dict,
                        status=415, code="unsupported_media_type")
 
 
-async def _read_multipart(request: Request, settings: ServiceSettings) -> tuple[dict, bytes | None, bytes | None]:
+async def _read_multipart(request: Request, settings: ServiceSettings) -> tuple[dict, list[bytes], bytes | None]:
     try:
-        form = await request.form(max_files=len(FILE_FIELDS) + 1, max_fields=64, max_part_size=256 * 1024)
+        # One file more than an edit takes (its images and a mask), so one too many is counted and named below.
+        form = await request.form(max_files=MAX_INPUT_IMAGES + 2, max_fields=64, max_part_size=256 * 1024)
     except HTTPException as e:  # starlette turns multipart errors into HTTPException(400)
-        raise RequestError("request", f"malformed multipart body: {e.detail}") from None
+        param = "image" if "files" in str(e.detail).lower() else "request"
+        raise RequestError(param, f"malformed multipart body: {e.detail}") from None
     fields: dict[str, list] = {}
     files: dict[str, list[bytes]] = {}
     sent_as_list: set[str] = set()
@@ -163,7 +210,7 @@ async def _read_multipart(request: Request, settings: ServiceSettings) -> tuple[
                 fields.setdefault(name, []).append(value)
     finally:
         await form.close()
-    return _flatten(fields, sent_as_list), _single(files, "image"), _single(files, "mask")
+    return _flatten(fields, sent_as_list), files.get("image", []), _single(files, "mask")
 
 
 def _flatten(fields: dict[str, list], sent_as_list: set[str] = frozenset()) -> dict[str, Any]:
@@ -194,7 +241,7 @@ def _single(files: dict[str, list[bytes]], name: str) -> bytes | None:
     return items[0] if items else None
 
 
-def _read_json(raw: bytes, settings: ServiceSettings) -> tuple[dict, bytes | None, bytes | None]:
+def _read_json(raw: bytes, settings: ServiceSettings) -> tuple[dict, list[bytes], bytes | None]:
     try:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -203,18 +250,23 @@ def _read_json(raw: bytes, settings: ServiceSettings) -> tuple[dict, bytes | Non
         raise RequestError("request", "body nests too deeply to be an edit request") from None
     if not isinstance(body, dict):
         raise RequestError("request", "body must be a JSON object")
-    blobs = {}
-    for name in FILE_FIELDS:
-        value = body.pop(name, None)
-        if isinstance(value, list) and len(value) == 1:
-            value = value[0]
-        if value is None:
-            blobs[name] = None
-        elif isinstance(value, str):
-            blobs[name] = _decode_base64(value, name, settings)
-        else:
-            raise RequestError(name, f"{name} must be a base64 string or a data URL")
-    return body, blobs["image"], blobs["mask"]
+    images = body.pop("image", None)
+    if images is None:
+        images = []
+    elif isinstance(images, str):
+        images = [images]
+    elif not isinstance(images, list) or not all(isinstance(v, str) for v in images):
+        raise RequestError("image", "image must be a base64 string or data URL, or a list of them")
+    if len(images) > MAX_INPUT_IMAGES:
+        raise RequestError("image", f"at most {MAX_INPUT_IMAGES} input images, got {len(images)}")
+    blobs = [_decode_base64(v, "image" if len(images) == 1 else f"image[{i}]", settings)
+             for i, v in enumerate(images)]
+    mask = body.pop("mask", None)
+    if isinstance(mask, list) and len(mask) == 1:
+        mask = mask[0]
+    if mask is not None and not isinstance(mask, str):
+        raise RequestError("mask", "mask must be a base64 string or a data URL")
+    return body, blobs, None if mask is None else _decode_base64(mask, "mask", settings)
 
 
 def _decode_base64(value: str, name: str, settings: ServiceSettings) -> bytes:

@@ -24,10 +24,9 @@ from lightray.schemas import (
 )
 from serve_app.admission import Admission, request_work
 from serve_app.auth import Principal
-from serve_app.backend import GenerationBackend
 from serve_app.dependencies import (
     admitted,
-    get_backend,
+    get_models,
     get_image_store,
     get_principal,
     get_registry,
@@ -36,6 +35,7 @@ from serve_app.dependencies import (
 from serve_app.image_store import ImageStore, media_type_of
 from serve_app.observability import request_id_of
 from serve_app.openapi_errors import error_responses
+from serve_app.served_models import ServedModels
 from serve_app.settings import ServiceSettings
 from serve_app.streaming import stream_response
 
@@ -59,13 +59,14 @@ async def generate_images(
     body: ImageGenerationRequest,
     request: Request,
     response: Response,
-    backend: GenerationBackend = Depends(get_backend),
+    models: ServedModels = Depends(get_models),
     settings: ServiceSettings = Depends(get_settings),
     store: ImageStore = Depends(get_image_store),
     registry: AdapterRegistry = Depends(get_registry),
     principal: Principal = Depends(get_principal),
     admission: Admission = Depends(admitted),
 ) -> ImagesResponse | StreamingResponse:
+    backend = models.for_request(body.model, "generations")
     spec = body.resolve(backend.preset, default_seed=secrets.randbelow(2**31))
     attribute_to(spec, principal, body.priority)
     admission.charge(request_work(spec.denoise_params()))

@@ -6,6 +6,8 @@ routing)."""
 
 from __future__ import annotations
 
+import math
+
 from lightray.models.base import ModelFamily
 from lightray.models.qwen_image import TRANSFORMER_BLOCK_LINEARS
 
@@ -21,3 +23,17 @@ QWEN_IMAGE_EDIT_PLUS = ModelFamily(
     condition_tokens=True,
     lora_targets=TRANSFORMER_BLOCK_LINEARS,
 )
+
+
+def calculate_dimensions(target_area: int, ratio: float) -> tuple[int, int]:
+    """(width, height) of `target_area` pixels at `ratio` = width / height, each rounded to a multiple of 32: the
+    pipeline's `calculate_dimensions`."""
+    width = math.sqrt(target_area * ratio)
+    height = width / ratio
+    return round(width / 32) * 32, round(height / 32) * 32
+
+
+def condition_size(image_size: tuple[int, int], area: int) -> tuple[int, int]:
+    """(width, height) an input image of `image_size` is resized to for `area` pixels."""
+    width, height = image_size
+    return calculate_dimensions(area, width / height)

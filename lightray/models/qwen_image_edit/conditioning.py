@@ -13,25 +13,12 @@ The pipeline's areas are module constants (384² and 1024²); a preset carries t
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
 from PIL import Image
 
-def calculate_dimensions(target_area: int, ratio: float) -> tuple[int, int]:
-    """(width, height) of `target_area` pixels at `ratio` = width / height, each rounded to a multiple of 32: the
-    pipeline's `calculate_dimensions`."""
-    width = math.sqrt(target_area * ratio)
-    height = width / ratio
-    return round(width / 32) * 32, round(height / 32) * 32
-
-
-def condition_size(image_size: tuple[int, int], area: int) -> tuple[int, int]:
-    """(width, height) an input image of `image_size` is resized to for `area` pixels."""
-    width, height = image_size
-    return calculate_dimensions(area, width / height)
-
+from lightray.models.qwen_image_edit import condition_size
 
 def load_processor(folder: Path, tokenizer):
     """The Qwen2-VL processor of a model folder (`processor/preprocessor_config.json`) around `tokenizer`, with the

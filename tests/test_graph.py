@@ -12,11 +12,12 @@ import pytest
 from openai import OpenAI
 from PIL import Image
 
-from lightray.schemas import ImageGenerationRequest
+from lightray.schemas import ImageEditRequest, ImageGenerationRequest
 from lightray.world.evaluator import score
 from lightray.world.shapes import Scene
 
 PROMPT = "a red circle on the left, white background"
+EDIT_MODEL = "lightray-shapes-edit"
 
 
 def _pixels(b64: str) -> np.ndarray:
@@ -93,7 +94,33 @@ def test_timings_header_and_models(service, preset):
     for stage in ("encode", "denoise", "decode", "graph"):
         assert f"{stage};dur=" in timing
     ids = [m["id"] for m in httpx.get(f"{service}/v1/models").json()["data"]]
-    assert ids == preset.model_ids
+    assert ids[: len(preset.model_ids)] == preset.model_ids and EDIT_MODEL in ids
+
+
+def test_an_instruction_edit_through_the_graph_with_the_openai_client(client, service, one_torch_thread):
+    """The edit model's own graph (`extra_presets`): the official client's `images.edit` with two images, the
+    same seed giving the same bytes, and the in-process pipeline's pixels."""
+    from lightray.config import load_preset
+    from lightray.pipeline import LocalPipeline
+
+    sources = [Image.new("RGB", (128, 128), "white"), Image.new("RGB", (96, 96), "gray")]
+    files = []
+    for im in sources:
+        buf = io.BytesIO()
+        im.save(buf, format="PNG")
+        files.append(("in.png", buf.getvalue(), "image/png"))
+    kwargs = dict(model=EDIT_MODEL, image=files, prompt="make the background black",
+                  extra_body={"seed": 9, "num_inference_steps": 3})
+    first, again = client.images.edit(**kwargs), client.images.edit(**kwargs)
+    assert first.data[0].b64_json == again.data[0].b64_json and first.size == "128x128"
+    edit_pipeline = LocalPipeline(load_preset(EDIT_MODEL))
+    spec = ImageEditRequest(prompt="make the background black", model=EDIT_MODEL, seed=9,
+                            num_inference_steps=3).resolve_instruction(edit_pipeline.preset, 0,
+                                                                       [im.size for im in sources])
+    expected = edit_pipeline.instruct(spec, sources)[0]  # at the replicas' one torch thread
+    assert np.array_equal(_pixels(first.data[0].b64_json), np.asarray(expected, dtype=np.int16))
+    ready = httpx.get(f"{service}/readyz", timeout=30).json()
+    assert ready["ready"] and ready["stages"]["Denoiser-lightray-shapes-edit"]
 
 
 # ---------------------------------------------------------------------------------- adapters under concurrency

@@ -48,7 +48,15 @@ from lightray.training.flow_matching import (
     warmup_cosine,
 )
 from lightray.world.edit_pairs import draw_source_jitter, render_source, render_target, sample_pairs
-from lightray.world.train import Checkpoint, cached, grid_of, log
+from lightray.world.train import (
+    Checkpoint,
+    cached,
+    grid_of,
+    log,
+    lora_to_lightning_format,
+    stage_pack,
+    student_sigmas,
+)
 
 STAGES = ("init", "data", "edit", "lightning", "pack")
 EDIT_SIZES: tuple[tuple[int, int], ...] = ((64, 64), (96, 96), (128, 128), (192, 128), (128, 192))
@@ -63,6 +71,12 @@ NOISE_TOKENS_PER_STEP = 1024
 CONDITION_IMAGE_AREA = 96 * 96
 """Pixels of the source as the VL encoder sees it (the real pipeline's 384²): a few vision tokens."""
 NEGATIVE_PROMPT = " "
+TEACHER_CFG = 2.0
+"""The base variant's true-CFG scale (configs/models/lightray-shapes-edit.yaml), which Lightning is distilled from."""
+LIGHTNING_STEPS = 4
+LIGHTNING_PAIRS: dict[tuple[int, int], int] = {(64, 64): 400, (96, 96): 400, (128, 128): 1200, (192, 128): 800,
+                                               (128, 192): 400}
+"""Teacher trajectories per size (a subset of the encoded pairs)."""
 BASE_MODEL = Path("models/lightray-shapes")
 
 
@@ -236,6 +250,105 @@ def stage_edit(out: Path, checkpoints: Path, data: dict, seed: int, steps: int, 
     return time.time() - t0
 
 
+@torch.no_grad()
+def edit_trajectories(transformer, part: dict, idx: list[int], grid, sigmas: list[float], seed: int) -> torch.Tensor:
+    """The base with true CFG (norm-rescaled as the pipeline does) along `sigmas` for the pairs `idx`: the state
+    at every sigma, [len(sigmas), B, tokens, 64]."""
+    g = torch.Generator().manual_seed(seed)
+    cond_tokens = part["cond"][idx].float()
+    embeds, mask = text_batch(part, idx, [False] * len(idx))
+    negative, negative_mask = text_batch(part, idx, [True] * len(idx))
+    x = torch.randn(cond_tokens.shape, generator=g)
+    states = [x]
+    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+        t = torch.full((len(idx),), s)
+        cond = edit_velocity(transformer, x, cond_tokens, t, embeds, mask, grid)
+        uncond = edit_velocity(transformer, x, cond_tokens, t, negative, negative_mask, grid)
+        comb = uncond + TEACHER_CFG * (cond - uncond)
+        x = x + (s_next - s) * comb * (cond.norm(dim=-1, keepdim=True) / comb.norm(dim=-1, keepdim=True))
+        states.append(x)
+    return torch.stack(states)
+
+
+def teacher_data(out: Path, checkpoints: Path, data: dict, seed: int, teacher_steps: int) -> dict:
+    """Teacher trajectories at the student's sigmas, per size: {size: (pair indices, {sigma: states})}."""
+
+    def compute():
+        from lightray.training.flow_matching import shift_sigmas
+
+        transformer = QwenImageTransformer2DModel.from_pretrained(out / "transformer", torch_dtype=torch.float32)
+        transformer.eval()
+        student = student_sigmas(LIGHTNING_STEPS)
+        fine = {float(s) for s in shift_sigmas(np.linspace(1.0, 1.0 / teacher_steps, teacher_steps))}
+        sigmas = sorted(fine | set(student), reverse=True)
+        marks = [sigmas.index(s) for s in student]
+        rng = random.Random(seed + 3)
+        teacher = {}
+        for size in EDIT_SIZES:
+            t0 = time.time()
+            idx = rng.sample(range(len(data[size]["x0"])), LIGHTNING_PAIRS[size])
+            chunk = 2 * batch_size(size)
+            traj = torch.cat([edit_trajectories(transformer, data[size], idx[i: i + chunk], grid_of(size), sigmas,
+                                                seed + EDIT_SIZES.index(size) * 100_000 + i)[marks]
+                              for i in range(0, len(idx), chunk)], dim=1)
+            teacher[size] = (idx, {s: traj[k] for k, s in enumerate(student)})
+            log(f"teacher: {len(idx)} edit trajectories at {size[0]}x{size[1]} ({time.time() - t0:.0f}s)")
+        return teacher
+
+    return cached(checkpoints, "edit-teacher", compute)
+
+
+def stage_lightning(out: Path, checkpoints: Path, data: dict, seed: int, steps: int, teacher_steps: int,
+                    rank: int) -> None:
+    """A 4-step LoRA (no CFG) trained over every size to land one Euler step on the teacher's state at the next
+    student sigma, saved in the published Lightning key format."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    from lightray.models.qwen_image_edit import QWEN_IMAGE_EDIT_PLUS
+
+    teacher = teacher_data(out, checkpoints, data, seed, teacher_steps)
+    torch.manual_seed(seed + LIGHTNING_STEPS)
+    rng = random.Random(seed + LIGHTNING_STEPS)
+    transformer = QwenImageTransformer2DModel.from_pretrained(out / "transformer", torch_dtype=torch.float32)
+    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(QWEN_IMAGE_EDIT_PLUS.lora_targets),
+                                       init_lora_weights=True))
+    params = [p for n, p in transformer.named_parameters() if "lora_" in n]
+    for n, p in transformer.named_parameters():
+        p.requires_grad_("lora_" in n)
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
+    sched = warmup_cosine(opt, steps)
+    transformer.train()
+    grid_sigmas = student_sigmas(LIGHTNING_STEPS)
+    weights = [SIZE_WEIGHTS[size] for size in EDIT_SIZES]
+    t0 = time.time()
+    for step in range(steps):
+        size = rng.choices(EDIT_SIZES, weights)[0]
+        idx_all, states = teacher[size]
+        picks = [rng.randrange(len(idx_all)) for _ in range(batch_size(size))]
+        k = [rng.randrange(LIGHTNING_STEPS) for _ in picks]
+        x = torch.stack([states[grid_sigmas[j]][i] for i, j in zip(picks, k)])
+        target_next = torch.stack([states[grid_sigmas[j + 1]][i] for i, j in zip(picks, k)])
+        s = torch.tensor([grid_sigmas[j] for j in k])
+        s_next = torch.tensor([grid_sigmas[j + 1] for j in k])
+        pairs = [idx_all[i] for i in picks]
+        embeds, mask = text_batch(data[size], pairs, [False] * len(pairs))
+        v = edit_velocity(transformer, x, data[size]["cond"][pairs].float(), s, embeds, mask, grid_of(size))
+        loss = F.mse_loss(x + (s_next - s).view(-1, 1, 1) * v, target_next)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 100 == 0 or step == steps - 1:
+            log(f"lightning-{LIGHTNING_STEPS} step {step}/{steps} {size[0]}x{size[1]} loss {loss.item():.5f} "
+                f"({time.time() - t0:.0f}s)")
+    (out / "lightning").mkdir(exist_ok=True)
+    path = out / "lightning" / f"lightray-shapes-edit-lightning-{LIGHTNING_STEPS}steps.safetensors"
+    save_file(lora_to_lightning_format(get_peft_model_state_dict(transformer), rank), str(path))
+    log(f"saved {path}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("models/lightray-shapes-edit"))
@@ -246,6 +359,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--edit-steps", type=int, default=8000)
     parser.add_argument("--edit-lr", type=float, default=3e-4)
+    parser.add_argument("--lightning-steps", type=int, default=1500)
+    parser.add_argument("--teacher-steps", type=int, default=16)
+    parser.add_argument("--lightning-rank", type=int, default=32)
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     out: Path = args.out
@@ -277,8 +393,14 @@ def main(argv: list[str] | None = None) -> None:
         elif stage == "edit":
             data = data or stage_data(out, checkpoints, args.seed)
             finish(stage, stage_edit(out, checkpoints, data, args.seed, args.edit_steps, args.edit_lr))
-        else:
-            raise SystemExit(f"stage {stage} is not implemented yet")
+        elif stage == "lightning":
+            data = data or stage_data(out, checkpoints, args.seed)
+            stage_lightning(out, checkpoints, data, args.seed, args.lightning_steps, args.teacher_steps,
+                            args.lightning_rank)
+            finish(stage, time.time() - t0)
+        elif stage == "pack":
+            stage_pack(out)
+            finish(stage, time.time() - t0)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@
     lightray generate "a red circle on the left, white background" -n 2 --seed 7 -o out/
     lightray generate "白色背景，左边有一个红色的圆形" --local -o out/
     lightray generate "lrzframe style, a blue square" --lora demo/frame:0.8 --lora acme/rings --priority batch
+    lightray edit out/image-seed7.png "make the circle blue" --seed 3 -o out/
+    lightray edit a.png b.png --prompt "把背景变成黑色" --local --size 128x128
     lightray adapters list
     lightray train estimate configs/train/qwen-image.yaml [--json]
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import mimetypes
 import os
 import signal
 import subprocess
@@ -20,14 +23,20 @@ import time
 from pathlib import Path
 
 import httpx
+from pydantic import ValidationError
 
 from lightray.adapters_cli import add_adapter_commands
 from lightray.config import REPO_ROOT
 from lightray.contracts import MAX_STACKED_ADAPTERS, PRIORITIES
 from lightray.ray_env import with_ray_defaults
+from lightray.schemas import RequestError
 from lightray.training.cli import add_train_commands
 
 DEFAULT_URL = os.environ.get("LIGHTRAY_URL", "http://127.0.0.1:8000")
+DEFAULT_EDIT_MODEL = "lightray-shapes-edit"
+"""The embedded instruction-edit model (configs/models/lightray-shapes-edit.yaml): what `lightray edit` asks for."""
+REQUEST_OPTIONS = ("model", "size", "seed", "negative_prompt", "num_inference_steps", "true_cfg_scale", "priority")
+"""The request fields that `generate` and `edit` share as options (`_add_request_options`)."""
 
 
 def _serve_url(config: Path) -> str:
@@ -84,23 +93,55 @@ def _save_images(images: list[tuple[int, bytes]], out: Path, prefix: str) -> lis
     return paths
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    body = {"prompt": args.prompt, "n": args.n, "response_format": "b64_json"}
-    for key in ("model", "size", "seed", "negative_prompt", "num_inference_steps", "true_cfg_scale", "priority"):
+def _request_body(args: argparse.Namespace, prompt: str) -> dict:
+    """The API request of `generate` / `edit`: the prompt and every shared option given (`REQUEST_OPTIONS`)."""
+    body = {"prompt": prompt, "n": args.n, "response_format": "b64_json"}
+    for key in REQUEST_OPTIONS:
         value = getattr(args, key)
         if value is not None:
             body[key] = value
+    return body
+
+
+def _images_of(response: httpx.Response) -> list[tuple[int, bytes]] | None:
+    """(seed, PNG) of every image in an images response; None, after printing the service's error, otherwise."""
+    if response.status_code != 200:
+        print(f"error {response.status_code}: {response.text}", file=sys.stderr)
+        return None
+    return [(d["seed"], base64.b64decode(d["b64_json"])) for d in response.json()["data"]]
+
+
+def _auth_headers(args: argparse.Namespace) -> dict[str, str]:
+    return {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+
+
+def _print_local_error(e: RequestError | ValidationError) -> None:
+    """A request refused in process, as the service's 400 would word it: the field, then what is wrong."""
+    if isinstance(e, RequestError):
+        message = e.message if e.message.startswith(e.param) else f"{e.param}: {e.message}"
+    else:
+        first = e.errors()[0]
+        field = ".".join(str(part) for part in first["loc"])
+        text = first["msg"].removeprefix("Value error, ")
+        message = f"{field}: {text}" if field and not text.startswith(field) else text
+    print(f"error: {message}", file=sys.stderr)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    body = _request_body(args, args.prompt)
     if args.lora:  # one --lora as the API's single string, so its errors name `lora` as a request's would
         body["lora"] = args.lora[0] if len(args.lora) == 1 else args.lora
     if args.local:
-        images = _generate_local(body, args.preset, args.registry)
-    else:
-        headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-        r = httpx.post(f"{args.url}/v1/images/generations", json=body, headers=headers, timeout=args.timeout)
-        if r.status_code != 200:
-            print(f"error {r.status_code}: {r.text}", file=sys.stderr)
+        try:
+            images = _generate_local(body, args.preset, args.registry)
+        except (RequestError, ValidationError) as e:
+            _print_local_error(e)
             return 1
-        images = [(d["seed"], base64.b64decode(d["b64_json"])) for d in r.json()["data"]]
+    else:
+        images = _images_of(httpx.post(f"{args.url}/v1/images/generations", json=body, headers=_auth_headers(args),
+                                       timeout=args.timeout))
+        if images is None:
+            return 1
     for path in _save_images(images, Path(args.out), args.prefix):
         print(path)
     return 0
@@ -132,6 +173,92 @@ def _generate_local(body: dict, preset: str, registry_root: str | None) -> list[
     return [(seed, encode_png(im)) for seed, im in zip(spec.seeds, images)]
 
 
+def _edit_inputs(args: argparse.Namespace) -> tuple[list[Path], str]:
+    """(pictures, instruction) from `edit`'s positional arguments: with --prompt all of them are pictures, without
+    it the last one is the instruction. A mistake is a usage error naming it (exit status 2)."""
+    inputs = list(args.inputs)
+    if args.prompt is not None:
+        instruction = args.prompt
+    else:
+        if len(inputs) < 2:
+            args.usage_error("give the pictures, then the instruction (or the instruction with --prompt)")
+        *inputs, instruction = inputs
+        # `lightray edit a.png b.png` would otherwise send "b.png" as the instruction about a.png.
+        if Path(instruction).is_file():
+            args.usage_error(f"the last argument is the instruction, but {instruction!r} is a file: add the "
+                             "instruction after the pictures, or give it with --prompt")
+    missing = [name for name in inputs if not Path(name).is_file()]
+    if missing:
+        args.usage_error(f"no such picture: {', '.join(missing)}")
+    return [Path(name) for name in inputs], instruction
+
+
+def cmd_edit(args: argparse.Namespace) -> int:
+    pictures, instruction = _edit_inputs(args)
+    body = _request_body(args, instruction)
+    if args.local:
+        try:
+            images = _edit_local(body, pictures, args.preset)
+        except (RequestError, ValidationError) as e:
+            _print_local_error(e)
+            return 1
+    else:
+        body.setdefault("model", DEFAULT_EDIT_MODEL)  # without it the service would img2img with its default model
+        # Multipart as OpenAI's clients send an edit: each picture an `image[]` part, in order; fields as text.
+        files = [("image[]", (path.name, path.read_bytes(), mimetypes.guess_type(path.name)[0] or "image/png"))
+                 for path in pictures]
+        images = _images_of(httpx.post(f"{args.url}/v1/images/edits", data={k: str(v) for k, v in body.items()},
+                                       files=files, headers=_auth_headers(args), timeout=args.timeout))
+        if images is None:
+            return 1
+    for path in _save_images(images, Path(args.out), args.prefix):
+        print(path)
+    return 0
+
+
+def _edit_local(body: dict, pictures: list[Path], preset_name: str) -> list[tuple[int, bytes]]:
+    """An instruction edit in this process, checked as the service checks it (`serve_app.routers.edits`) before
+    the model is loaded: the fields, each picture (named by its path), the picture count and the output size."""
+    import secrets
+
+    from lightray.config import load_preset
+    from lightray.images import encode_png, open_image, to_rgb
+    from lightray.pipeline import LocalPipeline
+    from lightray.schemas import ImageEditRequest
+
+    preset = load_preset(preset_name)
+    if not preset.model_family.condition_tokens:
+        raise RequestError("preset", f"preset {preset.name!r} ({preset.model_family.name}) does not edit by "
+                                     f"instruction; use an instruction-edit preset such as {DEFAULT_EDIT_MODEL!r}")
+    request = ImageEditRequest.model_validate(body)
+    images = [to_rgb(open_image(path.read_bytes(), str(path))) for path in pictures]
+    spec = request.resolve_instruction(preset, secrets.randbelow(2**31), [im.size for im in images])
+    if request.priority is not None:
+        spec.priority = request.priority
+    outputs = LocalPipeline(preset).instruct(spec, images)
+    return [(seed, encode_png(im)) for seed, im in zip(spec.seeds, outputs)]
+
+
+def _add_request_options(parser: argparse.ArgumentParser, model_help: str, size_help: str) -> None:
+    """The options `generate` and `edit` share: the request's fields (`REQUEST_OPTIONS`), where the images go, and
+    how to reach the service or run in process."""
+    parser.add_argument("-n", type=int, default=1)
+    parser.add_argument("--seed", type=int, help="image i gets seed + i (default: random)")
+    parser.add_argument("--model", help=model_help)
+    parser.add_argument("--size", help=size_help)
+    parser.add_argument("--negative-prompt", dest="negative_prompt")
+    parser.add_argument("--steps", dest="num_inference_steps", type=int, help="default: the model's")
+    parser.add_argument("--cfg", dest="true_cfg_scale", type=float, help="true-CFG scale (default: the model's)")
+    parser.add_argument("--priority", choices=PRIORITIES,
+                        help="scheduling class (default: the API key's; interactive with --local)")
+    parser.add_argument("-o", "--out", default="out", help="folder for the PNGs (default %(default)s)")
+    parser.add_argument("--url", default=DEFAULT_URL, help="service base URL (default %(default)s)")
+    parser.add_argument("--api-key", default=os.environ.get("LIGHTRAY_API_KEY"),
+                        help="API key when the service has auth on (default: $LIGHTRAY_API_KEY)")
+    parser.add_argument("--timeout", type=float, default=300)
+    parser.add_argument("--local", action="store_true", help="run the stages in this process instead of over HTTP")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lightray", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -144,30 +271,39 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="generate images and save them as PNGs")
     gen.add_argument("prompt")
-    gen.add_argument("-n", type=int, default=1)
-    gen.add_argument("--seed", type=int)
-    gen.add_argument("--model")
-    gen.add_argument("--size")
-    gen.add_argument("--negative-prompt", dest="negative_prompt")
-    gen.add_argument("--steps", dest="num_inference_steps", type=int)
-    gen.add_argument("--cfg", dest="true_cfg_scale", type=float)
+    _add_request_options(gen, model_help="model id from GET /v1/models (default: the service's default model; "
+                                         "with --local, the preset's first)",
+                         size_help="WxH, one of the model's sizes (default: the model's default size)")
     gen.add_argument("--lora", action="append",
                      help="tenant adapter, e.g. acme/rings or acme/rings@v2:0.8; repeat to stack up to "
                           f"{MAX_STACKED_ADAPTERS}, applied in the order given")
-    gen.add_argument("--priority", choices=PRIORITIES,
-                     help="scheduling class (default: the API key's; interactive with --local)")
-    gen.add_argument("-o", "--out", default="out")
-    gen.add_argument("--prefix", default="image")
-    gen.add_argument("--url", default=DEFAULT_URL, help="service base URL (default %(default)s)")
-    gen.add_argument("--api-key", default=os.environ.get("LIGHTRAY_API_KEY"),
-                     help="API key when the service has auth on (default: $LIGHTRAY_API_KEY)")
-    gen.add_argument("--timeout", type=float, default=300)
-    gen.add_argument("--local", action="store_true", help="run the stages in this process instead of over HTTP")
+    gen.add_argument("--prefix", default="image", help="file names are PREFIX-seedN.png (default %(default)s)")
     gen.add_argument("--preset", default="lightray-shapes", help="model preset for --local")
     gen.add_argument("--registry", default=None,
                      help="adapter registry for --local --lora (default: $LIGHTRAY_REGISTRY or ./registry; a "
                           "relative folder is taken from the repository root)")
     gen.set_defaults(func=cmd_generate)
+
+    edit = sub.add_parser(
+        "edit", help="edit pictures by an instruction (an instruction-edit model) and save the results as PNGs",
+        usage="%(prog)s [options] IMAGE [IMAGE ...] INSTRUCTION\n"
+              "       %(prog)s [options] --prompt INSTRUCTION IMAGE [IMAGE ...]",
+        description="Edit one to three pictures as an instruction says, with an instruction-edit model "
+                    f"(Qwen-Image-Edit-Plus family; default {DEFAULT_EDIT_MODEL}), over HTTP (POST "
+                    "/v1/images/edits, the pictures as image[] parts in the order given) or in this process "
+                    "(--local). The last positional argument is the instruction; with --prompt, every positional "
+                    "argument is a picture. The instruction may refer to the pictures in that order.",
+        epilog='example: lightray edit out/image-seed7.png "make the circle blue" --seed 3 -o out/')
+    edit.add_argument("inputs", nargs="+", metavar="IMAGE ... INSTRUCTION",
+                      help="the pictures (PNG, JPEG or WEBP), then the instruction unless --prompt gives it")
+    edit.add_argument("--prompt", help="the instruction; every positional argument is then a picture")
+    _add_request_options(edit, model_help=f"an instruction-edit model id (default {DEFAULT_EDIT_MODEL}; with "
+                                          "--local, the preset's first model)",
+                         size_help="WxH, one of the model's sizes (default: the last picture's aspect ratio at the "
+                                   "model's default area, snapped to a served size)")
+    edit.add_argument("--prefix", default="edit", help="file names are PREFIX-seedN.png (default %(default)s)")
+    edit.add_argument("--preset", default=DEFAULT_EDIT_MODEL, help="model preset for --local (default %(default)s)")
+    edit.set_defaults(func=cmd_edit, usage_error=edit.error, intermixed_inputs=True)
 
     add_adapter_commands(sub)
     add_train_commands(sub)
@@ -175,7 +311,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extras = parser.parse_known_args(argv)
+    # argparse gives a "+" positional only the first run of positionals: `edit a.png --seed 3 "make it blue"` leaves
+    # the instruction over. A command that takes its inputs anywhere among its options gets them back, in order.
+    if extras and getattr(args, "intermixed_inputs", False) and not any(e.startswith("-") for e in extras):
+        args.inputs += extras
+    elif extras:
+        parser.error(f"unrecognized arguments: {' '.join(extras)}")
     return int(args.func(args) or 0)
 
 

@@ -89,6 +89,35 @@ def api_client(local_pipeline, registry_root, tmp_path_factory) -> TestClient:
 
 
 @pytest.fixture(scope="session")
+def edit_pipeline():
+    """The embedded instruction-edit model (configs/models/lightray-shapes-edit.yaml) in process."""
+    from lightray.pipeline import LocalPipeline
+
+    return LocalPipeline(load_preset("lightray-shapes-edit"))
+
+
+@pytest.fixture(scope="session")
+def make_app_with_edit_model(local_pipeline, edit_pipeline, tmp_path_factory):
+    """Makes the real FastAPI app over two in-process backends: the embedded text-to-image model (the default) and
+    the embedded edit model, as a service with `extra_presets: [lightray-shapes-edit]` serves them. Each call is a
+    new app with its own registry folder (`app.state.settings.registry`) and image store: an app's admission state
+    belongs to the event loop that serves it (a TestClient's, or a uvicorn thread's)."""
+    from serve_app.api import create_app
+    from serve_app.backend import LocalBackend
+    from serve_app.settings import ServiceSettings
+
+    def make():
+        settings = ServiceSettings(
+            preset=local_pipeline.preset.model_dump(), extra_presets=[edit_pipeline.preset.name],
+            registry=str(tmp_path_factory.mktemp("edit-registry")), registry_latest_ttl_s=0,
+            image_store_dir=str(tmp_path_factory.mktemp("edit-images")), auth_enabled=False)
+        registry = settings.open_registry()
+        return create_app([LocalBackend(local_pipeline, registry), LocalBackend(edit_pipeline, registry)], settings)
+
+    return make
+
+
+@pytest.fixture(scope="session")
 def ray_cluster():
     from testing.local_cluster import RayCluster
 

@@ -1,5 +1,5 @@
-"""The CLI's process handling, and what `generate` sends (its HTTP commands are exercised against the service in
-test_graph.py)."""
+"""The CLI's process handling, what `generate` and `edit` send (generate's HTTP commands are exercised against the
+service in test_graph.py), and `edit` end to end: against the app serving the edit model, and in process."""
 
 from __future__ import annotations
 
@@ -93,3 +93,148 @@ def test_generate_local_pins_every_adapter(monkeypatch, preset, tmp_path):
     assert specs[-1].adapters == (AdapterUse("acme/style@v2", 0.5), AdapterUse("acme/subject@v1", 1.0))
     assert specs[-1].priority == "batch"
     assert (specs[-1].width, specs[-1].height) == (128, 64)
+
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["-n", "0"], "error: n: Input should be greater than or equal to 1"),
+    (["--size", "100x100"], "error: size: 100x100 is not served"),
+])
+def test_generate_local_names_the_field_of_a_refused_request(monkeypatch, preset, capsys, arguments, message):
+    import lightray.pipeline
+
+    class UnusedPipeline:
+        def __init__(self, preset_name):
+            self.preset = preset
+
+        def generate(self, spec, adapter_paths=None):
+            pytest.fail("a refused request was drawn")
+
+    monkeypatch.setattr(lightray.pipeline, "LocalPipeline", UnusedPipeline)
+    assert cli.main(["generate", "a circle", "--local", *arguments]) == 1
+    assert message in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ lightray edit
+
+EDIT_MODEL = "lightray-shapes-edit"
+
+
+def _pictures(tmp_path, count: int) -> list[str]:
+    """`count` small shapes-world PNGs, each different, as files."""
+    from lightray.world.shapes import Scene, render
+
+    paths = []
+    for i, color in zip(range(count), ("red", "green", "blue", "yellow")):
+        path = tmp_path / f"{color}.png"
+        render(Scene(color, "circle", "left", "white"), 64).save(path)
+        paths.append(str(path))
+    return paths
+
+
+def test_edit_sends_the_pictures_in_order_and_the_last_argument_as_the_instruction(monkeypatch, tmp_path):
+    sent = []
+    monkeypatch.setattr(cli.httpx, "post", lambda url, **kwargs: sent.append((url, kwargs)) or _Response())
+    first, second = _pictures(tmp_path, 2)
+    out = tmp_path / "out"
+    assert cli.main(["edit", first, second, "make the circle blue", "--seed", "3", "--steps", "4",
+                     "--size", "64x64", "--url", "http://lightray.test", "-o", str(out)]) == 0
+    url, request = sent[-1]
+    assert url == "http://lightray.test/v1/images/edits"
+    assert [(name, part[0]) for name, part in request["files"]] == [("image[]", "red.png"), ("image[]", "green.png")]
+    assert request["files"][1][1][1] == open(second, "rb").read()
+    assert request["data"] == {"prompt": "make the circle blue", "model": EDIT_MODEL, "n": "1", "seed": "3",
+                               "num_inference_steps": "4", "size": "64x64", "response_format": "b64_json"}
+    assert (out / "edit-seed1.png").read_bytes() == b"\x89PNG fake"
+    # With --prompt every positional argument is a picture; --model picks another edit model.
+    assert cli.main(["edit", first, second, "--prompt", "把背景变成黑色", "--model", "other-edit",
+                     "-o", str(out)]) == 0
+    url, request = sent[-1]
+    assert len(request["files"]) == 2 and request["data"]["prompt"] == "把背景变成黑色"
+    assert request["data"]["model"] == "other-edit" and "seed" not in request["data"]
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["{0}"], "give the pictures, then the instruction"),
+    (["{0}", "{1}"], "is a file: add the instruction after the pictures"),
+    (["{0}", "missing.png", "make it blue"], "no such picture: missing.png"),
+    (["missing.png", "--prompt", "make it blue"], "no such picture: missing.png"),
+])
+def test_edit_usage_mistakes_are_named_before_anything_is_sent(monkeypatch, tmp_path, capsys, arguments, message):
+    monkeypatch.setattr(cli.httpx, "post", lambda *a, **k: pytest.fail("nothing should be sent"))
+    pictures = _pictures(tmp_path, 2)
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(["edit", *(a.format(*pictures) for a in arguments)])
+    assert stopped.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_edit_over_http_saves_the_services_images_and_prints_its_errors(monkeypatch, tmp_path, capsys,
+                                                                         make_app_with_edit_model, edit_pipeline):
+    """`lightray edit --url` against the real app serving the edit model (in process, through its test client)."""
+    from fastapi.testclient import TestClient
+
+    from lightray.schemas import ImageEditRequest
+
+    pictures = _pictures(tmp_path, 4)
+    with TestClient(make_app_with_edit_model(), base_url="http://localhost") as client:
+        # The test client runs the app in this process; a client-side timeout means nothing to it.
+        monkeypatch.setattr(cli.httpx, "post", lambda url, timeout, **kwargs: client.post(url, **kwargs))
+        assert cli.main(["edit", *pictures[:2], "make the circle blue", "--seed", "3", "--steps", "2",
+                         "--size", "64x64", "--url", "http://localhost", "-o", str(tmp_path / "out")]) == 0
+        saved = Image.open(tmp_path / "out" / "edit-seed3.png")
+        spec = ImageEditRequest(prompt="make the circle blue", model=EDIT_MODEL, seed=3, num_inference_steps=2,
+                                size="64x64").resolve_instruction(edit_pipeline.preset, 0, [(64, 64)] * 2)
+        expected = edit_pipeline.instruct(spec, [Image.open(p).convert("RGB") for p in pictures[:2]])[0]
+        assert saved.size == (64, 64) and saved.tobytes() == expected.tobytes()
+        capsys.readouterr()
+        assert cli.main(["edit", *pictures, "make the circle blue", "--url", "http://localhost",
+                         "-o", str(tmp_path / "out")]) == 1
+    error = capsys.readouterr().err
+    assert error.startswith("error 400:") and '"param":"image"' in error.replace(" ", "")
+
+
+def test_edit_local_runs_the_edit_preset_in_process(monkeypatch, tmp_path, capsys, edit_pipeline):
+    import lightray.pipeline
+    from lightray.schemas import ImageEditRequest
+
+    monkeypatch.setattr(lightray.pipeline, "LocalPipeline", lambda preset: edit_pipeline)  # loaded once per session
+    first, second = _pictures(tmp_path, 2)
+    assert cli.main(["edit", first, second, "make the circle blue", "--local", "--seed", "5", "-n", "2",
+                     "--steps", "2", "--size", "64x64", "-o", str(tmp_path / "out")]) == 0
+    assert capsys.readouterr().out.split() == [str(tmp_path / "out" / f"edit-seed{s}.png") for s in (5, 6)]
+    spec = ImageEditRequest(prompt="make the circle blue", seed=5, n=2, num_inference_steps=2,
+                            size="64x64").resolve_instruction(edit_pipeline.preset, 0, [(64, 64)] * 2)
+    expected = edit_pipeline.instruct(spec, [Image.open(p).convert("RGB") for p in (first, second)])
+    for seed, image in zip((5, 6), expected):
+        assert Image.open(tmp_path / "out" / f"edit-seed{seed}.png").tobytes() == image.tobytes()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["{3}"], "error: image: this model edits 1 to 3 input images, got 4"),
+    (["--size", "100x100"], "error: size: 100x100 is not served"),
+    (["--steps", "0"], "error: num_inference_steps: "),
+    (["--preset", "lightray-shapes"], "does not edit by instruction"),
+    (["{text}"], "is not an image"),
+])
+def test_edit_local_refuses_bad_input_before_loading_the_model(monkeypatch, tmp_path, capsys, extra, message):
+    import lightray.pipeline
+
+    monkeypatch.setattr(lightray.pipeline, "LocalPipeline", lambda preset: pytest.fail("the model was loaded"))
+    pictures = _pictures(tmp_path, 4)
+    text = tmp_path / "notes.png"
+    text.write_text("not a picture")
+    arguments = [a.format(*pictures, text=text) for a in extra]
+    assert cli.main(["edit", *pictures[:3], "--prompt", "make the circle blue", "--local", *arguments]) == 1
+    assert message in capsys.readouterr().err
+
+
+def test_edit_takes_its_pictures_and_instruction_between_options(monkeypatch, tmp_path):
+    sent = []
+    monkeypatch.setattr(cli.httpx, "post", lambda url, **kwargs: sent.append(kwargs) or _Response())
+    first, second = _pictures(tmp_path, 2)
+    assert cli.main(["edit", first, "--seed", "3", second, "-o", str(tmp_path), "make the circle blue"]) == 0
+    assert [part[0] for _, part in sent[-1]["files"]] == ["red.png", "green.png"]
+    assert sent[-1]["data"]["prompt"] == "make the circle blue" and sent[-1]["data"]["seed"] == "3"
+    with pytest.raises(SystemExit):  # an unknown option is still refused
+        cli.main(["edit", first, "--sede", "3", "make the circle blue"])

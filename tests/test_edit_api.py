@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import base64
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from lightray.config import load_preset
 from lightray.schemas import ImageEditRequest
 from lightray.world.shapes import Scene, render
 from testing.adapters import publish_placeholder_adapter
@@ -28,26 +28,10 @@ def png(image: Image.Image) -> bytes:
 
 
 @pytest.fixture(scope="session")
-def edit_pipeline():
-    from lightray.pipeline import LocalPipeline
-
-    return LocalPipeline(load_preset(EDIT_MODEL))
-
-
-@pytest.fixture(scope="session")
-def edit_client(local_pipeline, edit_pipeline, tmp_path_factory):
-    from serve_app.api import create_app
-    from serve_app.backend import LocalBackend
-    from serve_app.settings import ServiceSettings
-
-    registry_root = tmp_path_factory.mktemp("edit-registry")
-    settings = ServiceSettings(preset=local_pipeline.preset.model_dump(), extra_presets=[EDIT_MODEL],
-                               registry=str(registry_root), registry_latest_ttl_s=0,
-                               image_store_dir=str(tmp_path_factory.mktemp("edit-images")), auth_enabled=False)
-    registry = settings.open_registry()
-    backends = [LocalBackend(local_pipeline, registry), LocalBackend(edit_pipeline, registry)]
-    with TestClient(create_app(backends, settings), base_url="http://localhost") as client:
-        client.registry_root = registry_root
+def edit_client(make_app_with_edit_model):
+    app = make_app_with_edit_model()
+    with TestClient(app, base_url="http://localhost") as client:
+        client.registry_root = Path(app.state.settings.registry)
         yield client
 
 

@@ -1,7 +1,10 @@
 """The web playground in a real browser (Debian's chromium, headless, through chromium-driver and selenium) against the
 Ray service: generate with live previews, read the final image back with the world evaluator, paint a mask and
-inpaint, and see the API's message for a bad input. Screenshots go to a temporary folder, or to
-$LIGHTRAY_SCREENSHOTS_DIR when set (`LIGHTRAY_SCREENSHOTS_DIR=docs/img make test` refreshes the README's)."""
+inpaint, and see the API's message for a bad input. Instruction edits run against the in-process app serving the
+embedded edit model beside the default one, over HTTP (`edit_page`): it starts in seconds, needs no cluster, and
+its answers to direct requests are what the page must show.
+Screenshots go to a temporary folder, or to $LIGHTRAY_SCREENSHOTS_DIR when set (`LIGHTRAY_SCREENSHOTS_DIR=docs/img
+make test` refreshes the README's)."""
 
 from __future__ import annotations
 
@@ -21,9 +24,11 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions as EC
-from selenium.webdriver.support.ui import WebDriverWait
+from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from lightray.world.evaluator import parse_prompt, score
+from lightray.world.shapes import Scene, render
+from testing.http_server import serve_in_thread
 
 pytestmark = pytest.mark.browser
 
@@ -58,14 +63,31 @@ def browser():
         driver.quit()
 
 
-@pytest.fixture
-def page(browser, service):
+def _open_playground(browser, url: str):
     browser.set_window_size(1280, 1100)
-    browser.get(f"{service}/")  # `/` redirects to the playground
+    browser.get(f"{url}/")  # `/` redirects to the playground
     wait = WebDriverWait(browser, 120)
     wait.until(lambda d: d.current_url.endswith("/playground"))
     wait.until(lambda d: len(d.find_element(By.ID, "model").find_elements(By.TAG_NAME, "option")) > 0)
+    wait.until(lambda d: d.find_element(By.ID, "edit").get_attribute("data-mode"))  # the models' cards are read
     return browser
+
+
+@pytest.fixture
+def page(browser, service):
+    return _open_playground(browser, service)
+
+
+@pytest.fixture(scope="module")
+def edit_service(make_app_with_edit_model):
+    """The app over both embedded models (text-to-image and `lightray-shapes-edit`), over HTTP from this process."""
+    with serve_in_thread(make_app_with_edit_model()) as url:
+        yield url
+
+
+@pytest.fixture
+def edit_page(browser, edit_service):
+    return _open_playground(browser, edit_service)
 
 
 def _png_pixels(data_url: str) -> np.ndarray:
@@ -90,6 +112,14 @@ def _generate(driver, prompt: str, seed: int) -> None:
     _set(driver, "prompt", prompt)
     _set(driver, "seed", str(seed))
     driver.find_element(By.ID, "generate").click()
+
+
+def _options(driver, select_id: str) -> list[str]:
+    return [o.get_attribute("value") for o in driver.find_element(By.ID, select_id).find_elements(By.TAG_NAME, "option")]
+
+
+def _instruction_pictures(driver) -> list:
+    return driver.find_elements(By.CSS_SELECTOR, "#instruction-images .input-image")
 
 
 def test_generate_shows_previews_then_the_final_image_of_the_prompt(page):
@@ -145,7 +175,7 @@ def test_paint_a_mask_and_inpaint(page):
     assert _finished(page).startswith("done"), page.find_element(By.ID, "error").text
     assert len(page.find_elements(By.CSS_SELECTOR, "#gallery .card")) == 2
     card = page.find_element(By.CSS_SELECTOR, "#gallery .card")
-    assert card.get_attribute("data-kind") == "edit"
+    assert card.get_attribute("data-kind") == "inpaint"
     edited = _png_pixels(card.find_element(By.CSS_SELECTOR, "img.result").get_attribute("src"))
     assert edited.shape == source.shape
     # Repainted where painted (the red circle on the left is gone or changed), kept elsewhere.
@@ -238,3 +268,120 @@ def test_stop_cancels_the_request_on_the_service(page, ray_cluster):
     WebDriverWait(page, 60, poll_frequency=0.5).until(
         lambda d: _denoiser_log(ray_cluster).count("of 100 (request cancelled)") > before)
     assert page.find_element(By.ID, "error").text == ""
+
+
+# ------------------------------------------------------------------------------------------ instruction edits
+# Against the in-process app with the edit model (`edit_page`), small: 64x64, a few steps. The edit model is an
+# interim checkpoint, so these check what the page sends and shows, not what the picture looks like.
+
+EDIT_MODEL = "lightray-shapes-edit"
+
+
+def test_instruction_edit_of_a_picked_result_and_an_upload_streams_previews_then_the_image(
+        edit_page, edit_service, tmp_path):
+    page = edit_page
+    Select(page.find_element(By.ID, "size")).select_by_value("64x64")
+    _generate(page, PROMPT, SEED)
+    assert _finished(page).startswith("done"), page.find_element(By.ID, "error").text
+    picked = page.find_element(By.CSS_SELECTOR, "#gallery .card img.result").get_attribute("src")
+    # With an instruction-edit model served, the edit section opens on it, the mask editor out of the way.
+    assert page.find_element(By.ID, "mode-instruction").is_selected()
+    assert page.find_element(By.ID, "instruction-panel").is_displayed()
+    assert not page.find_element(By.ID, "mask-canvas").is_displayed()
+    assert page.find_element(By.ID, "edit-model").get_attribute("value") == EDIT_MODEL
+    assert page.find_element(By.ID, "run-instruction").get_attribute("disabled")  # no picture yet
+
+    page.find_element(By.CSS_SELECTOR, "#gallery .card button.edit-instruction").click()
+    WebDriverWait(page, 30).until(lambda d: len(_instruction_pictures(d)) == 1)
+    uploaded = tmp_path / "blue-square.png"
+    render(Scene("blue", "square", "right", "black"), 64).save(uploaded)
+    page.find_element(By.ID, "instruction-upload").send_keys(str(uploaded))
+    WebDriverWait(page, 30).until(lambda d: len(_instruction_pictures(d)) == 2)
+    assert _instruction_pictures(page)[1].text.startswith("2 · 64x64")
+    assert page.find_element(By.ID, "instruction-count").text == "2 of 1–3"
+
+    instruction = "make the circle blue"
+    _set(page, "instruction", instruction)
+    Select(page.find_element(By.ID, "edit-size")).select_by_value("64x64")
+    assert page.find_element(By.ID, "edit-steps").get_attribute("value") == "20"  # the edit model's default
+    _set(page, "edit-steps", "3")
+    assert page.find_element(By.ID, "edit-cfg").get_attribute("value") == "2"
+    Select(page.find_element(By.ID, "partials")).select_by_visible_text("2")
+    page.find_element(By.ID, "run-instruction").click()
+    assert _finished(page).startswith("done"), page.find_element(By.ID, "error").text
+
+    previews = page.find_elements(By.CSS_SELECTOR, "#live img.preview")
+    assert len(previews) == 2 and page.find_element(By.ID, "status").get_attribute("data-previews") == "2"
+    assert "step 3 / 3" in page.find_element(By.CSS_SELECTOR, "[data-live-label='0']").text
+    assert _png_pixels(previews[0].get_attribute("src")).shape == (16, 16, 3)  # the fast preview: a quarter side
+    cards = page.find_elements(By.CSS_SELECTOR, "#gallery .card")
+    assert len(cards) == 2 and cards[0].get_attribute("data-kind") == "instruction"
+    assert f"instruction edit · seed {SEED} · 64x64 · {EDIT_MODEL} · {instruction}" in cards[0].text
+    shown = cards[0].find_element(By.CSS_SELECTOR, "img.result").get_attribute("src")
+    assert _png_pixels(shown).shape == (64, 64, 3)
+    # The same edit asked directly: the picked result, then the upload, as image[] parts in that order, with the
+    # fields the page showed (a streamed image is byte-identical to the plain answer's).
+    files = [("image[]", ("picked.png", base64.b64decode(picked.split(",", 1)[1]), "image/png")),
+             ("image[]", ("upload.png", uploaded.read_bytes(), "image/png"))]
+    data = {"model": EDIT_MODEL, "prompt": instruction, "seed": str(SEED), "size": "64x64",
+            "num_inference_steps": "3", "true_cfg_scale": "2"}
+    direct = httpx.post(f"{edit_service}/v1/images/edits", data=data, files=files, timeout=120)
+    assert direct.status_code == 200, direct.text
+    assert shown.split(",", 1)[1] == direct.json()["data"][0]["b64_json"]
+    swapped = httpx.post(f"{edit_service}/v1/images/edits", data=data, files=files[::-1], timeout=120)
+    assert swapped.json()["data"][0]["b64_json"] != direct.json()["data"][0]["b64_json"]  # the order reached it
+
+    page.set_window_size(1280, 1700)  # the edit panel with its pictures, the previews and the gallery in one picture
+    page.execute_script("window.scrollTo(0, 0)")
+    page.save_screenshot(str(SCREENSHOTS / "playground_edit.png"))
+
+
+def test_the_generation_model_list_excludes_the_edit_only_model(edit_page, tmp_path):
+    page = edit_page
+    generation_models = _options(page, "model")
+    assert {"lightray-shapes-lightning-4", "lightray-shapes-lightning-8", "lightray-shapes"} <= set(generation_models)
+    assert EDIT_MODEL not in generation_models  # its card's endpoints are ["edits"]
+    assert _options(page, "edit-model") == [EDIT_MODEL]  # the models whose edit_mode is "instruction"
+
+    # At most 3 pictures (the card's input_images): a fourth is refused on the page, with a message.
+    pictures = []
+    for i, color in enumerate(("red", "green", "blue", "yellow")):
+        pictures.append(tmp_path / f"{i}.png")
+        render(Scene(color, "circle", "left", "white"), 64).save(pictures[-1])
+    page.find_element(By.ID, "instruction-upload").send_keys("\n".join(str(p) for p in pictures))
+    WebDriverWait(page, 30).until(lambda d: page.find_element(By.ID, "error").text)
+    assert len(_instruction_pictures(page)) == 3
+    assert "at most 3" in page.find_element(By.ID, "error").text
+    _instruction_pictures(page)[0].find_element(By.CSS_SELECTOR, "button.remove-image").click()
+    assert [p.text.split(" · ")[0] for p in _instruction_pictures(page)] == ["1", "2"]
+    assert page.find_element(By.ID, "run-instruction").is_enabled()
+
+    # An empty instruction reaches the API, whose message names the field.
+    page.find_element(By.ID, "instruction").clear()
+    page.find_element(By.ID, "run-instruction").click()
+    assert _finished(page) == "failed"
+    assert page.find_element(By.ID, "error").text.startswith("prompt:"), page.find_element(By.ID, "error").text
+
+
+def test_inpainting_beside_an_edit_model_goes_to_the_generation_model(edit_page):
+    page = edit_page
+    Select(page.find_element(By.ID, "size")).select_by_value("64x64")
+    _generate(page, PROMPT, SEED)
+    assert _finished(page).startswith("done"), page.find_element(By.ID, "error").text
+    page.find_element(By.CSS_SELECTOR, "#gallery .card button.edit").click()  # "inpaint"
+    WebDriverWait(page, 30).until(EC.element_to_be_clickable((By.ID, "run-edit")))
+    assert page.find_element(By.ID, "mode-inpaint").is_selected()
+    assert not page.find_element(By.ID, "instruction-panel").is_displayed()
+    assert page.find_element(By.ID, "mask-canvas").get_attribute("width") == "64"
+    page.execute_script("document.getElementById('strength').value = '0.5'")  # img2img: nothing painted
+    page.find_element(By.ID, "run-edit").click()
+    assert _finished(page).startswith("done"), page.find_element(By.ID, "error").text
+    card = page.find_element(By.CSS_SELECTOR, "#gallery .card")
+    assert card.get_attribute("data-kind") == "inpaint" and "lightray-shapes-lightning-4" in card.text
+    # Back to instruction edits from a card: the mode switches, and the inpainting picture stays where it was.
+    card.find_element(By.CSS_SELECTOR, "button.edit-instruction").click()
+    WebDriverWait(page, 30).until(lambda d: len(_instruction_pictures(d)) == 1)
+    assert page.find_element(By.ID, "mode-instruction").is_selected()
+    assert not page.find_element(By.ID, "mask-canvas").is_displayed()
+    page.find_element(By.ID, "mode-inpaint").click()
+    assert page.find_element(By.ID, "edit-source").get_attribute("src").startswith("blob:")

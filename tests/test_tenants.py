@@ -5,19 +5,17 @@ from __future__ import annotations
 
 import base64
 import logging
-import threading
-import time
 
 import httpx
 import openai
 import pytest
-import uvicorn
 import yaml
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
 from lightray.registry_settings import open_registry
 from testing.adapters import publish_lora_adapter
+from testing.http_server import serve_in_thread
 from recording_backend import recording_app, white_png_b64
 from serve_app.api import create_app
 from serve_app.backend import LocalBackend
@@ -242,22 +240,12 @@ def test_auth_is_off_only_in_the_local_config(monkeypatch):
 
 
 def test_openai_client_with_an_api_key_over_http(app):
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.time() + 30
-        while not server.started and time.time() < deadline:
-            time.sleep(0.05)
-        port = server.servers[0].sockets[0].getsockname()[1]
-        base_url = f"http://127.0.0.1:{port}/v1"
+    with serve_in_thread(app) as url:
+        base_url = f"{url}/v1"
         good = openai.OpenAI(api_key=ACME_KEY, base_url=base_url)
         result = good.images.generate(prompt=PROMPT["prompt"], model=PROMPT["model"], size="64x64",
                                       response_format="b64_json", extra_body={"seed": 3, "lora": "acme/shared-style"})
         assert base64.b64decode(result.data[0].b64_json).startswith(b"\x89PNG")
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(api_key="sk-not-a-key-of-anyone-123", base_url=base_url).models.list()
-        assert httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+        assert httpx.get(f"{url}/healthz").status_code == 200

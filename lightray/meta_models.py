@@ -180,7 +180,7 @@ class MetaModels:
         return total
 
     def transformer_activation_bytes(self, dtype: str, rows: int, width: int, height: int, text_tokens: int,
-                                     layers: int = 2) -> int:
+                                     layers: int = 2, conditions: tuple[tuple[int, int], ...] = ()) -> int:
         """Peak activations of one engine step: a forward over `rows` rows at `width` x `height` with
         `text_tokens` prompt tokens each (the engine pads prompts to the longest). It runs on a `layers`-block twin
         of the transformer with the rank-64 Lightning LoRA on its targets, built at `dtype`: a block's activations
@@ -196,12 +196,14 @@ class MetaModels:
             model = QwenImageTransformer2DModel.from_config({**self.configs["transformer"], "num_layers": layers})
             model = inject_adapter_in_model(LoraConfig(r=64, lora_alpha=64, target_modules=list(
                 LIGHTNING_LORA_TARGETS)), model).to(kind["dtype"])
-        grid = (1, height // 16, width // 16)
-        latents = torch.empty(rows, image_tokens(width, height), self.configs["transformer"]["in_channels"], **kind)
+        # An instruction edit's condition images (`conditions`: each one's (width, height)) join the sequence.
+        shapes = [(1, height // 16, width // 16), *((1, h // 16, w // 16) for w, h in conditions)]
+        tokens = sum(r * c for _, r, c in shapes)
+        latents = torch.empty(rows, tokens, self.configs["transformer"]["in_channels"], **kind)
         prompt = torch.empty(rows, text_tokens, self.configs["transformer"]["joint_attention_dim"], **kind)
         timestep = torch.empty(rows, **kind)
         return forward_peak_bytes(model, lambda: model(hidden_states=latents, encoder_hidden_states=prompt,
-                                                       timestep=timestep, img_shapes=[grid] * rows,
+                                                       timestep=timestep, img_shapes=[shapes] * rows,
                                                        return_dict=False))
 
     def text_encoder_activation_bytes(self, dtype: str, prompts: int, tokens: int) -> int:
@@ -266,3 +268,23 @@ class MetaModels:
 def image_tokens(width: int, height: int) -> int:
     """Transformer tokens of one image: (width/16) x (height/16) (VAE 8x, then 2x2 patches)."""
     return (width // 16) * (height // 16)
+
+
+def condition_sizes(preset: ModelPreset, width: int, height: int) -> tuple[tuple[int, int], ...]:
+    """(width, height) of every condition image an edit at `width` x `height` can carry at most: the family's most
+    input images, each square at the preset's `edit.vae_image_area` (the output's size when it has none). Empty for
+    a family without condition tokens."""
+    family = preset.model_family
+    if not family.condition_tokens:
+        return ()
+    from lightray.models.qwen_image_edit import calculate_dimensions
+
+    area = preset.edit.vae_image_area
+    size = (width, height) if area is None else calculate_dimensions(area, 1.0)
+    return (size,) * family.input_images[1]
+
+
+def sequence_tokens(preset: ModelPreset, width: int, height: int) -> int:
+    """Image tokens of one transformer row at `width` x `height`: the noise tokens, plus an instruction edit's
+    condition tokens at most (at 1024² with three 1024² inputs, four times the text-to-image sequence)."""
+    return image_tokens(width, height) + sum(image_tokens(w, h) for w, h in condition_sizes(preset, width, height))

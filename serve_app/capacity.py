@@ -23,7 +23,17 @@ from pydantic import BaseModel, ConfigDict, Field
 from deployments.text_encoder import MAX_BATCH_SIZE as TEXT_ENCODER_BATCH_SIZE
 from lightray.config import REPO_ROOT, EngineConfig, ModelPreset, load_preset
 # The meta-device models and measurements, shared with the trainer's memory plan.
-from lightray.meta_models import DTYPE_BYTES, GIB, MIB, GpuClass, MetaModels, image_tokens, text_encoder_tokens
+from lightray.meta_models import (
+    DTYPE_BYTES,
+    GIB,
+    MIB,
+    GpuClass,
+    MetaModels,
+    condition_sizes,
+    image_tokens,
+    sequence_tokens,
+    text_encoder_tokens,
+)
 from serve_app.admission import WORK_UNIT_PIXELS
 
 
@@ -164,16 +174,19 @@ def budgets(a: CapacityAssumptions) -> dict[str, MemoryBudget]:
 
     rows = denoiser_rows(a)
     live = a.engine.max_live_requests
-    # Each live request keeps float32 packed latents (and the engine's copy for the Euler step) and its prompt
-    # embeddings (with the negative ones under CFG) between steps.
+    # Each live request keeps float32 packed latents (and the engine's copy for the Euler step), its prompt
+    # embeddings (with the negative ones under CFG) and an edit's condition tokens between steps.
+    condition_tok = sequence_tokens(a.preset, width, height) - img_tok
     engine_state = live * (a.preset.max_images_per_request * img_tok * t_cfg["in_channels"] * 4 * 2
-                           + 2 * txt_tok * t_cfg["joint_attention_dim"] * b)
+                           + 2 * txt_tok * t_cfg["joint_attention_dim"] * b
+                           + condition_tok * t_cfg["in_channels"] * b)
     denoiser = {
         "weights": m.parameters(m.transformer) * b,
         # Every variant's distilled LoRA stays loaded (unfused: rows of different variants share a step).
         "lightning_loras": sum(1 for v in a.preset.variants if v.lightning_lora) * lora(64) * b,
         "adapter_cache": adapter_cache_size(a) * lora(a.tenant_adapter_rank) * b,
-        "activations": m.transformer_activation_bytes(a.preset.dtype, rows, width, height, txt_tok),
+        "activations": m.transformer_activation_bytes(a.preset.dtype, rows, width, height, txt_tok,
+                                                      conditions=condition_sizes(a.preset, width, height)),
         "engine_state": engine_state,
         "cuda_reserved": reserved,
     }
@@ -245,7 +258,8 @@ def stage_times(a: CapacityAssumptions, width: int = 1024, height: int = 1024) -
     prompt_tokens = 39 + 64
     return StageTimes(
         encode_s_per_prompt=m.text_encoder_flops_per_prompt(prompt_tokens) / (flops_s * t.text_encoder_mfu),
-        step_s_per_row=m.transformer_flops_per_row(image_tokens(width, height), 64) / (flops_s * t.transformer_mfu),
+        step_s_per_row=m.transformer_flops_per_row(sequence_tokens(a.preset, width, height), 64)
+        / (flops_s * t.transformer_mfu),
         step_overhead_s=t.fixed_step_overhead_s,
         decode_s_per_image=t.vae_decode_s_per_megapixel * width * height / 1e6,
     )

@@ -249,3 +249,18 @@ def test_the_gpu_args_are_service_settings(a):
     settings = ServiceSettings(**a.app["args"], api_keys=[{"tenant": "acme", "key": "k" * 16}])
     assert settings.max_admitted_work == a.app["args"]["max_admitted_work"]
     assert settings.engine == a.engine and settings.auth_enabled
+
+
+def test_an_edit_models_rows_count_their_condition_tokens(a):
+    """Qwen-Image-Edit-2511 at 1024²: each of up to three 1024² inputs adds the noise tokens' count again, and the
+    step's activations grow with them (the budget of a Denoiser serving it sees them)."""
+    from lightray.config import load_preset
+    from lightray.meta_models import condition_sizes, sequence_tokens
+
+    edit = load_preset("qwen-image-edit-2511-lightning")
+    assert condition_sizes(edit, 1024, 1024) == ((1024, 1024),) * 3
+    assert sequence_tokens(edit, 1024, 1024) == 4 * 4096 and sequence_tokens(a.preset, 1024, 1024) == 4096
+    m = a.models
+    plain = m.transformer_activation_bytes("bfloat16", 2, 1024, 1024, 512)
+    edited = m.transformer_activation_bytes("bfloat16", 2, 1024, 1024, 512, conditions=condition_sizes(edit, 1024, 1024))
+    assert 3.0 * plain < edited < 4.5 * plain

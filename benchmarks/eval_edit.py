@@ -95,18 +95,52 @@ def summary(rows: list[dict]) -> dict:
             "s_per_image": round(statistics.median(r["seconds"] for r in rows), 3)}
 
 
+CJK_FONT = Path("/usr/share/fonts/truetype/wqy/wqy-zenhei.ttc")
+"""Debian's fonts-wqy-zenhei (installed with the browser for the tests): Chinese captions instead of boxes."""
+
+
+def caption_font(size: int = 12):
+    from PIL import ImageFont
+
+    return ImageFont.truetype(str(CJK_FONT), size) if CJK_FONT.exists() else ImageFont.load_default()
+
+
+EXAMPLE_INSTRUCTIONS = ("make the circle blue", "把圆形变成蓝色", "move the circle to the right",
+                        "make the background black")
+
+
+def example_figure(pipe: LocalPipeline, model: str, path: Path, seed: int = 3) -> None:
+    """The README's before/after: the canonical scene and each of `EXAMPLE_INSTRUCTIONS` applied to it."""
+    from lightray.world.shapes import Scene, render
+
+    source = render(Scene("red", "circle", "left", "white"), 128)
+    cells = [("input", source)]
+    for text in EXAMPLE_INSTRUCTIONS:
+        spec = ImageEditRequest(prompt=text, model=model, seed=seed).resolve_instruction(pipe.preset, 0, [source.size])
+        cells.append((text, pipe.instruct(spec, [source])[0]))
+    font = caption_font(11)
+    figure = Image.new("RGB", (len(cells) * 136, 128 + 22), "white")
+    draw = ImageDraw.Draw(figure)
+    for i, (text, image) in enumerate(cells):
+        figure.paste(image, (i * 136, 0))
+        draw.text((i * 136 + 2, 131), text, fill="black", font=font)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.save(path)
+
+
 def contact_sheet(items: list, path: Path, columns: int = 4) -> None:
     cell_w, cell_h, text_h = 2 * items[0][0].width + 12, items[0][0].height, 28
     rows = (len(items) + columns - 1) // columns
     sheet = Image.new("RGB", (columns * cell_w, rows * (cell_h + text_h)), "white")
     draw = ImageDraw.Draw(sheet)
+    font = caption_font()
     for i, (source, instruction, result, correct) in enumerate(items):
         x, y = (i % columns) * cell_w, (i // columns) * (cell_h + text_h)
         sheet.paste(source, (x, y))
         sheet.paste(result.convert("RGB"), (x + source.width + 4, y))
         draw.rectangle([x + source.width + 3, y, x + 2 * source.width + 4, y + cell_h - 1],
                        outline=(0, 170, 0) if correct else (200, 0, 0), width=2)
-        draw.text((x + 2, y + cell_h + 2), instruction[:40], fill="black")
+        draw.text((x + 2, y + cell_h + 2), instruction[:40], fill="black", font=font)
     path.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(path)
 
@@ -119,9 +153,14 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=None, help="model ids (default: every served variant)")
     parser.add_argument("--sizes", nargs="+", default=None, help='e.g. "128x128"')
     parser.add_argument("--out", type=Path, default=REPO / "docs/eval/edit_results.json")
+    parser.add_argument("--example", action="store_true",
+                        help="only write the README's before/after figure, docs/img/edit_example.png")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     pipe = load(args.transformer)
+    if args.example:
+        example_figure(pipe, (args.models or pipe.preset.model_ids)[0], REPO / "docs/img/edit_example.png")
+        return
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes] if args.sizes else list(SIZES)
     pairs = sample_pairs(args.pairs, seed=4321, held_out=True, phrasings=False)
     results: dict = {}

@@ -9,6 +9,8 @@ Every test pins torch to one thread, as the Serve replicas run."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -182,3 +184,29 @@ def test_the_engine_refuses_what_the_family_does_not_take(stages, mini_edit):
 
         four = ConditionLatents(np.concatenate([condition.latents] * 4), condition.grids * 4)
         engine.submit(params, text, condition=four)
+
+
+def test_stacked_tenant_adapters_on_edit_rows_batch_like_text_to_image(stages, mini_edit, tmp_path):
+    """Tenant LoRAs (two, stacked, at their own scales) on edit rows beside rows with one or none: each result
+    equals the request alone, and the adapters change the result."""
+    from lightray.contracts import AdapterUse
+
+    preset = mini_edit["preset"]
+    engine = stages[1]
+    paths = {}
+    for ref, seed in (("acme/a@v1", 11), ("acme/b@v1", 12)):
+        paths[ref] = str(tmp_path / f"{seed}.safetensors")
+        write_lightning_lora(Path(paths[ref]), seed=seed)
+    images = sources(1)
+    stacks = [(AdapterUse("acme/a@v1", 0.8), AdapterUse("acme/b@v1", 1.0)), (AdapterUse("acme/b@v1", 0.5),), ()]
+    requests = []
+    for i, stack in enumerate(stacks):
+        params, text, condition = served_latents(stages, preset, images, "make it blue", LIGHTNING, 4, 1.0, 21)
+        requests.append((DenoiseParams(**{**params.__dict__, "adapters": stack}), text, condition))
+    alone = [engine.denoise(p, t, condition=c, adapter_paths=paths) for p, t, c in requests]
+    submitted = [engine.submit(p, t, condition=c, adapter_paths=paths) for p, t, c in requests]
+    while not all(r.done() for r in submitted):
+        engine.step()
+    for request, expected in zip(submitted, alone):
+        assert np.array_equal(request.result(), expected)
+    assert not np.array_equal(alone[0], alone[2]) and not np.array_equal(alone[1], alone[2])

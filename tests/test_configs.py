@@ -22,8 +22,13 @@ def test_serve_config_validates_with_ray_schema(path):
     schema = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
     app = schema.applications[0]
     assert app.import_path == "serve_app.app:build_app"
-    assert {d.name for d in app.deployments} == STAGES
-    load_preset(app.args["preset"])  # the preset it names exists and validates
+    # The default preset's stages under their own names, each extra preset's as `<stage>-<preset name>`.
+    from serve_app.app import stage_name
+
+    presets = [load_preset(ref) for ref in [app.args["preset"], *app.args.get("extra_presets", [])]]
+    expected = {"Ingress"} | {stage_name(stage, preset, i) for i, preset in enumerate(presets)
+                              for stage in STAGES - {"Ingress"}}
+    assert {d.name for d in app.deployments} == expected
 
 
 def test_local_config_places_every_replica_on_two_cpus():

@@ -133,15 +133,8 @@ def mixed_load(url: str, n: int = 8) -> dict:
 
 
 def service_url(cluster: RayCluster, args: dict) -> str:
-    """configs/serve/local.yaml deployed with `args`; without the edit model's graph when `extra_presets` drops it
-    (Serve refuses settings for deployments the application does not have)."""
-    config = cluster.serve_config(REPO / "configs/serve/local.yaml", args)
-    if args.get("extra_presets") == []:
-        data = yaml.safe_load(config.read_text())
-        app = data["applications"][0]
-        app["deployments"] = [d for d in app["deployments"] if "-" not in d["name"]]
-        config.write_text(yaml.safe_dump(data, sort_keys=False))
-    cluster.deploy(config)
+    """configs/serve/local.yaml deployed with `args` (`extra_presets: []`: without the edit model's graph)."""
+    cluster.deploy(cluster.serve_config(REPO / "configs/serve/local.yaml", args))
     return cluster.http_url
 
 

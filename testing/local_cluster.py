@@ -147,11 +147,20 @@ class RayCluster:
                 os.kill(pid, sig)
 
     def serve_config(self, config: Path, args: dict | None = None, deployments: dict | None = None) -> Path:
-        """A copy of a Serve YAML with this cluster's HTTP port and `args` / per-deployment overrides merged."""
+        """A copy of a Serve YAML with this cluster's HTTP port and `args` / per-deployment overrides merged. The
+        settings of deployments that the merged args no longer serve (an `extra_presets` left out) are dropped:
+        Serve refuses settings for a deployment the application does not have."""
+        from lightray.config import load_preset
+        from serve_app.app import stage_name
+
         data = yaml.safe_load(config.read_text())
         data["http_options"] = {**data.get("http_options", {}), "host": "127.0.0.1", "port": self.http_port}
         app = data["applications"][0]
         app["args"] = {**app.get("args", {}), **(args or {})}
+        presets = [load_preset(ref) for ref in [app["args"]["preset"], *app["args"].get("extra_presets", [])]]
+        served = {"Ingress"} | {stage_name(stage, preset, i) for i, preset in enumerate(presets)
+                                for stage in ("TextEncoder", "Denoiser", "VaeDecoder")}
+        app["deployments"] = [d for d in app.get("deployments", []) if d["name"] in served]
         for dep in app.get("deployments", []):
             dep.update((deployments or {}).get(dep["name"], {}))
         out = Path(self.temp_dir) / f"serve-{config.stem}.yaml"

@@ -58,8 +58,9 @@ def tight_service(tmp_path_factory):
     try:
         config = cluster.serve_config(
             REPO / "configs/serve/local.yaml",
+            # The text-to-image graph alone (`extra_presets: []`): these tests load one Denoiser on purpose.
             {"request_timeout_s": TIMEOUT_S, "max_concurrent_requests": ADMITTED, "registry": str(tmp_path_factory.mktemp("bp-registry")),
-             "image_store_dir": str(tmp_path_factory.mktemp("bp-images"))},
+             "image_store_dir": str(tmp_path_factory.mktemp("bp-images")), "extra_presets": []},
             {"Denoiser": {"num_replicas": 1, "autoscaling_config": None, "max_ongoing_requests": 1,
                           "max_queued_requests": 1}},
         )

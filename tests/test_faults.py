@@ -83,6 +83,7 @@ def faulty(preset, tmp_path_factory):
         config = cluster.serve_config(REPO / "configs/serve/local.yaml", {
             "registry": str(registry_root), "request_timeout_s": REQUEST_TIMEOUT_S,
             "image_store_dir": str(tmp_path_factory.mktemp("fault-images")),
+            "extra_presets": [],  # the text-to-image graph alone: the faults are injected there
         })
         cluster.deploy(config)
         yield cluster, refs

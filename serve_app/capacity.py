@@ -375,7 +375,28 @@ def capacity_markdown(a: CapacityAssumptions, targets: tuple[float, ...] = (0.5,
                 and row.vae_decoders <= max_of["VaeDecoder"])
         lines.append(f"| {rate:g} images/s | {row.denoisers} | {row.text_encoders} | {row.vae_decoders} | "
                      f"{row.gpus} | {row.latency_s:.1f} s | {'yes' if fits else 'no'} |")
+    lines += ["", "| instruction-edit preset on the same shares, up to 3 input pictures (1024² each) | tokens per row "
+              "at 1024² | Denoiser activations (largest size) | Denoiser total | headroom | transformer row-step at "
+              "1024² |",
+              "| --- | --- | --- | --- | --- | --- |"]
+    for name in EDIT_PRESETS:
+        edit = with_preset(a, load_preset(name))
+        budget, times = budgets(edit)["Denoiser"], stage_times(edit)
+        lines.append(f"| {name} | {sequence_tokens(edit.preset, 1024, 1024)} | "
+                     f"{budget.items['activations'] / GIB:.2f} GiB | {budget.total / GIB:.2f} GiB | "
+                     f"{budget.headroom / GIB:.2f} GiB | {times.step_s_per_row * 1000:.0f} ms |")
     return "\n".join(lines)
+
+
+EDIT_PRESETS = ("qwen-image-edit-2511-lightning", "qwen-image-edit-2509-lightning")
+"""The instruction-edit presets the tables size on the GPU class (configs/serve/gpu.yaml serves Qwen-Image)."""
+
+
+def with_preset(a: CapacityAssumptions, preset: ModelPreset) -> CapacityAssumptions:
+    """`a` with `preset` served instead of the Serve config's (same shares, engine and GPU class)."""
+    other = a.model_copy()
+    other.__dict__["preset"] = preset
+    return other
 
 
 GPU_DEPLOYMENTS = ("TextEncoder", "Denoiser", "VaeDecoder")

@@ -585,13 +585,15 @@ def continue_transformer(out: Path, checkpoint: Checkpoint, data: dict, seed: in
     return time.time() - t0
 
 
-def write_model_index(out: Path) -> None:
-    """The diffusers-format index, so `QwenImagePipeline.from_pretrained(out)` loads the folder."""
+def write_model_index(out: Path, pipeline: str = "QwenImagePipeline", extra: dict | None = None) -> None:
+    """The diffusers-format index, so `<pipeline>.from_pretrained(out)` loads the folder; `extra`: components
+    beyond Qwen-Image's five (the Edit pipelines' processor)."""
     import diffusers
 
     index = {
-        "_class_name": "QwenImagePipeline",
+        "_class_name": pipeline,
         "_diffusers_version": diffusers.__version__,
+        **(extra or {}),
         "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
         "text_encoder": ["transformers", "Qwen2_5_VLForConditionalGeneration"],
         "tokenizer": ["transformers", "Qwen2Tokenizer"],

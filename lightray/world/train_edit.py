@@ -56,6 +56,7 @@ from lightray.world.train import (
     lora_to_lightning_format,
     stage_pack,
     student_sigmas,
+    write_model_index,
 )
 
 STAGES = ("init", "data", "edit", "lightning", "pack")
@@ -98,23 +99,7 @@ def stage_init(out: Path, base: Path) -> None:
     edit = QwenImageTransformer2DModel.from_config(config)
     edit.load_state_dict(transformer.state_dict())
     edit.save_pretrained(out / "transformer")
-    write_model_index(out)
-
-
-def write_model_index(out: Path) -> None:
-    import diffusers
-
-    index = {
-        "_class_name": "QwenImageEditPlusPipeline",
-        "_diffusers_version": diffusers.__version__,
-        "processor": ["transformers", "Qwen2VLProcessor"],
-        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
-        "text_encoder": ["transformers", "Qwen2_5_VLForConditionalGeneration"],
-        "tokenizer": ["transformers", "Qwen2Tokenizer"],
-        "transformer": ["diffusers", "QwenImageTransformer2DModel"],
-        "vae": ["diffusers", "AutoencoderKLQwenImage"],
-    }
-    (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    write_model_index(out, "QwenImageEditPlusPipeline", {"processor": ["transformers", "Qwen2VLProcessor"]})
 
 
 def _padded(embeds: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

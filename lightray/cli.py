@@ -33,8 +33,10 @@ from lightray.schemas import RequestError
 from lightray.training.cli import add_train_commands
 
 DEFAULT_URL = os.environ.get("LIGHTRAY_URL", "http://127.0.0.1:8000")
-DEFAULT_EDIT_MODEL = "lightray-shapes-edit"
-"""The embedded instruction-edit model (configs/models/lightray-shapes-edit.yaml): what `lightray edit` asks for."""
+DEFAULT_EDIT_PRESET = "lightray-shapes-edit"
+"""The embedded instruction-edit model's preset (configs/models/lightray-shapes-edit.yaml): `lightray edit --local`."""
+DEFAULT_EDIT_MODEL = "lightray-shapes-edit-lightning-4"
+"""Its 4-step Lightning variant (the preset's default): what `lightray edit` asks the service for."""
 REQUEST_OPTIONS = ("model", "size", "seed", "negative_prompt", "num_inference_steps", "true_cfg_scale", "priority")
 """The request fields that `generate` and `edit` share as options (`_add_request_options`)."""
 
@@ -229,7 +231,7 @@ def _edit_local(body: dict, pictures: list[Path], preset_name: str) -> list[tupl
     preset = load_preset(preset_name)
     if not preset.model_family.condition_tokens:
         raise RequestError("preset", f"preset {preset.name!r} ({preset.model_family.name}) does not edit by "
-                                     f"instruction; use an instruction-edit preset such as {DEFAULT_EDIT_MODEL!r}")
+                                     f"instruction; use an instruction-edit preset such as {DEFAULT_EDIT_PRESET!r}")
     request = ImageEditRequest.model_validate(body)
     images = [to_rgb(open_image(path.read_bytes(), str(path))) for path in pictures]
     spec = request.resolve_instruction(preset, secrets.randbelow(2**31), [im.size for im in images])
@@ -302,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
                          size_help="WxH, one of the model's sizes (default: the last picture's aspect ratio at the "
                                    "model's default area, snapped to a served size)")
     edit.add_argument("--prefix", default="edit", help="file names are PREFIX-seedN.png (default %(default)s)")
-    edit.add_argument("--preset", default=DEFAULT_EDIT_MODEL, help="model preset for --local (default %(default)s)")
+    edit.add_argument("--preset", default=DEFAULT_EDIT_PRESET, help="model preset for --local (default %(default)s)")
     edit.set_defaults(func=cmd_edit, usage_error=edit.error, intermixed_inputs=True)
 
     add_adapter_commands(sub)

@@ -117,7 +117,7 @@ def test_generate_local_names_the_field_of_a_refused_request(monkeypatch, preset
 
 # ------------------------------------------------------------------------------------------------ lightray edit
 
-EDIT_MODEL = "lightray-shapes-edit"
+EDIT_MODEL = "lightray-shapes-edit-lightning-4"  # what `lightray edit` asks for without --model
 
 
 def _pictures(tmp_path, count: int) -> list[str]:

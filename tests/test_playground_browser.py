@@ -271,10 +271,10 @@ def test_stop_cancels_the_request_on_the_service(page, ray_cluster):
 
 
 # ------------------------------------------------------------------------------------------ instruction edits
-# Against the in-process app with the edit model (`edit_page`), small: 64x64, a few steps. The edit model is an
-# interim checkpoint, so these check what the page sends and shows, not what the picture looks like.
+# Against the in-process app with the edit model (`edit_page`), small: 64x64, a few steps. These check what the
+# page sends and shows, not what the picture looks like (tests/test_graph.py reads edits with the evaluator).
 
-EDIT_MODEL = "lightray-shapes-edit"
+EDIT_MODEL = "lightray-shapes-edit-lightning-4"  # the page's preferred edit model (the preset's default)
 
 
 def test_instruction_edit_of_a_picked_result_and_an_upload_streams_previews_then_the_image(
@@ -303,9 +303,9 @@ def test_instruction_edit_of_a_picked_result_and_an_upload_streams_previews_then
     instruction = "make the circle blue"
     _set(page, "instruction", instruction)
     Select(page.find_element(By.ID, "edit-size")).select_by_value("64x64")
-    assert page.find_element(By.ID, "edit-steps").get_attribute("value") == "20"  # the edit model's default
+    assert page.find_element(By.ID, "edit-steps").get_attribute("value") == "4"  # the Lightning model's default
     _set(page, "edit-steps", "3")
-    assert page.find_element(By.ID, "edit-cfg").get_attribute("value") == "2"
+    assert page.find_element(By.ID, "edit-cfg").get_attribute("value") == "1"
     Select(page.find_element(By.ID, "partials")).select_by_visible_text("2")
     page.find_element(By.ID, "run-instruction").click()
     assert _finished(page).startswith("done"), page.find_element(By.ID, "error").text
@@ -324,7 +324,7 @@ def test_instruction_edit_of_a_picked_result_and_an_upload_streams_previews_then
     files = [("image[]", ("picked.png", base64.b64decode(picked.split(",", 1)[1]), "image/png")),
              ("image[]", ("upload.png", uploaded.read_bytes(), "image/png"))]
     data = {"model": EDIT_MODEL, "prompt": instruction, "seed": str(SEED), "size": "64x64",
-            "num_inference_steps": "3", "true_cfg_scale": "2"}
+            "num_inference_steps": "3", "true_cfg_scale": "1"}
     direct = httpx.post(f"{edit_service}/v1/images/edits", data=data, files=files, timeout=120)
     assert direct.status_code == 200, direct.text
     assert shown.split(",", 1)[1] == direct.json()["data"][0]["b64_json"]
@@ -341,7 +341,8 @@ def test_the_generation_model_list_excludes_the_edit_only_model(edit_page, tmp_p
     generation_models = _options(page, "model")
     assert {"lightray-shapes-lightning-4", "lightray-shapes-lightning-8", "lightray-shapes"} <= set(generation_models)
     assert EDIT_MODEL not in generation_models  # its card's endpoints are ["edits"]
-    assert _options(page, "edit-model") == [EDIT_MODEL]  # the models whose edit_mode is "instruction"
+    # The models whose edit_mode is "instruction", in the preset's order.
+    assert _options(page, "edit-model") == [EDIT_MODEL, "lightray-shapes-edit"]
 
     # At most 3 pictures (the card's input_images): a fourth is refused on the page, with a message.
     pictures = []

@@ -210,3 +210,23 @@ def test_stacked_tenant_adapters_on_edit_rows_batch_like_text_to_image(stages, m
     for request, expected in zip(submitted, alone):
         assert np.array_equal(request.result(), expected)
     assert not np.array_equal(alone[0], alone[2]) and not np.array_equal(alone[1], alone[2])
+
+
+def test_a_paused_edit_resumes_to_the_same_result(stages, mini_edit, monkeypatch):
+    """With room for one row a step, an interactive edit pauses a started batch edit; the paused one resumes, and
+    both equal their requests alone."""
+    preset = mini_edit["preset"]
+    engine = stages[1]
+    monkeypatch.setattr(engine.scheduler.config, "max_batch_rows", 1)
+    requests = []
+    for prompt, priority, seed in [("make it blue", "batch", 31), ("make it green", "interactive", 32)]:
+        params, text, condition = served_latents(stages, preset, sources(1), prompt, LIGHTNING, 4, 1.0, seed)
+        requests.append((DenoiseParams(**{**params.__dict__, "priority": priority}), text, condition))
+    alone = [engine.denoise(p, t, condition=c) for p, t, c in requests]
+    slow = engine.submit(*requests[0][:2], condition=requests[0][2])
+    engine.step()  # the batch edit starts
+    fast = engine.submit(*requests[1][:2], condition=requests[1][2])
+    while not (slow.done() and fast.done()):
+        engine.step()
+    assert slow.paused_steps >= 4 and fast.paused_steps == 0
+    assert np.array_equal(slow.result(), alone[0]) and np.array_equal(fast.result(), alone[1])

@@ -425,6 +425,13 @@ def rectified_flow_step(transformer, opt, sched, ema: dict, x0: torch.Tensor, em
     s = sigma.view(-1, 1, 1)
     v = predict(transformer, (1 - s) * x0 + s * noise, sigma, embeds, mask, grid)
     loss = F.mse_loss(v, noise - x0)
+    optimizer_step(transformer, opt, sched, ema, loss, ema_decay)
+    return loss
+
+
+def optimizer_step(transformer, opt, sched, ema: dict, loss: torch.Tensor, ema_decay: float) -> None:
+    """Backward through `loss`, clip the gradients to norm 1, step the optimizer and the LR schedule, then move the
+    EMA of the weights towards them."""
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
@@ -433,7 +440,50 @@ def rectified_flow_step(transformer, opt, sched, ema: dict, x0: torch.Tensor, em
     with torch.no_grad():
         for k, p in transformer.state_dict().items():
             ema[k].lerp_(p, 1 - ema_decay)
-    return loss
+
+
+class TransformerRun:
+    """A saved transformer trained on for `steps` steps: its optimizer, LR schedule, EMA and RNGs, saved to and
+    resumed from one `Checkpoint`, so a stage stopped at any point (a session ending, a kill) continues with the
+    same weights, state and draws."""
+
+    def __init__(self, folder: Path, checkpoint: Checkpoint, steps: int, lr: float, seed: int):
+        self.transformer = QwenImageTransformer2DModel.from_pretrained(folder, torch_dtype=torch.float32)
+        self.transformer.train()
+        self.opt = torch.optim.AdamW(self.transformer.parameters(), lr=lr, weight_decay=0.01)
+        self.sched = warmup_cosine(self.opt, steps)
+        self.ema = {k: v.detach().clone() for k, v in self.transformer.state_dict().items()}
+        self.rng = random.Random(seed)
+        torch.manual_seed(seed)
+        self.checkpoint = checkpoint
+        self.start, self.elapsed = 0, 0.0
+        """The step to continue at, and the seconds earlier sessions spent."""
+        if (state := checkpoint.load()) is not None:
+            self.transformer.load_state_dict(state["model"])
+            self.opt.load_state_dict(state["optimizer"])
+            self.sched.load_state_dict(state["scheduler"])
+            self.ema = state["ema"]
+            self.rng.setstate(state["python_rng"])
+            torch.set_rng_state(state["torch_rng"])
+            self.start, self.elapsed = state["step"], state["elapsed"]
+            log(f"{checkpoint.path.stem}: resumed at step {self.start}/{steps} ({self.elapsed:.0f}s already spent)")
+
+    def step(self, loss: torch.Tensor, ema_decay: float = 0.999) -> None:
+        optimizer_step(self.transformer, self.opt, self.sched, self.ema, loss, ema_decay)
+
+    def save(self, steps_done: int, elapsed: float) -> None:
+        self.checkpoint.save({
+            "model": self.transformer.state_dict(), "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(), "ema": self.ema, "python_rng": self.rng.getstate(),
+            "torch_rng": torch.get_rng_state(), "step": steps_done, "elapsed": elapsed,
+        })
+
+    def finish(self, folder: Path) -> None:
+        """The EMA saved as the transformer in `folder`; the checkpoint removed."""
+        self.transformer.load_state_dict(self.ema)
+        self.transformer.eval()
+        self.transformer.save_pretrained(folder)
+        self.checkpoint.remove()
 
 
 def stage_transformer(out: Path, arch: build.EmbeddedArchitecture, seed: int, steps: int, count: int,
@@ -541,26 +591,10 @@ def continue_transformer(out: Path, checkpoint: Checkpoint, data: dict, seed: in
     `checkpoint_every` steps and resuming from it; the EMA is saved as the transformer at the end. `t0`: when the
     stage started, so the seconds returned include its data encoding."""
     cache = TextCache(out, all_captions())
-    transformer = QwenImageTransformer2DModel.from_pretrained(out / "transformer")
-    transformer.train()
-    opt = torch.optim.AdamW(transformer.parameters(), lr=lr, weight_decay=0.01)
-    sched = warmup_cosine(opt, steps)
-    ema = {k: v.detach().clone() for k, v in transformer.state_dict().items()}
-    rng = random.Random(seed)
-    torch.manual_seed(seed)
-    stage = checkpoint.path.stem
-    start, elapsed = 0, 0.0
-    if (state := checkpoint.load()) is not None:
-        transformer.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        ema = state["ema"]
-        rng.setstate(state["python_rng"])
-        torch.set_rng_state(state["torch_rng"])
-        start, elapsed = state["step"], state["elapsed"]
-        log(f"{stage}: resumed at step {start}/{steps} ({elapsed:.0f}s already spent)")
-    t0 -= elapsed  # the seconds of earlier sessions (their encoding included)
-    for step in range(start, steps):
+    run = TransformerRun(out / "transformer", checkpoint, steps, lr, seed)
+    rng, stage = run.rng, checkpoint.path.stem
+    t0 -= run.elapsed  # the seconds of earlier sessions (their encoding included)
+    for step in range(run.start, steps):
         size = rng.choices(TRAIN_SIZES, weights)[0]
         x0_all, captions = data[size]
         batch = batch_for(size)
@@ -569,19 +603,13 @@ def continue_transformer(out: Path, checkpoint: Checkpoint, data: dict, seed: in
         caps = [caption if rng.random() > 0.1 else rng.choice(("", " ")) for caption in drawn]
         embeds, mask = cache.batch(caps)
         x0 = x0_all[idx]
-        loss = rectified_flow_step(transformer, opt, sched, ema, x0, embeds, mask, grid_of(size), ema_decay=0.999)
+        loss = rectified_flow_step(run.transformer, run.opt, run.sched, run.ema, x0, embeds, mask, grid_of(size),
+                                   ema_decay=0.999)
         if step % 100 == 0 or step == steps - 1:
             log(f"{stage} step {step}/{steps} {size[0]}x{size[1]} x{batch} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
         if (step + 1) % checkpoint_every == 0 and step + 1 < steps:
-            checkpoint.save({
-                "model": transformer.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "ema": ema, "python_rng": rng.getstate(), "torch_rng": torch.get_rng_state(), "step": step + 1,
-                "elapsed": time.time() - t0,
-            })
-    transformer.load_state_dict(ema)
-    transformer.eval()
-    transformer.save_pretrained(out / "transformer")
-    checkpoint.remove()
+            run.save(step + 1, time.time() - t0)
+    run.finish(out / "transformer")
     return time.time() - t0
 
 

@@ -50,6 +50,7 @@ from lightray.training.flow_matching import (
 from lightray.world.edit_pairs import draw_source_jitter, render_source, render_target, sample_pairs
 from lightray.world.train import (
     Checkpoint,
+    TransformerRun,
     cached,
     grid_of,
     log,
@@ -173,28 +174,12 @@ def batch_size(size: tuple[int, int]) -> int:
 
 def stage_edit(out: Path, checkpoints: Path, data: dict, seed: int, steps: int, lr: float,
                checkpoint_every: int = 200) -> float:
-    checkpoint = Checkpoint(checkpoints, "edit")
-    transformer = QwenImageTransformer2DModel.from_pretrained(out / "transformer", torch_dtype=torch.float32)
-    transformer.train()
-    opt = torch.optim.AdamW(transformer.parameters(), lr=lr, weight_decay=0.01)
-    sched = warmup_cosine(opt, steps)
-    ema = {k: v.detach().clone() for k, v in transformer.state_dict().items()}
-    rng = random.Random(seed)
-    torch.manual_seed(seed)
-    start, elapsed = 0, 0.0
-    if (state := checkpoint.load()) is not None:
-        transformer.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        ema = state["ema"]
-        rng.setstate(state["python_rng"])
-        torch.set_rng_state(state["torch_rng"])
-        start, elapsed = state["step"], state["elapsed"]
-        log(f"edit: resumed at step {start}/{steps} ({elapsed:.0f}s already spent)")
-    t0 = time.time() - elapsed
+    run = TransformerRun(out / "transformer", Checkpoint(checkpoints, "edit"), steps, lr, seed)
+    rng = run.rng
+    t0 = time.time() - run.elapsed
     weights = [SIZE_WEIGHTS[s] for s in EDIT_SIZES]
     losses: list[float] = []
-    for step in range(start, steps):
+    for step in range(run.start, steps):
         size = rng.choices(EDIT_SIZES, weights)[0]
         part = data[size]
         idx = [rng.randrange(len(part["x0"])) for _ in range(batch_size(size))]
@@ -204,34 +189,20 @@ def stage_edit(out: Path, checkpoints: Path, data: dict, seed: int, steps: int, 
         noise = torch.randn_like(x0)
         sigma = shift_sigmas(training_times(len(idx)))
         s = sigma.view(-1, 1, 1)
-        v = edit_velocity(transformer, (1 - s) * x0 + s * noise, cond, sigma, embeds, mask, grid_of(size))
+        v = edit_velocity(run.transformer, (1 - s) * x0 + s * noise, cond, sigma, embeds, mask, grid_of(size))
         loss = F.mse_loss(v, noise - x0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        with torch.no_grad():
-            for k, p in transformer.state_dict().items():
-                ema[k].lerp_(p, 1 - 0.999)
+        run.step(loss)
         losses.append(loss.item())
         if step % 100 == 0 or step == steps - 1:
             log(f"edit step {step}/{steps} {size[0]}x{size[1]} x{len(idx)} loss {np.mean(losses[-100:]):.4f} "
                 f"({time.time() - t0:.0f}s)")
         if (step + 1) % checkpoint_every == 0 and step + 1 < steps:
-            checkpoint.save({
-                "model": transformer.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "ema": ema, "python_rng": rng.getstate(), "torch_rng": torch.get_rng_state(), "step": step + 1,
-                "elapsed": time.time() - t0,
-            })
+            run.save(step + 1, time.time() - t0)
             # The EMA as it stands, loadable while the run goes on (probes, a session that stops here).
-            snapshot = QwenImageTransformer2DModel.from_config(transformer.config)
-            snapshot.load_state_dict(ema)
+            snapshot = QwenImageTransformer2DModel.from_config(run.transformer.config)
+            snapshot.load_state_dict(run.ema)
             snapshot.save_pretrained(checkpoints / "edit-ema")
-    transformer.load_state_dict(ema)
-    transformer.eval()
-    transformer.save_pretrained(out / "transformer")
-    checkpoint.remove()
+    run.finish(out / "transformer")
     return time.time() - t0
 
 

@@ -43,6 +43,7 @@ from PIL import Image
 
 from lightray.config import ModelPreset
 from lightray.contracts import ConditionLatents, ImageLatents
+from lightray.models.qwen_image_edit import condition_size
 from lightray.stages.common import HealthProbe, check_parameter_dtype, generators, torch_dtype
 from lightray.stages.preview import Preview, load_preview
 from lightray.stages.vae_single_frame import SingleFrameVae
@@ -195,8 +196,6 @@ class VaeStage:
     def condition_size(self, image: Image.Image, width: int, height: int) -> tuple[int, int]:
         """(width, height) an instruction edit's input image is encoded at: the preset's `edit.vae_image_area` at
         the image's aspect ratio (`QwenImageEditPlusPipeline`), or the output's width × height when it has none."""
-        from lightray.models.qwen_image_edit import condition_size
-
         area = self.preset.edit.vae_image_area
         return (width, height) if area is None else condition_size(image.size, area)
 

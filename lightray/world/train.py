@@ -655,6 +655,14 @@ def teacher_trajectories(transformer, cache, captions, grid, sigmas, cfg, seed):
     return torch.stack(states)
 
 
+def teacher_sigmas(student: list[float], teacher_steps: int) -> tuple[list[float], list[int]]:
+    """The sigmas a teacher walks to land on every `student` sigma: its own `teacher_steps`-step schedule merged
+    with the student's, descending; and where each student sigma falls in it."""
+    fine = {float(s) for s in shift_sigmas(np.linspace(1.0, 1.0 / teacher_steps, teacher_steps))}
+    sigmas = sorted(fine | set(student), reverse=True)
+    return sigmas, [sigmas.index(s) for s in student]
+
+
 def teacher_data(out: Path, checkpoints: Path, seed: int, cfg: float, teacher_steps: int, at_128: int) -> dict:
     """Teacher trajectories at every training size, kept at the sigmas of every student (4 and 8 steps share
     them: the fine schedule passes through both grids). {size: (captions, {sigma: states [B, tokens, 64]})}."""
@@ -664,9 +672,7 @@ def teacher_data(out: Path, checkpoints: Path, seed: int, cfg: float, teacher_st
         cache = TextCache(out, all_captions())
         prompts = sorted(scene_captions())
         student = sorted({s for n in LIGHTNING_STEPS for s in student_sigmas(n)}, reverse=True)
-        fine = set(float(s) for s in shift_sigmas(np.linspace(1.0, 1.0 / teacher_steps, teacher_steps)))
-        sigmas = sorted(fine | set(student), reverse=True)
-        marks = [sigmas.index(s) for s in student]
+        sigmas, marks = teacher_sigmas(student, teacher_steps)
         rng = random.Random(seed + 3)
         data = {}
         for size in TRAIN_SIZES:

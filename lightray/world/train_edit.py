@@ -57,6 +57,7 @@ from lightray.world.train import (
     lora_to_lightning_format,
     stage_pack,
     student_sigmas,
+    teacher_sigmas,
     write_model_index,
 )
 
@@ -230,14 +231,10 @@ def teacher_data(out: Path, checkpoints: Path, data: dict, seed: int, teacher_st
     """Teacher trajectories at the student's sigmas, per size: {size: (pair indices, {sigma: states})}."""
 
     def compute():
-        from lightray.training.flow_matching import shift_sigmas
-
         transformer = QwenImageTransformer2DModel.from_pretrained(out / "transformer", torch_dtype=torch.float32)
         transformer.eval()
         student = student_sigmas(LIGHTNING_STEPS)
-        fine = {float(s) for s in shift_sigmas(np.linspace(1.0, 1.0 / teacher_steps, teacher_steps))}
-        sigmas = sorted(fine | set(student), reverse=True)
-        marks = [sigmas.index(s) for s in student]
+        sigmas, marks = teacher_sigmas(student, teacher_steps)
         rng = random.Random(seed + 3)
         teacher = {}
         for size in EDIT_SIZES:

@@ -69,6 +69,9 @@ PAIRS_AT: dict[tuple[int, int], int] = {(64, 64): 2000, (96, 96): 2000, (128, 12
                                         (128, 192): 2000}
 SIZE_WEIGHTS: dict[tuple[int, int], float] = {(64, 64): 1.0, (96, 96): 1.0, (128, 128): 2.0, (192, 128): 1.5,
                                               (128, 192): 1.0}
+KIND_WEIGHTS: dict[str, float] = {"color": 1.0, "background": 1.0, "shape": 2.0, "position": 3.0}
+"""How often the edit stage draws a pair, by the hardest kind of edit in it: moving a shape (its colour and form
+carried to another place) and redrawing one are learned slowest, so they are drawn more often."""
 NOISE_TOKENS_PER_STEP = 1024
 """Noise tokens per training batch (16 pairs at 128²); each pair carries as many condition tokens again."""
 CONDITION_IMAGE_AREA = 96 * 96
@@ -138,6 +141,12 @@ def encode_size(out: Path, size: tuple[int, int], count: int, seed: int) -> dict
             "negative_len": negative_len}
 
 
+def pair_weights(size: tuple[int, int], seed: int) -> list[float]:
+    """`KIND_WEIGHTS` of the pairs `encode_size` encoded at `size`, in their order (the same deterministic draw)."""
+    pairs = sample_pairs(PAIRS_AT[size], seed + EDIT_SIZES.index(size))
+    return [max(KIND_WEIGHTS[k] for k in pair.kinds) for pair in pairs]
+
+
 def stage_data(out: Path, checkpoints: Path, seed: int) -> dict:
     return {size: cached(checkpoints, f"edit-data-{size[0]}x{size[1]}",
                          lambda size=size: encode_size(out, size, PAIRS_AT[size], seed + EDIT_SIZES.index(size)))
@@ -179,11 +188,12 @@ def stage_edit(out: Path, checkpoints: Path, data: dict, seed: int, steps: int, 
     rng = run.rng
     t0 = time.time() - run.elapsed
     weights = [SIZE_WEIGHTS[s] for s in EDIT_SIZES]
+    by_kind = {size: pair_weights(size, seed) for size in EDIT_SIZES}
     losses: list[float] = []
     for step in range(run.start, steps):
         size = rng.choices(EDIT_SIZES, weights)[0]
         part = data[size]
-        idx = [rng.randrange(len(part["x0"])) for _ in range(batch_size(size))]
+        idx = rng.choices(range(len(part["x0"])), by_kind[size], k=batch_size(size))
         blank = [rng.random() < 0.1 for _ in idx]
         embeds, mask = text_batch(part, idx, blank)
         x0, cond = part["x0"][idx].float(), part["cond"][idx].float()
@@ -320,7 +330,12 @@ def main(argv: list[str] | None = None) -> None:
     out: Path = args.out
     checkpoints = args.checkpoints or out.with_name(out.name + ".checkpoints")
     record_path = out / "training.json"
-    record = json.loads(record_path.read_text()) if args.resume and record_path.exists() else {}
+    existing = json.loads(record_path.read_text()) if record_path.exists() else {}
+    record = existing if args.resume else {}
+    # A run that continues a trained folder (say, more edit steps, then Lightning again) keeps what came before.
+    earlier: list[dict] = existing.get("earlier_runs", [])
+    if existing and not args.resume:
+        earlier = earlier + [{k: existing[k] for k in ("completed", "stage_seconds", "args") if k in existing}]
     done: list[str] = record.get("completed", [])
     seconds: dict[str, float] = record.get("stage_seconds", {})
 
@@ -329,7 +344,8 @@ def main(argv: list[str] | None = None) -> None:
         seconds[stage] = round(spent, 1)
         out.mkdir(parents=True, exist_ok=True)
         record_path.write_text(json.dumps({"completed": done, "stage_seconds": seconds,
-                                           "args": {k: str(v) for k, v in vars(args).items()}}, indent=2) + "\n")
+                                           "args": {k: str(v) for k, v in vars(args).items()},
+                                           "earlier_runs": earlier}, indent=2) + "\n")
         log(f"stage {stage} done ({spent:.0f}s)")
 
     data = None

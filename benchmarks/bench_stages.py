@@ -193,9 +193,19 @@ def throughput_in_process(n: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def deploy_and_measure(n: int, preset_update: dict, stack: str) -> dict:
+RAY_SERVE_LEAN = {
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+    "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1", "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000",
+}
+"""Ray Serve's throughput-optimised settings (`RAY_SERVE_THROUGHPUT_OPTIMIZED`) less direct ingress, for
+`--ray-env-too`: user code and the router on the replica's own event loop, handle calls over gRPC by value."""
+
+
+def deploy_and_measure(n: int, preset_update: dict, stack: str, ray_env: dict | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-stages-") as tmp:
-        cluster = RayCluster().start()
+        cluster = RayCluster()
+        cluster.env.update(ray_env or {})
+        cluster.start()
         try:
             preset = {**load_preset("lightray-shapes").model_dump(mode="json"), **preset_update}
             cluster.deploy(cluster.serve_config(REPO / "configs/serve/local.yaml", {
@@ -215,22 +225,27 @@ def main() -> None:
     parser.add_argument("--exact-too", action="store_true", help="also serve with vae_exact (the old VAE)")
     parser.add_argument("--stack-all-too", action="store_true",
                         help="also serve with vae_stack_requests: all (decodes shared across requests)")
+    parser.add_argument("--ray-env-too", action="store_true",
+                        help="also serve with Ray Serve's lean settings (RAY_SERVE_LEAN)")
+    parser.add_argument("--skip-vae", action="store_true", help="skip the in-process VAE rows")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/stages.json")
     args = parser.parse_args()
     results: dict = {"device": "cpu (2 cores)", "date": time.strftime("%Y-%m-%d"), "model": MODEL,
                      "requests": args.requests}
     print("VAE in process (one thread):", flush=True)
-    results["vae_in_process"] = vae_in_process()
+    results["vae_in_process"] = {} if args.skip_vae else vae_in_process()
     if not args.skip_http:
-        runs = {"single-frame VAE": ({}, "exact")}
+        runs = {"single-frame VAE": ({}, "exact", None)}
+        if args.ray_env_too:
+            runs["single-frame VAE, lean Ray Serve env"] = ({}, "exact", RAY_SERVE_LEAN)
         if args.stack_all_too:
-            runs["single-frame VAE, vae_stack_requests: all"] = ({}, "all")
+            runs["single-frame VAE, vae_stack_requests: all"] = ({}, "all", None)
         if args.exact_too:
-            runs["vae_exact (before)"] = ({"vae_exact": True}, "exact")
+            runs["vae_exact (before)"] = ({"vae_exact": True}, "exact", None)
         results["http"] = {}
-        for name, (update, stack) in runs.items():
+        for name, (update, stack, env) in runs.items():
             print(f"HTTP: {name} ...", flush=True)
-            results["http"][name] = deploy_and_measure(args.requests, update, stack)
+            results["http"][name] = deploy_and_measure(args.requests, update, stack, env)
         results["in_process_sequential_img_s"] = throughput_in_process(2 * args.requests)
         for r in results["http"].values():
             r["ratios"]["throughput_c8_graph_over_in_process"] = (

@@ -26,17 +26,8 @@ from diffusers import QwenImagePipeline
 from PIL import Image
 
 from lightray.config import ModelPreset
+from lightray.models.qwen_image import template_prefix_length
 from lightray.stages.common import HealthProbe, check_parameter_dtype, torch_dtype
-
-
-def template_prefix_length(tokenizer, template: str) -> int:
-    """Tokens the chat template puts before the prompt: what QwenImagePipeline must drop
-    (`prompt_template_encode_start_idx`, 34 for the real Qwen tokenizer)."""
-    prefix = template.split("{}")[0]
-    ids = tokenizer(prefix)["input_ids"]
-    if tokenizer(prefix + "a red circle")["input_ids"][: len(ids)] != ids:
-        raise ValueError("the template prefix does not tokenize independently of the prompt")
-    return len(ids)
 
 
 class TextEncodeStage:

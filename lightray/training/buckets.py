@@ -17,27 +17,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import TYPE_CHECKING
 
 from lightray.config import ModelPreset
-
-if TYPE_CHECKING:
-    from lightray.training.config import TrainConfig
+from lightray.training.config import TrainConfig, parse_ratio
 
 Size = tuple[int, int]
 """(width, height) in pixels."""
-
-
-def parse_ratio(text: str) -> float:
-    """"16:9" → 16/9 (width over height)."""
-    w, sep, h = text.partition(":")
-    try:
-        value = float(w) / float(h) if sep else float(text)
-    except (ValueError, ZeroDivisionError):
-        raise ValueError(f"aspect ratio {text!r} is not W:H (e.g. 4:3)") from None
-    if not value > 0:
-        raise ValueError(f"aspect ratio {text!r} is not positive")
-    return value
 
 
 def _log_ratio(size: Size) -> float:

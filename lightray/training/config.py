@@ -9,12 +9,25 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from lightray.models.qwen_image import QWEN_IMAGE
 from lightray.registry import validate_name, validate_tenant
-from lightray.training.lora import LORA_TARGETS
 
 LARGE_TRANSFORMER_PARAMETERS = 1_000_000_000
 """From this size on a transformer trains with gradient checkpointing unless the config says otherwise: the real
 Qwen-Image (20.4B) is far above, the embedded model (a few million) far below."""
+
+
+def parse_ratio(text: str) -> float:
+    """"16:9" → 16/9 (width over height)."""
+    w, sep, h = text.partition(":")
+    try:
+        value = float(w) / float(h) if sep else float(text)
+    except (ValueError, ZeroDivisionError):
+        raise ValueError(f"aspect ratio {text!r} is not W:H (e.g. 4:3)") from None
+    if not value > 0:
+        raise ValueError(f"aspect ratio {text!r} is not positive")
+    return value
+
 
 class TrainConfig(BaseModel):
     """One LoRA training run, as written in `configs/train/<x>.yaml`."""
@@ -48,7 +61,7 @@ class TrainConfig(BaseModel):
     """LoRA rank r."""
     alpha: float | None = Field(None, gt=0)
     """LoRA alpha (the update is scaled by alpha / rank); None: equal to `rank`."""
-    target_modules: list[str] = Field(default_factory=lambda: list(LORA_TARGETS))
+    target_modules: list[str] = Field(default_factory=lambda: list(QWEN_IMAGE.lora_targets))
     """Transformer sub-modules that get LoRA matrices (peft `target_modules` suffixes)."""
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
     """Dropout on the LoRA branch during training."""
@@ -161,8 +174,6 @@ class TrainConfig(BaseModel):
     @field_validator("aspect_ratios")
     @classmethod
     def _ratios(cls, v: list[str]) -> list[str]:
-        from lightray.training.buckets import parse_ratio
-
         for text in v:
             parse_ratio(text)
         return v

@@ -15,7 +15,7 @@ from diffusers import QwenImageTransformer2DModel
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import Qwen2Tokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-from lightray.stages import text_encoder
+from lightray.models import qwen_image
 from lightray.world.shapes import EXTRA_SHAPES, SHAPES, all_scenes
 
 # Qwen2's pre-tokenizer split pattern (what the real Qwen tokenizer uses before byte-level BPE).
@@ -105,7 +105,7 @@ def build_tokenizer(arch: EmbeddedArchitecture) -> Qwen2Tokenizer:
 
 def template_prefix_length(tokenizer) -> int:
     """The `prompt_template_encode_start_idx` that goes with `tokenizer` (34 for the real Qwen tokenizer)."""
-    return text_encoder.template_prefix_length(tokenizer, PROMPT_TEMPLATE)
+    return qwen_image.template_prefix_length(tokenizer, PROMPT_TEMPLATE)
 
 
 def build_text_encoder(arch: EmbeddedArchitecture, tokenizer, seed: int) -> Qwen2_5_VLForConditionalGeneration:

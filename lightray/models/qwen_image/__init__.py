@@ -22,3 +22,13 @@ QWEN_IMAGE = ModelFamily(
     condition_tokens=False,
     lora_targets=TRANSFORMER_BLOCK_LINEARS,
 )
+
+
+def template_prefix_length(tokenizer, template: str) -> int:
+    """Tokens the chat template puts before the prompt: what the family's pipelines drop from the encoder's hidden
+    states (`prompt_template_encode_start_idx`, 34 for the real Qwen tokenizer and the text-to-image template)."""
+    prefix = template.split("{}")[0]
+    ids = tokenizer(prefix)["input_ids"]
+    if tokenizer(prefix + "a red circle")["input_ids"][: len(ids)] != ids:
+        raise ValueError("the template prefix does not tokenize independently of the prompt")
+    return len(ids)

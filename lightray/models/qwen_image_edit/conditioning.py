@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from lightray.models.qwen_image import template_prefix_length
 from lightray.models.qwen_image_edit import condition_size
 
 def load_processor(folder: Path, tokenizer):
@@ -48,8 +49,6 @@ def text_pipeline(folder: Path, dtype: torch.dtype = torch.float32, prompt_templ
     unless given (64 for the real Qwen tokenizer)."""
     from diffusers import QwenImageEditPlusPipeline
     from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
-
-    from lightray.stages.text_encoder import template_prefix_length
 
     tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
     text_encoder = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder / "text_encoder", dtype=dtype).eval()

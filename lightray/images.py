@@ -68,7 +68,7 @@ def _decoding(param: str, data: bytes) -> Iterator[None]:
         raise RequestError(param, f"{param} declares too many pixels (decompression bomb)",
                            code="image_too_large") from None
     except UnidentifiedImageError:
-        found = _sniff_format(data)
+        found = sniff_format(data)
         if found:
             raise RequestError(param, f"{param} is {found}; accepted formats are PNG, JPEG and WEBP",
                                code="unsupported_format") from None
@@ -140,7 +140,7 @@ def open_image(data: bytes, param: str, limits: ImageLimits = ImageLimits()) -> 
     return decode_upload(probe_image(data, param, limits))
 
 
-def _sniff_format(data: bytes) -> str | None:
+def sniff_format(data: bytes) -> str | None:
     """The format PIL would read `data` as, any format allowed (header only), for a precise error message."""
     try:
         with warnings.catch_warnings():

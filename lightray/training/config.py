@@ -10,6 +10,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from lightray.registry import validate_name, validate_tenant
+from lightray.training.data import DatasetLimits
 from lightray.training.lora import LORA_TARGETS
 
 LARGE_TRANSFORMER_PARAMETERS = 1_000_000_000
@@ -106,6 +107,17 @@ class TrainConfig(BaseModel):
     """Train on the usable records of a data set that has bad ones (unreadable images, missing captions, images
     smaller than their buckets) instead of refusing it; the log and the manifest's notes say how many were
     skipped, and why."""
+    max_dataset_records: int = Field(10_000, ge=1)
+    """Most records (non-empty metadata.jsonl lines) a data set may have; more refuse it before any image is read
+    or downloaded."""
+    max_file_bytes: int = Field(32 * 1024 * 1024, ge=1024)
+    """Largest file of a data set, in bytes (each image, and metadata.jsonl): checked by a stat (or the store's
+    listing) before the file is read or downloaded, and the read stops past it. A larger image is a bad record
+    (`skip_bad_images` skips it); a larger metadata.jsonl refuses the data set."""
+    max_dataset_bytes: int = Field(2 * 1024**3, ge=1024)
+    """Most bytes of image files a data set may hold in all. The driver keeps the files (not their pixels) and
+    sends them to the workers, which decode their own shards, so this bounds the driver's memory and the object
+    store's; past it the data set is refused before the rest is read or downloaded."""
     input_cache: str | None = None
     """Where the caching pass writes the encoded latents and caption embeddings (folder or fsspec URL), so a
     restarted run reuses them; None: `<storage_path>/input-cache` when `storage_path` is set, else nothing is kept
@@ -191,6 +203,10 @@ class TrainConfig(BaseModel):
     def micro_batch(self) -> int:
         """Images one worker runs per forward."""
         return self.batch_size // (self.num_workers * self.gradient_accumulation_steps)
+
+    def dataset_limits(self) -> DatasetLimits:
+        """The data-set bounds above, for `load_imagefolder` and `fetch_dataset`."""
+        return DatasetLimits(self.max_dataset_records, self.max_file_bytes, self.max_dataset_bytes)
 
     def checkpointing_for(self, transformer_parameters: int) -> bool:
         """Whether a transformer of that many parameters trains with gradient checkpointing (see the field)."""

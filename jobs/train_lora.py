@@ -220,9 +220,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         with tempfile.TemporaryDirectory(prefix="lora-dataset-") as tmp:
+            limits = config.dataset_limits()
             data = load_imagefolder(fetch_dataset(config.dataset, config.dataset_storage_options,
-                                                  Path(tmp) / "dataset"), buckets,
-                                    skip_bad_images=config.skip_bad_images)
+                                                  Path(tmp) / "dataset", limits), buckets,
+                                    skip_bad_images=config.skip_bad_images, limits=limits)
     except (DatasetError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import ipaddress
 import mimetypes
 import os
 import signal
@@ -48,6 +49,55 @@ def _serve_url(config: Path) -> str:
     return f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}"
 
 
+LOOPBACK_NAMES = ("localhost",)
+"""Host names taken for loopback besides loopback addresses (127.0.0.0/8, ::1)."""
+
+
+class UnsafeServeConfig(ValueError):
+    """A Serve YAML `lightray serve` refuses to run."""
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding to `host` keeps the service on this machine: a loopback address or "localhost" (not
+    0.0.0.0 or ::, which bind every interface)."""
+    host = host.strip().strip("[]").lower()
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _auth_off(app: dict, environ: dict[str, str]) -> bool:
+    """Whether an application of a Serve YAML runs with auth off, by the precedence `ServiceSettings` applies: its
+    `args`, else `LIGHTRAY_AUTH_ENABLED` (the application's runtime_env, else this process's environment), else on.
+    (lightray/ does not import serve_app, so the precedence is restated here; pydantic's false words.)"""
+    value = (app.get("args") or {}).get("auth_enabled")
+    if value is None:
+        env_vars = (app.get("runtime_env") or {}).get("env_vars") or {}
+        value = env_vars.get("LIGHTRAY_AUTH_ENABLED", environ.get("LIGHTRAY_AUTH_ENABLED"))
+    if value is None:
+        return False
+    if isinstance(value, str):
+        return value.strip().lower() in ("0", "off", "f", "false", "n", "no")
+    return value is False or value == 0
+
+
+def check_serve_config(config: dict, environ: dict[str, str]) -> None:
+    """Refuse (`UnsafeServeConfig`) a Serve YAML that runs an application with auth off on a bind that is not
+    loopback: with no API keys, every caller that reaches the port is the local user (docs/security.md)."""
+    host = str((config.get("http_options") or {}).get("host", "127.0.0.1"))
+    if is_loopback(host):
+        return
+    for app in config.get("applications") or []:
+        if _auth_off(app, environ):
+            raise UnsafeServeConfig(
+                f"application {app.get('name', '?')!r} has auth_enabled off, which is only allowed on a loopback "
+                f"bind, but http_options.host is {host!r}: bind to 127.0.0.1 or turn auth on with API keys "
+                "(LIGHTRAY_API_KEYS)")
+
+
 def spawn_interruptible(cmd: list[str], **kwargs) -> subprocess.Popen:
     """`subprocess.Popen` whose child takes SIGINT as Ctrl-C even when this process was started in the
     background. A shell starts background jobs (`make serve &`, nohup) with SIGINT ignored, an ignored signal
@@ -57,7 +107,14 @@ def spawn_interruptible(cmd: list[str], **kwargs) -> subprocess.Popen:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    import yaml
+
     config = Path(args.config)
+    try:
+        check_serve_config(yaml.safe_load(config.read_text()) or {}, dict(os.environ))
+    except (UnsafeServeConfig, OSError, yaml.YAMLError) as e:
+        print(f"error: {config}: {e}", file=sys.stderr)
+        return 2
     env = with_ray_defaults(os.environ)
     env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     serve_bin = Path(sys.executable).parent / "serve"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -128,12 +129,33 @@ def compose_pngs(pngs: Sequence[bytes], prepared: PreparedEdit, encoding: Output
     return [encode_image(im, encoding) for im in compose_edit(images, prepared)]
 
 
+def preview_frame(prepared: PreparedEdit) -> PreparedEdit:
+    """What a streamed edit's previews are composed onto. Without a crop the canvas is the model's image, so
+    `prepared` itself. With `padding_mask_crop` the canvas is the whole input (up to `max_image_pixels`): composing
+    and encoding it per preview would cost each preview what the final image costs, so the canvas, the overlay and
+    the crop box are scaled down (once per stream) to at most the model's pixels, and a preview costs what one of
+    the model's size does. The final image is composed at full size from `prepared`."""
+    if prepared.box is None:
+        return prepared
+    (cw, ch), (mw, mh) = prepared.canvas.size, prepared.image.size
+    scale = min(1.0, math.sqrt(mw * mh / (cw * ch)))
+    if scale == 1.0:
+        return prepared
+    size = (max(1, round(cw * scale)), max(1, round(ch * scale)))
+    x, y, x2, y2 = prepared.box
+    left, top = math.floor(x * scale), math.floor(y * scale)
+    box = (left, top, max(left + 1, math.ceil(x2 * scale)), max(top + 1, math.ceil(y2 * scale)))
+    return dataclasses.replace(prepared, canvas=prepared.canvas.resize(size, Image.Resampling.BILINEAR),
+                               overlay=prepared.overlay.resize(size, Image.Resampling.BILINEAR), box=box)
+
+
 def compose_preview_pngs(pngs: Sequence[bytes], prepared: PreparedEdit, encoding: OutputEncoding = PNG) -> list[bytes]:
     """`compose_pngs` for a streamed edit's previews, which may be smaller than the model's output (a fast preview
     is a quarter of its side, `lightray.stages.preview`): each is first resized to the model's size (bilinear), so
-    it lands on the canvas where the final image will, then composed; the composed preview has the output's size
-    and the input's pixels where the final image will. Unchanged bytes when nothing is composed (an img2img
-    preview keeps its own size, as a generation's does)."""
+    it lands on the canvas where the final image will, then composed. `prepared` is `preview_frame`'s: the composed
+    preview has the output's size, or with `padding_mask_crop` at most the model's pixels (the output scaled
+    down), and the input's pixels (scaled as the preview is) where the final image will. Unchanged bytes when
+    nothing is composed (an img2img preview keeps its own size, as a generation's does)."""
     if not prepared.composes:
         return list(pngs)
     size = prepared.image.size

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import struct
 import warnings
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -48,32 +50,25 @@ class ImageLimits:
     max_bytes: int = 10 * 1024 * 1024
     max_pixels: int = 4096 * 4096
     max_side: int = 8192
+    max_request_pixels: int = 24 * 1024 * 1024
+    """Pixels one request may have decoded, every upload (image, mask, each of an instruction edit's pictures)
+    counted, checked from the headers before anything is decoded."""
 
 
-def open_image(data: bytes, param: str, limits: ImageLimits = ImageLimits()) -> Image.Image:
-    """Decode an uploaded PNG/JPEG/WEBP (first frame), checking its size in bytes and pixels before decoding."""
-    if not data:
-        raise RequestError(param, f"{param} is empty")
-    if len(data) > limits.max_bytes:
-        raise RequestError(param, f"{param} is larger than {limits.max_bytes} bytes, the most accepted",
-                           status=413, code="image_too_large")
+@contextlib.contextmanager
+def _decoding(param: str, data: bytes) -> Iterator[None]:
+    """Every failure of PIL while reading `data` as a RequestError naming `param`."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
-            width, height = image.size
-            if width * height > limits.max_pixels or max(width, height) > limits.max_side:
-                raise RequestError(
-                    param, f"{param} is {width}x{height}; at most {limits.max_pixels} pixels and "
-                    f"{limits.max_side} per side are accepted", code="image_too_large")
-            image.load()
+            yield
     except RequestError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise RequestError(param, f"{param} declares too many pixels (decompression bomb)",
                            code="image_too_large") from None
     except UnidentifiedImageError:
-        found = _sniff_format(data)
+        found = sniff_format(data)
         if found:
             raise RequestError(param, f"{param} is {found}; accepted formats are PNG, JPEG and WEBP",
                                code="unsupported_format") from None
@@ -82,10 +77,70 @@ def open_image(data: bytes, param: str, limits: ImageLimits = ImageLimits()) -> 
     except (OSError, ValueError, SyntaxError, EOFError, MemoryError, struct.error) as e:
         raise RequestError(param, f"{param} could not be decoded ({type(e).__name__}: truncated or corrupt?)",
                            code="invalid_image") from None
-    return ImageOps.exif_transpose(image)
 
 
-def _sniff_format(data: bytes) -> str | None:
+@dataclasses.dataclass
+class Upload:
+    """An upload whose header has been checked (`probe_image`) and that is not decoded yet."""
+
+    param: str
+    data: bytes
+    image: Image.Image
+    """PIL's lazily opened image: format, mode and size read from the header, no pixels."""
+
+    @property
+    def pixels(self) -> int:
+        return self.image.width * self.image.height
+
+
+def probe_image(data: bytes, param: str, limits: ImageLimits = ImageLimits()) -> Upload:
+    """Check an upload from its header alone: size in bytes, format (PNG, JPEG or WEBP), pixels and sides, and
+    a still picture (an animated PNG or WEBP is a 400: which frame to edit would be a guess). Nothing is decoded."""
+    if not data:
+        raise RequestError(param, f"{param} is empty")
+    if len(data) > limits.max_bytes:
+        raise RequestError(param, f"{param} is larger than {limits.max_bytes} bytes, the most accepted",
+                           status=413, code="image_too_large")
+    with _decoding(param, data):
+        image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+        width, height = image.size
+        if width * height > limits.max_pixels or max(width, height) > limits.max_side:
+            raise RequestError(
+                param, f"{param} is {width}x{height}; at most {limits.max_pixels} pixels and "
+                f"{limits.max_side} per side are accepted", code="image_too_large")
+        if getattr(image, "is_animated", False):
+            raise RequestError(param, f"{param} is an animated {image.format} ({image.n_frames} frames); send a "
+                                      "still picture", code="unsupported_format")
+    return Upload(param, data, image)
+
+
+def probe_uploads(uploads: Sequence[tuple[str, bytes]], limits: ImageLimits = ImageLimits()) -> list[Upload]:
+    """`probe_image` for each (param, bytes) of a request, and the request's pixel budget
+    (`limits.max_request_pixels`): the upload that takes the total past it is a 400 naming it. Nothing decoded."""
+    probed, total = [], 0
+    for param, data in uploads:
+        upload = probe_image(data, param, limits)
+        total += upload.pixels
+        if total > limits.max_request_pixels:
+            raise RequestError(param, f"{param} takes the request's uploads to {total} pixels; at most "
+                                      f"{limits.max_request_pixels} are decoded per request", code="image_too_large")
+        probed.append(upload)
+    return probed
+
+
+def decode_upload(upload: Upload) -> Image.Image:
+    """The probed upload's pixels (its first and only frame), turned upright as its EXIF orientation says."""
+    with _decoding(upload.param, upload.data):
+        upload.image.load()
+        return ImageOps.exif_transpose(upload.image)
+
+
+def open_image(data: bytes, param: str, limits: ImageLimits = ImageLimits()) -> Image.Image:
+    """Decode an uploaded still PNG/JPEG/WEBP, checking its size in bytes and pixels before decoding."""
+    return decode_upload(probe_image(data, param, limits))
+
+
+def sniff_format(data: bytes) -> str | None:
     """The format PIL would read `data` as, any format allowed (header only), for a precise error message."""
     try:
         with warnings.catch_warnings():
@@ -129,13 +184,20 @@ def mask_from_alpha(mask: Image.Image, param: str = "mask") -> Image.Image:
 def load_edit_inputs(image: bytes, mask: bytes | None = None,
                      limits: ImageLimits = ImageLimits()) -> tuple[Image.Image, Image.Image | None]:
     """Uploaded image (and optional OpenAI-style mask) → (RGB image, "L" mask with 255 = edit, or None)."""
-    picture = to_rgb(open_image(image, "image", limits))
+    uploads = [("image", image)] + ([("mask", mask)] if mask is not None else [])
+    return decode_edit_inputs(*probe_uploads(uploads, limits))
+
+
+def decode_edit_inputs(image: Upload, mask: Upload | None = None) -> tuple[Image.Image, Image.Image | None]:
+    """`load_edit_inputs` for probed uploads: each turned upright by its own EXIF orientation (as any viewer
+    shows it, so a mask drawn over the picture as shown lines up with it), then compared in size."""
+    picture = to_rgb(decode_upload(image))
     if mask is None:
         return picture, None
-    m = open_image(mask, "mask", limits)
+    m = decode_upload(mask)
     if m.size != picture.size:
         raise RequestError("mask", f"mask is {m.width}x{m.height}; it must have the image's size "
-                                   f"({picture.width}x{picture.height})")
+                                   f"({picture.width}x{picture.height}, upright)")
     return picture, mask_from_alpha(m)
 
 

@@ -16,7 +16,14 @@ from PIL import Image
 from lightray.adapters import fetch_for_preset
 from lightray.config import ModelPreset
 from lightray.contracts import AdapterLoadError, DenoisedLatents, EngineFull, OutputEncoding, StepProgress
-from lightray.edits import PreparedEdit, compose_preview_pngs, compose_pngs, decoded_encoding, prepare_edit
+from lightray.edits import (
+    PreparedEdit,
+    compose_preview_pngs,
+    compose_pngs,
+    decoded_encoding,
+    prepare_edit,
+    preview_frame,
+)
 from lightray.images import encode_image
 from lightray.registry import AdapterCorrupt, AdapterNotFound, AdapterRegistry, AdapterRegistryError
 from lightray.schemas import EditSpec, GenerationSpec, RequestError
@@ -469,13 +476,17 @@ async def _composed_stream(spec: EditSpec, image: Image.Image, mask: Image.Image
     model's stream, and yield its items with every preview and the final image composed as the non-streaming
     `edit` composes its images, and encoded as `spec.output` (`start` has the model's outputs encoded as
     `lightray.edits.decoded_encoding` says). Closing this closes the model's stream at once (which cancels its
-    work)."""
+    work). Previews are composed onto `lightray.edits.preview_frame` (with `padding_mask_crop`, the input scaled
+    down to the model's pixels), made when the first one comes."""
     prepared = await asyncio.to_thread(prepare_edit, image, mask, spec)
+    preview = None
     items = start(prepared)
     try:
         async for item in items:
             if isinstance(item, PartialImages):
-                pngs = await asyncio.to_thread(compose_preview_pngs, item.pngs, prepared, spec.output)
+                if preview is None:
+                    preview = await asyncio.to_thread(preview_frame, prepared)
+                pngs = await asyncio.to_thread(compose_preview_pngs, item.pngs, preview, spec.output)
                 item = dataclasses.replace(item, pngs=pngs)
             elif isinstance(item, GenerationResult):
                 item = await _composed_result(item, prepared, spec.output)

@@ -77,6 +77,12 @@ class ServiceSettings(RegistrySettings):
     max_image_pixels: int = Field(4096 * 4096, ge=256)
     """Largest input image accepted by /v1/images/edits, in pixels (checked before decoding; the output size is
     limited by the model preset)."""
+    max_request_image_pixels: int = Field(24 * 1024 * 1024, ge=256)
+    """Pixels one edit may have decoded, every upload counted (image and mask, or an instruction edit's 1-3
+    pictures), in pixels. Decided from the uploads' headers before any is decoded: past it the request is a 400
+    naming the upload (`image`, `mask`, `image[i]`) that crossed it (a 75 KB PNG can declare 4096², and decoding
+    one with its mask took 0.94 s of CPU and 337 MB). The default takes a 12 Mpx photo and its mask; decoding is
+    charged to `max_admitted_work` too (`serve_app.admission.pixel_work`)."""
     max_concurrent_requests: int = Field(32, ge=1)
     """Generations and edits in progress per ingress replica; the next one is answered 503 + Retry-After at once
     (serve_app/admission.py says why the stage queues alone do not bound a burst)."""

@@ -238,3 +238,66 @@ def test_edit_takes_its_pictures_and_instruction_between_options(monkeypatch, tm
     assert sent[-1]["data"]["prompt"] == "make the circle blue" and sent[-1]["data"]["seed"] == "3"
     with pytest.raises(SystemExit):  # an unknown option is still refused
         cli.main(["edit", first, "--sede", "3", "make the circle blue"])
+
+
+# ------------------------------------------------------------------ `lightray serve`: auth off only on loopback
+
+def _serve_yaml(tmp_path, host: str, args: dict, env_vars: dict | None = None):
+    import yaml
+
+    app = {"name": "lightray", "import_path": "serve_app.app:build_app", "args": args}
+    if env_vars is not None:
+        app["runtime_env"] = {"env_vars": env_vars}
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump({"http_options": {"host": host, "port": 8000}, "applications": [app]}))
+    return path
+
+
+class _Spawned(Exception):
+    pass
+
+
+def _no_spawn(*args, **kwargs):
+    raise _Spawned
+
+
+@pytest.mark.parametrize("host,args,env_vars", [
+    ("0.0.0.0", {"auth_enabled": False}, None),
+    ("::", {"auth_enabled": "false"}, None),
+    ("10.1.2.3", {}, {"LIGHTRAY_AUTH_ENABLED": "0"}),
+])
+def test_serve_refuses_auth_off_on_a_non_loopback_bind(monkeypatch, tmp_path, capsys, host, args, env_vars):
+    """With no API keys every caller that reaches the port is the local user, so auth off needs a loopback bind:
+    `lightray serve` refuses the config before starting anything, naming the host and the setting."""
+    monkeypatch.setattr(cli, "spawn_interruptible", _no_spawn)
+    monkeypatch.delenv("LIGHTRAY_AUTH_ENABLED", raising=False)
+    assert cli.main(["serve", str(_serve_yaml(tmp_path, host, args, env_vars))]) == 2
+    err = capsys.readouterr().err
+    assert "auth_enabled" in err and repr(host) in err and "loopback" in err
+
+
+def test_serve_refuses_auth_off_from_the_environment(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(cli, "spawn_interruptible", _no_spawn)
+    monkeypatch.setenv("LIGHTRAY_AUTH_ENABLED", "false")
+    assert cli.main(["serve", str(_serve_yaml(tmp_path, "0.0.0.0", {}))]) == 2
+
+
+@pytest.mark.parametrize("host,args", [
+    ("127.0.0.1", {"auth_enabled": False}), ("localhost", {"auth_enabled": False}), ("::1", {"auth_enabled": False}),
+    ("0.0.0.0", {}), ("0.0.0.0", {"auth_enabled": True}),
+])
+def test_serve_starts_auth_off_on_loopback_and_auth_on_anywhere(monkeypatch, tmp_path, host, args):
+    monkeypatch.setattr(cli, "spawn_interruptible", _no_spawn)
+    monkeypatch.delenv("LIGHTRAY_AUTH_ENABLED", raising=False)
+    with pytest.raises(_Spawned):
+        cli.main(["serve", str(_serve_yaml(tmp_path, host, args))])
+
+
+@pytest.mark.parametrize("name", ["local.yaml", "gpu.yaml"])
+def test_the_shipped_serve_configs_pass_the_bind_check(monkeypatch, name):
+    import yaml
+
+    from lightray.config import REPO_ROOT
+
+    monkeypatch.delenv("LIGHTRAY_AUTH_ENABLED", raising=False)
+    cli.check_serve_config(yaml.safe_load((REPO_ROOT / "configs/serve" / name).read_text()), {})

@@ -144,9 +144,10 @@ def test_a_streamed_inpaint_sends_image_edit_events_equal_to_the_plain_edit(api_
             assert np.array_equal(pixels(d["b64_json"])[outside], source[outside])
 
 
-def test_a_streamed_padding_mask_crop_edit_sends_full_size_pasted_back_images(api_client):
-    """With `padding_mask_crop` the model works on a crop around the mask; previews and the final image are pasted
-    back into the full input, as the plain answer is."""
+def test_a_streamed_padding_mask_crop_edit_sends_pasted_back_images_and_previews_at_the_models_pixels(api_client):
+    """With `padding_mask_crop` the model works on a crop around the mask; the final image is pasted back into the
+    full input, as the plain answer is. Previews are pasted back into the input scaled down to the model's pixels
+    (`lightray.edits.preview_frame`), so a large picture is not recomposed and re-encoded in full per preview."""
     picture = render(Scene("red", "circle", "left", "white"), 128)
     mask = Image.new("RGBA", (128, 128), (0, 0, 0, 255))
     mask.paste((0, 0, 0, 0), (16, 40, 56, 88))
@@ -159,12 +160,13 @@ def test_a_streamed_padding_mask_crop_edit_sends_full_size_pasted_back_images(ap
                     data={**fields, "stream": "true", "partial_images": "1"})
     images = [d for _, d in events if d["type"] in ("image_edit.partial_image", "image_edit.completed")]
     assert [d["type"] for d in images] == ["image_edit.partial_image", "image_edit.completed"]
-    source = np.asarray(picture.convert("RGB"), dtype=np.int16)
-    for d in images:
+    for d, side in zip(images, (64, 128)):  # the preview at the model's 64x64 pixels, the final image in full
         assert d["size"] == "128x128"
+        source = np.asarray(picture.resize((side, side), Image.Resampling.BILINEAR).convert("RGB"), dtype=np.int16)
         got = pixels(d["b64_json"])
-        assert got.shape == (128, 128, 3)
-        assert np.abs(got[:, 80:] - source[:, 80:]).max() == 0  # far from the mask: the input, exactly
+        assert got.shape == (side, side, 3)
+        far = side * 80 // 128
+        assert np.abs(got[:, far:] - source[:, far:]).max() == 0  # far from the mask: the input, exactly
     assert images[-1]["b64_json"] == plain.json()["data"][0]["b64_json"]
 
 

@@ -26,7 +26,7 @@ from lightray.fingerprint import fingerprint_model
 from lightray.config import load_preset
 from lightray.registry import AdapterRegistry
 from lightray.training.config import TrainConfig, load_train_config
-from lightray.training.data import DatasetError, fetch_dataset, load_imagefolder
+from lightray.training.data import DatasetError, DatasetLimits, fetch_dataset, load_imagefolder
 from lightray.training.flow_matching import predict
 from lightray.training.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LORA_TARGETS
 from lightray.training.trainer import LoraTrainer, run_training
@@ -233,15 +233,15 @@ def test_modes_and_sizes_are_normalised(tmp_path):
     rgba.paste((220, 40, 40, 255), (40, 30, 60, 50))
     rgba.save(folder / "a.png")
     Image.new("L", (32, 32), 128).save(folder / "b.png")
-    Image.new("RGB", (64, 64), (40, 80, 220)).convert("P").save(folder / "c.gif")
+    Image.new("RGB", (64, 64), (40, 80, 220)).convert("P").save(folder / "c.png")
     Image.new("CMYK", (70, 70)).save(folder / "d.jpg")
-    _write_meta(folder, [{"file_name": n, "text": f"image {n}"} for n in ("a.png", "b.png", "c.gif", "d.jpg")])
+    _write_meta(folder, [{"file_name": n, "text": f"image {n}"} for n in ("a.png", "b.png", "c.png", "d.jpg")])
     data = load_imagefolder(folder, 64)
-    images = np.stack(data.images)
+    images = np.stack([data.image(i) for i in range(len(data))])
     assert images.shape == (4, 64, 64, 3) and images.dtype == np.uint8
     assert tuple(images[0, 0, 0]) == (255, 255, 255)
     assert tuple(images[0, 32, 32]) == (220, 40, 40)  # the centre crop keeps the middle
-    assert data.captions == ["image a.png", "image b.png", "image c.gif", "image d.jpg"]
+    assert data.captions == ["image a.png", "image b.png", "image c.png", "image d.jpg"]
     assert any("converted to RGB" in n for n in data.notes) and any("resized" in n for n in data.notes)
 
 
@@ -258,6 +258,84 @@ def test_dataset_hash_covers_captions_and_pixels(tmp_path):
     img.putpixel((0, 0), (1, 2, 3))
     img.save(folder / records[1]["file_name"])
     assert load_imagefolder(folder, 64).hash not in (h, h2)
+
+
+def test_dataset_bounds_are_checked_before_reading_and_name_their_setting(tmp_path, monkeypatch):
+    """Records, bytes per file and bytes in all are bounded (TrainConfig's max_dataset_records, max_file_bytes,
+    max_dataset_bytes); a file past its cap is refused from a stat, never read whole."""
+    folder = _small_folder(tmp_path, n=3)
+    names = [r["file_name"] for r in _meta(folder)]
+    sizes = [(folder / n).stat().st_size for n in names]
+    with pytest.raises(DatasetError, match=r"3 records, more than max_dataset_records \(2\)"):
+        load_imagefolder(folder, 64, limits=DatasetLimits(max_records=2))
+    with pytest.raises(DatasetError, match=r"line 3: the files named up to .* take more than max_dataset_bytes"):
+        load_imagefolder(folder, 64, limits=DatasetLimits(max_total_bytes=sizes[0] + sizes[1] + sizes[2] - 1))
+    big = max(sizes)
+    read = []
+    real_read_bytes = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda self: read.append(self.name) or real_read_bytes(self))
+    with pytest.raises(DatasetError, match=rf"file '{names[sizes.index(big)]}' is larger than max_file_bytes") as info:
+        load_imagefolder(folder, 64, limits=DatasetLimits(max_file_bytes=big - 1))
+    assert "set skip_bad_images: true" in str(info.value) and not read
+    skipped = load_imagefolder(folder, 64, skip_bad_images=True, limits=DatasetLimits(max_file_bytes=big - 1))
+    assert len(skipped) == 2
+    cfg = TrainConfig(tenant="demo", name="b", dataset=str(folder), max_dataset_records=5, max_file_bytes=2048,
+                      max_dataset_bytes=4096)
+    assert cfg.dataset_limits() == DatasetLimits(5, 2048, 4096)
+
+
+@pytest.mark.parametrize("fmt,name", [("TIFF", "x.tif"), ("BMP", "x.bmp"), ("GIF", "x.gif"), ("EPS", "x.png")])
+def test_only_png_jpeg_and_webp_are_decoded(tmp_path, fmt, name):
+    """Image.open runs only the PNG, JPEG and WEBP decoders on a data set's files, whatever their name says (EPS
+    would run Ghostscript; TIFF and PSD are large, old decoders)."""
+    folder = _small_folder(tmp_path, n=2)
+    records = _meta(folder)
+    if fmt == "EPS":
+        (folder / name).write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n")
+    else:
+        Image.new("RGB", (64, 64), "red").save(folder / name, format=fmt)
+    _write_meta(folder, records + [{"file_name": name, "text": "a red square"}])
+    with pytest.raises(DatasetError) as info:
+        load_imagefolder(folder, 64)
+    assert f"line 3: image {name!r} is {fmt}; accepted formats are PNG, JPEG and WEBP" in str(info.value)
+
+
+def test_the_driver_keeps_file_bytes_and_workers_decode_their_shard(tmp_path, monkeypatch):
+    """No pixels are held in the loaded data set: each image's file bytes and bucket, decoded on use (a worker
+    decodes its own shard in the caching pass), to the same pixels every time."""
+    import lightray.training.data as data_module
+
+    folder = _small_folder(tmp_path, n=4)
+    data = load_imagefolder(folder, 64)
+    assert not any(isinstance(v, np.ndarray) for v in vars(data).values())
+    assert sum(len(b) for b in data.sources) == sum((folder / f).stat().st_size for f in data.files)
+    decoded = []
+    real = data_module._upright_rgb
+    monkeypatch.setattr(data_module, "_upright_rgb", lambda im: decoded.append(1) or real(im))
+    shard = data.shard(1, 2)
+    assert not decoded and len(shard) == 2
+    first = shard.image(0)
+    assert len(decoded) == 1 and first.shape == (64, 64, 3) and np.array_equal(first, data.image(1))
+
+
+def test_a_remote_dataset_is_bounded_before_download(s3_server, s3_prefix, tmp_path):
+    import fsspec
+
+    folder = _small_folder(tmp_path, n=3)
+    fs, root = fsspec.core.url_to_fs(s3_prefix, **s3_server.storage_options)
+    for p in folder.iterdir():
+        fs.put_file(str(p), f"{root}/bounded/{p.name}")
+    url = f"{s3_prefix}/bounded"
+    with pytest.raises(DatasetError, match=r"more than max_dataset_records \(2\)"):
+        fetch_dataset(url, s3_server.storage_options, tmp_path / "a", DatasetLimits(max_records=2))
+    with pytest.raises(DatasetError, match="max_dataset_bytes"):
+        fetch_dataset(url, s3_server.storage_options, tmp_path / "b", DatasetLimits(max_total_bytes=2048))
+    sizes = {r["file_name"]: (folder / r["file_name"]).stat().st_size for r in _meta(folder)}
+    name, big = max(sizes.items(), key=lambda kv: kv[1])
+    limits = DatasetLimits(max_file_bytes=big - 1)
+    local = fetch_dataset(url, s3_server.storage_options, tmp_path / "c", limits)
+    with pytest.raises(DatasetError, match=rf"file '{name}' is larger than max_file_bytes"):
+        load_imagefolder(local, 64, limits=limits)
 
 
 # --------------------------------------------------------------------------------------------------- config

@@ -134,7 +134,7 @@ def encode_inputs(config: TrainConfig, preset: ModelPreset, shard: ImageCaptionD
     for size, idx in sorted(by_bucket.items()):
         chunks = []
         for i in range(0, len(idx), config.cache_vae_batch_size):
-            pixels = images_to_tensor(shard.images[j] for j in idx[i : i + config.cache_vae_batch_size])
+            pixels = images_to_tensor(shard.image(j) for j in idx[i : i + config.cache_vae_batch_size])
             chunks.append(torch.from_numpy(vae_stage.encode_pixels(pixels)).to(dtype))
         latents[size] = torch.cat(chunks)
         captions[size] = [shard.captions[j] for j in idx]

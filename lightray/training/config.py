@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from pathlib import Path
 from typing import Any, Literal
@@ -15,6 +16,16 @@ from lightray.registry import validate_name, validate_tenant
 LARGE_TRANSFORMER_PARAMETERS = 1_000_000_000
 """From this size on a transformer trains with gradient checkpointing unless the config says otherwise: the real
 Qwen-Image (20.4B) is far above, the embedded model (a few million) far below."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetLimits:
+    """How large a data set may be (`TrainConfig`'s `max_dataset_records`, `max_file_bytes`,
+    `max_dataset_bytes`, whose names the errors use), checked before the bytes are read or downloaded."""
+
+    max_records: int = 10_000
+    max_file_bytes: int = 32 * 1024 * 1024
+    max_total_bytes: int = 2 * 1024**3
 
 
 def parse_ratio(text: str) -> float:
@@ -119,6 +130,17 @@ class TrainConfig(BaseModel):
     """Train on the usable records of a data set that has bad ones (unreadable images, missing captions, images
     smaller than their buckets) instead of refusing it; the log and the manifest's notes say how many were
     skipped, and why."""
+    max_dataset_records: int = Field(10_000, ge=1)
+    """Most records (non-empty metadata.jsonl lines) a data set may have; more refuse it before any image is read
+    or downloaded."""
+    max_file_bytes: int = Field(32 * 1024 * 1024, ge=1024)
+    """Largest file of a data set, in bytes (each image, and metadata.jsonl): checked by a stat (or the store's
+    listing) before the file is read or downloaded, and the read stops past it. A larger image is a bad record
+    (`skip_bad_images` skips it); a larger metadata.jsonl refuses the data set."""
+    max_dataset_bytes: int = Field(2 * 1024**3, ge=1024)
+    """Most bytes of image files a data set may hold in all. The driver keeps the files (not their pixels) and
+    sends them to the workers, which decode their own shards, so this bounds the driver's memory and the object
+    store's; past it the data set is refused before the rest is read or downloaded."""
     input_cache: str | None = None
     """Where the caching pass writes the encoded latents and caption embeddings (folder or fsspec URL), so a
     restarted run reuses them; None: `<storage_path>/input-cache` when `storage_path` is set, else nothing is kept
@@ -202,6 +224,10 @@ class TrainConfig(BaseModel):
     def micro_batch(self) -> int:
         """Images one worker runs per forward."""
         return self.batch_size // (self.num_workers * self.gradient_accumulation_steps)
+
+    def dataset_limits(self) -> DatasetLimits:
+        """The data-set bounds above, for `load_imagefolder` and `fetch_dataset`."""
+        return DatasetLimits(self.max_dataset_records, self.max_file_bytes, self.max_dataset_bytes)
 
     def checkpointing_for(self, transformer_parameters: int) -> bool:
         """Whether a transformer of that many parameters trains with gradient checkpointing (see the field)."""

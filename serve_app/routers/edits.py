@@ -20,6 +20,7 @@ import base64
 import binascii
 import json
 import secrets
+import time
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -30,11 +31,11 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
 from lightray.edits import output_size
-from lightray.images import ImageLimits, load_edit_inputs, open_image, to_rgb
+from lightray.images import ImageLimits, decode_edit_inputs, decode_upload, probe_uploads, to_rgb
 from lightray.models.qwen_image_edit import MAX_INPUT_IMAGES
 from lightray.registry import AdapterRegistry
 from lightray.schemas import ImageEditRequest, ImagesResponse, RequestError, lora_params
-from serve_app.admission import Admission, request_work
+from serve_app.admission import Admission, pixel_work, request_work
 from serve_app.auth import Principal
 from serve_app.dependencies import (
     admitted,
@@ -112,6 +113,8 @@ async def edit_images(
     admission: Admission = Depends(admitted),
 ) -> ImagesResponse | StreamingResponse:
     fields, images_bytes, mask_bytes = await _read_body(request, settings)
+    # The request's clock starts once its body is in: decoding the uploads runs within the timeout too.
+    deadline = time.monotonic() + settings.request_timeout_s
     try:
         body = ImageEditRequest.model_validate(fields)
     except ValidationError as e:
@@ -119,53 +122,60 @@ async def edit_images(
     if not images_bytes:
         raise RequestError("image", "image is required (a PNG, JPEG or WEBP file)")
     backend = models.for_request(body.model, "edits")
-    limits = ImageLimits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)
+    limits = ImageLimits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels,
+                         max_request_pixels=settings.max_request_image_pixels)
     if backend.preset.model_family.condition_tokens:
         return await _instruct(body, images_bytes, mask_bytes, limits, backend, request, response, settings, store,
-                               registry, principal, admission)
+                               registry, principal, admission, deadline)
     if len(images_bytes) > 1:
         raise RequestError("image", f"model {body.model or backend.preset.model_ids[0]!r} edits one image "
                                     f"(img2img / inpainting); got {len(images_bytes)}")
-    image, mask = await asyncio.to_thread(load_edit_inputs, images_bytes[0], mask_bytes, limits)
+    uploads = probe_uploads([("image", images_bytes[0])] + ([("mask", mask_bytes)] if mask_bytes is not None else []),
+                            limits)
+    admission.charge(pixel_work(sum(upload.pixels for upload in uploads)))
+    image, mask = await within_timeout(asyncio.to_thread(decode_edit_inputs, *uploads), settings, "edit", deadline)
     spec = body.resolve(backend.preset, default_seed=secrets.randbelow(2**31), image_size=image.size,
                         inpaint=mask is not None, max_output_pixels=settings.max_image_pixels)
     attribute_to(spec, principal, body.priority)
-    admission.charge(request_work(spec.denoise_params()))
+    width, height = output_size(spec, image.size)
+    composed = len(spec.seeds) * width * height if mask is not None else 0  # outputs laid over the input
+    admission.charge(request_work(spec.denoise_params()) + pixel_work(composed))
     await pin_adapters(spec, registry, backend.preset, principal.tenant, lora_params(body.lora))
     if body.stream:
-        width, height = output_size(spec, image.size)
-        return stream_response("edit", spec, backend.edit_stream(spec, image, mask), settings.request_timeout_s,
-                               request_id_of(request), f"{width}x{height}")
-    result = await within_timeout(backend.edit(spec, image, mask), settings, "edit")
+        return stream_response("edit", spec, backend.edit_stream(spec, image, mask),
+                               max(deadline - time.monotonic(), 0.0), request_id_of(request), f"{width}x{height}")
+    result = await within_timeout(backend.edit(spec, image, mask), settings, "edit", deadline)
     return images_response(spec, result, body.response_format, request, response, settings, store,
                            output_size(spec, image.size))
 
 
 async def _instruct(body: ImageEditRequest, images_bytes: list[bytes], mask_bytes: bytes | None,
                     limits: ImageLimits, backend, request: Request, response: Response, settings: ServiceSettings,
-                    store: ImageStore, registry: AdapterRegistry, principal: Principal, admission: Admission):
-    """An instruction edit: every input image checked (`image[i]` names the one that fails), the spec resolved
-    with the pipeline's output-size rule, then the backend's instruct path."""
+                    store: ImageStore, registry: AdapterRegistry, principal: Principal, admission: Admission,
+                    deadline: float):
+    """An instruction edit: every input image checked (`image[i]` names the one that fails) and charged before
+    it is decoded, the spec resolved with the pipeline's output-size rule, then the backend's instruct path."""
     if mask_bytes is not None:
         raise RequestError("mask", f"model {backend.preset.name!r} edits by instruction and takes no mask; describe "
                                    "the change in the prompt")
     if len(images_bytes) > MAX_INPUT_IMAGES:
         raise RequestError("image", f"at most {MAX_INPUT_IMAGES} input images, got {len(images_bytes)}")
 
-    def load() -> list:
-        names = ["image"] if len(images_bytes) == 1 else [f"image[{i}]" for i in range(len(images_bytes))]
-        return [to_rgb(open_image(data, name, limits)) for data, name in zip(images_bytes, names)]
-
-    images = await asyncio.to_thread(load)
+    names = ["image"] if len(images_bytes) == 1 else [f"image[{i}]" for i in range(len(images_bytes))]
+    uploads = probe_uploads(list(zip(names, images_bytes)), limits)
+    admission.charge(pixel_work(sum(upload.pixels for upload in uploads)))
+    images = await within_timeout(asyncio.to_thread(lambda: [to_rgb(decode_upload(u)) for u in uploads]),
+                                  settings, "edit", deadline)
     spec = body.resolve_instruction(backend.preset, default_seed=secrets.randbelow(2**31),
                                     image_sizes=[im.size for im in images])
     attribute_to(spec, principal, body.priority)
     admission.charge(request_work(spec.denoise_params()))
     await pin_adapters(spec, registry, backend.preset, principal.tenant, lora_params(body.lora))
     if body.stream:
-        return stream_response("edit", spec, backend.instruct_stream(spec, images), settings.request_timeout_s,
-                               request_id_of(request), f"{spec.width}x{spec.height}")
-    result = await within_timeout(backend.instruct(spec, images), settings, "edit")
+        return stream_response("edit", spec, backend.instruct_stream(spec, images),
+                               max(deadline - time.monotonic(), 0.0), request_id_of(request),
+                               f"{spec.width}x{spec.height}")
+    result = await within_timeout(backend.instruct(spec, images), settings, "edit", deadline)
     return images_response(spec, result, body.response_format, request, response, settings, store)
 
 

@@ -93,10 +93,12 @@ async def pin_adapters(spec: GenerationSpec, registry: AdapterRegistry, preset: 
         spec.adapters = tuple(adapter.use for adapter in resolved)
 
 
-async def within_timeout(work, settings: ServiceSettings, what: str):
-    """Await the backend's work, ending it with 504 after the configured request timeout."""
+async def within_timeout(work, settings: ServiceSettings, what: str, deadline: float | None = None):
+    """Await the backend's work, ending it with 504 after the configured request timeout, or at `deadline`
+    (`time.monotonic()`) when the request started its clock before (an edit's uploads are decoded within it)."""
+    timeout = settings.request_timeout_s if deadline is None else max(deadline - time.monotonic(), 0.0)
     try:
-        return await asyncio.wait_for(work, timeout=settings.request_timeout_s)
+        return await asyncio.wait_for(work, timeout=timeout)
     except asyncio.TimeoutError:
         raise RequestError(
             "request", f"{what} did not finish within {settings.request_timeout_s:g} s", status=504, code="timeout",

@@ -262,7 +262,10 @@ def test_a_tenant_over_its_fair_share_of_rows_waits_first():
     order = wide.order([Req(1, tenant="a", rows=4), Req(2, tenant="a", rows=4), Req(3, tenant="b"),
                         Req(4, tenant="b"), Req(5, tenant="b")])
     assert [r.seq for r in order] == [3, 1, 4, 5, 2]  # b first (less work); then a (no rows yet); then b up to 4 rows
-    assert StepScheduler(EngineConfig(fair_share_decay=0.0)).recent_rows == {}
+    forgetful = StepScheduler(EngineConfig(max_batch_rows=4, fair_share_decay=0.0))
+    forgetful.schedule(flood)
+    forgetful.schedule([calm])
+    assert forgetful.recent_rows == {"calm": 1}  # decay 0: only the last step's rows count
 
 
 def test_a_flooding_tenant_leaves_another_tenants_latency_within_twice_idle(preset, text):

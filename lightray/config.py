@@ -395,6 +395,10 @@ class EngineConfig(BaseModel):
     starvation_steps: int = Field(200, ge=1)
     """A request that has waited this many engine steps without running goes ahead of shorter work of its priority
     (least-remaining-work-first would otherwise let a stream of short requests pause a long one for ever)."""
+    fair_share_decay: float = Field(0.9, ge=0, lt=1)
+    """How long the scheduler remembers the rows each tenant ran when it shares a step between tenants
+    (`lightray/engine/scheduler.py`, point 3): a step's rows count this much less at each later step (0.9: about
+    the last ten steps; 0: only the rows chosen for this step)."""
     max_live_requests: int = Field(64, ge=1)
     """Requests the engine holds at once, running, paused or waiting; `submit` refuses more (the deployment's
     `max_ongoing_requests` should not exceed it)."""

@@ -109,7 +109,8 @@ class ImageGenerationRequest(BaseModel):
     priority: Priority | None = Field(
         None,
         description="Scheduling class: `interactive` is served first; `batch` runs when there is room and may be "
-        "paused between steps for interactive work. Default: the API key's priority.",
+        "paused between steps for interactive work. Default: the API key's priority. A class more urgent than the "
+        "key's `max_priority` (by default its priority: a `batch` key cannot ask for `interactive`) is a 403.",
     )
 
     @field_validator("prompt")

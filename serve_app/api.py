@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from lightray.schemas import RequestError
-from serve_app.admission import AdmissionLimit
+from serve_app.admission import AdmissionLimit, TenantOverQuota
 from serve_app.auth import ApiKeyAuth
 from serve_app.backend import GenerationBackend, ServiceUnavailable
 from serve_app.body_limits import BodyLimitMiddleware
@@ -64,6 +64,12 @@ async def _on_request_error(request: Request, exc: RequestError) -> JSONResponse
     return request_error_response(exc)
 
 
+async def _on_over_quota(request: Request, exc: TenantOverQuota) -> JSONResponse:
+    response = request_error_response(exc)
+    response.headers["Retry-After"] = str(exc.retry_after_s)
+    return response
+
+
 async def _on_unavailable(request: Request, exc: ServiceUnavailable) -> JSONResponse:
     response = error_response(503, str(exc), None, "unavailable", "server_error")
     response.headers["Retry-After"] = str(exc.retry_after_s)
@@ -102,6 +108,7 @@ def create_app(backends: GenerationBackend | Sequence[GenerationBackend], settin
     app.state.admission = AdmissionLimit(settings.max_concurrent_requests, settings.max_admitted_work)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(RequestError, _on_request_error)
+    app.add_exception_handler(TenantOverQuota, _on_over_quota)
     app.add_exception_handler(HTTPException, _on_http_exception)
     app.add_exception_handler(ServiceUnavailable, _on_unavailable)
     app.add_exception_handler(Exception, _on_unexpected)

@@ -15,6 +15,7 @@ from fastapi import Request
 
 from lightray.contracts import Priority
 from lightray.schemas import RequestError
+from serve_app.admission import TenantQuota
 from serve_app.settings import ServiceSettings
 
 logger = logging.getLogger("lightray.auth")
@@ -29,6 +30,10 @@ class Principal:
     default_priority: Priority = "interactive"
     """Scheduling class of this caller's requests that name none (the key's `priority`, or the service's
     `default_priority` when auth is off)."""
+    max_priority: Priority | None = None
+    """The most urgent class this caller may ask for (the key's `priority_ceiling`); None: any (auth off)."""
+    quota: TenantQuota | None = None
+    """The tenant's admission bounds, as this key sets them; None: only the ingress's bounds (auth off)."""
 
 
 class Unauthenticated(RequestError):
@@ -46,7 +51,9 @@ class ApiKeyAuth:
     def __init__(self, settings: ServiceSettings):
         self.enabled = settings.auth_enabled
         self._anonymous = Principal(tenant=None, default_priority=settings.default_priority)
-        self._principals = [(_digest(k.key.get_secret_value()), Principal(tenant=k.tenant, default_priority=k.priority))
+        self._principals = [(_digest(k.key.get_secret_value()),
+                             Principal(tenant=k.tenant, default_priority=k.priority, max_priority=k.priority_ceiling,
+                                       quota=TenantQuota.of_key(k, settings)))
                             for k in settings.api_keys]
 
     def authenticate(self, token: str | None, request: Request) -> Principal:

@@ -41,9 +41,9 @@ def get_principal(request: Request,
     return request.app.state.auth.authenticate(credentials.credentials if credentials else None, request)
 
 
-async def admitted(request: Request) -> AsyncIterator[Admission]:
-    """Holds one of the ingress's generation slots for the request's lifetime (503 when none is free), before the
-    body is read; the route charges the request's work to it once the spec is resolved. Async, so the counts are
-    kept on the event loop without a lock."""
-    with request.app.state.admission.slot() as admission:
+async def admitted(request: Request, principal: Principal = Depends(get_principal)) -> AsyncIterator[Admission]:
+    """Holds one of the ingress's generation slots for the request's lifetime (429 when the caller's tenant is at
+    its own bound, 503 when the ingress has none free), before the body is read; the route charges the request's
+    work to it once the spec is resolved. Async, so the counts are kept on the event loop without a lock."""
+    with request.app.state.admission.slot(principal.quota) as admission:
         yield admission

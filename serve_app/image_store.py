@@ -5,6 +5,12 @@ The ingress calls `put` from its event loop, so `put` does no file I/O itself: t
 writer thread, and old files are expired by a timer thread rather than by listing the folder on every write.
 A name `put` returned is readable through the same store at once (`get` waits for that file's write); other
 ingress replicas sharing the folder see it once the write lands, within milliseconds.
+
+Each tenant's images live in a folder of their own (`tenants/<tenant>/`; with auth off, the single local user's in
+the root), so the sweep, on any replica, knows whose each file is and evicts fairly: past `max_files`, the oldest
+file of the tenant holding the most goes first. One tenant's burst of `url` responses then evicts its own images,
+never another tenant's while that one holds fewer: every tenant keeps at least its newest `max_files / tenants`
+until their TTL. The URL names only the file, not the tenant.
 """
 
 from __future__ import annotations
@@ -18,10 +24,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from lightray.contracts import FILE_EXTENSIONS, MEDIA_TYPES, OutputFormat
+from lightray.registry import validate_tenant
 
 log = logging.getLogger(__name__)
 
 _FORMAT_OF_EXTENSION: dict[str, OutputFormat] = {ext: fmt for fmt, ext in FILE_EXTENSIONS.items()}
+TENANTS = "tenants"
+"""The folder under the store's root that holds one folder per tenant."""
 _NAME = re.compile(r"^[A-Za-z0-9_-]{20,64}\.(%s)$" % "|".join(_FORMAT_OF_EXTENSION))
 
 
@@ -32,7 +41,7 @@ def media_type_of(name: str) -> str:
 
 class ImageStore:
     """Image files under `root`, named by `put`, kept for `ttl_s` and at most `max_files` of them after each sweep
-    (every `sweep_interval_s`)."""
+    (every `sweep_interval_s`), evicted per tenant fairly (above)."""
 
     def __init__(self, root: str, ttl_s: float = 3600.0, max_files: int = 2000, sweep_interval_s: float = 60.0):
         self.root = Path(root)
@@ -43,11 +52,12 @@ class ImageStore:
         self._stop = threading.Event()
         self._sweeper: threading.Thread | None = None
 
-    def put(self, image: bytes, output_format: OutputFormat = "png") -> str:
-        """Queue `image` (encoded as `output_format`) for writing and return its name, whose extension is the
-        format's (no file I/O on the caller's thread)."""
+    def put(self, image: bytes, output_format: OutputFormat = "png", tenant: str | None = None) -> str:
+        """Queue `image` (encoded as `output_format`) for writing as `tenant`'s (None: the single local user's)
+        and return its name, whose extension is the format's (no file I/O on the caller's thread)."""
         name = f"{secrets.token_urlsafe(24)}.{FILE_EXTENSIONS[output_format]}"
-        future = self._writer.submit(self._write, name, image)
+        folder = self.root if tenant is None else self.root / TENANTS / validate_tenant(tenant)
+        future = self._writer.submit(self._write, folder / name, image)
         with self._lock:
             self._pending[name] = future
             if self._sweeper is None:
@@ -66,30 +76,52 @@ class ImageStore:
             pending = self._pending.get(name)
         if pending is not None and pending.exception() is not None:
             return None
-        path = self.root / name
-        return path.read_bytes() if path.is_file() else None
+        for folder in self._folders():
+            path = folder / name
+            if path.is_file():
+                return path.read_bytes()
+        return None
 
     def sweep(self) -> None:
-        """Delete files older than `ttl_s`, then the oldest beyond `max_files`."""
-        if not self.root.is_dir():  # nothing written yet
-            return
-        files = sorted(((p.stat().st_mtime, p) for p in self.root.iterdir() if _NAME.match(p.name)),
-                       key=lambda item: item[0])
+        """Delete files older than `ttl_s`; then, while more than `max_files` are left, the oldest file of the
+        tenant with the most."""
         cutoff = time.time() - self.ttl_s
-        for i, (mtime, p) in enumerate(files):
-            if mtime < cutoff or len(files) - i > self.max_files:
-                p.unlink(missing_ok=True)
+        kept: list[list[tuple[float, Path]]] = []  # per tenant, oldest first
+        for folder in self._folders():
+            files = []
+            for path in folder.iterdir():
+                if not _NAME.match(path.name):
+                    continue
+                try:
+                    mtime = path.stat().st_mtime
+                except FileNotFoundError:  # deleted meanwhile (another replica's sweep)
+                    continue
+                if mtime < cutoff:
+                    path.unlink(missing_ok=True)
+                else:
+                    files.append((mtime, path))
+            kept.append(sorted(files))
+        for _ in range(sum(map(len, kept)) - self.max_files):
+            largest = max(kept, key=lambda files: (len(files), -files[0][0] if files else 0.0))
+            largest.pop(0)[1].unlink(missing_ok=True)
 
     def close(self) -> None:
         """Finish queued writes and stop the sweeper."""
         self._stop.set()
         self._writer.shutdown(wait=True)
 
-    def _write(self, name: str, image: bytes) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.root / f".{name}.tmp"
+    def _folders(self) -> list[Path]:
+        """The root (the local user's images) and every tenant's folder that exists."""
+        if not self.root.is_dir():  # nothing written yet
+            return []
+        tenants = self.root / TENANTS
+        return [self.root, *(sorted(d for d in tenants.iterdir() if d.is_dir()) if tenants.is_dir() else [])]
+
+    def _write(self, path: Path, image: bytes) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_bytes(image)
-        tmp.replace(self.root / name)
+        tmp.replace(path)
 
     def _written(self, name: str, future: Future[None]) -> None:
         error = future.exception()

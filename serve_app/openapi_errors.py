@@ -24,6 +24,7 @@ _DESCRIPTIONS = {
     413: "Request body or image too large.",
     415: "Unsupported content type.",
     422: "Adapter trained for another base model.",
+    429: "The API key's tenant is at its own bound (`error.param` names it); retry after `Retry-After` seconds.",
     500: "Internal error (a bug); the message gives the request id to look up in the service logs.",
     503: "At capacity or a stage is unavailable; retry after `Retry-After` seconds.",
     504: "The generation did not finish within the request timeout.",
@@ -34,7 +35,7 @@ _RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying.
 def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     """`responses=` for a route (or router) that can answer with these error statuses."""
     return {code: {"model": ErrorResponse, "description": _DESCRIPTIONS[code],
-                   **({"headers": _RETRY_AFTER} if code == 503 else {})} for code in codes}
+                   **({"headers": _RETRY_AFTER} if code in (429, 503) else {})} for code in codes}
 
 
 REQUEST_ID_HEADER_SCHEMA = {

@@ -18,7 +18,7 @@ from pydantic_settings import SettingsConfigDict
 
 from lightray.config import EngineConfig
 
-from lightray.contracts import Priority
+from lightray.contracts import PRIORITIES, Priority
 from lightray.registry import validate_tenant
 from lightray.registry_settings import RegistrySettings
 
@@ -34,13 +34,33 @@ class ApiKey(BaseModel):
     """The bearer token clients send (`Authorization: Bearer <key>`). Secret: never logged or echoed; prefer the
     LIGHTRAY_API_KEYS environment variable (a Kubernetes Secret) to writing keys into a config file."""
     priority: Priority = "interactive"
-    """Scheduling class of this key's requests that name none (a request's `priority` field overrides it). Per key,
-    so a tenant can hold an interactive key for its app and a batch key for bulk jobs."""
+    """Scheduling class of this key's requests that name none (a request's `priority` field may ask for another, up
+    to `max_priority`). Per key, so a tenant can hold an interactive key for its app and a batch key for bulk jobs."""
+    max_priority: Priority | None = None
+    """The most urgent class a request with this key may ask for in its `priority` field; asking for a more urgent
+    one is 403 naming `priority`. None: the key's own `priority`, so a `batch` key cannot ask for `interactive`."""
+    max_concurrent_requests: int | None = Field(None, ge=1)
+    """Generations and edits this key's tenant may have in progress per ingress replica, counted over all the
+    tenant's keys and checked against the calling key's bound; the next is answered 429 + Retry-After naming this
+    bound (`serve_app/admission.py`). None: the service's `tenant_share` of its `max_concurrent_requests`."""
+    max_admitted_work: float | None = Field(None, gt=0)
+    """Work this key's tenant may have in progress per ingress replica, in the unit of the service's
+    `max_admitted_work` (1024² transformer row-steps), counted like `max_concurrent_requests`; beyond it 429 +
+    Retry-After naming this bound. None: the service's `tenant_share` of its `max_admitted_work` (no bound when the
+    service sets none)."""
 
     @model_validator(mode="after")
     def _check_tenant(self) -> "ApiKey":
         validate_tenant(self.tenant)
+        if self.max_priority is not None and PRIORITIES.index(self.max_priority) > PRIORITIES.index(self.priority):
+            raise ValueError(f"max_priority: {self.max_priority!r} is less urgent than the key's own priority "
+                             f"{self.priority!r}")
         return self
+
+    @property
+    def priority_ceiling(self) -> Priority:
+        """The most urgent class this key may ask for (`max_priority`, or else its `priority`)."""
+        return self.max_priority or self.priority
 
 
 class ServiceSettings(RegistrySettings):
@@ -100,6 +120,10 @@ class ServiceSettings(RegistrySettings):
     (`serve_app/local_only.py`). Not checked with auth on, where the API keys guard the routes."""
     api_keys: list[ApiKey] = Field(default_factory=list)
     """Keys and their tenants, e.g. LIGHTRAY_API_KEYS='[{"tenant": "acme", "key": "…", "priority": "batch"}]'."""
+    tenant_share: float = Field(0.5, gt=0, le=1)
+    """Share of each ingress bound (`max_concurrent_requests`, `max_admitted_work`) that one tenant may hold when
+    its key sets no bound of its own (rounded up, at least one request): one tenant's burst then leaves the rest of
+    the ingress to the others. Not applied with auth off, where the single local user is the only tenant."""
     default_priority: Priority = "interactive"
     """Scheduling class of requests that name none when auth is off (with auth on, each key's `priority`)."""
 

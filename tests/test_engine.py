@@ -60,6 +60,18 @@ def embeddings(text, p: DenoiseParams, prompt: int = 0) -> TextEmbeddings:
     return TextEmbeddings(prompts[prompt], negative if p.uses_cfg else None)
 
 
+def steps_to_finish(engine, text, p: DenoiseParams, each_step=lambda: None, max_steps: int = 1000):
+    """Submit `p` and step `engine` until it is done (at most `max_steps`), calling `each_step` after every step:
+    (its handle, the steps it took)."""
+    handle = engine.submit(p, embeddings(text, p))
+    steps = 0
+    while not handle.done() and steps < max_steps:
+        engine.step()
+        each_step()
+        steps += 1
+    return handle, steps
+
+
 # ------------------------------------------------------------------------------ alone == QwenImagePipeline
 
 
@@ -194,12 +206,7 @@ def test_an_interactive_request_runs_first_and_paused_batch_work_is_unchanged(pr
     batch = [engine.submit(p, embeddings(text, p)) for p in slow]
     engine.step()
     engine.step()  # the first batch request holds the whole budget; the second waits
-    urgent_params = params(LIGHTNING_4, seeds=(7,), priority="interactive")
-    urgent = engine.submit(urgent_params, embeddings(text, urgent_params))
-    steps = 0
-    while not urgent.done():
-        engine.step()
-        steps += 1
+    urgent, steps = steps_to_finish(engine, text, params(LIGHTNING_4, seeds=(7,), priority="interactive"))
     assert steps == 4  # it ran at once, every step, never waiting behind the batch work
     assert not batch[0].done() and batch[0].paused_steps >= 1  # the started batch request was paused for it
     while engine.step():
@@ -236,17 +243,67 @@ def test_policy_orders_priority_then_starving_then_least_work_then_tenant_fair()
     assert [[r.seq for r in b] for b in grids] == [[1, 3], [2]]  # one forward per latent grid
 
 
+def test_a_tenant_over_its_fair_share_of_rows_waits_first():
+    """Fair share is more than a tie-break: a tenant's short requests do not go before another tenant's longer one
+    once it holds more rows, in this step or in recent ones; priorities still come first."""
+    sched = StepScheduler(EngineConfig(max_batch_rows=4))
+    flood = [Req(i, tenant="flood", steps=4) for i in range(8)]
+    calm = Req(100, tenant="calm", steps=8)  # twice the remaining work of each flood request
+    # A fresh scheduler: the flood's least-work request first, then the calm tenant's turn (it has no rows yet).
+    assert [r.seq for r in sched.order([*flood, calm])][:3] == [0, 100, 1]
+    for _ in range(3):  # the flood alone runs its rows for a few steps
+        sched.schedule(flood)
+    assert sched.recent_rows["flood"] > 4 and "calm" not in sched.recent_rows
+    assert sched.order([*flood, calm])[0] is calm  # now over its share: the flood waits first
+    plan = sched.schedule([*flood, calm, Req(200, "batch", tenant="calm", steps=1)])
+    assert [r.seq for b in plan.batches for r in b] == [100, 0, 1, 2]  # the batch-priority one still waits
+    # Rows are what is shared: a tenant's 4-row request counts four times a 1-row one.
+    wide = StepScheduler(EngineConfig(max_batch_rows=8))
+    order = wide.order([Req(1, tenant="a", rows=4), Req(2, tenant="a", rows=4), Req(3, tenant="b"),
+                        Req(4, tenant="b"), Req(5, tenant="b")])
+    assert [r.seq for r in order] == [3, 1, 4, 5, 2]  # b first (less work); then a (no rows yet); then b up to 4 rows
+    forgetful = StepScheduler(EngineConfig(max_batch_rows=4, fair_share_decay=0.0))
+    forgetful.schedule(flood)
+    forgetful.schedule([calm])
+    assert forgetful.recent_rows == {"calm": 1}  # decay 0: only the last step's rows count
+
+
+def test_a_flooding_tenant_leaves_another_tenants_latency_within_twice_idle(preset, text):
+    """One tenant keeps 16 Lightning-4 requests live (every one it loses is replaced at once); another tenant sends
+    Lightning-8 requests one after the other. Its median latency, in engine steps from submit to done, stays within
+    2x of the same request on an idle engine. Before fair share (a tie-break only), least-remaining-work-first put
+    every 4-step flood request before the 8-step one, which then waited for `starvation_steps` (200)."""
+    engine = DenoiseEngine(preset, EngineConfig(max_batch_rows=4))
+    calm_params = params(LIGHTNING_8, seeds=(3,), tenant="calm")
+    idle, idle_steps = steps_to_finish(engine, text, calm_params)
+    assert idle_steps == 8
+    flood_params = [params(LIGHTNING_4, seeds=(s,), tenant="flood") for s in range(16)]
+    flood = [engine.submit(p, embeddings(text, p)) for p in flood_params]
+
+    def refill():
+        flood[:] = [h if not h.done() else engine.submit(p, embeddings(text, p)) for h, p in zip(flood, flood_params)]
+
+    latencies = []
+    for i in range(3):
+        # At most 4x idle: enough to see the median's bound fail, without waiting out the 200 starvation steps.
+        calm, steps = steps_to_finish(engine, text, calm_params, each_step=refill, max_steps=4 * idle_steps)
+        latencies.append(steps)
+        assert sum(not h.done() for h in flood) == 16
+    assert sorted(latencies)[1] <= 2 * idle_steps, latencies
+    assert np.array_equal(calm.result(), idle.result())  # and its result is the same as alone
+    for h in flood:
+        h.cancel()
+    while engine.step():
+        pass
+
+
 def test_a_short_request_is_not_blocked_behind_long_ones(preset, text):
     """A 4-step Lightning request arriving while long CFG requests hold the budget runs at once, every step."""
     engine = DenoiseEngine(preset, EngineConfig(max_batch_rows=6))
     long = [engine.submit(p, embeddings(text, p)) for p in (params(BASE, seeds=(s, s + 1), steps=30) for s in (1, 3))]
     engine.step()
     short_params = params(LIGHTNING_4, seeds=(9,))
-    short = engine.submit(short_params, embeddings(text, short_params))
-    steps = 0
-    while not short.done():
-        engine.step()
-        steps += 1
+    short, steps = steps_to_finish(engine, text, short_params)
     assert steps == 4 and not any(h.done() for h in long)
     assert np.array_equal(short.result(), engine.denoise(short_params, embeddings(text, short_params)))
     while engine.step():

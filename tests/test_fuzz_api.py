@@ -119,8 +119,8 @@ def test_schema_declares_every_error_response(api_client):
     schema = api_client.get("/openapi.json").json()
     error_ref = "#/components/schemas/ErrorResponse"
     expected = {
-        ("post", "/v1/images/generations"): {"200", "400", "404", "422", "500", "503", "504"},
-        ("post", "/v1/images/edits"): {"200", "400", "404", "413", "415", "422", "500", "503", "504"},
+        ("post", "/v1/images/generations"): {"200", "400", "403", "404", "422", "429", "500", "503", "504"},
+        ("post", "/v1/images/edits"): {"200", "400", "403", "404", "413", "415", "422", "429", "500", "503", "504"},
         ("get", "/v1/models/{model_id}"): {"200", "404", "500"},
         ("get", "/v1/files/images/{name}"): {"200", "404", "500"},
     }
@@ -129,7 +129,8 @@ def test_schema_declares_every_error_response(api_client):
         assert set(responses) == codes, (path, sorted(responses))
         for code in codes - {"200"}:
             assert responses[code]["content"]["application/json"]["schema"]["$ref"] == error_ref, (path, code)
-    assert "Retry-After" in schema["paths"]["/v1/images/generations"]["post"]["responses"]["503"]["headers"]
+    for code in ("429", "503"):
+        assert "Retry-After" in schema["paths"]["/v1/images/generations"]["post"]["responses"][code]["headers"]
     assert "HTTPValidationError" not in json.dumps(schema)
     for item in schema["paths"].values():
         for operation in item.values():

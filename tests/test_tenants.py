@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import logging
+from pathlib import Path
 
 import httpx
 import openai
@@ -24,6 +25,7 @@ from serve_app.settings import ServiceSettings
 ACME_KEY = "sk-acme-3f9c2a7d5e1b4c8a9d0e"
 GLOBEX_KEY = "sk-globex-8b1e6d2c4a7f9e3b"
 ACME_BATCH_KEY = "sk-acme-batch-6e2d9c1f7a4b"
+ACME_RAISABLE_KEY = "sk-acme-raisable-4c1e8f2a9b"
 PROMPT = {"prompt": "a red circle on the left, white background", "model": "lightray-shapes-lightning-4",
           "seed": 3, "size": "64x64"}
 
@@ -46,7 +48,8 @@ def settings(preset, tenant_registry, tmp_path_factory) -> ServiceSettings:
         preset=preset.model_dump(), registry=str(tenant_registry), registry_latest_ttl_s=0,
         image_store_dir=str(tmp_path_factory.mktemp("tenant-images")),
         api_keys=[{"tenant": "acme", "key": ACME_KEY}, {"tenant": "globex", "key": GLOBEX_KEY},
-                  {"tenant": "acme", "key": ACME_BATCH_KEY, "priority": "batch"}],
+                  {"tenant": "acme", "key": ACME_BATCH_KEY, "priority": "batch"},
+                  {"tenant": "acme", "key": ACME_RAISABLE_KEY, "priority": "batch", "max_priority": "interactive"}],
     )
 
 
@@ -144,7 +147,7 @@ def recording(preset, settings):
 
 
 @pytest.mark.parametrize("path", ["/v1/images/generations", "/v1/images/edits"])
-def test_priority_defaults_to_the_keys_and_the_spec_names_the_tenant(recording, path):
+def test_priority_defaults_to_the_keys_up_to_its_ceiling_and_the_spec_names_the_tenant(recording, path):
     client, backend = recording
     body = {**PROMPT, **({"image": white_png_b64()} if path.endswith("edits") else {})}
 
@@ -155,10 +158,31 @@ def test_priority_defaults_to_the_keys_and_the_spec_names_the_tenant(recording, 
 
     assert (spec_of(ACME_KEY).priority, spec_of(ACME_KEY).tenant) == ("interactive", "acme")
     assert (spec_of(ACME_BATCH_KEY).priority, spec_of(ACME_BATCH_KEY).tenant) == ("batch", "acme")
-    assert spec_of(ACME_BATCH_KEY, priority="interactive").priority == "interactive"
+    assert spec_of(ACME_KEY, priority="batch").priority == "batch"  # a key may always ask for less
+    # A batch key's ceiling is batch: asking for interactive is 403 naming `priority`, and nothing is run.
+    runs = len(backend.specs)
+    r = client.post(path, headers=as_(ACME_BATCH_KEY), json={**body, "priority": "interactive"})
+    assert r.status_code == 403, r.text
+    assert r.json()["error"]["param"] == "priority" and "'batch' at most" in r.json()["error"]["message"]
+    assert len(backend.specs) == runs
+    assert spec_of(ACME_RAISABLE_KEY).priority == "batch"  # max_priority lets a batch key ask for more
+    assert spec_of(ACME_RAISABLE_KEY, priority="interactive").priority == "interactive"
     assert spec_of(GLOBEX_KEY, priority="batch").tenant == "globex"
     stacked = spec_of(GLOBEX_KEY, lora=["globex/secret:0.5", "acme/shared-style"])
     assert [(a.ref, a.scale) for a in stacked.adapters] == [("globex/secret@v1", 0.5), ("acme/shared-style@v1", 1.0)]
+
+
+def test_url_images_are_kept_as_their_tenants(recording, settings):
+    """A `url` response's image is stored in its tenant's folder of the image store (which evicts per tenant,
+    tests/test_image_store.py), and the URL, which names no tenant, serves it."""
+    client, _ = recording
+    r = client.post("/v1/images/generations", headers=as_(GLOBEX_KEY), json={**PROMPT, "response_format": "url"})
+    assert r.status_code == 200, r.text
+    url = r.json()["data"][0]["url"]
+    name = url.rsplit("/", 1)[-1]
+    assert "globex" not in url
+    assert client.get(f"/v1/files/images/{name}", headers=as_(GLOBEX_KEY)).status_code == 200
+    assert (Path(settings.image_store_dir) / "tenants" / "globex" / name).is_file()
 
 
 def test_own_and_public_adapters_are_applied(client):

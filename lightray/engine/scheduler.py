@@ -8,11 +8,15 @@ plus the grids of an edit's condition images). The policy
 1. Priority first: every `interactive` request is considered before any `batch` one.
 2. Within a priority, a request that has waited `EngineConfig.starvation_steps` steps or more without running
    comes first (oldest first): nothing waits for ever.
-3. Then least remaining work first (rows × steps left): a 4-step Lightning request that arrives while 50-step
-   CFG requests run joins at the next step instead of queueing behind them (no head-of-line blocking), and a
-   request near its end finishes before a fresh one of the same size starts.
-4. Ties go tenant-fair: the tenant with the fewest rows already chosen for this step first, then arrival order
-   (FCFS when there is one tenant).
+3. Then tenants take their fair share: the next request is always one of the tenant with the least rows, counting
+   the rows it ran in recent steps (`EngineConfig.fair_share_decay` per step) and the rows already chosen for this
+   step. A tenant over its fair share of rows waits first, however short its requests are: one tenant's flood of
+   requests cannot keep another tenant's out of the steps. Ties go to the tenant whose next request has the least
+   remaining work, then to the earlier request.
+4. Within a tenant, least remaining work first (rows × steps left): a 4-step Lightning request that arrives while
+   50-step CFG requests run joins at the next step instead of queueing behind them (no head-of-line blocking), and
+   a request near its end finishes before a fresh one of the same size starts. With one tenant (auth off: the
+   single local user) the order is exactly least remaining work first, FCFS on ties.
 5. Requests are taken in that order while they fit the budget (`EngineConfig.max_batch_rows`, and
    `max_batch_tokens` if set); the first request that does not fit ends the step's batch (no backfilling past
    it). The first request always runs, even if it alone exceeds the budget.
@@ -63,6 +67,8 @@ class StepPlan:
 class StepScheduler:
     def __init__(self, config: EngineConfig):
         self.config = config
+        self.recent_rows: dict[str | None, float] = {}
+        """Rows each tenant ran in recent steps, each step's weighted by `fair_share_decay` per step since."""
 
     def order(self, live: Iterable[Schedulable]) -> list[Schedulable]:
         """Every live request in the order the policy considers them (points 1-4 above)."""
@@ -74,10 +80,11 @@ class StepScheduler:
             requests = by_priority[priority]
             starving = [r for r in requests if r.waited_steps >= self.config.starvation_steps]
             ordered.extend(sorted(starving, key=lambda r: r.seq))
-            ordered.extend(_least_work_first([r for r in requests if r.waited_steps < self.config.starvation_steps]))
+            ordered.extend(self._fair_share([r for r in requests if r.waited_steps < self.config.starvation_steps]))
         return ordered
 
     def schedule(self, live: Sequence[Schedulable]) -> StepPlan:
+        """The requests to run at this step (and those to pause); records the rows each tenant runs."""
         chosen: list[Schedulable] = []
         rows = tokens = 0
         for request in self.order(live):
@@ -94,20 +101,30 @@ class StepScheduler:
             by_signature.setdefault(request.signature, []).append(request)
         picked = {id(r) for r in chosen}
         paused = tuple(r for r in live if r.started and id(r) not in picked)
+        self._record(chosen)
         return StepPlan(tuple(tuple(b) for b in by_signature.values()), paused)
 
+    def _record(self, chosen: list[Schedulable]) -> None:
+        decay = self.config.fair_share_decay
+        recent = {tenant: rows * decay for tenant, rows in self.recent_rows.items() if rows * decay >= 0.01}
+        for request in chosen:
+            recent[request.tenant] = recent.get(request.tenant, 0.0) + request.rows
+        self.recent_rows = recent
 
-def _least_work_first(requests: list[Schedulable]) -> list[Schedulable]:
-    """Least remaining work first; among equal work, the tenant with the fewest rows taken so far, then the
-    earlier request."""
-    pending = sorted(requests, key=lambda r: (r.rows * r.remaining_steps, r.seq))
-    taken: dict[str | None, int] = {}
-    out: list[Schedulable] = []
-    while pending:
-        work = pending[0].rows * pending[0].remaining_steps
-        tied = [r for r in pending if r.rows * r.remaining_steps == work]
-        pick = min(tied, key=lambda r: (taken.get(r.tenant, 0), r.seq))
-        pending.remove(pick)
-        taken[pick.tenant] = taken.get(pick.tenant, 0) + pick.rows
-        out.append(pick)
-    return out
+    def _fair_share(self, requests: list[Schedulable]) -> list[Schedulable]:
+        """Point 3 and 4: take the next request of the tenant with the fewest recent plus chosen rows (ties: the
+        least remaining work, then the earlier request), each tenant's requests least remaining work first."""
+        queues: dict[str | None, list[Schedulable]] = {}
+        for request in sorted(requests, key=lambda r: (r.rows * r.remaining_steps, r.seq), reverse=True):
+            queues.setdefault(request.tenant, []).append(request)  # each tenant's next request last
+        rows = {tenant: self.recent_rows.get(tenant, 0.0) for tenant in queues}
+        out: list[Schedulable] = []
+        while queues:
+            tenant = min(queues, key=lambda t: (rows[t], queues[t][-1].rows * queues[t][-1].remaining_steps,
+                                                queues[t][-1].seq))
+            pick = queues[tenant].pop()
+            if not queues[tenant]:
+                del queues[tenant]
+            rows[tenant] += pick.rows
+            out.append(pick)
+        return out

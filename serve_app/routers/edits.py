@@ -101,7 +101,7 @@ def _openapi_body() -> dict[str, Any]:
 
 @router.post("/images/edits", response_model=ImagesResponse, response_model_exclude_none=True,
              openapi_extra=_openapi_body(),
-             responses={**STREAM_RESPONSE, **error_responses(400, 401, 404, 413, 415, 422, 503, 504)})
+             responses={**STREAM_RESPONSE, **error_responses(400, 401, 403, 404, 413, 415, 422, 429, 503, 504)})
 async def edit_images(
     request: Request,
     response: Response,

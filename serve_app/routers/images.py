@@ -12,7 +12,7 @@ from fastapi.responses import StreamingResponse
 
 from lightray.adapters import resolve_adapters
 from lightray.config import ModelPreset
-from lightray.contracts import MEDIA_TYPES, Priority
+from lightray.contracts import MEDIA_TYPES, PRIORITIES, Priority
 from lightray.registry import AdapterRegistry
 from lightray.schemas import (
     GenerationSpec,
@@ -54,7 +54,7 @@ STREAM_RESPONSE = {200: {"content": {"text/event-stream": {"schema": SSE_EVENT_S
 
 
 @router.post("/images/generations", response_model=ImagesResponse, response_model_exclude_none=True,
-             responses={**STREAM_RESPONSE, **error_responses(400, 401, 404, 422, 503, 504)})
+             responses={**STREAM_RESPONSE, **error_responses(400, 401, 403, 404, 422, 429, 503, 504)})
 async def generate_images(
     body: ImageGenerationRequest,
     request: Request,
@@ -79,7 +79,12 @@ async def generate_images(
 
 
 def attribute_to(spec: GenerationSpec, principal: Principal, priority: Priority | None) -> None:
-    """Set who the spec runs for: the caller's tenant, and the request's `priority` or else the caller's default."""
+    """Set who the spec runs for: the caller's tenant, and the request's `priority` or else the caller's default.
+    A `priority` more urgent than the key's ceiling is 403 naming `priority`."""
+    ceiling = principal.max_priority
+    if priority is not None and ceiling is not None and PRIORITIES.index(priority) < PRIORITIES.index(ceiling):
+        raise RequestError("priority", f"priority: this API key may ask for {ceiling!r} at most, not {priority!r}",
+                           status=403, code="forbidden")
     spec.tenant = principal.tenant
     spec.priority = priority or principal.default_priority
 
@@ -117,8 +122,8 @@ def images_response(spec, result, response_format: str, request: Request, respon
     data = []
     for seed, image in zip(spec.seeds, result.images):
         if response_format == "url":
-            data.append(ImageData(url=f"{base_url}/v1/files/images/{store.put(image, spec.output.format)}",
-                                  seed=seed))
+            name = store.put(image, spec.output.format, spec.tenant)
+            data.append(ImageData(url=f"{base_url}/v1/files/images/{name}", seed=seed))
         else:
             data.append(ImageData(b64_json=base64.b64encode(image).decode("ascii"), seed=seed))
     width, height = output_size or (spec.width, spec.height)

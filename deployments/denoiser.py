@@ -24,10 +24,13 @@ from deployments.metrics import (
     request_id,
     stage_metrics,
 )
-from lightray.adapters import fetch_for_preset
+from lightray.adapter_files import HeldFiles
+from lightray.adapters import can_use, checkout_for_preset
+from lightray.registry import AdapterManifest, AdapterNotFound
 from lightray.registry_settings import open_registry
 from lightray.config import load_preset
 from lightray.contracts import (
+    AdapterUse,
     ConditionLatents,
     DenoisedLatents,
     DenoiseParams,
@@ -45,13 +48,18 @@ logger = logging.getLogger("ray.serve")
 
 
 class LoadedAdapter:
-    """What the multiplexer caches per tenant adapter: its local files, and the engine to evict it from.
-    Ray Serve calls `__del__` when the LRU evicts it, then drops it, so Python calls `__del__` a second time
-    when it collects the object: `release` runs once (a late second eviction could otherwise drop the same ref
-    loaded again for a newer cache entry). The engine defers the eviction while a live request uses it."""
+    """What the multiplexer caches per tenant adapter (keyed on `AdapterUse.key`: ref and manifest checksum): its
+    manifest, its local files (held in the file cache, so no process evicts them meanwhile), and the engine to
+    evict it from. Ray Serve calls `__del__` when the LRU evicts it, then drops it, so Python calls `__del__` a
+    second time when it collects the object: `release` runs once (a late second eviction could otherwise drop the
+    same key loaded again for a newer cache entry). The engine defers the eviction while a live request uses it;
+    the files become evictable from the disk cache at once (the engine has read them when it loaded them, and a
+    reload goes through a new entry, which fetches them again)."""
 
-    def __init__(self, engine: DenoiseEngine, ref: str, path: str, on_release=None):
-        self.engine, self.ref, self.path = engine, ref, path
+    def __init__(self, engine: DenoiseEngine, key: str, manifest: AdapterManifest, files: HeldFiles,
+                 on_release=None):
+        self.engine, self.key, self.manifest, self.files = engine, key, manifest, files
+        self.path = str(files.path)
         self.claimed = False
         """Set by the first request served with this entry (the one whose lookup loaded it: a miss)."""
         self._on_release = on_release
@@ -61,7 +69,8 @@ class LoadedAdapter:
         if self._released:
             return
         self._released = True
-        self.engine.unload_adapter(self.ref)
+        self.engine.unload_adapter(self.key)
+        self.files.release()
         if self._on_release is not None:
             self._on_release(self)
 
@@ -72,14 +81,15 @@ class LoadedAdapter:
 @serve.deployment(name="Denoiser")
 class Denoiser:
     def __init__(self, preset: dict, registry: str = "./registry", registry_storage_options: dict | None = None,
-                 adapter_cache_size: int = 4, engine: dict | None = None):
+                 adapter_cache_size: int = 4, engine: dict | None = None, registry_settings: dict | None = None):
+        """`registry_settings`: the other `RegistrySettings` fields (manifest cache TTL, file cache bound)."""
         self.preset = load_preset(preset)
         self.metrics = stage_metrics()
         self.engine = DenoiseEngine(self.preset, EngineConfig(**(engine or {})), on_step=self._observe_step).start()
         # Fast previews made here, where the latents are, when the model ships a preview decoder (a few hundred
         # microseconds at 128²); otherwise the ingress sends the latents to the VaeDecoder.
         self.preview = shipped_preview(self.preset)
-        self.registry = open_registry(registry, registry_storage_options)
+        self.registry = open_registry(registry, registry_storage_options, **(registry_settings or {}))
         self._adapters_held = 0
         keep_reporting(self.metrics.adapters_loaded, lambda: self._adapters_held, "lightray_adapters_loaded")
 
@@ -87,15 +97,17 @@ class Denoiser:
             self._adapters_held -= 1
             self.metrics.adapter_evictions.inc()
             self.metrics.adapters_loaded.set(self._adapters_held)
-            logger.info("adapter %s evicted from this replica's cache", adapter.ref)
+            logger.info("adapter %s evicted from this replica's cache", adapter.key)
 
-        async def fetch_adapter(ref: str) -> LoadedAdapter:
+        async def fetch_adapter(key: str) -> LoadedAdapter:
             # Download + checksum off the event loop; the engine loads the LoRA into the transformer at a step
-            # boundary when the first request that names it is admitted.
+            # boundary when the first request that names it is admitted. A key whose checksum is no longer the
+            # registry's manifest's is refused (AdapterNotFound): that version is gone.
             self.metrics.adapter_misses.inc()
-            manifest, path = await asyncio.to_thread(fetch_for_preset, self.registry, ref, self.preset)
-            logger.info("adapter %s fetched to %s", manifest.ref, path)
-            adapter = LoadedAdapter(self.engine, ref, str(path), on_release=released)
+            manifest, files = await asyncio.to_thread(checkout_for_preset, self.registry, AdapterUse.from_key(key),
+                                                      self.preset)
+            logger.info("adapter %s fetched to %s", manifest.ref, files.path)
+            adapter = LoadedAdapter(self.engine, key, manifest, files, on_release=released)
             self._adapters_held += 1
             self.metrics.adapters_loaded.set(self._adapters_held)
             return adapter
@@ -110,11 +122,15 @@ class Denoiser:
         paths = {}
         start = asyncio.get_running_loop().time()
         for use in params.adapters:
-            adapter = await self._adapters(use.ref)
+            adapter = await self._adapters(use.key)
+            if not can_use(adapter.manifest, params.tenant):
+                # The ingress checked it too; this replica does not trust a pin it did not make (a stale or
+                # mistaken one): another tenant's private adapter is answered as absent, as at the ingress.
+                raise AdapterNotFound(f"adapter {use.ref} not found")
             if adapter.claimed:  # loaded for an earlier request; the one that loaded it was the miss
                 self.metrics.adapter_hits.inc()
             adapter.claimed = True
-            paths[use.ref] = adapter.path
+            paths[use.key] = adapter.path
         if params.adapters:
             timings["adapter_ms"] = (asyncio.get_running_loop().time() - start) * 1000
         return paths

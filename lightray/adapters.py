@@ -11,6 +11,7 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+from lightray.adapter_files import HeldFiles
 from lightray.config import ModelPreset
 from lightray.contracts import AdapterUse
 from lightray.fingerprint import fingerprint_model
@@ -39,15 +40,30 @@ class ResolvedAdapter:
 
     @property
     def use(self) -> AdapterUse:
-        """What a spec carries for this adapter (pinned ref and scale)."""
-        return AdapterUse(ref=self.ref, scale=self.scale)
+        """What a spec carries for this adapter (pinned ref, its manifest's checksum, and scale)."""
+        return AdapterUse(ref=self.ref, scale=self.scale, checksum=self.manifest.checksum)
+
+
+def checkout_for_preset(registry: AdapterRegistry, use: AdapterUse, preset: ModelPreset
+                        ) -> tuple[AdapterManifest, HeldFiles]:
+    """Download (or re-use the verified cached copy of) a pinned adapter to load into `preset`'s transformer, held
+    in the local file cache until released: refused (`AdapterIncompatible`) unless its manifest names this base
+    model and, when it records a fingerprint, this process's weights have the same one (`lightray.fingerprint`);
+    `AdapterNotFound` when `use.checksum` is set and the registry's manifest for `use.ref` is another (the version
+    was deleted, and something else stands under its ref). Every process that loads adapters uses it."""
+    manifest, held = registry.checkout(use.ref, base_model_id=preset.base_model_id,
+                                       base_fingerprint=fingerprint_model(preset))
+    if use.checksum and manifest.checksum != use.checksum:
+        held.release()
+        raise AdapterNotFound(f"adapter {use.ref} is no longer the version that was pinned (its manifest changed)")
+    return manifest, held
 
 
 def fetch_for_preset(registry: AdapterRegistry, ref: str, preset: ModelPreset) -> tuple[AdapterManifest, Path]:
-    """Download (or re-use the verified cached copy of) a pinned adapter to load into `preset`'s transformer:
-    refused (`AdapterIncompatible`) unless its manifest names this base model and, when it records a fingerprint,
-    this process's weights have the same one (`lightray.fingerprint`). Every process that loads adapters uses it."""
-    return registry.fetch(ref, base_model_id=preset.base_model_id, base_fingerprint=fingerprint_model(preset))
+    """`checkout_for_preset` for a caller that uses the files at once and does not hold them."""
+    manifest, held = checkout_for_preset(registry, AdapterUse(ref), preset)
+    held.release()
+    return manifest, held.path
 
 
 def can_use(manifest: AdapterManifest, tenant: str | None) -> bool:

@@ -226,7 +226,7 @@ def _generate_local(body: dict, preset: str, registry_root: str | None) -> list[
         registry = open_registry(registry_root)
         resolved = resolve_adapters(registry, pipeline.preset, spec.adapters, lora_params(request.lora))
         spec.adapters = tuple(adapter.use for adapter in resolved)
-        adapter_paths = {use.ref: str(fetch_for_preset(registry, use.ref, pipeline.preset)[1])
+        adapter_paths = {use.key: str(fetch_for_preset(registry, use.ref, pipeline.preset)[1])
                          for use in spec.adapters}
     images = pipeline.generate(spec, adapter_paths if spec.adapters else None)
     return [(seed, encode_png(im)) for seed, im in zip(spec.seeds, images)]

@@ -86,6 +86,21 @@ class AdapterUse:
     """`tenant/name@vN` once the ingress has pinned it (a request's `latest` becomes a concrete version)."""
     scale: float = 1.0
     """Multiplier of the adapter's LoRA delta (peft's `set_adapters` weight)."""
+    checksum: str = ""
+    """The pinned version's manifest checksum (`AdapterManifest.checksum`), set by the ingress with `ref`: the
+    Denoiser loads the adapter only if the registry's manifest for `ref` still has it. Empty: whatever `ref` names."""
+
+    @property
+    def key(self) -> str:
+        """What caches of loaded adapters key on (the Denoiser's multiplexed model id, the engine's adapters): the
+        content, not the ref alone (`tenant/name@vN#<checksum>`; the ref when no checksum is known)."""
+        return f"{self.ref}#{self.checksum}" if self.checksum else self.ref
+
+    @classmethod
+    def from_key(cls, key: str, scale: float = 1.0) -> "AdapterUse":
+        """The use `key` (`AdapterUse.key`) stands for."""
+        ref, _, checksum = key.partition("#")
+        return cls(ref=ref, scale=scale, checksum=checksum)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -35,7 +35,8 @@ class LocalPipeline:
     def generate(self, spec: GenerationSpec, adapter_paths: Mapping[str, str] | None = None,
                  on_progress: ProgressCallback | None = None, cancel: threading.Event | None = None
                  ) -> list[Image.Image]:
-        """Images for `spec`; `adapter_paths` gives the local files of `spec.adapters` not loaded yet.
+        """Images for `spec`; `adapter_paths` gives the local files of `spec.adapters` not loaded yet, by
+        `AdapterUse.key`.
         `on_progress` gets every step's `StepProgress` (with previews at `spec.preview_steps()`); setting
         `cancel` stops the run at the next step (`DenoiseCancelled`)."""
         latents = self.denoiser.denoise(spec.denoise_params(), self.encode(spec), adapter_paths=adapter_paths,

@@ -22,6 +22,14 @@ Design choices, and why:
   write into the same version; the loser retries with the next number.  The
   manifest itself is also written exclusively, which is what makes versions
   immutable.
+* **A version number is never reused.**  A delete (and ``gc_incomplete``)
+  removes the manifest and the payload but leaves a tombstone,
+  ``.deleted.json``, beside the claim, so the version directory stays and the
+  next publish counts it: after deleting ``acme/style@v3`` the next version is
+  v4, never a second, different v3.  Caches elsewhere may therefore trust that
+  a ref names one content; they key on the manifest's checksum as well
+  (``AdapterManifest.checksum``), so even a registry wiped and rebuilt by hand
+  cannot make them serve other weights under an old ref.
 * **Everything is checksummed.**  The manifest records sha256 for every file;
   ``fetch`` verifies each downloaded file and re-uses a local cache only when
   its checksums still match, so a corrupt cache heals itself and a corrupt
@@ -60,6 +68,8 @@ from fsspec.implementations.local import LocalFileSystem
 from fsspec.utils import get_protocol
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from lightray.adapter_files import AdapterFileCache, HeldFiles
+
 __all__ = [
     "AdapterCorrupt",
     "AdapterExists",
@@ -73,8 +83,10 @@ __all__ = [
     "MANIFEST_FILENAME",
     "ManifestCache",
     "REQUIRED_FILES",
+    "TOMBSTONE_FILENAME",
     "check_compatible",
     "default_cache_dir",
+    "latest_versions",
     "sha256_file",
 ]
 
@@ -89,6 +101,10 @@ REQUIRED_FILES: tuple[str, ...] = ("adapter_model.safetensors", "adapter_config.
 # collides with a publisher's file (dot files are not published) nor with a
 # tenant/name (those start alphanumeric).
 CLAIM_FILENAME = ".claim.json"
+# Marker left by a delete (or by gc of an abandoned publish) in place of the version's files: the version
+# directory, and so its number, outlives the version (see "A version number is never reused" above).
+TOMBSTONE_FILENAME = ".deleted.json"
+_MARKERS = (CLAIM_FILENAME, TOMBSTONE_FILENAME)
 
 _NAME_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
 # Positive integers without leading zeros, so every version has exactly one
@@ -296,6 +312,17 @@ class AdapterManifest(BaseModel):
         """Fully pinned ref, ``"tenant/name@v3"``."""
         return f"{self.tenant}/{self.name}@{self.tag}"
 
+    @property
+    def checksum(self) -> str:
+        """sha256 of the manifest as ``publish`` stores it (``stored_bytes``); it lists every file's sha256, so it
+        names the content. Caches key on it, not on the ref alone. Computed from the fields, so every process
+        running this code gets the same checksum for one manifest."""
+        return hashlib.sha256(self.stored_bytes()).hexdigest()
+
+    def stored_bytes(self) -> bytes:
+        """The bytes ``publish`` writes as ``manifest.json``."""
+        return self.model_dump_json(indent=2).encode()
+
 
 # Fields a publisher may set; the rest (identity, files, created_at) are the
 # registry's to fill in.
@@ -419,29 +446,42 @@ def _mtime(info: Mapping[str, Any]) -> float | None:
     return None
 
 
+def latest_versions(manifests: Sequence[AdapterManifest]) -> list[AdapterManifest]:
+    """The latest version of each adapter among ``manifests`` (sorted by tenant, name, version), in that order."""
+    latest: dict[tuple[str, str], AdapterManifest] = {}
+    for m in manifests:
+        latest[(m.tenant, m.name)] = m
+    return list(latest.values())
+
+
 # --------------------------------------------------------------------------- registry
 
 
 @dataclass(frozen=True)
 class ManifestCache:
-    """How long `AdapterRegistry.resolve` may answer from memory instead of reading the store (on S3, a listing
-    and a GET per request otherwise).
+    """How long `AdapterRegistry.resolve` (and `catalog`) may answer from memory instead of reading the store (on
+    S3, a listing and a GET per request otherwise).
 
-    A pinned version (`t/n@v3`) is cached for the registry object's lifetime: versions are immutable, and a
-    deleted one fails at `fetch` (its files are gone). `latest` (`t/n`) is cached for `latest_ttl_s`. A publish or
-    delete through the same registry object takes effect at once; one from another process (the CLI, a training
-    job, another replica) is seen within `latest_ttl_s`.
+    Every answer is kept for `ttl_s`, whatever it was: a manifest (pinned `t/n@v3` or `latest` `t/n`), "not found"
+    or "corrupt". So a ref that exists and one that does not take the same path and the same time (no timing
+    oracle on another tenant's private adapters), and a version deleted through another process (the CLI, another
+    ingress) is refused everywhere within `ttl_s`. A publish or delete through the same registry object takes
+    effect at once.
     """
 
-    latest_ttl_s: float = 2.0
-    """Seconds a resolved `latest` is re-used; 0: every `latest` lookup reads the store."""
-    max_pinned: int = 4096
-    """Pinned manifests kept (least recently used dropped first), so memory stays bounded however many versions
-    exist."""
+    ttl_s: float = 2.0
+    """Seconds an answer is re-used; 0: every lookup reads the store."""
+    max_entries: int = 4096
+    """Answers kept (least recently used dropped first), so memory stays bounded however many refs are asked
+    about, existing or not."""
 
     def __post_init__(self) -> None:
-        if self.latest_ttl_s < 0 or self.max_pinned < 1:
+        if self.ttl_s < 0 or self.max_entries < 1:
             raise ValueError(f"invalid manifest cache {self}")
+
+
+_Answer = AdapterManifest | AdapterRegistryError
+"""What a manifest lookup came to: the manifest, or the error to raise (`AdapterNotFound`, `AdapterCorrupt`)."""
 
 
 class AdapterRegistry:
@@ -453,7 +493,9 @@ class AdapterRegistry:
     backends the listings cache is off by default: other processes publish
     concurrently and a cached listing would hide their versions.
     ``manifest_cache`` lets ``resolve`` answer from memory (``ManifestCache``);
-    None: every ``resolve`` reads the store.
+    None: every ``resolve`` reads the store.  ``cache_max_bytes`` bounds the
+    local file cache under ``cache_dir`` (``lightray.adapter_files``); None:
+    unbounded.
     """
 
     def __init__(
@@ -463,6 +505,7 @@ class AdapterRegistry:
         *,
         cache_dir: str | os.PathLike[str] | None = None,
         manifest_cache: ManifestCache | None = None,
+        cache_max_bytes: int | None = None,
     ) -> None:
         opts = dict(storage_options or {})
         if get_protocol(str(root)) not in ("file", "local"):
@@ -476,11 +519,13 @@ class AdapterRegistry:
         # the same tenant/name@vN never thrash each other's cache.
         proto = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
         self._cache_ns = hashlib.sha256(f"{proto}://{self.root}".encode()).hexdigest()[:16]
+        self.file_cache = AdapterFileCache(self.cache_dir / self._cache_ns, cache_max_bytes)
         self.manifest_cache = manifest_cache
-        self._pinned: OrderedDict[tuple[str, str, int], AdapterManifest] = OrderedDict()
-        # (tenant, name) -> (time.monotonic() when resolved, the latest manifest then).
-        self._latest: dict[tuple[str, str], tuple[float, AdapterManifest]] = {}
+        # (tenant, name, version or None for latest) -> (time.monotonic() when looked up, the answer then).
+        self._answers: OrderedDict[tuple[str, str, int | None], tuple[float, _Answer]] = OrderedDict()
         self._cache_lock = threading.Lock()
+        self._catalog: tuple[float, list[AdapterManifest]] | None = None
+        self._catalog_lock = threading.Lock()  # one catalog read at a time; the others wait for its answer
 
     def __repr__(self) -> str:
         return f"AdapterRegistry({self.root_url!r})"
@@ -499,12 +544,11 @@ class AdapterRegistry:
     def _manifest_path(self, tenant: str, name: str, version: int) -> str:
         return posixpath.join(self._version_dir(tenant, name, version), MANIFEST_FILENAME)
 
-    def cache_path(self, ref: str | AdapterRef) -> Path:
-        """Default local directory ``fetch`` uses for a pinned ref."""
-        r = AdapterRef.parse(ref)
-        if r.version is None:
-            raise InvalidAdapterRef(f"cache_path needs a pinned version, got {str(r)!r}")
-        return self.cache_dir / self._cache_ns / r.tenant / r.name / version_tag(r.version)
+    def cache_path(self, manifest: AdapterManifest) -> Path:
+        """Local folder ``fetch`` uses for a version: named by its manifest's checksum too, so files cached for
+        one content are never taken for another's under the same ref."""
+        return (self.cache_dir / self._cache_ns / manifest.tenant / manifest.name
+                / f"{manifest.tag}-{manifest.checksum[:16]}")
 
     # ---- low-level storage helpers
 
@@ -681,10 +725,7 @@ class AdapterRegistry:
 
         # The commit point: from here on the version is visible.
         try:
-            self._write_exclusive(
-                posixpath.join(vdir, MANIFEST_FILENAME),
-                manifest.model_dump_json(indent=2).encode(),
-            )
+            self._write_exclusive(posixpath.join(vdir, MANIFEST_FILENAME), manifest.stored_bytes())
         except FileExistsError as err:
             raise AdapterExists(f"{manifest.ref} already exists; versions are immutable") from err
         self._forget(tenant, name)
@@ -742,64 +783,89 @@ class AdapterRegistry:
         A latest-lookup skips (and logs) versions whose manifest is corrupt so
         one bad upload does not take the whole adapter offline; a pinned
         lookup of a corrupt version raises ``AdapterCorrupt``.  With a
-        ``manifest_cache`` the answer may come from memory (``ManifestCache``
-        says for how long); a miss is never cached.
+        ``manifest_cache`` the answer, found or not, may come from memory
+        (``ManifestCache`` says for how long).
         """
         r = AdapterRef.parse(ref)
-        cached = self._cached_manifest(r)
-        if cached is not None:
-            return cached
+        answer = self._cached_answer(r)
+        if answer is None:
+            answer = self._look_up(r)
+            self._remember(r, answer)
+        if isinstance(answer, AdapterRegistryError):
+            raise type(answer)(*answer.args)  # a fresh exception: a cached one would pile up tracebacks
+        return answer
+
+    def _look_up(self, r: AdapterRef) -> _Answer:
+        """What the store says about ``r`` now."""
         if r.version is not None:
-            m = self._read_manifest(r.tenant, r.name, r.version)
-            if m is None:
-                raise AdapterNotFound(f"adapter {r} not found")
-            self._remember(m, latest=False)
-            return m
-        for v in reversed(self._version_numbers(r.tenant, r.name)):
+            try:
+                m = self._read_manifest(r.tenant, r.name, r.version)
+            except AdapterCorrupt as err:
+                return err
+            return m if m is not None else AdapterNotFound(f"adapter {r} not found")
+        numbers = self._version_numbers(r.tenant, r.name)
+        for v in reversed(numbers):
             try:
                 m = self._read_manifest(r.tenant, r.name, v)
             except AdapterCorrupt as err:
                 log.warning("skipping corrupt version: %s", err)
                 continue
             if m is not None:
-                self._remember(m, latest=True)
                 return m
-        raise AdapterNotFound(f"adapter {r} not found")
+        if not numbers:
+            # An adapter that does not exist costs what one that does costs (a listing and a manifest read), so
+            # the time a miss takes does not tell another tenant's private adapter from an absent one.
+            self._read_manifest(r.tenant, r.name, 1)
+        return AdapterNotFound(f"adapter {r} not found")
 
-    def _cached_manifest(self, r: AdapterRef) -> AdapterManifest | None:
+    def _cached_answer(self, r: AdapterRef) -> _Answer | None:
         policy = self.manifest_cache
         if policy is None:
             return None
+        key = (r.tenant, r.name, r.version)
         with self._cache_lock:
-            if r.version is not None:
-                m = self._pinned.get((r.tenant, r.name, r.version))
-                if m is not None:
-                    self._pinned.move_to_end((r.tenant, r.name, r.version))
-                return m
-            entry = self._latest.get((r.tenant, r.name))
-            if entry is not None and time.monotonic() - entry[0] < policy.latest_ttl_s:
-                return entry[1]
-            return None
+            entry = self._answers.get(key)
+            if entry is None or time.monotonic() - entry[0] >= policy.ttl_s:
+                return None
+            self._answers.move_to_end(key)
+            return entry[1]
 
-    def _remember(self, m: AdapterManifest, *, latest: bool) -> None:
+    def _remember(self, r: AdapterRef, answer: _Answer) -> None:
         policy = self.manifest_cache
         if policy is None:
             return
+        now = time.monotonic()
+        key = (r.tenant, r.name, r.version)
         with self._cache_lock:
-            self._pinned[(m.tenant, m.name, m.version)] = m
-            self._pinned.move_to_end((m.tenant, m.name, m.version))
-            while len(self._pinned) > policy.max_pinned:
-                self._pinned.popitem(last=False)
-            if latest:
-                self._latest[(m.tenant, m.name)] = (time.monotonic(), m)
+            # Only under the ref asked for: a `latest` answer filling in its pinned version too would make that
+            # version's first lookup faster than an absent one's.
+            self._answers[key] = (now, answer)
+            self._answers.move_to_end(key)
+            while len(self._answers) > policy.max_entries:
+                self._answers.popitem(last=False)
 
     def _forget(self, tenant: str, name: str, versions: Sequence[int] = ()) -> None:
         """Drop what this object cached about ``tenant/name`` (its latest, and ``versions``), after its own
         publish or delete."""
         with self._cache_lock:
-            self._latest.pop((tenant, name), None)
-            for v in versions:
-                self._pinned.pop((tenant, name, v), None)
+            for key in [(tenant, name, None), *((tenant, name, v) for v in versions)]:
+                self._answers.pop(key, None)
+            self._catalog = None
+
+    def catalog(self) -> list[AdapterManifest]:
+        """Every complete version of every tenant (``manifests()``), re-read at most once per the manifest cache's
+        ``ttl_s``; concurrent callers share one read. For listings served to many callers (``GET /v1/adapters``),
+        which filter and page it in memory. Without a manifest cache, every call reads the store."""
+        policy = self.manifest_cache
+        with self._catalog_lock:
+            cached = self._catalog
+            if policy is not None and cached is not None and time.monotonic() - cached[0] < policy.ttl_s:
+                return cached[1]
+            read_at = time.monotonic()
+            listing = self.manifests()
+            if policy is not None:
+                self._catalog = (read_at, listing)
+            return listing
 
     def versions(self, ref: str | AdapterRef) -> list[int]:
         """Complete version numbers of ``tenant/name``, ascending."""
@@ -840,58 +906,56 @@ class AdapterRegistry:
             except AdapterCorrupt as err:
                 log.warning("skipping corrupt version: %s", err)
         out.sort(key=lambda m: (m.tenant, m.name, m.version))
-        if latest_only:
-            latest: dict[tuple[str, str], AdapterManifest] = {}
-            for m in out:
-                latest[(m.tenant, m.name)] = m
-            out = list(latest.values())
-        return out
+        return latest_versions(out) if latest_only else out
 
     def delete(self, ref: str | AdapterRef) -> list[str]:
         """Delete one version (``t/n@vN``) or every version (``t/n``); return deleted refs.
 
-        Manifests go first, so a delete killed half-way leaves at worst an
-        invisible orphan directory (reclaimed by ``gc_incomplete``), never a
-        visible version with missing files.  For a whole adapter the oldest
-        versions go first, so an interrupted delete keeps serving the same
-        latest version it did before.
+        Each version gets its tombstone first (its number is then never
+        reused, even if the delete dies next), then loses its manifest (the
+        commit point: from here on it is invisible), then its files.  A delete
+        killed half-way leaves at worst an invisible version with files (whose
+        files ``gc_incomplete`` reclaims), never a visible version with
+        missing files.  For a whole adapter the oldest versions go first, so an
+        interrupted delete keeps serving the same latest version it did before.
         """
         r = AdapterRef.parse(ref)
         self._fresh()
-        if r.version is not None:
-            targets = [r.version] if self.fs.exists(self._manifest_path(r.tenant, r.name, r.version)) else []
-        else:
-            targets = [
-                v
-                for v in self._version_numbers(r.tenant, r.name)
-                if self.fs.exists(self._manifest_path(r.tenant, r.name, v))
-            ]
+        candidates = [r.version] if r.version is not None else self._version_numbers(r.tenant, r.name)
+        targets = [v for v in candidates if self.fs.exists(self._manifest_path(r.tenant, r.name, v))]
         if not targets:
             raise AdapterNotFound(f"adapter {r} not found")
 
         for v in targets:
+            self._bury(r.tenant, r.name, v)
             self.fs.rm_file(self._manifest_path(r.tenant, r.name, v))
         self._forget(r.tenant, r.name, targets)
-        if r.version is not None:
-            self.fs.rm(self._version_dir(r.tenant, r.name, r.version), recursive=True)
-        else:
-            self.fs.rm(self._name_dir(r.tenant, r.name), recursive=True)
-        self._prune_empty_dirs(r.tenant, r.name)
+        for v in targets:
+            self._remove_payload(r.tenant, r.name, v)
         deleted = [str(r.with_version(v)) for v in targets]
         log.info("deleted %s", ", ".join(deleted))
         return deleted
 
-    def _prune_empty_dirs(self, tenant: str, name: str) -> None:
-        """Local only (object stores have no empty dirs): keep the tree tidy."""
-        if not self._local:
-            return
-        for d in (self._name_dir(tenant, name), self._path(tenant)):
-            try:
-                os.rmdir(d)
-            except FileNotFoundError:
-                continue
-            except OSError:  # not empty: other versions/adapters live here
-                return
+    def _bury(self, tenant: str, name: str, version: int) -> None:
+        """Write the version's tombstone: its directory, so its number, stays claimed for good."""
+        record = json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                             "deleted_at": _utcnow().isoformat()}).encode()
+        path = posixpath.join(self._version_dir(tenant, name, version), TOMBSTONE_FILENAME)
+        if self._local:
+            self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
+        self.fs.pipe_file(path, record)
+
+    def _remove_payload(self, tenant: str, name: str, version: int) -> bool:
+        """Remove every file of a version but its markers (claim, tombstone); whether there was any."""
+        vdir = self._version_dir(tenant, name, version)
+        try:
+            found = self.fs.find(vdir)
+        except FileNotFoundError:
+            return False
+        payload = [p for p in found if posixpath.basename(p) not in _MARKERS]
+        if payload:
+            self.fs.rm(payload)  # a local folder may keep empty sub-folders: no listing counts them
+        return bool(payload)
 
     def fetch(
         self,
@@ -910,12 +974,48 @@ class AdapterRegistry:
         readers of the cache never see partial files.  ``dest_dir`` receives
         the files plus ``manifest.json``; other files already in it are left
         alone.  Passing ``base_model_id`` checks compatibility before any
-        download.
+        download.  Without ``dest_dir`` the files go to the local cache
+        (``cache_path``), which may evict them once they are not in use: a
+        caller that keeps using them holds them with ``checkout`` instead.
         """
+        if dest_dir is None:
+            m, held = self.checkout(ref, base_model_id=base_model_id, base_fingerprint=base_fingerprint)
+            held.release()
+            return m, held.path
+        m = self._resolve_compatible(ref, base_model_id, base_fingerprint)
+        dest = Path(dest_dir)
+        self._download(m, dest)
+        return m, dest
+
+    def checkout(
+        self,
+        ref: str | AdapterRef,
+        *,
+        base_model_id: str | None = None,
+        base_fingerprint: str | None = None,
+    ) -> tuple[AdapterManifest, HeldFiles]:
+        """``fetch`` into the local cache, holding the files in use (no process evicts them) until the returned
+        ``HeldFiles`` is released; then trim the cache to its bound (``cache_max_bytes``), least recently used
+        entries first."""
+        m = self._resolve_compatible(ref, base_model_id, base_fingerprint)
+        held = self.file_cache.hold(self.cache_path(m))
+        try:
+            self._download(m, held.path)
+            self.file_cache.trim()
+        except BaseException:
+            held.release()
+            raise
+        return m, held
+
+    def _resolve_compatible(self, ref: str | AdapterRef, base_model_id: str | None,
+                            base_fingerprint: str | None) -> AdapterManifest:
         m = self.resolve(ref)
         if base_model_id is not None:
             check_compatible(m, base_model_id, base_fingerprint)
-        dest = Path(dest_dir) if dest_dir is not None else self.cache_path(m.ref)
+        return m
+
+    def _download(self, m: AdapterManifest, dest: Path) -> None:
+        """Make ``dest`` hold ``m``'s files, each verified (see ``fetch``), and its manifest."""
         dest.mkdir(parents=True, exist_ok=True)
         vdir = self._version_dir(m.tenant, m.name, m.version)
 
@@ -939,19 +1039,19 @@ class AdapterRegistry:
             finally:
                 part.unlink(missing_ok=True)
 
-        manifest_bytes = m.model_dump_json(indent=2).encode()
+        manifest_bytes = m.stored_bytes()
         mpath = dest / MANIFEST_FILENAME
         if not (mpath.is_file() and mpath.read_bytes() == manifest_bytes):
             tmp = dest / f".{MANIFEST_FILENAME}.part-{secrets.token_hex(6)}"
             tmp.write_bytes(manifest_bytes)
             os.replace(tmp, mpath)
-        return m, dest
 
     def gc_incomplete(self, older_than_s: float = 3600.0) -> list[str]:
-        """Remove version dirs that have no manifest and saw no write for ``older_than_s``.
+        """Remove the files of version dirs that have no manifest and saw no write for ``older_than_s``.
 
         These are left by publishes that died before their commit point (or
-        deletes that died after theirs).  Age is the newest modification time
+        deletes that died after theirs).  The directory keeps its claim and a
+        tombstone, so its number is never reused.  Age is the newest modification time
         of anything inside, so a slow upload still in progress is spared as
         long as ``older_than_s`` exceeds the time to upload one file.  Returns
         the refs removed.
@@ -965,6 +1065,7 @@ class AdapterRegistry:
         newest: dict[tuple[str, str, int], float] = {}
         undated: set[tuple[str, str, int]] = set()
         complete: set[tuple[str, str, int]] = set()
+        has_payload: set[tuple[str, str, int]] = set()  # files besides the markers: something to reclaim
         for p, info in entries.items():
             parsed = self._parse_version_path(p)
             if parsed is None:
@@ -972,6 +1073,8 @@ class AdapterRegistry:
             key, rest = parsed
             if rest == [MANIFEST_FILENAME]:
                 complete.add(key)
+            if rest and rest[-1] not in _MARKERS and info.get("type") != "directory":
+                has_payload.add(key)
             mt = _mtime(info)
             if mt is not None:
                 newest[key] = max(newest.get(key, 0.0), mt)
@@ -981,14 +1084,14 @@ class AdapterRegistry:
                 undated.add(key)
         removed: list[str] = []
         for key, mt in sorted(newest.items()):
-            if key in complete or key in undated or now - mt < older_than_s:
+            if key in complete or key in undated or key not in has_payload or now - mt < older_than_s:
                 continue
             t, n, v = key
             if self.fs.exists(self._manifest_path(t, n, v)):  # committed meanwhile
                 continue
-            self.fs.rm(self._version_dir(t, n, v), recursive=True)
-            self._prune_empty_dirs(t, n)
-            removed.append(str(AdapterRef(t, n, v)))
+            self._bury(t, n, v)  # the number stays taken: never reused
+            if self._remove_payload(t, n, v):
+                removed.append(str(AdapterRef(t, n, v)))
         if removed:
             log.info("gc removed incomplete versions: %s", ", ".join(removed))
         return removed

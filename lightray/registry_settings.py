@@ -55,10 +55,17 @@ class RegistrySettings(BaseSettings):
     registry_storage_options: dict[str, Any] = Field(default_factory=dict)
     """fsspec options for the registry (e.g. {"client_kwargs": {"endpoint_url": …}}). Environment:
     LIGHTRAY_REGISTRY_STORAGE_OPTIONS (JSON); for S3 the usual AWS_* variables work too."""
-    registry_latest_ttl_s: float = Field(2.0, ge=0)
-    """Seconds a resolved `latest` version is re-used before the store is read again (`ManifestCache`; pinned
-    versions are cached for good). A version published through another process is used within this long; 0:
-    at once, at the cost of a store read per request. Environment: LIGHTRAY_REGISTRY_LATEST_TTL_S."""
+    registry_cache_ttl_s: float = Field(2.0, ge=0)
+    """Seconds an answer about a manifest is re-used before the store is read again (`ManifestCache`): a pinned
+    version, a `latest`, a ref that does not exist, and the whole listing `GET /v1/adapters` pages through. A
+    version published or deleted through another process (the CLI, a training job, another ingress) is used, or
+    refused, within this long; 0: at once, at the cost of a store read per lookup. Environment:
+    LIGHTRAY_REGISTRY_CACHE_TTL_S."""
+    adapter_file_cache_bytes: int | None = Field(20 * 1024**3, ge=0)
+    """Bound on the local cache of downloaded adapter files (per machine and registry, shared by the processes
+    there), in bytes: after each download the least recently used versions no process is using are removed until
+    the cache fits (`lightray.adapter_files`). Versions in use stay, so the cache may exceed the bound while they
+    are held. None: unbounded. Environment: LIGHTRAY_ADAPTER_FILE_CACHE_BYTES."""
 
     @property
     def registry_root(self) -> str:
@@ -66,19 +73,20 @@ class RegistrySettings(BaseSettings):
         return resolve_registry_root(self.registry)
 
     def open_registry(self, **kwargs: Any) -> AdapterRegistry:
-        """The registry these settings name, caching manifests as `registry_latest_ttl_s` says; `kwargs` go to
-        `AdapterRegistry` (e.g. `cache_dir`)."""
+        """The registry these settings name, caching manifests as `registry_cache_ttl_s` says and bounding its
+        file cache at `adapter_file_cache_bytes`; `kwargs` go to `AdapterRegistry` (e.g. `cache_dir`)."""
         return AdapterRegistry(self.registry_root, storage_options=self.registry_storage_options or None,
-                               manifest_cache=ManifestCache(latest_ttl_s=self.registry_latest_ttl_s), **kwargs)
+                               manifest_cache=ManifestCache(ttl_s=self.registry_cache_ttl_s),
+                               cache_max_bytes=self.adapter_file_cache_bytes, **kwargs)
 
 
 def open_registry(root: str | None = None, storage_options: dict[str, Any] | None = None,
-                  **kwargs: Any) -> AdapterRegistry:
-    """The registry at `root` with `storage_options`; either left None is read from the environment, then the
-    default (`RegistrySettings`). `kwargs` go to `AdapterRegistry`."""
-    explicit: dict[str, Any] = {}
+                  **settings: Any) -> AdapterRegistry:
+    """The registry at `root` with `storage_options`; either left None, and any other `RegistrySettings` field not
+    in `settings`, is read from the environment, then the default (`RegistrySettings`)."""
+    explicit: dict[str, Any] = dict(settings)
     if root is not None:
         explicit["registry"] = root
     if storage_options is not None:
         explicit["registry_storage_options"] = storage_options
-    return RegistrySettings(**explicit).open_registry(**kwargs)
+    return RegistrySettings(**explicit).open_registry()

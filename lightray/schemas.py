@@ -613,8 +613,16 @@ class AdapterInfo(BaseModel):
 
 
 class AdapterList(BaseModel):
+    """One page of `GET /v1/adapters` (OpenAI's list shape): ask for the next with `after=<last_id>`."""
+
     object: Literal["list"] = "list"
     data: list[AdapterInfo]
+    has_more: bool = False
+    """Whether more adapters follow this page."""
+    first_id: str | None = None
+    """The first adapter's id on this page; None when the page is empty."""
+    last_id: str | None = None
+    """The last adapter's id on this page: the next page's `after`."""
 
 
 class AdapterDeleted(BaseModel):

@@ -48,7 +48,9 @@ def build_app(args: dict | None = None) -> Application:
             TextEncoder.options(name=stage_name("TextEncoder", preset, index)).bind(dumped),
             Denoiser.options(name=stage_name("Denoiser", preset, index)).bind(
                 dumped, settings.registry, settings.registry_storage_options, settings.adapter_cache_size,
-                settings.engine.model_dump()),
+                settings.engine.model_dump(), registry_settings={
+                    "registry_cache_ttl_s": settings.registry_cache_ttl_s,
+                    "adapter_file_cache_bytes": settings.adapter_file_cache_bytes}),
             VaeDecoder.options(name=stage_name("VaeDecoder", preset, index)).bind(
                 dumped, stack_requests=settings.vae_stack_requests),
         ))

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import threading
 import time
@@ -13,7 +14,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 from PIL import Image
 
-from lightray.adapters import fetch_for_preset
+from lightray.adapters import checkout_for_preset
 from lightray.config import ModelPreset
 from lightray.contracts import AdapterLoadError, DenoisedLatents, EngineFull, OutputEncoding, StepProgress
 from lightray.edits import (
@@ -151,15 +152,18 @@ class LocalBackend:
         self.registry = registry
 
     def _run(self, spec: GenerationSpec | EditSpec, draw, encoding: OutputEncoding) -> GenerationResult:
-        """Fetch the spec's adapters (if any), `draw(adapter_paths)` the images, encode them as `encoding`."""
+        """Fetch the spec's adapters (if any, held in the file cache while they are drawn with),
+        `draw(adapter_paths)` the images, encode them as `encoding`."""
         start = time.perf_counter()
         adapter_paths = {}
-        for use in spec.adapters:
-            if self.registry is None:
-                raise RuntimeError("this backend has no adapter registry")
-            _, path = fetch_for_preset(self.registry, use.ref, self.preset)
-            adapter_paths[use.ref] = str(path)
-        pngs = [encode_image(im, encoding) for im in draw(adapter_paths)]
+        with contextlib.ExitStack() as held:
+            for use in spec.adapters:
+                if self.registry is None:
+                    raise RuntimeError("this backend has no adapter registry")
+                _, files = checkout_for_preset(self.registry, use, self.preset)
+                held.enter_context(files)
+                adapter_paths[use.key] = str(files.path)
+            pngs = [encode_image(im, encoding) for im in draw(adapter_paths)]
         return GenerationResult(pngs, {"graph_ms": (time.perf_counter() - start) * 1000})
 
     async def generate(self, spec: GenerationSpec) -> GenerationResult:

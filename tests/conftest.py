@@ -78,7 +78,7 @@ def api_client(local_pipeline, registry_root, tmp_path_factory) -> TestClient:
     # Tests publish through registry objects of their own and expect the next request to use the new version at
     # once: without a latest cache, the service sees them as soon as they are committed.
     settings = ServiceSettings(
-        preset=local_pipeline.preset.model_dump(), registry=str(registry_root), registry_latest_ttl_s=0,
+        preset=local_pipeline.preset.model_dump(), registry=str(registry_root), registry_cache_ttl_s=0,
         image_store_dir=str(tmp_path_factory.mktemp("images")), auth_enabled=False,
         # schemathesis's in-process client calls the app as "testserver" (tests/test_fuzz_api.py).
         local_hosts=["localhost", "127.0.0.1", "[::1]", "testserver"],
@@ -109,7 +109,7 @@ def make_app_with_edit_model(local_pipeline, edit_pipeline, tmp_path_factory):
     def make():
         settings = ServiceSettings(
             preset=local_pipeline.preset.model_dump(), extra_presets=[edit_pipeline.preset.name],
-            registry=str(tmp_path_factory.mktemp("edit-registry")), registry_latest_ttl_s=0,
+            registry=str(tmp_path_factory.mktemp("edit-registry")), registry_cache_ttl_s=0,
             image_store_dir=str(tmp_path_factory.mktemp("edit-images")), auth_enabled=False)
         registry = settings.open_registry()
         return create_app([LocalBackend(local_pipeline, registry), LocalBackend(edit_pipeline, registry)], settings)
@@ -134,7 +134,7 @@ def service(ray_cluster, preset, registry_root, tmp_path_factory):
     """configs/serve/local.yaml deployed with `serve deploy` on the test cluster; yields its base URL."""
     # Tests publish through registry objects of their own and expect the next request to use the new version at
     # once: without a latest cache, the service sees them as soon as they are committed.
-    args = {"registry": str(registry_root), "registry_latest_ttl_s": 0,
+    args = {"registry": str(registry_root), "registry_cache_ttl_s": 0,
             "image_store_dir": str(tmp_path_factory.mktemp("served-images"))}
     if os.environ.get("LIGHTRAY_TEST_PRESET"):
         args["preset"] = os.environ["LIGHTRAY_TEST_PRESET"]

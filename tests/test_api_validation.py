@@ -211,7 +211,7 @@ def recording(preset, registry_root, tmp_path_factory, stack_adapters):
     the specs instead of generating."""
     # Tests publish through registry objects of their own and expect the next request to use the new version at
     # once: without a latest cache, the service sees them as soon as they are committed.
-    settings = ServiceSettings(preset=preset.model_dump(), registry=str(registry_root), registry_latest_ttl_s=0,
+    settings = ServiceSettings(preset=preset.model_dump(), registry=str(registry_root), registry_cache_ttl_s=0,
                                auth_enabled=False,
                                default_priority="batch", image_store_dir=str(tmp_path_factory.mktemp("rec-images")))
     yield from recording_app(preset, settings)
@@ -225,14 +225,15 @@ def test_the_router_pins_stacked_adapters_and_sets_priority(recording, path):
     r = client.post(path, json={**OK, **extra, "lora": [f"{STACK}/subject:-0.5", f"{STACK}/style@v1"]})
     assert r.status_code == 200, r.text
     spec = backend.specs[-1]
-    assert spec.adapters == (AdapterUse(f"{STACK}/subject@v1", -0.5), AdapterUse(f"{STACK}/style@v1", 1.0))
+    assert [(a.ref, a.scale) for a in spec.adapters] == [(f"{STACK}/subject@v1", -0.5), (f"{STACK}/style@v1", 1.0)]
+    assert all(len(a.checksum) == 64 for a in spec.adapters)  # pinned to the manifest's content too
     assert spec.priority == "batch" and spec.tenant is None  # the service's default_priority (auth off)
     if path.endswith("edits"):
         assert isinstance(spec, EditSpec) and all(isinstance(a, AdapterUse) for a in spec.adapters)
 
     r = client.post(path, json={**OK, **extra, "lora": f"{STACK}/style:0.25", "priority": "interactive"})
     assert r.status_code == 200, r.text
-    assert backend.specs[-1].adapters == (AdapterUse(f"{STACK}/style@v1", 0.25),)
+    assert [(a.ref, a.scale) for a in backend.specs[-1].adapters] == [(f"{STACK}/style@v1", 0.25)]
     assert backend.specs[-1].priority == "interactive"
 
     assert client.post(path, json={**OK, **extra}).status_code == 200
@@ -288,8 +289,9 @@ def unit_registry(preset, tmp_path_factory):
 def test_resolve_adapters_pins_in_order_with_the_tenants_acl(unit_registry, preset):
     uses = parse_lora_field(["acme/style:0.5", "globex/shared", "acme/subject@v1:-2"])
     resolved = resolve_adapters(unit_registry, preset, uses, ["lora[0]", "lora[1]", "lora[2]"], tenant="acme")
-    assert [a.use for a in resolved] == [AdapterUse("acme/style@v2", 0.5), AdapterUse("globex/shared@v1", 1.0),
-                                         AdapterUse("acme/subject@v1", -2.0)]
+    assert [a.use for a in resolved] == [AdapterUse("acme/style@v2", 0.5, resolved[0].manifest.checksum),
+                                         AdapterUse("globex/shared@v1", 1.0, resolved[1].manifest.checksum),
+                                         AdapterUse("acme/subject@v1", -2.0, resolved[2].manifest.checksum)]
     assert [a.manifest.tenant for a in resolved] == ["acme", "globex", "acme"]
     pinned = resolve_adapters(unit_registry, preset, [AdapterUse("acme/style@v1")], ["lora"], tenant="acme")
     assert pinned[0].ref == "acme/style@v1"

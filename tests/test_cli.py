@@ -70,7 +70,6 @@ def test_generate_local_pins_every_adapter(monkeypatch, preset, tmp_path):
     """--local resolves each --lora as the ingress does (latest pinned to its version), in order."""
     import lightray.pipeline
     from testing.adapters import publish_placeholder_adapter
-    from lightray.contracts import AdapterUse
 
     for _ in range(2):
         publish_placeholder_adapter(tmp_path / "registry", preset, "acme", "style", tmp_path)
@@ -83,14 +82,14 @@ def test_generate_local_pins_every_adapter(monkeypatch, preset, tmp_path):
 
         def generate(self, spec, adapter_paths=None):
             specs.append(spec)
-            assert set(adapter_paths) == {a.ref for a in spec.adapters}  # fetched for the engine
+            assert set(adapter_paths) == {a.key for a in spec.adapters}  # fetched for the engine
             return [Image.new("RGB", (spec.width, spec.height))] * len(spec.seeds)
 
     monkeypatch.setattr(lightray.pipeline, "LocalPipeline", RecordingPipeline)
     assert cli.main(["generate", "a circle", "--local", "--registry", str(tmp_path / "registry"), "--size", "128x64",
                      "--lora", "acme/style:0.5", "--lora", "acme/subject", "--priority", "batch",
                      "-o", str(tmp_path / "out")]) == 0
-    assert specs[-1].adapters == (AdapterUse("acme/style@v2", 0.5), AdapterUse("acme/subject@v1", 1.0))
+    assert [(a.ref, a.scale) for a in specs[-1].adapters] == [("acme/style@v2", 0.5), ("acme/subject@v1", 1.0)]
     assert specs[-1].priority == "batch"
     assert (specs[-1].width, specs[-1].height) == (128, 64)
 

@@ -19,8 +19,10 @@ import pytest
 from pydantic import ValidationError
 
 from lightray import adapters_cli
+from lightray.adapter_files import LOCK_FILENAME
 from lightray.registry import (
     CLAIM_FILENAME,
+    TOMBSTONE_FILENAME,
     AdapterCorrupt,
     AdapterExists,
     AdapterIncompatible,
@@ -242,9 +244,9 @@ def test_fetch_caches_and_verifies(
     monkeypatch.setattr(reg.fs, "get_file", lambda rpath, lpath, **kw: (downloads.append(rpath), real_get(rpath, lpath, **kw))[1])
 
     m1, path = reg.fetch("acme/style")
-    assert m1 == m and path == reg.cache_path("acme/style@v1")
+    assert m1 == m and path == reg.cache_path(m)
     assert sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()) == [
-        "adapter_config.json", "adapter_model.safetensors", "manifest.json", "samples/a.txt"
+        LOCK_FILENAME, "adapter_config.json", "adapter_model.safetensors", "manifest.json", "samples/a.txt"
     ]
     assert AdapterManifest.model_validate_json((path / "manifest.json").read_bytes()) == m
     assert len(downloads) == 3
@@ -606,7 +608,7 @@ def test_resolve_caches_manifests_and_its_own_writes_take_effect_at_once(
     from lightray.registry import ManifestCache
 
     cached = AdapterRegistry(local_reg.root_url, cache_dir=tmp_path / "cache",
-                             manifest_cache=ManifestCache(latest_ttl_s=60))
+                             manifest_cache=ManifestCache(ttl_s=60))
     v1 = cached.publish("acme", "style", make_adapter())
     assert cached.resolve("acme/style") == v1
     # Another process's publish is seen once the latest TTL has passed (here: not within the test).
@@ -616,7 +618,7 @@ def test_resolve_caches_manifests_and_its_own_writes_take_effect_at_once(
     # This object's own publish moves latest at once.
     v3 = cached.publish("acme", "style", make_adapter())
     assert cached.resolve("acme/style") == v3
-    # A pinned version is cached for good: versions are immutable.
+    # A pinned version is cached for the same TTL (here: the whole test).
     assert cached.resolve("acme/style@v2") == v2
     local_reg.delete("acme/style@v2")
     assert cached.resolve("acme/style@v2") == v2
@@ -633,8 +635,96 @@ def test_a_zero_latest_ttl_sees_other_publishers_at_once(
     from lightray.registry import ManifestCache
 
     cached = AdapterRegistry(local_reg.root_url, cache_dir=tmp_path / "cache",
-                             manifest_cache=ManifestCache(latest_ttl_s=0))
+                             manifest_cache=ManifestCache(ttl_s=0))
     local_reg.publish("acme", "style", make_adapter())
     assert cached.resolve("acme/style").version == 1
     local_reg.publish("acme", "style", make_adapter())
     assert cached.resolve("acme/style").version == 2
+
+
+# --------------------------------------------------------------------------- issue 30: versions, caches
+
+
+def test_a_deleted_version_number_is_never_reused(reg: AdapterRegistry, make_adapter: MakeAdapter) -> None:
+    """Finding 4: after a delete the next version is a new number, so `acme/style@v3` never names other weights."""
+    for _ in range(3):
+        reg.publish("acme", "style", make_adapter())
+    v3 = reg.resolve("acme/style@v3")
+    reg.delete("acme/style@v3")
+    assert reg.publish("acme", "style", make_adapter()).version == 4
+    assert reg.fs.exists(remote(reg, "acme", "style", "v3", TOMBSTONE_FILENAME))
+    with pytest.raises(AdapterNotFound):
+        reg.resolve("acme/style@v3")
+    with pytest.raises(AdapterExists):  # not even when asked for by number
+        reg.publish("acme", "style", make_adapter(), version=3)
+    # Deleting the whole adapter keeps every number, and gc does not free them.
+    assert reg.delete("acme/style") == ["acme/style@v1", "acme/style@v2", "acme/style@v4"]
+    assert reg.gc_incomplete(older_than_s=0) == []
+    assert reg.publish("acme", "style", make_adapter()).version == 5
+    assert [m.ref for m in reg.manifests()] == ["acme/style@v5"]
+    assert reg.resolve("acme/style").checksum != v3.checksum
+
+
+def test_every_answer_is_cached_alike_and_a_delete_elsewhere_is_seen_within_the_ttl(
+    local_reg: AdapterRegistry, make_adapter: MakeAdapter, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Finding 7: an absent ref is answered from the cache like a present one (no store read that tells them
+    apart); finding 4: a pinned version deleted through another registry object is refused once the TTL passes."""
+    from lightray.registry import ManifestCache
+
+    clock = [1000.0]
+    monkeypatch.setattr("lightray.registry.time.monotonic", lambda: clock[0])
+    local_reg.publish("acme", "style", make_adapter())
+    cached = AdapterRegistry(local_reg.root_url, cache_dir=tmp_path / "cache",
+                             manifest_cache=ManifestCache(ttl_s=2.0))
+    reads: list[str] = []
+    for method in ("cat_file", "ls"):
+        real = getattr(cached.fs, method)
+        monkeypatch.setattr(cached.fs, method, lambda path, *a, _real=real, **k: (reads.append(path), _real(path, *a, **k))[1])
+
+    def store_reads(ref: str) -> int:
+        before = len(reads)
+        try:
+            cached.resolve(ref)
+        except AdapterNotFound:
+            pass
+        return len(reads) - before
+
+    for present, absent in [("acme/style@v1", "acme/style@v9"), ("acme/style", "acme/nothing")]:
+        assert store_reads(present) > 0 and store_reads(absent) > 0
+        assert store_reads(present) == store_reads(absent) == 0  # both from memory
+    local_reg.delete("acme/style@v1")  # another process
+    assert cached.resolve("acme/style@v1").version == 1  # within the TTL
+    clock[0] += 2.0
+    with pytest.raises(AdapterNotFound):
+        cached.resolve("acme/style@v1")
+    with pytest.raises(AdapterNotFound):
+        cached.resolve("acme/style")
+
+
+def test_the_file_cache_is_bounded_and_evicts_the_least_recently_used_files_not_in_use(
+    local_reg: AdapterRegistry, make_adapter: MakeAdapter, tmp_path: Path
+) -> None:
+    """Finding 8: files of adapters nobody uses leave the disk once the cache is past its bound, oldest first;
+    files in use stay. The cache folder is named by the manifest's checksum, not the ref alone."""
+    for name in ("a", "b", "c"):
+        local_reg.publish("acme", name, make_adapter())
+    one = sum(f.stat().st_size for f in local_reg.fetch("acme/a", tmp_path / "probe")[1].iterdir())
+    reg = AdapterRegistry(local_reg.root_url, cache_dir=tmp_path / "cache", cache_max_bytes=2 * one + one // 2)
+
+    def cached() -> list[str]:
+        return sorted(folder.parent.name for _, _, folder in reg.file_cache.entries())
+
+    m_a, held_a = reg.checkout("acme/a")
+    assert held_a.path == reg.cache_path(m_a) and held_a.path.name == f"v1-{m_a.checksum[:16]}"
+    reg.fetch("acme/b")
+    assert cached() == ["a", "b"]
+    reg.fetch("acme/c")  # over the bound: a is the oldest, but in use; b goes
+    assert cached() == ["a", "c"]
+    assert (held_a.path / "adapter_model.safetensors").is_file()
+    held_a.release()
+    reg.fetch("acme/b")  # a, no longer in use, is now the least recently used
+    assert cached() == ["b", "c"]
+    unbounded = AdapterRegistry(local_reg.root_url, cache_dir=tmp_path / "cache")
+    unbounded.fetch("acme/a")
+    assert len(unbounded.file_cache.entries()) == 3

@@ -45,7 +45,7 @@ def settings(preset, tenant_registry, tmp_path_factory) -> ServiceSettings:
     # Tests publish through registry objects of their own and expect the next request to use the new version at
     # once: without a latest cache, the service sees them as soon as they are committed.
     return ServiceSettings(
-        preset=preset.model_dump(), registry=str(tenant_registry), registry_latest_ttl_s=0,
+        preset=preset.model_dump(), registry=str(tenant_registry), registry_cache_ttl_s=0,
         image_store_dir=str(tmp_path_factory.mktemp("tenant-images")),
         api_keys=[{"tenant": "acme", "key": ACME_KEY}, {"tenant": "globex", "key": GLOBEX_KEY},
                   {"tenant": "acme", "key": ACME_BATCH_KEY, "priority": "batch"},

@@ -226,7 +226,8 @@ class DenoiseEngine:
                on_progress: ProgressCallback | None = None, condition: ConditionLatents | None = None
                ) -> EngineRequest:
         """Queue a request; it starts at the next step boundary. Invalid input raises `ValueError` here, before
-        anything is queued. `adapter_paths` maps each of `params.adapters`' refs to its local files, for
+        anything is queued. `adapter_paths` maps each of `params.adapters`' keys (`AdapterUse.key`: the ref and its
+        manifest's checksum, so other content under one ref is another adapter here) to its local files, for
         adapters this engine has not loaded (or has evicted). `mask`: uint8 [height, width], non-zero where the
         image is repainted (needs `image`). `condition`: an instruction edit's input images (families with
         condition tokens need it; the others refuse it). `on_progress` is called from the engine's thread after
@@ -243,13 +244,13 @@ class DenoiseEngine:
         self._prepare_condition(request, condition, image)
         paths = dict(adapter_paths or {})
         with self._lock:
-            missing = [a.ref for a in params.adapters if a.ref not in paths and a.ref not in self.tenant_adapters]
+            missing = [a.key for a in params.adapters if a.key not in paths and a.key not in self.tenant_adapters]
             if missing:
                 raise ValueError(f"adapters: {missing} are not loaded and no path was given")
             if len(self._inbox) + len(self._live) >= self.config.max_live_requests:
                 raise EngineFull(f"the engine holds {self.config.max_live_requests} requests")
             for use in params.adapters:
-                self._in_use[use.ref] += 1
+                self._in_use[use.key] += 1
             request.adapter_paths = paths
             self._inbox.append(request)
             self._lock.notify_all()
@@ -348,7 +349,7 @@ class DenoiseEngine:
                 continue
             try:
                 for use in request.params.adapters:
-                    self._ensure_loaded(use.ref, request.adapter_paths.get(use.ref))
+                    self._ensure_loaded(use.key, request.adapter_paths.get(use.key))
             except Exception as err:
                 self._finish(request, error=AdapterLoadError(str(err)))
                 continue
@@ -483,7 +484,7 @@ class DenoiseEngine:
         stack = []
         if request.variant.id in self.lightning:
             stack.append((self.lightning[request.variant.id], 1.0))
-        stack.extend((adapter_name("tenant", a.ref), float(a.scale)) for a in request.params.adapters)
+        stack.extend((adapter_name("tenant", a.key), float(a.scale)) for a in request.params.adapters)
         return tuple(stack)
 
     # ---------------------------------------------------------------------------------------- stepping
@@ -575,11 +576,11 @@ class DenoiseEngine:
                 error: BaseException | None = None) -> None:
         with self._lock:
             for use in request.params.adapters:
-                self._in_use[use.ref] -= 1
-                if self._in_use[use.ref] <= 0:
-                    del self._in_use[use.ref]
-                    if use.ref in self._pending_unload:
-                        self._commands.append(lambda ref=use.ref: self._unload_now(ref))
+                self._in_use[use.key] -= 1
+                if self._in_use[use.key] <= 0:
+                    del self._in_use[use.key]
+                    if use.key in self._pending_unload:
+                        self._commands.append(lambda ref=use.key: self._unload_now(ref))
         if request.future.done():
             return
         if error is not None:

@@ -10,10 +10,18 @@ import asyncio
 from fastapi import APIRouter, Depends, Query
 
 from lightray.adapters import can_delete, can_use, find_adapter
-from lightray.registry import AdapterNotFound, AdapterRegistry
+from lightray.registry import (
+    AdapterManifest,
+    AdapterNotFound,
+    AdapterRef,
+    AdapterRegistry,
+    InvalidAdapterRef,
+    latest_versions,
+)
 from lightray.schemas import AdapterDeleted, AdapterInfo, AdapterList, RequestError
+from serve_app.admission import Admission
 from serve_app.auth import Principal
-from serve_app.dependencies import get_principal, get_registry
+from serve_app.dependencies import admitted, get_principal, get_registry
 from serve_app.openapi_errors import error_responses
 
 router = APIRouter(prefix="/v1", tags=["adapters"], responses=error_responses(400, 401))
@@ -23,19 +31,43 @@ def _ref(tenant: str, name: str, version: int | None) -> str:
     return f"{tenant}/{name}" + (f"@v{version}" if version is not None else "")
 
 
-@router.get("/adapters", response_model=AdapterList)
+MAX_PAGE = 100
+"""Most adapters one `GET /v1/adapters` page holds."""
+
+
+@router.get("/adapters", response_model=AdapterList, responses=error_responses(503))
 async def list_adapters(
     tenant: str | None = Query(None, description="Only this tenant's adapters."),
     all_versions: bool = Query(False, description="Every version, not just the latest of each adapter."),
+    limit: int = Query(20, ge=1, le=MAX_PAGE, description=f"Adapters per page, 1 to {MAX_PAGE}."),
+    after: str | None = Query(None, description="A page's `last_id`: the page after it (ids are in order of "
+                                                "tenant, name, version)."),
     registry: AdapterRegistry = Depends(get_registry),
     principal: Principal = Depends(get_principal),
+    admission: Admission = Depends(admitted),
 ) -> AdapterList:
-    """The adapters the caller may use: its own and every public one."""
-    manifests = await asyncio.to_thread(registry.manifests, None, latest_only=not all_versions)
-    return AdapterList(data=[
-        AdapterInfo.of(m) for m in manifests
-        if can_use(m, principal.tenant) and (tenant is None or m.tenant == tenant)
-    ])
+    """The adapters the caller may use, its own and every public one, a page at a time: `has_more` says whether
+    another page follows, and `after=<last_id>` asks for it. Admitted like a generation (503 when the ingress is
+    full); the registry is listed at most once per `registry_cache_ttl_s` and every caller pages that listing."""
+    start = None
+    if after is not None:
+        try:
+            start = _order(AdapterRef.parse(after))
+        except InvalidAdapterRef as err:
+            raise RequestError("after", f"after: {err}") from None
+    catalog = await asyncio.to_thread(registry.catalog)
+    visible = [m for m in (catalog if all_versions else latest_versions(catalog))
+               if can_use(m, principal.tenant) and (tenant is None or m.tenant == tenant)
+               and (start is None or _order(m) > start)]
+    page = visible[:limit]
+    return AdapterList(data=[AdapterInfo.of(m) for m in page], has_more=len(visible) > limit,
+                       first_id=page[0].ref if page else None, last_id=page[-1].ref if page else None)
+
+
+def _order(ref: AdapterRef | AdapterManifest) -> tuple[str, str, int]:
+    """Where an adapter id falls in the listing's order (tenant, name, version; a versionless `after` is before
+    the adapter's first version)."""
+    return ref.tenant, ref.name, ref.version or 0
 
 
 @router.get("/adapters/{tenant}/{name}", response_model=AdapterInfo, responses=error_responses(404))

@@ -339,14 +339,20 @@ def main(argv: list[str] | None = None) -> None:
     done: list[str] = record.get("completed", [])
     seconds: dict[str, float] = record.get("stage_seconds", {})
 
-    def finish(stage: str, spent: float) -> None:
-        done.append(stage)
-        seconds[stage] = round(spent, 1)
+    def write_record() -> None:
         out.mkdir(parents=True, exist_ok=True)
         record_path.write_text(json.dumps({"completed": done, "stage_seconds": seconds,
                                            "args": {k: str(v) for k, v in vars(args).items()},
                                            "earlier_runs": earlier}, indent=2) + "\n")
+
+    def finish(stage: str, spent: float) -> None:
+        done.append(stage)
+        seconds[stage] = round(spent, 1)
+        write_record()
         log(f"stage {stage} done ({spent:.0f}s)")
+
+    if existing and not args.resume:
+        write_record()  # so that `--resume` continues this run, not the finished one before it
 
     data = None
     for stage in args.stages:

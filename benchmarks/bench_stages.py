@@ -159,7 +159,10 @@ def http_bench(url: str, n: int) -> dict:
     return out
 
 
-def throughput_graph(url: str, n: int, concurrency: int = 8) -> float:
+def throughput_graph(url: str, n: int, concurrency: int = 8, warmup_s: float = 30.0) -> float:
+    """Images/s at `concurrency` clients over `n` requests, after `warmup_s` of the same load: long enough for the
+    Denoiser's autoscaling (configs/serve/local.yaml) to settle, so the figure is the steady state, not a
+    replica's start-up."""
     clients = threading.local()
 
     def post(i: int) -> None:
@@ -168,8 +171,13 @@ def throughput_graph(url: str, n: int, concurrency: int = 8) -> float:
         clients.c.post(f"{url}/v1/images/generations", json={
             "prompt": PROMPTS[i % 4], "model": MODEL, "size": "128x128", "seed": i}).raise_for_status()
 
+    def load_for(seconds: float) -> None:
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            post(0)
+
     with cf.ThreadPoolExecutor(concurrency) as pool:
-        list(pool.map(post, range(concurrency)))  # warm-up
+        list(pool.map(load_for, [warmup_s] * concurrency))
         t0 = time.perf_counter()
         list(pool.map(post, range(n)))
     return n / (time.perf_counter() - t0)
@@ -212,7 +220,7 @@ def deploy_and_measure(n: int, preset_update: dict, stack: str, ray_env: dict | 
                 "preset": preset, "registry": str(Path(tmp) / "registry"), "vae_stack_requests": stack,
                 "image_store_dir": str(Path(tmp) / "images")}))
             result = http_bench(cluster.http_url, n)
-            result["throughput_c8_img_s"] = throughput_graph(cluster.http_url, 4 * n)
+            result["throughput_c8_img_s"] = throughput_graph(cluster.http_url, 10 * n)
             return result
         finally:
             cluster.stop()

@@ -9,7 +9,8 @@ one run; run it on an idle machine.
    widths, plus 64 condition tokens per row and Edit-2511's zero_cond_t), at 1, 4 and 8 rows.
 2. Over HTTP on configs/serve/local.yaml (what `make serve` runs, both models): 8 generations (Lightning 4) and
    8 edits (4 steps, no CFG) at 128² sent together (concurrency 16), against the same requests in two phases
-   (generations, then edits, each at concurrency 8): images per second.
+   (generations, then edits, each at concurrency 8): images per second. Then one 128² edit at a time with the
+   edit model's Lightning 4 against its base (20 steps, true CFG): p50 of each and the speed-up.
 3. The mini real-layout Edit-2511 (tests/mini_real.py, bfloat16) at 256² with one input image, Lightning 4: p50 over
    HTTP of the served graph (a Serve app of that preset alone), against `QwenImageEditPlusPipeline.__call__` in
    process (one thread).
@@ -48,6 +49,7 @@ from testing.timing import median_ms  # noqa: E402
 
 SOURCE = Scene("red", "circle", "left", "white")
 GEN_MODEL, EDIT_MODEL = "lightray-shapes-lightning-4", "lightray-shapes-edit"
+LIGHTNING_EDIT_MODEL = "lightray-shapes-edit-lightning-4"
 
 
 def png_b64(image: Image.Image) -> str:
@@ -132,6 +134,24 @@ def mixed_load(url: str, n: int = 8) -> dict:
             "together_over_apart": round(apart / together, 2)}
 
 
+def lightning_speedup(url: str, n: int) -> dict:
+    """p50 of one 128² edit at a time, over HTTP, with each variant the edit model serves at its own settings:
+    Lightning 4 (4 steps, no CFG) against the base (its preset's steps, true CFG). Interleaved, so drift hits both."""
+    image = png_b64(render(SOURCE, 128))
+    models = {"lightning-4": LIGHTNING_EDIT_MODEL, "base": EDIT_MODEL}
+    times: dict[str, list[float]] = {k: [] for k in models}
+    with httpx.Client(timeout=300) as client:
+        for i in range(n + 1):
+            for kind, model in models.items():
+                t0 = time.perf_counter()
+                client.post(f"{url}/v1/images/edits", json={"model": model, "prompt": "make the circle blue",
+                                                            "image": image, "seed": i}).raise_for_status()
+                if i:  # the first round warms both
+                    times[kind].append((time.perf_counter() - t0) * 1000)
+    p50 = {k: round(statistics.median(v), 1) for k, v in times.items()}
+    return {"requests": n, "p50_ms": p50, "base_over_lightning": round(p50["base"] / p50["lightning-4"], 2)}
+
+
 def service_url(cluster: RayCluster, args: dict) -> str:
     """configs/serve/local.yaml deployed with `args` (`extra_presets: []`: without the edit model's graph)."""
     cluster.deploy(cluster.serve_config(REPO / "configs/serve/local.yaml", args))
@@ -210,12 +230,17 @@ def main() -> None:
     if not args.skip_http:
         cluster = RayCluster().start()
         try:
-            results["mixed_load_http"] = mixed_load(service_url(cluster, {}))
+            url = service_url(cluster, {})
+            results["mixed_load_http"] = mixed_load(url)
+            results["edit_lightning_speedup_http_128"] = lightning_speedup(url, args.requests)
         finally:
             cluster.stop()
         m = results["mixed_load_http"]
         print(f"\nmixed load over HTTP, {m['images']} images: together {m['together_img_s']} img/s, apart "
               f"{m['apart_img_s']} img/s ({m['together_over_apart']}x)")
+        m = results["edit_lightning_speedup_http_128"]
+        print(f"edit at 128² over HTTP, p50: base {m['p50_ms']['base']} ms, Lightning 4 {m['p50_ms']['lightning-4']} ms "
+              f"({m['base_over_lightning']}x faster)")
     if not args.skip_mini:
         results["mini_real_edit_256"] = m = mini_real_latency(args.requests)
         print(f"\nmini real Edit-2511 at 256², Lightning 4: served over HTTP p50 {m['served_http_p50_ms']} ms, "

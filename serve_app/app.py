@@ -32,13 +32,25 @@ class Ingress:
         return app
 
 
+INGRESS_ONLY = ("auth_enabled", "api_keys")
+"""Settings only the Ingress reads, and resolves from its own environment where the Serve YAML's args leave them out."""
+
+
 def build_app(args: dict | None = None) -> Application:
     """Application builder; `args` are ServiceSettings fields (from the Serve YAML's `args`)."""
     # Imported here, not at the top: the Ingress replica imports this module and must not load the stages' torch
     # (it validates JSON and forwards handles; tests/test_configs.py checks it stays torch-free).
     from deployments import Denoiser, TextEncoder, VaeDecoder
 
-    settings = ServiceSettings(**(args or {}))
+    args = dict(args or {})
+    # Serve runs this builder in a task on any node, and Kubernetes mounts the API keys only where the Ingress runs
+    # (k8s/rayservice.yaml, docs/security.md). So the builder resolves the stages' settings with auth's check
+    # left to the Ingress, and hands the Ingress its settings without `api_keys` (unless the YAML's args name
+    # them): the Ingress replica reads LIGHTRAY_API_KEYS from its own environment and refuses to start without
+    # them. The keys are then never in the deployment's init args, i.e. never in the Serve controller's state.
+    settings = ServiceSettings(**{**args, "auth_enabled": False})
+    ingress_settings = {**settings.model_dump(exclude=set(INGRESS_ONLY)),
+                        **{k: args[k] for k in INGRESS_ONLY if k in args}}
     graphs = []
     for index, ref in enumerate([settings.preset, *settings.extra_presets]):
         preset = load_preset(ref)
@@ -54,4 +66,4 @@ def build_app(args: dict | None = None) -> Application:
             VaeDecoder.options(name=stage_name("VaeDecoder", preset, index)).bind(
                 dumped, stack_requests=settings.vae_stack_requests),
         ))
-    return Ingress.bind(graphs, settings.model_dump())
+    return Ingress.bind(graphs, ingress_settings)

@@ -1,5 +1,6 @@
 """GPU resources that add up: configs/serve/gpu.yaml against the GPU class it declares
-(configs/capacity/h100-80gb.yaml) and the RayService worker group that runs it (k8s/rayservice.yaml).
+(configs/capacity/h100-80gb.yaml) and the RayService worker groups that run it (k8s/rayservice.yaml: each
+deployment on the group its custom resources name, testing/kuberay.py).
 
 Weights are counted and activations measured on the meta device from the published configs (configs/qwen-image/);
 per-process overheads and stage times are the stated assumptions of the capacity file (serve_app/capacity.py)."""
@@ -22,6 +23,7 @@ from serve_app.capacity import (
     stage_times,
     weighted_bound_drain_s,
 )
+from testing.kuberay import HEAD, Group, place, ray_groups
 
 REPO = Path(__file__).resolve().parent.parent
 GPU_STAGES = ("TextEncoder", "Denoiser", "VaeDecoder")
@@ -38,9 +40,17 @@ def rayservice() -> dict:
 
 
 @pytest.fixture(scope="module")
-def gpu_group(rayservice) -> dict:
-    (group,) = [g for g in rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"] if g["groupName"] == "gpu"]
-    return group
+def groups(a, rayservice) -> list[Group]:
+    """The worker groups that run a deployment, each with the deployments placed on it (by custom resources)."""
+    placed = place(ray_groups(rayservice["spec"]["rayClusterConfig"]), list(a.deployments.values()))
+    return [g for g in placed if g.name != HEAD and g.deployments]
+
+
+@pytest.fixture(scope="module")
+def gpu_groups(groups) -> list[Group]:
+    found = [g for g in groups if "GPU" in g.offers]
+    assert {d["name"] for g in found for d in g.deployments} == set(GPU_STAGES)
+    return found
 
 
 def test_weights_counted_on_the_meta_device_are_the_published_models(a):
@@ -131,35 +141,59 @@ def _same_models(a: CapacityAssumptions) -> CapacityAssumptions:
     return b
 
 
-def _gpu_shares(a: CapacityAssumptions, key: str) -> list[float]:
-    shares = []
-    for name in GPU_STAGES:
-        dep = a.deployments[name]
-        replicas = dep.get("autoscaling_config", {}).get(key, dep.get("num_replicas", 1))
-        shares += [dep["ray_actor_options"]["num_gpus"]] * replicas
-    return shares
+def _replicas(dep: dict, key: str) -> int:
+    return dep.get("autoscaling_config", {}).get(key, dep.get("num_replicas", 1))
 
 
-def test_the_worker_group_offers_every_gpu_the_graph_can_ask_for(a, gpu_group):
-    container = gpu_group["template"]["spec"]["containers"][0]
-    gpus_per_pod = int(container["resources"]["limits"]["nvidia.com/gpu"])
-    assert gpus_per_pod == 1
-    at_max, at_min = _gpu_shares(a, "max_replicas"), _gpu_shares(a, "min_replicas")
-    assert sum(at_max) <= gpu_group["maxReplicas"] * gpus_per_pod
-    # Placed as Ray places shares (each on one GPU): every replica at max fits the group's maximum, the graph at
-    # its min_replicas needs exactly the group's minimum (no pod idles, none is missing at start).
-    assert gpus_for(at_max) <= gpu_group["maxReplicas"] * gpus_per_pod, "max_replicas cannot all be placed"
-    assert gpus_for(at_min) == gpu_group["minReplicas"] * gpus_per_pod
-    # CPUs: every replica at max_replicas (the head has num-cpus 0, so the ingresses run on GPU pods too).
-    cpus = sum(d["ray_actor_options"]["num_cpus"] * d.get("autoscaling_config", {}).get(
-        "max_replicas", d.get("num_replicas", 1)) for d in a.deployments.values())
-    assert cpus <= gpu_group["maxReplicas"] * int(container["resources"]["limits"]["cpu"])
+def _shares(deployments: list[dict], key: str, of) -> list[float]:
+    """`of(deployment)` once per replica of each deployment at its `key` (min_replicas or max_replicas)."""
+    return [of(dep) for dep in deployments for _ in range(_replicas(dep, key))]
 
 
-def test_the_worker_group_lands_on_the_declared_gpu_class(a, gpu_group):
-    spec = gpu_group["template"]["spec"]
-    assert spec["nodeSelector"] == a.gpu.node_selector
-    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
+def test_each_worker_group_offers_every_gpu_its_deployments_can_ask_for(a, gpu_groups):
+    total_max = total_min = 0
+    for group in gpu_groups:
+        container = group.containers[0]
+        gpus_per_pod = int(container["resources"]["limits"]["nvidia.com/gpu"])
+        assert gpus_per_pod == group.offers["GPU"] == 1, group.name
+        at_max = _shares(group.deployments, "max_replicas", lambda d: d["ray_actor_options"]["num_gpus"])
+        at_min = _shares(group.deployments, "min_replicas", lambda d: d["ray_actor_options"]["num_gpus"])
+        assert sum(at_max) <= group.spec["maxReplicas"] * gpus_per_pod, group.name
+        # Placed as Ray places shares (each on one GPU of a pod of this group): every replica at max fits the
+        # group's maximum, the group's deployments at their min_replicas need exactly its minimum (no pod idles,
+        # none is missing at start).
+        assert gpus_for(at_max) <= group.spec["maxReplicas"] * gpus_per_pod, f"{group.name}: cannot all be placed"
+        assert gpus_for(at_min) == group.spec["minReplicas"] * gpus_per_pod, group.name
+        total_max += sum(at_max)
+        total_min += group.spec["minReplicas"] * gpus_per_pod
+    # What gpu.yaml's and docs/capacity.md's arithmetic says: 8 + 2 x 0.5 + 4 x 0.25 at max, 1 + 1 at min.
+    assert total_max == sum(g.spec["maxReplicas"] for g in gpu_groups) == 10
+    assert total_min == 2
+
+
+def test_each_worker_group_has_the_pods_cpus_and_custom_resources_its_deployments_need(groups):
+    """Every group, the Ingress's too: its custom resource (what places the replicas) packs every replica at
+    max_replicas into its maxReplicas pods and the min_replicas exactly into its minReplicas; its CPUs hold every
+    replica at max_replicas (the head has num-cpus 0)."""
+    for group in groups:
+        [(resource, per_pod)] = group.custom.items()
+
+        def share(dep: dict) -> float:
+            return dep["ray_actor_options"]["resources"][resource] / per_pod
+
+        assert gpus_for(_shares(group.deployments, "max_replicas", share)) <= group.spec["maxReplicas"], group.name
+        assert gpus_for(_shares(group.deployments, "min_replicas", share)) == group.spec["minReplicas"], group.name
+        cpus = sum(_shares(group.deployments, "max_replicas", lambda d: d["ray_actor_options"]["num_cpus"]))
+        assert cpus <= group.spec["maxReplicas"] * group.offers["CPU"], group.name
+        fixed = all("autoscaling_config" not in d for d in group.deployments)
+        assert fixed == (group.spec["minReplicas"] == group.spec["maxReplicas"]), group.name
+
+
+def test_the_gpu_groups_land_on_the_declared_gpu_class(a, gpu_groups):
+    for group in gpu_groups:
+        spec = group.spec["template"]["spec"]
+        assert spec["nodeSelector"] == a.gpu.node_selector, group.name
+        assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
 
 
 def test_admission_is_fixed_and_matches_what_the_denoisers_hold(a):
@@ -198,7 +232,7 @@ def test_the_work_bound_saturates_the_denoisers_and_drains_within_the_timeout(a)
     assert drain <= timeout / 2
 
 
-def test_lifecycle_settings_fit_40_gb_replicas(a, rayservice, gpu_group):
+def test_lifecycle_settings_fit_40_gb_replicas(a, rayservice, groups):
     den = a.deployments["Denoiser"]
     timeout = a.app["args"]["request_timeout_s"]
     cold = cold_start_s(a)
@@ -209,20 +243,23 @@ def test_lifecycle_settings_fit_40_gb_replicas(a, rayservice, gpu_group):
     (base, *_) = [v for v in a.preset.variants if v.lightning_lora is None and v.true_cfg_scale > 1]
     assert request_seconds(a, base.num_inference_steps, rows=2) < timeout
     assert den["graceful_shutdown_timeout_s"] >= timeout
-    # Kubernetes waits longer than any replica's graceful shutdown before killing the pod.
-    grace = gpu_group["template"]["spec"]["terminationGracePeriodSeconds"]
-    assert grace > max(a.deployments[n].get("graceful_shutdown_timeout_s", 20) for n in GPU_STAGES)
+    # Kubernetes waits longer than the graceful shutdown of any replica of a group before killing its pod (Serve's
+    # default is 20 s).
+    for group in groups:
+        grace = group.spec["template"]["spec"]["terminationGracePeriodSeconds"]
+        assert grace > max(d.get("graceful_shutdown_timeout_s", 20) for d in group.deployments), group.name
     # Health: Serve's checks are set per GPU stage; KubeRay honours the pods' probes, not the RayService's
     # unhealthy thresholds (ignored since KubeRay 1.1), so those are absent and the probes are set.
     for name in GPU_STAGES:
         dep = a.deployments[name]
         assert dep["health_check_timeout_s"] >= dep["health_check_period_s"] > 0, name
     assert "serviceUnhealthySecondThreshold" not in rayservice["spec"]
-    container = gpu_group["template"]["spec"]["containers"][0]
-    liveness, readiness = container["livenessProbe"], container["readinessProbe"]
-    assert liveness["periodSeconds"] * liveness["failureThreshold"] > cold  # never killed while loading
-    assert "8000/-/healthz" in readiness["exec"]["command"][-1]  # out of the Service when its proxy is down
-    assert readiness["periodSeconds"] * readiness["failureThreshold"] <= 120
+    for group in groups:
+        container = group.containers[0]
+        liveness, readiness = container["livenessProbe"], container["readinessProbe"]
+        assert liveness["periodSeconds"] * liveness["failureThreshold"] > cold, group.name  # not killed loading
+        assert "8000/-/healthz" in readiness["exec"]["command"][-1]  # out of the Service when its proxy is down
+        assert readiness["periodSeconds"] * readiness["failureThreshold"] <= 120, group.name
 
 
 def test_gpu_packing_places_shares_whole():

@@ -4,11 +4,21 @@ manifests run the image the Dockerfile builds, with the volumes, /dev/shm and GP
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import kubernetes_validate
 import pytest
 import yaml
+
+from testing.kuberay import (
+    HEAD,
+    kuberay_custom_resources,
+    place,
+    ray_groups,
+    ray_start_custom_resources,
+    secrets_referenced,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 MANIFESTS = sorted(p for p in (REPO / "k8s").glob("*.yaml") if p.name != "rayservice.template.yaml")
@@ -40,7 +50,8 @@ TEMPLATES = all_pod_templates()
 
 def test_the_manifests_carry_pod_templates():
     names = [name for name, _ in TEMPLATES]
-    assert any("rayservice.yaml:lightray:workerGroupSpecs[gpu]" in n for n in names), names
+    for group in ("ingress", "denoiser", "text-vae"):
+        assert f"rayservice.yaml:lightray:workerGroupSpecs[{group}]" in names, names
     assert any("rayjob-train-lora.yaml" in n for n in names), names
 
 
@@ -89,11 +100,9 @@ def test_the_pods_run_the_built_image_with_what_they_mount():
             for mount in mounts.values():  # every claim mounted is one k8s/volumes.yaml defines
                 claim = volumes[mount["name"]].get("persistentVolumeClaim")
                 assert claim is None or claim["claimName"] in claims, (where, mount)
-            if "gpu" in where:
+            if "nvidia.com/gpu" in container["resources"]["limits"]:  # every GPU pod reads the weights
                 assert mounts["/models"]["readOnly"] and volumes[mounts["/models"]["name"]][
                     "persistentVolumeClaim"]["claimName"] == "lightray-models"
-                assert volumes[mounts["/mnt/shared"]["name"]]["persistentVolumeClaim"]["claimName"] == \
-                    "lightray-shared"
                 assert spec["tolerations"] and spec["nodeSelector"], where
 
 
@@ -111,6 +120,84 @@ def test_what_the_serve_config_reads_lies_on_the_mounted_volumes():
 
 
 REGISTRY_S3_SECRET = "lightray-registry-s3"
+API_KEYS_SECRET = "lightray-api-keys"
+READS = {"Ingress": {API_KEYS_SECRET, REGISTRY_S3_SECRET}, "Denoiser": {REGISTRY_S3_SECRET},
+         "TextEncoder": set(), "VaeDecoder": set()}
+"""The Secrets each Serve deployment reads (docs/security.md, "Where the secrets live"): the Ingress the API keys and
+the registry's manifests, the Denoiser the adapter files; the TextEncoder and VaeDecoder neither. An extra preset's
+stages (`<stage>-<preset name>`) read what their stage does."""
+TRAINING_READS = {REGISTRY_S3_SECRET}
+"""The LoRA training job: the data set, checkpoints and publishing to the registry; never the API keys."""
+
+
+def rayservice() -> dict:
+    [doc] = documents(REPO / "k8s/rayservice.yaml")
+    return doc
+
+
+def placed_groups() -> list:
+    """The RayService's groups, each with the Serve deployments its custom resources place on it."""
+    doc = rayservice()
+    deployments = yaml.safe_load(doc["spec"]["serveConfigV2"])["applications"][0]["deployments"]
+    return place(ray_groups(doc["spec"]["rayClusterConfig"]), deployments)
+
+
+def reads(deployment: dict) -> set[str]:
+    return READS[deployment["name"].split("-", 1)[0]]
+
+
+def test_every_serve_deployment_lands_on_exactly_one_group():
+    """Each deployment asks for a custom resource that exactly one group offers (so Ray places its replicas only
+    there, and the autoscaler grows only that group for them), every custom resource belongs to one group, and
+    every group but the head runs some deployment. `rayStartParams.resources` reads the same to Ray's autoscaler
+    (its own code, integer counts), to the KubeRay operator (which must parse it to add the GPU count to `ray
+    start`; the escaped form some docs show fails there) and to `ray start` on the bash command line KubeRay
+    writes."""
+    groups = placed_groups()  # fails naming a deployment that no group, or more than one, offers
+    by_name = {g.name: g for g in groups}
+    assert not by_name[HEAD].custom and not by_name[HEAD].deployments  # the head runs no replica
+    assert by_name[HEAD].offers["CPU"] == 0
+    owners: dict[str, str] = {}
+    for group in groups:
+        for resource in group.custom:
+            assert resource not in owners, f"{resource} offered by {owners[resource]} and {group.name}"
+            owners[resource] = group.name
+        if group.name == HEAD:
+            continue
+        assert group.deployments, f"group {group.name} runs no deployment"
+        params = group.spec["rayStartParams"]
+        assert kuberay_custom_resources(params) == ray_start_custom_resources(params) == group.custom, group.name
+        assert all(isinstance(v, int) for v in group.custom.values()), group.name
+        for dep in group.deployments:  # a GPU stage on a GPU group, the Ingress on a CPU one
+            assert ("GPU" in group.offers) == (dep["ray_actor_options"].get("num_gpus", 0) > 0), dep["name"]
+            for resource, amount in dep["ray_actor_options"]["resources"].items():
+                assert 0 < amount <= group.custom[resource], (dep["name"], resource)
+    assert sorted(d["name"] for g in groups for d in g.deployments) == sorted(READS)
+
+
+def test_each_container_references_exactly_the_secrets_its_deployments_read():
+    """Secrets are mounted only where used: each RayService container references (env, envFrom, secret volumes)
+    exactly the Secrets of the deployments placed on its group; the head, which runs none (the GCS, the Serve
+    controller, the build task, the autoscaler), references none."""
+    for group in placed_groups():
+        needed = set().union(*(reads(d) for d in group.deployments))
+        for container in group.containers:
+            found = secrets_referenced(container, group.spec["template"]["spec"])
+            assert found == needed, f"{group.name}/{container['name']}: references {found}, its deployments " \
+                f"{[d['name'] for d in group.deployments]} read {needed}"
+    # The API keys reach the Ingress as the variable its settings read.
+    [ingress] = [g for g in placed_groups() if any(d["name"] == "Ingress" for d in g.deployments)]
+    for container in ingress.containers:
+        [keys] = [e for e in container["env"] if e["name"] == "LIGHTRAY_API_KEYS"]
+        assert keys["valueFrom"]["secretKeyRef"] == {"name": API_KEYS_SECRET, "key": "api-keys.json"}
+
+
+def test_the_training_job_reads_the_s3_credentials_and_not_the_api_keys():
+    [job] = documents(REPO / "k8s/rayjob-train-lora.yaml")
+    for group in ray_groups(job["spec"]["rayClusterSpec"]):
+        for container in group.containers:
+            found = secrets_referenced(container, group.spec["template"]["spec"])
+            assert found == TRAINING_READS, f"training {group.name}/{container['name']}: {found}"
 
 
 def test_every_pod_reads_the_registry_s3_credentials_from_one_secret():
@@ -122,9 +209,49 @@ def test_every_pod_reads_the_registry_s3_credentials_from_one_secret():
             from_secret = {e["secretRef"]["name"] for e in container.get("envFrom", []) if "secretRef" in e}
             by_key = {e["valueFrom"]["secretKeyRef"]["name"] for e in container.get("env", [])
                       if e["name"].startswith("AWS_") and "secretKeyRef" in e.get("valueFrom", {})}
-            assert from_secret | by_key, f"{where}: no S3 credentials"
             seen |= from_secret | by_key
     assert seen == {REGISTRY_S3_SECRET}
+
+
+def test_only_the_ingress_group_mounts_the_image_store():
+    """The image store (`image_store_dir`) is the Ingress's: its group mounts the shared claim there, no other
+    group mounts it."""
+    store = yaml.safe_load((REPO / "configs/serve/gpu.yaml").read_text())["applications"][0]["args"][
+        "image_store_dir"]
+    for group in placed_groups():
+        spec = group.spec["template"]["spec"]
+        shared = {v["name"] for v in spec.get("volumes", [])
+                  if v.get("persistentVolumeClaim", {}).get("claimName") == "lightray-shared"}
+        for container in group.containers:
+            paths = [m["mountPath"] for m in container.get("volumeMounts", []) if m["name"] in shared]
+            if any(d["name"] == "Ingress" for d in group.deployments):
+                assert len(paths) == 1 and store.startswith(paths[0] + "/"), (group.name, paths)
+            else:
+                assert not paths, group.name
+
+
+def test_the_app_builder_needs_no_api_keys_and_passes_none_to_the_ingress(monkeypatch):
+    """Serve builds the application in a task on any node, which may be one without the API keys: the builder
+    succeeds there, and the keys never travel in the Ingress's init args (the Serve controller's state). The
+    Ingress replica reads them from its own environment and refuses to start without them."""
+    from pydantic import ValidationError
+
+    from serve_app.app import build_app
+    from serve_app.settings import ServiceSettings
+
+    args = yaml.safe_load((REPO / "configs/serve/gpu.yaml").read_text())["applications"][0]["args"]
+    monkeypatch.delenv("LIGHTRAY_API_KEYS", raising=False)
+    ingress = build_app(args)._bound_deployment
+    settings = ingress.init_args[1]
+    assert "api_keys" not in settings and "auth_enabled" not in settings
+    with pytest.raises(ValidationError, match="api_keys"):  # an Ingress without the Secret does not start
+        ServiceSettings(**settings)
+    key = "sk-acme-0123456789abcdef"
+    monkeypatch.setenv("LIGHTRAY_API_KEYS", json.dumps([{"tenant": "acme", "key": key}]))
+    assert "sk-acme" not in repr(build_app(args)._bound_deployment.init_args)  # the builder's own env stays
+    started = ServiceSettings(**settings)
+    assert started.auth_enabled and [k.key.get_secret_value() for k in started.api_keys] == [key]
+    assert started.registry == args["registry"] and started.max_admitted_work == args["max_admitted_work"]
 
 
 # ------------------------------------------------------------------------------------ hardening (docs/security.md)

@@ -102,7 +102,8 @@ def create_app(backends: GenerationBackend | Sequence[GenerationBackend], settin
     app.openapi = lambda: app.openapi_schema or tidy_openapi(default_openapi(), settings.auth_enabled)
     app.state.models = ServedModels([backends] if not isinstance(backends, Sequence) else backends)
     app.state.settings = settings
-    app.state.image_store = ImageStore(settings.image_store_dir)
+    app.state.image_store = ImageStore(settings.image_store_dir, max_files=settings.image_store_max_files,
+                                       sweep_interval_s=settings.image_store_sweep_interval_s)
     app.state.registry = settings.open_registry()
     app.state.auth = ApiKeyAuth(settings)
     app.state.admission = AdmissionLimit(settings.max_concurrent_requests, settings.max_admitted_work)

@@ -87,6 +87,11 @@ class ServiceSettings(RegistrySettings):
     """A generation still running after this long is abandoned with 504."""
     image_store_dir: str = "./out/images"
     """Where `response_format=url` images are kept (a shared folder when there are several ingress replicas)."""
+    image_store_max_files: int = Field(2000, ge=1)
+    """Images the store keeps after each sweep; past it the oldest image of the tenant holding the most is evicted
+    (`serve_app/image_store.py`), so one tenant's burst evicts its own images first."""
+    image_store_sweep_interval_s: float = Field(60.0, gt=0)
+    """How often the image store expires and evicts images (it also sweeps when the ingress stores its first)."""
     public_url: str | None = None
     """Base URL clients reach the service at, for image URLs; default: the request's own base URL."""
     max_json_body_bytes: int = Field(256 * 1024, ge=4096)

@@ -87,3 +87,19 @@ def test_the_timer_sweeps_without_any_write(tmp_path):
         assert time.time() < deadline, "the sweeper never ran"
         time.sleep(0.05)
     store.close()
+
+
+def test_the_apps_store_takes_its_bounds_from_the_settings(preset, tmp_path):
+    """`image_store_max_files` and `image_store_sweep_interval_s` (Serve YAML args) reach the ingress's store, so a
+    deployment (benchmarks/hostile.py) can bound it small enough for a burst to pass it."""
+    from recording_backend import RecordingBackend
+    from serve_app.api import create_app
+    from serve_app.settings import ServiceSettings
+
+    settings = ServiceSettings(preset=preset.model_dump(), auth_enabled=False, registry=str(tmp_path / "registry"),
+                               image_store_dir=str(tmp_path / "images"), image_store_max_files=3,
+                               image_store_sweep_interval_s=0.5)
+    store = create_app(RecordingBackend(preset), settings).state.image_store
+    assert (store.max_files, store.sweep_interval_s) == (3, 0.5)
+    defaults = ServiceSettings.model_fields
+    assert (defaults["image_store_max_files"].default, defaults["image_store_sweep_interval_s"].default) == (2000, 60.0)

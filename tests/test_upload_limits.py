@@ -5,10 +5,7 @@ Light: a backend that runs nothing (tests/recording_backend.py), pictures of a f
 
 from __future__ import annotations
 
-import io
-import struct
 import time
-import zlib
 
 import numpy as np
 import pytest
@@ -20,31 +17,7 @@ from lightray.schemas import RequestError
 from recording_backend import recording_app
 from serve_app.admission import pixel_work, request_work
 from serve_app.settings import ServiceSettings
-
-
-def encoded(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format=fmt, **kwargs)
-    return buf.getvalue()
-
-
-def _chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-
-def header_only_png(width: int, height: int, color_type: int = 6) -> bytes:
-    """A PNG that declares width×height pixels and carries almost no data: decoding it fails, so an answer that
-    is about its size was decided from the header."""
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, color_type, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(b"\0" * 64)) + _chunk(b"IEND", b"")
-
-
-def png16(pixels: np.ndarray, color_type: int) -> bytes:
-    """A 16-bit PNG of `pixels` (uint16, H×W×C; colour type 2 RGB, 6 RGBA), which PIL cannot write itself."""
-    h, w = pixels.shape[:2]
-    raw = b"".join(b"\0" + pixels[y].astype(">u2").tobytes() for y in range(h))
-    ihdr = struct.pack(">IIBBBBB", w, h, 16, color_type, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(raw)) + _chunk(b"IEND", b"")
+from testing.images import encoded, header_only_png, png16
 
 
 def openai_mask(size: tuple[int, int], box: tuple[int, int, int, int]) -> Image.Image:

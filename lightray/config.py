@@ -101,6 +101,10 @@ class VariantConfig(BaseModel):
     terminal shift). Every key of `FLOW_MATCH_SCHEDULER_KEYS` must be given: a partial config would inherit the
     folder's other keys (Qwen-Image's `shift_terminal: 0.02` did, and moved Lightning's last sigma). None: the
     folder's scheduler."""
+    checkpoint_sigmas: bool = False
+    """Sample the checkpoint's own sigma grid, `sample_sigmas` in its model_index.json (Qwen-Image-2.1 Turbo), as
+    `QwenImage21TurboSetTimestepsStep` does, instead of linspace(1, 1/steps, steps); the grid's length is then the
+    step count, and a request for another count is refused. The scheduler config's shift still applies."""
 
     @field_validator("scheduler")
     @classmethod
@@ -181,7 +185,8 @@ class ModelPreset(BaseModel):
     family: str = "qwen-image"
     """The model family (`lightray.models.FAMILIES`): how requests are conditioned and what a transformer row holds.
     "qwen-image": text-to-image (edits are img2img / inpainting); "qwen-image-edit-plus": instruction editing with
-    1-3 input images (Qwen-Image-Edit-2509 / 2511)."""
+    1-3 input images (Qwen-Image-Edit-2509 / 2511); "qwen-image-2.1": Qwen-Image-2.1 and its Turbo, generation and
+    editing with 0-3 condition images in one model."""
     edit: EditConfig = Field(default_factory=EditConfig)
     """Input-image sizes of an instruction-edit family (ignored by the others)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"

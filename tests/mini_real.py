@@ -216,3 +216,65 @@ def build_mini_real_edit(root: Path, seed: int = 0) -> Path:
     QwenImageTransformer2DModel(**{**config, **MINI_TRANSFORMER}).to(torch.bfloat16).save_pretrained(
         root / "transformer")
     return root
+
+
+# Qwen-Image-2.1. No hub is reachable here: the class names, component names and config keys below are diffusers
+# 0.42's (`QwenImage21Pipeline.__init__`, `QwenImage21Transformer2DModel` and `AutoencoderKLQwenImage21`
+# `register_to_config` signatures), the values their defaults, which the conversion targets; the published
+# `Qwen/Qwen-Image-2.1` files were not available to compare. Compare them before relying on a value here.
+QWEN_IMAGE_21_MODEL_INDEX = {
+    "_class_name": "QwenImage21Pipeline",
+    "_diffusers_version": "0.42.0",
+    "processor": ["transformers", "Qwen3VLProcessor"],
+    "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+    "text_encoder": ["transformers", "Qwen3VLForConditionalGeneration"],
+    "transformer": ["diffusers", "QwenImage21Transformer2DModel"],
+    "vae": ["diffusers", "AutoencoderKLQwenImage21"],
+}
+QWEN_IMAGE_21_TRANSFORMER_CONFIG = {
+    "_class_name": "QwenImage21Transformer2DModel",
+    "_diffusers_version": "0.42.0",
+    "patch_size": 1,
+    "in_channels": 64,
+    "out_channels": 64,
+    "num_layers": 32,
+    "attention_head_dim": 128,
+    "num_attention_heads": 32,
+    "context_in_dim": 4096,
+    "mlp_ratio": 3,
+    "axes_dims_rope": [16, 56, 56],
+    "eps": 1e-6,
+    "causal_condition": True,
+}
+QWEN_IMAGE_21_VAE_SHRUNK = {"base_dim": 8, "decoder_base_dim": 8}
+"""What shrinks in `AutoencoderKLQwenImage21`'s config (its 16× compression, `temperal_downsample`'s four entries,
+64 latent channels and latent statistics stay)."""
+MINI_21_TRANSFORMER = {"num_layers": 2, "attention_head_dim": 32, "num_attention_heads": 2,
+                       "context_in_dim": MINI_TEXT.text_hidden_size, "axes_dims_rope": [8, 12, 12]}
+"""What shrinks in the 2.1 transformer: depth 2, inner width 64 (2 heads of 32, rope axes summing to 32), the text
+width the mini text encoder's."""
+MINI_21_TURBO_SIGMAS = [1.0, 0.9375, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25]
+"""The mini Turbo's `sample_sigmas` (8 steps, without the terminal 0): a fixture value, not the checkpoint's."""
+
+
+def build_mini_real_21(root: Path, seed: int = 0, turbo: bool = False) -> Path:
+    """A mini Qwen-Image-2.1 folder at `root` (Turbo: `sample_sigmas` in its model_index.json): the 2.1 index,
+    Qwen-Image's scheduler config, the 2.1 transformer and VAE at toy width, bfloat16. No text encoder yet: the
+    tests give the transformer Qwen3-VL-shaped embeddings directly."""
+    root.mkdir(parents=True, exist_ok=True)
+    from diffusers import AutoencoderKLQwenImage21, QwenImage21Transformer2DModel
+
+    index = {**QWEN_IMAGE_21_MODEL_INDEX, **({"sample_sigmas": MINI_21_TURBO_SIGMAS} if turbo else {})}
+    (root / "model_index.json").write_text(json.dumps(index, indent=2))
+    (root / "scheduler").mkdir(exist_ok=True)
+    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(QWEN_IMAGE_SCHEDULER_CONFIG, indent=2))
+    torch.manual_seed(seed)
+    config = {k: v for k, v in QWEN_IMAGE_21_TRANSFORMER_CONFIG.items() if not k.startswith("_")}
+    transformer = QwenImage21Transformer2DModel(**{**config, **MINI_21_TRANSFORMER})
+    with torch.no_grad():  # zero-initialised norm weights would hide a wrong scale: give them values
+        for name, parameter in transformer.named_parameters():
+            if "norm" in name:
+                parameter.normal_(0.0, 0.1)
+    transformer.to(torch.bfloat16).save_pretrained(root / "transformer")
+    AutoencoderKLQwenImage21(**QWEN_IMAGE_21_VAE_SHRUNK).to(torch.bfloat16).save_pretrained(root / "vae")
+    return root

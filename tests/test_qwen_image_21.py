@@ -1,0 +1,126 @@
+"""Qwen-Image-2.1 through the engine: a request alone gives exactly the latents of diffusers' 2.1 modular denoise
+blocks (`QwenImage21TurboCoreDenoiseStep`, `QwenImage21CoreDenoiseStep` with `ClassifierFreeGuidance`, and their
+image-conditioned twins) on a mini real-layout folder (`tests/mini_real.py`, `build_mini_real_21`), with the prefix
+KV cache on as the pipelines run it; the cache is per-request state, kept while paused and freed when the request
+ends; batched requests equal each alone.
+
+The folder has no Qwen3-VL encoder yet: both sides get the same Qwen3-VL-shaped embeddings and image slots (what
+`get_qwenimage21_prompt_embeds` returns), so these tests cover everything after the text encoder.
+Every test pins torch to one thread, as the Serve replicas run."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from diffusers import FlowMatchEulerDiscreteScheduler, QwenImage21Transformer2DModel
+from diffusers.guiders import ClassifierFreeGuidance
+from diffusers.modular_pipelines.qwenimage21.inputs import pack_latents
+from diffusers.modular_pipelines.qwenimage21.modular_blocks_qwenimage21 import (
+    QwenImage21CoreDenoiseStep,
+    QwenImage21ImageConditionedCoreDenoiseStep,
+)
+from diffusers.modular_pipelines.qwenimage21.modular_blocks_qwenimage21_turbo import QwenImage21TurboCoreDenoiseStep
+
+from mini_real import MINI_21_TURBO_SIGMAS, MINI_TEXT, build_mini_real_21
+from lightray.config import REPO_ROOT, load_preset
+from lightray.contracts import ConditionLatents, DenoiseParams, TextEmbeddings
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+TURBO, BASE = "qwen-image-2.1-turbo", "qwen-image-2.1"
+TURBO_STEPS = len(MINI_21_TURBO_SIGMAS)
+
+
+def mini_preset(root, preset_file: str):
+    raw = yaml.safe_load((REPO_ROOT / "configs/models" / preset_file).read_text())
+    raw.update(path=str(root), device="cpu", min_side=32, max_side=256, max_pixels=256 * 256, default_size=[128, 128])
+    return load_preset(raw)
+
+
+@pytest.fixture(scope="module")
+def turbo(tmp_path_factory):
+    from lightray.engine import DenoiseEngine
+
+    root = build_mini_real_21(tmp_path_factory.mktemp("mini-21") / "Qwen-Image-2.1-Turbo", turbo=True)
+    return DenoiseEngine(mini_preset(root, "qwen-image-2.1-turbo.yaml"))
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    from lightray.engine import DenoiseEngine
+
+    root = build_mini_real_21(tmp_path_factory.mktemp("mini-21") / "Qwen-Image-2.1", seed=1)
+    return DenoiseEngine(mini_preset(root, "qwen-image-2.1.yaml"))
+
+
+def embeddings(seed: int, tokens: int, slots: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen3-VL-shaped prompt embeddings [tokens, hidden] (bfloat16) and their image slots: `slots` holds each
+    condition image's slot count, placed after two text tokens, one text token between images."""
+    gen = torch.Generator().manual_seed(seed)
+    image_slots = torch.zeros(tokens + sum(slots) + len(slots), dtype=torch.bool)
+    at = 2
+    for count in slots:
+        image_slots[at: at + count] = True
+        at += count + 1
+    emb = torch.randn(image_slots.shape[0], MINI_TEXT.text_hidden_size, generator=gen).to(torch.bfloat16)
+    return emb, image_slots
+
+
+def text_of(prompt, negative=None) -> TextEmbeddings:
+    return TextEmbeddings(prompt=prompt[0].float().numpy(), prompt_image_slots=prompt[1].numpy(),
+                          negative=None if negative is None else negative[0].float().numpy(),
+                          negative_image_slots=None if negative is None else negative[1].numpy())
+
+
+def condition_images(seed: int, grids: tuple[tuple[int, int], ...]) -> torch.Tensor:
+    """Packed condition latents [1, tokens, 64] (bfloat16), the images' grids in order."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.cat([pack_latents(torch.randn(1, 64, 1, *g, generator=gen).to(torch.bfloat16)) for g in grids],
+                     dim=1)
+
+
+def reference_latents(engine, prompt, steps, seed, size=(128, 128), cfg=1.0, negative=None, n=1, turbo=False,
+                      condition=None, grids=()):
+    """The modular denoise blocks' packed latents [n, tokens, 64] for the same embeddings (prefix cache on, as the
+    pipelines default)."""
+    width, height = size
+    if condition is not None:
+        blocks = QwenImage21ImageConditionedCoreDenoiseStep()
+    else:
+        blocks = QwenImage21TurboCoreDenoiseStep() if turbo else QwenImage21CoreDenoiseStep()
+    pipe = blocks.init_pipeline()
+    components = {"transformer": QwenImage21Transformer2DModel.from_pretrained(
+                      engine.preset.root / "transformer", torch_dtype=torch.bfloat16),
+                  "scheduler": FlowMatchEulerDiscreteScheduler.from_pretrained(engine.preset.root / "scheduler")}
+    if not turbo:
+        components["guider"] = ClassifierFreeGuidance(guidance_scale=cfg)
+    pipe.update_components(**components)
+    if turbo:
+        pipe.register_to_config(sample_sigmas=MINI_21_TURBO_SIGMAS)
+    inputs = dict(prompt_embeds=prompt[0][None], prompt_embeds_mask=torch.ones(1, prompt[0].shape[0], dtype=torch.long),
+                  image_pad_mask=prompt[1][None], height=height, width=width, num_images_per_prompt=n,
+                  num_inference_steps=steps, generator=[torch.Generator().manual_seed(seed + i) for i in range(n)])
+    if negative is not None:
+        inputs.update(negative_prompt_embeds=negative[0][None],
+                      negative_prompt_embeds_mask=torch.ones(1, negative[0].shape[0], dtype=torch.long),
+                      negative_image_pad_mask=negative[1][None])
+    if condition is not None:
+        inputs.update(image_latents=condition, image_height=[16 * g[0] for g in grids],
+                      image_width=[16 * g[1] for g in grids])
+    latents = pipe(**inputs, output="latents")
+    return pack_latents(latents)
+
+
+def params(variant, steps, seed, cfg=1.0, n=1, size=(128, 128), **extra) -> DenoiseParams:
+    return DenoiseParams(seeds=tuple(seed + i for i in range(n)), width=size[0], height=size[1],
+                         num_inference_steps=steps, true_cfg_scale=cfg, variant=variant, **extra)
+
+
+def test_turbo_text_to_image_alone_equals_the_modular_pipeline(turbo):
+    prompt = embeddings(1, 9)
+    ours = turbo.denoise(params(TURBO, TURBO_STEPS, 3), text_of(prompt))
+    theirs = reference_latents(turbo, prompt, TURBO_STEPS, 3, turbo=True)
+    assert ours.shape == tuple(theirs.shape) == (1, 64, 64)
+    assert np.array_equal(ours, theirs.float().numpy()), np.abs(ours - theirs.float().numpy()).max()

@@ -21,7 +21,10 @@ from diffusers.modular_pipelines.qwenimage21.modular_blocks_qwenimage21 import (
     QwenImage21CoreDenoiseStep,
     QwenImage21ImageConditionedCoreDenoiseStep,
 )
-from diffusers.modular_pipelines.qwenimage21.modular_blocks_qwenimage21_turbo import QwenImage21TurboCoreDenoiseStep
+from diffusers.modular_pipelines.qwenimage21.modular_blocks_qwenimage21_turbo import (
+    QwenImage21TurboCoreDenoiseStep,
+    QwenImage21TurboImageConditionedCoreDenoiseStep,
+)
 
 from mini_real import MINI_21_TURBO_SIGMAS, MINI_TEXT, build_mini_real_21
 from lightray.config import REPO_ROOT, load_preset
@@ -74,20 +77,25 @@ def text_of(prompt, negative=None) -> TextEmbeddings:
                           negative_image_slots=None if negative is None else negative[1].numpy())
 
 
-def condition_images(seed: int, grids: tuple[tuple[int, int], ...]) -> torch.Tensor:
-    """Packed condition latents [1, tokens, 64] (bfloat16), the images' grids in order."""
+def condition_images(seed: int, grids: tuple[tuple[int, int], ...]) -> list[torch.Tensor]:
+    """Condition images' VAE latents [1, 64, 1, rows, columns] (bfloat16), as the VAE encoder step gives them."""
     gen = torch.Generator().manual_seed(seed)
-    return torch.cat([pack_latents(torch.randn(1, 64, 1, *g, generator=gen).to(torch.bfloat16)) for g in grids],
-                     dim=1)
+    return [torch.randn(1, 64, 1, *g, generator=gen).to(torch.bfloat16) for g in grids]
+
+
+def condition_of(latents: list[torch.Tensor]) -> ConditionLatents:
+    """The engine's condition input: the images' packed latents in order, and their grids."""
+    return ConditionLatents(torch.cat([pack_latents(x) for x in latents], dim=1)[0].float().numpy(),
+                            tuple(tuple(x.shape[-2:]) for x in latents))
 
 
 def reference_latents(engine, prompt, steps, seed, size=(128, 128), cfg=1.0, negative=None, n=1, turbo=False,
-                      condition=None, grids=()):
+                      condition=None):
     """The modular denoise blocks' packed latents [n, tokens, 64] for the same embeddings (prefix cache on, as the
     pipelines default)."""
     width, height = size
     if condition is not None:
-        blocks = QwenImage21ImageConditionedCoreDenoiseStep()
+        blocks = QwenImage21TurboImageConditionedCoreDenoiseStep() if turbo else QwenImage21ImageConditionedCoreDenoiseStep()
     else:
         blocks = QwenImage21TurboCoreDenoiseStep() if turbo else QwenImage21CoreDenoiseStep()
     pipe = blocks.init_pipeline()
@@ -107,8 +115,7 @@ def reference_latents(engine, prompt, steps, seed, size=(128, 128), cfg=1.0, neg
                       negative_prompt_embeds_mask=torch.ones(1, negative[0].shape[0], dtype=torch.long),
                       negative_image_pad_mask=negative[1][None])
     if condition is not None:
-        inputs.update(image_latents=condition, image_height=[16 * g[0] for g in grids],
-                      image_width=[16 * g[1] for g in grids])
+        inputs.update(image_latents=condition)
     latents = pipe(**inputs, output="latents")
     return pack_latents(latents)
 
@@ -118,9 +125,48 @@ def params(variant, steps, seed, cfg=1.0, n=1, size=(128, 128), **extra) -> Deno
                          num_inference_steps=steps, true_cfg_scale=cfg, variant=variant, **extra)
 
 
-def test_turbo_text_to_image_alone_equals_the_modular_pipeline(turbo):
-    prompt = embeddings(1, 9)
-    ours = turbo.denoise(params(TURBO, TURBO_STEPS, 3), text_of(prompt))
-    theirs = reference_latents(turbo, prompt, TURBO_STEPS, 3, turbo=True)
-    assert ours.shape == tuple(theirs.shape) == (1, 64, 64)
+TURBO_CASES = [
+    # prompt tokens, condition grids, size, n, seed
+    (9, (), (128, 128), 1, 3),
+    (12, (), (96, 160), 2, 4),
+    (7, ((6, 8),), (128, 96), 1, 5),
+    (10, ((8, 8), (4, 6)), (128, 128), 1, 6),
+]
+
+
+@pytest.mark.parametrize("tokens, grids, size, n, seed", TURBO_CASES)
+def test_turbo_alone_equals_the_modular_pipeline(turbo, tokens, grids, size, n, seed):
+    """Turbo (the checkpoint's `sample_sigmas`, no guidance), text-only and with 1-2 condition images, square and
+    not, n = 1-2: the latents are the modular pipeline's bit for bit."""
+    images = condition_images(seed, grids)
+    prompt = embeddings(seed, tokens, tuple(g[0] * g[1] // 4 for g in grids))
+    ours = turbo.denoise(params(TURBO, TURBO_STEPS, seed, n=n, size=size), text_of(prompt),
+                         condition=condition_of(images) if grids else None)
+    theirs = reference_latents(turbo, prompt, TURBO_STEPS, seed, size=size, n=n, turbo=True,
+                               condition=images if grids else None)
+    assert ours.shape == tuple(theirs.shape) == (n, size[0] * size[1] // 256, 64)
     assert np.array_equal(ours, theirs.float().numpy()), np.abs(ours - theirs.float().numpy()).max()
+
+
+BASE_CASES = [
+    # prompt tokens, negative tokens, condition grids, CFG, steps, seed
+    (9, 3, (), 4.0, 3, 11),
+    (8, 8, (), 4.0, 2, 12),  # equal layouts: both branches share the cached forwards
+    (9, 1, (), 1.0, 2, 14),
+    (7, 2, ((6, 8),), 4.0, 3, 13),
+]
+
+
+@pytest.mark.parametrize("tokens, negative_tokens, grids, cfg, steps, seed", BASE_CASES)
+def test_base_alone_equals_the_modular_pipeline(base, tokens, negative_tokens, grids, cfg, steps, seed):
+    """The base (linspace sigmas with the dynamic shift), with CFG through `ClassifierFreeGuidance` (a prompt and
+    a negative of other lengths: two prefix caches) and without, text-only and with a condition image."""
+    images = condition_images(seed, grids)
+    slots = tuple(g[0] * g[1] // 4 for g in grids)
+    prompt, negative = embeddings(seed, tokens, slots), embeddings(seed + 100, negative_tokens, slots)
+    ours = base.denoise(params(BASE, steps, seed, cfg=cfg), text_of(prompt, negative if cfg > 1 else None),
+                        condition=condition_of(images) if grids else None)
+    theirs = reference_latents(base, prompt, steps, seed, cfg=cfg, negative=negative if cfg > 1 else None,
+                               condition=images if grids else None)
+    assert np.array_equal(ours, theirs.float().numpy()), np.abs(ours - theirs.float().numpy()).max()
+

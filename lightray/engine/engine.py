@@ -525,7 +525,7 @@ class DenoiseEngine:
         low, high = self.family.input_images
         if not low <= len(condition.grids) <= high:
             raise ValueError(f"image: {low} to {high} input images, got {len(condition.grids)}")
-        channels = self.latent_channels * 4
+        channels = self.transformer.config.in_channels  # a token: 2x2 packed latent pixels, or one unpacked
         if condition.latents.ndim != 2 or condition.latents.shape[1] != channels:
             raise ValueError(f"image: expected condition latents [tokens, {channels}], got {condition.latents.shape}")
         request.condition = torch.from_numpy(np.ascontiguousarray(condition.latents))[None].to(self.device,

@@ -170,3 +170,115 @@ def test_base_alone_equals_the_modular_pipeline(base, tokens, negative_tokens, g
                                condition=images if grids else None)
     assert np.array_equal(ours, theirs.float().numpy()), np.abs(ours - theirs.float().numpy()).max()
 
+
+
+def submit_all(engine, requests):
+    return [engine.submit(p, t, condition=c) for p, t, c in requests]
+
+
+def run_until_done(engine, submitted):
+    while not all(r.done() for r in submitted):
+        engine.step()
+
+
+def turbo_request(seed, tokens, grids=(), n=1, size=(128, 128), **extra):
+    prompt = embeddings(seed, tokens, tuple(g[0] * g[1] // 4 for g in grids))
+    condition = condition_of(condition_images(seed, grids)) if grids else None
+    return params(TURBO, TURBO_STEPS, seed, n=n, size=size, **extra), text_of(prompt), condition
+
+
+def test_the_prefix_cache_is_built_at_the_first_forward_kept_while_paused_and_freed_at_the_end(turbo, monkeypatch):
+    """With room for one request a step, an interactive request pauses a started batch one: the paused request
+    keeps its cache (the same tensors), resumes to its result alone, and both caches are freed when they finish."""
+    monkeypatch.setattr(turbo.scheduler.config, "max_batch_rows", 1)
+    slow_request = turbo_request(21, 9, ((6, 8),), priority="batch")
+    fast_request = turbo_request(22, 9, ((6, 8),), priority="interactive")
+    alone = [turbo.denoise(*r[:2], condition=r[2]) for r in (slow_request, fast_request)]
+    slow = turbo.submit(*slow_request[:2], condition=slow_request[2])
+    assert "cond" not in slow.prefix_cache
+    turbo.step()
+    assert "cond" in slow.prefix_cache and slow.prefix_cache.nbytes > 0
+    keys = slow.prefix_cache.branches["cond"].get_layer(0).k
+    # [n, prefix tokens, heads, head dim] per layer: 10 text tokens (9, and 1 between the images' slots) and the
+    # 12 slots' 48 condition tokens
+    assert keys.shape == (1, 10 + 48, 2, 32)
+    fast = turbo.submit(*fast_request[:2], condition=fast_request[2])
+    turbo.step()
+    assert slow.paused_steps == 1 and slow.prefix_cache.branches["cond"].get_layer(0).k is keys
+    run_until_done(turbo, [slow, fast])
+    assert slow.paused_steps >= TURBO_STEPS - 1 and fast.paused_steps == 0
+    assert np.array_equal(slow.result(), alone[0]) and np.array_equal(fast.result(), alone[1])
+    assert slow.prefix_cache.nbytes == 0 and fast.prefix_cache.nbytes == 0
+
+
+def test_a_cancelled_request_frees_its_prefix_cache(turbo):
+    request = turbo.submit(*turbo_request(23, 9)[:2])
+    turbo.step()
+    assert request.prefix_cache.nbytes > 0
+    request.cancel()
+    turbo.step()
+    with pytest.raises(Exception, match="cancelled"):
+        request.result()
+    assert request.prefix_cache.nbytes == 0
+
+
+def test_a_failed_request_frees_its_prefix_cache(turbo, monkeypatch):
+    request = turbo.submit(*turbo_request(24, 9)[:2])
+    turbo.step()
+    assert request.prefix_cache.nbytes > 0
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("out of memory (simulated)")
+
+    monkeypatch.setattr(turbo, "_advance", fail)
+    turbo.step()
+    with pytest.raises(RuntimeError, match="simulated"):
+        request.result()
+    assert request.prefix_cache.nbytes == 0
+
+
+def test_requests_batched_at_different_steps_equal_each_alone(turbo, base):
+    """Turbo requests of one signature, started at different steps, with prompts of equal and unequal layouts and
+    n = 1-2, and base requests with CFG beside requests without: each result equals the request alone."""
+    for engine, requests in (
+        (turbo, [turbo_request(31, 9, ((6, 8),)), turbo_request(32, 9, ((6, 8),), n=2),
+                 turbo_request(33, 11, ((6, 8),)), turbo_request(34, 9, ((6, 8),))]),
+        (base, [(params(BASE, 3, 41, cfg=4.0), text_of(embeddings(41, 8), embeddings(141, 8)), None),
+                (params(BASE, 3, 42, cfg=4.0), text_of(embeddings(42, 8), embeddings(142, 3)), None),
+                (params(BASE, 2, 43), text_of(embeddings(43, 8)), None)]),
+    ):
+        alone = [engine.denoise(p, t, condition=c) for p, t, c in requests]
+        first = submit_all(engine, requests[:1])
+        engine.step()  # the first request is a step ahead: its rows are cached while the others extract
+        rest = submit_all(engine, requests[1:])
+        run_until_done(engine, first + rest)
+        for request, expected in zip(first + rest, alone):
+            assert np.array_equal(request.result(), expected), np.abs(request.result() - expected).max()
+
+
+def test_what_splits_a_batch_into_forwards(turbo):
+    """Extracting branches run alone; cached branches share one forward per prompt layout."""
+    from lightray.engine.prefix_cache import plan_forwards
+
+    same_a, same_b, longer = (turbo.submit(*turbo_request(seed, tokens)[:2]) for seed, tokens in
+                              ((51, 9), (52, 9), (53, 12)))
+    turbo.step()
+    fresh = turbo.submit(*turbo_request(54, 9)[:2])
+    turbo._admit()
+    plan = plan_forwards([same_a, same_b, longer, fresh])
+    assert [[(e.request, e.branch) for e in forward] for forward in plan] == [
+        [(fresh, "cond")], [(same_a, "cond"), (same_b, "cond")], [(longer, "cond")]]
+    run_until_done(turbo, [same_a, same_b, longer, fresh])
+
+
+def test_the_engine_refuses_what_2_1_does_not_take(turbo):
+    p, text, _ = turbo_request(61, 9)
+    with pytest.raises(ValueError, match="^num_inference_steps: .* 8 steps, got 4"):
+        turbo.submit(params(TURBO, 4, 61), text)
+    with pytest.raises(ValueError, match="^text.prompt_image_slots: 0 image slots hold 0 condition tokens, the "
+                                         "images give 48"):
+        turbo.submit(p, text, condition=condition_of(condition_images(61, ((6, 8),))))
+    p, text, condition = turbo_request(62, 9, ((6, 8),))
+    with pytest.raises(ValueError, match="^text.prompt_image_slots: 12 image slots hold 48 condition tokens, the "
+                                         "images give 0"):
+        turbo.submit(p, text)

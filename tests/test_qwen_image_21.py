@@ -282,3 +282,18 @@ def test_the_engine_refuses_what_2_1_does_not_take(turbo):
     with pytest.raises(ValueError, match="^text.prompt_image_slots: 12 image slots hold 48 condition tokens, the "
                                          "images give 0"):
         turbo.submit(p, text)
+
+
+def test_the_timestep_rows_of_a_cached_forward_are_computed_per_request_with_the_shared_row():
+    """2.1's timestep conditioning runs over the forward's rows plus one t = 0 row. Each request's rows are
+    computed with that row as one matmul, the M its forward alone has (on this CPU a linear layer's rows are
+    batch-invariant only from 4 rows up; at the mini width the kernels happen to agree, so this is checked on the
+    routing itself)."""
+    from lightray.engine.batched_model import RowRouting
+
+    routing = RowRouting([(), (), (), ()], [(0, 1), (1, 3), (3, 4)], "cpu", shared_tail=True)
+    blocks = routing.blocks_for(torch.zeros(5, 8))
+    rows = [b.rows.tolist() if isinstance(b.rows, torch.Tensor) else list(range(b.rows.start, b.rows.stop))
+            for b in blocks]
+    assert rows == [[0, 4], [1, 2, 4], [3, 4]]
+    assert RowRouting([()] * 2, [(0, 2)], "cpu", shared_tail=True).blocks_for(torch.zeros(3, 8)) is None

@@ -278,3 +278,27 @@ def build_mini_real_21(root: Path, seed: int = 0, turbo: bool = False) -> Path:
     transformer.to(torch.bfloat16).save_pretrained(root / "transformer")
     AutoencoderKLQwenImage21(**QWEN_IMAGE_21_VAE_SHRUNK).to(torch.bfloat16).save_pretrained(root / "vae")
     return root
+
+
+def write_mini_21_lora(path: Path, seed: int, rank: int = 4) -> Path:
+    """A random LoRA for the mini 2.1 transformer in diffusers' saved layout (`transformer.<module>.lora_A.weight`
+    [rank, in], `.lora_B.weight` [out, rank]; alpha = rank, as peft reads a file without it) over every block linear
+    (`lightray.models.qwen_image_21.TRANSFORMER_BLOCK_LINEARS`), bfloat16."""
+    from lightray.models.qwen_image_21 import TRANSFORMER_BLOCK_LINEARS
+
+    inner = MINI_21_TRANSFORMER["num_attention_heads"] * MINI_21_TRANSFORMER["attention_head_dim"]
+    hidden = QWEN_IMAGE_21_TRANSFORMER_CONFIG["mlp_ratio"] * inner
+    shapes = {"img_mlp.proj": (inner, hidden), "img_mlp.gate_layer": (inner, hidden), "img_mlp.out": (hidden, inner)}
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for block in range(MINI_21_TRANSFORMER["num_layers"]):
+        for target in TRANSFORMER_BLOCK_LINEARS:
+            fan_in, fan_out = shapes.get(target, (inner, inner))
+            key = f"transformer.transformer_blocks.{block}.{target}"
+            state[f"{key}.lora_A.weight"] = (torch.randn(rank, fan_in, generator=gen) / math.sqrt(fan_in)).to(
+                torch.bfloat16)
+            state[f"{key}.lora_B.weight"] = (torch.randn(fan_out, rank, generator=gen) * 0.5 / math.sqrt(rank)).to(
+                torch.bfloat16)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(path))
+    return path

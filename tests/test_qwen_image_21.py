@@ -26,7 +26,7 @@ from diffusers.modular_pipelines.qwenimage21.modular_blocks_qwenimage21_turbo im
     QwenImage21TurboImageConditionedCoreDenoiseStep,
 )
 
-from mini_real import MINI_21_TURBO_SIGMAS, MINI_TEXT, build_mini_real_21
+from mini_real import MINI_21_TURBO_SIGMAS, MINI_TEXT, build_mini_real_21, write_mini_21_lora
 from lightray.config import REPO_ROOT, load_preset
 from lightray.contracts import ConditionLatents, DenoiseParams, TextEmbeddings
 
@@ -90,7 +90,7 @@ def condition_of(latents: list[torch.Tensor]) -> ConditionLatents:
 
 
 def reference_latents(engine, prompt, steps, seed, size=(128, 128), cfg=1.0, negative=None, n=1, turbo=False,
-                      condition=None):
+                      condition=None, lora=None):
     """The modular denoise blocks' packed latents [n, tokens, 64] for the same embeddings (prefix cache on, as the
     pipelines default)."""
     width, height = size
@@ -107,6 +107,9 @@ def reference_latents(engine, prompt, steps, seed, size=(128, 128), cfg=1.0, neg
     pipe.update_components(**components)
     if turbo:
         pipe.register_to_config(sample_sigmas=MINI_21_TURBO_SIGMAS)
+    if lora is not None:  # (path, scale)
+        pipe.load_lora_weights(str(lora[0]), adapter_name="tenant")
+        pipe.set_adapters(["tenant"], [lora[1]])
     inputs = dict(prompt_embeds=prompt[0][None], prompt_embeds_mask=torch.ones(1, prompt[0].shape[0], dtype=torch.long),
                   image_pad_mask=prompt[1][None], height=height, width=width, num_images_per_prompt=n,
                   num_inference_steps=steps, generator=[torch.Generator().manual_seed(seed + i) for i in range(n)])
@@ -297,3 +300,28 @@ def test_the_timestep_rows_of_a_cached_forward_are_computed_per_request_with_the
             for b in blocks]
     assert rows == [[0, 4], [1, 2, 4], [3, 4]]
     assert RowRouting([()] * 2, [(0, 2)], "cpu", shared_tail=True).blocks_for(torch.zeros(3, 8)) is None
+
+
+def test_a_tenant_lora_on_2_1_equals_the_pipeline_and_batches_beside_rows_without(turbo, tmp_path):
+    """A LoRA over 2.1's block linears (diffusers' saved layout) at scale 0.8: alone, the modular pipeline with
+    `load_lora_weights` + `set_adapters` bit for bit; batched with a request without it and one with it at
+    another scale, each equals its request alone, and the adapter changes the result."""
+    from lightray.contracts import AdapterUse
+
+    lora = write_mini_21_lora(tmp_path / "acme-a.safetensors", seed=71)
+    paths = {"acme/a@v1": str(lora)}
+    requests = []
+    for seed, adapters in ((72, (AdapterUse("acme/a@v1", 0.8),)), (73, ()), (74, (AdapterUse("acme/a@v1", 0.3),))):
+        p, text, condition = turbo_request(seed, 9, ((6, 8),))
+        requests.append((DenoiseParams(**{**p.__dict__, "adapters": adapters}), text, condition))
+    alone = [turbo.denoise(p, t, condition=c, adapter_paths=paths) for p, t, c in requests]
+    prompt = embeddings(72, 9, (12,))
+    theirs = reference_latents(turbo, prompt, TURBO_STEPS, 72, turbo=True, condition=condition_images(72, ((6, 8),)),
+                               lora=(lora, 0.8))
+    assert np.array_equal(alone[0], theirs.float().numpy()), np.abs(alone[0] - theirs.float().numpy()).max()
+    submitted = [turbo.submit(p, t, condition=c, adapter_paths=paths) for p, t, c in requests]
+    run_until_done(turbo, submitted)
+    for request, expected in zip(submitted, alone):
+        assert np.array_equal(request.result(), expected)
+    unadapted = turbo.denoise(*turbo_request(72, 9, ((6, 8),))[:2], condition=requests[0][2])
+    assert not np.array_equal(alone[0], unadapted)

@@ -396,7 +396,8 @@ class EngineConfig(BaseModel):
     larger than the budget still runs, alone (it is never split across steps)."""
     max_batch_tokens: int | None = Field(None, ge=1)
     """Optional second bound: rows × image tokens per step (image tokens = (height/16)·(width/16), plus an
-    instruction edit's condition tokens). None: rows alone bound the step."""
+    instruction edit's condition tokens; a prefix-cache family's row counts its prefix only at its first step,
+    which computes it). None: rows alone bound the step."""
     starvation_steps: int = Field(200, ge=1)
     """A request that has waited this many engine steps without running goes ahead of shorter work of its priority
     (least-remaining-work-first would otherwise let a stream of short requests pause a long one for ever)."""
@@ -407,6 +408,12 @@ class EngineConfig(BaseModel):
     max_live_requests: int = Field(64, ge=1)
     """Requests the engine holds at once, running, paused or waiting; `submit` refuses more (the deployment's
     `max_ongoing_requests` should not exceed it)."""
+    max_prefix_cache_bytes: int | None = Field(None, ge=1)
+    """Most bytes the prefix KV caches of the requests the engine holds may take together (a prefix-cache family,
+    Qwen-Image-2.1: each request keeps its prompt's and condition images' keys and values for every layer, from
+    its first step to its last, paused ones too); `submit` refuses a request whose cache would pass it
+    (`EngineFull`). Counted from each request's size before its first step. None: only `max_live_requests`
+    bounds them."""
     idle_wait_s: float = Field(0.5, gt=0)
     """How long the loop sleeps when it has nothing to run before checking again (it wakes at once on a new
     request)."""

@@ -325,3 +325,23 @@ def test_a_tenant_lora_on_2_1_equals_the_pipeline_and_batches_beside_rows_withou
         assert np.array_equal(request.result(), expected)
     unadapted = turbo.denoise(*turbo_request(72, 9, ((6, 8),))[:2], condition=requests[0][2])
     assert not np.array_equal(alone[0], unadapted)
+
+
+def test_the_engine_budgets_prefix_caches(base, monkeypatch):
+    """A request's cache size is known at submit (and equals what its first forward stores, CFG's two branches of
+    n rows); `max_prefix_cache_bytes` refuses what would pass it; a row counts its prefix tokens only at the step
+    that computes them."""
+    from lightray.contracts import EngineFull
+
+    p, text = params(BASE, 2, 81, cfg=4.0, n=2), text_of(embeddings(81, 9, (12,)), embeddings(181, 3, (12,)))
+    condition = condition_of(condition_images(81, ((6, 8),)))
+    request = base.submit(p, text, condition=condition)
+    assert request.prefix_tokens == 10 + 48 and request.sequence_tokens == 64 + 58
+    base.step()
+    assert request.prefix_cache.nbytes == request.prefix_cache_bytes > 0
+    assert request.sequence_tokens == 64 and base.stats()["prefix_cache_bytes"] == request.prefix_cache_bytes
+    monkeypatch.setattr(base.config, "max_prefix_cache_bytes", 2 * request.prefix_cache_bytes - 1)
+    with pytest.raises(EngineFull, match="^prefix caches"):
+        base.submit(p, text, condition=condition)
+    run_until_done(base, [request])
+    assert base.stats()["prefix_cache_bytes"] == 0

@@ -108,6 +108,10 @@ class EngineRequest:
         self.prompt_slots: torch.Tensor | None = None
         """[text tokens] bool: the prompt's image slots (a prefix-cache family's `image_pad_mask`)."""
         self.negative_slots: torch.Tensor | None = None
+        self.prefix_tokens: int | None = None
+        """A prefix-cache family's prefix in the transformer's sequence: its text tokens and condition tokens."""
+        self.prefix_cache_bytes = 0
+        """What its prefix caches will hold once built (every layer's keys and values, every branch and row)."""
         self.prefix_cache = prefix_cache.PrefixCache()
         """A prefix-cache family's per-layer keys and values of the prompt and condition tokens, built by the first
         forward and freed when the request ends (`lightray.engine.prefix_cache`)."""
@@ -132,8 +136,15 @@ class EngineRequest:
         return (self.grid, *self.condition_grids)
 
     @property
+    def condition_tokens(self) -> int:
+        return sum(r * c for r, c in self.condition_grids)
+
+    @property
     def sequence_tokens(self) -> int:
-        return self.image_tokens + sum(r * c for r, c in self.condition_grids)
+        """Tokens one row computes at its next step: with a prefix cache built, the noise tokens alone."""
+        if self.prefix_tokens is not None:
+            return self.image_tokens + (0 if "cond" in self.prefix_cache else self.prefix_tokens)
+        return self.image_tokens + self.condition_tokens
 
     @property
     def started(self) -> bool:
@@ -260,6 +271,12 @@ class DenoiseEngine:
                 raise ValueError(f"adapters: {missing} are not loaded and no path was given")
             if len(self._inbox) + len(self._live) >= self.config.max_live_requests:
                 raise EngineFull(f"the engine holds {self.config.max_live_requests} requests")
+            cache_limit = self.config.max_prefix_cache_bytes
+            if cache_limit is not None and request.prefix_cache_bytes:
+                held = sum(r.prefix_cache_bytes for r in self._inbox + self._live)
+                if held + request.prefix_cache_bytes > cache_limit:
+                    raise EngineFull(f"prefix caches: the engine holds {held} bytes of {cache_limit}, this request "
+                                     f"needs {request.prefix_cache_bytes}")
             for use in params.adapters:
                 self._in_use[use.key] += 1
             request.adapter_paths = paths
@@ -384,7 +401,7 @@ class DenoiseEngine:
         if self.on_step is not None:
             self.on_step(StepStats(sum(r.rows for r in batch), len(batch), batch[0].grid,
                                    (time.perf_counter() - start) * 1000,
-                                   batch[0].sequence_tokens - batch[0].image_tokens))
+                                   batch[0].condition_tokens))
         for request, (cond, uncond) in zip(batch, outputs):
             try:
                 self._advance(request, cond, uncond)
@@ -515,6 +532,7 @@ class DenoiseEngine:
                 if slots is not None and 4 * int(slots.sum()) != tokens:
                     raise ValueError(f"text.{name}_image_slots: {int(slots.sum())} image slots hold "
                                      f"{4 * int(slots.sum())} condition tokens, the images give {tokens}")
+            self._size_prefix(request, tokens)
             if condition is None:
                 return
         if condition is None:
@@ -531,6 +549,18 @@ class DenoiseEngine:
         request.condition = torch.from_numpy(np.ascontiguousarray(condition.latents))[None].to(self.device,
                                                                                               self.dtype)
         request.condition_grids = tuple((int(r), int(c)) for r, c in condition.grids)
+
+    def _size_prefix(self, request: EngineRequest, condition_tokens: int) -> None:
+        """The request's prefix (text tokens and condition tokens: what the prompt's image slots expand to) and
+        the bytes its caches will take: keys and values, every layer, [rows, prefix, inner width] each."""
+        cfg = self.transformer.config
+        request.prefix_tokens = int((~request.prompt_slots).sum()) + condition_tokens
+        prefixes = [request.prefix_tokens]
+        if request.negative_slots is not None:
+            prefixes.append(int((~request.negative_slots).sum()) + condition_tokens)
+        width = cfg.num_attention_heads * cfg.attention_head_dim
+        element = torch.finfo(self.dtype).bits // 8
+        request.prefix_cache_bytes = 2 * cfg.num_layers * request.params.n * sum(prefixes) * width * element
 
     def _stack(self, request: EngineRequest) -> tuple[batched_model.AdapterKey, ...]:
         stack = []
@@ -739,6 +769,7 @@ class DenoiseEngine:
         with self._lock:
             waiting = len(self._inbox)
         return {"live": len(self._live) + waiting, "steps_run": self.steps_run,
+                "prefix_cache_bytes": sum(r.prefix_cache.nbytes for r in list(self._live)),
                 "adapters_loaded": len(self.tenant_adapters), "adapters_in_use": dict(self._in_use)}
 
     def check_health(self, timeout_s: float | None = None) -> None:

@@ -257,10 +257,57 @@ MINI_21_TURBO_SIGMAS = [1.0, 0.9375, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25]
 """The mini Turbo's `sample_sigmas` (8 steps, without the terminal 0): a fixture value, not the checkpoint's."""
 
 
+# Qwen3-VL's processor/preprocessor_config.json (16-pixel patches merged 2×2: one vision token per 32×32 pixels,
+# the 2×2 condition tokens of the 16× VAE it stands for), with the smallest side shrunk with the widths: the mini
+# pictures are far below the real 65,536-pixel minimum, which would upscale them and break the slot count.
+QWEN3_VL_PREPROCESSOR_CONFIG = {
+    "image_processor_type": "Qwen2VLImageProcessorFast",
+    "patch_size": 16,
+    "temporal_patch_size": 2,
+    "merge_size": 2,
+    "image_mean": [0.5, 0.5, 0.5],
+    "image_std": [0.5, 0.5, 0.5],
+    "size": {"shortest_edge": 1024, "longest_edge": 16777216},
+}
+QWEN3_VL_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{% for content in message['content'] %}"
+    "{% if content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+"""The part of Qwen3-VL's chat template the 2.1 encoder uses (a system message, to measure the prefix it drops);
+the published template has more (tools, vision content), not reproduced here."""
+
+
+def build_mini_qwen3_vl(tokenizer, seed: int):
+    """A tiny Qwen3-VL (64 wide, 2 text layers, a 1-block vision tower, no deepstack) on `tokenizer`'s ids."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    from lightray.world.build import SPECIAL_TOKENS
+
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    heads, head_dim = MINI_TEXT.text_heads, MINI_TEXT.text_hidden_size // MINI_TEXT.text_heads
+    config = Qwen3VLConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=MINI_TEXT.text_hidden_size,
+                         intermediate_size=2 * MINI_TEXT.text_hidden_size, num_hidden_layers=MINI_TEXT.text_layers,
+                         num_attention_heads=heads, num_key_value_heads=MINI_TEXT.text_kv_heads, head_dim=head_dim,
+                         max_position_embeddings=2048,
+                         rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_section": [4, 2, 2],
+                                          "mrope_interleaved": True}),
+        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2,
+                           out_hidden_size=MINI_TEXT.text_hidden_size, deepstack_visual_indexes=[],
+                           num_position_embeddings=64),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    torch.manual_seed(seed)
+    model = Qwen3VLForConditionalGeneration(config).eval()
+    with torch.no_grad():  # unit-scale token embeddings, as the embedded encoder's (lightray.world.build)
+        model.get_input_embeddings().weight.normal_(0.0, 1.0)
+    return model
+
+
 def build_mini_real_21(root: Path, seed: int = 0, turbo: bool = False) -> Path:
     """A mini Qwen-Image-2.1 folder at `root` (Turbo: `sample_sigmas` in its model_index.json): the 2.1 index,
-    Qwen-Image's scheduler config, the 2.1 transformer and VAE at toy width, bfloat16. No text encoder yet: the
-    tests give the transformer Qwen3-VL-shaped embeddings directly."""
+    Qwen-Image's scheduler config, a tiny Qwen3-VL encoder and its processor folder (tokenizer, preprocessor
+    config, chat template), the 2.1 transformer and VAE at toy width, bfloat16."""
     root.mkdir(parents=True, exist_ok=True)
     from diffusers import AutoencoderKLQwenImage21, QwenImage21Transformer2DModel
 
@@ -277,6 +324,11 @@ def build_mini_real_21(root: Path, seed: int = 0, turbo: bool = False) -> Path:
                 parameter.normal_(0.0, 0.1)
     transformer.to(torch.bfloat16).save_pretrained(root / "transformer")
     AutoencoderKLQwenImage21(**QWEN_IMAGE_21_VAE_SHRUNK).to(torch.bfloat16).save_pretrained(root / "vae")
+    tokenizer = build_tokenizer(MINI_TEXT)
+    tokenizer.save_pretrained(root / "processor")
+    (root / "processor" / "preprocessor_config.json").write_text(json.dumps(QWEN3_VL_PREPROCESSOR_CONFIG, indent=2))
+    (root / "processor" / "chat_template.jinja").write_text(QWEN3_VL_CHAT_TEMPLATE)
+    build_mini_qwen3_vl(tokenizer, seed).to(torch.bfloat16).save_pretrained(root / "text_encoder")
     return root
 
 

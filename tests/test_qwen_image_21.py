@@ -4,8 +4,9 @@ image-conditioned twins) on a mini real-layout folder (`tests/mini_real.py`, `bu
 KV cache on as the pipelines run it; the cache is per-request state, kept while paused and freed when the request
 ends; batched requests equal each alone.
 
-The folder has no Qwen3-VL encoder yet: both sides get the same Qwen3-VL-shaped embeddings and image slots (what
-`get_qwenimage21_prompt_embeds` returns), so these tests cover everything after the text encoder.
+Most tests give both sides the same Qwen3-VL-shaped embeddings and image slots (what `get_qwenimage21_prompt_embeds`
+returns) and condition latents, to vary prompt lengths and layouts freely; the last one starts from the prompt's text
+and the pictures, through the mini folder's Qwen3-VL encoder and VAE, on both sides.
 Every test pins torch to one thread, as the Serve replicas run."""
 
 from __future__ import annotations
@@ -345,3 +346,65 @@ def test_the_engine_budgets_prefix_caches(base, monkeypatch):
         base.submit(p, text, condition=condition)
     run_until_done(base, [request])
     assert base.stats()["prefix_cache_bytes"] == 0
+
+
+def pictures(count: int):
+    from lightray.world.shapes import Scene, render
+
+    scenes = [Scene("red", "circle", "left", "white"), Scene("blue", "square", "top", "gray")]
+    return [render(s, size) for s, size in zip(scenes[:count], [(96, 64), (64, 64)])]
+
+
+@pytest.mark.parametrize("count, cfg", [(0, 1.0), (1, 1.0), (2, 1.0), (1, 4.0)])
+def test_from_the_prompt_and_pictures_equals_the_whole_modular_pipeline(turbo, base, count, cfg):
+    """The whole path from text: the pictures resized, encoded by the Qwen3-VL encoder with the prompt (and the
+    negative, with CFG) and by the VAE (`lightray.models.qwen_image_21.conditioning`), then denoised by the engine,
+    gives the latents of the whole modular pipeline (`QwenImage21TurboAutoBlocks`, `QwenImage21AutoBlocks`) from
+    the same prompt and pictures."""
+    from diffusers import AutoencoderKLQwenImage21
+    from diffusers.modular_pipelines.qwenimage21.modular_blocks_qwenimage21 import QwenImage21AutoBlocks
+    from diffusers.modular_pipelines.qwenimage21.modular_blocks_qwenimage21_turbo import QwenImage21TurboAutoBlocks
+
+    from lightray.models.qwen_image_21.conditioning import (
+        encode_conditions,
+        encode_prompt,
+        load_text_encoder,
+        resize_conditions,
+    )
+
+    engine, variant, steps = (turbo, TURBO, TURBO_STEPS) if cfg == 1.0 else (base, BASE, 3)
+    root = engine.preset.root
+    text_encoder, processor = load_text_encoder(root, torch.bfloat16)
+    vae = AutoencoderKLQwenImage21.from_pretrained(root / "vae", torch_dtype=torch.bfloat16)
+    images, prompt = pictures(count), "make the circle blue"
+    resized = resize_conditions(images, 128 * 128)
+    embeds, slots = encode_prompt(text_encoder, processor, prompt, resized)
+    negative = encode_prompt(text_encoder, processor, " ", resized) if cfg > 1 else None
+    text = TextEmbeddings(prompt=embeds.float().numpy(), prompt_image_slots=slots.numpy(),
+                          negative=None if negative is None else negative[0].float().numpy(),
+                          negative_image_slots=None if negative is None else negative[1].numpy())
+    condition = None
+    if count:
+        latents, grids = encode_conditions(vae, resized)
+        condition = ConditionLatents(latents.float().numpy(), grids)
+    ours = engine.denoise(params(variant, steps, 9, cfg=cfg), text, condition=condition)
+
+    blocks = QwenImage21TurboAutoBlocks() if engine is turbo else QwenImage21AutoBlocks()
+    pipe = blocks.init_pipeline()
+    components = dict(text_encoder=text_encoder, processor=processor, vae=vae,
+                      transformer=QwenImage21Transformer2DModel.from_pretrained(root / "transformer",
+                                                                                torch_dtype=torch.bfloat16),
+                      scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(root / "scheduler"))
+    if engine is base:
+        components["guider"] = ClassifierFreeGuidance(guidance_scale=cfg)
+    pipe.update_components(**components)
+    if engine is turbo:
+        pipe.register_to_config(sample_sigmas=MINI_21_TURBO_SIGMAS)
+    inputs = dict(prompt=prompt, height=128, width=128, output_resolution=128, num_inference_steps=steps,
+                  generator=[torch.Generator().manual_seed(9)])
+    if count:
+        inputs["image"] = images
+    if cfg > 1:
+        inputs["negative_prompt"] = " "
+    theirs = pack_latents(pipe(**inputs, output="latents"))
+    assert np.array_equal(ours, theirs.float().numpy()), np.abs(ours - theirs.float().numpy()).max()

@@ -19,32 +19,22 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from lightray.models.vl_processor import pil_processor
+
 VAE_SCALE_FACTOR = 16
 """The 2.1 VAE's spatial compression (the pipelines' `image_processor` config)."""
 
 
 def load_processor(folder: Path, tokenizer=None):
     """The Qwen3-VL processor of a model folder (`processor/`: tokenizer, preprocessor_config.json, chat template)
-    with the PIL image processor: transformers' default one needs torchvision, which a CPU node does not have, and
-    its resize differs from the PIL one by rounding only."""
+    with the PIL image processor (`lightray.models.vl_processor`)."""
     from transformers import AutoTokenizer, Qwen3VLProcessor
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-    class _Processor(Qwen3VLProcessor):
-        # transformers checks every attribute's class, the absent video processor's too, and that check imports
-        # the video processor classes, which need torchvision.
-        def check_argument_for_proper_class(self, argument_name, argument):
-            return None if argument is None else super().check_argument_for_proper_class(argument_name, argument)
 
     folder = Path(folder) / "processor"
-    tokenizer = tokenizer or AutoTokenizer.from_pretrained(folder)
     config = json.loads((folder / "preprocessor_config.json").read_text())
-    keys = ("min_pixels", "max_pixels", "patch_size", "temporal_patch_size", "merge_size", "image_mean",
-            "image_std", "size")
-    image_processor = Qwen2VLImageProcessorPil(**{k: config[k] for k in keys if k in config})
     template = folder / "chat_template.jinja"
-    return _Processor(image_processor=image_processor, tokenizer=tokenizer,
-                      chat_template=template.read_text() if template.exists() else None)
+    return pil_processor(Qwen3VLProcessor, config, tokenizer or AutoTokenizer.from_pretrained(folder),
+                         template.read_text() if template.exists() else None)
 
 
 def load_text_encoder(folder: Path, dtype: torch.dtype = torch.float32):

@@ -408,3 +408,34 @@ def test_from_the_prompt_and_pictures_equals_the_whole_modular_pipeline(turbo, b
         inputs["negative_prompt"] = " "
     theirs = pack_latents(pipe(**inputs, output="latents"))
     assert np.array_equal(ours, theirs.float().numpy()), np.abs(ours - theirs.float().numpy()).max()
+
+
+def test_a_failed_batched_step_is_retried_alone_from_its_extraction(turbo, monkeypatch):
+    """A batched step that fails is retried one request at a time; a request whose cache that step had extracted
+    extracts again on the retry (its first step computed the cached way would not be the pipeline's), and every
+    result still equals its request alone."""
+    from lightray.engine import prefix_cache
+
+    requests = [turbo_request(91, 9), turbo_request(92, 9)]
+    alone = [turbo.denoise(p, t, condition=c) for p, t, c in requests]
+    submitted = submit_all(turbo, requests)
+    stock, calls = prefix_cache.prefix_forward, []
+
+    def second_forward_fails_once(*args):
+        calls.append([entry.cached for entry in args[3]])
+        if len(calls) == 2:
+            raise RuntimeError("a transient failure")
+        return stock(*args)
+
+    monkeypatch.setattr(prefix_cache, "prefix_forward", second_forward_fails_once)
+    turbo.step()
+    monkeypatch.setattr(prefix_cache, "prefix_forward", stock)
+    assert calls == [[False], [False], [False], [False]]  # both extract, the second fails; then each alone
+    run_until_done(turbo, submitted)
+    for request, expected in zip(submitted, alone):
+        assert np.array_equal(request.result(), expected)
+
+
+def test_the_health_probe_runs_the_2_1_transformer(turbo):
+    assert torch.isfinite(turbo._probe_forward()).all()
+    turbo.check_health(timeout_s=30)

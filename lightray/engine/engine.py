@@ -628,10 +628,16 @@ class DenoiseEngine:
 
     def _prefix_forwards(self, batch: list[EngineRequest]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         predictions: dict[tuple[int, str], torch.Tensor] = {}
+        extracted = []
         for entries in prefix_cache.plan_forwards(batch):
-            outputs = prefix_cache.prefix_forward(self.transformer, self.routing, self.family, entries, self.device)
+            outputs, cache = prefix_cache.prefix_forward(self.transformer, self.routing, self.family, entries,
+                                                         self.device)
             for entry, out in zip(entries, outputs):
                 predictions[(id(entry.request), entry.branch)] = out
+            if cache is not None:
+                extracted.append((entries[0], cache))
+        for entry, cache in extracted:  # only once every forward of the step has succeeded
+            entry.request.prefix_cache.branches[entry.branch] = cache
         return [(predictions[(id(r), "cond")], predictions.get((id(r), "uncond"))) for r in batch]
 
     @torch.inference_mode()

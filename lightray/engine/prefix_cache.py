@@ -110,10 +110,13 @@ def _merged_cache(entries: Sequence[PrefixRows], layers: int) -> QwenImage21KVCa
 
 
 def prefix_forward(transformer, routing: batched_model.RoutingSlot, family, entries: Sequence[PrefixRows],
-                   device) -> list[torch.Tensor]:
+                   device) -> tuple[list[torch.Tensor], QwenImage21KVCache | None]:
     """One 2.1 transformer forward over `entries` (one extracting branch, or cached branches of one layout):
-    each entry's [n, noise tokens, channels] prediction. As `QwenImage21LoopDenoiser` calls it: condition tokens
-    then noise tokens, every text token valid (`prompt_embeds_mask` of ones), the timestep over 1000."""
+    each entry's [n, noise tokens, channels] prediction, and the cache an extracting forward filled (the caller
+    keeps it once the whole step's forwards have succeeded: a step retried after a failure must extract again, or
+    its first step would be computed the cached way, which is not the same arithmetic). As
+    `QwenImage21LoopDenoiser` calls it: condition tokens then noise tokens, every text token valid
+    (`prompt_embeds_mask` of ones), the timestep over 1000."""
     first = entries[0].request
     target_tokens = first.image_tokens
     mode = "cached" if entries[0].cached else "extract"
@@ -147,7 +150,5 @@ def prefix_forward(transformer, routing: batched_model.RoutingSlot, family, entr
             )[0]
     finally:
         routing.current = None
-    if mode == "extract":
-        entries[0].request.prefix_cache.branches[entries[0].branch] = cache
     out = out[:, -target_tokens:]
-    return [out[a:b] for a, b in segments]
+    return [out[a:b] for a, b in segments], cache if mode == "extract" else None

@@ -8,7 +8,8 @@ A request enters with `submit` and is denoised by `step`, which the engine's loo
 3. drops cancelled requests,
 4. asks `StepScheduler` which requests run now (priority, budget; the others are paused),
 5. runs ONE transformer forward per latent grid over all chosen rows (CFG's conditional and unconditional rows,
-   any step index, schedule, variant or LoRA stack), and
+   any step index, schedule, variant or LoRA stack; a Qwen-Image-2.1 grid splits further by prefix-cache mode and
+   prompt layout, `lightray.engine.prefix_cache`), and
 6. does each request's own Euler step (float32, as the scheduler does), true-CFG combination, inpainting blend
    and progress report.
 
@@ -627,6 +628,8 @@ class DenoiseEngine:
         return outputs
 
     def _prefix_forwards(self, batch: list[EngineRequest]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """A prefix-cache family's step over `batch`: each extracting branch alone, cached branches by prompt
+        layout (`prefix_cache.plan_forwards`); each request's (conditional, unconditional) outputs."""
         predictions: dict[tuple[int, str], torch.Tensor] = {}
         extracted = []
         for entries in prefix_cache.plan_forwards(batch):

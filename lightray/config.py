@@ -101,6 +101,10 @@ class VariantConfig(BaseModel):
     terminal shift). Every key of `FLOW_MATCH_SCHEDULER_KEYS` must be given: a partial config would inherit the
     folder's other keys (Qwen-Image's `shift_terminal: 0.02` did, and moved Lightning's last sigma). None: the
     folder's scheduler."""
+    checkpoint_sigmas: bool = False
+    """Sample the checkpoint's own sigma grid, `sample_sigmas` in its model_index.json (Qwen-Image-2.1 Turbo), as
+    `QwenImage21TurboSetTimestepsStep` does, instead of linspace(1, 1/steps, steps); the grid's length is then the
+    step count, and a request for another count is refused. The scheduler config's shift still applies."""
 
     @field_validator("scheduler")
     @classmethod
@@ -181,7 +185,8 @@ class ModelPreset(BaseModel):
     family: str = "qwen-image"
     """The model family (`lightray.models.FAMILIES`): how requests are conditioned and what a transformer row holds.
     "qwen-image": text-to-image (edits are img2img / inpainting); "qwen-image-edit-plus": instruction editing with
-    1-3 input images (Qwen-Image-Edit-2509 / 2511)."""
+    1-3 input images (Qwen-Image-Edit-2509 / 2511); "qwen-image-2.1": Qwen-Image-2.1 and its Turbo, generation and
+    editing with 0-3 condition images in one model."""
     edit: EditConfig = Field(default_factory=EditConfig)
     """Input-image sizes of an instruction-edit family (ignored by the others)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -391,7 +396,8 @@ class EngineConfig(BaseModel):
     larger than the budget still runs, alone (it is never split across steps)."""
     max_batch_tokens: int | None = Field(None, ge=1)
     """Optional second bound: rows × image tokens per step (image tokens = (height/16)·(width/16), plus an
-    instruction edit's condition tokens). None: rows alone bound the step."""
+    instruction edit's condition tokens; a prefix-cache family's row counts its prefix only at its first step,
+    which computes it). None: rows alone bound the step."""
     starvation_steps: int = Field(200, ge=1)
     """A request that has waited this many engine steps without running goes ahead of shorter work of its priority
     (least-remaining-work-first would otherwise let a stream of short requests pause a long one for ever)."""
@@ -402,6 +408,12 @@ class EngineConfig(BaseModel):
     max_live_requests: int = Field(64, ge=1)
     """Requests the engine holds at once, running, paused or waiting; `submit` refuses more (the deployment's
     `max_ongoing_requests` should not exceed it)."""
+    max_prefix_cache_bytes: int | None = Field(None, ge=1)
+    """Most bytes the prefix KV caches of the requests the engine holds may take together (a prefix-cache family,
+    Qwen-Image-2.1: each request keeps its prompt's and condition images' keys and values for every layer, from
+    its first step to its last, paused ones too); `submit` refuses a request whose cache would pass it
+    (`EngineFull`). Counted from each request's size before its first step. None: only `max_live_requests`
+    bounds them."""
     idle_wait_s: float = Field(0.5, gt=0)
     """How long the loop sleeps when it has nothing to run before checking again (it wakes at once on a new
     request)."""

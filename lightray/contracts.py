@@ -159,6 +159,13 @@ class TextEmbeddings:
     """The negative prompt's, when the request uses true CFG."""
     timings: Mapping[str, float] = dataclasses.field(default_factory=dict)
     handoff_at: float | None = None
+    # The image slots come last: the deployments build this object positionally.
+    prompt_image_slots: np.ndarray | None = None
+    """[tokens] bool, True at the prompt's vision-encoder image slots (Qwen-Image-2.1's `image_pad_mask`: where the
+    condition images' latents enter the transformer's sequence, one slot per 2×2 condition tokens); None: a family
+    whose text carries no image slots."""
+    negative_image_slots: np.ndarray | None = None
+    """The negative prompt's image slots (Qwen-Image-2.1 with true CFG)."""
 
 
 @dataclasses.dataclass(frozen=True)

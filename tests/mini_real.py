@@ -216,3 +216,141 @@ def build_mini_real_edit(root: Path, seed: int = 0) -> Path:
     QwenImageTransformer2DModel(**{**config, **MINI_TRANSFORMER}).to(torch.bfloat16).save_pretrained(
         root / "transformer")
     return root
+
+
+# Qwen-Image-2.1. No hub is reachable here: the class names, component names and config keys below are diffusers
+# 0.42's (`QwenImage21Pipeline.__init__`, `QwenImage21Transformer2DModel` and `AutoencoderKLQwenImage21`
+# `register_to_config` signatures), the values their defaults, which the conversion targets; the published
+# `Qwen/Qwen-Image-2.1` files were not available to compare. Compare them before relying on a value here.
+QWEN_IMAGE_21_MODEL_INDEX = {
+    "_class_name": "QwenImage21Pipeline",
+    "_diffusers_version": "0.42.0",
+    "processor": ["transformers", "Qwen3VLProcessor"],
+    "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+    "text_encoder": ["transformers", "Qwen3VLForConditionalGeneration"],
+    "transformer": ["diffusers", "QwenImage21Transformer2DModel"],
+    "vae": ["diffusers", "AutoencoderKLQwenImage21"],
+}
+QWEN_IMAGE_21_TRANSFORMER_CONFIG = {
+    "_class_name": "QwenImage21Transformer2DModel",
+    "_diffusers_version": "0.42.0",
+    "patch_size": 1,
+    "in_channels": 64,
+    "out_channels": 64,
+    "num_layers": 32,
+    "attention_head_dim": 128,
+    "num_attention_heads": 32,
+    "context_in_dim": 4096,
+    "mlp_ratio": 3,
+    "axes_dims_rope": [16, 56, 56],
+    "eps": 1e-6,
+    "causal_condition": True,
+}
+QWEN_IMAGE_21_VAE_SHRUNK = {"base_dim": 8, "decoder_base_dim": 8}
+"""What shrinks in `AutoencoderKLQwenImage21`'s config (its 16× compression, `temperal_downsample`'s four entries,
+64 latent channels and latent statistics stay)."""
+MINI_21_TRANSFORMER = {"num_layers": 2, "attention_head_dim": 32, "num_attention_heads": 2,
+                       "context_in_dim": MINI_TEXT.text_hidden_size, "axes_dims_rope": [8, 12, 12]}
+"""What shrinks in the 2.1 transformer: depth 2, inner width 64 (2 heads of 32, rope axes summing to 32), the text
+width the mini text encoder's."""
+MINI_21_TURBO_SIGMAS = [1.0, 0.9375, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25]
+"""The mini Turbo's `sample_sigmas` (8 steps, without the terminal 0): a fixture value, not the checkpoint's."""
+
+
+# Qwen3-VL's processor/preprocessor_config.json (16-pixel patches merged 2×2: one vision token per 32×32 pixels,
+# the 2×2 condition tokens of the 16× VAE it stands for), with the smallest side shrunk with the widths: the mini
+# pictures are far below the real 65,536-pixel minimum, which would upscale them and break the slot count.
+QWEN3_VL_PREPROCESSOR_CONFIG = {
+    "image_processor_type": "Qwen2VLImageProcessorFast",
+    "patch_size": 16,
+    "temporal_patch_size": 2,
+    "merge_size": 2,
+    "image_mean": [0.5, 0.5, 0.5],
+    "image_std": [0.5, 0.5, 0.5],
+    "size": {"shortest_edge": 1024, "longest_edge": 16777216},
+}
+QWEN3_VL_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{% for content in message['content'] %}"
+    "{% if content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+"""The part of Qwen3-VL's chat template the 2.1 encoder uses (a system message, to measure the prefix it drops);
+the published template has more (tools, vision content), not reproduced here."""
+
+
+def build_mini_qwen3_vl(tokenizer, seed: int):
+    """A tiny Qwen3-VL (64 wide, 2 text layers, a 1-block vision tower, no deepstack) on `tokenizer`'s ids."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    from lightray.world.build import SPECIAL_TOKENS
+
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    heads, head_dim = MINI_TEXT.text_heads, MINI_TEXT.text_hidden_size // MINI_TEXT.text_heads
+    config = Qwen3VLConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=MINI_TEXT.text_hidden_size,
+                         intermediate_size=2 * MINI_TEXT.text_hidden_size, num_hidden_layers=MINI_TEXT.text_layers,
+                         num_attention_heads=heads, num_key_value_heads=MINI_TEXT.text_kv_heads, head_dim=head_dim,
+                         max_position_embeddings=2048,
+                         rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_section": [4, 2, 2],
+                                          "mrope_interleaved": True}),
+        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2,
+                           out_hidden_size=MINI_TEXT.text_hidden_size, deepstack_visual_indexes=[],
+                           num_position_embeddings=64),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    torch.manual_seed(seed)
+    model = Qwen3VLForConditionalGeneration(config).eval()
+    with torch.no_grad():  # unit-scale token embeddings, as the embedded encoder's (lightray.world.build)
+        model.get_input_embeddings().weight.normal_(0.0, 1.0)
+    return model
+
+
+def build_mini_real_21(root: Path, seed: int = 0, turbo: bool = False) -> Path:
+    """A mini Qwen-Image-2.1 folder at `root` (Turbo: `sample_sigmas` in its model_index.json): the 2.1 index,
+    Qwen-Image's scheduler config, a tiny Qwen3-VL encoder and its processor folder (tokenizer, preprocessor
+    config, chat template), the 2.1 transformer and VAE at toy width, bfloat16."""
+    root.mkdir(parents=True, exist_ok=True)
+    from diffusers import AutoencoderKLQwenImage21, QwenImage21Transformer2DModel
+
+    index = {**QWEN_IMAGE_21_MODEL_INDEX, **({"sample_sigmas": MINI_21_TURBO_SIGMAS} if turbo else {})}
+    (root / "model_index.json").write_text(json.dumps(index, indent=2))
+    (root / "scheduler").mkdir(exist_ok=True)
+    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(QWEN_IMAGE_SCHEDULER_CONFIG, indent=2))
+    torch.manual_seed(seed)
+    config = {k: v for k, v in QWEN_IMAGE_21_TRANSFORMER_CONFIG.items() if not k.startswith("_")}
+    transformer = QwenImage21Transformer2DModel(**{**config, **MINI_21_TRANSFORMER})
+    with torch.no_grad():  # zero-initialised norm weights would hide a wrong scale: give them values
+        for name, parameter in transformer.named_parameters():
+            if "norm" in name:
+                parameter.normal_(0.0, 0.1)
+    transformer.to(torch.bfloat16).save_pretrained(root / "transformer")
+    AutoencoderKLQwenImage21(**QWEN_IMAGE_21_VAE_SHRUNK).to(torch.bfloat16).save_pretrained(root / "vae")
+    tokenizer = build_tokenizer(MINI_TEXT)
+    tokenizer.save_pretrained(root / "processor")
+    (root / "processor" / "preprocessor_config.json").write_text(json.dumps(QWEN3_VL_PREPROCESSOR_CONFIG, indent=2))
+    (root / "processor" / "chat_template.jinja").write_text(QWEN3_VL_CHAT_TEMPLATE)
+    build_mini_qwen3_vl(tokenizer, seed).to(torch.bfloat16).save_pretrained(root / "text_encoder")
+    return root
+
+
+def write_mini_21_lora(path: Path, seed: int, rank: int = 4) -> Path:
+    """A random LoRA for the mini 2.1 transformer in diffusers' saved layout (`transformer.<module>.lora_A.weight`
+    [rank, in], `.lora_B.weight` [out, rank]; alpha = rank, as peft reads a file without it) over every block linear
+    (`lightray.models.qwen_image_21.TRANSFORMER_BLOCK_LINEARS`), bfloat16."""
+    from lightray.models.qwen_image_21 import TRANSFORMER_BLOCK_LINEARS
+
+    inner = MINI_21_TRANSFORMER["num_attention_heads"] * MINI_21_TRANSFORMER["attention_head_dim"]
+    hidden = QWEN_IMAGE_21_TRANSFORMER_CONFIG["mlp_ratio"] * inner
+    shapes = {"img_mlp.proj": (inner, hidden), "img_mlp.gate_layer": (inner, hidden), "img_mlp.out": (hidden, inner)}
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for block in range(MINI_21_TRANSFORMER["num_layers"]):
+        for target in TRANSFORMER_BLOCK_LINEARS:
+            fan_in, fan_out = shapes.get(target, (inner, inner))
+            key = f"transformer.transformer_blocks.{block}.{target}"
+            state[f"{key}.lora_A.weight"] = (torch.randn(rank, fan_in, generator=gen) / math.sqrt(fan_in)).to(
+                torch.bfloat16)
+            state[f"{key}.lora_B.weight"] = (torch.randn(fan_out, rank, generator=gen) * 0.5 / math.sqrt(rank)).to(
+                torch.bfloat16)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(path))
+    return path

@@ -93,7 +93,7 @@ def _row_blocks(stacks: Sequence[tuple[AdapterKey, ...]], segments: Sequence[Seq
         else:
             bulk.extend(rows)
     if bulk:
-        bulk.sort()
+        bulk = sorted(set(bulk))  # a shared tail row is in every segment
         rows = (slice(bulk[0], bulk[-1] + 1) if bulk == list(range(bulk[0], bulk[-1] + 1))
                 else torch.tensor(bulk, dtype=torch.long, device=device))
         blocks.append(_Block(rows, len(bulk), _groups([stacks[i] for i in bulk], device)))
@@ -108,12 +108,21 @@ class RowRouting:
     those as one matmul of 2n rows, its n rows at t then at 0, so each segment's doubled block is exactly that."""
 
     def __init__(self, stacks: Sequence[tuple[AdapterKey, ...]], segments: Sequence[tuple[int, int]], device,
-                 doubled: bool = False):
+                 doubled: bool = False, shared_tail: bool = False):
         self.rows = rows = len(stacks)
         self.token_block = _Block(slice(0, rows), rows, _groups(stacks, device))
         self.row_blocks = _row_blocks(stacks, [range(a, b) for a, b in segments], device)
         self.whole_rows = len(self.row_blocks) == 1 and isinstance(self.row_blocks[0].rows, slice)
         """Row-level inputs need no splitting (one block covering every row)."""
+        self.tail_blocks: tuple[_Block, ...] | None = None
+        if shared_tail:
+            # Qwen-Image-2.1's `causal_condition`: the timestep conditioning runs over the rows plus one t = 0 row
+            # that every row's prefix tokens share. A request alone computes its n rows and that row as one matmul
+            # of n + 1, so each segment's block is its rows and the tail (the tail's result is the same in every
+            # block only where M ≥ 4; a forward that reads it, the prefix-extracting one, holds one segment).
+            with_tail = [*stacks, ()]
+            self.tail_blocks = _row_blocks(with_tail, [[*range(a, b), rows] for a, b in segments], device)
+            self.whole_tail = len(self.tail_blocks) == 1 and isinstance(self.tail_blocks[0].rows, slice)
         self.doubled_blocks: tuple[_Block, ...] | None = None
         if doubled:
             twice = [*stacks, *stacks]
@@ -130,6 +139,8 @@ class RowRouting:
             return self.row_blocks
         if self.doubled_blocks is not None and x.shape[0] == 2 * self.rows and not self.whole_doubled:
             return self.doubled_blocks
+        if self.tail_blocks is not None and x.shape[0] == self.rows + 1 and not self.whole_tail:
+            return self.tail_blocks
         return None
 
     def token_block_for(self, x: torch.Tensor) -> _Block:
@@ -265,10 +276,12 @@ class RowwiseJointAttnProcessor(QwenDoubleStreamAttnProcessor2_0):
         return img_attn_output, attn.to_add_out(txt_hidden.contiguous())
 
 
-def install(transformer: torch.nn.Module, slot: RoutingSlot) -> None:
-    """Give every LoRA and plain linear layer of `transformer` its routed forward and every attention block the
-    row-wise processor. Idempotent; call again after adapters are loaded or deleted (peft adds and removes
-    LoRA wrappers around linear layers)."""
+def install(transformer: torch.nn.Module, slot: RoutingSlot, rowwise_text: bool = True) -> None:
+    """Give every LoRA and plain linear layer of `transformer` its routed forward and (`rowwise_text`: Qwen-Image's
+    dual-stream transformer, whose rows may carry padded text) every attention block the row-wise processor.
+    Qwen-Image-2.1's forwards hold rows of one sequence layout (no padding), so its own processor stays.
+    Idempotent; call again after adapters are loaded or deleted (peft adds and removes LoRA wrappers around linear
+    layers)."""
     uninstall(transformer)
     # A LoRA layer's own linears (its base layer, lora_A, lora_B) run inside its routed forward, on rows it has
     # already split; only linears outside LoRA layers need the row-level split of their own.
@@ -279,7 +292,7 @@ def install(transformer: torch.nn.Module, slot: RoutingSlot) -> None:
             module.forward = _routed_lora_forward(module, slot, module.forward)
         elif isinstance(module, torch.nn.Linear) and id(module) not in inside_lora:
             module.forward = _routed_linear_forward(module, slot, module.forward)
-    if not isinstance(next(iter(transformer.attn_processors.values())), RowwiseJointAttnProcessor):
+    if rowwise_text and not isinstance(next(iter(transformer.attn_processors.values())), RowwiseJointAttnProcessor):
         transformer.set_attn_processor(RowwiseJointAttnProcessor())
 
 

@@ -8,7 +8,8 @@ A request enters with `submit` and is denoised by `step`, which the engine's loo
 3. drops cancelled requests,
 4. asks `StepScheduler` which requests run now (priority, budget; the others are paused),
 5. runs ONE transformer forward per latent grid over all chosen rows (CFG's conditional and unconditional rows,
-   any step index, schedule, variant or LoRA stack), and
+   any step index, schedule, variant or LoRA stack; a Qwen-Image-2.1 grid splits further by prefix-cache mode and
+   prompt layout, `lightray.engine.prefix_cache`), and
 6. does each request's own Euler step (float32, as the scheduler does), true-CFG combination, inpainting blend
    and progress report.
 
@@ -26,6 +27,7 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import logging
 import threading
@@ -35,13 +37,11 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 import torch
-from diffusers import (
-    FlowMatchEulerDiscreteScheduler,
-    QwenImageInpaintPipeline,
-    QwenImagePipeline,
-    QwenImageTransformer2DModel,
-)
+import diffusers
+from diffusers import FlowMatchEulerDiscreteScheduler, QwenImageInpaintPipeline, QwenImagePipeline
+from diffusers.guiders import ClassifierFreeGuidance
 from diffusers.image_processor import VaeImageProcessor
+from diffusers.modular_pipelines.qwenimage21.inputs import pack_latents as pack_unpatched_latents
 from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift, retrieve_timesteps
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
@@ -57,8 +57,9 @@ from lightray.contracts import (
     StepProgress,
     TextEmbeddings,
 )
-from lightray.engine import batched_model
+from lightray.engine import batched_model, prefix_cache
 from lightray.engine.scheduler import StepScheduler
+from lightray.models.qwen_image_21 import checkpoint_sample_sigmas
 from lightray.stages.common import HealthProbe, check_parameter_dtype, generators, settle, torch_dtype
 
 logger = logging.getLogger("lightray.engine")
@@ -105,6 +106,16 @@ class EngineRequest:
         self.condition: torch.Tensor | None = None
         """[1, tokens, 64]: an instruction edit's condition tokens, after every row's noise tokens."""
         self.condition_grids: tuple[tuple[int, int], ...] = ()
+        self.prompt_slots: torch.Tensor | None = None
+        """[text tokens] bool: the prompt's image slots (a prefix-cache family's `image_pad_mask`)."""
+        self.negative_slots: torch.Tensor | None = None
+        self.prefix_tokens: int | None = None
+        """A prefix-cache family's prefix in the transformer's sequence: its text tokens and condition tokens."""
+        self.prefix_cache_bytes = 0
+        """What its prefix caches will hold once built (every layer's keys and values, every branch and row)."""
+        self.prefix_cache = prefix_cache.PrefixCache()
+        """A prefix-cache family's per-layer keys and values of the prompt and condition tokens, built by the first
+        forward and freed when the request ends (`lightray.engine.prefix_cache`)."""
         self.step = 0
         self.stack: tuple[batched_model.AdapterKey, ...] = ()
         self.prompt: torch.Tensor
@@ -126,8 +137,15 @@ class EngineRequest:
         return (self.grid, *self.condition_grids)
 
     @property
+    def condition_tokens(self) -> int:
+        return sum(r * c for r, c in self.condition_grids)
+
+    @property
     def sequence_tokens(self) -> int:
-        return self.image_tokens + sum(r * c for r, c in self.condition_grids)
+        """Tokens one row computes at its next step: with a prefix cache built, the noise tokens alone."""
+        if self.prefix_tokens is not None:
+            return self.image_tokens + (0 if "cond" in self.prefix_cache else self.prefix_tokens)
+        return self.image_tokens + self.condition_tokens
 
     @property
     def started(self) -> bool:
@@ -165,17 +183,22 @@ class DenoiseEngine:
         self.dtype = torch_dtype(self.preset.dtype)
         self.on_step = on_step
         self.family = self.preset.model_family
-        # The pipeline object holds the components and lends its LoRA loader and latent helpers; its __call__ is
-        # never used. Every family so far has Qwen-Image's transformer and latent layout.
+        # The pipeline object holds the components and lends its LoRA loader (Qwen-Image's, which 2.1's modular
+        # pipeline uses too) and latent helpers; its __call__ is never used.
+        transformer_class = getattr(diffusers, self.family.transformer_class)
         self.pipe = QwenImagePipeline(
             scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(self.preset.root / "scheduler"),
             vae=None, text_encoder=None, tokenizer=None,
-            transformer=QwenImageTransformer2DModel.from_pretrained(self.preset.root / "transformer",
-                                                                    torch_dtype=self.dtype),
+            transformer=transformer_class.from_pretrained(self.preset.root / "transformer", torch_dtype=self.dtype),
         ).to(self.device)
         self.pipe.vae_scale_factor = self.preset.vae_scale_factor  # without a VAE it would assume 8
         self.transformer = self.pipe.transformer
-        self.latent_channels = self.transformer.config.in_channels // 4
+        self.latent_channels = self.transformer.config.in_channels // self.family.latent_patch ** 2
+        self.text_width = self.transformer.config.get("joint_attention_dim") or self.transformer.config.context_in_dim
+        """Width of the text encoder's embeddings the transformer reads (2.1's config calls it `context_in_dim`)."""
+        self.checkpoint_sigmas = checkpoint_sample_sigmas(self.preset.root)
+        """The checkpoint's own sigma grid (Qwen-Image-2.1 Turbo's `sample_sigmas`), for `checkpoint_sigmas`
+        variants."""
         self._inpaint = QwenImageInpaintPipeline(scheduler=self.pipe.scheduler, vae=None, text_encoder=None,
                                                  tokenizer=None, transformer=None)
         self._inpaint.vae_scale_factor = self.preset.vae_scale_factor
@@ -201,7 +224,7 @@ class DenoiseEngine:
         # Lightning LoRAs included: peft creates them in the base layer's dtype, and a stage that silently ran
         # in float32 would need twice the memory (the real transformer would no longer fit its GPU).
         check_parameter_dtype(self.transformer, self.dtype, "transformer")
-        batched_model.install(self.transformer, self.routing)
+        self._install_routing()
         self.tenant_adapters: set[str] = set()
         self._health = HealthProbe("denoise engine", self._probe_forward, launch=self._at_step_boundary)
 
@@ -249,6 +272,12 @@ class DenoiseEngine:
                 raise ValueError(f"adapters: {missing} are not loaded and no path was given")
             if len(self._inbox) + len(self._live) >= self.config.max_live_requests:
                 raise EngineFull(f"the engine holds {self.config.max_live_requests} requests")
+            cache_limit = self.config.max_prefix_cache_bytes
+            if cache_limit is not None and request.prefix_cache_bytes:
+                held = sum(r.prefix_cache_bytes for r in self._inbox + self._live)
+                if held + request.prefix_cache_bytes > cache_limit:
+                    raise EngineFull(f"prefix caches: the engine holds {held} bytes of {cache_limit}, this request "
+                                     f"needs {request.prefix_cache_bytes}")
             for use in params.adapters:
                 self._in_use[use.key] += 1
             request.adapter_paths = paths
@@ -373,7 +402,7 @@ class DenoiseEngine:
         if self.on_step is not None:
             self.on_step(StepStats(sum(r.rows for r in batch), len(batch), batch[0].grid,
                                    (time.perf_counter() - start) * 1000,
-                                   batch[0].sequence_tokens - batch[0].image_tokens))
+                                   batch[0].condition_tokens))
         for request, (cond, uncond) in zip(batch, outputs):
             try:
                 self._advance(request, cond, uncond)
@@ -390,12 +419,22 @@ class DenoiseEngine:
 
     def schedule_for(self, variant: VariantConfig, steps: int, image_seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(timesteps, sigmas) of `variant` for `steps` at `image_seq_len` tokens, exactly as the pipelines'
-        `retrieve_timesteps(scheduler, steps, sigmas=linspace(1, 1/steps, steps), mu=calculate_shift(...))`."""
+        `retrieve_timesteps(scheduler, steps, sigmas=linspace(1, 1/steps, steps), mu=calculate_shift(...))`; a
+        `checkpoint_sigmas` variant samples the checkpoint's `sample_sigmas` instead (2.1 Turbo)."""
+        sigmas = None
+        if variant.checkpoint_sigmas:
+            sigmas = self.checkpoint_sigmas
+            if sigmas is None:
+                raise ValueError(f"variant {variant.id!r} samples the checkpoint's sigmas, and "
+                                 f"{self.preset.root / 'model_index.json'} has no sample_sigmas")
+            if steps != len(sigmas):
+                raise ValueError(f"num_inference_steps: {variant.id} samples its checkpoint's {len(sigmas)} steps, "
+                                 f"got {steps}")
         key = (variant.id, steps, image_seq_len)
         with self._schedules_lock:
             if key not in self._schedules:
                 self._schedules[key] = flow_match_schedule(self.scheduler_configs[variant.id], steps, image_seq_len,
-                                                           self.device)
+                                                           self.device, sigmas)
             return self._schedules[key]
 
     def _prepare(self, request: EngineRequest, text: TextEmbeddings, image: ImageLatents | None,
@@ -404,7 +443,7 @@ class DenoiseEngine:
         factor = self.preset.vae_scale_factor * 2
         if p.width % factor or p.height % factor:
             raise ValueError(f"size: width and height must be multiples of {factor}, got {p.width}x{p.height}")
-        dim = self.transformer.config.joint_attention_dim
+        dim = self.text_width
         for name, emb in (("prompt", text.prompt), ("negative", text.negative)):
             if emb is not None and (emb.ndim != 2 or emb.shape[1] != dim or emb.shape[0] < 1):
                 raise ValueError(f"text.{name}: expected [tokens, {dim}] embeddings, got {emb.shape}")
@@ -414,18 +453,29 @@ class DenoiseEngine:
             raise ValueError("mask: inpainting needs an image")
         n = p.n
         h, w = 2 * (p.height // factor), 2 * (p.width // factor)
-        request.grid = (h // 2, w // 2)
-        request.image_tokens = (h // 2) * (w // 2)
+        token_side = self.preset.vae_scale_factor * self.family.latent_patch
+        request.grid = (p.height // token_side, p.width // token_side)
+        request.image_tokens = request.grid[0] * request.grid[1]
         request.rows = n * (2 if p.uses_cfg else 1)
         request.prompt = torch.from_numpy(np.ascontiguousarray(text.prompt)).to(self.device, self.dtype)
         if p.uses_cfg:
             request.negative = torch.from_numpy(np.ascontiguousarray(text.negative)).to(self.device, self.dtype)
+        if self.family.prefix_cache:
+            self._prepare_image_slots(request, text)
+            if image is not None or mask is not None:
+                raise ValueError(f"image: a {self.family.name} model conditions on its images, it does not start "
+                                 "from one (no img2img or inpainting)")
         timesteps, sigmas = self.schedule_for(request.variant, p.num_inference_steps, request.image_tokens)
         gens = generators(list(p.seeds), self.preset.device)
         if image is None:
             request.timesteps, request.sigmas = timesteps, sigmas
-            request.latents = self.pipe.prepare_latents(n, self.latent_channels, p.height, p.width, self.dtype,
-                                                        self.device, gens)
+            if self.family.latent_patch == 1:  # QwenImage21PrepareLatentsStep: the noise, flattened unpatched
+                shape = (n, self.latent_channels, 1, *request.grid)
+                request.latents = pack_unpatched_latents(
+                    randn_tensor(shape, generator=gens, device=self.device, dtype=self.dtype))
+            else:
+                request.latents = self.pipe.prepare_latents(n, self.latent_channels, p.height, p.width, self.dtype,
+                                                            self.device, gens)
             return
         # img2img / inpainting, as QwenImageImg2ImgPipeline / QwenImageInpaintPipeline: trim the schedule by
         # strength (`get_timesteps`), then noise the image latents to its first sigma (`scale_noise`).
@@ -457,14 +507,35 @@ class DenoiseEngine:
                 condition, unpacked, 1, self.latent_channels, n, p.height, p.width, self.dtype, self.device, None)
             request.image_latents, request.noise = image_latents, noise
 
+    def _prepare_image_slots(self, request: EngineRequest, text: TextEmbeddings) -> None:
+        """A prefix-cache family's prompt image slots (all False for a prompt without images)."""
+        for name, emb, slots in (("prompt", text.prompt, text.prompt_image_slots),
+                                 ("negative", text.negative, text.negative_image_slots)):
+            if emb is None or (name == "negative" and not request.params.uses_cfg):
+                continue
+            slots = np.zeros(emb.shape[0], dtype=bool) if slots is None else np.asarray(slots, dtype=bool)
+            if slots.shape != (emb.shape[0],):
+                raise ValueError(f"text.{name}_image_slots: expected [{emb.shape[0]}] flags, got {slots.shape}")
+            setattr(request, f"{name}_slots", torch.from_numpy(slots).to(self.device))
+
     def _prepare_condition(self, request: EngineRequest, condition: ConditionLatents | None,
                            image: ImageLatents | None) -> None:
         """An instruction edit's condition tokens, checked against the family (`QwenImageEditPlusPipeline`
-        appends the same `image_latents` to every row, CFG's unconditional ones included)."""
+        appends the same `image_latents` to every row, CFG's unconditional ones included; the 2.1 pipelines put
+        them first, and each prompt's image slots must hold them, four tokens a slot)."""
         if not self.family.condition_tokens:
             if condition is not None:
                 raise ValueError(f"image: a {self.family.name} model takes no condition images")
             return
+        if self.family.prefix_cache:
+            tokens = 0 if condition is None else condition.latents.shape[0]
+            for name, slots in (("prompt", request.prompt_slots), ("negative", request.negative_slots)):
+                if slots is not None and 4 * int(slots.sum()) != tokens:
+                    raise ValueError(f"text.{name}_image_slots: {int(slots.sum())} image slots hold "
+                                     f"{4 * int(slots.sum())} condition tokens, the images give {tokens}")
+            self._size_prefix(request, tokens)
+            if condition is None:
+                return
         if condition is None:
             raise ValueError(f"image: a {self.family.name} model edits input images; none were given")
         if image is not None:
@@ -473,12 +544,24 @@ class DenoiseEngine:
         low, high = self.family.input_images
         if not low <= len(condition.grids) <= high:
             raise ValueError(f"image: {low} to {high} input images, got {len(condition.grids)}")
-        channels = self.latent_channels * 4
+        channels = self.transformer.config.in_channels  # a token: 2x2 packed latent pixels, or one unpacked
         if condition.latents.ndim != 2 or condition.latents.shape[1] != channels:
             raise ValueError(f"image: expected condition latents [tokens, {channels}], got {condition.latents.shape}")
         request.condition = torch.from_numpy(np.ascontiguousarray(condition.latents))[None].to(self.device,
                                                                                               self.dtype)
         request.condition_grids = tuple((int(r), int(c)) for r, c in condition.grids)
+
+    def _size_prefix(self, request: EngineRequest, condition_tokens: int) -> None:
+        """The request's prefix (text tokens and condition tokens: what the prompt's image slots expand to) and
+        the bytes its caches will take: keys and values, every layer, [rows, prefix, inner width] each."""
+        cfg = self.transformer.config
+        request.prefix_tokens = int((~request.prompt_slots).sum()) + condition_tokens
+        prefixes = [request.prefix_tokens]
+        if request.negative_slots is not None:
+            prefixes.append(int((~request.negative_slots).sum()) + condition_tokens)
+        width = cfg.num_attention_heads * cfg.attention_head_dim
+        element = torch.finfo(self.dtype).bits // 8
+        request.prefix_cache_bytes = 2 * cfg.num_layers * request.params.n * sum(prefixes) * width * element
 
     def _stack(self, request: EngineRequest) -> tuple[batched_model.AdapterKey, ...]:
         stack = []
@@ -491,7 +574,10 @@ class DenoiseEngine:
 
     def _forward(self, batch: list[EngineRequest]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         """One transformer forward over every row of `batch`: per request, its n conditional rows, then (true
-        CFG) its n unconditional rows. Returns each request's (conditional, unconditional) outputs."""
+        CFG) its n unconditional rows. Returns each request's (conditional, unconditional) outputs. A prefix-cache
+        family's batch takes the forwards `prefix_cache.plan_forwards` splits it into."""
+        if self.family.prefix_cache:
+            return self._prefix_forwards(batch)
         hidden, texts, stacks, segments, timesteps = [], [], [], [], []
         for request in batch:
             n = request.params.n
@@ -541,12 +627,30 @@ class DenoiseEngine:
             outputs.append((cond, uncond))
         return outputs
 
+    def _prefix_forwards(self, batch: list[EngineRequest]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """A prefix-cache family's step over `batch`: each extracting branch alone, cached branches by prompt
+        layout (`prefix_cache.plan_forwards`); each request's (conditional, unconditional) outputs."""
+        predictions: dict[tuple[int, str], torch.Tensor] = {}
+        extracted = []
+        for entries in prefix_cache.plan_forwards(batch):
+            outputs, cache = prefix_cache.prefix_forward(self.transformer, self.routing, self.family, entries,
+                                                         self.device)
+            for entry, out in zip(entries, outputs):
+                predictions[(id(entry.request), entry.branch)] = out
+            if cache is not None:
+                extracted.append((entries[0], cache))
+        for entry, cache in extracted:  # only once every forward of the step has succeeded
+            entry.request.prefix_cache.branches[entry.branch] = cache
+        return [(predictions[(id(r), "cond")], predictions.get((id(r), "uncond"))) for r in batch]
+
     @torch.inference_mode()
     def _advance(self, request: EngineRequest, cond: torch.Tensor, uncond: torch.Tensor | None) -> None:
         """The request's step after its forward: true CFG, Euler (float32), inpainting blend, progress."""
         p = request.params
         noise_pred = cond
-        if uncond is not None:
+        if uncond is not None and not self.family.cfg_norm_rescale:
+            noise_pred = _guider(p.true_cfg_scale).forward(cond, uncond).pred
+        elif uncond is not None:
             comb_pred = uncond + p.true_cfg_scale * (cond - uncond)
             cond_norm = torch.norm(cond, dim=-1, keepdim=True)
             noise_norm = torch.norm(comb_pred, dim=-1, keepdim=True)
@@ -574,6 +678,7 @@ class DenoiseEngine:
 
     def _finish(self, request: EngineRequest, result: np.ndarray | None = None,
                 error: BaseException | None = None) -> None:
+        request.prefix_cache.free()  # finished, failed or cancelled: its keys and values go with it
         with self._lock:
             for use in request.params.adapters:
                 self._in_use[use.key] -= 1
@@ -639,10 +744,15 @@ class DenoiseEngine:
             if name in getattr(self.transformer, "peft_config", {}):
                 with _many_adapters_expected():
                     self.pipe.delete_adapters(name)
-            batched_model.install(self.transformer, self.routing)
+            self._install_routing()
             raise AdapterLoadError(f"adapter {ref!r} could not be loaded: {err}") from err
         self.tenant_adapters.add(ref)
-        batched_model.install(self.transformer, self.routing)
+        self._install_routing()
+
+    def _install_routing(self) -> None:
+        # Qwen-Image's dual-stream attention gets the row-wise processor for padded text; a prefix-cache family's
+        # forwards hold rows of one layout and keep the transformer's own processor.
+        batched_model.install(self.transformer, self.routing, rowwise_text=not self.family.prefix_cache)
 
     def _unload_or_defer(self, ref: str) -> None:
         with self._lock:
@@ -660,7 +770,7 @@ class DenoiseEngine:
             with _many_adapters_expected():
                 self.pipe.delete_adapters(adapter_name("tenant", ref))
             self.tenant_adapters.discard(ref)
-            batched_model.install(self.transformer, self.routing)
+            self._install_routing()
 
     # ------------------------------------------------------------------------------------------- health
 
@@ -668,6 +778,7 @@ class DenoiseEngine:
         with self._lock:
             waiting = len(self._inbox)
         return {"live": len(self._live) + waiting, "steps_run": self.steps_run,
+                "prefix_cache_bytes": sum(r.prefix_cache.nbytes for r in list(self._live)),
                 "adapters_loaded": len(self.tenant_adapters), "adapters_in_use": dict(self._in_use)}
 
     def check_health(self, timeout_s: float | None = None) -> None:
@@ -685,6 +796,12 @@ class DenoiseEngine:
     def _probe_forward(self) -> torch.Tensor:
         """The transformer on one 1x1-token latent grid and one text token (stock path: no routing is set)."""
         cfg = self.transformer.config
+        if self.family.prefix_cache:  # one text token and one 2x2 target image (one vision slot), no cache
+            return self.transformer(
+                hidden_states=torch.ones((1, 4, cfg.in_channels), device=self.device, dtype=self.dtype),
+                encoder_hidden_states=torch.ones((1, 1, cfg.context_in_dim), device=self.device, dtype=self.dtype),
+                timestep=torch.full((1,), 0.5, device=self.device, dtype=self.dtype), img_shapes=[[(1, 2, 2)]],
+                img_mask=torch.tensor([[False, True]], device=self.device), return_dict=False)[0]
         latents = torch.ones((1, 1, cfg.in_channels), device=self.device, dtype=self.dtype)
         text = torch.ones((1, 1, cfg.joint_attention_dim), device=self.device, dtype=self.dtype)
         return self.transformer(hidden_states=latents, timestep=torch.full((1,), 0.5, device=self.device,
@@ -694,10 +811,13 @@ class DenoiseEngine:
 
 
 def flow_match_schedule(scheduler_config: Mapping, steps: int, image_seq_len: int,
-                        device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+                        device: torch.device | str = "cpu", grid: list[float] | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """(timesteps, sigmas) of a FlowMatchEulerDiscreteScheduler config for `steps` at `image_seq_len` tokens,
-    exactly as the Qwen-Image pipelines compute them: `retrieve_timesteps(scheduler, steps, sigmas=linspace(1,
-    1/steps, steps), mu=calculate_shift(image_seq_len, ...))`. `sigmas` ends with the final 0."""
+    exactly as the Qwen-Image pipelines (and 2.1's `QwenImage21SetTimestepsStep`) compute them:
+    `retrieve_timesteps(scheduler, steps, sigmas=grid or linspace(1, 1/steps, steps), mu=calculate_shift(
+    image_seq_len, ...))`. `grid`: a checkpoint's own sigmas (2.1 Turbo's `sample_sigmas`). The returned `sigmas`
+    end with the final 0."""
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
     mu = calculate_shift(
         image_seq_len,
@@ -706,9 +826,15 @@ def flow_match_schedule(scheduler_config: Mapping, steps: int, image_seq_len: in
         scheduler.config.get("base_shift", 0.5),
         scheduler.config.get("max_shift", 1.15),
     )
-    sigmas = np.linspace(1.0, 1 / steps, steps)
+    sigmas = np.linspace(1.0, 1 / steps, steps) if grid is None else grid
     timesteps, _ = retrieve_timesteps(scheduler, steps, device, sigmas=sigmas, mu=mu)
     return timesteps, scheduler.sigmas
+
+
+@functools.lru_cache(maxsize=32)
+def _guider(scale: float) -> ClassifierFreeGuidance:
+    """diffusers' CFG combination at `scale` (the 2.1 pipelines' guider; stateless as the engine uses it)."""
+    return ClassifierFreeGuidance(guidance_scale=scale)
 
 
 @contextlib.contextmanager

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-Task = Literal["text-to-image", "edit"]
+Task = Literal["text-to-image", "edit", "text-to-image-and-edit"]
 Endpoint = Literal["generations", "edits"]
 
 Grid = tuple[int, int]
@@ -32,8 +32,25 @@ class ModelFamily:
     lora_targets: tuple[str, ...]
     """Linear layers of a transformer block (peft `target_modules` suffixes) that Lightning and tenant LoRAs
     adapt."""
+    transformer_class: str = "QwenImageTransformer2DModel"
+    """The diffusers class of the folder's `transformer/`."""
+    latent_patch: int = 2
+    """Side of the square of VAE latent pixels one transformer token holds: 2 for Qwen-Image's 2×2 packing, 1 for
+    Qwen-Image-2.1, whose 16× VAE latents enter unpatched."""
+    conditions_first: bool = False
+    """Condition tokens come before the noise tokens in a row (Qwen-Image-2.1: condition images, then the target
+    image), rather than after them (Qwen-Image-Edit-Plus)."""
+    prefix_cache: bool = False
+    """The transformer caches its prefix's (text and condition tokens') keys and values per layer: a request's first
+    forward extracts them, its later forwards read them and compute the noise tokens alone
+    (`lightray.engine.prefix_cache`)."""
+    cfg_norm_rescale: bool = True
+    """True CFG rescales the combined prediction to the conditional one's norm (Qwen-Image's pipelines); False: the
+    plain `uncond + scale · (cond − uncond)` of diffusers' `ClassifierFreeGuidance` (Qwen-Image-2.1)."""
 
     def img_shapes(self, noise: Grid, conditions: tuple[Grid, ...] = ()) -> list[tuple[int, int, int]]:
-        """One row's `img_shapes` entry: the noise grid, then each condition image's, as (frames, rows, columns)
-        (`QwenImageEditPlusPipeline.__call__`; RoPE gives each image its own frame index)."""
-        return [(1, *noise), *((1, *g) for g in conditions)]
+        """One row's `img_shapes` entry as (frames, rows, columns): the noise grid, then each condition image's
+        (`QwenImageEditPlusPipeline.__call__`; RoPE gives each image its own frame index), or the condition grids
+        first when `conditions_first` (the 2.1 pipelines' order)."""
+        noise_shape, condition_shapes = (1, *noise), [(1, *g) for g in conditions]
+        return [*condition_shapes, noise_shape] if self.conditions_first else [noise_shape, *condition_shapes]

@@ -20,27 +20,18 @@ from PIL import Image
 
 from lightray.models.qwen_image import template_prefix_length
 from lightray.models.qwen_image_edit import condition_size
+from lightray.models.vl_processor import pil_processor
+
 
 def load_processor(folder: Path, tokenizer):
     """The Qwen2-VL processor of a model folder (`processor/preprocessor_config.json`) around `tokenizer`, with the
-    PIL image processor: transformers' default one needs torchvision, which a CPU node does not have, and its
-    resize differs from the PIL one by rounding only."""
+    PIL image processor (`lightray.models.vl_processor`)."""
     import json
 
     from transformers import Qwen2VLProcessor
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-    class _Processor(Qwen2VLProcessor):
-        # transformers checks every attribute's class, the absent video processor's too, and that check imports
-        # the video processor classes, which need torchvision.
-        def check_argument_for_proper_class(self, argument_name, argument):
-            return None if argument is None else super().check_argument_for_proper_class(argument_name, argument)
 
     config = json.loads((folder / "processor" / "preprocessor_config.json").read_text())
-    keys = ("min_pixels", "max_pixels", "patch_size", "temporal_patch_size", "merge_size", "image_mean",
-            "image_std", "size")
-    image_processor = Qwen2VLImageProcessorPil(**{k: config[k] for k in keys if k in config})
-    return _Processor(image_processor=image_processor, tokenizer=tokenizer)
+    return pil_processor(Qwen2VLProcessor, config, tokenizer)
 
 
 def text_pipeline(folder: Path, dtype: torch.dtype = torch.float32, prompt_template_encode_start_idx: int | None = None):

@@ -197,6 +197,23 @@ def test_a_completed_stage_invalidates_the_stages_made_from_it(tmp_path):
     assert not (tmp_path / "refine-latents.pt").exists() and (tmp_path / "multires-latents.pt").exists()
 
 
+def test_the_continuations_table_covers_every_size_and_keeps_what_each_stage_first_encodes():
+    """The five continuation stages are rows of one table: each draws every training size, trains on named draws
+    of the world, and keeps its checkpoint and the draws it is the first to encode (so that rerunning it drops
+    them with every later stage's files: `invalidate_after`)."""
+    from lightray.world.train import CONTINUATIONS, LATENT_DRAWS, STAGE_FILES, STAGES, TRAIN_SIZES
+
+    names = [stage.name for stage in CONTINUATIONS]
+    assert names == ["multires", "refine", "anneal", "bilingual", "polish"]
+    assert STAGES[STAGES.index("decoder") + 1 : STAGES.index("lightning")] == tuple(names)
+    encoded: set[str] = set()
+    for stage in CONTINUATIONS:
+        assert set(stage.weights) == set(TRAIN_SIZES) and min(stage.weights.values()) > 0
+        assert stage.draws and set(stage.draws) <= set(LATENT_DRAWS)
+        assert STAGE_FILES[stage.name] == (f"{stage.name}.pt", *(f"{d}.pt" for d in stage.draws if d not in encoded))
+        encoded |= set(stage.draws)
+
+
 def test_the_bilingual_stage_draws_every_caption_of_an_images_scene():
     """Each encoded image keeps the one caption it was drawn with; the bilingual stage re-draws it from all of its
     scene's captions, so the table must give, for every training caption, the 4 English and 4 Chinese phrasings

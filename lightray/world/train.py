@@ -14,16 +14,19 @@ run completed, recorded in training.json, and continues the current one from its
   3. transformer: QwenImageTransformer2DModel with the rectified-flow objective at 64², 10 % caption dropout (so
      true CFG with a negative prompt works).
   4. decoder: the VAE decoder alone (encoder frozen: latents unchanged) fine-tuned over every served size.
-  5. multires: the transformer continued over every served size (TRAIN_SIZES), checkpointed every 200 steps.
-  6. refine: the transformer continued again at a restarted learning rate on twice the images, the default and
-     the large sizes drawn more often (REFINE_WEIGHTS), checkpointed every 200 steps.
+  5. multires: the 64² transformer continued over every served size (TRAIN_SIZES).
+  6. refine: continued again at a restarted learning rate on twice the images, the default and the large sizes
+     drawn more often.
   7. anneal: the refined transformer continued at a lower peak learning rate on the same images, the sizes
-     furthest from their targets drawn most often (ANNEAL_WEIGHTS), checkpointed every 200 steps.
+     furthest from their targets drawn most often.
   8. bilingual: the annealed transformer continued at a lower peak learning rate still, each image captioned afresh
      at every draw from all its scene's captions in both languages (so every image is seen in English and in
-     Chinese), the sizes furthest from their targets drawn most often (BILINGUAL_WEIGHTS).
+     Chinese), the sizes furthest from their targets drawn most often.
   9. polish: a short continuation at a low peak learning rate, recaptioned as in bilingual, the two sizes still
-     short of their targets drawn most (POLISH_WEIGHTS).
+     short of their targets drawn most.
+     Stages 5-9 are the continuations, one table (CONTINUATIONS: each one's flags' defaults, data, size weights and
+     files) run by one function (`stage_continue`): the saved transformer trained on over every served size,
+     checkpointed every 200 steps.
   10. lightning: the base (many steps, true CFG) distilled into 4- and 8-step LoRAs (no CFG) by trajectory
      matching over every served size (LIGHTNING_WEIGHTS), saved in the published Qwen-Image-Lightning key format.
   11. pack: weights stored as float16.
@@ -35,6 +38,7 @@ from what it just replaced, so `--resume --stages polish lightning pack` retrain
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import time
@@ -59,8 +63,6 @@ from lightray.world import build
 from lightray.world.evaluator import score
 from lightray.world.shapes import all_scenes, render, sample_training_examples, training_scenes
 
-STAGES = ("text", "vae", "transformer", "decoder", "multires", "refine", "anneal", "bilingual", "polish",
-          "lightning", "pack")
 TRAIN_SIZES: tuple[tuple[int, int], ...] = (
     (64, 64), (96, 96), (128, 128), (192, 192), (256, 256), (128, 64), (64, 128), (192, 128), (128, 192),
 )
@@ -71,15 +73,6 @@ TOKEN_BUDGET = 2048
 """Image tokens per training batch at every size (64 images at 64², 32 at 128², 8 at 256²): one step costs about
 the same at every size, ≈ 0.23 s on 2 cores."""
 LIGHTNING_STEPS = (4, 8)
-STAGE_FILES: dict[str, tuple[str, ...]] = {
-    "multires": ("multires.pt", "multires-latents.pt"),
-    "refine": ("refine.pt", "refine-latents.pt"),
-    "anneal": ("anneal.pt",),
-    "bilingual": ("bilingual.pt",),
-    "polish": ("polish.pt",),
-    "lightning": ("teacher.pt", *(f"lightning-{n}.done" for n in LIGHTNING_STEPS)),
-}
-"""The files each stage keeps in the checkpoint folder (see `invalidate_after`)."""
 
 
 def log(msg: str) -> None:
@@ -123,33 +116,78 @@ missed its 256² target by 4 points, the furthest of any cell: a 256² step hold
 other sizes get about as many steps as 800 gave them before (78 against 80 at weight 1)."""
 
 
-REFINE_WEIGHTS: dict[tuple[int, int], float] = {
-    (64, 64): 1.0, (96, 96): 1.0, (128, 128): 2.0, (192, 192): 1.5, (256, 256): 2.5,
-    (128, 64): 1.0, (64, 128): 1.0, (192, 128): 1.5, (128, 192): 1.5,
-}
-"""How often the refine stage draws each size. After multires the default and the large grids were furthest from
-the targets (256² read right in a third of images): a 256² step holds only 8 images, so it needs more steps."""
+@dataclasses.dataclass(frozen=True)
+class Continuation:
+    """A stage that trains the saved transformer on over every served size (`continue_transformer`): same objective,
+    batches of `TOKEN_BUDGET` tokens, caption dropout and EMA; it differs from the others only in what is here."""
 
-ANNEAL_WEIGHTS: dict[tuple[int, int], float] = {
-    (64, 64): 1.0, (96, 96): 0.75, (128, 128): 2.0, (192, 192): 2.0, (256, 256): 3.0,
-    (128, 64): 1.25, (64, 128): 1.5, (192, 128): 1.5, (128, 192): 2.0,
-}
-"""How often the anneal stage draws each size: roughly by how far refine left each from its target (256² by
-13 points, 192² by 10, the tall sizes by 8; 96² met its targets)."""
+    name: str
+    """The stage's name (in `STAGES`, `--stages` and training.json), its flags (`--<name>-steps`, `--<name>-lr`)
+    and its checkpoint (`<name>.pt`)."""
+    steps: int
+    """`--<name>-steps`' default."""
+    lr: float
+    """`--<name>-lr`'s default: the peak of its warmup-cosine schedule."""
+    seed_offset: int
+    """Its run's seed is `--seed` plus this."""
+    draws: tuple[str, ...]
+    """The encoded draws of the world it trains on, concatenated (`LATENT_DRAWS`)."""
+    weights: dict[tuple[int, int], float]
+    """How often each training size is drawn."""
+    recaption: bool
+    """Each drawn image captioned afresh from all its scene's captions (`scene_captions`), not the one it was
+    drawn with."""
+    saves: tuple[str, ...]
+    """The files it keeps in the checkpoint folder (see `invalidate_after`)."""
 
-BILINGUAL_WEIGHTS: dict[tuple[int, int], float] = {
-    (64, 64): 1.25, (96, 96): 0.75, (128, 128): 2.0, (192, 192): 1.0, (256, 256): 4.0,
-    (128, 64): 1.0, (64, 128): 2.5, (192, 128): 1.25, (128, 192): 1.25,
-}
-"""How often the bilingual stage draws each size: after anneal 256² missed its targets by 3–4 points and 64×128 by
-1–2, and Chinese trailed English by 7–8 points at 128², 64² and 64×128; the other sizes met theirs."""
 
-POLISH_WEIGHTS: dict[tuple[int, int], float] = {
-    (64, 64): 1.0, (96, 96): 1.0, (128, 128): 2.0, (192, 192): 1.0, (256, 256): 5.0,
-    (128, 64): 1.0, (64, 128): 3.0, (192, 128): 1.0, (128, 192): 1.0,
+LATENT_DRAWS: dict[str, int] = {"multires-latents": 0, "refine-latents": 1000}
+"""The encoded draws of the world the continuations train on (`encoded_latents`), by name: their seed is `--seed`
+plus this."""
+
+CONTINUATIONS: tuple[Continuation, ...] = (
+    # Progressive resolution, as large text-to-image models are trained: RoPE positions differ per grid, so every
+    # served grid is trained, not extrapolated to. The default size drawn twice as often as the others.
+    Continuation("multires", steps=7000, lr=2e-4, seed_offset=0, draws=("multires-latents",),
+                 weights=dict(zip(TRAIN_SIZES, size_weights())), recaption=False,
+                 saves=("multires.pt", "multires-latents.pt")),
+    # At a restarted learning rate, on the multires images plus as many new ones (another draw of the world, so
+    # the extra steps see more jitter and phrasings rather than more epochs of the same images). After multires
+    # the default and the large grids were furthest from the targets (256² read right in a third of images): a
+    # 256² step holds only 8 images, so it needs more steps.
+    Continuation("refine", steps=11000, lr=3e-4, seed_offset=1, draws=("multires-latents", "refine-latents"),
+                 weights={(64, 64): 1.0, (96, 96): 1.0, (128, 128): 2.0, (192, 192): 1.5, (256, 256): 2.5,
+                          (128, 64): 1.0, (64, 128): 1.0, (192, 128): 1.5, (128, 192): 1.5},
+                 recaption=False, saves=("refine.pt", "refine-latents.pt")),
+    # At a lower peak learning rate on refine's images: refine ended with adherence still rising (probes at 128²:
+    # 72 → 76 → 80 % at steps 0, 3,000 and 6,000), so more steps, spent where the targets were missed by most
+    # (256² by 13 points, 192² by 10, the tall sizes by 8; 96² met its targets).
+    Continuation("anneal", steps=11000, lr=1.5e-4, seed_offset=2, draws=("multires-latents", "refine-latents"),
+                 weights={(64, 64): 1.0, (96, 96): 0.75, (128, 128): 2.0, (192, 192): 2.0, (256, 256): 3.0,
+                          (128, 64): 1.25, (64, 128): 1.5, (192, 128): 1.5, (128, 192): 2.0},
+                 recaption=False, saves=("anneal.pt",)),
+    # At a lower peak learning rate still, recaptioned: an image keeps one caption, in one language, in the encoded
+    # data, so before this stage each image was seen in one language only, and Chinese trailed English by 7–8
+    # points at 128², 64² and 64×128 after anneal; 256² missed its targets by 3–4 points and 64×128 by 1–2.
+    Continuation("bilingual", steps=9000, lr=1e-4, seed_offset=3, draws=("multires-latents", "refine-latents"),
+                 weights={(64, 64): 1.25, (96, 96): 0.75, (128, 128): 2.0, (192, 192): 1.0, (256, 256): 4.0,
+                          (128, 64): 1.0, (64, 128): 2.5, (192, 128): 1.25, (128, 192): 1.25},
+                 recaption=True, saves=("bilingual.pt",)),
+    # A short while at a low peak learning rate, recaptioned: after bilingual the base missed only at 256² and
+    # 64×128 (by one image in 96 each), and 256² had gained in the decaying half of bilingual, not the flat one.
+    Continuation("polish", steps=3000, lr=5e-5, seed_offset=4, draws=("multires-latents", "refine-latents"),
+                 weights={(64, 64): 1.0, (96, 96): 1.0, (128, 128): 2.0, (192, 192): 1.0, (256, 256): 5.0,
+                          (128, 64): 1.0, (64, 128): 3.0, (192, 128): 1.0, (128, 192): 1.0},
+                 recaption=True, saves=("polish.pt",)),
+)
+CONTINUATION = {stage.name: stage for stage in CONTINUATIONS}
+
+STAGES = ("text", "vae", "transformer", "decoder", *(stage.name for stage in CONTINUATIONS), "lightning", "pack")
+STAGE_FILES: dict[str, tuple[str, ...]] = {
+    **{stage.name: stage.saves for stage in CONTINUATIONS},
+    "lightning": ("teacher.pt", *(f"lightning-{n}.done" for n in LIGHTNING_STEPS)),
 }
-"""How often the polish stage draws each size: after bilingual the base missed only at 256² and 64×128 (by one
-image in 96 each), and 256² had gained in the decaying half of bilingual, not the flat one."""
+"""The files each stage keeps in the checkpoint folder (see `invalidate_after`)."""
 
 
 def invalidate_after(stage: str, completed: list[str], checkpoints: Path) -> list[str]:
@@ -520,65 +558,22 @@ def stage_transformer(out: Path, arch: build.EmbeddedArchitecture, seed: int, st
     transformer.save_pretrained(out / "transformer")
 
 
-def stage_multires(out: Path, checkpoints: Path, seed: int, steps: int, at_128: int, lr: float) -> float:
-    """Continues the 64² transformer over every training size (progressive resolution, as large text-to-image
-    models are trained): each step draws one size and a batch of `TOKEN_BUDGET` image tokens at it, with the
-    same objective, caption dropout and EMA as the 64² stage. RoPE positions differ per grid, so every served
-    grid is trained, not extrapolated to. Returns the seconds spent, over every resumed session."""
+def stage_continue(stage: Continuation, out: Path, checkpoints: Path, seed: int, steps: int, at_128: int,
+                   lr: float) -> float:
+    """Runs one continuation (`CONTINUATIONS`): the saved transformer trained `steps` more steps at peak `lr` over
+    `stage`'s draws (`at_128` images per size up to 128²), sizes drawn by its weights. Returns the seconds spent,
+    over every resumed session."""
     t0 = time.time()
-    data = encoded_latents(out, checkpoints, "multires-latents", seed, at_128)
-    return continue_transformer(out, Checkpoint(checkpoints, "multires"), data, seed, steps, lr, size_weights(), t0)
+    data = encoded_draws(out, checkpoints, stage.draws, seed, at_128)
+    weights = [stage.weights[size] for size in TRAIN_SIZES]
+    return continue_transformer(out, Checkpoint(checkpoints, stage.name), data, seed + stage.seed_offset, steps, lr,
+                                weights, t0, recaption=scene_captions() if stage.recaption else None)
 
 
-def stage_refine(out: Path, checkpoints: Path, seed: int, steps: int, at_128: int, lr: float) -> float:
-    """Continues the multires transformer at a restarted learning rate, sizes drawn by `REFINE_WEIGHTS`, on the
-    multires images plus as many new ones (another draw of the world, so the extra steps see more jitter and
-    phrasings rather than more epochs of the same images). Returns the seconds spent, over every resumed session."""
-    t0 = time.time()
-    data = refine_latents(out, checkpoints, seed, at_128)
-    weights = [REFINE_WEIGHTS[size] for size in TRAIN_SIZES]
-    return continue_transformer(out, Checkpoint(checkpoints, "refine"), data, seed + 1, steps, lr, weights, t0)
-
-
-def stage_anneal(out: Path, checkpoints: Path, seed: int, steps: int, at_128: int, lr: float) -> float:
-    """Continues the refined transformer at a lower peak learning rate on refine's images, sizes drawn by
-    `ANNEAL_WEIGHTS`: refine ended with adherence still rising (probes at 128²: 72 → 76 → 80 % at steps 0, 3,000
-    and 6,000), so more steps, spent where the targets were missed by most. Returns the seconds spent."""
-    t0 = time.time()
-    data = refine_latents(out, checkpoints, seed, at_128)
-    weights = [ANNEAL_WEIGHTS[size] for size in TRAIN_SIZES]
-    return continue_transformer(out, Checkpoint(checkpoints, "anneal"), data, seed + 2, steps, lr, weights, t0)
-
-
-def stage_bilingual(out: Path, checkpoints: Path, seed: int, steps: int, at_128: int, lr: float) -> float:
-    """Continues the annealed transformer at a lower peak learning rate on refine's images, each image captioned
-    afresh at every draw from all its scene's captions (`scene_captions`): an image keeps one caption, in one
-    language, in the encoded data, so before this stage each image was seen in one language only, and Chinese
-    trailed English by 7–8 points at three sizes after anneal. Sizes drawn by `BILINGUAL_WEIGHTS`. Returns the
-    seconds spent."""
-    t0 = time.time()
-    data = refine_latents(out, checkpoints, seed, at_128)
-    weights = [BILINGUAL_WEIGHTS[size] for size in TRAIN_SIZES]
-    return continue_transformer(out, Checkpoint(checkpoints, "bilingual"), data, seed + 3, steps, lr, weights, t0,
-                                recaption=scene_captions())
-
-
-def stage_polish(out: Path, checkpoints: Path, seed: int, steps: int, at_128: int, lr: float) -> float:
-    """Continues the bilingual transformer a short while at a low peak learning rate, recaptioned as bilingual
-    is, with the two sizes still short of their targets drawn most (`POLISH_WEIGHTS`). Returns the seconds
-    spent."""
-    t0 = time.time()
-    data = refine_latents(out, checkpoints, seed, at_128)
-    weights = [POLISH_WEIGHTS[size] for size in TRAIN_SIZES]
-    return continue_transformer(out, Checkpoint(checkpoints, "polish"), data, seed + 4, steps, lr, weights, t0,
-                                recaption=scene_captions())
-
-
-def refine_latents(out: Path, checkpoints: Path, seed: int, at_128: int) -> dict:
-    """The multires images plus as many from another draw of the world, {size: (packed latents, captions)}."""
-    first = encoded_latents(out, checkpoints, "multires-latents", seed, at_128)
-    second = encoded_latents(out, checkpoints, "refine-latents", seed + 1000, at_128)
-    return {size: (torch.cat([first[size][0], second[size][0]]), first[size][1] + second[size][1])
+def encoded_draws(out: Path, checkpoints: Path, draws: tuple[str, ...], seed: int, at_128: int) -> dict:
+    """The images of `draws` (names in `LATENT_DRAWS`) concatenated, {size: (packed latents, captions)}."""
+    parts = [encoded_latents(out, checkpoints, name, seed + LATENT_DRAWS[name], at_128) for name in draws]
+    return {size: (torch.cat([part[size][0] for part in parts]), [c for part in parts for c in part[size][1]])
             for size in TRAIN_SIZES}
 
 
@@ -797,18 +792,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--transformer-lr", type=float, default=5e-4)
     parser.add_argument("--transformer-resume", action="store_true", help="continue training the saved transformer")
     parser.add_argument("--images", type=int, default=8000, help="64² training images for the transformer")
-    parser.add_argument("--multires-steps", type=int, default=7000)
-    parser.add_argument("--multires-lr", type=float, default=2e-4)
-    parser.add_argument("--multires-images", type=int, default=1200,
-                        help="training images per size up to 128² (fewer above: see images_for)")
-    parser.add_argument("--refine-steps", type=int, default=11000)
-    parser.add_argument("--refine-lr", type=float, default=3e-4)
-    parser.add_argument("--anneal-steps", type=int, default=11000)
-    parser.add_argument("--anneal-lr", type=float, default=1.5e-4)
-    parser.add_argument("--bilingual-steps", type=int, default=9000)
-    parser.add_argument("--bilingual-lr", type=float, default=1e-4)
-    parser.add_argument("--polish-steps", type=int, default=3000)
-    parser.add_argument("--polish-lr", type=float, default=5e-5)
+    for continuation in CONTINUATIONS:
+        parser.add_argument(f"--{continuation.name}-steps", type=int, default=continuation.steps)
+        parser.add_argument(f"--{continuation.name}-lr", type=float, default=continuation.lr)
+        if continuation.name == "multires":  # here, so that training.json records the flags in their old order
+            parser.add_argument("--multires-images", type=int, default=1200,
+                                help="training images per size up to 128² (fewer above: see images_for)")
     parser.add_argument("--lightning-steps", type=int, default=1000)
     parser.add_argument("--teacher-cfg", type=float, default=2.0)
     parser.add_argument("--teacher-steps", type=int, default=40)
@@ -849,21 +838,9 @@ def main(argv: list[str] | None = None) -> None:
         elif stage == "transformer":
             stage_transformer(args.out, arch, args.seed, args.transformer_steps, args.images,
                               lr=args.transformer_lr, resume=args.transformer_resume)
-        elif stage == "multires":
-            spent = stage_multires(args.out, checkpoints, args.seed, args.multires_steps, args.multires_images,
-                           args.multires_lr)
-        elif stage == "refine":
-            spent = stage_refine(args.out, checkpoints, args.seed, args.refine_steps, args.multires_images,
-                                 args.refine_lr)
-        elif stage == "anneal":
-            spent = stage_anneal(args.out, checkpoints, args.seed, args.anneal_steps, args.multires_images,
-                                 args.anneal_lr)
-        elif stage == "bilingual":
-            spent = stage_bilingual(args.out, checkpoints, args.seed, args.bilingual_steps, args.multires_images,
-                                    args.bilingual_lr)
-        elif stage == "polish":
-            spent = stage_polish(args.out, checkpoints, args.seed, args.polish_steps, args.multires_images,
-                                 args.polish_lr)
+        elif stage in CONTINUATION:
+            spent = stage_continue(CONTINUATION[stage], args.out, checkpoints, args.seed,
+                                   getattr(args, f"{stage}_steps"), args.multires_images, getattr(args, f"{stage}_lr"))
         elif stage == "lightning":
             stage_lightning(args.out, checkpoints, args.seed, args.lightning_steps, args.teacher_cfg,
                             args.teacher_steps, args.teacher_samples, args.lightning_rank)

@@ -1,6 +1,6 @@
 """The real Qwen-Image modules on the meta device: exact parameter counts and measured activation peaks from the
 published config.json files alone (no weights, no memory, no download). Serving's GPU budget
-(`serve_app.capacity`) and the trainer's memory plan (`lightray.training.memory_plan`) are both computed from these.
+(`planning.capacity`) and the trainer's memory plan (`lightray.training.memory_plan`) are both computed from these.
 
 Weights are counted: the modules are built on the meta device and their parameters summed at a dtype. Activations
 are measured: the real forward (and backward) runs on storage-less tensors while `PeakLiveBytes` adds up the bytes

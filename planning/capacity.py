@@ -5,8 +5,9 @@ config.json files in `configs/qwen-image/` (`lightray.meta_models`, which the tr
 overhead, workspaces, stage times, cold-start parts) is an *assumption* with its reason,
 declared in a GPU-class file under `configs/capacity/` and loaded into `CapacityAssumptions`: tests check that the
 Serve config fits the GPU under them (tests/test_gpu_budget.py), docs/capacity.md is the table
-`python -m serve_app.capacity` prints from them, and a measured GPU run should replace them.
-It lives beside the app builder because it reads what the Serve config deploys; nothing here starts Ray.
+`python -m planning.capacity` prints from them, and a measured GPU run should replace them.
+It is a planning tool beside the layers, not part of the running app: it reads what the Serve config deploys
+(`deployments/`) and counts work as the ingress's admission does (`serve_app.admission`); nothing here starts Ray.
 """
 
 from __future__ import annotations

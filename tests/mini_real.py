@@ -332,6 +332,19 @@ def build_mini_real_21(root: Path, seed: int = 0, turbo: bool = False) -> Path:
     return root
 
 
+def mini_21_preset(root: Path, preset_file: str, **overrides):
+    """A 2.1 preset of configs/models (`preset_file`) on the mini folder at `root`, on the CPU, with sizes the toy
+    model serves (up to 256², 128² by default)."""
+    import yaml
+
+    from lightray.config import REPO_ROOT, load_preset
+
+    raw = yaml.safe_load((REPO_ROOT / "configs/models" / preset_file).read_text())
+    raw.update(path=str(root), device="cpu", min_side=32, max_side=256, max_pixels=256 * 256, default_size=[128, 128],
+               **overrides)
+    return load_preset(raw)
+
+
 def write_mini_21_lora(path: Path, seed: int, rank: int = 4) -> Path:
     """A random LoRA for the mini 2.1 transformer in diffusers' saved layout (`transformer.<module>.lora_A.weight`
     [rank, in], `.lora_B.weight` [out, rank]; alpha = rank, as peft reads a file without it) over every block linear

@@ -16,13 +16,14 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from sse import parse_sse, pixels
 from mini_real import MINI_21_TURBO_SIGMAS, build_mini_real_21, mini_21_preset
 from lightray.world.shapes import Scene, render
 from testing.adapters import publish_placeholder_adapter
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-MODEL = "qwen-image-2.1-turbo"
+MODEL, BASE = "qwen-image-2.1-turbo", "qwen-image-2.1"
 PROMPT_LIMIT = 24
 """The mini preset's `max_sequence_length`: prompt tokens its encoder reads."""
 
@@ -36,7 +37,16 @@ def pipeline(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def client(pipeline, tmp_path_factory):
+def base_pipeline(tmp_path_factory):
+    """The base (40 steps by default, CFG 4 with the negative " "), served beside Turbo."""
+    from lightray.pipeline import LocalPipeline
+
+    root = build_mini_real_21(tmp_path_factory.mktemp("mini-21") / "Qwen-Image-2.1", seed=1)
+    return LocalPipeline(mini_21_preset(root, "qwen-image-2.1.yaml"))
+
+
+@pytest.fixture(scope="module")
+def client(pipeline, base_pipeline, tmp_path_factory):
     from serve_app.api import create_app
     from serve_app.backend import LocalBackend
     from serve_app.settings import ServiceSettings
@@ -44,7 +54,8 @@ def client(pipeline, tmp_path_factory):
     settings = ServiceSettings(preset=pipeline.preset.model_dump(), registry=str(tmp_path_factory.mktemp("registry")),
                                registry_cache_ttl_s=0, image_store_dir=str(tmp_path_factory.mktemp("images")),
                                auth_enabled=False)
-    app = create_app([LocalBackend(pipeline, settings.open_registry())], settings)
+    registry = settings.open_registry()
+    app = create_app([LocalBackend(pipeline, registry), LocalBackend(base_pipeline, registry)], settings)
     with TestClient(app, base_url="http://localhost") as client:
         client.registry_root = Path(settings.registry)
         yield client
@@ -80,24 +91,35 @@ def assert_error(response, status: int, param: str) -> dict:
     return error
 
 
-def modular_images(root: Path, prompt: str, images: list[Image.Image], seed: int, size: int = 128):
-    """The whole Turbo modular pipeline's images (RGBA) for the prompt and pictures, at size², the condition
-    pictures resized to the output's area (`output_resolution`)."""
+def modular_images(root: Path, prompt: str, images: list[Image.Image], seed: int, size: int = 128,
+                   cfg: float | None = None, steps: int | None = None):
+    """The whole modular pipeline's images (RGBA) for the prompt and pictures, at size², the condition pictures
+    resized to the output's area (`output_resolution`): Turbo's, or with `cfg` the base's (`ClassifierFreeGuidance`,
+    the negative " ")."""
     from diffusers import AutoencoderKLQwenImage21, FlowMatchEulerDiscreteScheduler, QwenImage21Transformer2DModel
+    from diffusers.guiders import ClassifierFreeGuidance
+    from diffusers.modular_pipelines.qwenimage21.modular_blocks_qwenimage21 import QwenImage21AutoBlocks
     from diffusers.modular_pipelines.qwenimage21.modular_blocks_qwenimage21_turbo import QwenImage21TurboAutoBlocks
 
     from lightray.models.qwen_image_21.conditioning import load_text_encoder
 
     text_encoder, processor = load_text_encoder(root, torch.bfloat16)
-    pipe = QwenImage21TurboAutoBlocks().init_pipeline()
-    pipe.update_components(
+    pipe = (QwenImage21TurboAutoBlocks() if cfg is None else QwenImage21AutoBlocks()).init_pipeline()
+    components = dict(
         text_encoder=text_encoder, processor=processor,
         vae=AutoencoderKLQwenImage21.from_pretrained(root / "vae", torch_dtype=torch.bfloat16),
         transformer=QwenImage21Transformer2DModel.from_pretrained(root / "transformer", torch_dtype=torch.bfloat16),
         scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(root / "scheduler"))
-    pipe.register_to_config(sample_sigmas=MINI_21_TURBO_SIGMAS)
+    if cfg is not None:
+        components["guider"] = ClassifierFreeGuidance(guidance_scale=cfg)
+    pipe.update_components(**components)
     inputs = dict(prompt=prompt, height=size, width=size, output_resolution=size,
-                  num_inference_steps=len(MINI_21_TURBO_SIGMAS), generator=[torch.Generator().manual_seed(seed)])
+                  generator=[torch.Generator().manual_seed(seed)])
+    if cfg is None:
+        pipe.register_to_config(sample_sigmas=MINI_21_TURBO_SIGMAS)
+        inputs.update(num_inference_steps=len(MINI_21_TURBO_SIGMAS))
+    else:
+        inputs.update(num_inference_steps=steps, negative_prompt=" ")
     if images:
         inputs["image"] = images
     return [np.asarray(im) for im in pipe(**inputs, output="images")]
@@ -126,6 +148,36 @@ def test_an_edit_over_http_equals_the_modular_pipeline(client, pipeline, count):
     ours = decoded(edit(client, images))
     theirs = modular_images(pipeline.preset.root, "make the circle blue", images, 9)
     assert np.array_equal(ours[0], theirs[0])
+
+
+def test_the_base_with_cfg_over_http_equals_the_modular_pipeline(client, base_pipeline):
+    """The base model (its variant's CFG 4 and negative " "), a generation and an edit with a picture: both CFG
+    branches encoded by the TextEncodeStage (the negative with the same picture), as the pipeline does."""
+    for images in ([], pictures(1)):
+        if images:
+            response = edit(client, images, model=BASE, num_inference_steps="3")
+        else:
+            response = client.post("/v1/images/generations", json={
+                "model": BASE, "prompt": "make the circle blue", "seed": 9, "size": "128x128",
+                "num_inference_steps": 3})
+        theirs = modular_images(base_pipeline.preset.root, "make the circle blue", images, 9, cfg=4.0, steps=3)
+        assert np.array_equal(decoded(response)[0], theirs[0])
+
+
+def test_streaming_an_edit_sends_fast_previews_then_the_image(client):
+    """Fast previews of 2.1's unpatched latents (the projection fitted to its VAE: an eighth of the side), then
+    the image the non-streaming edit gives."""
+    with client.stream("POST", "/v1/images/edits", data={"model": MODEL, "prompt": "make the circle blue",
+                                                         "seed": "9", "size": "128x128", "stream": "true",
+                                                         "partial_images": "2"},
+                       files=[("image", ("in.png", png(pictures(1)[0]), "image/png"))]) as response:
+        assert response.status_code == 200
+        events = parse_sse("".join(response.iter_text()))
+    partials = [data for kind, data in events if kind == "image_edit.partial_image"]
+    assert len(partials) == 2 and pixels(partials[0]["b64_json"]).shape[:2] == (16, 16)
+    assert events[-1][0] == "image_edit.completed"
+    # (`pixels` reads RGB: the image is RGBA, as the pipeline decodes it)
+    assert np.array_equal(pixels(events[-1][1]["b64_json"]), decoded(edit(client, pictures(1)))[0][..., :3])
 
 
 def test_three_images_are_taken_and_four_are_a_400_naming_image(client):

@@ -54,8 +54,8 @@ StackPolicy = Literal["exact", "all"]
 
 class VaeStage:
     """The family's VAE (`ModelFamily.vae_class`). Qwen-Image-2.1's (`AutoencoderKLQwenImage21`: 16×, 64 latent
-    channels, unpatched tokens, RGBA pixels) runs as diffusers runs it: the single-frame form, the latent preview
-    and img2img are Qwen-Image's only."""
+    channels, unpatched tokens, RGBA pixels) runs as diffusers runs it: the single-frame form and img2img are
+    Qwen-Image's only."""
 
     def __init__(self, preset: ModelPreset):
         self.preset = preset
@@ -87,9 +87,8 @@ class VaeStage:
         self.vae.use_tiling = False
         self._health = HealthProbe("vae", self._probe_forward)
         # Streamed previews without the VAE: the folder's distilled preview decoder, or a latent-to-RGB projection
-        # fitted to this VAE's encoder (one encode of 32 small images at load; lightray/stages/preview.py). None
-        # for 2.1 (its fast previews are not made yet).
-        self.latent_preview: Preview | None = None if self.unpatched else load_preview(self)
+        # fitted to this VAE's encoder (one encode of 32 small images at load; lightray/stages/preview.py).
+        self.latent_preview: Preview = load_preview(self)
 
     @torch.inference_mode()
     def _probe_forward(self) -> torch.Tensor:

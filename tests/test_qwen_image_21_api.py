@@ -209,3 +209,46 @@ def test_an_adapter_of_another_family_is_refused_naming_its_entry(client, pipeli
     ):
         error = assert_error(response, 422, "lora[1]")
         assert error["code"] == "adapter_incompatible" and "qwen-image-2.1-turbo" in error["message"]
+
+
+def test_the_text_deployment_refuses_a_long_2_1_prompt_alone_and_the_refusal_crosses_a_handle(pipeline):
+    """The TextEncoder's batch (`deployments.text_encoder.encode_batch`) on 2.1: a request whose prompt is past the
+    limit fails alone with a `RequestError` naming it, the other gets the stage's own embeddings. That error
+    pickles whole, and the ingress finds it inside Ray's wrapping (`RayTaskError`) and answers it as is."""
+    import asyncio
+    import pickle
+
+    from ray.exceptions import RayTaskError
+
+    from deployments.text_encoder import PromptPair, encode_batch
+    from lightray.schemas import GenerationSpec, RequestError
+    from serve_app.backend import _as_client_error
+
+    long_prompt = " ".join(["a red circle on the left"] * 20)
+    out = encode_batch(pipeline.text, [PromptPair(long_prompt), PromptPair("a red circle", "a blue square")])
+    assert isinstance(out[0], RequestError) and out[0].param == "prompt"
+    assert np.array_equal(out[1].prompt, pipeline.text.encode(["a red circle"])[0])
+    with pytest.raises(RequestError, match="^negative_prompt is 120 tokens; .* at most 24") as alone:
+        encode_batch(pipeline.text, [PromptPair("a red circle", long_prompt)])
+    assert alone.value.param == "negative_prompt"
+
+    refused = pickle.loads(pickle.dumps(RequestError("prompt", "too long", status=400)))
+    assert (refused.param, refused.message, refused.status) == ("prompt", "too long", 400)
+    wrapped = RayTaskError("encode", "traceback", refused).as_instanceof_cause()
+    spec = GenerationSpec(prompt="p", negative_prompt=None, model=MODEL, seeds=[1], width=128, height=128,
+                          num_inference_steps=8, true_cfg_scale=1.0)
+    assert asyncio.run(_as_client_error(spec, wrapped)) is refused
+
+
+def test_the_vae_deployment_decodes_2_1_latents_as_the_stage(pipeline):
+    """The VaeDecoder's batch (`deployments.vae.decode_batch`) on 2.1's unpatched latents: each request alone (no
+    stacking is measured exact for the 2.1 VAE), the stage's own images."""
+    from deployments.vae import DecodeItem, decode_batch
+
+    latents = [np.random.default_rng(seed).standard_normal((n, 64, 64)).astype(np.float32)
+               for seed, n in ((1, 1), (2, 2))]
+    out = decode_batch(pipeline.vae, [DecodeItem(x, 128, 128) for x in latents])
+    for item, x in zip(out, latents):
+        assert item.call_images == len(x)
+        expected = pipeline.vae.decode(x, 128, 128)
+        assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(item.images, expected))

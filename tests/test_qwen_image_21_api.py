@@ -252,3 +252,8 @@ def test_the_vae_deployment_decodes_2_1_latents_as_the_stage(pipeline):
         assert item.call_images == len(x)
         expected = pipeline.vae.decode(x, 128, 128)
         assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(item.images, expected))
+
+
+def test_the_2_1_stages_health_probes_compute(pipeline):
+    pipeline.text.check_health(timeout_s=30)
+    pipeline.vae.check_health(timeout_s=30)

@@ -200,10 +200,20 @@ class VaeStage:
     @torch.inference_mode()
     def encode_pixels(self, pixels: torch.Tensor) -> np.ndarray:
         """[b, 3, 1, h, w] pixels in [-1, 1] → normalised packed latents [b, tokens, 4·z] float32, from the
-        posterior's mean, in one VAE call (the trainer's caching pass: images already at their bucket size)."""
+        posterior's mean, in one VAE call (the trainer's caching pass: images already at their bucket size). 2.1:
+        the pixels with an opaque alpha (the RGBA its pipelines make of an RGB picture), normalised as
+        `encode_vae_image` and unpatched (`pack_latents`): [b, tokens, z]."""
         x = pixels.to(device=self.device, dtype=self.vae.dtype)
+        if self.unpatched:
+            x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
         with self._lock:
             z = self.vae.encode(x).latent_dist.mode()
+        if self.unpatched:
+            from diffusers.modular_pipelines.qwenimage21.inputs import pack_latents
+
+            mean = self.latents_mean.to(z.device, z.dtype)
+            z = (z - mean) / self.latents_std.to(z.device, z.dtype)
+            return np.ascontiguousarray(pack_latents(z).float().cpu().numpy())
         return self._normalise_and_pack(z)
 
     @torch.inference_mode()

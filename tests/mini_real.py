@@ -367,3 +367,38 @@ def write_mini_21_lora(path: Path, seed: int, rank: int = 4) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(path))
     return path
+
+
+def captioned_dataset(folder: Path, sizes: tuple[tuple[int, int], tuple[int, int]]) -> Path:
+    """Six captioned images (an image folder with its metadata file) alternating between the two (width, height)
+    `sizes`, noise with a red square in the middle: a trainer's CPU proof data set."""
+    import numpy as np
+    from PIL import Image
+
+    from lightray.training.data import METADATA_FILENAME
+
+    folder.mkdir()
+    records = []
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        size = sizes[i % 2]
+        pixels = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+        pixels[size[1] // 3: 2 * size[1] // 3, size[0] // 3: 2 * size[0] // 3] = (220, 40, 40)
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+        records.append({"file_name": f"{i}.png", "text": f"lrzstyle, a red square, picture {i}"})
+    (folder / METADATA_FILENAME).write_text("".join(json.dumps(r) + "\n" for r in records))
+    return folder
+
+
+def publish_trained(trainer, config, preset, data, metrics: dict, tmp_path: Path):
+    """A CPU proof's publishing: the final checkpoint's adapter files (`save_checkpoint`, `stage_adapter`), with
+    the worker's fingerprint, published to the config's local registry. (registry, manifest)."""
+    from lightray.registry import AdapterRegistry
+    from lightray.training.publish import checkpoint_fingerprint, manifest_fields, stage_adapter
+
+    final = trainer.save_checkpoint(tmp_path / "final", metrics)
+    registry = AdapterRegistry(config.registry, cache_dir=tmp_path / "cache")
+    stage_adapter(final, tmp_path / "stage")
+    manifest = registry.publish(config.tenant, config.name, tmp_path / "stage",
+                                **manifest_fields(config, preset, checkpoint_fingerprint(final), data.hash, metrics))
+    return registry, manifest

@@ -7,24 +7,19 @@ Turbo through the stages."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
-from PIL import Image
 
 from lightray.config import REPO_ROOT, load_preset
-from lightray.registry import AdapterRegistry
 from lightray.training.buckets import resolve_buckets
 from lightray.training.config import load_train_config
-from lightray.training.data import METADATA_FILENAME, load_imagefolder
-from lightray.training.publish import checkpoint_fingerprint, manifest_fields, stage_adapter
+from lightray.training.data import load_imagefolder
 from lightray.training.trainer import LoraTrainer, run_training
-from mini_real import build_mini_real_21
+from mini_real import build_mini_real_21, captioned_dataset, publish_trained
 
 TRAIN_CONFIG = REPO_ROOT / "configs/train/qwen-image-2.1.yaml"
 BUCKETS = [(128, 128), (192, 128)]
@@ -43,21 +38,6 @@ def mini_preset(tmp_path_factory) -> dict:
     return raw
 
 
-def _dataset(folder: Path) -> Path:
-    """Six captioned images of two aspect ratios, none of them at a bucket's size."""
-    folder.mkdir()
-    records = []
-    rng = np.random.default_rng(0)
-    for i in range(6):
-        size = (150, 140) if i % 2 else (210, 135)
-        pixels = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
-        pixels[size[1] // 3: 2 * size[1] // 3, size[0] // 3: 2 * size[0] // 3] = (220, 40, 40)
-        Image.fromarray(pixels).save(folder / f"{i}.png")
-        records.append({"file_name": f"{i}.png", "text": f"lrzstyle, a red square, picture {i}"})
-    (folder / METADATA_FILENAME).write_text("".join(json.dumps(r) + "\n" for r in records))
-    return folder
-
-
 def test_training_2_1_two_steps_publishing_and_serving_the_adapter_on_turbo(mini_preset, tmp_path):
     from lightray.adapters import fetch_for_preset
     from lightray.contracts import AdapterUse
@@ -66,7 +46,8 @@ def test_training_2_1_two_steps_publishing_and_serving_the_adapter_on_turbo(mini
     from lightray.schemas import ImageGenerationRequest
 
     cfg = load_train_config(TRAIN_CONFIG, {
-        "preset": mini_preset, "dataset": str(_dataset(tmp_path / "data")), "registry": str(tmp_path / "registry"),
+        "preset": mini_preset, "dataset": str(captioned_dataset(tmp_path / "data", ((210, 135), (150, 140)))),
+        "registry": str(tmp_path / "registry"),
         "buckets": BUCKETS, "steps": 2, "batch_size": 2, "gradient_accumulation_steps": 2, "num_workers": 1,
         "use_gpu": False, "storage_path": None, "input_cache": str(tmp_path / "input-cache"), "log_every": 1,
         "checkpoint_every": 2, "warmup_steps": 1, "learning_rate": 1e-3, "torch_threads": 1, "seed": 1,
@@ -90,11 +71,7 @@ def test_training_2_1_two_steps_publishing_and_serving_the_adapter_on_turbo(mini
     assert any(not torch.equal(p.detach(), before[n]) for n, p in trainer.transformer.named_parameters()
                if p.requires_grad), "two optimizer steps moved the LoRA"
 
-    final = trainer.save_checkpoint(tmp_path / "final", metrics)
-    registry = AdapterRegistry(cfg.registry, cache_dir=tmp_path / "cache")
-    stage_adapter(final, tmp_path / "stage")
-    manifest = registry.publish(cfg.tenant, cfg.name, tmp_path / "stage",
-                                **manifest_fields(cfg, preset, checkpoint_fingerprint(final), data.hash, metrics))
+    registry, manifest = publish_trained(trainer, cfg, preset, data, metrics, tmp_path)
     assert (manifest.rank, manifest.base_model_id) == (32, "qwen-image-2.1-turbo")
 
     pipeline = LocalPipeline(preset)

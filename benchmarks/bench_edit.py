@@ -68,8 +68,8 @@ def step_ms(pipeline: LocalPipeline, rows: int, edit: bool, steps: int = 6) -> f
         params = DenoiseParams(seeds=(i,), width=128, height=128, num_inference_steps=steps, true_cfg_scale=1.0,
                                variant=pipeline.preset.variants[0].id if not edit else EDIT_MODEL)
         if edit:
-            embeds = pipeline.text.encode_instruction(["make the circle blue"], [source])
-            text, condition = TextEmbeddings(embeds[0]), pipeline.vae.encode_conditions([source], 128, 128)
+            text = pipeline.text.encode_instruction(["make the circle blue"], [source], 128, 128)
+            condition = pipeline.vae.encode_conditions([source], 128, 128)
             requests.append(engine.submit(params, text, condition=condition))
         else:
             text = TextEmbeddings(pipeline.text.encode(["a red circle on the left, white background"])[0])

@@ -72,6 +72,8 @@ def _alone(stage: TextEncodeStage, item: PromptPair) -> EncodedPair | Exception:
 
 
 def _encode_all(stage: TextEncodeStage, items: list[PromptPair]) -> list[EncodedPair]:
+    for item in items:  # here, in the batch's thread: the tokenizer is not used from two threads at once
+        stage.check_prompts(item.prompt, item.negative_prompt)
     prompts = [p for item in items for p in (item.prompt, item.negative_prompt) if p is not None]
     encoded: dict[str, np.ndarray] = {}
     forward_of: dict[str, int] = {}  # prompt → index of the forward that encoded it
@@ -123,21 +125,23 @@ class TextEncoder:
         return TextEmbeddings(out.prompt, out.negative, timings, time.time())
 
     async def encode_instruction(self, prompt: str, negative_prompt: str | None, images: list[np.ndarray],
-                                 handoff_at: float | None = None) -> TextEmbeddings:
-        """An instruction edit's embeddings: the prompt (and negative) read with the input images (uint8
-        [h, w, 3] each) by the VL encoder (`TextEncodeStage.encode_instruction`). Not batched: each request's
-        images are its own. In a worker thread, so the replica keeps taking requests."""
+                                 width: int, height: int, handoff_at: float | None = None) -> TextEmbeddings:
+        """An edit's embeddings for an output of width × height: the prompt (and negative) read with the input
+        images (uint8 [h, w, 3] each) by the VL encoder (`TextEncodeStage.encode_instruction`; 2.1's with its
+        image slots). Not batched: each request's images are its own. In a worker thread, so the replica keeps
+        taking requests."""
         timings: dict[str, float] = {}
         record_queue_wait("encode", timings, handoff_at)
         prompts = [prompt] if negative_prompt is None else [prompt, negative_prompt]
         t0 = time.perf_counter()
-        embeds = await asyncio.to_thread(self.stage.encode_instruction, prompts,
-                                         [Image.fromarray(im) for im in images])
+        text = await asyncio.to_thread(self.stage.encode_instruction, prompts,
+                                       [Image.fromarray(im) for im in images], width, height)
         timings["encode_ms"] = (time.perf_counter() - t0) * 1000
         record_stages(timings, "encode_ms")
-        log_request("encode", prompts=len(prompts), images=len(images), tokens=sum(len(e) for e in embeds),
+        log_request("encode", prompts=len(prompts), images=len(images),
+                    tokens=sum(len(e) for e in (text.prompt, text.negative) if e is not None),
                     wait_ms=timings.get("encode_wait_ms"), encode_ms=timings["encode_ms"])
-        return TextEmbeddings(embeds[0], embeds[1] if len(embeds) > 1 else None, timings, time.time())
+        return dataclasses.replace(text, timings=timings, handoff_at=time.time())
 
     @serve.batch(max_batch_size=MAX_BATCH_SIZE, batch_wait_timeout_s=BATCH_WAIT_TIMEOUT_S)
     async def _encode_batch(self, items: list[PromptPair]) -> list[EncodedPair | Exception]:

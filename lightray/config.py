@@ -197,7 +197,8 @@ class ModelPreset(BaseModel):
     """Tokens the pipeline drops from the start of its chat template (34 for the real Qwen tokenizer). None:
     computed from the tokenizer, which is right for any tokenizer (the embedded model's included)."""
     max_sequence_length: int = Field(512, ge=1, le=1024)
-    """Prompt tokens kept after the template prefix (the pipeline's `max_sequence_length`)."""
+    """Prompt tokens kept after the template prefix (the pipeline's `max_sequence_length`). Qwen-Image-2.1, whose
+    encoder truncates nothing: the most tokens a prompt may have (a longer one is a 400 naming `prompt`)."""
     image_encode_mode: Literal["argmax", "sample"] = "argmax"
     """How input images (img2img, inpainting) become latents. "argmax": the VAE posterior's mean, as Qwen-Image's
     reference code and diffusers' QwenImageEdit pipelines do. "sample": a draw from the posterior with each

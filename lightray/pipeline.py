@@ -29,6 +29,7 @@ class LocalPipeline:
         self.vae = VaeStage(self.preset)
 
     def encode(self, spec: GenerationSpec) -> TextEmbeddings:
+        self.text.check_prompts(spec.prompt, spec.negative_prompt)
         embeds = self.text.encode(spec.prompts())
         return TextEmbeddings(prompt=embeds[0], negative=embeds[1] if len(embeds) > 1 else None)
 
@@ -67,11 +68,11 @@ class LocalPipeline:
     def instruct(self, spec: GenerationSpec, images: list[Image.Image], adapter_paths: Mapping[str, str] | None = None,
                  on_progress: ProgressCallback | None = None, cancel: threading.Event | None = None
                  ) -> list[Image.Image]:
-        """An instruction edit (a model whose family takes condition images, `QwenImageEditPlusPipeline`): `spec`'s
-        prompt is the instruction about `images` (1-3, RGB, any size), each image's condition tokens encoded by the
-        VAE and its pixels read by the VL encoder with the prompt. `on_progress`, `cancel`: as `generate`."""
-        embeds = self.text.encode_instruction(spec.prompts(), images)
-        text = TextEmbeddings(prompt=embeds[0], negative=embeds[1] if len(embeds) > 1 else None)
+        """An instruction edit (a model whose family takes condition images: `QwenImageEditPlusPipeline`, the 2.1
+        pipelines): `spec`'s prompt is the instruction about `images` (1-3, RGB, any size), each image's condition
+        tokens encoded by the VAE and its pixels read by the VL encoder with the prompt. `on_progress`, `cancel`:
+        as `generate`."""
+        text = self.text.encode_instruction(spec.prompts(), images, spec.width, spec.height)
         condition = self.vae.encode_conditions(images, spec.width, spec.height)
         latents = self.denoiser.denoise(spec.denoise_params(), text, condition=condition, adapter_paths=adapter_paths,
                                         cancel=cancel, on_progress=on_progress)

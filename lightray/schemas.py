@@ -49,6 +49,10 @@ class RequestError(ValueError):
         super().__init__(message)
         self.param, self.message, self.status, self.code = param, message, status, code
 
+    def __reduce__(self):
+        # Whole across a Ray handle (a stage's refusal reaches the ingress as itself, `serve_app.backend`).
+        return type(self), (self.param, self.message, self.status, self.code)
+
 
 class ImageGenerationRequest(BaseModel):
     """Body of `POST /v1/images/generations`. OpenAI fields first, then Lightray's extensions."""

@@ -304,8 +304,8 @@ class RayGraphBackend:
         """The instruction's embeddings (the TextEncoder reads the images with it) and the images' condition
         latents (the VaeDecoder's encoder), requested concurrently: two responses for the Denoiser."""
         pixels = [np.asarray(im) for im in images]
-        encoded = self.text_encoder.encode_instruction.remote(spec.prompt, spec.negative_prompt, pixels,
-                                                               handoff_at=time.time())
+        encoded = self.text_encoder.encode_instruction.remote(spec.prompt, spec.negative_prompt, pixels, spec.width,
+                                                               spec.height, handoff_at=time.time())
         condition = self.vae.encode_conditions.remote(pixels, spec.width, spec.height, handoff_at=time.time())
         return encoded, condition
 
@@ -531,13 +531,17 @@ async def _stream_client_errors(spec: GenerationSpec | EditSpec, items: AsyncIte
 
 
 async def _as_client_error(spec: GenerationSpec | EditSpec, err: Exception) -> Exception:
-    """A graph failure as a client should see it: overload or a dead/restarting replica → 503 + Retry-After
+    """A graph failure as a client should see it: a stage's `RequestError` → that error (a 4xx naming the field);
+    overload or a dead/restarting replica → 503 + Retry-After
     naming the stage (Serve replaces the replica by itself); an adapter the Denoiser could not fetch (corrupt or
     missing in the registry) → an error naming that adapter. Anything else is `err` itself (a 500)."""
     from ray.exceptions import ObjectLostError, RayActorError, WorkerCrashedError
     from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
     refs = ", ".join(repr(a.ref) for a in spec.adapters)
+    refused = _find_cause(err, (RequestError,))
+    if refused is not None:  # a stage found the request bad (a 2.1 prompt past its encoder's limit)
+        return refused
     if isinstance(err, BackPressureError):
         return ServiceUnavailable("the service is at capacity; retry shortly", retry_after_s=2)
     if _find_cause(err, (EngineFull,)) is not None:

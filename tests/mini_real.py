@@ -332,6 +332,19 @@ def build_mini_real_21(root: Path, seed: int = 0, turbo: bool = False) -> Path:
     return root
 
 
+def mini_21_preset(root: Path, preset_file: str, **overrides):
+    """A 2.1 preset of configs/models (`preset_file`) on the mini folder at `root`, on the CPU, with sizes the toy
+    model serves (up to 256², 128² by default)."""
+    import yaml
+
+    from lightray.config import REPO_ROOT, load_preset
+
+    raw = yaml.safe_load((REPO_ROOT / "configs/models" / preset_file).read_text())
+    raw.update(path=str(root), device="cpu", min_side=32, max_side=256, max_pixels=256 * 256, default_size=[128, 128],
+               **overrides)
+    return load_preset(raw)
+
+
 def write_mini_21_lora(path: Path, seed: int, rank: int = 4) -> Path:
     """A random LoRA for the mini 2.1 transformer in diffusers' saved layout (`transformer.<module>.lora_A.weight`
     [rank, in], `.lora_B.weight` [out, rank]; alpha = rank, as peft reads a file without it) over every block linear
@@ -354,3 +367,38 @@ def write_mini_21_lora(path: Path, seed: int, rank: int = 4) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(path))
     return path
+
+
+def captioned_dataset(folder: Path, sizes: tuple[tuple[int, int], tuple[int, int]]) -> Path:
+    """Six captioned images (an image folder with its metadata file) alternating between the two (width, height)
+    `sizes`, noise with a red square in the middle: a trainer's CPU proof data set."""
+    import numpy as np
+    from PIL import Image
+
+    from lightray.training.data import METADATA_FILENAME
+
+    folder.mkdir()
+    records = []
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        size = sizes[i % 2]
+        pixels = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+        pixels[size[1] // 3: 2 * size[1] // 3, size[0] // 3: 2 * size[0] // 3] = (220, 40, 40)
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+        records.append({"file_name": f"{i}.png", "text": f"lrzstyle, a red square, picture {i}"})
+    (folder / METADATA_FILENAME).write_text("".join(json.dumps(r) + "\n" for r in records))
+    return folder
+
+
+def publish_trained(trainer, config, preset, data, metrics: dict, tmp_path: Path):
+    """A CPU proof's publishing: the final checkpoint's adapter files (`save_checkpoint`, `stage_adapter`), with
+    the worker's fingerprint, published to the config's local registry. (registry, manifest)."""
+    from lightray.registry import AdapterRegistry
+    from lightray.training.publish import checkpoint_fingerprint, manifest_fields, stage_adapter
+
+    final = trainer.save_checkpoint(tmp_path / "final", metrics)
+    registry = AdapterRegistry(config.registry, cache_dir=tmp_path / "cache")
+    stage_adapter(final, tmp_path / "stage")
+    manifest = registry.publish(config.tenant, config.name, tmp_path / "stage",
+                                **manifest_fields(config, preset, checkpoint_fingerprint(final), data.hash, metrics))
+    return registry, manifest

@@ -21,7 +21,7 @@ from PIL import Image
 
 from mini_real import MODELTC_LIGHTNING_SCHEDULER, build_mini_real_edit, write_lightning_lora
 from lightray.config import REPO_ROOT, load_preset
-from lightray.contracts import DenoiseParams, TextEmbeddings
+from lightray.contracts import DenoiseParams
 from lightray.models.qwen_image_edit.conditioning import text_pipeline
 from lightray.world.shapes import Scene, render
 
@@ -83,8 +83,7 @@ def sources(count: int) -> list[Image.Image]:
 def served_latents(stages, preset, images, prompt, variant, steps, cfg, seed, width=128, height=128):
     text_stage, engine, vae = stages
     negative = preset.variant(variant).negative_prompt
-    embeds = text_stage.encode_instruction([prompt, negative] if cfg > 1 else [prompt], images)
-    text = TextEmbeddings(prompt=embeds[0], negative=embeds[1] if cfg > 1 else None)
+    text = text_stage.encode_instruction([prompt, negative] if cfg > 1 else [prompt], images, width, height)
     params = DenoiseParams(seeds=(seed,), width=width, height=height, num_inference_steps=steps,
                            true_cfg_scale=cfg, variant=variant)
     return params, text, vae.encode_conditions(images, width, height)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import yaml
 from diffusers import FlowMatchEulerDiscreteScheduler, QwenImage21Transformer2DModel
 from diffusers.guiders import ClassifierFreeGuidance
 from diffusers.modular_pipelines.qwenimage21.inputs import pack_latents
@@ -27,8 +26,7 @@ from diffusers.modular_pipelines.qwenimage21.modular_blocks_qwenimage21_turbo im
     QwenImage21TurboImageConditionedCoreDenoiseStep,
 )
 
-from mini_real import MINI_21_TURBO_SIGMAS, MINI_TEXT, build_mini_real_21, write_mini_21_lora
-from lightray.config import REPO_ROOT, load_preset
+from mini_real import MINI_21_TURBO_SIGMAS, MINI_TEXT, build_mini_real_21, mini_21_preset, write_mini_21_lora
 from lightray.contracts import ConditionLatents, DenoiseParams, TextEmbeddings
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -37,18 +35,12 @@ TURBO, BASE = "qwen-image-2.1-turbo", "qwen-image-2.1"
 TURBO_STEPS = len(MINI_21_TURBO_SIGMAS)
 
 
-def mini_preset(root, preset_file: str):
-    raw = yaml.safe_load((REPO_ROOT / "configs/models" / preset_file).read_text())
-    raw.update(path=str(root), device="cpu", min_side=32, max_side=256, max_pixels=256 * 256, default_size=[128, 128])
-    return load_preset(raw)
-
-
 @pytest.fixture(scope="module")
 def turbo(tmp_path_factory):
     from lightray.engine import DenoiseEngine
 
     root = build_mini_real_21(tmp_path_factory.mktemp("mini-21") / "Qwen-Image-2.1-Turbo", turbo=True)
-    return DenoiseEngine(mini_preset(root, "qwen-image-2.1-turbo.yaml"))
+    return DenoiseEngine(mini_21_preset(root, "qwen-image-2.1-turbo.yaml"))
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +48,7 @@ def base(tmp_path_factory):
     from lightray.engine import DenoiseEngine
 
     root = build_mini_real_21(tmp_path_factory.mktemp("mini-21") / "Qwen-Image-2.1", seed=1)
-    return DenoiseEngine(mini_preset(root, "qwen-image-2.1.yaml"))
+    return DenoiseEngine(mini_21_preset(root, "qwen-image-2.1.yaml"))
 
 
 def embeddings(seed: int, tokens: int, slots: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:

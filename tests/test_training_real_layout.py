@@ -7,7 +7,6 @@ loaded and served on top of a Lightning LoRA through the serving stages."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 
@@ -15,16 +14,13 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from PIL import Image
 
 from lightray.config import REPO_ROOT, load_preset
-from lightray.registry import AdapterRegistry
 from lightray.training.buckets import resolve_buckets
 from lightray.training.config import load_train_config
-from lightray.training.data import METADATA_FILENAME, load_imagefolder
-from lightray.training.publish import checkpoint_fingerprint, manifest_fields, stage_adapter
+from lightray.training.data import load_imagefolder
 from lightray.training.trainer import LoraTrainer, run_training
-from mini_real import build_mini_real, write_lightning_lora
+from mini_real import build_mini_real, captioned_dataset, publish_trained, write_lightning_lora
 
 REAL_TRAIN_CONFIG = REPO_ROOT / "configs/train/qwen-image.yaml"
 REAL_PRESET = REPO_ROOT / "configs/models/qwen-image-lightning.yaml"
@@ -47,25 +43,11 @@ def mini_preset(tmp_path_factory) -> dict:
     return raw
 
 
-def _dataset(folder: Path) -> Path:
-    """Six captioned images of two aspect ratios, none of them at a bucket's size."""
-    folder.mkdir()
-    records = []
-    rng = np.random.default_rng(0)
-    for i in range(6):
-        size = (300, 290) if i % 2 else (420, 270)
-        pixels = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
-        pixels[size[1] // 3: 2 * size[1] // 3, size[0] // 3: 2 * size[0] // 3] = (220, 40, 40)
-        Image.fromarray(pixels).save(folder / f"{i}.png")
-        records.append({"file_name": f"{i}.png", "text": f"lrzstyle, a red square, picture {i}"})
-    (folder / METADATA_FILENAME).write_text("".join(json.dumps(r) + "\n" for r in records))
-    return folder
-
-
 def _config(mini_preset: dict, tmp_path: Path, **overrides):
     """configs/train/qwen-image.yaml with the mini model, tiny sizes and a CPU worker."""
     return load_train_config(REAL_TRAIN_CONFIG, {
-        "preset": mini_preset, "dataset": str(_dataset(tmp_path / "data")), "registry": str(tmp_path / "registry"),
+        "preset": mini_preset, "dataset": str(captioned_dataset(tmp_path / "data", ((420, 270), (300, 290)))),
+        "registry": str(tmp_path / "registry"),
         "buckets": BUCKETS, "steps": 2, "batch_size": 2, "gradient_accumulation_steps": 2, "num_workers": 1,
         "use_gpu": False, "gpu": None, "model_configs": None, "storage_path": None,
         "input_cache": str(tmp_path / "input-cache"), "log_every": 1, "checkpoint_every": 2, "warmup_steps": 1,
@@ -110,11 +92,7 @@ def test_caching_pass_training_and_publishing_on_the_real_layout_then_serving_on
     assert changed, "two optimizer steps moved the LoRA"
 
     # Publishing: the adapter files of the final checkpoint, the worker's fingerprint, a local registry.
-    final = trainer.save_checkpoint(tmp_path / "final", metrics)
-    registry = AdapterRegistry(cfg.registry, cache_dir=tmp_path / "cache")
-    stage_adapter(final, tmp_path / "stage")
-    manifest = registry.publish(cfg.tenant, cfg.name, tmp_path / "stage",
-                                **manifest_fields(cfg, preset, checkpoint_fingerprint(final), data.hash, metrics))
+    registry, manifest = publish_trained(trainer, cfg, preset, data, metrics, tmp_path)
     assert (manifest.rank, manifest.base_model_id) == (32, "qwen-image")
 
     # Serving: the published adapter on top of the Lightning variant, through the text, engine and VAE stages.

@@ -7,6 +7,7 @@ from typing import Literal
 
 Task = Literal["text-to-image", "edit", "text-to-image-and-edit"]
 Endpoint = Literal["generations", "edits"]
+TextEncoderKind = Literal["qwen2.5-vl", "qwen3-vl"]
 
 Grid = tuple[int, int]
 """(rows, columns) of packed latent tokens: 2×2 patches of the VAE's latent grid."""
@@ -34,6 +35,13 @@ class ModelFamily:
     adapt."""
     transformer_class: str = "QwenImageTransformer2DModel"
     """The diffusers class of the folder's `transformer/`."""
+    vae_class: str = "AutoencoderKLQwenImage"
+    """The diffusers class of the folder's `vae/` (the VAE stage loads it)."""
+    text_encoder: TextEncoderKind = "qwen2.5-vl"
+    """How the text stage encodes a prompt: "qwen2.5-vl", the family's diffusers pipeline's `encode_prompt` over a
+    Qwen2.5-VL encoder (Qwen-Image, Edit-Plus); "qwen3-vl", the 2.1 pipelines' `get_qwenimage21_prompt_embeds`,
+    which also marks the prompt's image slots and truncates nothing (a longer prompt than the preset's
+    `max_sequence_length` is refused, `lightray.models.qwen_image_21.conditioning`)."""
     latent_patch: int = 2
     """Side of the square of VAE latent pixels one transformer token holds: 2 for Qwen-Image's 2×2 packing, 1 for
     Qwen-Image-2.1, whose 16× VAE latents enter unpatched."""

@@ -78,9 +78,12 @@ def fit_images(side: int = FIT_IMAGE_SIDE) -> np.ndarray:
     return np.stack(images)
 
 
-def unpack_latents(packed: np.ndarray, height: int, width: int, scale_factor: int) -> np.ndarray:
+def unpack_latents(packed: np.ndarray, height: int, width: int, scale_factor: int, patch: int = 2) -> np.ndarray:
     """Packed latents [n, tokens, 4·c] (2×2 patches, the denoiser's layout) → [n, h, w, c] on the latent grid
-    (h = height / scale_factor): `QwenImagePipeline._unpack_latents`, channels last, in numpy."""
+    (h = height / scale_factor): `QwenImagePipeline._unpack_latents`, channels last, in numpy. `patch` 1: unpatched
+    tokens [n, tokens, c], one per latent pixel (Qwen-Image-2.1)."""
+    if patch == 1:
+        return packed.reshape(packed.shape[0], height // scale_factor, width // scale_factor, packed.shape[2])
     n, _, packed_channels = packed.shape
     h, w = 2 * (height // (scale_factor * 2)), 2 * (width // (scale_factor * 2))
     c = packed_channels // 4
@@ -108,11 +111,13 @@ class LatentPreview:
     bias: np.ndarray
     """[3] float32."""
     scale_factor: int
-    """The VAE's spatial downsampling (8): output pixels per latent pixel along each side."""
+    """The VAE's spatial downsampling (8; 16 for Qwen-Image-2.1): output pixels per latent pixel along each side."""
+    patch: int = 2
+    """Latent pixels along a token's side (`ModelFamily.latent_patch`: 1 for 2.1's unpatched tokens)."""
 
     def rgb(self, packed: np.ndarray, height: int, width: int) -> np.ndarray:
         """Packed latents [n, tokens, 4·c] → float RGB [n, h, w, 3] in about [0, 1] on the latent grid."""
-        latents = unpack_latents(np.asarray(packed, np.float32), height, width, self.scale_factor)
+        latents = unpack_latents(np.asarray(packed, np.float32), height, width, self.scale_factor, self.patch)
         return latents @ self.weight + self.bias
 
     def images(self, packed: np.ndarray, height: int, width: int) -> list[Image.Image]:
@@ -197,14 +202,14 @@ def load_preview(stage) -> Preview:
 
 
 def fit_latent_preview(encode: Callable[[np.ndarray], np.ndarray], scale_factor: int,
-                       images: np.ndarray | None = None) -> LatentPreview:
+                       images: np.ndarray | None = None, patch: int = 2) -> LatentPreview:
     """Least-squares fit of the projection to a VAE: `encode` (uint8 images [k, s, s, 3] → normalised packed
     latents [k, tokens, 4·c], the stage's own encoder) on `images` (default `fit_images()`), each latent pixel's
     target the mean of its scale_factor² pixel block, in [0, 1]. A small ridge on the weights (`RIDGE`), none on
     the bias."""
     images = fit_images() if images is None else images
     k, side, _, _ = images.shape
-    latents = unpack_latents(encode(images), side, side, scale_factor)  # [k, cells, cells, c]
+    latents = unpack_latents(encode(images), side, side, scale_factor, patch)  # [k, cells, cells, c]
     cells = side // scale_factor
     target = images.astype(np.float64).reshape(k, cells, scale_factor, cells, scale_factor, 3).mean((2, 4)) / 255.0
     x = latents.astype(np.float64).reshape(-1, latents.shape[-1])
@@ -213,12 +218,19 @@ def fit_latent_preview(encode: Callable[[np.ndarray], np.ndarray], scale_factor:
     penalty = np.eye(design.shape[1]) * RIDGE * len(x) * np.mean(x**2)
     penalty[-1, -1] = 0.0
     solution = np.linalg.solve(design.T @ design + penalty, design.T @ y)
-    return LatentPreview(solution[:-1].astype(np.float32), solution[-1].astype(np.float32), scale_factor)
+    return LatentPreview(solution[:-1].astype(np.float32), solution[-1].astype(np.float32), scale_factor, patch)
 
 
 def fit_to_vae(stage) -> LatentPreview:
     """The projection for a `lightray.stages.vae.VaeStage`, fitted with its own encoder (`encode_pixels`, in one
-    VAE call) on `fit_images()`."""
+    VAE call; 2.1: `encode_conditions`, an image a call, as it encodes condition pictures) on `fit_images()`."""
+    if stage.unpatched:
+        def encode_each(images: np.ndarray) -> np.ndarray:
+            pictures = [Image.fromarray(im) for im in images]
+            tokens = [stage.encode_conditions([p], p.width, p.height).latents for p in pictures]
+            return np.stack(tokens)
+
+        return fit_latent_preview(encode_each, stage.scale_factor, patch=1)
 
     def encode(images: np.ndarray) -> np.ndarray:
         pixels = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).unsqueeze(2)

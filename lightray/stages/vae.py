@@ -35,9 +35,10 @@ import threading
 from collections.abc import Iterator
 from typing import Literal
 
+import diffusers
 import numpy as np
 import torch
-from diffusers import AutoencoderKLQwenImage, QwenImagePipeline
+from diffusers import QwenImagePipeline
 from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 
@@ -52,21 +53,26 @@ StackPolicy = Literal["exact", "all"]
 
 
 class VaeStage:
+    """The family's VAE (`ModelFamily.vae_class`). Qwen-Image-2.1's (`AutoencoderKLQwenImage21`: 16×, 64 latent
+    channels, unpatched tokens, RGBA pixels) runs as diffusers runs it: the single-frame form and img2img are
+    Qwen-Image's only."""
+
     def __init__(self, preset: ModelPreset):
         self.preset = preset
         self.device = preset.device
-        self.vae = AutoencoderKLQwenImage.from_pretrained(
-            preset.root / "vae", dtype=torch_dtype(preset.dtype)
-        ).to(self.device).eval()
+        self.family = preset.model_family
+        self.unpatched = self.family.latent_patch == 1
+        vae_class = getattr(diffusers, self.family.vae_class)
+        self.vae = vae_class.from_pretrained(preset.root / "vae", dtype=torch_dtype(preset.dtype)).to(self.device).eval()
         check_parameter_dtype(self.vae, torch_dtype(preset.dtype), "vae")
-        if not preset.vae_exact:
+        if not (preset.vae_exact or self.unpatched):
             # The 3D model is dropped here: only the folded kernels (copied once) and the shared 1x1 ones stay.
             self.vae = SingleFrameVae(self.vae)
-        self.exact_stack_from: int | None = 2 if preset.vae_exact else None
+        self.exact_stack_from: int | None = 2 if preset.vae_exact and not self.unpatched else None
         """The smallest n whose requests stack bit-exactly with each other (module docstring); None: no n."""
         self.scale_factor = 2 ** len(self.vae.temperal_downsample)
         self._lock = threading.Lock()  # see the module docstring
-        self.image_processor = VaeImageProcessor(vae_scale_factor=self.scale_factor * 2)
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.scale_factor * self.family.latent_patch)
         z = self.vae.config.z_dim
         self.latents_mean = torch.tensor(self.vae.config.latents_mean).view(1, z, 1, 1, 1)
         self.latents_std = torch.tensor(self.vae.config.latents_std).view(1, z, 1, 1, 1)
@@ -108,8 +114,11 @@ class VaeStage:
 
     @torch.inference_mode()
     def decode(self, packed: np.ndarray, height: int, width: int) -> list[Image.Image]:
-        """Packed latents [n, tokens, 64] (the denoiser's output) → n RGB images, as QwenImagePipeline decodes."""
+        """Packed latents [n, tokens, 64] (the denoiser's output) → n RGB images, as QwenImagePipeline decodes (2.1:
+        RGBA images, as `QwenImage21DecodeStep`)."""
         latents = torch.from_numpy(packed).to(self.device)
+        if self.unpatched:
+            return self._decode_unpatched(latents, height, width)
         latents = QwenImagePipeline._unpack_latents(latents, height, width, self.scale_factor)
         latents = latents.to(self.vae.dtype)
         mean = self.latents_mean.to(latents.device, latents.dtype)
@@ -119,6 +128,17 @@ class VaeStage:
         latents = latents / std_inv + mean
         with self._tiling(height, width):
             image = self.vae.decode(latents, return_dict=False)[0][:, :, 0]
+        return self.image_processor.postprocess(image, output_type="pil")
+
+    def _decode_unpatched(self, latents: torch.Tensor, height: int, width: int) -> list[Image.Image]:
+        """2.1's `QwenImage21UnpackLatentsStep` and `QwenImage21DecodeStep`: unpacked, `z · std + mean`, decoded."""
+        from diffusers.modular_pipelines.qwenimage21.decoders import unpack_latents
+
+        latents = unpack_latents(latents, height, width, self.scale_factor).to(self.vae.dtype)
+        mean = self.latents_mean.to(latents.device, latents.dtype)
+        std = self.latents_std.to(latents.device, latents.dtype)
+        with self._tiling(height, width):
+            image = self.vae.decode(latents * std + mean, return_dict=False)[0][:, :, 0]
         return self.image_processor.postprocess(image, output_type="pil")
 
     def preview(self, packed: np.ndarray, height: int, width: int) -> list[Image.Image]:
@@ -180,10 +200,20 @@ class VaeStage:
     @torch.inference_mode()
     def encode_pixels(self, pixels: torch.Tensor) -> np.ndarray:
         """[b, 3, 1, h, w] pixels in [-1, 1] → normalised packed latents [b, tokens, 4·z] float32, from the
-        posterior's mean, in one VAE call (the trainer's caching pass: images already at their bucket size)."""
+        posterior's mean, in one VAE call (the trainer's caching pass: images already at their bucket size). 2.1:
+        the pixels with an opaque alpha (the RGBA its pipelines make of an RGB picture), normalised as
+        `encode_vae_image` and unpatched (`pack_latents`): [b, tokens, z]."""
         x = pixels.to(device=self.device, dtype=self.vae.dtype)
+        if self.unpatched:
+            x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
         with self._lock:
             z = self.vae.encode(x).latent_dist.mode()
+        if self.unpatched:
+            from diffusers.modular_pipelines.qwenimage21.inputs import pack_latents
+
+            mean = self.latents_mean.to(z.device, z.dtype)
+            z = (z - mean) / self.latents_std.to(z.device, z.dtype)
+            return np.ascontiguousarray(pack_latents(z).float().cpu().numpy())
         return self._normalise_and_pack(z)
 
     @torch.inference_mode()
@@ -203,7 +233,15 @@ class VaeStage:
     def encode_conditions(self, images: list[Image.Image], width: int, height: int) -> ConditionLatents:
         """An instruction edit's input images as condition tokens for an output of width × height, exactly as
         `QwenImageEditPlusPipeline` computes its `image_latents`: each image resized (`condition_size`) and
-        preprocessed, encoded alone, the posterior's mean normalised and packed, the images concatenated."""
+        preprocessed, encoded alone, the posterior's mean normalised and packed, the images concatenated. 2.1: each
+        image resized to the output's area and encoded as `QwenImage21VaeEncoderStep`
+        (`lightray.models.qwen_image_21.conditioning`)."""
+        if self.unpatched:
+            from lightray.models.qwen_image_21.conditioning import encode_conditions, resize_conditions
+
+            with self._lock:
+                latents, grids = encode_conditions(self.vae, resize_conditions(images, width * height))
+            return ConditionLatents(np.ascontiguousarray(latents.float().cpu().numpy()), grids)
         parts, grids = [], []
         for image in images:
             w, h = self.condition_size(image, width, height)

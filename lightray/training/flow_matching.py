@@ -72,3 +72,24 @@ def predict(transformer, x, sigma, embeds, mask, grid: int | tuple[int, int]):
         hidden_states=x, timestep=sigma, encoder_hidden_states=embeds, encoder_hidden_states_mask=mask,
         img_shapes=[[(1, rows, cols)]] * x.shape[0], return_dict=False,
     )[0]
+
+
+def predict_21(transformer, x, sigma, embeds, mask, grid: int | tuple[int, int]):
+    """`predict` for Qwen-Image-2.1's single-stream transformer, as its pipelines call it with captions only: the
+    right-padded captions' mask (padded positions are never attended to), no image slots in the text, the target's
+    slots after it (`joint_vision_mask`), no prefix cache (training runs every token), the prediction sliced to
+    the target's tokens."""
+    from diffusers.modular_pipelines.qwenimage21.denoise import joint_vision_mask
+
+    rows, cols = (grid, grid) if isinstance(grid, int) else grid
+    slots = torch.zeros(mask.shape, dtype=torch.bool, device=mask.device)
+    out = transformer(
+        hidden_states=x, timestep=sigma, encoder_hidden_states=embeds, encoder_hidden_states_mask=mask.bool(),
+        img_shapes=[[(1, rows, cols)]] * x.shape[0], img_mask=joint_vision_mask(slots, rows * cols),
+        return_dict=False,
+    )[0]
+    return out[:, -rows * cols:]
+
+
+PREDICTORS = {"QwenImageTransformer2DModel": predict, "QwenImage21Transformer2DModel": predict_21}
+"""The training forward of each family's transformer class (`ModelFamily.transformer_class`)."""

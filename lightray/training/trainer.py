@@ -27,7 +27,7 @@ from lightray.training.buckets import resolve_buckets
 from lightray.training.cache import EMPTY_CAPTIONS, cached_inputs
 from lightray.training.config import TrainConfig
 from lightray.training.data import ImageCaptionDataset
-from lightray.training.flow_matching import predict, shift_sigmas, warmup_cosine
+from lightray.training.flow_matching import PREDICTORS, shift_sigmas, warmup_cosine
 from lightray.training.lora import (
     TRAINED_ADAPTER,
     add_lora,
@@ -66,7 +66,7 @@ class LoraTrainer:
 
     def __init__(self, config: TrainConfig, preset: ModelPreset, data: ImageCaptionDataset, *, rank: int = 0,
                  world_size: int = 1, device: str | torch.device = "cpu", log: Callable[[str], None] = print):
-        from diffusers import QwenImageTransformer2DModel
+        import diffusers
 
         self.config, self.preset, self.rank, self.world_size = config, preset, rank, world_size
         self.device = torch.device(device)
@@ -91,7 +91,9 @@ class LoraTrainer:
         # The base stays frozen in the preset's dtype (bf16 for the real model: half of fp32's 76 GiB); the LoRA
         # trains in float32, and the forward runs under autocast to the preset's dtype.
         self.dtype = torch_dtype(preset.dtype)
-        self.transformer = QwenImageTransformer2DModel.from_pretrained(
+        transformer_class = preset.model_family.transformer_class
+        self.predict = PREDICTORS[transformer_class]
+        self.transformer = getattr(diffusers, transformer_class).from_pretrained(
             preset.root / "transformer", torch_dtype=self.dtype).to(self.device)
         if lightning is not None:
             load_lightning(self.transformer, lightning)
@@ -150,9 +152,9 @@ class LoraTrainer:
         s = sigma.view(-1, 1, 1)
         xt = (1 - s) * x0 + s * noise
         width, height = bucket
-        grid = (height // 16, width // 16)  # VAE 8x, then 2x2 patches
+        grid = (height // 16, width // 16)  # VAE 8x, then 2x2 patches (2.1: VAE 16x, unpatched)
         with self.autocast():
-            v = predict(self.model, xt, sigma, embeds.to(self.device), mask.to(self.device), grid)
+            v = self.predict(self.model, xt, sigma, embeds.to(self.device), mask.to(self.device), grid)
         return F.mse_loss(v.float(), noise - x0)
 
     def train_step(self) -> float:

@@ -8,7 +8,8 @@ modular pipeline's own functions (`diffusers/modular_pipelines/qwenimage21/encod
 * the VAE encodes each picture to its posterior mean, normalised (`encode_vae_image`, as
   `QwenImage21VaeEncoderStep`), packed unpatched (`pack_latents`).
 
-A negative prompt is encoded as a prompt of its own with the same pictures (`QwenImage21TextEncoderStep`).
+A negative prompt is encoded as a prompt of its own with the same pictures (`QwenImage21TextEncoderStep`). The
+served condition area is the output's (`QwenImage21ResizeStep` with `output_resolution` √(width·height)).
 """
 
 from __future__ import annotations
@@ -58,6 +59,12 @@ def resize_conditions(images: list[Image.Image], area: int) -> list[Image.Image]
         width, height, _ = calculate_dimensions(area, image.width / image.height)
         out.append(processor.resize(image, height=height, width=width))
     return out
+
+
+def prompt_tokens(processor, prompt: str) -> int:
+    """Tokens of `prompt` itself as the Qwen3-VL tokenizer splits it, without the chat template: what a preset's
+    `max_sequence_length` bounds. The 2.1 encoder truncates nothing, so a longer prompt is refused, not cut."""
+    return len(processor.tokenizer(prompt, add_special_tokens=False)["input_ids"])
 
 
 @torch.inference_mode()

@@ -297,7 +297,8 @@ def test_a_loader_that_drops_dtype_fails_the_stage(mini_real, monkeypatch):
     def float32_loader(path, dtype=None, **kwargs):
         return loader(path, **kwargs).to(torch.float32)
 
-    monkeypatch.setattr(vae_module.AutoencoderKLQwenImage, "from_pretrained", float32_loader)
+    # The stage looks the family's VAE class up in diffusers (`ModelFamily.vae_class`): patch the class itself.
+    monkeypatch.setattr(AutoencoderKLQwenImage, "from_pretrained", float32_loader)
     with pytest.raises(TypeError, match="vae: the preset's dtype is torch.bfloat16"):
         vae_module.VaeStage(load_preset(real_preset_dict(mini_real)))
 

@@ -81,8 +81,8 @@ def test_openai_client_streams_an_inpaint_equal_to_the_plain_one(client):
 
 
 def test_a_streamed_padding_mask_crop_edit_through_the_graph_is_the_plain_one(client):
-    """The graph's backend pastes the crop's previews and final image back into the full picture, as its plain
-    edit does."""
+    """The graph's backend pastes the crop's final image back into the full picture, as its plain edit does, and
+    its previews into the picture scaled down to the model's pixels (`lightray.edits.preview_frame`)."""
     picture = render(Scene("red", "circle", "left", "white"), 128)
     mask = Image.new("RGBA", (128, 128), (0, 0, 0, 255))
     mask.paste((0, 0, 0, 0), (16, 40, 56, 88))
@@ -92,9 +92,12 @@ def test_a_streamed_padding_mask_crop_edit_through_the_graph_is_the_plain_one(cl
     events = [e for e in client.images.edit(**kwargs, stream=True, partial_images=1)
               if e.type in ("image_edit.partial_image", "image_edit.completed")]
     assert [e.type for e in events] == ["image_edit.partial_image", "image_edit.completed"]
-    source = np.asarray(picture.convert("RGB"), dtype=np.int16)
-    for e in events:
-        assert e.size == "128x128" and np.array_equal(pixels(e.b64_json)[:, 80:], source[:, 80:])
+    for e, side in zip(events, (64, 128)):  # the preview at the model's 64x64 pixels, the final image in full
+        source = np.asarray(picture.resize((side, side), Image.Resampling.BILINEAR).convert("RGB"), dtype=np.int16)
+        got = pixels(e.b64_json)
+        far = side * 80 // 128
+        assert e.size == "128x128" and got.shape == (side, side, 3)
+        assert np.array_equal(got[:, far:], source[:, far:])  # far from the mask: the input, exactly
     assert events[-1].b64_json == client.images.edit(**kwargs).data[0].b64_json
 
 

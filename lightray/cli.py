@@ -42,11 +42,10 @@ REQUEST_OPTIONS = ("model", "size", "seed", "negative_prompt", "num_inference_st
 """The request fields that `generate` and `edit` share as options (`_add_request_options`)."""
 
 
-def _serve_url(config: Path) -> str:
-    import yaml
-
-    http = yaml.safe_load(config.read_text()).get("http_options", {})
-    return f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}"
+def _http_bind(config: dict) -> tuple[str, int]:
+    """(host, port) a Serve YAML's HTTP proxy binds to (Serve's defaults where it says nothing)."""
+    http = config.get("http_options") or {}
+    return str(http.get("host", "127.0.0.1")), int(http.get("port", 8000))
 
 
 LOOPBACK_NAMES = ("localhost",)
@@ -87,7 +86,7 @@ def _auth_off(app: dict, environ: dict[str, str]) -> bool:
 def check_serve_config(config: dict, environ: dict[str, str]) -> None:
     """Refuse (`UnsafeServeConfig`) a Serve YAML that runs an application with auth off on a bind that is not
     loopback: with no API keys, every caller that reaches the port is the local user (docs/security.md)."""
-    host = str((config.get("http_options") or {}).get("host", "127.0.0.1"))
+    host, _ = _http_bind(config)
     if is_loopback(host):
         return
     for app in config.get("applications") or []:
@@ -111,7 +110,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     config = Path(args.config)
     try:
-        check_serve_config(yaml.safe_load(config.read_text()) or {}, dict(os.environ))
+        serve_config = yaml.safe_load(config.read_text()) or {}
+        check_serve_config(serve_config, dict(os.environ))
     except (UnsafeServeConfig, OSError, yaml.YAMLError) as e:
         print(f"error: {config}: {e}", file=sys.stderr)
         return 2
@@ -126,7 +126,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    url = _serve_url(config)
+    host, port = _http_bind(serve_config)
+    url = f"http://{host}:{port}"
     deadline = time.time() + args.ready_timeout
     announced = False
     while child.poll() is None:

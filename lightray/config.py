@@ -435,11 +435,12 @@ def load_preset(ref: str | dict | ModelPreset = DEFAULT_PRESET) -> ModelPreset:
         return ref
     if isinstance(ref, dict):
         return ModelPreset.model_validate(ref)
-    path = Path(ref)
-    if not path.suffix:
-        path = MODEL_PRESETS_DIR / f"{ref}.yaml"
-    elif not path.is_absolute() and not path.exists():
-        path = REPO_ROOT / path
+    # A name may hold dots ("qwen-image-2.1-turbo"): it is a name when configs/models/ has it.
+    path = MODEL_PRESETS_DIR / f"{ref}.yaml"
+    if not path.exists():
+        path = Path(ref)
+        if not path.is_absolute() and not path.exists():
+            path = REPO_ROOT / path
     if not path.exists():
         raise FileNotFoundError(f"no model preset {ref!r} (looked for {path})")
     return ModelPreset.model_validate(yaml.safe_load(path.read_text()))

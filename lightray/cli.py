@@ -115,6 +115,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except (UnsafeServeConfig, OSError, yaml.YAMLError) as e:
         print(f"error: {config}: {e}", file=sys.stderr)
         return 2
+    if not args.no_demo_adapters:
+        _seed_demo_adapters(serve_config)
     env = with_ray_defaults(os.environ)
     env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     serve_bin = Path(sys.executable).parent / "serve"
@@ -141,6 +143,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 pass
         time.sleep(1)
     return child.returncode or 0
+
+
+def _seed_demo_adapters(serve_config: dict) -> None:
+    """Publish the shipped demo adapters into the registry of every application of `serve_config` that serves the
+    model they were trained on (`lightray.demo_adapters`; nothing already there is touched)."""
+    from lightray.config import DEFAULT_PRESET, load_preset
+    from lightray.demo_adapters import seed_registry
+    from lightray.registry_settings import open_registry
+
+    for app in serve_config.get("applications", []):
+        args = app.get("args") or {}
+        served = {load_preset(p).base_model_id for p in [args.get("preset", DEFAULT_PRESET),
+                                                         *args.get("extra_presets", [])]}
+        root = args.get("registry")
+        registry = open_registry(str(REPO_ROOT / root) if root and "://" not in root else root,
+                                 args.get("registry_storage_options"))
+        for ref in seed_registry(registry, served):
+            print(f"demo adapter {ref} published to the registry", flush=True)
 
 
 def _save_images(images: list[tuple[int, bytes]], out: Path, prefix: str) -> list[Path]:
@@ -327,6 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the Serve application from a Serve YAML (Ctrl-C stops it)")
     serve.add_argument("config", nargs="?", default=str(REPO_ROOT / "configs/serve/local.yaml"))
     serve.add_argument("--ready-timeout", type=float, default=600)
+    serve.add_argument("--no-demo-adapters", action="store_true",
+                       help="do not publish the shipped demo adapters (demo/frame, demo/ring) into the registry")
     serve.set_defaults(func=cmd_serve)
 
     gen = sub.add_parser("generate", help="generate images and save them as PNGs")

@@ -25,7 +25,7 @@ from lightray.registry import (
     InvalidAdapterRef,
     check_compatible,
 )
-from lightray.schemas import RequestError
+from lightray.errors import Incompatible, NotFound, RequestError
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ def resolve_adapters(registry: AdapterRegistry, preset: ModelPreset, adapters: S
         try:
             check_compatible(manifest, preset.base_model_id, None)
         except AdapterIncompatible as err:
-            raise RequestError(param, f"{param}: {err}", status=422, code="adapter_incompatible") from None
+            raise Incompatible(param, f"{param}: {err}", code="adapter_incompatible") from None
         resolved.append(ResolvedAdapter(ref=manifest.ref, scale=adapter.scale, manifest=manifest))
     return tuple(resolved)
 
@@ -110,10 +110,9 @@ def find_adapter(registry: AdapterRegistry, ref: str, tenant: str | None, param:
         # theirs. The manifest's path and contents stay in the log.
         logger.warning("adapter %s: corrupt manifest in the registry", ref, exc_info=True)
         if tenant is not None and ref.split("/", 1)[0] != tenant:
-            raise RequestError(param, f"adapter {ref!r} does not exist", status=404,
-                               code="adapter_not_found") from None
-        raise RequestError(param, f"adapter {ref!r} cannot be used: its registry entry is damaged (republish it)",
-                           status=422, code="adapter_corrupt") from None
+            raise NotFound(param, f"adapter {ref!r} does not exist", code="adapter_not_found") from None
+        raise Incompatible(param, f"adapter {ref!r} cannot be used: its registry entry is damaged (republish it)",
+                           code="adapter_corrupt") from None
     if manifest is None or not can_use(manifest, tenant):
-        raise RequestError(param, f"adapter {ref!r} does not exist", status=404, code="adapter_not_found")
+        raise NotFound(param, f"adapter {ref!r} does not exist", code="adapter_not_found")
     return manifest

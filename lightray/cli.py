@@ -30,7 +30,7 @@ from lightray.adapters_cli import add_adapter_commands
 from lightray.config import REPO_ROOT
 from lightray.contracts import MAX_STACKED_ADAPTERS, PRIORITIES
 from lightray.ray_env import with_ray_defaults
-from lightray.schemas import RequestError
+from lightray.errors import RequestError
 from lightray.training.cli import add_train_commands
 
 DEFAULT_URL = os.environ.get("LIGHTRAY_URL", "http://127.0.0.1:8000")

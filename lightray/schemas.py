@@ -25,6 +25,7 @@ from lightray.contracts import (
     OutputFormat,
     Priority,
 )
+from lightray.errors import NotFound, RequestError
 from lightray.registry import AdapterRef, InvalidAdapterRef
 
 MAX_SEED = 2**63 - 1
@@ -40,18 +41,6 @@ LoraField = LoraEntry | Annotated[list[LoraEntry], Field(min_length=1, max_lengt
 """The `lora` field: one entry, or a list of entries stacked in order."""
 MAX_PARTIAL_IMAGES = 3
 """Most previews a streamed request may ask for (OpenAI's `partial_images` range is 0-3)."""
-
-
-class RequestError(ValueError):
-    """A request the model cannot serve; `param` names the offending field (OpenAI's error `param`)."""
-
-    def __init__(self, param: str, message: str, status: int = 400, code: str = "invalid_value"):
-        super().__init__(message)
-        self.param, self.message, self.status, self.code = param, message, status, code
-
-    def __reduce__(self):
-        # Whole across a Ray handle (a stage's refusal reaches the ingress as itself, `serve_app.backend`).
-        return type(self), (self.param, self.message, self.status, self.code)
 
 
 class ImageGenerationRequest(BaseModel):
@@ -208,9 +197,9 @@ class ImageGenerationRequest(BaseModel):
             # Only a request that names no model lets `quality` choose (ModelPreset.quality_variants).
             variant = preset.variant(self.model) if self.model is not None else preset.variant_for_quality(self.quality)
         except KeyError:
-            raise RequestError(
+            raise NotFound(
                 "model", f"model {self.model!r} does not exist; available: {', '.join(preset.model_ids)}",
-                status=404, code="model_not_found",
+                code="model_not_found",
             ) from None
         if len(self.prompt) > preset.max_prompt_chars:
             raise RequestError("prompt", f"prompt is longer than {preset.max_prompt_chars} characters")

@@ -31,8 +31,8 @@ import math
 from collections.abc import Iterator
 
 from lightray.contracts import DenoiseParams
-from lightray.schemas import RequestError, denoising_steps
-from serve_app.backend import ServiceUnavailable
+from lightray.schemas import denoising_steps
+from serve_app.errors import ServiceUnavailable, TenantOverQuota
 from serve_app.settings import ApiKey, ServiceSettings
 
 WORK_UNIT_PIXELS = 1024 * 1024
@@ -75,14 +75,6 @@ class TenantQuota:
             max_work = share * settings.max_admitted_work
         max_requests = key.max_concurrent_requests or max(1, math.ceil(share * settings.max_concurrent_requests))
         return cls(key.tenant, max_requests, max_work)
-
-
-class TenantOverQuota(RequestError):
-    """429: the tenant is at one of its own bounds (`param` names it); retry after `retry_after_s`."""
-
-    def __init__(self, bound: str, message: str, retry_after_s: int):
-        super().__init__(bound, message, status=429, code="rate_limit_exceeded")
-        self.retry_after_s = retry_after_s
 
 
 @dataclasses.dataclass

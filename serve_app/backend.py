@@ -27,18 +27,12 @@ from lightray.edits import (
 )
 from lightray.images import encode_image
 from lightray.registry import AdapterCorrupt, AdapterNotFound, AdapterRegistry, AdapterRegistryError
-from lightray.schemas import EditSpec, GenerationSpec, RequestError
+from lightray.errors import NotFound, RequestError
+from lightray.schemas import EditSpec, GenerationSpec
+from serve_app.errors import AdapterUnavailable, ServiceUnavailable
 
 if TYPE_CHECKING:  # the ingress never loads torch; only LocalBackend's callers hold a pipeline
     from lightray.pipeline import LocalPipeline
-
-
-class ServiceUnavailable(Exception):
-    """The graph cannot take this request now (queues full, a stage down); the client should retry later."""
-
-    def __init__(self, message: str, retry_after_s: int = 2):
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
 
 
 @dataclasses.dataclass
@@ -549,11 +543,11 @@ async def _as_client_error(spec: GenerationSpec | EditSpec, err: Exception) -> E
     adapter_err = _find_cause(err, (AdapterRegistryError, AdapterLoadError))
     if adapter_err is not None:
         if isinstance(adapter_err, AdapterNotFound):
-            return RequestError("lora", f"adapter {refs} is no longer in the registry: {adapter_err}",
-                                status=404, code="adapter_not_found")
+            return NotFound("lora", f"adapter {refs} is no longer in the registry: {adapter_err}",
+                            code="adapter_not_found")
         code = ("adapter_corrupt" if isinstance(adapter_err, (AdapterCorrupt, AdapterLoadError))
                 else "adapter_unavailable")
-        return RequestError("lora", f"adapter {refs} could not be loaded: {adapter_err}", status=500, code=code)
+        return AdapterUnavailable("lora", f"adapter {refs} could not be loaded: {adapter_err}", code=code)
     lost = _find_cause(err, (RayActorError, WorkerCrashedError, ObjectLostError, DeploymentUnavailableError))
     if lost is None:
         return err

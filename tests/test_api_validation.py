@@ -15,7 +15,9 @@ from testing.adapters import publish_lora_adapter, publish_placeholder_adapter
 from lightray.adapters import resolve_adapters
 from lightray.registry_settings import open_registry
 from lightray.contracts import AdapterUse
-from lightray.schemas import EditSpec, RequestError, parse_lora_field
+from lightray.errors import RequestError
+from lightray.schemas import EditSpec, parse_lora_field
+from serve_app.errors import http_status
 from recording_backend import recording_app, white_png_b64
 from serve_app.settings import ServiceSettings
 
@@ -270,7 +272,7 @@ def test_parse_lora_field():
                          (["acme/a", "acme/b", "acme/a@v3:0.1"], "lora[2]")]:
         with pytest.raises(RequestError) as err:
             parse_lora_field(value)
-        assert (err.value.param, err.value.status) == (param, 400)
+        assert (err.value.param, http_status(err.value)) == (param, 400)
 
 
 @pytest.fixture(scope="module")
@@ -305,10 +307,10 @@ def test_resolve_adapters_pins_in_order_with_the_tenants_acl(unit_registry, pres
 
     hidden = error([AdapterUse("acme/style"), AdapterUse("globex/secret")])
     missing = error([AdapterUse("acme/style"), AdapterUse("globex/nothing")])
-    assert (hidden.status, hidden.param, hidden.code) == (404, "lora[1]", "adapter_not_found")
+    assert (http_status(hidden), hidden.param, hidden.code) == (404, "lora[1]", "adapter_not_found")
     assert hidden.message.replace("secret", "X") == missing.message.replace("nothing", "X")
     assert error([AdapterUse("acme/style@v3")]).param == "lora[0]"
     foreign = error([AdapterUse("acme/subject"), AdapterUse("acme/foreign")])
-    assert (foreign.status, foreign.param, foreign.code) == (422, "lora[1]", "adapter_incompatible")
+    assert (http_status(foreign), foreign.param, foreign.code) == (422, "lora[1]", "adapter_incompatible")
     with pytest.raises(ValueError, match="params"):
         resolve_adapters(unit_registry, preset, [AdapterUse("acme/style")], ["lora", "lora[1]"])

@@ -221,7 +221,9 @@ def test_the_text_deployment_refuses_a_long_2_1_prompt_alone_and_the_refusal_cro
     from ray.exceptions import RayTaskError
 
     from deployments.text_encoder import PromptPair, encode_batch
-    from lightray.schemas import GenerationSpec, RequestError
+    from lightray.errors import RequestError
+    from lightray.schemas import GenerationSpec
+    from serve_app.errors import http_status
     from serve_app.backend import _as_client_error
 
     long_prompt = " ".join(["a red circle on the left"] * 20)
@@ -232,8 +234,8 @@ def test_the_text_deployment_refuses_a_long_2_1_prompt_alone_and_the_refusal_cro
         encode_batch(pipeline.text, [PromptPair("a red circle", long_prompt)])
     assert alone.value.param == "negative_prompt"
 
-    refused = pickle.loads(pickle.dumps(RequestError("prompt", "too long", status=400)))
-    assert (refused.param, refused.message, refused.status) == ("prompt", "too long", 400)
+    refused = pickle.loads(pickle.dumps(RequestError("prompt", "too long")))
+    assert (refused.param, refused.message, http_status(refused)) == ("prompt", "too long", 400)
     wrapped = RayTaskError("encode", "traceback", refused).as_instanceof_cause()
     spec = GenerationSpec(prompt="p", negative_prompt=None, model=MODEL, seeds=[1], width=128, height=128,
                           num_inference_steps=8, true_cfg_scale=1.0)

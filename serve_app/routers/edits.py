@@ -31,10 +31,11 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
 from lightray.edits import output_size
+from lightray.errors import RequestError, TooLarge
 from lightray.images import ImageLimits, decode_edit_inputs, decode_upload, probe_uploads, to_rgb
 from lightray.models.qwen_image_edit import MAX_INPUT_IMAGES
 from lightray.registry import AdapterRegistry
-from lightray.schemas import ImageEditRequest, ImagesResponse, RequestError, lora_params
+from lightray.schemas import ImageEditRequest, ImagesResponse, lora_params
 from serve_app.admission import Admission, pixel_work, request_work
 from serve_app.auth import Principal
 from serve_app.dependencies import (
@@ -45,6 +46,7 @@ from serve_app.dependencies import (
     get_registry,
     get_settings,
 )
+from serve_app.errors import UnsupportedMediaType
 from serve_app.image_store import ImageStore
 from serve_app.openapi_errors import error_responses
 from serve_app.observability import request_id_of
@@ -190,9 +192,9 @@ async def _read_body(request: Request, settings: ServiceSettings) -> tuple[dict,
         return await _read_multipart(request, settings)
     if content_type == "application/json":
         return _read_json(await request.body(), settings)
-    raise RequestError("request", "send multipart/form-data (image and mask as files) or application/json "
-                                  f"(image and mask as base64 or data URLs), not {content_type or 'no content type'}",
-                       status=415, code="unsupported_media_type")
+    raise UnsupportedMediaType(
+        "request", "send multipart/form-data (image and mask as files) or application/json (image and mask as "
+        f"base64 or data URLs), not {content_type or 'no content type'}", code="unsupported_media_type")
 
 
 async def _read_multipart(request: Request, settings: ServiceSettings) -> tuple[dict, list[bytes], bytes | None]:
@@ -289,8 +291,7 @@ def _decode_base64(value: str, name: str, settings: ServiceSettings) -> bytes:
             raise RequestError(name, f"{name}: a data URL must look like data:image/png;base64,…")
     text = "".join(text.split())
     if len(text) > settings.max_image_bytes * 4 // 3 + 4:
-        raise RequestError(name, f"{name} is larger than {settings.max_image_bytes} bytes", status=413,
-                           code="image_too_large")
+        raise TooLarge(name, f"{name} is larger than {settings.max_image_bytes} bytes", code="image_too_large")
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):

@@ -13,15 +13,9 @@ from fastapi.responses import StreamingResponse
 from lightray.adapters import resolve_adapters
 from lightray.config import ModelPreset
 from lightray.contracts import MEDIA_TYPES, PRIORITIES, Priority
+from lightray.errors import NotFound
 from lightray.registry import AdapterRegistry
-from lightray.schemas import (
-    GenerationSpec,
-    ImageData,
-    ImageGenerationRequest,
-    ImagesResponse,
-    RequestError,
-    lora_params,
-)
+from lightray.schemas import GenerationSpec, ImageData, ImageGenerationRequest, ImagesResponse, lora_params
 from serve_app.admission import Admission, request_work
 from serve_app.auth import Principal
 from serve_app.dependencies import (
@@ -32,6 +26,7 @@ from serve_app.dependencies import (
     get_registry,
     get_settings,
 )
+from serve_app.errors import Forbidden, RequestTimeout
 from serve_app.image_store import ImageStore, media_type_of
 from serve_app.observability import request_id_of
 from serve_app.openapi_errors import error_responses
@@ -83,8 +78,8 @@ def attribute_to(spec: GenerationSpec, principal: Principal, priority: Priority 
     A `priority` more urgent than the key's ceiling is 403 naming `priority`."""
     ceiling = principal.max_priority
     if priority is not None and ceiling is not None and PRIORITIES.index(priority) < PRIORITIES.index(ceiling):
-        raise RequestError("priority", f"priority: this API key may ask for {ceiling!r} at most, not {priority!r}",
-                           status=403, code="forbidden")
+        raise Forbidden("priority", f"priority: this API key may ask for {ceiling!r} at most, not {priority!r}",
+                        code="forbidden")
     spec.tenant = principal.tenant
     spec.priority = priority or principal.default_priority
 
@@ -105,8 +100,8 @@ async def within_timeout(work, settings: ServiceSettings, what: str, deadline: f
     try:
         return await asyncio.wait_for(work, timeout=timeout)
     except asyncio.TimeoutError:
-        raise RequestError(
-            "request", f"{what} did not finish within {settings.request_timeout_s:g} s", status=504, code="timeout",
+        raise RequestTimeout(
+            "request", f"{what} did not finish within {settings.request_timeout_s:g} s", code="timeout",
         ) from None
 
 
@@ -138,5 +133,5 @@ def images_response(spec, result, response_format: str, request: Request, respon
 async def get_image(name: str, store: ImageStore = Depends(get_image_store)) -> RawResponse:
     image = await asyncio.to_thread(store.get, name)  # a file read, which may wait for the image's write
     if image is None:
-        raise RequestError("name", "no such image (expired or never existed)", status=404, code="not_found")
+        raise NotFound("name", "no such image (expired or never existed)", code="not_found")
     return RawResponse(image, media_type=media_type_of(name))

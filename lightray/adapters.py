@@ -1,7 +1,8 @@
 """Tenant adapters at request time: resolve the adapters of a request's `lora` field (parsed by
 `lightray.schemas.parse_lora_field`) against the registry as the caller's tenant sees them, pin each to a concrete
-version, check each was trained for the served base model. Used by the ingress (before any replica work) and by
-every process that loads adapters (Denoiser replicas, the in-process pipeline).
+version, check each was trained for the served base model (`pin_adapters`: the ingress, before any replica work,
+and the CLI's in-process mode). Every process that loads adapters (Denoiser replicas, the in-process pipeline)
+checks them out here too.
 """
 
 from __future__ import annotations
@@ -10,10 +11,12 @@ import dataclasses
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TypeVar
 
 from lightray.adapter_files import HeldFiles
 from lightray.config import ModelPreset
 from lightray.contracts import AdapterUse
+from lightray.errors import Incompatible, NotFound, RequestError
 from lightray.fingerprint import fingerprint_model
 from lightray.registry import (
     AdapterCorrupt,
@@ -25,9 +28,11 @@ from lightray.registry import (
     InvalidAdapterRef,
     check_compatible,
 )
-from lightray.errors import Incompatible, NotFound, RequestError
+from lightray.schemas import GenerationSpec
 
 logger = logging.getLogger(__name__)
+
+Spec = TypeVar("Spec", bound=GenerationSpec)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +80,16 @@ def can_use(manifest: AdapterManifest, tenant: str | None) -> bool:
 def can_delete(manifest: AdapterManifest, tenant: str | None) -> bool:
     """Only the owner deletes (public adapters included)."""
     return tenant is None or manifest.tenant == tenant
+
+
+def pin_adapters(spec: Spec, registry: AdapterRegistry, preset: ModelPreset, params: Sequence[str]) -> Spec:
+    """`spec` with its adapters resolved against the registry as its tenant sees them (`resolve_adapters`: 404 /
+    422 naming the request's entry, `params[i]`) and each pinned to a concrete `tenant/name@vN` and its manifest's
+    checksum, in order: a new spec (the core request is frozen). Blocking (registry reads)."""
+    if not spec.adapters:
+        return spec
+    resolved = resolve_adapters(registry, preset, spec.adapters, params, spec.tenant)
+    return dataclasses.replace(spec, adapters=tuple(adapter.use for adapter in resolved))
 
 
 def resolve_adapters(registry: AdapterRegistry, preset: ModelPreset, adapters: Sequence[AdapterUse],

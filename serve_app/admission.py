@@ -31,7 +31,6 @@ import math
 from collections.abc import Iterator
 
 from lightray.contracts import DenoiseParams
-from lightray.schemas import denoising_steps
 from serve_app.errors import ServiceUnavailable, TenantOverQuota
 from serve_app.settings import ApiKey, ServiceSettings
 
@@ -51,8 +50,7 @@ def request_work(params: DenoiseParams) -> float:
     """Work a request asks of the Denoiser, in 1024² row-steps: steps it actually runs (image inputs run only
     `strength` of the schedule) × images × rows per image (true CFG doubles them) × its pixels over 1024²."""
     rows = params.n * (2 if params.uses_cfg else 1)
-    steps = denoising_steps(params.num_inference_steps, params.strength)
-    return steps * rows * params.width * params.height / WORK_UNIT_PIXELS
+    return params.total_steps * rows * params.width * params.height / WORK_UNIT_PIXELS
 
 
 @dataclasses.dataclass(frozen=True)

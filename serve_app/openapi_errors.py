@@ -15,8 +15,8 @@ from typing import Any
 from fastapi.responses import JSONResponse
 
 from lightray.errors import RequestError
-from lightray.schemas import ErrorBody, ErrorResponse
 from serve_app.errors import Unauthenticated, error_type, http_status
+from serve_app.responses import ErrorBody, ErrorResponse
 
 _DESCRIPTIONS = {
     400: "Invalid request; `error.param` names the field.",

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from lightray.models.base import Endpoint
 from lightray.errors import NotFound, RequestError
-from lightray.schemas import ModelCard
+from serve_app.responses import ModelCard
 from serve_app.backend import GenerationBackend
 
 

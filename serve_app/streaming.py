@@ -22,9 +22,10 @@ from typing import Literal
 from fastapi.responses import StreamingResponse
 
 from lightray.errors import RequestError
-from lightray.schemas import ErrorBody, GenerationSpec
+from lightray.schemas import GenerationSpec
 from serve_app.backend import GenerationResult, PartialImages, StepUpdate, StreamItem
 from serve_app.errors import ServiceUnavailable, error_type, http_status
+from serve_app.responses import ErrorBody
 
 logger = logging.getLogger("lightray.api")
 

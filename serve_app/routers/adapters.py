@@ -19,12 +19,12 @@ from lightray.registry import (
     InvalidAdapterRef,
     latest_versions,
 )
-from lightray.schemas import AdapterDeleted, AdapterInfo, AdapterList
 from serve_app.admission import Admission
 from serve_app.auth import Principal
 from serve_app.dependencies import admitted, get_principal, get_registry
 from serve_app.errors import Forbidden
 from serve_app.openapi_errors import error_responses
+from serve_app.responses import AdapterDeleted, AdapterInfo, AdapterList
 
 router = APIRouter(prefix="/v1", tags=["adapters"], responses=error_responses(400, 401))
 

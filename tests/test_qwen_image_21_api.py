@@ -48,7 +48,7 @@ def base_pipeline(tmp_path_factory):
 @pytest.fixture(scope="module")
 def client(pipeline, base_pipeline, tmp_path_factory):
     from serve_app.api import create_app
-    from serve_app.backend import LocalBackend
+    from serve_app.local_backend import LocalBackend
     from serve_app.settings import ServiceSettings
 
     settings = ServiceSettings(preset=pipeline.preset.model_dump(), registry=str(tmp_path_factory.mktemp("registry")),
@@ -224,7 +224,7 @@ def test_the_text_deployment_refuses_a_long_2_1_prompt_alone_and_the_refusal_cro
     from lightray.errors import RequestError
     from lightray.schemas import GenerationSpec
     from serve_app.errors import http_status
-    from serve_app.backend import _as_client_error
+    from serve_app.graph_failures import as_client_error
 
     long_prompt = " ".join(["a red circle on the left"] * 20)
     out = encode_batch(pipeline.text, [PromptPair(long_prompt), PromptPair("a red circle", "a blue square")])
@@ -239,7 +239,7 @@ def test_the_text_deployment_refuses_a_long_2_1_prompt_alone_and_the_refusal_cro
     wrapped = RayTaskError("encode", "traceback", refused).as_instanceof_cause()
     spec = GenerationSpec(prompt="p", negative_prompt=None, model=MODEL, seeds=[1], width=128, height=128,
                           num_inference_steps=8, true_cfg_scale=1.0)
-    assert asyncio.run(_as_client_error(spec, wrapped)) is refused
+    assert asyncio.run(as_client_error(spec, wrapped)) is refused
 
 
 def test_the_vae_deployment_decodes_2_1_latents_as_the_stage(pipeline):

@@ -227,7 +227,7 @@ def test_closing_a_local_stream_cancels_the_engine_request(local_pipeline):
     """LocalBackend: a stream closed after its first step stops the engine run (`cancel`) within a step."""
     from lightray.contracts import DenoiseCancelled
     from lightray.schemas import ImageGenerationRequest
-    from serve_app.backend import LocalBackend
+    from serve_app.local_backend import LocalBackend
 
     backend = LocalBackend(local_pipeline)
     spec = ImageGenerationRequest(prompt=PROMPT, model="lightray-shapes", num_inference_steps=100,

@@ -25,10 +25,10 @@ from lightray.contracts import (
     PNG,
     AdapterUse,
     DenoiseParams,
-    denoising_steps,
     OutputEncoding,
     OutputFormat,
     Priority,
+    denoising_steps,
 )
 from lightray.errors import NotFound, RequestError
 from lightray.registry import AdapterRef, InvalidAdapterRef
@@ -310,8 +310,8 @@ class Caller:
     """The API key's tenant, for fairness between tenants and the adapters it may use; None when auth is off (and
     in process)."""
     default_priority: Priority = "interactive"
-    """The scheduling class of a request that names none (the API key's `priority`). The ingress checks a
-    request's own `priority` against the key's ceiling before it resolves the request."""
+    """The scheduling class of a request that names none (the API key's `priority`). A request's own `priority`
+    is the edge's to check against the key's ceiling (`serve_app.image_requests`)."""
     request_id: str | None = None
     """The ingress's request id (`x-request-id`): the Denoiser's and the engine's log lines about the request
     carry it."""

@@ -6,6 +6,7 @@ Ray graph serves the same app (tests/test_graph.py)."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 
 import pytest
@@ -240,6 +241,18 @@ def test_the_router_pins_stacked_adapters_and_sets_priority(recording, path):
 
     assert client.post(path, json={**OK, **extra}).status_code == 200
     assert backend.specs[-1].adapters == ()
+
+
+@pytest.mark.parametrize("path", ["/v1/images/generations", "/v1/images/edits"])
+def test_the_core_request_is_frozen_and_carries_the_request_id_to_the_denoiser(recording, path):
+    client, backend = recording
+    extra = {"image": white_png_b64()} if path.endswith("edits") else {}
+    r = client.post(path, json={**OK, **extra}, headers={"X-Request-Id": "req-core-1"})
+    assert r.status_code == 200, r.text
+    spec = backend.specs[-1]
+    assert spec.request_id == "req-core-1" and spec.denoise_params().request_id == "req-core-1"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.priority = "interactive"
 
 
 # Needs the in-process pipeline to apply spec.adapters (LocalPipeline taking GenerationSpec.adapters).

@@ -18,6 +18,7 @@ from lightray.config import ModelPreset
 from lightray.contracts import AdapterUse
 from lightray.errors import Incompatible, NotFound, RequestError
 from lightray.fingerprint import fingerprint_model
+from lightray.models import FAMILIES
 from lightray.registry import (
     AdapterCorrupt,
     AdapterIncompatible,
@@ -52,16 +53,41 @@ class ResolvedAdapter:
 def checkout_for_preset(registry: AdapterRegistry, use: AdapterUse, preset: ModelPreset
                         ) -> tuple[AdapterManifest, HeldFiles]:
     """Download (or re-use the verified cached copy of) a pinned adapter to load into `preset`'s transformer, held
-    in the local file cache until released: refused (`AdapterIncompatible`) unless its manifest names this base
-    model and, when it records a fingerprint, this process's weights have the same one (`lightray.fingerprint`);
-    `AdapterNotFound` when `use.checksum` is set and the registry's manifest for `use.ref` is another (the version
-    was deleted, and something else stands under its ref). Every process that loads adapters uses it."""
-    manifest, held = registry.checkout(use.ref, base_model_id=preset.base_model_id,
-                                       base_fingerprint=fingerprint_model(preset))
-    if use.checksum and manifest.checksum != use.checksum:
+    in the local file cache until released: refused unless it fits this model (`check_fits`, with this process's
+    weights' fingerprint, `lightray.fingerprint`); `AdapterNotFound` when `use.checksum` is set and the
+    registry's manifest for `use.ref` is another (the version was deleted, and something else stands under its
+    ref). Every process that loads adapters uses it."""
+    manifest, held = registry.checkout(use.ref)
+    try:
+        check_fits(manifest, preset, fingerprint_model(preset))
+        if use.checksum and manifest.checksum != use.checksum:
+            raise AdapterNotFound(f"adapter {use.ref} is no longer the version that was pinned (its manifest "
+                                  "changed)")
+    except BaseException:
         held.release()
-        raise AdapterNotFound(f"adapter {use.ref} is no longer the version that was pinned (its manifest changed)")
+        raise
     return manifest, held
+
+
+class AdapterOfAnotherFamily(AdapterIncompatible):
+    """The adapter is for another model family's transformer: its layers do not exist in this one."""
+
+
+def check_fits(manifest: AdapterManifest, preset: ModelPreset, base_fingerprint: str | None = None) -> None:
+    """Raise unless `manifest`'s adapter can be applied to `preset`'s transformer:
+    `AdapterOfAnotherFamily` when it records a family whose transformer is another class (it cannot load at all);
+    `AdapterIncompatible` when it was trained for another base (neither `base_model_id` nor one of
+    `adapter_base_model_ids`), or for this base with other weights (`base_fingerprint`, compared when both sides
+    know one: `lightray.registry.check_compatible`)."""
+    family = FAMILIES.get(manifest.base_family)
+    served = preset.model_family
+    if family is not None and family.transformer_class != served.transformer_class:
+        raise AdapterOfAnotherFamily(
+            f"{manifest.ref} is an adapter for the {family.name} family ({family.transformer_class}); "
+            f"model {preset.name!r} is {served.name} ({served.transformer_class})")
+    if manifest.base_model_id in preset.adapter_base_model_ids:
+        return
+    check_compatible(manifest, preset.base_model_id, base_fingerprint)
 
 
 def fetch_for_preset(registry: AdapterRegistry, ref: str, preset: ModelPreset) -> tuple[AdapterManifest, Path]:
@@ -96,7 +122,7 @@ def resolve_adapters(registry: AdapterRegistry, preset: ModelPreset, adapters: S
                      params: Sequence[str], tenant: str | None = None) -> tuple[ResolvedAdapter, ...]:
     """A request's adapters (refs as written, e.g. `acme/style` for the latest) against the registry as `tenant`
     sees it, in order: 404 unknown (or another tenant's private adapter: indistinguishable, so ids cannot be
-    probed), 422 wrong base model. `params`: the request field each adapter came from, named in the errors
+    probed), 400 an adapter of another family's transformer, 422 another base model. `params`: the request field each adapter came from, named in the errors
     (`ImageGenerationRequest.lora_params`: "lora", or "lora[i]" for a list's entries)."""
     if len(params) != len(adapters):
         raise ValueError(f"{len(params)} params for {len(adapters)} adapters")
@@ -104,7 +130,9 @@ def resolve_adapters(registry: AdapterRegistry, preset: ModelPreset, adapters: S
     for adapter, param in zip(adapters, params):
         manifest = find_adapter(registry, adapter.ref, tenant, param=param)
         try:
-            check_compatible(manifest, preset.base_model_id, None)
+            check_fits(manifest, preset)
+        except AdapterOfAnotherFamily as err:
+            raise RequestError(param, f"{param}: {err}", code="adapter_wrong_family") from None
         except AdapterIncompatible as err:
             raise Incompatible(param, f"{param}: {err}", code="adapter_incompatible") from None
         resolved.append(ResolvedAdapter(ref=manifest.ref, scale=adapter.scale, manifest=manifest))

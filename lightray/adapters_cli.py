@@ -27,6 +27,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from lightray.models import FAMILIES
 from lightray.registry import AdapterManifest, AdapterRef, AdapterRegistry, AdapterRegistryError
 from lightray.registry_settings import ENV_REGISTRY, ENV_STORAGE_OPTIONS, open_registry
 
@@ -130,6 +131,8 @@ def _cmd_push(args: argparse.Namespace) -> int:
         fields["base_model_id"] = args.base_model_id
     if args.base_fingerprint is not None:
         fields["base_fingerprint"] = args.base_fingerprint
+    if args.base_family is not None:
+        fields["base_family"] = args.base_family
     if args.trigger_words:
         fields["trigger_words"] = args.trigger_words
     if args.dataset_hash is not None:
@@ -204,6 +207,8 @@ def add_adapter_commands(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("dir", metavar="DIR", help="folder with adapter_model.safetensors + adapter_config.json")
     p.add_argument("--base-model-id", default=None, help="default: base_model_name_or_path from adapter_config.json")
     p.add_argument("--base-fingerprint", default=None)
+    p.add_argument("--base-family", default=None, choices=sorted(FAMILIES),
+                   help="the base's model family (a server of another family refuses the adapter with a 400)")
     p.add_argument("--trigger-word", dest="trigger_words", action="append", default=[], help="repeatable")
     p.add_argument("--dataset-hash", default=None)
     p.add_argument("--training-config", type=_json_object_arg, default=None, metavar="JSON")

@@ -178,6 +178,10 @@ class ModelPreset(BaseModel):
     """Identity of the base weights adapters are trained against: recorded in every adapter's manifest at training
     time and required to match when one is requested (`lightray.registry.check_compatible`). Change it only with
     the weights: adapters published for the old value stop resolving."""
+    adapter_base_model_ids: list[str] = Field(default_factory=list)
+    """Other bases whose adapters this model also serves (`lightray.adapters.check_fits`), for weights distilled
+    from them: Qwen-Image-2.1 Turbo takes adapters trained on the 2.1 base, as LoRAs of a base are used on its
+    step-distilled model. Their fingerprint is not compared (the weights differ by design)."""
     path: str
     """diffusers-format folder (model_index.json, text_encoder/, tokenizer/, transformer/, vae/, scheduler/):
     a local folder (relative paths resolve against the repository root), or a Hugging Face repo id
@@ -431,11 +435,12 @@ def load_preset(ref: str | dict | ModelPreset = DEFAULT_PRESET) -> ModelPreset:
         return ref
     if isinstance(ref, dict):
         return ModelPreset.model_validate(ref)
-    path = Path(ref)
-    if not path.suffix:
-        path = MODEL_PRESETS_DIR / f"{ref}.yaml"
-    elif not path.is_absolute() and not path.exists():
-        path = REPO_ROOT / path
+    # A name may hold dots ("qwen-image-2.1-turbo"): it is a name when configs/models/ has it.
+    path = MODEL_PRESETS_DIR / f"{ref}.yaml"
+    if not path.exists():
+        path = Path(ref)
+        if not path.is_absolute() and not path.exists():
+            path = REPO_ROOT / path
     if not path.exists():
         raise FileNotFoundError(f"no model preset {ref!r} (looked for {path})")
     return ModelPreset.model_validate(yaml.safe_load(path.read_text()))

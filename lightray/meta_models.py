@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from lightray.config import ModelPreset
 from lightray.models.qwen_image import QWEN_IMAGE
+from lightray.models.qwen_image_21 import QWEN_IMAGE_21
 
 GIB = 1024**3
 MIB = 1024**2
@@ -31,11 +32,20 @@ LIGHTNING_LORA_TARGETS = QWEN_IMAGE.lora_targets
 adapters are budgeted on the same targets."""
 
 
-def text_encoder_tokens(preset: ModelPreset) -> int:
-    """Most tokens one prompt takes through the text encoder: QwenImagePipeline tokenizes the chat-templated prompt
-    with truncation at its `tokenizer_max_length` plus the template prefix it drops afterwards
+def text_encoder_tokens(preset: ModelPreset, pictures: int | None = None) -> int:
+    """Most tokens one prompt takes through the text encoder. Qwen-Image: `QwenImagePipeline` tokenizes the
+    chat-templated prompt with truncation at its `tokenizer_max_length` plus the template prefix it drops afterwards
     (`prompt_template_encode_start_idx`, 34 for the real tokenizer); `max_sequence_length` only cuts the embeddings
-    after the forward. A long prompt (up to `max_prompt_chars`) reaches this bound."""
+    after the forward. A long prompt (up to `max_prompt_chars`) reaches this bound. Qwen-Image-2.1 truncates nothing
+    (a longer prompt is refused): its `max_sequence_length` prompt tokens, its chat template, and one vision token
+    per 32x32 pixels of each condition image (`pictures`, by default its most, each at the largest served area; the
+    trainer's captions have none)."""
+    if preset.model_family.prefix_cache:
+        from lightray.models.qwen_image_21 import CHAT_TEMPLATE_TOKENS, VISION_PIXELS_PER_TOKEN
+
+        width, height = preset.largest_size
+        pictures = preset.model_family.input_images[1] if pictures is None else pictures
+        return preset.max_sequence_length + CHAT_TEMPLATE_TOKENS + pictures * (width * height // VISION_PIXELS_PER_TOKEN)
     from diffusers import QwenImagePipeline
 
     pipe = QwenImagePipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None, transformer=None)
@@ -153,58 +163,129 @@ class MetaModels:
 
     @classmethod
     def build(cls, folder: Path) -> "MetaModels":
+        """The modules a folder's config.json files name: the transformer and VAE by their diffusers
+        `_class_name`, the text encoder by its transformers `architectures` (Qwen2.5-VL for Qwen-Image, Qwen3-VL
+        for 2.1)."""
+        import diffusers
         import torch
-        from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
-        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+        import transformers
 
         configs = {name: json.loads((folder / name / "config.json").read_text())
                    for name in ("transformer", "text_encoder", "vae")}
+        text_config = transformers.AutoConfig.for_model(**configs["text_encoder"])
         with torch.device("meta"):
-            transformer = QwenImageTransformer2DModel.from_config(configs["transformer"])
-            text_encoder = Qwen2_5_VLForConditionalGeneration._from_config(
-                Qwen2_5_VLConfig(**configs["text_encoder"]))
-            vae = AutoencoderKLQwenImage.from_config(configs["vae"])
+            transformer = getattr(diffusers, configs["transformer"]["_class_name"]).from_config(configs["transformer"])
+            text_encoder = getattr(transformers, configs["text_encoder"]["architectures"][0])._from_config(text_config)
+            vae = getattr(diffusers, configs["vae"]["_class_name"]).from_config(configs["vae"])
         return cls(transformer, text_encoder, vae, configs)
+
+    @property
+    def single_stream(self) -> bool:
+        """Qwen-Image-2.1's transformer: one token stream (text, condition and noise tokens through the same
+        block weights) with a prefix KV cache, instead of Qwen-Image's two streams."""
+        return type(self.transformer).__name__ == QWEN_IMAGE_21.transformer_class
+
+    @property
+    def lora_targets(self) -> tuple[str, ...]:
+        """The linear layers tenant adapters are budgeted on: the family's (Qwen-Image's are the Lightning LoRAs'
+        targets)."""
+        return QWEN_IMAGE_21.lora_targets if self.single_stream else LIGHTNING_LORA_TARGETS
+
+    @property
+    def inner_width(self) -> int:
+        cfg = self.configs["transformer"]
+        return cfg["num_attention_heads"] * cfg["attention_head_dim"]
 
     @staticmethod
     def parameters(module) -> int:
         return sum(p.numel() for p in module.parameters())
 
-    def lora_parameters(self, rank: int, targets: tuple[str, ...] | list[str] = LIGHTNING_LORA_TARGETS) -> int:
+    def lora_parameters(self, rank: int, targets: tuple[str, ...] | list[str] | None = None) -> int:
         """Parameters of a rank-`rank` LoRA on the linear layers `targets` names (peft's matching: a module name
-        equal to a target or ending in "." + target): rank x (in + out) each."""
+        equal to a target or ending in "." + target): rank x (in + out) each. Default: `lora_targets`."""
+        targets = self.lora_targets if targets is None else targets
         total = 0
         for name, module in self.transformer.named_modules():
             if hasattr(module, "in_features") and any(name == t or name.endswith("." + t) for t in targets):
                 total += rank * (module.in_features + module.out_features)
         return total
 
-    def transformer_activation_bytes(self, dtype: str, rows: int, width: int, height: int, text_tokens: int,
-                                     layers: int = 2, conditions: tuple[tuple[int, int], ...] = ()) -> int:
-        """Peak activations of one engine step: a forward over `rows` rows at `width` x `height` with
-        `text_tokens` prompt tokens each (the engine pads prompts to the longest). It runs on a `layers`-block twin
-        of the transformer with the rank-64 Lightning LoRA on its targets, built at `dtype`: a block's activations
-        are freed before the next block runs, so the peak is reached by the second block and does not grow with
-        depth (tests/test_gpu_budget.py checks it). The engine applies stacked adapters one after another, so one
-        LoRA's temporaries stand for a stack's."""
+    def transformer_twin(self, layers: int, dtype: str, rank: int = 64, targets=None):
+        """A `layers`-block twin of the transformer on the meta device at `dtype`, with a rank-`rank` LoRA on
+        `targets` (default: `lora_targets`). A single-stream (2.1) twin's blocks and output norm move the real CPU
+        masks `transformer_inputs` gives to the meta device as they receive them (see `transformer_inputs`)."""
+        import diffusers
         import torch
-        from diffusers import QwenImageTransformer2DModel
         from peft import LoraConfig, inject_adapter_in_model
 
-        kind = dict(device="meta", dtype=getattr(torch, dtype))
+        config = {**self.configs["transformer"], "num_layers": layers}
         with torch.device("meta"):
-            model = QwenImageTransformer2DModel.from_config({**self.configs["transformer"], "num_layers": layers})
-            model = inject_adapter_in_model(LoraConfig(r=64, lora_alpha=64, target_modules=list(
-                LIGHTNING_LORA_TARGETS)), model).to(kind["dtype"])
-        # An instruction edit's condition images (`conditions`: each one's (width, height)) join the sequence.
-        shapes = [(1, height // 16, width // 16), *((1, h // 16, w // 16) for w, h in conditions)]
-        tokens = sum(r * c for _, r, c in shapes)
-        latents = torch.empty(rows, tokens, self.configs["transformer"]["in_channels"], **kind)
-        prompt = torch.empty(rows, text_tokens, self.configs["transformer"]["joint_attention_dim"], **kind)
+            model = getattr(diffusers, config["_class_name"]).from_config(config)
+            model = inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(
+                self.lora_targets if targets is None else targets)), model).to(getattr(torch, dtype))
+        if self.single_stream:
+            def masks_to_meta(module, args, kwargs):
+                move = lambda x: x.to("meta") if isinstance(x, torch.Tensor) and x.device.type == "cpu" else x
+                return tuple(move(a) for a in args), {k: move(v) for k, v in kwargs.items()}
+
+            for module in (*model.transformer_blocks, model.norm_out):
+                module.register_forward_pre_hook(masks_to_meta, with_kwargs=True)
+        return model
+
+    def transformer_inputs(self, dtype: str, rows: int, width: int, height: int, text_tokens: int,
+                           conditions: tuple[tuple[int, int], ...] = ()) -> dict:
+        """The forward's keyword arguments for `rows` rows at `width` x `height` with `text_tokens` prompt tokens
+        and condition images of the sizes `conditions` (each (width, height)), on the meta device. Qwen-Image: an
+        instruction edit's condition tokens join the image sequence. Qwen-Image-2.1: its forward reads the values
+        of the prompt's image-slot mask to lay out the sequence (slots expanded to 2x2 tokens, the block-causal
+        segments), which the meta device has none of, so the mask is a real CPU tensor and every tensor the model
+        computes stays on the meta device (`transformer_twin`)."""
+        import torch
+
+        kind = dict(device="meta", dtype=getattr(torch, dtype))
+        config = self.configs["transformer"]
         timestep = torch.empty(rows, **kind)
-        return forward_peak_bytes(model, lambda: model(hidden_states=latents, encoder_hidden_states=prompt,
-                                                       timestep=timestep, img_shapes=[shapes] * rows,
-                                                       return_dict=False))
+        if not self.single_stream:
+            shapes = [(1, height // 16, width // 16), *((1, h // 16, w // 16) for w, h in conditions)]
+            tokens = sum(r * c for _, r, c in shapes)
+            return dict(hidden_states=torch.empty(rows, tokens, config["in_channels"], **kind),
+                        encoder_hidden_states=torch.empty(rows, text_tokens, config["joint_attention_dim"], **kind),
+                        timestep=timestep, img_shapes=[shapes] * rows, return_dict=False)
+        from diffusers.modular_pipelines.qwenimage21.denoise import joint_vision_mask
+
+        target = image_tokens(width, height)
+        grids = [(1, h // 16, w // 16) for w, h in conditions] + [(1, height // 16, width // 16)]
+        condition_slots = sum(image_tokens(w, h) for w, h in conditions) // 4
+        slots = torch.cat([torch.zeros(rows, text_tokens, dtype=torch.bool),
+                           torch.ones(rows, condition_slots, dtype=torch.bool)], dim=1)
+        return dict(hidden_states=torch.empty(rows, target + 4 * condition_slots, config["in_channels"], **kind),
+                    encoder_hidden_states=torch.empty(rows, slots.shape[1], config["context_in_dim"], **kind),
+                    timestep=timestep, img_shapes=[grids] * rows, img_mask=joint_vision_mask(slots, target),
+                    return_dict=False)
+
+    def transformer_activation_bytes(self, dtype: str, rows: int, width: int, height: int, text_tokens: int,
+                                     layers: int = 2, conditions: tuple[tuple[int, int], ...] = (),
+                                     cached: bool = False) -> int:
+        """Peak activations of one engine step: a forward over `rows` rows at `width` x `height` with
+        `text_tokens` prompt tokens each (the engine pads prompts to the longest) and condition images of the
+        sizes `conditions`. It runs on a `layers`-block twin with a rank-64 LoRA (`transformer_twin`): a block's
+        activations are freed before the next block runs, so the peak is reached by the second block and does
+        not grow with depth (tests/test_gpu_budget.py checks it). The engine applies stacked adapters one after
+        another, so one LoRA's temporaries stand for a stack's. `cached`: a single-stream (2.1) forward after the
+        first step, the noise tokens alone reading the prefix from the KV cache; it first extracts the prefix
+        (those keys and values are the cache, budgeted apart: `prefix_cache_bytes`)."""
+        import torch
+
+        model = self.transformer_twin(layers, dtype)
+        inputs = self.transformer_inputs(dtype, rows, width, height, text_tokens, conditions)
+        if not cached:
+            return forward_peak_bytes(model, lambda: model(**inputs))
+        from diffusers.models.transformers.transformer_qwenimage21 import QwenImage21KVCache
+
+        cache = QwenImage21KVCache(layers)
+        with torch.no_grad(), memory_efficient_attention():
+            model(**inputs, kv_cache=cache, kv_cache_mode="extract")
+        return forward_peak_bytes(model, lambda: model(**inputs, kv_cache=cache, kv_cache_mode="cached"))
 
     def text_encoder_activation_bytes(self, dtype: str, prompts: int, tokens: int) -> int:
         """Peak of one text-encoder forward as `encode_prompt` runs it (`output_hidden_states=True`), including the
@@ -232,7 +313,8 @@ class MetaModels:
         import torch
 
         model = self.vae.to(getattr(torch, dtype))
-        pixels = torch.empty(images, 3, 1, height, width, device="meta", dtype=getattr(torch, dtype))
+        channels = self.configs["vae"].get("in_channels", 3)  # 2.1's VAE reads RGBA
+        pixels = torch.empty(images, channels, 1, height, width, device="meta", dtype=getattr(torch, dtype))
         return forward_peak_bytes(model, lambda: model.encode(pixels, return_dict=False))
 
     def transformer_flops_per_row(self, image_tokens: int, text_tokens: int) -> float:
@@ -255,6 +337,21 @@ class MetaModels:
         tokens = image_tokens + text_tokens
         attention = cfg["num_layers"] * 4 * tokens * tokens * inner
         return per_image_token * image_tokens + per_text_token * text_tokens + attention
+
+    def single_stream_flops_per_row(self, target_tokens: int, prefix_tokens: int, cached: bool) -> float:
+        """Forward FLOPs of one row of one Qwen-Image-2.1 step: 2 x in x out per token through every block
+        linear (all tokens take the same weights), and attention's QK^T and AV (4 x queries x keys x inner width
+        per block). `cached`: the noise tokens alone, their queries against the cached prefix and themselves (every
+        step after the first); otherwise the whole sequence, as a server without the cache pays every step (its
+        prefix counted as full attention: the block-causal mask makes it at most that)."""
+        linear = sum(2 * module.in_features * module.out_features
+                     for module in self.transformer.transformer_blocks.modules()
+                     if type(module).__name__ == "Linear")
+        layers, tokens = self.configs["transformer"]["num_layers"], target_tokens + prefix_tokens
+        attention = 4 * layers * self.inner_width
+        if cached:
+            return linear * target_tokens + attention * target_tokens * tokens
+        return linear * tokens + attention * tokens * tokens
 
     def text_encoder_flops_per_prompt(self, tokens: int) -> float:
         """2 x parameters of the language model per token (the vision tower is idle for text prompts) plus its

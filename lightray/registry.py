@@ -264,6 +264,10 @@ class AdapterManifest(BaseModel):
     version: int = Field(ge=1)
     base_model_id: str = Field(min_length=1)
     base_fingerprint: str = ""
+    base_family: str = ""
+    """The model family of the base (`lightray.models.FAMILIES`, e.g. "qwen-image-2.1"), recorded by the trainer:
+    an adapter for another family's transformer cannot load at all. Empty when unknown (older manifests, pushes
+    without `--base-family`): only `base_model_id` is checked then."""
     rank: int | None = Field(default=None, ge=1)
     alpha: float | None = None
     target_modules: list[str] = Field(default_factory=list)

@@ -35,6 +35,7 @@ from lightray.meta_models import (
     sequence_tokens,
     text_encoder_tokens,
 )
+from lightray.models.qwen_image_21 import prefix_cache_bytes
 from serve_app.admission import WORK_UNIT_PIXELS
 
 
@@ -179,15 +180,14 @@ def budgets(a: CapacityAssumptions) -> dict[str, MemoryBudget]:
     # embeddings (with the negative ones under CFG) and an edit's condition tokens between steps.
     condition_tok = sequence_tokens(a.preset, width, height) - img_tok
     engine_state = live * (a.preset.max_images_per_request * img_tok * t_cfg["in_channels"] * 4 * 2
-                           + 2 * txt_tok * t_cfg["joint_attention_dim"] * b
+                           + 2 * txt_tok * text_width(m) * b
                            + condition_tok * t_cfg["in_channels"] * b)
     denoiser = {
         "weights": m.parameters(m.transformer) * b,
         # Every variant's distilled LoRA stays loaded (unfused: rows of different variants share a step).
         "lightning_loras": sum(1 for v in a.preset.variants if v.lightning_lora) * lora(64) * b,
         "adapter_cache": adapter_cache_size(a) * lora(a.tenant_adapter_rank) * b,
-        "activations": m.transformer_activation_bytes(a.preset.dtype, rows, width, height, txt_tok,
-                                                      conditions=condition_sizes(a.preset, width, height)),
+        "activations": transformer_activation_bytes(a, rows, width, height),
         "engine_state": engine_state,
         "cuda_reserved": reserved,
     }
@@ -206,6 +206,34 @@ def budgets(a: CapacityAssumptions) -> dict[str, MemoryBudget]:
     }
     return {name: MemoryBudget(name, items, a.gpu_fraction_bytes(name))
             for name, items in (("TextEncoder", text_encoder), ("Denoiser", denoiser), ("VaeDecoder", vae))}
+
+
+def text_width(m: MetaModels) -> int:
+    """Width of the prompt embeddings the Denoiser holds: Qwen-Image's `joint_attention_dim`, 2.1's
+    `context_in_dim`."""
+    cfg = m.configs["transformer"]
+    return cfg.get("joint_attention_dim") or cfg["context_in_dim"]
+
+
+def transformer_activation_bytes(a: CapacityAssumptions, rows: int, width: int, height: int) -> int:
+    """Peak activations of the Denoiser's largest step at `width` x `height`. A prefix-cache family (2.1) runs two
+    kinds of forward: a request's first step extracts its prefix alone (its n rows, the whole sequence), later
+    steps batch up to `rows` rows of noise tokens against their caches; the budget is the larger."""
+    m, conditions = a.models, condition_sizes(a.preset, width, height)
+    measure = dict(width=width, height=height, text_tokens=text_tokens(a.preset), conditions=conditions)
+    if not m.single_stream:
+        return m.transformer_activation_bytes(a.preset.dtype, rows, **measure)
+    return max(m.transformer_activation_bytes(a.preset.dtype, a.preset.max_images_per_request, **measure),
+               m.transformer_activation_bytes(a.preset.dtype, rows, cached=True, **measure))
+
+
+def request_prefix_cache_bytes(a: CapacityAssumptions, width: int, height: int, pictures: int) -> int:
+    """The prefix KV cache of one one-image request of a prefix-cache family at `width` x `height` with a prompt
+    of the preset's longest and `pictures` condition images (each at the output's area): both CFG branches when
+    the preset's default variant uses true CFG (the engine's `_size_prefix`)."""
+    prefix = text_tokens(a.preset) + pictures * image_tokens(width, height)
+    branches = 2 if a.preset.variants[0].true_cfg_scale > 1 else 1
+    return prefix_cache_bytes(a.models.configs["transformer"], branches * prefix, 1, a.dtype_bytes)
 
 
 def adapter_cache_size(a: CapacityAssumptions) -> int:
@@ -259,11 +287,23 @@ def stage_times(a: CapacityAssumptions, width: int = 1024, height: int = 1024) -
     prompt_tokens = 39 + 64
     return StageTimes(
         encode_s_per_prompt=m.text_encoder_flops_per_prompt(prompt_tokens) / (flops_s * t.text_encoder_mfu),
-        step_s_per_row=m.transformer_flops_per_row(sequence_tokens(a.preset, width, height), 64)
-        / (flops_s * t.transformer_mfu),
+        step_s_per_row=row_step_flops(a, width, height) / (flops_s * t.transformer_mfu),
         step_overhead_s=t.fixed_step_overhead_s,
         decode_s_per_image=t.vae_decode_s_per_megapixel * width * height / 1e6,
     )
+
+
+def row_step_flops(a: CapacityAssumptions, width: int, height: int, pictures: int | None = None,
+                   cached: bool = True) -> float:
+    """FLOPs of one row of a typical step (a ~64-token prompt) at `width` x `height`: with an instruction edit's
+    most condition images, or `pictures` of them (each at the output's area) for a prefix-cache family, whose
+    steps after the first read the prefix from its cache (`cached`) instead of recomputing it."""
+    m = a.models
+    if not m.single_stream:
+        return m.transformer_flops_per_row(sequence_tokens(a.preset, width, height), 64)
+    pictures = a.preset.model_family.input_images[1] if pictures is None else pictures
+    prefix = 64 + pictures * image_tokens(width, height)
+    return m.single_stream_flops_per_row(image_tokens(width, height), prefix, cached)
 
 
 def cold_start_s(a: CapacityAssumptions) -> float:
@@ -386,6 +426,7 @@ def capacity_markdown(a: CapacityAssumptions, targets: tuple[float, ...] = (0.5,
         lines.append(f"| {name} | {sequence_tokens(edit.preset, 1024, 1024)} | "
                      f"{budget.items['activations'] / GIB:.2f} GiB | {budget.total / GIB:.2f} GiB | "
                      f"{budget.headroom / GIB:.2f} GiB | {times.step_s_per_row * 1000:.0f} ms |")
+    lines += ["", *qwen_image_21_markdown(a)]
     return "\n".join(lines)
 
 
@@ -393,11 +434,46 @@ EDIT_PRESETS = ("qwen-image-edit-2511-lightning", "qwen-image-edit-2509-lightnin
 """The instruction-edit presets the tables size on the GPU class (configs/serve/gpu.yaml serves Qwen-Image)."""
 
 
-def with_preset(a: CapacityAssumptions, preset: ModelPreset) -> CapacityAssumptions:
-    """`a` with `preset` served instead of the Serve config's (same shares, engine and GPU class)."""
-    other = a.model_copy()
+QWEN_IMAGE_21_PRESETS = ("qwen-image-2.1-turbo", "qwen-image-2.1")
+"""The Qwen-Image-2.1 presets the tables size on the GPU class, with the published configs of
+`QWEN_IMAGE_21_CONFIGS`."""
+QWEN_IMAGE_21_CONFIGS = "configs/qwen-image-2.1"
+
+
+def with_preset(a: CapacityAssumptions, preset: ModelPreset, model_configs: str | None = None
+                ) -> CapacityAssumptions:
+    """`a` with `preset` served instead of the Serve config's (same shares, engine and GPU class), its modules
+    from `model_configs` when they are another family's."""
+    other = a.model_copy(update={"model_configs": model_configs or a.model_configs})
+    other.__dict__.pop("models", None)
     other.__dict__["preset"] = preset
     return other
+
+
+def qwen_image_21_markdown(a: CapacityAssumptions, size: int = 1024) -> list[str]:
+    """The 2.1 tables: its replicas' memory on the Serve config's shares, and what its prefix KV cache costs and
+    saves at `size`²."""
+    turbo = with_preset(a, load_preset(QWEN_IMAGE_21_PRESETS[0]), QWEN_IMAGE_21_CONFIGS)
+    lines = [f"| {turbo.preset.name} on the same shares, at its largest size | weights | other items | total | "
+             "available | headroom |", "| --- | --- | --- | --- | --- | --- |"]
+    for name, budget in budgets(turbo).items():
+        other = ", ".join(f"{k} {v / GIB:.2f}" for k, v in budget.items.items() if k != "weights" and v)
+        lines.append(f"| {name} | {budget.items['weights'] / GIB:.2f} GiB | {other} GiB | {budget.total / GIB:.2f} "
+                     f"GiB | {budget.available / GIB:.2f} GiB | {budget.headroom / GIB:.2f} GiB |")
+    lines += ["", f"| Qwen-Image-2.1 at {size}² | noise tokens per row | prefix KV cache per request: text only / 3 "
+              "pictures | Denoiser room for caches | requests it holds: text only / 3 pictures | row-step, text only: "
+              "cached prefix / recomputed | row-step, 3 pictures: cached / recomputed |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name in QWEN_IMAGE_21_PRESETS:
+        q = with_preset(a, load_preset(name), QWEN_IMAGE_21_CONFIGS)
+        room = budgets(q)["Denoiser"].headroom
+        flops_s = q.gpu.dense_bf16_tflops * 1e12 * q.stage_times.transformer_mfu
+        caches = [request_prefix_cache_bytes(q, size, size, n) for n in (0, 3)]
+        steps = [f"{row_step_flops(q, size, size, n, True) / flops_s * 1000:.0f} / "
+                 f"{row_step_flops(q, size, size, n, False) / flops_s * 1000:.0f} ms" for n in (0, 3)]
+        lines.append(f"| {name} | {image_tokens(size, size)} | {caches[0] / GIB:.2f} / {caches[1] / GIB:.2f} GiB | "
+                     f"{room / GIB:.2f} GiB | {room // caches[0]} / {room // caches[1]} | {steps[0]} | {steps[1]} |")
+    return lines
 
 
 GPU_DEPLOYMENTS = ("TextEncoder", "Denoiser", "VaeDecoder")

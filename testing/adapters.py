@@ -45,7 +45,7 @@ def publish_lora_adapter(registry_root, preset, tenant: str, name: str, seed: in
 
     src = make_lora_adapter(preset, Path(tmp_dir) / f"{tenant}-{name}-{seed}", seed, **kwargs)
     return open_registry(str(registry_root)).publish(tenant, name, src, base_model_id=preset.base_model_id,
-                                                      **(manifest or {}))
+                                                      base_family=preset.family, **(manifest or {}))
 
 
 def publish_placeholder_adapter(registry_root, preset, tenant: str, name: str, tmp_dir, **manifest):
@@ -64,4 +64,4 @@ def publish_placeholder_adapter(registry_root, preset, tenant: str, name: str, t
     shutil.copy(preset.resolve(lightning), src / "adapter_model.safetensors")
     (src / "adapter_config.json").write_text(json.dumps({"r": 8, "lora_alpha": 8, "peft_type": "LORA"}))
     return open_registry(str(registry_root)).publish(
-        tenant, name, src, **{"base_model_id": preset.base_model_id, **manifest})
+        tenant, name, src, **{"base_model_id": preset.base_model_id, "base_family": preset.family, **manifest})

@@ -33,3 +33,24 @@ def test_loading_checks_the_adapters_base_fingerprint(preset, tmp_path):
     assert fetch_for_preset(registry, unrecorded.ref, preset)[0] == unrecorded  # published without one: id only
     with pytest.raises(AdapterIncompatible, match="fingerprint"):
         fetch_for_preset(registry, other.ref, preset)
+
+
+def test_an_adapter_fits_by_family_then_by_base(preset, tmp_path):
+    """`check_fits`: another family's transformer is `AdapterOfAnotherFamily` (the ingress's 400), another base of
+    the same transformer `AdapterIncompatible` (422); a base the preset also serves (`adapter_base_model_ids`)
+    fits without its fingerprint compared, since distilled weights differ by design."""
+    from lightray.adapters import AdapterOfAnotherFamily, check_fits
+
+    root = tmp_path / "registry"
+    edit = load_preset("lightray-shapes-edit")
+    of_21 = publish_placeholder_adapter(root, preset, "acme", "a", tmp_path, base_family="qwen-image-2.1")
+    of_edit = publish_placeholder_adapter(root, edit, "acme", "b", tmp_path, base_fingerprint="sha256:" + "1" * 64)
+    with pytest.raises(AdapterOfAnotherFamily, match="qwen-image-2.1 family"):
+        check_fits(of_21, preset)
+    with pytest.raises(AdapterIncompatible, match="trained for base model") as refused:
+        check_fits(of_edit, preset)  # the same transformer class, another base
+    assert not isinstance(refused.value, AdapterOfAnotherFamily)
+    distilled = preset.model_copy(update={"adapter_base_model_ids": [edit.base_model_id]})
+    check_fits(of_edit, distilled, fingerprint_model(preset))
+    with pytest.raises(AdapterIncompatible, match="fingerprint"):
+        check_fits(of_edit, edit, fingerprint_model(edit))

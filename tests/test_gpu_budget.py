@@ -301,3 +301,64 @@ def test_an_edit_models_rows_count_their_condition_tokens(a):
     plain = m.transformer_activation_bytes("bfloat16", 2, 1024, 1024, 512)
     edited = m.transformer_activation_bytes("bfloat16", 2, 1024, 1024, 512, conditions=condition_sizes(edit, 1024, 1024))
     assert 3.0 * plain < edited < 4.5 * plain
+
+
+@pytest.fixture(scope="module")
+def q21(a) -> CapacityAssumptions:
+    """The Serve config's shares and GPU class with Qwen-Image-2.1 Turbo served, from its published configs."""
+    from lightray.config import load_preset
+    from planning.capacity import QWEN_IMAGE_21_CONFIGS, with_preset
+
+    return with_preset(a, load_preset("qwen-image-2.1-turbo"), QWEN_IMAGE_21_CONFIGS)
+
+
+def test_the_2_1_modules_have_their_published_sizes(a, q21):
+    """The configs in configs/qwen-image-2.1 build the 7 B single-stream DiT and Qwen3-VL-8B (8.77 B parameters,
+    Qwen's figure), with LoRAs budgeted on 2.1's block linears."""
+    from lightray.models.qwen_image_21 import TRANSFORMER_BLOCK_LINEARS
+
+    m = q21.models
+    assert m.single_stream and not a.models.single_stream
+    assert round(m.parameters(m.transformer) / 1e9, 2) == 7.12
+    assert round(m.parameters(m.text_encoder) / 1e9, 2) == 8.77
+    per_block = sum(4096 * 2 for _ in range(4)) + 2 * (4096 + 3 * 4096) + (3 * 4096 + 4096)
+    assert m.lora_targets == TRANSFORMER_BLOCK_LINEARS and m.lora_parameters(1) == 32 * per_block
+
+
+def test_2_1_activations_measure_extracting_and_cached_forwards(q21):
+    """A 2.1 forward measured with a real mask and meta tensors: the peak does not grow with depth, grows with rows
+    and pictures, and a cached forward (noise tokens against the cache) peaks below the extracting one once the
+    prefix is long."""
+    m, pictures = q21.models, ((1024, 1024),) * 3
+    two = m.transformer_activation_bytes("bfloat16", 1, 1024, 1024, 512, conditions=pictures)
+    assert m.transformer_activation_bytes("bfloat16", 1, 1024, 1024, 512, layers=3, conditions=pictures) == two
+    text_only = m.transformer_activation_bytes("bfloat16", 1, 1024, 1024, 512)
+    assert 3.0 * text_only < two < 4.5 * text_only
+    cached = m.transformer_activation_bytes("bfloat16", 1, 1024, 1024, 512, conditions=pictures, cached=True)
+    assert cached < two / 2
+    assert 1.9 < m.transformer_activation_bytes("bfloat16", 2, 1024, 1024, 512) / text_only < 2.1
+
+
+def test_the_2_1_prefix_cache_is_budgeted_and_saves_steps_with_pictures(q21):
+    """0.5 MiB per prefix token and branch (the engine's own formula), twice under the base's CFG; the Denoiser's
+    room holds whole requests; a cached step with three pictures costs about a quarter of recomputing them, while
+    a short text prompt saves little."""
+    from lightray.config import load_preset
+    from planning.capacity import (QWEN_IMAGE_21_CONFIGS, budgets, request_prefix_cache_bytes, row_step_flops,
+                                   with_preset)
+
+    assert request_prefix_cache_bytes(q21, 1024, 1024, 0) == 512 * 2 * 32 * 4096 * 2
+    assert request_prefix_cache_bytes(q21, 1024, 1024, 3) == (512 + 3 * 4096) * 2 * 32 * 4096 * 2
+    base = with_preset(q21, load_preset("qwen-image-2.1"), QWEN_IMAGE_21_CONFIGS)
+    assert request_prefix_cache_bytes(base, 1024, 1024, 3) == 2 * request_prefix_cache_bytes(q21, 1024, 1024, 3)
+    denoiser = budgets(q21)["Denoiser"]
+    assert denoiser.headroom > request_prefix_cache_bytes(q21, 1024, 1024, 3) and "lightning_loras" in denoiser.items
+    ratio = row_step_flops(q21, 1024, 1024, 3, cached=False) / row_step_flops(q21, 1024, 1024, 3, cached=True)
+    assert 3.5 < ratio < 4.5
+    assert 1.0 < row_step_flops(q21, 1024, 1024, 0, cached=False) / row_step_flops(q21, 1024, 1024, 0) < 1.1
+
+
+def test_a_preset_named_with_dots_loads_by_name():
+    from lightray.config import load_preset
+
+    assert load_preset("qwen-image-2.1-turbo").family == "qwen-image-2.1"

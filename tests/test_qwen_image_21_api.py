@@ -193,22 +193,45 @@ def test_a_prompt_past_the_encoders_limit_is_a_400_naming_prompt_with_the_limit(
         assert f"at most {PROMPT_LIMIT}" in error["message"], error
 
 
-def test_an_adapter_of_another_family_is_refused_naming_its_entry(client, pipeline, tmp_path):
-    """An adapter trained for Qwen-Image (the embedded model) on 2.1: refused before any replica work, naming the
-    list entry (`lora[1]`); the house's status for an adapter of another base model, 422 `adapter_incompatible`."""
+def test_an_adapter_of_another_family_is_a_400_naming_its_entry(client, pipeline, tmp_path):
+    """An adapter trained for Qwen-Image (the embedded model: another transformer) on 2.1: refused before any
+    replica work with a 400 naming the list entry (`lora[1]`), whichever endpoint."""
     from lightray.config import load_preset
 
     shapes = load_preset("lightray-shapes")
     ours = publish_placeholder_adapter(client.registry_root, shapes, "acme", "turbo-style", tmp_path,
-                                       base_model_id=pipeline.preset.base_model_id)
+                                       base_model_id=pipeline.preset.base_model_id, base_family="qwen-image-2.1")
     foreign = publish_placeholder_adapter(client.registry_root, shapes, "acme", "shapes-style", tmp_path)
     for response in (
         client.post("/v1/images/generations", json={"model": MODEL, "prompt": "a red circle",
                                                     "lora": [ours.ref, foreign.ref]}),
         edit(client, pictures(1), **{"lora[]": [ours.ref, foreign.ref]}),
     ):
-        error = assert_error(response, 422, "lora[1]")
-        assert error["code"] == "adapter_incompatible" and "qwen-image-2.1-turbo" in error["message"]
+        error = assert_error(response, 400, "lora[1]")
+        assert error["code"] == "adapter_wrong_family", error
+        assert "qwen-image family" in error["message"] and "qwen-image-2.1" in error["message"], error
+
+
+def test_turbo_serves_an_adapter_of_the_base_and_the_base_refuses_turbos(client, tmp_path):
+    """Turbo is distilled from the base, so an adapter trained on the base (`adapter_base_model_ids`) changes
+    Turbo's image; the base refuses an adapter trained on Turbo (422, another base model)."""
+    from mini_real import write_mini_21_lora
+
+    from lightray.registry_settings import open_registry
+
+    folder = tmp_path / "base-style"
+    write_mini_21_lora(folder / "adapter_model.safetensors", seed=81)
+    (folder / "adapter_config.json").write_text('{"r": 4, "lora_alpha": 4, "peft_type": "LORA"}')
+    registry = open_registry(str(client.registry_root))
+    of_base = registry.publish("acme", "base-style", folder, base_model_id=BASE, base_family="qwen-image-2.1")
+    of_turbo = registry.publish("acme", "turbo-only", folder, base_model_id=MODEL, base_family="qwen-image-2.1")
+    request = {"model": MODEL, "prompt": "a red circle", "seed": 5, "size": "128x128"}
+    plain = decoded(client.post("/v1/images/generations", json=request))[0]
+    styled = decoded(client.post("/v1/images/generations", json={**request, "lora": of_base.ref}))[0]
+    assert np.abs(plain.astype(int) - styled.astype(int)).max() > 0
+    error = assert_error(client.post("/v1/images/generations", json={**request, "model": BASE, "lora": of_turbo.ref,
+                                                                     "num_inference_steps": 2}), 422, "lora")
+    assert error["code"] == "adapter_incompatible" and MODEL in error["message"], error
 
 
 def test_the_text_deployment_refuses_a_long_2_1_prompt_alone_and_the_refusal_crosses_a_handle(pipeline):

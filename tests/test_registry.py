@@ -534,10 +534,12 @@ def run_cli(backend: Backend, tmp_path: Path, *args: str) -> subprocess.Complete
 def test_cli_round_trip_subprocess(backend: Backend, reg: AdapterRegistry, make_adapter: MakeAdapter, tmp_path: Path) -> None:
     src = make_adapter()
     r = run_cli(backend, tmp_path, "push", "acme/style", str(src), "--base-model-id", BASE,
-                "--trigger-word", "sks", "--trigger-word", "ohwx", "--public", "--json")
+                "--base-family", "qwen-image-2.1", "--trigger-word", "sks", "--trigger-word", "ohwx", "--public",
+                "--json")
     assert r.returncode == 0, r.stderr
     pushed = json.loads(r.stdout)
     assert pushed["ref"] == "acme/style@v1" and pushed["visibility"] == "public"
+    assert pushed["base_family"] == "qwen-image-2.1"
     assert pushed["trigger_words"] == ["sks", "ohwx"]
     assert reg.resolve("acme/style").files == pushed["files"]  # visible to another process
 

@@ -607,6 +607,7 @@ def test_the_driver_publishes_without_reading_the_model(preset, ring_dataset, tm
     monkeypatch.undo()
     manifest = AdapterRegistry(str(registry)).resolve("demo/ring")
     assert manifest.base_fingerprint == trainer.base_fingerprint == fingerprint_model(preset)
+    assert manifest.base_family == preset.family == "qwen-image"
     fetched, folder = fetch_for_preset(AdapterRegistry(str(registry), cache_dir=tmp_path / "cache"), "demo/ring",
                                        preset)
     assert fetched.version == 1 and (Path(folder) / ADAPTER_WEIGHTS).is_file()

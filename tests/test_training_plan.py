@@ -51,6 +51,27 @@ def test_training_activations_grow_by_the_same_amount_per_block():
         assert growth[0] > 0 and abs(growth[1] - growth[0]) <= 0.01 * growth[0], (checkpointing, peaks)
 
 
+def test_the_2_1_config_fits_and_grows_per_block_on_2_1s_own_layers():
+    """configs/train/qwen-image-2.1.yaml planned from 2.1's published configs: the 7 B single-stream DiT's weights,
+    a LoRA on its block linears, captions without pictures through Qwen3-VL-8B, and a training twin whose growth
+    per block is constant (its forward reads the real slot mask, `MetaModels.transformer_inputs`)."""
+    from lightray.models.qwen_image_21 import TRANSFORMER_BLOCK_LINEARS
+
+    cfg = load_train_config(REPO / "configs/train/qwen-image-2.1.yaml")
+    plan = plan_memory(cfg)
+    assert plan.preset.family == "qwen-image-2.1" and set(cfg.target_modules) == set(TRANSFORMER_BLOCK_LINEARS)
+    assert 13 * GIB < plan.training["weights"] < 13.5 * GIB and 16 * GIB < plan.text_encoding["weights"] < 17 * GIB
+    assert plan.lora_parameters == sum(32 * (i + o) for i, o in [(4096, 4096)] * 4 + [(4096, 12288)] * 2
+                                       + [(12288, 4096)]) * 32
+    assert plan.checkpointing and plan.fits and plan.activations_without_checkpointing > 5 * (
+        plan.activations_with_checkpointing)
+    models = meta_models(str(resolve_repo_path(cfg.model_configs)))
+    peaks = [training_activation_bytes(models, "bfloat16", 1, 256, 256, 64, 32, cfg.target_modules, True, layers=n)
+             for n in (2, 3, 4)]
+    growth = [b - a for a, b in zip(peaks, peaks[1:])]
+    assert growth[0] > 0 and abs(growth[1] - growth[0]) <= 0.01 * growth[0], peaks
+
+
 def test_estimate_prints_the_table_and_json(capsys):
     from lightray.cli import main
 

@@ -59,7 +59,7 @@ from lightray.contracts import (
 )
 from lightray.engine import batched_model, prefix_cache
 from lightray.engine.scheduler import StepScheduler
-from lightray.models.qwen_image_21 import checkpoint_sample_sigmas
+from lightray.models.qwen_image_21 import checkpoint_sample_sigmas, prefix_cache_bytes
 from lightray.stages.common import HealthProbe, check_parameter_dtype, generators, settle, torch_dtype
 
 logger = logging.getLogger("lightray.engine")
@@ -560,9 +560,8 @@ class DenoiseEngine:
         prefixes = [request.prefix_tokens]
         if request.negative_slots is not None:
             prefixes.append(int((~request.negative_slots).sum()) + condition_tokens)
-        width = cfg.num_attention_heads * cfg.attention_head_dim
-        element = torch.finfo(self.dtype).bits // 8
-        request.prefix_cache_bytes = 2 * cfg.num_layers * request.params.n * sum(prefixes) * width * element
+        request.prefix_cache_bytes = prefix_cache_bytes(cfg, sum(prefixes), request.params.n,
+                                                        torch.finfo(self.dtype).bits // 8)
 
     def _stack(self, request: EngineRequest) -> tuple[batched_model.AdapterKey, ...]:
         stack = []

@@ -73,16 +73,9 @@ def training_activation_bytes(models: MetaModels, dtype: str, rows: int, width: 
                               rank: int, targets: list[str], checkpointing: bool, layers: int = 2) -> int:
     """Peak bytes of one training forward and backward of a `layers`-block twin of the transformer (frozen in
     `dtype`, with a float32 rank-`rank` LoRA on `targets`) over `rows` images at `width` x `height` with
-    `text_tokens`-token prompts."""
-    import torch
-    from diffusers import QwenImageTransformer2DModel
-    from peft import LoraConfig, inject_adapter_in_model
-
-    config = models.configs["transformer"]
-    with torch.device("meta"):
-        model = QwenImageTransformer2DModel.from_config({**config, "num_layers": layers}).to(getattr(torch, dtype))
-        model.requires_grad_(False)
-        model = inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(targets)), model)
+    `text_tokens`-token prompts (`MetaModels.transformer_twin` and `transformer_inputs`)."""
+    model = models.transformer_twin(layers, dtype, rank, targets)
+    model.requires_grad_(False)
     for name, p in model.named_parameters():
         if "lora_" in name:
             p.data = p.data.float()
@@ -91,13 +84,10 @@ def training_activation_bytes(models: MetaModels, dtype: str, rows: int, width: 
         model.enable_gradient_checkpointing()
     model.train()
     # Under autocast the first linear turns the float32 latents into the compute dtype: start there.
-    latents = torch.empty(rows, image_tokens(width, height), config["in_channels"], device="meta",
-                          dtype=getattr(torch, dtype))
-    prompt = torch.empty(rows, text_tokens, config["joint_attention_dim"], device="meta", dtype=getattr(torch, dtype))
-    timestep = torch.empty(rows, device="meta")
-    with memory_efficient_attention(), PeakLiveBytes(model, latents, prompt, timestep) as tracked:
-        out = model(hidden_states=latents, encoder_hidden_states=prompt, timestep=timestep,
-                    img_shapes=[(1, height // 16, width // 16)] * rows, return_dict=False)[0]
+    inputs = models.transformer_inputs(dtype, rows, width, height, text_tokens)
+    with memory_efficient_attention(), PeakLiveBytes(model, *(v for v in inputs.values() if hasattr(v, "shape"))
+                                                     ) as tracked:
+        out = model(**inputs)[0]
         out.float().pow(2).mean().backward()
         del out
     return tracked.peak
@@ -224,7 +214,7 @@ def plan_memory(config: TrainConfig, preset: ModelPreset | None = None) -> Train
     text_encoding = {
         "weights": models.parameters(models.text_encoder) * b,
         "activations": models.text_encoder_activation_bytes(dtype, config.cache_text_batch_size,
-                                                            text_encoder_tokens(preset)),
+                                                            text_encoder_tokens(preset, pictures=0)),
         "cuda_reserved": reserved,
     }
     vae_encoding = {

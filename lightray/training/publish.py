@@ -32,6 +32,7 @@ def manifest_fields(config: TrainConfig, preset: ModelPreset, base_fingerprint: 
     return {
         "base_model_id": preset.base_model_id,
         "base_fingerprint": base_fingerprint,
+        "base_family": preset.family,
         "rank": config.rank,
         "alpha": config.lora_alpha,
         "target_modules": sorted(config.target_modules),

@@ -29,6 +29,14 @@ from lightray.models.base import ModelFamily
 MAX_CONDITION_IMAGES = 3
 """Condition images a request takes (the 2.1 pipelines' image-conditioned mode, as Edit-Plus's 1-3)."""
 
+CHAT_TEMPLATE_TOKENS = 48
+"""Tokens of the 2.1 encoder's chat template around a prompt, at most, with three pictures' tags: its system message
+("Comprehend and analyze the provided prompt."), the user and assistant turns' markers, and per picture
+`<imageN><|vision_start|>...<|vision_end|>` (`diffusers/modular_pipelines/qwenimage21/encoders.py`). Counted from
+the template's text (about 21 tokens plus 5 per picture), not with the published tokenizer, which is not here."""
+VISION_PIXELS_PER_TOKEN = 32 * 32
+"""Qwen3-VL's processor: 16-pixel patches merged 2x2, one vision token (and one image slot) per 32x32 pixels."""
+
 TRANSFORMER_BLOCK_LINEARS = (
     "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "img_mlp.proj", "img_mlp.gate_layer", "img_mlp.out",
 )
@@ -59,3 +67,12 @@ def checkpoint_sample_sigmas(folder: Path) -> list[float] | None:
     Turbo's; None for the base, which has none (`_qwenimage21_map_fn` tells the two apart the same way)."""
     sigmas = json.loads((Path(folder) / "model_index.json").read_text()).get("sample_sigmas")
     return [float(s) for s in sigmas] if sigmas else None
+
+
+def prefix_cache_bytes(transformer_config, prefix_tokens: int, rows: int, element_bytes: int) -> int:
+    """Bytes of the prefix KV cache of `rows` rows whose prefix (text and condition tokens) is `prefix_tokens`
+    long: keys and values, every layer, [rows, prefix, heads x head_dim] each. The engine budgets a request by it
+    (`DenoiseEngine`, `max_prefix_cache_bytes`) and the capacity planner sizes the Denoiser with it."""
+    inner = transformer_config["num_attention_heads"] * transformer_config["attention_head_dim"]
+    return 2 * transformer_config["num_layers"] * rows * prefix_tokens * inner * element_bytes
+

@@ -109,8 +109,8 @@ def can_delete(manifest: AdapterManifest, tenant: str | None) -> bool:
 
 
 def pin_adapters(spec: Spec, registry: AdapterRegistry, preset: ModelPreset, params: Sequence[str]) -> Spec:
-    """`spec` with its adapters resolved against the registry as its tenant sees them (`resolve_adapters`: 404 /
-    422 naming the request's entry, `params[i]`) and each pinned to a concrete `tenant/name@vN` and its manifest's
+    """`spec` with its adapters resolved against the registry as its tenant sees them (`resolve_adapters`: the
+    refusals name the request's entry, `params[i]`) and each pinned to a concrete `tenant/name@vN` and its manifest's
     checksum, in order: a new spec (the core request is frozen). Blocking (registry reads)."""
     if not spec.adapters:
         return spec

@@ -15,6 +15,7 @@ seeded random weights. Prints a table, writes benchmarks/results/adapters.json.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -109,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         spec = ImageGenerationRequest.model_validate(
             {"prompt": PROMPT, "seed": seed, "model": args.model, "size": "64x64"}).resolve(preset, 0)
         if adapter is not None:
-            spec.adapters = (AdapterUse(adapter),)
+            spec = dataclasses.replace(spec, adapters=(AdapterUse(adapter),))
         t0 = time.perf_counter()
         pipeline.generate(spec)
         return 1000 * (time.perf_counter() - t0)

@@ -24,7 +24,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 from lightray.config import DEFAULT_PRESET, load_preset  # noqa: E402
 from lightray.pipeline import LocalPipeline  # noqa: E402
-from lightray.schemas import ImageEditRequest, denoising_steps  # noqa: E402
+from lightray.contracts import denoising_steps  # noqa: E402
+from lightray.schemas import ImageEditRequest  # noqa: E402
 from lightray.world.shapes import Scene, render  # noqa: E402
 from testing.timing import median_ms  # noqa: E402
 

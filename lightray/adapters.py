@@ -1,7 +1,8 @@
 """Tenant adapters at request time: resolve the adapters of a request's `lora` field (parsed by
 `lightray.schemas.parse_lora_field`) against the registry as the caller's tenant sees them, pin each to a concrete
-version, check each was trained for the served base model. Used by the ingress (before any replica work) and by
-every process that loads adapters (Denoiser replicas, the in-process pipeline).
+version, check each was trained for the served base model (`pin_adapters`: the ingress, before any replica work,
+and the CLI's in-process mode). Every process that loads adapters (Denoiser replicas, the in-process pipeline)
+checks them out here too.
 """
 
 from __future__ import annotations
@@ -10,10 +11,12 @@ import dataclasses
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TypeVar
 
 from lightray.adapter_files import HeldFiles
 from lightray.config import ModelPreset
 from lightray.contracts import AdapterUse
+from lightray.errors import Incompatible, NotFound, RequestError
 from lightray.fingerprint import fingerprint_model
 from lightray.models import FAMILIES
 from lightray.registry import (
@@ -26,9 +29,11 @@ from lightray.registry import (
     InvalidAdapterRef,
     check_compatible,
 )
-from lightray.schemas import RequestError
+from lightray.schemas import GenerationSpec
 
 logger = logging.getLogger(__name__)
+
+Spec = TypeVar("Spec", bound=GenerationSpec)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +108,16 @@ def can_delete(manifest: AdapterManifest, tenant: str | None) -> bool:
     return tenant is None or manifest.tenant == tenant
 
 
+def pin_adapters(spec: Spec, registry: AdapterRegistry, preset: ModelPreset, params: Sequence[str]) -> Spec:
+    """`spec` with its adapters resolved against the registry as its tenant sees them (`resolve_adapters`: the
+    refusals name the request's entry, `params[i]`) and each pinned to a concrete `tenant/name@vN` and its manifest's
+    checksum, in order: a new spec (the core request is frozen). Blocking (registry reads)."""
+    if not spec.adapters:
+        return spec
+    resolved = resolve_adapters(registry, preset, spec.adapters, params, spec.tenant)
+    return dataclasses.replace(spec, adapters=tuple(adapter.use for adapter in resolved))
+
+
 def resolve_adapters(registry: AdapterRegistry, preset: ModelPreset, adapters: Sequence[AdapterUse],
                      params: Sequence[str], tenant: str | None = None) -> tuple[ResolvedAdapter, ...]:
     """A request's adapters (refs as written, e.g. `acme/style` for the latest) against the registry as `tenant`
@@ -119,7 +134,7 @@ def resolve_adapters(registry: AdapterRegistry, preset: ModelPreset, adapters: S
         except AdapterOfAnotherFamily as err:
             raise RequestError(param, f"{param}: {err}", code="adapter_wrong_family") from None
         except AdapterIncompatible as err:
-            raise RequestError(param, f"{param}: {err}", status=422, code="adapter_incompatible") from None
+            raise Incompatible(param, f"{param}: {err}", code="adapter_incompatible") from None
         resolved.append(ResolvedAdapter(ref=manifest.ref, scale=adapter.scale, manifest=manifest))
     return tuple(resolved)
 
@@ -138,10 +153,9 @@ def find_adapter(registry: AdapterRegistry, ref: str, tenant: str | None, param:
         # theirs. The manifest's path and contents stay in the log.
         logger.warning("adapter %s: corrupt manifest in the registry", ref, exc_info=True)
         if tenant is not None and ref.split("/", 1)[0] != tenant:
-            raise RequestError(param, f"adapter {ref!r} does not exist", status=404,
-                               code="adapter_not_found") from None
-        raise RequestError(param, f"adapter {ref!r} cannot be used: its registry entry is damaged (republish it)",
-                           status=422, code="adapter_corrupt") from None
+            raise NotFound(param, f"adapter {ref!r} does not exist", code="adapter_not_found") from None
+        raise Incompatible(param, f"adapter {ref!r} cannot be used: its registry entry is damaged (republish it)",
+                           code="adapter_corrupt") from None
     if manifest is None or not can_use(manifest, tenant):
-        raise RequestError(param, f"adapter {ref!r} does not exist", status=404, code="adapter_not_found")
+        raise NotFound(param, f"adapter {ref!r} does not exist", code="adapter_not_found")
     return manifest

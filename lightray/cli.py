@@ -30,7 +30,7 @@ from lightray.adapters_cli import add_adapter_commands
 from lightray.config import REPO_ROOT
 from lightray.contracts import MAX_STACKED_ADAPTERS, PRIORITIES
 from lightray.ray_env import with_ray_defaults
-from lightray.schemas import RequestError
+from lightray.errors import RequestError
 from lightray.training.cli import add_train_commands
 
 DEFAULT_URL = os.environ.get("LIGHTRAY_URL", "http://127.0.0.1:8000")
@@ -237,16 +237,13 @@ def _generate_local(body: dict, preset: str, registry_root: str | None) -> list[
     pipeline = LocalPipeline(preset)
     request = ImageGenerationRequest.model_validate(body)
     spec = request.resolve(pipeline.preset, secrets.randbelow(2**31))
-    if request.priority is not None:
-        spec.priority = request.priority
     if spec.adapters:
-        from lightray.adapters import fetch_for_preset, resolve_adapters
+        from lightray.adapters import fetch_for_preset, pin_adapters
         from lightray.registry_settings import open_registry
 
-        # As the ingress pins them (serve_app.routers.images.pin_adapters), with no tenancy: one local user.
+        # As the ingress pins them, with no tenancy: one local user.
         registry = open_registry(registry_root)
-        resolved = resolve_adapters(registry, pipeline.preset, spec.adapters, lora_params(request.lora))
-        spec.adapters = tuple(adapter.use for adapter in resolved)
+        spec = pin_adapters(spec, registry, pipeline.preset, lora_params(request.lora))
         adapter_paths = {use.key: str(fetch_for_preset(registry, use.ref, pipeline.preset)[1])
                          for use in spec.adapters}
     images = pipeline.generate(spec, adapter_paths if spec.adapters else None)
@@ -313,8 +310,6 @@ def _edit_local(body: dict, pictures: list[Path], preset_name: str) -> list[tupl
     request = ImageEditRequest.model_validate(body)
     images = [to_rgb(open_image(path.read_bytes(), str(path))) for path in pictures]
     spec = request.resolve_instruction(preset, secrets.randbelow(2**31), [im.size for im in images])
-    if request.priority is not None:
-        spec.priority = request.priority
     outputs = LocalPipeline(preset).instruct(spec, images)
     return [(seed, encode_png(im)) for seed, im in zip(spec.seeds, outputs)]
 

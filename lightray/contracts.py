@@ -103,6 +103,15 @@ class AdapterUse:
         return cls(ref=ref, scale=scale, checksum=checksum)
 
 
+def denoising_steps(num_inference_steps: int, strength: float) -> int:
+    """Steps a run of `strength` takes (the one rule: the engine trims its schedule by it, admission charges by
+    it, previews are spread over it): the pipelines' `get_timesteps` keeps the last
+    `steps - int(steps - steps * strength)` of the schedule, all of it at strength 1, at least 1 for any
+    strength > 0."""
+    init = min(num_inference_steps * strength, num_inference_steps)
+    return num_inference_steps - int(max(num_inference_steps - init, 0))
+
+
 @dataclasses.dataclass(frozen=True)
 class DenoiseParams:
     """What one request asks of the denoiser: everything but the tensors."""
@@ -126,7 +135,7 @@ class DenoiseParams:
     preview_steps: tuple[int, ...] = ()
     """Steps (1-based) after which the engine reports the x0-prediction latents as a preview."""
     request_id: str | None = None
-    """For log lines."""
+    """The ingress's request id (`GenerationSpec.request_id`), for the Denoiser's and the engine's log lines."""
 
     def __post_init__(self) -> None:
         if not self.seeds:
@@ -143,6 +152,11 @@ class DenoiseParams:
     @property
     def n(self) -> int:
         return len(self.seeds)
+
+    @property
+    def total_steps(self) -> int:
+        """Steps this request runs: the last `strength` of its `num_inference_steps` (`denoising_steps`)."""
+        return denoising_steps(self.num_inference_steps, self.strength)
 
     @property
     def uses_cfg(self) -> bool:

@@ -3,7 +3,7 @@
 `prepare_edit` turns the picture and mask as uploaded (any size) and the resolved `EditSpec` into what the model
 works on (image and mask at the spec's size: resized, or cut around the mask for `padding_mask_crop`) plus what
 the output is composed from; `compose_edit` composes the model's outputs into what the client receives. The
-service's backends (`serve_app.backend`), streamed previews included, and `LocalPipeline.edit` all go through
+service's backends (`serve_app.edit_composition`), streamed previews included, and `LocalPipeline.edit` all go through
 these two, so an edit gives the same pixels wherever it runs.
 
 Composition is diffusers' `VaeImageProcessor.apply_overlay` (A1111's "overlay"): the input is laid back over the

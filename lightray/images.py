@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from lightray.contracts import PNG, OutputEncoding
-from lightray.schemas import RequestError
+from lightray.errors import RequestError, TooLarge
 
 
 def encode_image(image: Image.Image, encoding: OutputEncoding = PNG) -> bytes:
@@ -99,8 +99,8 @@ def probe_image(data: bytes, param: str, limits: ImageLimits = ImageLimits()) ->
     if not data:
         raise RequestError(param, f"{param} is empty")
     if len(data) > limits.max_bytes:
-        raise RequestError(param, f"{param} is larger than {limits.max_bytes} bytes, the most accepted",
-                           status=413, code="image_too_large")
+        raise TooLarge(param, f"{param} is larger than {limits.max_bytes} bytes, the most accepted",
+                       code="image_too_large")
     with _decoding(param, data):
         image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
         width, height = image.size

@@ -1,8 +1,12 @@
-"""Request and response schemas of the OpenAI-compatible images API, plus Lightray's extension fields.
+"""The images API's request fields, and the core request they resolve into.
 
-Field-level checks live here (types, ranges, formats); checks that depend on the served model (size limits,
-model ids, step limits) live in `GenerationRequest.resolve`, which turns a request into a `GenerationSpec`
-against a preset. Every failure names the field it is about.
+`ImageGenerationRequest` and `ImageEditRequest` are the requests' fields (OpenAI's, plus Lightray's extensions)
+with their field-level checks (types, ranges, formats). They stay in the core, not at the edge, because the CLI's
+in-process mode (`lightray generate --local`, `lightray edit --local`) checks a request exactly as the service
+does; the bodies the service answers with are the edge's (`serve_app.responses`). `resolve` checks a request
+against the served model (size limits, model ids, step limits) and builds the core request, a frozen
+`GenerationSpec` (or `EditSpec`), once: every later representation (`DenoiseParams`, the prompts to encode) is
+derived from it. Every failure names the field it is about (`lightray.errors`).
 """
 
 from __future__ import annotations
@@ -24,7 +28,9 @@ from lightray.contracts import (
     OutputEncoding,
     OutputFormat,
     Priority,
+    denoising_steps,
 )
+from lightray.errors import NotFound, RequestError
 from lightray.registry import AdapterRef, InvalidAdapterRef
 
 MAX_SEED = 2**63 - 1
@@ -40,18 +46,6 @@ LoraField = LoraEntry | Annotated[list[LoraEntry], Field(min_length=1, max_lengt
 """The `lora` field: one entry, or a list of entries stacked in order."""
 MAX_PARTIAL_IMAGES = 3
 """Most previews a streamed request may ask for (OpenAI's `partial_images` range is 0-3)."""
-
-
-class RequestError(ValueError):
-    """A request the model cannot serve; `param` names the offending field (OpenAI's error `param`)."""
-
-    def __init__(self, param: str, message: str, status: int = 400, code: str = "invalid_value"):
-        super().__init__(message)
-        self.param, self.message, self.status, self.code = param, message, status, code
-
-    def __reduce__(self):
-        # Whole across a Ray handle (a stage's refusal reaches the ingress as itself, `serve_app.backend`).
-        return type(self), (self.param, self.message, self.status, self.code)
 
 
 class ImageGenerationRequest(BaseModel):
@@ -202,15 +196,17 @@ class ImageGenerationRequest(BaseModel):
             return OutputEncoding(self.output_format)
         return OutputEncoding(self.output_format, self.output_compression)
 
-    def resolve(self, preset: ModelPreset, default_seed: int) -> "GenerationSpec":
-        """Check the request against the served model and fill in the defaults."""
+    def resolve(self, preset: ModelPreset, default_seed: int, *, caller: "Caller | None" = None) -> "GenerationSpec":
+        """Check the request against the served model and build the core request, defaults filled in, for
+        `caller` (by default an anonymous one: no tenant, interactive, no request id)."""
+        caller = caller or Caller()
         try:
             # Only a request that names no model lets `quality` choose (ModelPreset.quality_variants).
             variant = preset.variant(self.model) if self.model is not None else preset.variant_for_quality(self.quality)
         except KeyError:
-            raise RequestError(
+            raise NotFound(
                 "model", f"model {self.model!r} does not exist; available: {', '.join(preset.model_ids)}",
-                status=404, code="model_not_found",
+                code="model_not_found",
             ) from None
         if len(self.prompt) > preset.max_prompt_chars:
             raise RequestError("prompt", f"prompt is longer than {preset.max_prompt_chars} characters")
@@ -232,9 +228,10 @@ class ImageGenerationRequest(BaseModel):
             base = default_seed if self.seed is None else self.seed
             seeds = [(base + i) % (MAX_SEED + 1) for i in range(self.n)]
         return GenerationSpec(
-            prompt=self.prompt, negative_prompt=negative if cfg > 1 else None, model=variant.id, seeds=seeds,
+            prompt=self.prompt, negative_prompt=negative if cfg > 1 else None, model=variant.id, seeds=tuple(seeds),
             width=width, height=height, num_inference_steps=steps, true_cfg_scale=cfg,
-            adapters=parse_lora_field(self.lora), partial_images=self.partial_images or 0,
+            adapters=parse_lora_field(self.lora), priority=self.priority or caller.default_priority,
+            tenant=caller.tenant, request_id=caller.request_id, partial_images=self.partial_images or 0,
             preview=self.preview or preset.default_preview,
             output=self.output_encoding, quality=preset.quality_tier(variant.id, self.quality),
         )
@@ -304,25 +301,52 @@ def parse_size(size: str | None, preset: ModelPreset) -> tuple[int, int]:
     return width, height
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
+class Caller:
+    """Who sends a request, as the ingress knows it before it reads the body: what the core request records of
+    its sender."""
+
+    tenant: str | None = None
+    """The API key's tenant, for fairness between tenants and the adapters it may use; None when auth is off (and
+    in process)."""
+    default_priority: Priority = "interactive"
+    """The scheduling class of a request that names none (the API key's `priority`). A request's own `priority`
+    is the edge's to check against the key's ceiling (`serve_app.image_requests`)."""
+    request_id: str | None = None
+    """The ingress's request id (`x-request-id`): the Denoiser's and the engine's log lines about the request
+    carry it."""
+
+
+@dataclasses.dataclass(frozen=True)
 class GenerationSpec:
-    """A validated, fully resolved generation: what the stages run. Seeds are explicit, one per image."""
+    """The core request: a validated, fully resolved generation, built once (`ImageGenerationRequest.resolve`) and
+    never changed in place (a change is a new spec, `dataclasses.replace`). What the stages run derives from it:
+    the prompts to encode (`prompts`), the denoiser's `DenoiseParams` (`denoise_params`), the previews' steps."""
 
     prompt: str
     model: str
-    seeds: list[int]
+    """Model id of the variant that draws (`ModelPreset.variant`)."""
+    seeds: tuple[int, ...]
+    """One per image, explicit; the number of images is their count. A list is taken as its tuple."""
     width: int
     height: int
     num_inference_steps: int
+    """Length of the schedule; an image input runs only its last `strength` (`total_steps`)."""
     true_cfg_scale: float
     negative_prompt: str | None = None
+    """The negative prompt, when true CFG is on (`true_cfg_scale` > 1); None otherwise."""
     adapters: tuple[AdapterUse, ...] = ()
-    """Tenant adapters, stacked in this order. `ImageGenerationRequest.resolve` fills in the refs as the request
-    wrote them; the ingress then pins each to its concrete `tenant/name@vN` (`routers.images.pin_adapters`)."""
+    """Tenant adapters, stacked in this order: refs as the request wrote them once resolved; pinned to their
+    concrete `tenant/name@vN` and manifest checksum by `lightray.adapters.pin_adapters`."""
+    strength: float = 1.0
+    """The fraction of the schedule run from a noised input image (diffusers' `strength`): 1 for a generation;
+    an edit's from its request (`EditSpec`)."""
     priority: Priority = "interactive"
-    """Scheduling class; the ingress sets it from the request, or the caller's default."""
+    """Scheduling class: the request's `priority`, or else its caller's default (`Caller`)."""
     tenant: str | None = None
     """Who asked (the API key's tenant), for fairness between tenants; None when auth is off."""
+    request_id: str | None = None
+    """The ingress's request id, for the log lines of every stage that handles the request."""
     partial_images: int = 0
     """Previews per image for a streamed request (the engine reports x0-predictions after `preview_steps()`)."""
     preview: Literal["fast", "full"] = "fast"
@@ -334,10 +358,14 @@ class GenerationSpec:
     """The quality tier of the model that draws (`ModelPreset.quality_tier`), as OpenAI's responses report it;
     None when the preset maps no tier to it."""
 
+    def __post_init__(self) -> None:
+        # Frozen all the way down: seeds given as a list (a convenience for callers) are kept as a tuple.
+        object.__setattr__(self, "seeds", tuple(self.seeds))
+
     @property
     def total_steps(self) -> int:
-        """Denoising steps this request runs."""
-        return self.num_inference_steps
+        """Denoising steps this request runs (`lightray.contracts.denoising_steps`)."""
+        return denoising_steps(self.num_inference_steps, self.strength)
 
     def preview_steps(self) -> tuple[int, ...]:
         """The steps after which a preview is taken: `partial_images` of them spread evenly over the run, never
@@ -348,16 +376,13 @@ class GenerationSpec:
         """What the text encoder encodes: the prompt, and the negative prompt when true CFG is on."""
         return [self.prompt] if self.negative_prompt is None else [self.prompt, self.negative_prompt]
 
-    def denoise_params(self, request_id: str | None = None) -> DenoiseParams:
+    def denoise_params(self) -> DenoiseParams:
         """What the denoiser needs of this request (`lightray.contracts.DenoiseParams`)."""
-        return self._denoise_params(1.0, request_id)
-
-    def _denoise_params(self, strength: float, request_id: str | None) -> DenoiseParams:
         return DenoiseParams(
-            seeds=tuple(self.seeds), width=self.width, height=self.height,
-            num_inference_steps=self.num_inference_steps, true_cfg_scale=self.true_cfg_scale, variant=self.model,
-            adapters=self.adapters, strength=strength, priority=self.priority, tenant=self.tenant,
-            preview_steps=self.preview_steps(), request_id=request_id,
+            seeds=self.seeds, width=self.width, height=self.height, num_inference_steps=self.num_inference_steps,
+            true_cfg_scale=self.true_cfg_scale, variant=self.model, adapters=self.adapters, strength=self.strength,
+            priority=self.priority, tenant=self.tenant, preview_steps=self.preview_steps(),
+            request_id=self.request_id,
         )
 
 
@@ -419,7 +444,8 @@ class ImageEditRequest(ImageGenerationRequest):
     input_fidelity: str | None = Field(None, description="Accepted for OpenAI compatibility; ignored.")
 
     def resolve(self, preset: ModelPreset, default_seed: int, image_size: tuple[int, int] | None = None,
-                inpaint: bool = False, max_output_pixels: int | None = None) -> "EditSpec":
+                inpaint: bool = False, max_output_pixels: int | None = None, *,
+                caller: Caller | None = None) -> "EditSpec":
         """`ImageGenerationRequest.resolve` with the output size defaulting to `image_size` (width, height).
         `max_output_pixels`: the most pixels all of the request's outputs together may have where they are not
         the model's size (`padding_mask_crop` returns the input's size); None: unchecked."""
@@ -443,7 +469,7 @@ class ImageEditRequest(ImageGenerationRequest):
                     f"{e.message.removeprefix('size: ')}; pass `size` to resize the input"
                 ) from None
             request = self.model_copy(update={"size": size})
-        base = ImageGenerationRequest.resolve(request, preset, default_seed)
+        base = ImageGenerationRequest.resolve(request, preset, default_seed, caller=caller)
         if self.padding_mask_crop is not None and max_output_pixels is not None:
             if image_size is None:
                 raise ValueError("image_size is required with padding_mask_crop")
@@ -456,12 +482,11 @@ class ImageEditRequest(ImageGenerationRequest):
             strength = DEFAULT_INPAINT_STRENGTH if inpaint else DEFAULT_IMG2IMG_STRENGTH
         # Field by field, not `dataclasses.asdict`: that would turn the AdapterUse entries into dicts.
         fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(base)}
-        return EditSpec(**fields, strength=strength, padding_mask_crop=self.padding_mask_crop,
+        return EditSpec(**{**fields, "strength": strength}, padding_mask_crop=self.padding_mask_crop,
                         mask_blur=self.mask_blur, keep_unmasked=self.keep_unmasked)
 
-
-    def resolve_instruction(self, preset: ModelPreset, default_seed: int,
-                            image_sizes: Sequence[tuple[int, int]]) -> "GenerationSpec":
+    def resolve_instruction(self, preset: ModelPreset, default_seed: int, image_sizes: Sequence[tuple[int, int]], *,
+                            caller: Caller | None = None) -> "GenerationSpec":
         """An instruction edit (a family with condition images, `QwenImageEditPlusPipeline`): the generation fields
         checked as `ImageGenerationRequest.resolve` checks them, the input images' count against the family's, and
         without `size` the pipeline's rule: the last image's aspect ratio at the area of the preset's default size,
@@ -483,22 +508,15 @@ class ImageEditRequest(ImageGenerationRequest):
             if preset.sizes is not None:
                 width, height = preset.nearest_size(width, height)
             request = self.model_copy(update={"size": f"{width}x{height}"})
-        return ImageGenerationRequest.resolve(request, preset, default_seed)
+        return ImageGenerationRequest.resolve(request, preset, default_seed, caller=caller)
 
 
-def denoising_steps(num_inference_steps: int, strength: float) -> int:
-    """Steps an img2img/inpaint run actually takes: the pipelines' `get_timesteps` keeps the last
-    `steps - int(steps - steps * strength)` of the schedule (at least 1 for any strength > 0)."""
-    init = min(num_inference_steps * strength, num_inference_steps)
-    return num_inference_steps - int(max(num_inference_steps - init, 0))
-
-
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class EditSpec(GenerationSpec):
     """A resolved image edit: a generation that starts from an input image (img2img, or inpainting with a mask
-    that the backend carries alongside)."""
+    that the backend carries alongside), `strength` of the way (`ImageEditRequest.resolve`: the request's, or
+    `DEFAULT_IMG2IMG_STRENGTH` / `DEFAULT_INPAINT_STRENGTH`)."""
 
-    strength: float = DEFAULT_IMG2IMG_STRENGTH
     padding_mask_crop: int | None = None
     """Set: width×height is the working size of a crop around the mask, pasted back into the full input image
     (`lightray.edits`); the output has the input image's size."""
@@ -507,140 +525,3 @@ class EditSpec(GenerationSpec):
     alpha (`lightray.edits.overlay_mask`)."""
     keep_unmasked: bool = True
     """Inpainting: lay the input back over the output outside the mask (`lightray.edits.compose_edit`)."""
-
-    @property
-    def total_steps(self) -> int:
-        return denoising_steps(self.num_inference_steps, self.strength)
-
-    def denoise_params(self, request_id: str | None = None) -> DenoiseParams:
-        return self._denoise_params(self.strength, request_id)
-
-
-class ImageData(BaseModel):
-    b64_json: str | None = None
-    url: str | None = None
-    revised_prompt: str | None = None
-    seed: int = Field(description="The seed this image was generated with (extension).")
-
-
-class ImagesResponse(BaseModel):
-    created: int
-    data: list[ImageData]
-    background: Literal["opaque"] | None = Field(None, description="Always opaque.")
-    output_format: OutputFormat | None = None
-    quality: QualityTier | None = Field(None, description="The quality tier of the model that served the request "
-                                        "(`GET /v1/models`: `qualities`); absent when it has none.")
-    size: str | None = Field(None, description='"WxH" of the images.')
-    model: str | None = Field(None, description="The model id that served the request (extension).")
-
-
-class ModelCard(BaseModel):
-    id: str
-    object: Literal["model"] = "model"
-    created: int = 0
-    owned_by: str = "lightray"
-    # Extensions: what a client (the playground) needs to offer this model's settings.
-    default_size: str | None = Field(None, description='"WxH" used when a request gives no size.')
-    sizes: list[str] | None = Field(None, description="The served sizes when `sizes_exact`; otherwise common ones "
-                                    "among the accepted (see `size_rule`).")
-    sizes_exact: bool | None = Field(None, description="true: exactly `sizes` are served, any other is refused.")
-    size_rule: str | None = Field(None, description="What sizes are accepted, in words.")
-    size_multiple: int | None = None
-    num_inference_steps: int | None = Field(None, description="Default denoising steps.")
-    max_inference_steps: int | None = None
-    true_cfg_scale: float | None = Field(None, description="Default true-CFG scale (1: no CFG).")
-    max_images: int | None = Field(None, description="Largest `n`.")
-    qualities: list[str] | None = Field(None, description="The request `quality` values that select this model "
-                                        "when the request names no `model` (`auto`: the default model).")
-    endpoints: list[str] | None = Field(None, description='The endpoints that serve this model: "generations" '
-                                        '(`/v1/images/generations`), "edits" (`/v1/images/edits`).')
-    edit_mode: Literal["instruction", "img2img"] | None = Field(
-        None, description='How `/v1/images/edits` edits with this model: "instruction" (Qwen-Image-Edit: the '
-        'prompt is an instruction about 1-3 input images), "img2img" (a text-to-image model: img2img, or '
-        "inpainting with a `mask`).")
-    input_images: list[int] | None = Field(None, description="Fewest and most input images an edit takes.")
-
-    @classmethod
-    def of(cls, preset: ModelPreset, model_id: str) -> "ModelCard":
-        """The card of one of `preset`'s model ids, with its defaults and the preset's sizes."""
-        variant = preset.variant(model_id)
-        family = preset.model_family
-        w, h = preset.default_size
-        return cls(id=model_id, default_size=f"{w}x{h}", sizes=preset.size_names,
-                   sizes_exact=preset.sizes is not None, size_rule=size_rule(preset),
-                   size_multiple=preset.size_multiple, num_inference_steps=variant.num_inference_steps,
-                   max_inference_steps=preset.max_inference_steps, true_cfg_scale=variant.true_cfg_scale,
-                   max_images=preset.max_images_per_request, qualities=preset.qualities_of(model_id),
-                   endpoints=list(family.endpoints),
-                   edit_mode="instruction" if family.condition_tokens else "img2img",
-                   input_images=list(family.input_images))
-
-
-def size_rule(preset: ModelPreset) -> str:
-    if preset.sizes is not None:
-        return "exactly the listed sizes (the sizes the model was trained at)"
-    return (f"width and height multiples of {preset.size_multiple} from {preset.min_side} to {preset.max_side}, at "
-            f"most {preset.max_pixels} pixels, aspect ratio at most {preset.max_aspect_ratio:g}:1")
-
-
-class ModelList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[ModelCard]
-
-
-class AdapterInfo(BaseModel):
-    """One published adapter version as `GET /v1/adapters` shows it (the manifest less its training details)."""
-
-    id: str
-    """`tenant/name@vN`, usable as a request's `lora`."""
-    object: Literal["adapter"] = "adapter"
-    tenant: str
-    name: str
-    version: int
-    base_model_id: str
-    rank: int | None = None
-    alpha: float | None = None
-    trigger_words: list[str]
-    visibility: Literal["private", "public"]
-    created: int
-    """Unix time of publication."""
-    metrics: dict[str, Any]
-
-    @classmethod
-    def of(cls, manifest) -> "AdapterInfo":
-        return cls(
-            id=manifest.ref, tenant=manifest.tenant, name=manifest.name, version=manifest.version,
-            base_model_id=manifest.base_model_id, rank=manifest.rank, alpha=manifest.alpha,
-            trigger_words=manifest.trigger_words, visibility=manifest.visibility,
-            created=int(manifest.created_at.timestamp()), metrics=manifest.metrics,
-        )
-
-
-class AdapterList(BaseModel):
-    """One page of `GET /v1/adapters` (OpenAI's list shape): ask for the next with `after=<last_id>`."""
-
-    object: Literal["list"] = "list"
-    data: list[AdapterInfo]
-    has_more: bool = False
-    """Whether more adapters follow this page."""
-    first_id: str | None = None
-    """The first adapter's id on this page; None when the page is empty."""
-    last_id: str | None = None
-    """The last adapter's id on this page: the next page's `after`."""
-
-
-class AdapterDeleted(BaseModel):
-    object: Literal["adapter.deleted"] = "adapter.deleted"
-    deleted: list[str]
-    """The refs removed, `tenant/name@vN` each."""
-
-
-class ErrorBody(BaseModel):
-    message: str
-    type: str = "invalid_request_error"
-    param: str | None = None
-    code: str | None = None
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorBody

@@ -31,8 +31,7 @@ import math
 from collections.abc import Iterator
 
 from lightray.contracts import DenoiseParams
-from lightray.schemas import RequestError, denoising_steps
-from serve_app.backend import ServiceUnavailable
+from serve_app.errors import ServiceUnavailable, TenantOverQuota
 from serve_app.settings import ApiKey, ServiceSettings
 
 WORK_UNIT_PIXELS = 1024 * 1024
@@ -51,8 +50,7 @@ def request_work(params: DenoiseParams) -> float:
     """Work a request asks of the Denoiser, in 1024² row-steps: steps it actually runs (image inputs run only
     `strength` of the schedule) × images × rows per image (true CFG doubles them) × its pixels over 1024²."""
     rows = params.n * (2 if params.uses_cfg else 1)
-    steps = denoising_steps(params.num_inference_steps, params.strength)
-    return steps * rows * params.width * params.height / WORK_UNIT_PIXELS
+    return params.total_steps * rows * params.width * params.height / WORK_UNIT_PIXELS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,14 +73,6 @@ class TenantQuota:
             max_work = share * settings.max_admitted_work
         max_requests = key.max_concurrent_requests or max(1, math.ceil(share * settings.max_concurrent_requests))
         return cls(key.tenant, max_requests, max_work)
-
-
-class TenantOverQuota(RequestError):
-    """429: the tenant is at one of its own bounds (`param` names it); retry after `retry_after_s`."""
-
-    def __init__(self, bound: str, message: str, retry_after_s: int):
-        super().__init__(bound, message, status=429, code="rate_limit_exceeded")
-        self.retry_after_s = retry_after_s
 
 
 @dataclasses.dataclass

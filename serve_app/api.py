@@ -10,10 +10,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from lightray.schemas import RequestError
-from serve_app.admission import AdmissionLimit, TenantOverQuota
+from lightray.errors import RequestError
+from serve_app.admission import AdmissionLimit
 from serve_app.auth import ApiKeyAuth
-from serve_app.backend import GenerationBackend, ServiceUnavailable
+from serve_app.backend import GenerationBackend
+from serve_app.errors import ServiceUnavailable, TenantOverQuota, error_type
 from serve_app.body_limits import BodyLimitMiddleware
 from serve_app.local_only import LocalOnlyMiddleware
 from serve_app.security_headers import SecurityHeadersMiddleware
@@ -54,8 +55,7 @@ async def _on_validation_error(request: Request, exc: RequestValidationError) ->
 async def _on_http_exception(request: Request, exc: HTTPException) -> JSONResponse:
     """Starlette's and FastAPI's own errors (an unparsable body, an unknown route, a wrong method) in OpenAI's
     error shape too, not FastAPI's `{"detail": …}`."""
-    response = error_response(exc.status_code, str(exc.detail), None, None,
-                              "invalid_request_error" if exc.status_code < 500 else "server_error")
+    response = error_response(exc.status_code, str(exc.detail), None, None, error_type(exc.status_code))
     response.headers.update(exc.headers or {})
     return response
 

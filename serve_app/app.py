@@ -7,7 +7,7 @@ from ray.serve import Application
 
 from lightray.config import ModelPreset, load_preset
 from serve_app.api import create_app
-from serve_app.backend import RayGraphBackend
+from serve_app.ray_backend import RayGraphBackend
 from serve_app.settings import ServiceSettings
 
 

@@ -14,8 +14,8 @@ import logging
 from fastapi import Request
 
 from lightray.contracts import Priority
-from lightray.schemas import RequestError
 from serve_app.admission import TenantQuota
+from serve_app.errors import Unauthenticated
 from serve_app.settings import ServiceSettings
 
 logger = logging.getLogger("lightray.auth")
@@ -34,13 +34,6 @@ class Principal:
     """The most urgent class this caller may ask for (the key's `priority_ceiling`); None: any (auth off)."""
     quota: TenantQuota | None = None
     """The tenant's admission bounds, as this key sets them; None: only the ingress's bounds (auth off)."""
-
-
-class Unauthenticated(RequestError):
-    """401: no key, or a key the service does not know (OpenAI's `invalid_api_key`)."""
-
-    def __init__(self, message: str):
-        super().__init__("authorization", message, status=401, code="invalid_api_key")
 
 
 def _digest(key: str) -> bytes:

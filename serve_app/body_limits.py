@@ -20,7 +20,7 @@ from __future__ import annotations
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from lightray.schemas import RequestError
+from lightray.errors import RequestError, TooLarge
 from lightray.models.qwen_image_edit import MAX_INPUT_IMAGES
 from serve_app.auth import ApiKeyAuth
 from serve_app.openapi_errors import request_error_response
@@ -74,15 +74,15 @@ class BodyLimitMiddleware:
 
 
 def _too_large(limit: int) -> RequestError:
-    return RequestError("request", f"request body exceeds {limit} bytes, the most accepted here", status=413,
-                        code="request_too_large")
+    return TooLarge("request", f"request body exceeds {limit} bytes, the most accepted here",
+                    code="request_too_large")
 
 
 def _check_declared(scope: Scope, limit: int) -> None:
     declared = Request(scope).headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
-        raise RequestError("request", f"request body is {declared} bytes; at most {limit} are accepted",
-                           status=413, code="request_too_large")
+        raise TooLarge("request", f"request body is {declared} bytes; at most {limit} are accepted",
+                       code="request_too_large")
 
 
 async def _read(receive: Receive, limit: int) -> bytes:

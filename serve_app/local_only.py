@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from lightray.schemas import RequestError
 from serve_app.body_limits import answer_error
+from serve_app.errors import MisdirectedRequest
 
 
 class LocalOnlyMiddleware:
@@ -22,8 +22,8 @@ class LocalOnlyMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and host_name(scope) not in self.hosts:
-            err = RequestError("host", f"this service has no API keys and answers only requests to "
-                                       f"{', '.join(sorted(self.hosts))}", status=421, code="misdirected_request")
+            err = MisdirectedRequest("host", f"this service has no API keys and answers only requests to "
+                                             f"{', '.join(sorted(self.hosts))}", code="misdirected_request")
             await answer_error(err, scope, send)
             return
         await self.app(scope, receive, send)

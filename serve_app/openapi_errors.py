@@ -14,7 +14,9 @@ from typing import Any
 
 from fastapi.responses import JSONResponse
 
-from lightray.schemas import ErrorBody, ErrorResponse, RequestError
+from lightray.errors import RequestError
+from serve_app.errors import Unauthenticated, error_type, http_status
+from serve_app.responses import ErrorBody, ErrorResponse
 
 _DESCRIPTIONS = {
     400: "Invalid request; `error.param` names the field.",
@@ -78,8 +80,8 @@ def error_response(status: int, message: str, param: str | None, code: str | Non
 
 def request_error_response(exc: RequestError) -> JSONResponse:
     """A `RequestError` in OpenAI's error shape: what every route and middleware answers for one."""
-    response = error_response(exc.status, exc.message, exc.param, exc.code,
-                              "invalid_request_error" if exc.status < 500 else "server_error")
-    if exc.status == 401:
+    status = http_status(exc)
+    response = error_response(status, exc.message, exc.param, exc.code, error_type(status))
+    if isinstance(exc, Unauthenticated):
         response.headers["WWW-Authenticate"] = "Bearer"
     return response

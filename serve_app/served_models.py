@@ -8,7 +8,8 @@ import asyncio
 from collections.abc import Sequence
 
 from lightray.models.base import Endpoint
-from lightray.schemas import ModelCard, RequestError
+from lightray.errors import NotFound, RequestError
+from serve_app.responses import ModelCard
 from serve_app.backend import GenerationBackend
 
 
@@ -46,8 +47,8 @@ class ServedModels:
                     raise RequestError("model", f"model {model!r} ({family.name}) is served on {serves}, not "
                                                 f"/v1/images/{endpoint}")
                 return backend
-        raise RequestError("model", f"model {model!r} does not exist; available: {', '.join(self.model_ids)}",
-                           status=404, code="model_not_found")
+        raise NotFound("model", f"model {model!r} does not exist; available: {', '.join(self.model_ids)}",
+                       code="model_not_found")
 
     def cards(self) -> list[ModelCard]:
         return [ModelCard.of(b.preset, m) for b in self.backends for m in b.preset.model_ids]
@@ -56,7 +57,7 @@ class ServedModels:
         for backend in self.backends:
             if model_id in backend.preset.model_ids:
                 return ModelCard.of(backend.preset, model_id)
-        raise RequestError("model", f"model {model_id!r} does not exist", status=404, code="model_not_found")
+        raise NotFound("model", f"model {model_id!r} does not exist", code="model_not_found")
 
     async def readiness(self) -> dict[str, bool]:
         """Every backend's stages; a preset after the first names its stages `<stage>-<preset name>`, as its

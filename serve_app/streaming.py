@@ -21,8 +21,11 @@ from typing import Literal
 
 from fastapi.responses import StreamingResponse
 
-from lightray.schemas import ErrorBody, GenerationSpec, RequestError
-from serve_app.backend import GenerationResult, PartialImages, ServiceUnavailable, StepUpdate, StreamItem
+from lightray.errors import RequestError
+from lightray.schemas import GenerationSpec
+from serve_app.backend import GenerationResult, PartialImages, StepUpdate, StreamItem
+from serve_app.errors import ServiceUnavailable, error_type, http_status
+from serve_app.responses import ErrorBody
 
 logger = logging.getLogger("lightray.api")
 
@@ -92,8 +95,7 @@ def error_event(body: ErrorBody) -> dict:
 def error_body(err: Exception, request_id: str) -> ErrorBody:
     """What the API's exception handlers would answer for `err`, as the body of an error event."""
     if isinstance(err, RequestError):
-        return ErrorBody(message=err.message, param=err.param, code=err.code,
-                         type="invalid_request_error" if err.status < 500 else "server_error")
+        return ErrorBody(message=err.message, param=err.param, code=err.code, type=error_type(http_status(err)))
     if isinstance(err, ServiceUnavailable):
         return ErrorBody(message=str(err), type="server_error", code="unavailable")
     logger.error("unhandled error in a stream (request_id=%s)", request_id, exc_info=err)

@@ -72,7 +72,7 @@ def registry_root(tmp_path_factory) -> Path:
 def api_client(local_pipeline, registry_root, tmp_path_factory) -> TestClient:
     """The real FastAPI app over the in-process pipeline: the HTTP contract without a cluster."""
     from serve_app.api import create_app
-    from serve_app.backend import LocalBackend
+    from serve_app.local_backend import LocalBackend
     from serve_app.settings import ServiceSettings
 
     # Tests publish through registry objects of their own and expect the next request to use the new version at
@@ -103,7 +103,7 @@ def make_app_with_edit_model(local_pipeline, edit_pipeline, tmp_path_factory):
     new app with its own registry folder (`app.state.settings.registry`) and image store: an app's admission state
     belongs to the event loop that serves it (a TestClient's, or a uvicorn thread's)."""
     from serve_app.api import create_app
-    from serve_app.backend import LocalBackend
+    from serve_app.local_backend import LocalBackend
     from serve_app.settings import ServiceSettings
 
     def make():

@@ -16,9 +16,10 @@ from pydantic import ValidationError
 
 from lightray.contracts import DenoiseParams
 from recording_backend import RecordingBackend
-from serve_app.admission import AdmissionLimit, TenantOverQuota, TenantQuota, pixel_work, request_work
+from serve_app.admission import AdmissionLimit, TenantQuota, pixel_work, request_work
 from serve_app.api import create_app
-from serve_app.backend import ServiceUnavailable, StepUpdate
+from serve_app.backend import StepUpdate
+from serve_app.errors import ServiceUnavailable, TenantOverQuota, http_status
 from serve_app.settings import ServiceSettings
 
 
@@ -176,7 +177,7 @@ def test_a_tenant_at_its_own_request_bound_gets_429_while_others_are_admitted():
         with pytest.raises(TenantOverQuota, match="'flood' is at its bound max_concurrent_requests = 2") as refused:
             with limit.slot(flood):
                 pass
-        assert (refused.value.status, refused.value.param, refused.value.retry_after_s) == (
+        assert (http_status(refused.value), refused.value.param, refused.value.retry_after_s) == (
             429, "max_concurrent_requests", 2)
         with limit.slot(other):  # the ingress has room, and the other tenant has its own bound
             assert limit.in_progress == 3 and limit.tenants["other"].requests == 1

@@ -6,6 +6,7 @@ Ray graph serves the same app (tests/test_graph.py)."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 
 import pytest
@@ -15,7 +16,9 @@ from testing.adapters import publish_lora_adapter, publish_placeholder_adapter
 from lightray.adapters import resolve_adapters
 from lightray.registry_settings import open_registry
 from lightray.contracts import AdapterUse
-from lightray.schemas import EditSpec, RequestError, parse_lora_field
+from lightray.errors import RequestError
+from lightray.schemas import EditSpec, parse_lora_field
+from serve_app.errors import http_status
 from recording_backend import recording_app, white_png_b64
 from serve_app.settings import ServiceSettings
 
@@ -240,6 +243,18 @@ def test_the_router_pins_stacked_adapters_and_sets_priority(recording, path):
     assert backend.specs[-1].adapters == ()
 
 
+@pytest.mark.parametrize("path", ["/v1/images/generations", "/v1/images/edits"])
+def test_the_core_request_is_frozen_and_carries_the_request_id_to_the_denoiser(recording, path):
+    client, backend = recording
+    extra = {"image": white_png_b64()} if path.endswith("edits") else {}
+    r = client.post(path, json={**OK, **extra}, headers={"X-Request-Id": "req-core-1"})
+    assert r.status_code == 200, r.text
+    spec = backend.specs[-1]
+    assert spec.request_id == "req-core-1" and spec.denoise_params().request_id == "req-core-1"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.priority = "interactive"
+
+
 # Needs the in-process pipeline to apply spec.adapters (LocalPipeline taking GenerationSpec.adapters).
 def test_stacked_adapters_generate_and_each_changes_the_image(api_client, preset, registry_root, tmp_path_factory):
     work = tmp_path_factory.mktemp("stack-real-adapters")
@@ -270,7 +285,7 @@ def test_parse_lora_field():
                          (["acme/a", "acme/b", "acme/a@v3:0.1"], "lora[2]")]:
         with pytest.raises(RequestError) as err:
             parse_lora_field(value)
-        assert (err.value.param, err.value.status) == (param, 400)
+        assert (err.value.param, http_status(err.value)) == (param, 400)
 
 
 @pytest.fixture(scope="module")
@@ -305,10 +320,10 @@ def test_resolve_adapters_pins_in_order_with_the_tenants_acl(unit_registry, pres
 
     hidden = error([AdapterUse("acme/style"), AdapterUse("globex/secret")])
     missing = error([AdapterUse("acme/style"), AdapterUse("globex/nothing")])
-    assert (hidden.status, hidden.param, hidden.code) == (404, "lora[1]", "adapter_not_found")
+    assert (http_status(hidden), hidden.param, hidden.code) == (404, "lora[1]", "adapter_not_found")
     assert hidden.message.replace("secret", "X") == missing.message.replace("nothing", "X")
     assert error([AdapterUse("acme/style@v3")]).param == "lora[0]"
     foreign = error([AdapterUse("acme/subject"), AdapterUse("acme/foreign")])
-    assert (foreign.status, foreign.param, foreign.code) == (422, "lora[1]", "adapter_incompatible")
+    assert (http_status(foreign), foreign.param, foreign.code) == (422, "lora[1]", "adapter_incompatible")
     with pytest.raises(ValueError, match="params"):
         resolve_adapters(unit_registry, preset, [AdapterUse("acme/style")], ["lora", "lora[1]"])

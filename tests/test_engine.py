@@ -330,6 +330,15 @@ def test_progress_reports_every_step_and_x0_previews(engine, text):
     assert events[1].preview.shape == latents.shape and np.abs(events[1].preview - latents).max() > 1e-3
 
 
+def test_the_engine_logs_the_request_id_when_it_admits_and_finishes_a_request(engine, text, caplog):
+    p = params(LIGHTNING_4, request_id="req-engine-7")
+    with caplog.at_level("INFO", logger="lightray.engine"):
+        engine.denoise(p, embeddings(text, p))
+    lines = [r.getMessage() for r in caplog.records if "req-engine-7" in r.getMessage()]
+    assert len(lines) == 2 and lines[0].startswith("admitted request req-engine-7"), lines
+    assert "finished after 4 of 4 steps" in lines[1], lines
+
+
 def test_cancel_frees_the_row_at_the_next_step_and_others_go_on(engine, text):
     long, short = params(BASE, seeds=(1,), steps=50), params(LIGHTNING_4, seeds=(2,))
     alone = engine.denoise(short, embeddings(text, short))

@@ -58,7 +58,7 @@ def test_fuzz_with_auth_on(local_pipeline, preset, fuzz_api, tmp_path):
 
     from lightray.registry_settings import open_registry
     from serve_app.api import create_app
-    from serve_app.backend import LocalBackend
+    from serve_app.local_backend import LocalBackend
     from serve_app.settings import ServiceSettings
 
     key = "sk-fuzz-5c2e9a7b1d3f4e6a"

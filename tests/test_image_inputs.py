@@ -27,7 +27,9 @@ from PIL import Image, ImageFilter
 
 from lightray.edits import OVERLAY_EDGE_PX, compose_edit, overlay_mask, prepare_edit
 from lightray.images import load_edit_inputs, resize_for_model
-from lightray.schemas import ImageEditRequest, RequestError, denoising_steps
+from lightray.errors import RequestError
+from lightray.contracts import denoising_steps
+from lightray.schemas import ImageEditRequest
 from lightray.world.evaluator import parse_prompt, score
 from lightray.world.shapes import Scene, render
 

@@ -18,6 +18,9 @@ LAYERS = ("lightray", "deployments", "serve_app")
 """Bottom to top: a layer may import the ones before it, never one after it."""
 BESIDE = ("jobs", "testing", "benchmarks", "planning", "tests")
 """Beside the layers: they may import any layer; no layer imports them."""
+HTTP = ("fastapi", "starlette")
+"""The HTTP frameworks: the edge's (`serve_app`); the core raises errors without status codes and answers no
+HTTP."""
 
 
 def modules_after_import(*names: str) -> set[str]:
@@ -31,7 +34,8 @@ def modules_after_import(*names: str) -> set[str]:
 def test_the_ingress_module_graph_does_not_import_torch():
     """The Ingress replica imports serve_app.app (to build its FastAPI app) and the typed contracts: none of
     that may load torch or the model libraries, which would cost the ingress hundreds of MiB."""
-    loaded = modules_after_import("serve_app.app", "serve_app.api", "lightray.contracts", "lightray.schemas")
+    loaded = modules_after_import("serve_app.app", "serve_app.api", "lightray.contracts", "lightray.schemas",
+                                  "lightray.errors")
     assert not [m for m in HEAVY if m in loaded]
     assert "fastapi" in loaded  # it did import the app
 
@@ -73,13 +77,17 @@ def imported_names(source: str, module: str, is_package: bool = False) -> set[st
 
 
 def upward_imports(names: set[str], module: str) -> set[str]:
-    """The names `module` may not import: a layer above its own, or a folder beside the layers."""
-    allowed = LAYERS[: LAYERS.index(module.split(".")[0]) + 1]
+    """The names `module` may not import: a layer above its own, a folder beside the layers, or (for the core,
+    `lightray`) an HTTP framework."""
+    layer = module.split(".")[0]
+    allowed = LAYERS[: LAYERS.index(layer) + 1]
     return {n for n in names
-            if (n.split(".")[0] in LAYERS and n.split(".")[0] not in allowed) or n.split(".")[0] in BESIDE}
+            if (n.split(".")[0] in LAYERS and n.split(".")[0] not in allowed) or n.split(".")[0] in BESIDE
+            or (layer == "lightray" and n.split(".")[0] in HTTP)}
 
 
 def test_no_layer_imports_a_layer_above_it_or_a_folder_beside_them():
+    """Nor the core an HTTP framework (`HTTP`)."""
     found = [f"{module} imports {name}" for module, path in _sources().items()
              for name in upward_imports(imported_names(path.read_text(), module, path.name == "__init__.py"), module)]
     assert not found, "\n".join(sorted(found))
@@ -91,6 +99,8 @@ def test_no_layer_imports_a_layer_above_it_or_a_folder_beside_them():
     ("lightray.x", "from testing.local_cluster import RayCluster", True),
     ("serve_app.x", "from planning.capacity import budgets", True),
     ("serve_app.x", "import deployments", False),
+    ("lightray.x", "from fastapi import Request", True),
+    ("serve_app.x", "from fastapi import Request", False),
     ("lightray.engine.x", "from . import scheduler", False),
 ])
 def test_the_upward_rule_reads_imports_as_python_does(module, source, upward):

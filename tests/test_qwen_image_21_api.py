@@ -48,7 +48,7 @@ def base_pipeline(tmp_path_factory):
 @pytest.fixture(scope="module")
 def client(pipeline, base_pipeline, tmp_path_factory):
     from serve_app.api import create_app
-    from serve_app.backend import LocalBackend
+    from serve_app.local_backend import LocalBackend
     from serve_app.settings import ServiceSettings
 
     settings = ServiceSettings(preset=pipeline.preset.model_dump(), registry=str(tmp_path_factory.mktemp("registry")),
@@ -244,8 +244,10 @@ def test_the_text_deployment_refuses_a_long_2_1_prompt_alone_and_the_refusal_cro
     from ray.exceptions import RayTaskError
 
     from deployments.text_encoder import PromptPair, encode_batch
-    from lightray.schemas import GenerationSpec, RequestError
-    from serve_app.backend import _as_client_error
+    from lightray.errors import RequestError
+    from lightray.schemas import GenerationSpec
+    from serve_app.errors import http_status
+    from serve_app.graph_failures import as_client_error
 
     long_prompt = " ".join(["a red circle on the left"] * 20)
     out = encode_batch(pipeline.text, [PromptPair(long_prompt), PromptPair("a red circle", "a blue square")])
@@ -255,12 +257,12 @@ def test_the_text_deployment_refuses_a_long_2_1_prompt_alone_and_the_refusal_cro
         encode_batch(pipeline.text, [PromptPair("a red circle", long_prompt)])
     assert alone.value.param == "negative_prompt"
 
-    refused = pickle.loads(pickle.dumps(RequestError("prompt", "too long", status=400)))
-    assert (refused.param, refused.message, refused.status) == ("prompt", "too long", 400)
+    refused = pickle.loads(pickle.dumps(RequestError("prompt", "too long")))
+    assert (refused.param, refused.message, http_status(refused)) == ("prompt", "too long", 400)
     wrapped = RayTaskError("encode", "traceback", refused).as_instanceof_cause()
     spec = GenerationSpec(prompt="p", negative_prompt=None, model=MODEL, seeds=[1], width=128, height=128,
                           num_inference_steps=8, true_cfg_scale=1.0)
-    assert asyncio.run(_as_client_error(spec, wrapped)) is refused
+    assert asyncio.run(as_client_error(spec, wrapped)) is refused
 
 
 def test_the_vae_deployment_decodes_2_1_latents_as_the_stage(pipeline):

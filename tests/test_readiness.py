@@ -9,7 +9,7 @@ import time
 
 import httpx
 
-from serve_app.backend import SharedCheck
+from serve_app.readiness import SharedCheck
 
 
 def test_concurrent_probes_share_one_check_within_its_ttl():

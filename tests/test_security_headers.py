@@ -98,7 +98,8 @@ def test_a_corrupt_manifest_of_another_tenant_reads_as_absent():
     adapter that is not the caller's."""
     from lightray.adapters import find_adapter
     from lightray.registry import AdapterCorrupt
-    from lightray.schemas import RequestError
+    from lightray.errors import RequestError
+    from serve_app.errors import http_status
 
     class DamagedRegistry:
         def resolve(self, ref):
@@ -108,4 +109,4 @@ def test_a_corrupt_manifest_of_another_tenant_reads_as_absent():
         find_adapter(DamagedRegistry(), "acme/style@v1", tenant="globex", param="lora")
     with pytest.raises(RequestError) as owner:
         find_adapter(DamagedRegistry(), "acme/style@v1", tenant="acme", param="lora")
-    assert (other.value.status, owner.value.status) == (404, 422)
+    assert (http_status(other.value), http_status(owner.value)) == (404, 422)

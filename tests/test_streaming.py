@@ -215,7 +215,7 @@ def test_a_failure_after_the_stream_started_is_an_openai_error_event(failing_cli
 
 
 def test_an_unavailable_stage_mid_stream_is_an_error_event_saying_so(failing_client):
-    from serve_app.backend import ServiceUnavailable
+    from serve_app.errors import ServiceUnavailable
 
     with failing_client(ServiceUnavailable("the Denoiser stage is unavailable; retry shortly")) as client:
         r = client.post("/v1/images/generations", json={"prompt": PROMPT, "stream": True})
@@ -227,7 +227,7 @@ def test_closing_a_local_stream_cancels_the_engine_request(local_pipeline):
     """LocalBackend: a stream closed after its first step stops the engine run (`cancel`) within a step."""
     from lightray.contracts import DenoiseCancelled
     from lightray.schemas import ImageGenerationRequest
-    from serve_app.backend import LocalBackend
+    from serve_app.local_backend import LocalBackend
 
     backend = LocalBackend(local_pipeline)
     spec = ImageGenerationRequest(prompt=PROMPT, model="lightray-shapes", num_inference_steps=100,

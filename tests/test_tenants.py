@@ -19,7 +19,7 @@ from testing.adapters import publish_lora_adapter
 from testing.http_server import serve_in_thread
 from recording_backend import recording_app, white_png_b64
 from serve_app.api import create_app
-from serve_app.backend import LocalBackend
+from serve_app.local_backend import LocalBackend
 from serve_app.settings import ServiceSettings
 
 ACME_KEY = "sk-acme-3f9c2a7d5e1b4c8a9d0e"

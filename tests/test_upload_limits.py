@@ -13,9 +13,10 @@ from PIL import Image
 
 import lightray.images
 from lightray.images import ImageLimits, load_edit_inputs, open_image, probe_uploads, to_rgb
-from lightray.schemas import RequestError
+from lightray.errors import RequestError
 from recording_backend import recording_app
 from serve_app.admission import pixel_work, request_work
+from serve_app.errors import http_status
 from serve_app.settings import ServiceSettings
 from testing.images import encoded, header_only_png, png16
 
@@ -33,7 +34,8 @@ def test_the_request_pixel_budget_is_decided_from_the_headers_and_names_the_uplo
     image, mask = header_only_png(4000, 4000), header_only_png(4000, 4000)
     with pytest.raises(RequestError) as refused:
         load_edit_inputs(image, mask, limits)
-    assert refused.value.param == "mask" and refused.value.code == "image_too_large" and refused.value.status == 400
+    assert (refused.value.param == "mask" and refused.value.code == "image_too_large"
+            and http_status(refused.value) == 400)
     # An instruction edit's pictures count together too; the one past the budget is named.
     with pytest.raises(RequestError) as refused:
         probe_uploads([("image[0]", header_only_png(3000, 3000)), ("image[1]", header_only_png(3000, 3000)),

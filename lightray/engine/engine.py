@@ -384,6 +384,10 @@ class DenoiseEngine:
                 continue
             request.stack = self._stack(request)
             self._live.append(request)
+            p = request.params
+            logger.info("admitted request %s: %d images at %dx%d, %d steps, %s, tenant %s, adapters %s",
+                        p.request_id, p.n, p.width, p.height, p.total_steps, p.priority, p.tenant,
+                        ",".join(a.ref for a in p.adapters) or None)
 
     def _run(self, batch: list[EngineRequest]) -> None:
         """One forward over `batch` and each request's step. A forward that raises is retried one request at a
@@ -482,10 +486,7 @@ class DenoiseEngine:
         if image.latents.shape != (n, request.image_tokens, self.latent_channels * 4):
             raise ValueError(f"image: expected latents {(n, request.image_tokens, self.latent_channels * 4)}, "
                              f"got {image.latents.shape}")
-        steps = p.num_inference_steps
-        t_start = int(max(steps - min(steps * p.strength, steps), 0))
-        if t_start >= steps:
-            raise ValueError(f"strength: {p.strength} leaves no step of {steps}")
+        t_start = p.num_inference_steps - p.total_steps
         request.timesteps, request.sigmas = timesteps[t_start:], sigmas[t_start:]
         if image.generator_states is not None:
             # Continue each seed's stream after the VAE's posterior draw, as the pipelines' generators do.
@@ -678,6 +679,9 @@ class DenoiseEngine:
     def _finish(self, request: EngineRequest, result: np.ndarray | None = None,
                 error: BaseException | None = None) -> None:
         request.prefix_cache.free()  # finished, failed or cancelled: its keys and values go with it
+        logger.info("request %s %s after %d of %d steps", request.params.request_id,
+                    "finished" if error is None else f"ended ({type(error).__name__})", request.step,
+                    request.params.total_steps)
         with self._lock:
             for use in request.params.adapters:
                 self._in_use[use.key] -= 1

@@ -28,7 +28,7 @@ from PIL import Image
 from lightray.config import ModelPreset
 from lightray.contracts import TextEmbeddings
 from lightray.models.qwen_image import template_prefix_length
-from lightray.schemas import RequestError
+from lightray.errors import RequestError
 from lightray.stages.common import HealthProbe, check_parameter_dtype, torch_dtype
 
 

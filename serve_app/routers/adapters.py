@@ -10,6 +10,7 @@ import asyncio
 from fastapi import APIRouter, Depends, Query
 
 from lightray.adapters import can_delete, can_use, find_adapter
+from lightray.errors import NotFound, RequestError
 from lightray.registry import (
     AdapterManifest,
     AdapterNotFound,
@@ -18,11 +19,12 @@ from lightray.registry import (
     InvalidAdapterRef,
     latest_versions,
 )
-from lightray.schemas import AdapterDeleted, AdapterInfo, AdapterList, RequestError
 from serve_app.admission import Admission
 from serve_app.auth import Principal
 from serve_app.dependencies import admitted, get_principal, get_registry
+from serve_app.errors import Forbidden
 from serve_app.openapi_errors import error_responses
+from serve_app.responses import AdapterDeleted, AdapterInfo, AdapterList
 
 router = APIRouter(prefix="/v1", tags=["adapters"], responses=error_responses(400, 401))
 
@@ -94,16 +96,15 @@ async def delete_adapter(
     deletes with `lightray adapters delete`. Replicas that hold the adapter keep it until evicted, but no new
     request can name it once this returns."""
     if principal.tenant is None:
-        raise RequestError("authorization", "deleting an adapter over HTTP needs an API key, and this service has "
-                           "none (auth is off); use `lightray adapters delete` on the registry", status=403,
-                           code="forbidden")
+        raise Forbidden("authorization", "deleting an adapter over HTTP needs an API key, and this service has "
+                        "none (auth is off); use `lightray adapters delete` on the registry", code="forbidden")
     ref = _ref(tenant, name, version)
     manifest = await asyncio.to_thread(find_adapter, registry, ref, principal.tenant, "name")
     if not can_delete(manifest, principal.tenant):
-        raise RequestError("name", f"adapter {ref!r} belongs to tenant {manifest.tenant!r}; only it may delete it",
-                           status=403, code="forbidden")
+        raise Forbidden("name", f"adapter {ref!r} belongs to tenant {manifest.tenant!r}; only it may delete it",
+                        code="forbidden")
     try:
         deleted = await asyncio.to_thread(registry.delete, ref)
     except AdapterNotFound:  # deleted concurrently
-        raise RequestError("name", f"adapter {ref!r} does not exist", status=404, code="adapter_not_found") from None
+        raise NotFound("name", f"adapter {ref!r} does not exist", code="adapter_not_found") from None
     return AdapterDeleted(deleted=deleted)

@@ -19,39 +19,30 @@ import asyncio
 import base64
 import binascii
 import json
-import secrets
 import time
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request, Response
-from fastapi.responses import StreamingResponse
+from fastapi import APIRouter, Depends, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
 from lightray.edits import output_size
+from lightray.errors import RequestError, TooLarge
 from lightray.images import ImageLimits, decode_edit_inputs, decode_upload, probe_uploads, to_rgb
 from lightray.models.qwen_image_edit import MAX_INPUT_IMAGES
-from lightray.registry import AdapterRegistry
-from lightray.schemas import ImageEditRequest, ImagesResponse, RequestError, lora_params
-from serve_app.admission import Admission, pixel_work, request_work
-from serve_app.auth import Principal
-from serve_app.dependencies import (
-    admitted,
-    get_models,
-    get_image_store,
-    get_principal,
-    get_registry,
-    get_settings,
-)
-from serve_app.image_store import ImageStore
+from lightray.schemas import ImageEditRequest
+from serve_app.admission import pixel_work
+from serve_app.backend import GenerationBackend
+from serve_app.dependencies import get_models
+from serve_app.errors import UnsupportedMediaType
+from serve_app.image_requests import STREAM_RESPONSE, ImageCall, ImageWork, image_call, serve_images, within_timeout
 from serve_app.openapi_errors import error_responses
-from serve_app.observability import request_id_of
-from serve_app.routers.images import STREAM_RESPONSE, attribute_to, images_response, pin_adapters, within_timeout
+from serve_app.responses import ImagesResponse
 from serve_app.served_models import ServedModels
 from serve_app.settings import ServiceSettings
-from serve_app.streaming import stream_response
 
 router = APIRouter(prefix="/v1", tags=["images"])
 
@@ -103,16 +94,11 @@ def _openapi_body() -> dict[str, Any]:
              openapi_extra=_openapi_body(),
              responses={**STREAM_RESPONSE, **error_responses(400, 401, 403, 404, 413, 415, 422, 429, 503, 504)})
 async def edit_images(
-    request: Request,
-    response: Response,
     models: ServedModels = Depends(get_models),
-    settings: ServiceSettings = Depends(get_settings),
-    store: ImageStore = Depends(get_image_store),
-    registry: AdapterRegistry = Depends(get_registry),
-    principal: Principal = Depends(get_principal),
-    admission: Admission = Depends(admitted),
+    call: ImageCall = Depends(image_call),
 ) -> ImagesResponse | StreamingResponse:
-    fields, images_bytes, mask_bytes = await _read_body(request, settings)
+    settings = call.settings
+    fields, images_bytes, mask_bytes = await _read_body(call.request, settings)
     # The request's clock starts once its body is in: decoding the uploads runs within the timeout too.
     deadline = time.monotonic() + settings.request_timeout_s
     try:
@@ -125,36 +111,37 @@ async def edit_images(
     limits = ImageLimits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels,
                          max_request_pixels=settings.max_request_image_pixels)
     if backend.preset.model_family.condition_tokens:
-        return await _instruct(body, images_bytes, mask_bytes, limits, backend, request, response, settings, store,
-                               registry, principal, admission, deadline)
+        work = await _instruction_work(body, images_bytes, mask_bytes, limits, backend, call, deadline)
+    else:
+        work = await _image_work(body, images_bytes, mask_bytes, limits, backend, call, deadline)
+    return await serve_images(call, backend, body, "edit", work, deadline)
+
+
+async def _image_work(body: ImageEditRequest, images_bytes: list[bytes], mask_bytes: bytes | None,
+                      limits: ImageLimits, backend: GenerationBackend, call: ImageCall, deadline: float) -> ImageWork:
+    """img2img (one picture) or inpainting (a picture and its mask): both checked and charged before they are
+    decoded; the output takes the picture's size unless the request gives one."""
     if len(images_bytes) > 1:
         raise RequestError("image", f"model {body.model or backend.preset.model_ids[0]!r} edits one image "
                                     f"(img2img / inpainting); got {len(images_bytes)}")
     uploads = probe_uploads([("image", images_bytes[0])] + ([("mask", mask_bytes)] if mask_bytes is not None else []),
                             limits)
-    admission.charge(pixel_work(sum(upload.pixels for upload in uploads)))
-    image, mask = await within_timeout(asyncio.to_thread(decode_edit_inputs, *uploads), settings, "edit", deadline)
-    spec = body.resolve(backend.preset, default_seed=secrets.randbelow(2**31), image_size=image.size,
-                        inpaint=mask is not None, max_output_pixels=settings.max_image_pixels)
-    attribute_to(spec, principal, body.priority)
-    width, height = output_size(spec, image.size)
-    composed = len(spec.seeds) * width * height if mask is not None else 0  # outputs laid over the input
-    admission.charge(request_work(spec.denoise_params()) + pixel_work(composed))
-    await pin_adapters(spec, registry, backend.preset, principal.tenant, lora_params(body.lora))
-    if body.stream:
-        return stream_response("edit", spec, backend.edit_stream(spec, image, mask),
-                               max(deadline - time.monotonic(), 0.0), request_id_of(request), f"{width}x{height}")
-    result = await within_timeout(backend.edit(spec, image, mask), settings, "edit", deadline)
-    return images_response(spec, result, body.response_format, request, response, settings, store,
-                           output_size(spec, image.size))
+    call.admission.charge(pixel_work(sum(upload.pixels for upload in uploads)))
+    image, mask = await within_timeout(asyncio.to_thread(decode_edit_inputs, *uploads), call.settings, "edit",
+                                       deadline)
+    return ImageWork(
+        resolve=lambda seed, caller: body.resolve(backend.preset, seed, image.size, inpaint=mask is not None,
+                                                  max_output_pixels=call.settings.max_image_pixels, caller=caller),
+        run=lambda spec: backend.edit(spec, image, mask), stream=lambda spec: backend.edit_stream(spec, image, mask),
+        output_size=lambda spec: output_size(spec, image.size), composes_outputs=mask is not None,
+    )
 
 
-async def _instruct(body: ImageEditRequest, images_bytes: list[bytes], mask_bytes: bytes | None,
-                    limits: ImageLimits, backend, request: Request, response: Response, settings: ServiceSettings,
-                    store: ImageStore, registry: AdapterRegistry, principal: Principal, admission: Admission,
-                    deadline: float):
+async def _instruction_work(body: ImageEditRequest, images_bytes: list[bytes], mask_bytes: bytes | None,
+                            limits: ImageLimits, backend: GenerationBackend, call: ImageCall,
+                            deadline: float) -> ImageWork:
     """An instruction edit: every input image checked (`image[i]` names the one that fails) and charged before
-    it is decoded, the spec resolved with the pipeline's output-size rule, then the backend's instruct path."""
+    it is decoded; the spec resolved with the pipeline's output-size rule."""
     if mask_bytes is not None:
         raise RequestError("mask", f"model {backend.preset.name!r} edits by instruction and takes no mask; describe "
                                    "the change in the prompt")
@@ -163,20 +150,14 @@ async def _instruct(body: ImageEditRequest, images_bytes: list[bytes], mask_byte
 
     names = ["image"] if len(images_bytes) == 1 else [f"image[{i}]" for i in range(len(images_bytes))]
     uploads = probe_uploads(list(zip(names, images_bytes)), limits)
-    admission.charge(pixel_work(sum(upload.pixels for upload in uploads)))
+    call.admission.charge(pixel_work(sum(upload.pixels for upload in uploads)))
     images = await within_timeout(asyncio.to_thread(lambda: [to_rgb(decode_upload(u)) for u in uploads]),
-                                  settings, "edit", deadline)
-    spec = body.resolve_instruction(backend.preset, default_seed=secrets.randbelow(2**31),
-                                    image_sizes=[im.size for im in images])
-    attribute_to(spec, principal, body.priority)
-    admission.charge(request_work(spec.denoise_params()))
-    await pin_adapters(spec, registry, backend.preset, principal.tenant, lora_params(body.lora))
-    if body.stream:
-        return stream_response("edit", spec, backend.instruct_stream(spec, images),
-                               max(deadline - time.monotonic(), 0.0), request_id_of(request),
-                               f"{spec.width}x{spec.height}")
-    result = await within_timeout(backend.instruct(spec, images), settings, "edit", deadline)
-    return images_response(spec, result, body.response_format, request, response, settings, store)
+                                  call.settings, "edit", deadline)
+    return ImageWork(
+        resolve=lambda seed, caller: body.resolve_instruction(backend.preset, seed, [im.size for im in images],
+                                                              caller=caller),
+        run=lambda spec: backend.instruct(spec, images), stream=lambda spec: backend.instruct_stream(spec, images),
+    )
 
 
 # ------------------------------------------------------------------------------------------ body parsing
@@ -190,9 +171,9 @@ async def _read_body(request: Request, settings: ServiceSettings) -> tuple[dict,
         return await _read_multipart(request, settings)
     if content_type == "application/json":
         return _read_json(await request.body(), settings)
-    raise RequestError("request", "send multipart/form-data (image and mask as files) or application/json "
-                                  f"(image and mask as base64 or data URLs), not {content_type or 'no content type'}",
-                       status=415, code="unsupported_media_type")
+    raise UnsupportedMediaType(
+        "request", "send multipart/form-data (image and mask as files) or application/json (image and mask as "
+        f"base64 or data URLs), not {content_type or 'no content type'}", code="unsupported_media_type")
 
 
 async def _read_multipart(request: Request, settings: ServiceSettings) -> tuple[dict, list[bytes], bytes | None]:
@@ -289,8 +270,7 @@ def _decode_base64(value: str, name: str, settings: ServiceSettings) -> bytes:
             raise RequestError(name, f"{name}: a data URL must look like data:image/png;base64,…")
     text = "".join(text.split())
     if len(text) > settings.max_image_bytes * 4 // 3 + 4:
-        raise RequestError(name, f"{name} is larger than {settings.max_image_bytes} bytes", status=413,
-                           code="image_too_large")
+        raise TooLarge(name, f"{name} is larger than {settings.max_image_bytes} bytes", code="image_too_large")
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends
 
-from lightray.schemas import ModelCard, ModelList
+from serve_app.responses import ModelCard, ModelList
 from serve_app.dependencies import get_models, get_principal
 from serve_app.openapi_errors import error_responses
 from serve_app.served_models import ServedModels

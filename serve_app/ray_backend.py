@@ -1,0 +1,214 @@
+"""The generation graph on Ray Serve (`RayGraphBackend`): chains the stage deployments' handle calls for a
+request, streams, cancels every stage's call when the caller gives up, and checks the stages' health."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import numpy as np
+from PIL import Image
+
+from lightray.config import ModelPreset
+from lightray.contracts import DenoisedLatents, OutputEncoding
+from lightray.edits import PreparedEdit, decoded_encoding, prepare_edit
+from lightray.schemas import EditSpec, GenerationSpec
+from serve_app.backend import GenerationResult, PartialImages, StepUpdate, StreamItem
+from serve_app.edit_composition import composed_result, composed_stream
+from serve_app.graph_failures import client_errors, stream_client_errors
+from serve_app.readiness import READINESS_TTL_S, SharedCheck
+
+
+async def _cancelling(final, *upstream):
+    """Await the graph's last response; if the caller gives up on it (the request timeout, a disconnect), cancel
+    every stage's request too, so replicas stop work nobody will read (the Denoiser stops within a step)."""
+    try:
+        return await final
+    except asyncio.CancelledError:
+        for response in (final, *upstream):
+            response.cancel()
+        raise
+
+
+class RayGraphBackend:
+    """Chains the stage deployments' responses handle to handle: each stage's output goes straight to the next
+    replica as an argument, so the ingress never holds embeddings or latents."""
+
+    def __init__(self, preset: ModelPreset, text_encoder, denoiser, vae):
+        self.preset = preset
+        self.text_encoder, self.denoiser, self.vae = text_encoder, denoiser, vae
+        self._readiness = SharedCheck(self._check_stages, READINESS_TTL_S)
+
+    async def generate(self, spec: GenerationSpec) -> GenerationResult:
+        return await client_errors(spec, self._generate(spec))
+
+    def _denoiser_for(self, spec: GenerationSpec):
+        if spec.adapters:
+            # Routes to a replica that already holds the first adapter when there is one; the replica fetches
+            # any other adapter it lacks itself.
+            return self.denoiser.options(multiplexed_model_id=spec.adapters[0].ref)
+        return self.denoiser
+
+    def _encode(self, spec: GenerationSpec):
+        # `handoff_at`: wall-clock send time, from which the stage measures its queue wait (deployments/metrics.py).
+        return self.text_encoder.encode.remote(spec.prompt, spec.negative_prompt, handoff_at=time.time())
+
+    async def _generate(self, spec: GenerationSpec) -> GenerationResult:
+        start = time.perf_counter()
+        encoded = self._encode(spec)
+        denoised = self._denoiser_for(spec).denoise.remote(spec.denoise_params(), encoded)
+        result = await _cancelling(self.vae.decode.remote(denoised, spec.width, spec.height, encoding=spec.output),
+                                   encoded, denoised)
+        return GenerationResult(list(result.pngs), {**result.timings, "graph_ms": (time.perf_counter() - start) * 1000})
+
+    async def edit(self, spec: EditSpec, image: Image.Image, mask: Image.Image | None = None) -> GenerationResult:
+        return await client_errors(spec, self._edit(spec, image, mask))
+
+    def _encode_image(self, spec: EditSpec, prepared: PreparedEdit):
+        """The VAE replica's encode of the prepared image, for each seed (`VaeDecoder.encode`)."""
+        return self.vae.encode.remote(np.asarray(prepared.image), spec.seeds, spec.width, spec.height,
+                                      handoff_at=time.time())
+
+    async def _edit(self, spec: EditSpec, image: Image.Image, mask: Image.Image | None) -> GenerationResult:
+        """The text encoder and the VAE's encoder run concurrently; both responses go handle to handle into the
+        denoiser, whose output goes to the VAE's decoder, as in `generate`; the ingress composes the PNGs."""
+        start = time.perf_counter()
+        prepared = await asyncio.to_thread(prepare_edit, image, mask, spec)
+        encoded = self._encode(spec)
+        image_latents = self._encode_image(spec, prepared)
+        denoised = self._denoiser_for(spec).denoise.remote(
+            spec.denoise_params(), encoded, image_latents, _mask_pixels(prepared))
+        result = await _cancelling(self.vae.decode.remote(denoised, spec.width, spec.height,
+                                                          encoding=decoded_encoding(prepared, spec.output)),
+                                   encoded, image_latents, denoised)
+        return await composed_result(
+            GenerationResult(list(result.pngs), {**result.timings, "graph_ms": (time.perf_counter() - start) * 1000}),
+            prepared, spec.output)
+
+    def _instruct_inputs(self, spec: GenerationSpec, images: list[Image.Image]):
+        """The instruction's embeddings (the TextEncoder reads the images with it) and the images' condition
+        latents (the VaeDecoder's encoder), requested concurrently: two responses for the Denoiser."""
+        pixels = [np.asarray(im) for im in images]
+        encoded = self.text_encoder.encode_instruction.remote(spec.prompt, spec.negative_prompt, pixels, spec.width,
+                                                               spec.height, handoff_at=time.time())
+        condition = self.vae.encode_conditions.remote(pixels, spec.width, spec.height, handoff_at=time.time())
+        return encoded, condition
+
+    async def instruct(self, spec: GenerationSpec, images: list[Image.Image]) -> GenerationResult:
+        return await client_errors(spec, self._instruct(spec, images))
+
+    async def _instruct(self, spec: GenerationSpec, images: list[Image.Image]) -> GenerationResult:
+        start = time.perf_counter()
+        encoded, condition = self._instruct_inputs(spec, images)
+        denoised = self._denoiser_for(spec).denoise.remote(spec.denoise_params(), encoded, None, None, condition)
+        result = await _cancelling(self.vae.decode.remote(denoised, spec.width, spec.height, encoding=spec.output),
+                                   encoded, condition, denoised)
+        return GenerationResult(list(result.pngs), {**result.timings, "graph_ms": (time.perf_counter() - start) * 1000})
+
+    def instruct_stream(self, spec: GenerationSpec, images: list[Image.Image]) -> AsyncIterator[StreamItem]:
+        encoded, condition = self._instruct_inputs(spec, images)
+        denoising = self._denoise_stream(spec, spec.output, encoded, None, None, condition)
+        return stream_client_errors(spec, self._stream(spec, denoising, encoded, condition, encoding=spec.output))
+
+    def _denoise_stream(self, spec: GenerationSpec, encoding: OutputEncoding, *inputs):
+        """The Denoiser's stream for `spec`; fast previews come made by the Denoiser when its model ships a preview
+        decoder (`preview_encoding`), else as latents for the VaeDecoder."""
+        return self._denoiser_for(spec).options(stream=True).denoise_stream.remote(
+            spec.denoise_params(), *inputs, preview_encoding=encoding if spec.preview == "fast" else None)
+
+    def generate_stream(self, spec: GenerationSpec) -> AsyncIterator[StreamItem]:
+        encoded = self._encode(spec)
+        denoising = self._denoise_stream(spec, spec.output, encoded)
+        return stream_client_errors(spec, self._stream(spec, denoising, encoded, encoding=spec.output))
+
+    def edit_stream(self, spec: EditSpec, image: Image.Image, mask: Image.Image | None = None
+                    ) -> AsyncIterator[StreamItem]:
+        def start(prepared: PreparedEdit) -> AsyncIterator[StreamItem]:
+            encoded = self._encode(spec)
+            image_latents = self._encode_image(spec, prepared)
+            encoding = decoded_encoding(prepared, spec.output)
+            denoising = self._denoise_stream(spec, encoding, encoded, image_latents, _mask_pixels(prepared))
+            return self._stream(spec, denoising, encoded, image_latents, encoding=encoding)
+
+        return stream_client_errors(spec, composed_stream(spec, image, mask, start))
+
+    async def _stream(self, spec: GenerationSpec, denoising, *upstream,
+                      encoding: OutputEncoding) -> AsyncIterator[StreamItem]:
+        """The Denoiser's stream as `StreamItem`s. Each preview the Denoiser did not make itself goes to the
+        VaeDecoder as soon as it arrives (`preview`, or batched with other decodes for "full") while the steps go
+        on; previews are yielded in order, each as soon as it and those before it are decoded, and all before the
+        final image. The final latents pass through the
+        ingress to the VaeDecoder (a generator's items cannot be handed on handle to handle). If the stream is
+        closed early, or fails, every stage's request is cancelled (the Denoiser stops within a step). Previews and
+        images are encoded as `encoding`."""
+        start = time.perf_counter()
+        previews: list[asyncio.Future] = []
+        responses = [denoising, *upstream]  # cancelled if the stream ends early (preview decodes: by their tasks)
+        sent = 0
+        finished = False
+        try:
+            denoised: DenoisedLatents | None = None
+            async for item in denoising:
+                if isinstance(item, DenoisedLatents):
+                    denoised = item
+                    continue
+                yield StepUpdate(item.step, item.total_steps)
+                if item.preview_images is not None:  # made by the Denoiser (fast, a shipped preview decoder)
+                    made = asyncio.get_running_loop().create_future()
+                    made.set_result(PartialImages(len(previews), item.step, list(item.preview_images)))
+                    previews.append(made)
+                elif item.preview is not None:
+                    if spec.preview == "full":
+                        response = self.vae.decode.remote(DenoisedLatents(item.preview), spec.width, spec.height,
+                                                          encoding=encoding)
+                    else:  # "fast": the VAE replica's projection, no VAE call (VaeDecoder.preview)
+                        response = self.vae.preview.remote(item.preview, spec.width, spec.height,
+                                                           encoding=encoding)
+                    previews.append(asyncio.ensure_future(_partial(len(previews), item.step, response)))
+                while sent < len(previews) and previews[sent].done():
+                    yield previews[sent].result()
+                    sent += 1
+            if denoised is None:
+                raise RuntimeError("the Denoiser's stream ended without its latents")
+            decoded = self.vae.decode.remote(denoised, spec.width, spec.height, encoding=encoding)
+            responses.append(decoded)
+            for preview in previews[sent:]:
+                yield await preview
+            result = await decoded
+            finished = True
+            yield GenerationResult(list(result.pngs),
+                                   {**result.timings, "graph_ms": (time.perf_counter() - start) * 1000})
+        finally:
+            if not finished:
+                for response in responses:
+                    response.cancel()
+                for preview in previews:
+                    preview.cancel()
+
+    async def readiness(self) -> dict[str, bool]:
+        """Each stage answered its own health check within 5 s (a replica still loading does not), as checked at
+        most once per `READINESS_TTL_S` however many probes ask (`SharedCheck`)."""
+        return await self._readiness.get()
+
+    async def _check_stages(self) -> dict[str, bool]:
+        stages = {"TextEncoder": self.text_encoder, "Denoiser": self.denoiser, "VaeDecoder": self.vae}
+
+        async def healthy(handle) -> bool:
+            try:
+                await asyncio.wait_for(handle.check_health.remote(), timeout=5)
+                return True
+            except Exception:
+                return False
+
+        results = await asyncio.gather(*(healthy(h) for h in stages.values()))
+        return dict(zip(stages, results))
+
+
+def _mask_pixels(prepared: PreparedEdit) -> np.ndarray | None:
+    """The prepared mask as the Denoiser takes it ("L" pixels, non-zero = repaint), None for img2img."""
+    return None if prepared.mask is None else np.asarray(prepared.mask)
+
+
+async def _partial(index: int, step: int, response) -> PartialImages:
+    return PartialImages(index, step, list((await response).pngs))

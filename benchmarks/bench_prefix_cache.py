@@ -2,17 +2,17 @@
 images' keys and values from the request's cache (steps 2..N) instead of computing the whole sequence again. Ratios
 side by side in one run; run it on an idle machine.
 
-    python benchmarks/bench_prefix_cache.py [--repeats 15] [--sizes 128 256] [--images 0 1 2] [--rows 1 4]
-                                            [--widths mini wide] [--request-repeats 5]
+    python benchmarks/bench_prefix_cache.py [--repeats 15] [--request-repeats 5] [--sizes 128 256]
+                                            [--images 0 1 2] [--rows 1 4] [--widths mini wide]
 
 On the mini real-layout 2.1 Turbo (tests/mini_real.py, `build_mini_real_21`, bfloat16) built into a temp dir, in
 process, torch on one thread (a replica's): the fixture's toy (`mini`: 2 layers of 2 heads of 32), and a wider,
 deeper one (`wide`: 4 layers of 8 heads of 128, the real head width and RoPE axes) whose matmuls weigh more against
-the per-call overhead, as the real 7B's (32 layers of 32 heads of 128) do. The inputs are the service's: the request resolved by the API schema, the TextEncodeStage's Qwen3-VL
-embeddings of the prompt with its pictures, the VaeStage's condition latents (each picture at the output's area,
-so one condition image has as many tokens as the output), submitted to the `DenoiseEngine`. Per case, three
-transformer forwards through the engine's own `prefix_cache.prefix_forward`, interleaved (rotating order) so the
-machine's noise hits each alike:
+the per-call overhead, as the real 7B's (32 layers of 32 heads of 128) do. The inputs are the service's: the
+request resolved by the API schema, the TextEncodeStage's Qwen3-VL embeddings of the prompt with its pictures, the
+VaeStage's condition latents (each picture at the output's area, so one condition image has as many tokens as the
+output), submitted to the `DenoiseEngine`. Per case, three transformer forwards through the engine's own
+`prefix_cache.prefix_forward`, interleaved (rotating order) so the machine's noise hits each alike:
 
 * cached: the noise tokens alone against the request's cache (`kv_cache_mode="cached"`), as steps 2..N run;
 * extract: the whole sequence, storing the prefix's keys and values (step 1);

@@ -66,6 +66,8 @@ class RayCluster:
         self.agent_ports = dict(zip(agents, agent_ports))
         self.metrics_port = self.agent_ports["metrics-export-port"]
         self.env = ray_env()
+        self.deployed_config: Path | None = None
+        """The Serve YAML `deploy` last deployed (`config_with_application` adds to it)."""
         if metrics_report_interval_ms is not None:
             self.env["RAY_metrics_report_interval_ms"] = str(metrics_report_interval_ms)
 
@@ -167,14 +169,28 @@ class RayCluster:
         out.write_text(yaml.safe_dump(data, sort_keys=False))
         return out
 
-    def deploy(self, config: Path, timeout: float = 600) -> None:
+    def deploy(self, config: Path, timeout: float = 600, ready_path: str = "/readyz") -> None:
+        """`serve deploy` of `config`, then wait until `ready_path` (an application's readiness URL) answers 200."""
         # The first deploy also starts Serve's controller and proxies; on a loaded 2-core machine that can
         # outlast the CLI's 60 s wait ("HTTP proxies not available"), and the next attempt finds them up.
         for attempt in range(3):
             result = self.run(str(BIN / "serve"), "deploy", str(config), "-a", self.dashboard_url, check=attempt == 2)
             if result.returncode == 0:
                 break
-        self.wait_ready(timeout)
+        self.deployed_config = config
+        self.wait_ready(timeout, ready_path)
+
+    def config_with_application(self, application: dict) -> Path:
+        """A copy of the Serve YAML last deployed here with one more application (its own `name` and
+        `route_prefix`). Deploying it leaves the deployed applications' replicas running: Serve rebuilds an
+        application only when its code version (import path, args, runtime env) changes, and theirs do not. So a
+        test serves another graph on a session's cluster instead of starting a cluster of its own (about a minute
+        on 2 cores), and deploys `deployed_config` again afterwards to take it away."""
+        data = yaml.safe_load(self.deployed_config.read_text())
+        data["applications"] = [*data["applications"], application]
+        out = Path(self.temp_dir) / f"serve-with-{application['name']}.yaml"
+        out.write_text(yaml.safe_dump(data, sort_keys=False))
+        return out
 
     def serve_details(self, timeout: float = 10) -> dict:
         """Serve's own view of the cluster (`GET /api/serve/applications/`, what `serve status` reads):
@@ -188,12 +204,12 @@ class RayCluster:
         deployments = self.serve_details(timeout)["applications"].get(app, {}).get("deployments", {})
         return {name: list(dep.get("replicas", [])) for name, dep in deployments.items()}
 
-    def wait_ready(self, timeout: float = 300) -> None:
+    def wait_ready(self, timeout: float = 300, path: str = "/readyz") -> None:
         deadline = time.time() + timeout
         last = None
         while time.time() < deadline:
             with contextlib.suppress(httpx.HTTPError):
-                r = httpx.get(f"{self.http_url}/readyz", timeout=5)
+                r = httpx.get(f"{self.http_url}{path}", timeout=5)
                 last = r.text
                 if r.status_code == 200:
                     return

@@ -304,10 +304,11 @@ def build_mini_qwen3_vl(tokenizer, seed: int):
     return model
 
 
-def build_mini_real_21(root: Path, seed: int = 0, turbo: bool = False) -> Path:
+def build_mini_real_21(root: Path, seed: int = 0, turbo: bool = False, transformer: dict | None = None) -> Path:
     """A mini Qwen-Image-2.1 folder at `root` (Turbo: `sample_sigmas` in its model_index.json): the 2.1 index,
     Qwen-Image's scheduler config, a tiny Qwen3-VL encoder and its processor folder (tokenizer, preprocessor
-    config, chat template), the 2.1 transformer and VAE at toy width, bfloat16."""
+    config, chat template), the 2.1 transformer and VAE at toy width, bfloat16. `transformer`: config values
+    over `MINI_21_TRANSFORMER` (benchmarks/bench_prefix_cache.py's wider, deeper toy)."""
     root.mkdir(parents=True, exist_ok=True)
     from diffusers import AutoencoderKLQwenImage21, QwenImage21Transformer2DModel
 
@@ -317,12 +318,12 @@ def build_mini_real_21(root: Path, seed: int = 0, turbo: bool = False) -> Path:
     (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(QWEN_IMAGE_SCHEDULER_CONFIG, indent=2))
     torch.manual_seed(seed)
     config = {k: v for k, v in QWEN_IMAGE_21_TRANSFORMER_CONFIG.items() if not k.startswith("_")}
-    transformer = QwenImage21Transformer2DModel(**{**config, **MINI_21_TRANSFORMER})
+    model = QwenImage21Transformer2DModel(**{**config, **MINI_21_TRANSFORMER, **(transformer or {})})
     with torch.no_grad():  # zero-initialised norm weights would hide a wrong scale: give them values
-        for name, parameter in transformer.named_parameters():
+        for name, parameter in model.named_parameters():
             if "norm" in name:
                 parameter.normal_(0.0, 0.1)
-    transformer.to(torch.bfloat16).save_pretrained(root / "transformer")
+    model.to(torch.bfloat16).save_pretrained(root / "transformer")
     AutoencoderKLQwenImage21(**QWEN_IMAGE_21_VAE_SHRUNK).to(torch.bfloat16).save_pretrained(root / "vae")
     tokenizer = build_tokenizer(MINI_TEXT)
     tokenizer.save_pretrained(root / "processor")

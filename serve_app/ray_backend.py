@@ -21,14 +21,37 @@ from serve_app.readiness import READINESS_TTL_S, SharedCheck
 
 
 async def _cancelling(final, *upstream):
-    """Await the graph's last response; if the caller gives up on it (the request timeout, a disconnect), cancel
-    every stage's request too, so replicas stop work nobody will read (the Denoiser stops within a step)."""
+    """Await the graph's last response; if the caller gives up on it (the request timeout, a disconnect), or a
+    stage fails, cancel every stage's request too, so replicas stop work nobody will read (the Denoiser stops within
+    a step).
+
+    An upstream stage's failure ends the wait as well. Over Ray Serve's gRPC data plane
+    (`RAY_SERVE_USE_GRPC_BY_DEFAULT`, responses passed by value) a chained call whose upstream replica died is never
+    answered: the next handle's router resolves the argument, gets `ActorUnavailableError`, and retries the
+    resolution until the caller gives up (ray 2.60's `Router` retries that error even before it chose a replica).
+    So the by-value upstream responses are awaited here too: their values are fetched into this process by that
+    router anyway. By-reference ones need no watch (the chained call fails with the upstream's `ActorDiedError`),
+    and awaiting them would pull their arrays into the ingress."""
+    last = asyncio.ensure_future(_awaited(final))
+    watched = {asyncio.ensure_future(_awaited(r)) for r in upstream if not r.by_reference}
     try:
-        return await final
-    except asyncio.CancelledError:
+        pending = {last, *watched}
+        while last in pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done - {last}:
+                task.result()  # an upstream stage's failure
+        return last.result()
+    except BaseException:
         for response in (final, *upstream):
             response.cancel()
         raise
+    finally:
+        for task in (last, *watched):
+            task.cancel()
+
+
+async def _awaited(response):
+    return await response
 
 
 class RayGraphBackend:

@@ -72,7 +72,7 @@ def in_process(turbo_preset, tmp_path_factory):
     """The same API over the in-process pipeline (`LocalBackend`), for the pixels the graph must give."""
     from lightray.pipeline import LocalPipeline
     from serve_app.api import create_app
-    from serve_app.backend import LocalBackend
+    from serve_app.local_backend import LocalBackend
     from serve_app.settings import ServiceSettings
 
     settings = ServiceSettings(preset=turbo_preset.model_dump(), registry=str(tmp_path_factory.mktemp("registry")),

@@ -122,8 +122,9 @@ def resolve_adapters(registry: AdapterRegistry, preset: ModelPreset, adapters: S
                      params: Sequence[str], tenant: str | None = None) -> tuple[ResolvedAdapter, ...]:
     """A request's adapters (refs as written, e.g. `acme/style` for the latest) against the registry as `tenant`
     sees it, in order: 404 unknown (or another tenant's private adapter: indistinguishable, so ids cannot be
-    probed), 400 an adapter of another family's transformer, 422 another base model. `params`: the request field each adapter came from, named in the errors
-    (`ImageGenerationRequest.lora_params`: "lora", or "lora[i]" for a list's entries)."""
+    probed), 400 an adapter of another family's transformer, 422 another base model. `params`: the request field
+    each adapter came from, named in the errors (`ImageGenerationRequest.lora_params`: "lora", or "lora[i]" for a
+    list's entries)."""
     if len(params) != len(adapters):
         raise ValueError(f"{len(params)} params for {len(adapters)} adapters")
     resolved = []

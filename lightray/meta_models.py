@@ -20,8 +20,10 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from lightray.config import ModelPreset
+from lightray.models import FAMILIES
+from lightray.models.base import ModelFamily
 from lightray.models.qwen_image import QWEN_IMAGE
-from lightray.models.qwen_image_21 import QWEN_IMAGE_21
+from lightray.models.qwen_image_21 import CHAT_TEMPLATE_TOKENS, VISION_PIXELS_PER_TOKEN
 
 GIB = 1024**3
 MIB = 1024**2
@@ -41,11 +43,10 @@ def text_encoder_tokens(preset: ModelPreset, pictures: int | None = None) -> int
     per 32x32 pixels of each condition image (`pictures`, by default its most, each at the largest served area; the
     trainer's captions have none)."""
     if preset.model_family.prefix_cache:
-        from lightray.models.qwen_image_21 import CHAT_TEMPLATE_TOKENS, VISION_PIXELS_PER_TOKEN
-
         width, height = preset.largest_size
         pictures = preset.model_family.input_images[1] if pictures is None else pictures
-        return preset.max_sequence_length + CHAT_TEMPLATE_TOKENS + pictures * (width * height // VISION_PIXELS_PER_TOKEN)
+        vision_tokens = pictures * (width * height // VISION_PIXELS_PER_TOKEN)
+        return preset.max_sequence_length + CHAT_TEMPLATE_TOKENS + vision_tokens
     from diffusers import QwenImagePipeline
 
     pipe = QwenImagePipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None, transformer=None)
@@ -180,16 +181,23 @@ class MetaModels:
         return cls(transformer, text_encoder, vae, configs)
 
     @property
+    def family(self) -> ModelFamily:
+        """The model family whose transformer class this is (families that share a class, as Qwen-Image and
+        Edit-Plus do, share its layers and LoRA targets)."""
+        name = type(self.transformer).__name__
+        return next(f for f in FAMILIES.values() if f.transformer_class == name)
+
+    @property
     def single_stream(self) -> bool:
         """Qwen-Image-2.1's transformer: one token stream (text, condition and noise tokens through the same
         block weights) with a prefix KV cache, instead of Qwen-Image's two streams."""
-        return type(self.transformer).__name__ == QWEN_IMAGE_21.transformer_class
+        return self.family.prefix_cache
 
     @property
     def lora_targets(self) -> tuple[str, ...]:
         """The linear layers tenant adapters are budgeted on: the family's (Qwen-Image's are the Lightning LoRAs'
         targets)."""
-        return QWEN_IMAGE_21.lora_targets if self.single_stream else LIGHTNING_LORA_TARGETS
+        return self.family.lora_targets
 
     @property
     def inner_width(self) -> int:
@@ -332,10 +340,8 @@ class MetaModels:
                 per_text_token += flops
             else:
                 per_image_token += flops
-        cfg = self.configs["transformer"]
-        inner = cfg["num_attention_heads"] * cfg["attention_head_dim"]
         tokens = image_tokens + text_tokens
-        attention = cfg["num_layers"] * 4 * tokens * tokens * inner
+        attention = self.configs["transformer"]["num_layers"] * 4 * tokens * tokens * self.inner_width
         return per_image_token * image_tokens + per_text_token * text_tokens + attention
 
     def single_stream_flops_per_row(self, target_tokens: int, prefix_tokens: int, cached: bool) -> float:

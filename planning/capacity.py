@@ -287,7 +287,7 @@ def stage_times(a: CapacityAssumptions, width: int = 1024, height: int = 1024) -
     prompt_tokens = 39 + 64
     return StageTimes(
         encode_s_per_prompt=m.text_encoder_flops_per_prompt(prompt_tokens) / (flops_s * t.text_encoder_mfu),
-        step_s_per_row=row_step_flops(a, width, height) / (flops_s * t.transformer_mfu),
+        step_s_per_row=row_step_s(a, width, height),
         step_overhead_s=t.fixed_step_overhead_s,
         decode_s_per_image=t.vae_decode_s_per_megapixel * width * height / 1e6,
     )
@@ -304,6 +304,13 @@ def row_step_flops(a: CapacityAssumptions, width: int, height: int, pictures: in
     pictures = a.preset.model_family.input_images[1] if pictures is None else pictures
     prefix = 64 + pictures * image_tokens(width, height)
     return m.single_stream_flops_per_row(image_tokens(width, height), prefix, cached)
+
+
+def row_step_s(a: CapacityAssumptions, width: int, height: int, pictures: int | None = None,
+               cached: bool = True) -> float:
+    """Seconds of `row_step_flops` on the GPU class, at its assumed transformer utilisation."""
+    flops_s = a.gpu.dense_bf16_tflops * 1e12 * a.stage_times.transformer_mfu
+    return row_step_flops(a, width, height, pictures, cached) / flops_s
 
 
 def cold_start_s(a: CapacityAssumptions) -> float:
@@ -451,12 +458,14 @@ def with_preset(a: CapacityAssumptions, preset: ModelPreset, model_configs: str 
 
 
 def qwen_image_21_markdown(a: CapacityAssumptions, size: int = 1024) -> list[str]:
-    """The 2.1 tables: its replicas' memory on the Serve config's shares, and what its prefix KV cache costs and
-    saves at `size`²."""
-    turbo = with_preset(a, load_preset(QWEN_IMAGE_21_PRESETS[0]), QWEN_IMAGE_21_CONFIGS)
-    lines = [f"| {turbo.preset.name} on the same shares, at its largest size | weights | other items | total | "
+    """The 2.1 tables: its replicas' memory on the Serve config's shares (Turbo), and what its prefix KV cache costs
+    and saves at `size`² (each 2.1 preset)."""
+    sized = {name: with_preset(a, load_preset(name), QWEN_IMAGE_21_CONFIGS) for name in QWEN_IMAGE_21_PRESETS}
+    budgets_of = {name: budgets(q) for name, q in sized.items()}
+    turbo = QWEN_IMAGE_21_PRESETS[0]
+    lines = [f"| {turbo} on the same shares, at its largest size | weights | other items | total | "
              "available | headroom |", "| --- | --- | --- | --- | --- | --- |"]
-    for name, budget in budgets(turbo).items():
+    for name, budget in budgets_of[turbo].items():
         other = ", ".join(f"{k} {v / GIB:.2f}" for k, v in budget.items.items() if k != "weights" and v)
         lines.append(f"| {name} | {budget.items['weights'] / GIB:.2f} GiB | {other} GiB | {budget.total / GIB:.2f} "
                      f"GiB | {budget.available / GIB:.2f} GiB | {budget.headroom / GIB:.2f} GiB |")
@@ -464,13 +473,11 @@ def qwen_image_21_markdown(a: CapacityAssumptions, size: int = 1024) -> list[str
               "pictures | Denoiser room for caches | requests it holds: text only / 3 pictures | row-step, text only: "
               "cached prefix / recomputed | row-step, 3 pictures: cached / recomputed |",
               "| --- | --- | --- | --- | --- | --- | --- |"]
-    for name in QWEN_IMAGE_21_PRESETS:
-        q = with_preset(a, load_preset(name), QWEN_IMAGE_21_CONFIGS)
-        room = budgets(q)["Denoiser"].headroom
-        flops_s = q.gpu.dense_bf16_tflops * 1e12 * q.stage_times.transformer_mfu
+    for name, q in sized.items():
+        room = budgets_of[name]["Denoiser"].headroom
         caches = [request_prefix_cache_bytes(q, size, size, n) for n in (0, 3)]
-        steps = [f"{row_step_flops(q, size, size, n, True) / flops_s * 1000:.0f} / "
-                 f"{row_step_flops(q, size, size, n, False) / flops_s * 1000:.0f} ms" for n in (0, 3)]
+        steps = [f"{row_step_s(q, size, size, n, cached=True) * 1000:.0f} / "
+                 f"{row_step_s(q, size, size, n, cached=False) * 1000:.0f} ms" for n in (0, 3)]
         lines.append(f"| {name} | {image_tokens(size, size)} | {caches[0] / GIB:.2f} / {caches[1] / GIB:.2f} GiB | "
                      f"{room / GIB:.2f} GiB | {room // caches[0]} / {room // caches[1]} | {steps[0]} | {steps[1]} |")
     return lines

@@ -141,10 +141,10 @@ def encode_size(out: Path, size: tuple[int, int], count: int, seed: int) -> dict
             "negative_len": negative_len}
 
 
-def pair_weights(size: tuple[int, int], seed: int) -> list[float]:
-    """`KIND_WEIGHTS` of the pairs `encode_size` encoded at `size`, in their order (the same deterministic draw)."""
+def pair_weights(size: tuple[int, int], seed: int, kind_weights: dict[str, float]) -> list[float]:
+    """`kind_weights` of the pairs `encode_size` encoded at `size`, in their order (the same deterministic draw)."""
     pairs = sample_pairs(PAIRS_AT[size], seed + EDIT_SIZES.index(size))
-    return [max(KIND_WEIGHTS[k] for k in pair.kinds) for pair in pairs]
+    return [max(kind_weights[k] for k in pair.kinds) for pair in pairs]
 
 
 def stage_data(out: Path, checkpoints: Path, seed: int) -> dict:
@@ -183,12 +183,12 @@ def batch_size(size: tuple[int, int]) -> int:
 
 
 def stage_edit(out: Path, checkpoints: Path, data: dict, seed: int, steps: int, lr: float,
-               checkpoint_every: int = 200) -> float:
+               kind_weights: dict[str, float], checkpoint_every: int = 200) -> float:
     run = TransformerRun(out / "transformer", Checkpoint(checkpoints, "edit"), steps, lr, seed)
     rng = run.rng
     t0 = time.time() - run.elapsed
     weights = [SIZE_WEIGHTS[s] for s in EDIT_SIZES]
-    by_kind = {size: pair_weights(size, seed) for size in EDIT_SIZES}
+    by_kind = {size: pair_weights(size, seed, kind_weights) for size in EDIT_SIZES}
     losses: list[float] = []
     for step in range(run.start, steps):
         size = rng.choices(EDIT_SIZES, weights)[0]
@@ -312,6 +312,17 @@ def stage_lightning(out: Path, checkpoints: Path, data: dict, seed: int, steps: 
     log(f"saved {path}")
 
 
+def parse_kind_weights(text: str) -> dict[str, float]:
+    """`color=1,shape=4` → the kind weights, every kind of `KIND_WEIGHTS` given its default where not named."""
+    weights = dict(KIND_WEIGHTS)
+    for item in filter(None, text.split(",")):
+        kind, _, value = item.partition("=")
+        if kind not in weights:
+            raise argparse.ArgumentTypeError(f"unknown kind of edit {kind!r}; kinds: {', '.join(weights)}")
+        weights[kind] = float(value)
+    return weights
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("models/lightray-shapes-edit"))
@@ -322,6 +333,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--edit-steps", type=int, default=8000)
     parser.add_argument("--edit-lr", type=float, default=3e-4)
+    parser.add_argument("--kind-weights", type=parse_kind_weights, default=dict(KIND_WEIGHTS),
+                        help="how often the edit stage draws a pair by its hardest kind of edit, "
+                             "as kind=weight pairs (color=1,background=1,shape=2,position=3)")
     parser.add_argument("--lightning-steps", type=int, default=1500)
     parser.add_argument("--teacher-steps", type=int, default=16)
     parser.add_argument("--lightning-rank", type=int, default=32)
@@ -367,7 +381,8 @@ def main(argv: list[str] | None = None) -> None:
             finish(stage, time.time() - t0)
         elif stage == "edit":
             data = data or stage_data(out, checkpoints, args.seed)
-            finish(stage, stage_edit(out, checkpoints, data, args.seed, args.edit_steps, args.edit_lr))
+            finish(stage, stage_edit(out, checkpoints, data, args.seed, args.edit_steps, args.edit_lr,
+                                          args.kind_weights))
         elif stage == "lightning":
             data = data or stage_data(out, checkpoints, args.seed)
             stage_lightning(out, checkpoints, data, args.seed, args.lightning_steps, args.teacher_steps,

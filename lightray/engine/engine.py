@@ -47,6 +47,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from lightray.config import EngineConfig, ModelPreset, VariantConfig, load_preset
+from lightray.errors import NotFound
 from lightray.contracts import (
     AdapterLoadError,
     ConditionLatents,
@@ -258,7 +259,11 @@ class DenoiseEngine:
         try:
             variant = self.preset.variant(params.variant)
         except KeyError:
-            raise ValueError(f"variant: unknown model id {params.variant!r}") from None
+            # A model being removed by a rolling update: a request pinned to it can reach a replica of the new
+            # version, which no longer serves it. A refusal naming `model` (404), never a 500.
+            raise NotFound("model", f"model {params.variant!r} is not served by this replica's preset "
+                                    f"{self.preset.name!r} (being removed?); available: "
+                                    f"{', '.join(self.preset.model_ids)}", code="model_not_found") from None
         with self._lock:
             self._seq += 1
             seq = self._seq

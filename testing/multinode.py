@@ -22,9 +22,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import httpx
 
 from testing.local_cluster import BIN, REPO, RayCluster, free_ports
+from testing.sse import parse_sse
 
 POOL_LABEL = "lightray.io/pool"
 MULTINODE_CONFIG = REPO / "configs/serve/multinode.yaml"
@@ -219,3 +223,86 @@ class MultiNodeCluster(RayCluster):
                         os.kill(pid, signal.SIGKILL)
                 shutil.rmtree(node.temp_dir, ignore_errors=True)
         super().stop()
+
+
+# -- load for tests and benchmarks ----------------------------------------------------------------------------------
+
+CLIENT_TIMEOUT_S = 120
+"""Clients wait past any service's request timeout here: a hang shows as an exception, not a client give-up."""
+
+
+def post(url: str, body: dict, timeout: float = CLIENT_TIMEOUT_S) -> httpx.Response | Exception:
+    try:
+        return httpx.post(f"{url}/v1/images/generations", json=body, timeout=timeout)
+    except httpx.HTTPError as err:
+        return err
+
+
+
+class ClosedLoad:
+    """Closed-loop load from `threads` clients: each sends `bodies()[i % len]` in turn until stopped, recording
+    (sent_at, label, response or exception, seconds)."""
+
+    def __init__(self, url: str, bodies, threads: int = 3):
+        self.url, self.bodies, self.threads = url, bodies, threads
+        self.results: list[tuple[float, str, httpx.Response | Exception, float]] = []
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(threads)
+        self._futures = []
+
+    def _client(self, k: int) -> None:
+        i = k
+        while not self._stop.is_set():
+            bodies = self.bodies()
+            label, body = bodies[i % len(bodies)]
+            i += self.threads
+            t0 = time.monotonic()
+            if body.get("stream"):
+                r = stream(self.url, body)
+            else:
+                r = post(self.url, body)
+            with self._lock:
+                self.results.append((t0, label, r, time.monotonic() - t0))
+
+    def __enter__(self) -> "ClosedLoad":
+        self._futures = [self._pool.submit(self._client, k) for k in range(self.threads)]
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        for f in self._futures:
+            f.result()
+        self._pool.shutdown()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    @property
+    def sent(self) -> int:
+        with self._lock:
+            return len(self.results)
+
+
+def stream(url: str, body: dict, timeout: float = CLIENT_TIMEOUT_S):
+    """A streamed request: (status, events) or the exception. A 200 stream ends in `completed` or `error`."""
+    try:
+        with httpx.stream("POST", f"{url}/v1/images/generations", json=body, timeout=timeout) as r:
+            raw = r.read().decode()
+            if r.status_code != 200:
+                return r
+            return ("stream", parse_sse(raw))
+    except httpx.HTTPError as err:
+        return err
+
+
+def status(r) -> str:
+    if isinstance(r, Exception):
+        return f"exception {type(r).__name__}"
+    if isinstance(r, tuple):
+        events = r[1]
+        last = events[-1][1] if events else {}
+        return "200 stream completed" if str(last.get("type", "")).endswith("completed") else "200 stream error"
+    return str(r.status_code)
+
+

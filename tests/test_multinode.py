@@ -31,8 +31,7 @@ import yaml
 
 from lightray.config import load_preset
 from testing.adapters import publish_lora_adapter
-from testing.multinode import MULTINODE_CONFIG, MultiNodeCluster
-from sse import parse_sse
+from testing.multinode import MULTINODE_CONFIG, ClosedLoad as Load, MultiNodeCluster, post as _post, status as _status
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -91,13 +90,6 @@ def multinode(tmp_path_factory):
         cluster.stop()
 
 
-def _post(url: str, body: dict) -> httpx.Response | Exception:
-    try:
-        return httpx.post(f"{url}/v1/images/generations", json=body, timeout=CLIENT_TIMEOUT_S)
-    except httpx.HTTPError as err:
-        return err
-
-
 def test_each_request_crosses_nodes(multinode):
     cluster: MultiNodeCluster = multinode["cluster"]
     placed = cluster.stage_nodes()
@@ -123,73 +115,6 @@ def test_each_request_crosses_nodes(multinode):
     assert "Denoiser" in seen["denoiser"], seen
     assert {"TextEncoder", "VaeDecoder"} <= seen["text-vae"], seen
     assert not seen["text-vae"] & {"Denoiser"} and not seen["denoiser"] & {"TextEncoder", "VaeDecoder"}, seen
-
-
-class Load:
-    """Closed-loop load from `threads` clients: each sends `bodies()[i % len]` in turn until stopped, recording
-    (sent_at, label, response or exception, seconds)."""
-
-    def __init__(self, url: str, bodies, threads: int = 3):
-        self.url, self.bodies, self.threads = url, bodies, threads
-        self.results: list[tuple[float, str, httpx.Response | Exception, float]] = []
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(threads)
-        self._futures = []
-
-    def _client(self, k: int) -> None:
-        i = k
-        while not self._stop.is_set():
-            bodies = self.bodies()
-            label, body = bodies[i % len(bodies)]
-            i += self.threads
-            t0 = time.monotonic()
-            if body.get("stream"):
-                r = _stream(self.url, body)
-            else:
-                r = _post(self.url, body)
-            with self._lock:
-                self.results.append((t0, label, r, time.monotonic() - t0))
-
-    def __enter__(self) -> "Load":
-        self._futures = [self._pool.submit(self._client, k) for k in range(self.threads)]
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        for f in self._futures:
-            f.result()
-        self._pool.shutdown()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-    @property
-    def sent(self) -> int:
-        with self._lock:
-            return len(self.results)
-
-
-def _stream(url: str, body: dict):
-    """A streamed request: (status, events) or the exception. A 200 stream ends in `completed` or `error`."""
-    try:
-        with httpx.stream("POST", f"{url}/v1/images/generations", json=body, timeout=CLIENT_TIMEOUT_S) as r:
-            raw = r.read().decode()
-            if r.status_code != 200:
-                return r
-            return ("stream", parse_sse(raw))
-    except httpx.HTTPError as err:
-        return err
-
-
-def _status(r) -> str:
-    if isinstance(r, Exception):
-        return f"exception {type(r).__name__}"
-    if isinstance(r, tuple):
-        events = r[1]
-        last = events[-1][1] if events else {}
-        return "200 stream completed" if str(last.get("type", "")).endswith("completed") else "200 stream error"
-    return str(r.status_code)
 
 
 def _app_running(cluster: MultiNodeCluster, deployments: set[str]) -> bool:

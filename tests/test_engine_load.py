@@ -48,3 +48,15 @@ def test_work_seconds_policy_asks_for_replicas_by_work():
     assert policy(_ctx({}, 2))[0] == 2  # nothing reported yet: keep the target
     with pytest.raises(ValueError):
         WorkSecondsPolicy(target_work_s=0)
+
+
+def test_queue_work_counts_held_units_at_the_measured_rate():
+    from lightray.engine.load import QueueWork
+
+    q = QueueWork(prior_s_per_unit=0.01, alpha=1.0)
+    q.add(3)
+    assert q.work_seconds() == pytest.approx(0.03)
+    q.done(1, seconds=0.05)  # measured: 50 ms a unit
+    assert q.work_seconds() == pytest.approx(2 * 0.05)
+    q.done(2)  # failed or cancelled: leaves without a measurement
+    assert q.work_seconds() == 0

@@ -72,3 +72,29 @@ def work_seconds(requests: Iterable[tuple[int, int, int]], curve: StepCurve, max
         longest = max(longest, left)
     forwards = max(longest, math.ceil(row_steps / max(max_batch_rows, 1)))
     return per * token_row_steps + fixed * forwards
+
+
+class QueueWork:
+    """Seconds of queued and running work in a batching stage (the TextEncoder's and VaeDecoder's `@serve.batch`
+    queues): units of work held (prompts, or decoded pixels) x seconds per unit, learnt as a moving average of what
+    finished calls measured. `add` when a request enters, `done` when it leaves with its measured seconds."""
+
+    def __init__(self, prior_s_per_unit: float, alpha: float = 0.2):
+        self._lock = threading.Lock()
+        self.units = 0.0
+        self.s_per_unit = prior_s_per_unit
+        self.alpha = alpha
+
+    def add(self, units: float) -> None:
+        with self._lock:
+            self.units += units
+
+    def done(self, units: float, seconds: float | None = None) -> None:
+        with self._lock:
+            self.units = max(0.0, self.units - units)
+            if seconds is not None and units > 0:
+                self.s_per_unit += self.alpha * (seconds / units - self.s_per_unit)
+
+    def work_seconds(self) -> float:
+        with self._lock:
+            return self.units * self.s_per_unit

@@ -137,6 +137,21 @@ def _wait_rolled(cluster: MultiNodeCluster, deployments: set[str], timeout: floa
     raise AssertionError(f"the update did not finish in {timeout}s: {cluster.serve_details()}")
 
 
+def test_a_config_that_cannot_be_placed_is_refused_naming_the_deployment(multinode):
+    """More GPUs than any node has: refused before `serve deploy` (Serve would leave it PENDING forever), and the
+    running application is untouched."""
+    cluster: MultiNodeCluster = multinode["cluster"]
+    data = yaml.safe_load(cluster.deployed_config.read_text())
+    for dep in data["applications"][0]["deployments"]:
+        if dep["name"] == "Denoiser":
+            dep["ray_actor_options"]["num_gpus"] = 8
+    bad = cluster.deployed_config.with_name("serve-unplaceable.yaml")
+    bad.write_text(yaml.safe_dump(data, sort_keys=False))
+    with pytest.raises(ValueError, match=r"deployment 'Denoiser' .*cannot be placed.*'GPU': 8"):
+        cluster.deploy(bad, timeout=30)
+    assert _app_running(cluster, {"Ingress", *STAGES})
+
+
 def test_rolling_update_under_load(multinode):
     cluster: MultiNodeCluster = multinode["cluster"]
     url, refs, args = cluster.http_url, multinode["refs"], multinode["args"]

@@ -51,6 +51,11 @@ class Curves:
     hop_s: float = 0.0
     max_batch_rows: int = 8
     max_live: int = 16
+    starvation_steps: int = 200  # EngineConfig's default
+    shared_cores: float | None = None
+    """All stages on this many shared cores (the local cluster: every replica on one machine's CPUs): a task that
+    starts while k others run takes max(1, (k + 1) / shared_cores) times as long. None: each replica owns its device
+    (a GPU cluster)."""
     source: str = ""
 
     def forward_s(self, token_rows: float) -> float:
@@ -100,7 +105,9 @@ class Policy:
 class _Req:
     rt: RequestType
     t0: float
+    seq: int = 0
     left: int = 0
+    waited: int = 0
     done_at: float | None = None
 
 
@@ -158,6 +165,12 @@ def simulate(trace: list[tuple[float, RequestType]], curves: Curves, policy: Pol
     if policy.kind != "fixed":
         push(policy.period_s, "autoscale")
 
+    def slow(t: float) -> float:
+        if not curves.shared_cores:
+            return 1.0
+        busy = sum(f > t for f in te_free) + sum(f > t for f in vae_free) + sum(e.busy for e in engines)
+        return max(1.0, (busy + 1) / curves.shared_cores)
+
     def ready(e: _Engine, t: float) -> bool:
         return e.up_at <= t and not e.draining
 
@@ -169,15 +182,24 @@ def simulate(trace: list[tuple[float, RequestType]], curves: Curves, policy: Pol
         if not e.live:
             e.busy = False
             return
+        # The engine's StepScheduler (one tenant): requests that waited `starvation_steps` first, then the least
+        # remaining work (rows x steps left) first; the step stops at the first request that does not fit.
+        starving = sorted((r for r in e.live if r.waited >= curves.starvation_steps), key=lambda r: r.seq)
+        rest = sorted((r for r in e.live if r.waited < curves.starvation_steps),
+                      key=lambda r: (r.rt.rows * r.left, r.seq))
         rows, chosen = 0, []
-        for r in e.live:  # FIFO within the step's row budget; a request larger than the budget runs alone
-            if rows + r.rt.rows <= curves.max_batch_rows or not chosen:
-                chosen.append(r)
-                rows += r.rt.rows
+        for r in starving + rest:
+            if chosen and rows + r.rt.rows > curves.max_batch_rows:
+                break
+            chosen.append(r)
+            rows += r.rt.rows
+        for r in e.live:
+            r.waited = 0 if r in chosen else r.waited + 1
         grids: dict[int, int] = {}
         for r in chosen:
             grids[r.rt.tokens] = grids.get(r.rt.tokens, 0) + r.rt.rows * r.rt.tokens
-        dur = sum(curves.forward_s(tr) for tr in grids.values())
+        e.busy = False
+        dur = sum(curves.forward_s(tr) for tr in grids.values()) * slow(t)
         e.busy = True
         push(t + dur, "step_done", (e, chosen))
 
@@ -187,10 +209,10 @@ def simulate(trace: list[tuple[float, RequestType]], curves: Curves, policy: Pol
         replica_seconds += live_replicas * (t - last_t)
         last_t = t
         if kind == "arrive":
-            req = _Req(data, t)
+            req = _Req(data, t, seq)
             i = min(range(te_replicas), key=lambda k: te_free[k])
             start = max(t, te_free[i])
-            te_free[i] = start + curves.te_s
+            te_free[i] = start + curves.te_s * slow(start)
             push(te_free[i] + curves.hop_s / 2, "to_denoiser", req)
         elif kind == "to_denoiser":
             candidates = [e for e in engines if ready(e, t)] or [e for e in engines if not e.draining]
@@ -209,13 +231,8 @@ def simulate(trace: list[tuple[float, RequestType]], curves: Curves, policy: Pol
                     e.live.remove(r)
                     i = min(range(vae_replicas), key=lambda k: vae_free[k])
                     start = max(t, vae_free[i])
-                    vae_free[i] = start + curves.vae_s(r.rt)
+                    vae_free[i] = start + curves.vae_s(r.rt) * slow(start)
                     push(vae_free[i] + curves.hop_s / 2, "done", r)
-            # round-robin fairness: requests that stepped go to the back
-            for r in chosen:
-                if r in e.live:
-                    e.live.remove(r)
-                    e.live.append(r)
             if e.draining and not e.live and not e.queue:
                 e.busy = False
                 engines.remove(e)
@@ -295,6 +312,38 @@ def burst_trace(mean_rate: float, idle_s: float, burst_s: float, tail_s: float, 
     return [(t, rt) for t in poisson(10 * mean_rate, idle_s, idle_s + burst_s, rng)]
 
 
+def bench_traces() -> dict[str, tuple[list[tuple[float, RequestType]], float]]:
+    """The two traces benchmarks/multinode.py sends to the local cluster (name → (trace, idle tail s)), scaled to 2
+    shared cores: Mixed at 0.25 requests/s for 45 s; Burst idle 5 s, 10 x 0.1 requests/s for 30 s, idle 25 s."""
+    return {"mixed": (mixed_trace(0.25, 45, seed=7), 25.0), "burst": (burst_trace(0.1, 5, 30, 25, seed=8), 25.0)}
+
+
+SIM_POLICY = {"ongoing_requests": ("ongoing", 4.0), "work_seconds": ("work", 8.0)}
+"""benchmarks/multinode.py's autoscaling policies as the simulator runs them (kind, target); 1-2 replicas."""
+
+
+def validate(results: dict, start_s: float = 8.0, shared_cores: float | None = None) -> dict:
+    """Predicted vs measured p95 for every trace and policy of a benchmarks/multinode.py result, from the curves its
+    calibration measured."""
+    c = results["calibration"]["curves"]
+    curves = Curves(**{k: v for k, v in c.items() if k in Curves.__dataclass_fields__})
+    curves.shared_cores = shared_cores
+    out = {}
+    for name, (trace, tail) in bench_traces().items():
+        for policy, measured in results.get("autoscaling", {}).get(name, {}).items():
+            kind, target = SIM_POLICY[policy]
+            pred = simulate(trace, curves, Policy(kind, 1, 2, target=target, start_s=start_s),
+                            horizon_s=trace[-1][0] + tail)
+            m = measured["p95_s"]
+            out.setdefault(name, {})[policy] = {
+                "predicted_p95_s": round(pred.pct(0.95), 3), "measured_p95_s": m,
+                "predicted_p50_s": round(pred.pct(0.5), 3), "measured_p50_s": measured["p50_s"],
+                "predicted_replica_seconds": round(pred.replica_seconds, 1),
+                "measured_replica_seconds": measured["replica_seconds"],
+                "error": None if not m else round(pred.pct(0.95) / m - 1, 3)}
+    return out
+
+
 def diurnal_rate(hour: float, peak: float) -> float:
     """A day's rate: a cosine between 25 % of the peak (04:00) and the peak (16:00)."""
     return peak * (0.625 - 0.375 * math.cos(2 * math.pi * (hour - 4) / 24))
@@ -367,7 +416,13 @@ def table_markdown(rows: list[dict]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--json", help="write the table's rows here too")
+    ap.add_argument("--validate", metavar="MULTINODE_JSON",
+                    help="instead: predicted vs measured p95 for a benchmarks/multinode.py result")
     args = ap.parse_args()
+    if args.validate:
+        with open(args.validate) as f:
+            print(json.dumps(validate(json.load(f)), indent=2))
+        return
     rows = gpu_table()
     print(table_markdown(rows))
     if args.json:

@@ -56,7 +56,6 @@ POLICIES = {
                      "policy": {"policy_function": "deployments.autoscaling:WorkSecondsPolicy",
                                 "policy_kwargs": {"target_work_s": 8}}},
 }
-SIM_POLICY = {"ongoing_requests": ("ongoing", 4.0), "work_seconds": ("work", 8.0)}
 REQUEST_TIMEOUT_S = 60
 
 
@@ -283,8 +282,7 @@ def main() -> None:
         out["calibration"] = {"alone_s": alone, "curves": curves.__dict__}
         print(f"[{time.monotonic() - began:.0f}s] calibrated: {curves}", flush=True)
 
-        traces = {"mixed": (sim.mixed_trace(0.25, 45, seed=7), 25.0),
-                  "burst": (sim.burst_trace(0.1, 5, 30, 25, seed=8), 25.0)}
+        traces = sim.bench_traces()
         out["autoscaling"], out["capacity_sim"] = {}, {}
         for policy_name, policy_cfg in POLICIES.items():
             if policy_name != "ongoing_requests":
@@ -293,7 +291,7 @@ def main() -> None:
             for trace_name, (trace, tail) in traces.items():
                 wait_scaled_down(cluster)
                 measured = run_trace(cluster, trace, tail)
-                kind, target = SIM_POLICY[policy_name]
+                kind, target = sim.SIM_POLICY[policy_name]
                 predicted = sim.simulate(trace, curves, sim.Policy(kind, 1, 2, target=target, start_s=8.0),
                                          horizon_s=trace[-1][0] + tail)
                 out["autoscaling"].setdefault(trace_name, {})[policy_name] = measured

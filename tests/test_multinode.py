@@ -9,9 +9,14 @@ In file order, on one cluster (module scope; about a minute to start on 2 cores)
    second model version under a new `base_model_id`): 0 failed of >= 300, requests pinned to the old model finish on
    it, an adapter of the old base is a clear 400 on the new one; then the old model removed: 404 naming `model`;
 3. a worker node killed (its raylet, workers and agents, by pid) under streaming and non-streaming load with tenant
-   adapters: every request ends 200 or 503 naming a stage with Retry-After (a cut stream: an OpenAI error event),
-   the Denoiser comes back on the surviving node, the registry and the adapter cache are intact, and the node
-   rejoins when restarted.
+   adapters: every request sent after the kill ends 200 or 503 naming a stage with Retry-After (a cut stream: an
+   OpenAI error event), the Denoiser comes back on the surviving node, the registry and the adapter cache are
+   intact, and the node rejoins when restarted. Found here: a request whose Denoiser call was in flight on the
+   dying node is never failed by Ray 2.60 (no ActorDiedError reaches the ingress): it ends as the ingress's 504 at
+   the request timeout. The test allows exactly that, for requests sent before the kill.
+
+Also: a config that cannot be placed (more GPUs than any node) is refused before `serve deploy`, naming the
+deployment.
 """
 
 from __future__ import annotations

@@ -251,6 +251,9 @@ class DenoiseEngine:
         self.fatal: BaseException | None = None
         """An error that stopped the loop thread (the replica is then unhealthy)."""
         self.steps_run = 0
+        self.compiled = False
+        """The repeated block is compiled (`compile_blocks`); forwards then route rows without splitting them
+        (`batched_model.RowRouting`'s `split_rows`)."""
         self.compile_s: float | None = None
         """Seconds the start-up compilation and its warm-up steps took (`EngineConfig.compile`); None: eager."""
         if self.config.compile:
@@ -265,8 +268,12 @@ class DenoiseEngine:
         a CPU)."""
         start = time.perf_counter()
         check_compiler(self.config.compile_backend, self.device)
+        # A graph per tenant-adapter make-up of a batch (the LoRA groups are Python structure the block unrolls):
+        # dynamo's default of 8 graphs per block would fall back to eager after the ninth.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILED_GRAPHS_PER_BLOCK)
         # Regional compilation (diffusers' `compile_repeated_blocks`): one block's graph, reused by all of them.
         self.transformer.compile_repeated_blocks(backend=self.config.compile_backend, dynamic=True)
+        self.compiled = True
         self.warm_up(self.config.compile_warmup_rows)
         return time.perf_counter() - start
 
@@ -283,7 +290,8 @@ class DenoiseEngine:
             condition = ConditionLatents(np.zeros((grid[0] * grid[1], self.transformer.config.in_channels),
                                                   dtype=np.float32), (grid,))
         for rows in row_counts:
-            requests = [self.submit(DenoiseParams(seeds=(i,), width=width, height=height, num_inference_steps=1,
+            # Two steps: one step of a schedule with a terminal shift (the base's) divides by zero in diffusers.
+            requests = [self.submit(DenoiseParams(seeds=(i,), width=width, height=height, num_inference_steps=2,
                                                   variant=variant.id, request_id=f"warm-up-{rows}"), text,
                                     condition=condition)
                         for i in range(rows)]
@@ -657,7 +665,8 @@ class DenoiseEngine:
         timestep = torch.cat(timesteps).to(latents.dtype)
         first = batch[0]
         self.routing.current = batched_model.RowRouting(stacks, segments, self.device,
-                                                        doubled=bool(self.transformer.config.zero_cond_t))
+                                                        doubled=bool(self.transformer.config.zero_cond_t),
+                                                        split_rows=not self.compiled)
         try:
             with torch.inference_mode():
                 out = self.transformer(
@@ -884,6 +893,10 @@ def flow_match_schedule(scheduler_config: Mapping, steps: int, image_seq_len: in
     sigmas = np.linspace(1.0, 1 / steps, steps) if grid is None else grid
     timesteps, _ = retrieve_timesteps(scheduler, steps, device, sigmas=sigmas, mu=mu)
     return timesteps, scheduler.sigmas
+
+
+COMPILED_GRAPHS_PER_BLOCK = 64
+"""Graphs dynamo may keep for the compiled block (its `recompile_limit`): one per LoRA make-up of a batch."""
 
 
 class CompileUnavailable(RuntimeError):

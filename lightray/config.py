@@ -477,10 +477,15 @@ class EngineConfig(BaseModel):
 
 
 def load_preset(ref: str | dict | ModelPreset = DEFAULT_PRESET) -> ModelPreset:
-    """A preset from a name under configs/models/, a YAML path, an inline dict, or an existing object."""
+    """A preset from a name under configs/models/, a YAML path, an inline dict, or an existing object. An inline
+    dict with `from_preset: <name or path>` is that preset with the dict's other keys replacing its own (a Serve
+    YAML's fused deployment: `{from_preset: qwen-image-lightning, name: qwen-image-fused-4, fuse: ...}`)."""
     if isinstance(ref, ModelPreset):
         return ref
     if isinstance(ref, dict):
+        if "from_preset" in ref:
+            overrides = {k: v for k, v in ref.items() if k != "from_preset"}
+            return ModelPreset.model_validate({**load_preset(ref["from_preset"]).model_dump(), **overrides})
         return ModelPreset.model_validate(ref)
     # A name may hold dots ("qwen-image-2.1-turbo"): it is a name when configs/models/ has it.
     path = MODEL_PRESETS_DIR / f"{ref}.yaml"

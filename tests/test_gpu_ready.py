@@ -306,3 +306,33 @@ def test_gpu_check_tiny_fills_every_field_in_under_5_minutes(tmp_path):
     assert result["measurements"]["fuse_numerics_fp32"]["max_latent"] <= 1e-4
     assert result["measurements"]["batch_variance"]["max"] == 0.0  # the CPU's batch invariance
     assert "| s/step, fused, compiled, CFG off, 4 rows |" in (tmp_path / "gpu_check.md").read_text()
+
+
+# ------------------------------------------------------------------------------- serve config, fused deployments
+
+
+def test_the_fused_serve_config_shares_the_text_encoder_and_vae_and_routes_by_model():
+    from serve_app.app import stage_names
+    from serve_app.settings import ServiceSettings
+
+    args = yaml.safe_load((REPO_ROOT / "configs/serve/gpu-fused.yaml").read_text())["applications"][0]["args"]
+    settings = ServiceSettings(**{**args, "auth_enabled": False})
+    presets = [load_preset(ref) for ref in [settings.preset, *settings.extra_presets]]
+    assert presets[0].fuse == LIGHTNING_2512 and presets[0].model_ids == [LIGHTNING_2512]
+    assert presets[1].fuse is None and presets[1].model_ids == [BASE_2512]
+    names = stage_names(presets)
+    assert names[0] == {"Denoiser": "Denoiser", "TextEncoder": "TextEncoder", "VaeDecoder": "VaeDecoder"}
+    assert names[1] == {"Denoiser": "Denoiser-qwen-image-2512-base", "TextEncoder": "TextEncoder",
+                        "VaeDecoder": "VaeDecoder"}
+    served = ServedModels([SimpleNamespace(preset=p) for p in presets])
+    assert served.for_request(BASE_2512, "generations").preset is presets[1]
+    assert served.for_request(LIGHTNING_2512, "generations").preset is presets[0]
+    assert served.for_request(None, "generations").preset is presets[0]
+
+
+def test_presets_of_other_models_keep_their_own_stages(preset):
+    from serve_app.app import stage_names
+
+    edit = load_preset("lightray-shapes-edit")
+    names = stage_names([preset, edit])
+    assert names[1]["TextEncoder"] == "TextEncoder-lightray-shapes-edit"

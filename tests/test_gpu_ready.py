@@ -180,6 +180,7 @@ def compiled_engine(preset):
     torch._dynamo.reset()
 
 
+@pytest.mark.slow  # dynamo traces the block: minutes on this shared 2-core machine
 def test_compile_happens_at_start_and_new_row_counts_do_not_recompile(compiled_engine, preset, local_pipeline):
     engine, counters = compiled_engine
     assert engine.compiled and engine.compile_s > 0
@@ -191,8 +192,23 @@ def test_compile_happens_at_start_and_new_row_counts_do_not_recompile(compiled_e
             engine.step()
     assert counters["stats"]["unique_graphs"] == graphs
     assert not counters["graph_break"]
+    # A batch mixing prompt lengths (padded text) leaves the row-wise attention to eager: graph breaks, no new
+    # graph per set of lengths.
+    short = local_pipeline.encode(GenerationSpec(prompt="a dot", model=LIGHTNING_4, seeds=[1], width=128,
+                                                 height=128, num_inference_steps=4, true_cfg_scale=1.0))
+    for lengths in ((text, short), (short, text, text)):
+        requests = [engine.submit(spec(LIGHTNING_4, seeds=(i,)).denoise_params(), t) for i, t in enumerate(lengths)]
+        while not all(r.done() for r in requests):
+            engine.step()
+    graphs_with_padding = counters["stats"]["unique_graphs"]
+    requests = [engine.submit(spec(LIGHTNING_4, seeds=(i,)).denoise_params(), t)
+                for i, t in enumerate((short, short, text, short))]
+    while not all(r.done() for r in requests):
+        engine.step()
+    assert counters["stats"]["unique_graphs"] == graphs_with_padding
 
 
+@pytest.mark.slow  # dynamo traces the block: minutes on this shared 2-core machine
 def test_compiled_lora_routing_matches_eager(compiled_engine, local_pipeline, preset, tmp_path):
     """Lightning 4 and 8 and a tenant adapter in one compiled batch, against the eager engine's requests alone."""
     from testing.adapters import make_lora_adapter

@@ -242,6 +242,15 @@ class RowwiseJointAttnProcessor(QwenDoubleStreamAttnProcessor2_0):
         if encoder_hidden_states_mask is None:
             return super().__call__(attn, hidden_states, encoder_hidden_states, None, attention_mask,
                                     image_rotary_emb)
+        return self._padded_text(attn, hidden_states, encoder_hidden_states, encoder_hidden_states_mask,
+                                 image_rotary_emb)
+
+    # Kept out of a compiled block (`EngineConfig.compile`): the per-length split reads the mask's values
+    # (`.tolist()`), and traced it would give a graph per set of prompt lengths in a batch, past dynamo's limit.
+    # Left to eager, it costs one graph break per block, and only when a batch mixes prompt lengths.
+    @torch.compiler.disable
+    def _padded_text(self, attn, hidden_states, encoder_hidden_states, encoder_hidden_states_mask,
+                     image_rotary_emb):
         head_dim = attn.inner_dim // attn.heads
         img_q = attn.to_q(hidden_states).unflatten(-1, (-1, head_dim))
         img_k = attn.to_k(hidden_states).unflatten(-1, (-1, head_dim))

@@ -275,7 +275,10 @@ class DenoiseEngine:
         self.transformer.compile_repeated_blocks(backend=self.config.compile_backend, dynamic=True)
         self.compiled = True
         self.warm_up(self.config.compile_warmup_rows)
-        return time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        logger.info("compiled the transformer's repeated block (%s) and warmed up %s rows in %.1f s",
+                    self.config.compile_backend, self.config.compile_warmup_rows, seconds)
+        return seconds
 
     def warm_up(self, row_counts: list[int]) -> None:
         """One step of `rows` one-image requests for each of `row_counts`, at the default size with the default

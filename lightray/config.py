@@ -463,9 +463,9 @@ class EngineConfig(BaseModel):
     compile_backend: str = "inductor"
     """`torch.compile`'s backend when `compile` is on."""
     compile_warmup_rows: list[int] = Field(default_factory=lambda: [1, 2, 4])
-    """Row counts the replica runs one step of at start, at the preset's default size, when `compile` is on: a
-    count of 1 is its own graph (torch specialises sizes 0 and 1), every count from 2 up shares one dynamic graph
-    (the others check that it does)."""
+    """Row counts the replica runs a two-step warm-up batch of at start, at the preset's default size, when
+    `compile` is on: a count of 1 is its own graph (torch specialises sizes 0 and 1), every count from 2 up shares
+    one dynamic graph (the others check that it does)."""
     idle_wait_s: float = Field(0.5, gt=0)
     """How long the loop sleeps when it has nothing to run before checking again (it wakes at once on a new
     request)."""

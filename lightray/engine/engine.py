@@ -262,8 +262,8 @@ class DenoiseEngine:
     # ------------------------------------------------------------------------------------------ compiling
 
     def compile_blocks(self) -> float:
-        """Compile the repeated transformer block (`EngineConfig.compile`) and run one warm-up step at each of
-        `compile_warmup_rows`, so that no user request pays for compilation. Returns the seconds it took. Raises
+        """Compile the repeated transformer block (`EngineConfig.compile`) and run warm-up requests at each of
+        `compile_warmup_rows` (`warm_up`), so that no user request pays for compilation. Returns the seconds it took. Raises
         `CompileUnavailable` when this torch cannot compile (no working backend, no C++ compiler for inductor on
         a CPU)."""
         start = time.perf_counter()
@@ -281,8 +281,9 @@ class DenoiseEngine:
         return seconds
 
     def warm_up(self, row_counts: list[int]) -> None:
-        """One step of `rows` one-image requests for each of `row_counts`, at the default size with the default
-        variant's stack and a zero prompt; results are discarded. The routed path is the one requests take."""
+        """For each of `row_counts`, `rows` one-image requests of two steps denoised together, at the default size
+        with the default variant's stack and a zero prompt; results are discarded. The routed path is the one
+        requests take, so every graph a batch of that many rows needs is built here."""
         width, height = self.preset.default_size
         variant = self.preset.served_variants[0]
         text = TextEmbeddings(prompt=np.zeros((8, self.text_width), dtype=np.float32))

@@ -74,6 +74,8 @@ TEXT_TOKENS = 512
 """Tokens of the text encoder's forward (the preset's `max_sequence_length`)."""
 PROMPT_TOKENS = 64
 """Prompt embeddings each denoise request carries (a typical prompt's, after the template prefix)."""
+STEP_REPEATS = 2
+"""4-step requests timed per case (8 steps for the median)."""
 FP32_TWIN_LAYERS = 2
 """Blocks of the float32 twin the fused-against-unfused float32 figure is measured on (a full-size float32
 transformer, 82 GB, fits no single GPU)."""
@@ -366,15 +368,15 @@ def lightning_spec(size: int, rows: int, seed: int = 0, steps: int = 4, variant:
 
 def row_cases(engine: DenoiseEngine, device: torch.device, text: TextEmbeddings, size: int, lightning: str,
               base: str | None) -> list[dict]:
-    """s/step (median over a 4-step request's steps, after one warm-up request per shape) by rows, CFG off
-    (Lightning) and, when `base` is given, CFG on (the base variant's true CFG: two rows an image)."""
+    """s/step (the median over `STEP_REPEATS` 4-step requests' steps, after one warm-up request per shape) by
+    rows, CFG off (Lightning) and, when `base` is given, CFG on (the base variant's true CFG: two rows an image)."""
     cases = [(False, rows, lightning_spec(size, rows, variant=lightning)) for rows in (1, 2, 4)]
     if base is not None:
         cases += [(True, 2 * n, {**lightning_spec(size, n, variant=base), "true_cfg_scale": 4.0}) for n in (1, 2)]
     out = []
     for cfg, rows, spec in cases:
         step_times(engine, device, text, [{**spec, "num_inference_steps": 2}])  # warm-up at this shape
-        times, _ = step_times(engine, device, text, [spec])
+        times = [t for _ in range(STEP_REPEATS) for t in step_times(engine, device, text, [spec])[0]]
         out.append({"cfg": cfg, "rows": rows, "step_s": statistics.median(times)})
         print(f"    CFG {'on ' if cfg else 'off'} {rows} rows: {out[-1]['step_s']:.4f} s/step", flush=True)
     return out

@@ -213,7 +213,8 @@ def test_compiled_lora_routing_matches_eager(compiled_engine, local_pipeline, pr
     """Lightning 4 and 8 and a tenant adapter in one compiled batch, against the eager engine's requests alone."""
     from testing.adapters import make_lora_adapter
 
-    engine, _ = compiled_engine
+    engine, counters = compiled_engine
+    breaks = sum(counters["graph_break"].values())
     path = str(make_lora_adapter(preset, tmp_path / "b", seed=2))
     use = AdapterUse("acme/b@v1", 1.0)
     text = local_pipeline.encode(spec(LIGHTNING_4))
@@ -227,6 +228,7 @@ def test_compiled_lora_routing_matches_eager(compiled_engine, local_pipeline, pr
         engine.step()
     for expected, request in zip(eager, requests):
         assert np.abs(request.result() - expected).max() <= 1e-4
+    assert sum(counters["graph_break"].values()) == breaks  # the mixed LoRA routing traces whole
 
 
 # ------------------------------------------------------------------------------ Qwen-Image-2512, mini real

@@ -44,8 +44,13 @@ RUN echo "ray==${RAY_VERSION}" > /tmp/constraints.txt \
 # Data last: configs change more often than code, the embedded model (18 MB) rarely.
 COPY --chown=ray:users configs configs
 COPY --chown=ray:users models models
+# Ray Serve's data plane as lightray/ray_env.py's RAY_SERVE_DATA_PLANE sets it (tests/test_settings.py keeps the two
+# equal): every pod KubeRay starts from this image runs its replicas that way.
 ENV PYTHONPATH=/app \
     RAY_USAGE_STATS_ENABLED=0 \
+    RAY_SERVE_USE_GRPC_BY_DEFAULT=1 \
+    RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0 \
+    RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0 \
     MALLOC_ARENA_MAX=2
 EXPOSE 8000
 # KubeRay replaces the command with `ray start`; run alone, the image serves the embedded model (configs/serve/

@@ -201,12 +201,12 @@ def throughput_in_process(n: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
-RAY_SERVE_LEAN = {
-    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
-    "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1", "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000",
+RAY_SERVE_ACTOR_PLANE = {
+    "RAY_SERVE_USE_GRPC_BY_DEFAULT": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "1",
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "1",
 }
-"""Ray Serve's throughput-optimised settings (`RAY_SERVE_THROUGHPUT_OPTIMIZED`) less direct ingress, for
-`--ray-env-too`: user code and the router on the replica's own event loop, handle calls over gRPC by value."""
+"""Ray Serve's own defaults for what `lightray.ray_env.RAY_SERVE_DATA_PLANE` changes, for `--ray-env-too`: handle
+calls as Ray actor tasks, the router and user code each on a loop of their own."""
 
 
 def deploy_and_measure(n: int, preset_update: dict, stack: str, ray_env: dict | None = None) -> dict:
@@ -234,7 +234,7 @@ def main() -> None:
     parser.add_argument("--stack-all-too", action="store_true",
                         help="also serve with vae_stack_requests: all (decodes shared across requests)")
     parser.add_argument("--ray-env-too", action="store_true",
-                        help="also serve with Ray Serve's lean settings (RAY_SERVE_LEAN)")
+                        help="also serve with Ray Serve's default data plane (RAY_SERVE_ACTOR_PLANE)")
     parser.add_argument("--skip-vae", action="store_true", help="skip the in-process VAE rows")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/stages.json")
     args = parser.parse_args()
@@ -245,7 +245,7 @@ def main() -> None:
     if not args.skip_http:
         runs = {"single-frame VAE": ({}, "exact", None)}
         if args.ray_env_too:
-            runs["single-frame VAE, lean Ray Serve env"] = ({}, "exact", RAY_SERVE_LEAN)
+            runs["single-frame VAE, Ray Serve's actor data plane"] = ({}, "exact", RAY_SERVE_ACTOR_PLANE)
         if args.stack_all_too:
             runs["single-frame VAE, vae_stack_requests: all"] = ({}, "all", None)
         if args.exact_too:

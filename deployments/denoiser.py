@@ -115,6 +115,11 @@ class Denoiser:
         # Wrapped at init so the per-replica LRU size comes from the Serve config.
         self._adapters = serve.multiplexed(max_num_models_per_replica=adapter_cache_size)(fetch_adapter)
 
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's replica-reported autoscaling metric: seconds of queued and live work here, from the engine's
+        measured step-time curve (deployments/autoscaling.py's `WorkSecondsPolicy` scales on it)."""
+        return {"work_s": self.engine.load_seconds()}
+
     def _observe_step(self, stats: StepStats) -> None:
         self.metrics.engine_step_rows.observe(stats.rows)
 

@@ -21,6 +21,7 @@ from ray import serve
 from deployments.metrics import log_request, record_batch, record_queue_wait, record_stages
 from lightray.config import load_preset
 from lightray.contracts import TextEmbeddings
+from lightray.engine.load import QueueWork
 from lightray.stages import TextEncodeStage
 
 MAX_BATCH_SIZE = 8
@@ -105,13 +106,25 @@ class TextEncoder:
         self.stage = TextEncodeStage(load_preset(preset))
         self._encode_batch.set_max_batch_size(max_batch_size)
         self._encode_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self.load = QueueWork(prior_s_per_unit=0.01)
+        """Prompts queued and encoding here x seconds per prompt (deployments/autoscaling.py scales on it)."""
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's replica-reported metric: seconds of work in this replica's batch queue and forward."""
+        return {"work_s": self.load.work_seconds()}
 
     async def encode(self, prompt: str, negative_prompt: str | None = None,
                      handoff_at: float | None = None) -> TextEmbeddings:
         """One request's embeddings (`negative` only when it has a negative prompt). `handoff_at`: when the ingress
         sent the request (wall-clock s); `encode_wait_ms` runs from it to the start of the forward that encoded
         this prompt (routing, the replica's queue, the batch queue, earlier forwards of the batch)."""
-        out = await self._encode_batch(PromptPair(prompt, negative_prompt))
+        self.load.add(1)
+        try:
+            out = await self._encode_batch(PromptPair(prompt, negative_prompt))
+        except BaseException:
+            self.load.done(1)
+            raise
+        self.load.done(1, None if isinstance(out, Exception) else out.encode_ms / 1000 / max(out.batch_requests, 1))
         if isinstance(out, Exception):
             raise out
         timings: dict[str, float] = {}

@@ -23,6 +23,7 @@ from deployments.metrics import log_request, record_batch, record_queue_wait, re
 from deployments.timing import timed
 from lightray.config import load_preset
 from lightray.contracts import PNG, ConditionLatents, DecodedImages, DenoisedLatents, ImageLatents, OutputEncoding
+from lightray.engine.load import QueueWork
 from lightray.images import encode_image
 from lightray.stages import VaeStage
 from lightray.stages.vae import StackPolicy
@@ -113,6 +114,12 @@ class VaeDecoder:
         self.stack_requests = stack_requests
         self._decode_batch.set_max_batch_size(max_batch_size)
         self._decode_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self.load = QueueWork(prior_s_per_unit=2e-5)
+        """Pixels queued and decoding here x seconds per pixel (deployments/autoscaling.py scales on it)."""
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's replica-reported metric: seconds of work in this replica's batch queue and decode."""
+        return {"work_s": self.load.work_seconds()}
 
     async def decode(self, denoised: DenoisedLatents, width: int, height: int,
                      encoding: OutputEncoding = PNG) -> DecodedImages:
@@ -120,7 +127,15 @@ class VaeDecoder:
         `denoised.timings` + decode_ms, png_ms (the encode, whatever the format) and decode_wait_ms (from the
         denoiser's `handoff_at` to the start of the VAE call that decoded this request). Encoding happens here:
         compressed bytes are a smaller hop than raw pixels, and it spreads CPU work away from the ingress."""
-        out = await self._decode_batch(DecodeItem(denoised.latents, height, width))
+        pixels = len(denoised.latents) * width * height
+        self.load.add(pixels)
+        try:
+            out = await self._decode_batch(DecodeItem(denoised.latents, height, width))
+        except BaseException:
+            self.load.done(pixels)
+            raise
+        self.load.done(pixels, None if isinstance(out, Exception) else
+                       out.decode_ms / 1000 * len(denoised.latents) / max(out.call_images, 1))
         if isinstance(out, Exception):
             raise out
         timings = dict(denoised.timings)

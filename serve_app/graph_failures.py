@@ -19,6 +19,15 @@ from serve_app.errors import AdapterUnavailable, ServiceUnavailable
 _SERVE_REPLICA_CLASS_PREFIX = "ServeReplica:"
 
 
+class StageFailed(Exception):
+    """A stage's own response failed (`serve_app.ray_backend`): `stage` names its deployment, the failure is the
+    `__cause__`. It names the stage of a dead replica without asking the cluster which actor died."""
+
+    def __init__(self, stage: str):
+        super().__init__(f"the {stage} stage failed")
+        self.stage = stage
+
+
 def _dead_replica_deployment(lost: BaseException) -> str | None:
     """The deployment whose replica died, from public API rather than Ray's message text: a `RayActorError`
     carries the actor's id (`actor_id`), and the state API (`ray.util.state.get_actor`) its class name. None when
@@ -84,10 +93,14 @@ async def as_client_error(spec: GenerationSpec | EditSpec, err: Exception) -> Ex
     """A graph failure as a client should see it: a stage's `RequestError` → that error (a 4xx naming the field);
     overload or a dead/restarting replica → 503 + Retry-After
     naming the stage (Serve replaces the replica by itself); an adapter the Denoiser could not fetch (corrupt or
-    missing in the registry) → an error naming that adapter. Anything else is `err` itself (a 500)."""
+    missing in the registry) → an error naming that adapter. Anything else is `err` itself (a 500), unwrapped
+    from `StageFailed`."""
     from ray.exceptions import ObjectLostError, RayActorError, WorkerCrashedError
     from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
+    failed = err if isinstance(err, StageFailed) else None
+    if failed is not None and isinstance(failed.__cause__, Exception):
+        err = failed.__cause__
     refs = ", ".join(repr(a.ref) for a in spec.adapters)
     refused = _find_cause(err, (RequestError,))
     if refused is not None:  # a stage found the request bad (a 2.1 prompt past its encoder's limit)
@@ -107,7 +120,7 @@ async def as_client_error(spec: GenerationSpec | EditSpec, err: Exception) -> Ex
     lost = _find_cause(err, (RayActorError, WorkerCrashedError, ObjectLostError, DeploymentUnavailableError))
     if lost is None:
         return err
-    stage = await asyncio.to_thread(_dead_replica_deployment, lost)
+    stage = failed.stage if failed is not None else await asyncio.to_thread(_dead_replica_deployment, lost)
     where = f"the {stage} stage" if stage else "a stage"
     return ServiceUnavailable(f"{where} is unavailable ({type(lost).__name__}: a replica died or is restarting);"
                               " retry shortly", retry_after_s=5)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
+from typing import Any, NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -16,11 +18,34 @@ from lightray.edits import PreparedEdit, decoded_encoding, prepare_edit
 from lightray.schemas import EditSpec, GenerationSpec
 from serve_app.backend import GenerationResult, PartialImages, StepUpdate, StreamItem
 from serve_app.edit_composition import composed_result, composed_stream
-from serve_app.graph_failures import client_errors, stream_client_errors
+from serve_app.graph_failures import StageFailed, client_errors, stream_client_errors
 from serve_app.readiness import READINESS_TTL_S, SharedCheck
 
 
-async def _cancelling(final, *upstream):
+class StageCall(NamedTuple):
+    """A stage's response and the deployment it came from, so that a failure can name its stage."""
+
+    stage: str
+    response: Any  # DeploymentResponse or DeploymentResponseGenerator
+
+
+def _call(handle, response) -> StageCall:
+    return StageCall(handle.deployment_name, response)
+
+
+async def _outcome(call: StageCall):
+    """`call`'s result. Over Ray Serve's gRPC data plane (responses passed by value) a chained call starts only once
+    its arguments are resolved, so its failure is its own stage's: it is raised as `StageFailed` naming the stage.
+    By reference, a chained call also fails when an upstream replica died, so the error is raised as it is."""
+    try:
+        return await call.response
+    except Exception as err:
+        if call.response.by_reference:
+            raise
+        raise StageFailed(call.stage) from err
+
+
+async def _cancelling(final: StageCall, *upstream: StageCall):
     """Await the graph's last response; if the caller gives up on it (the request timeout, a disconnect), or a
     stage fails, cancel every stage's request too, so replicas stop work nobody will read (the Denoiser stops within
     a step).
@@ -32,8 +57,8 @@ async def _cancelling(final, *upstream):
     So the by-value upstream responses are awaited here too: their values are fetched into this process by that
     router anyway. By-reference ones need no watch (the chained call fails with the upstream's `ActorDiedError`),
     and awaiting them would pull their arrays into the ingress."""
-    last = asyncio.ensure_future(_awaited(final))
-    watched = {asyncio.ensure_future(_awaited(r)) for r in upstream if not r.by_reference}
+    last = asyncio.ensure_future(_outcome(final))
+    watched = {asyncio.ensure_future(_outcome(c)) for c in upstream if not c.response.by_reference}
     try:
         pending = {last, *watched}
         while last in pending:
@@ -42,16 +67,41 @@ async def _cancelling(final, *upstream):
                 task.result()  # an upstream stage's failure
         return last.result()
     except BaseException:
-        for response in (final, *upstream):
-            response.cancel()
+        for call in (final, *upstream):
+            call.response.cancel()
         raise
     finally:
         for task in (last, *watched):
             task.cancel()
 
 
-async def _awaited(response):
-    return await response
+async def _watched_stream(stream: StageCall, upstream: tuple[StageCall, ...]) -> AsyncIterator:
+    """`stream`'s items, ended by the failure of a by-value upstream response (`_cancelling` says why: the stream
+    would otherwise never start); a failure of the stream itself names its stage as `_outcome` does."""
+    watched = {asyncio.ensure_future(_outcome(c)) for c in upstream if not c.response.by_reference}
+    items = stream.response.__aiter__()
+    step: asyncio.Future | None = None
+    try:
+        while True:
+            step = asyncio.ensure_future(anext(items))
+            while not step.done():
+                done, _ = await asyncio.wait({step, *watched}, return_when=asyncio.FIRST_COMPLETED)
+                for task in done - {step}:
+                    watched.discard(task)
+                    task.result()  # an upstream stage's failure
+            try:
+                item = step.result()
+            except StopAsyncIteration:
+                return
+            except Exception as err:
+                if stream.response.by_reference:
+                    raise
+                raise StageFailed(stream.stage) from err
+            yield item
+    finally:
+        for task in (step, *watched):
+            if task is not None:
+                task.cancel()
 
 
 class RayGraphBackend:
@@ -81,8 +131,9 @@ class RayGraphBackend:
         start = time.perf_counter()
         encoded = self._encode(spec)
         denoised = self._denoiser_for(spec).denoise.remote(spec.denoise_params(), encoded)
-        result = await _cancelling(self.vae.decode.remote(denoised, spec.width, spec.height, encoding=spec.output),
-                                   encoded, denoised)
+        result = await _cancelling(
+            _call(self.vae, self.vae.decode.remote(denoised, spec.width, spec.height, encoding=spec.output)),
+            _call(self.text_encoder, encoded), _call(self.denoiser, denoised))
         return GenerationResult(list(result.pngs), {**result.timings, "graph_ms": (time.perf_counter() - start) * 1000})
 
     async def edit(self, spec: EditSpec, image: Image.Image, mask: Image.Image | None = None) -> GenerationResult:
@@ -102,9 +153,10 @@ class RayGraphBackend:
         image_latents = self._encode_image(spec, prepared)
         denoised = self._denoiser_for(spec).denoise.remote(
             spec.denoise_params(), encoded, image_latents, _mask_pixels(prepared))
-        result = await _cancelling(self.vae.decode.remote(denoised, spec.width, spec.height,
-                                                          encoding=decoded_encoding(prepared, spec.output)),
-                                   encoded, image_latents, denoised)
+        result = await _cancelling(
+            _call(self.vae, self.vae.decode.remote(denoised, spec.width, spec.height,
+                                                   encoding=decoded_encoding(prepared, spec.output))),
+            _call(self.text_encoder, encoded), _call(self.vae, image_latents), _call(self.denoiser, denoised))
         return await composed_result(
             GenerationResult(list(result.pngs), {**result.timings, "graph_ms": (time.perf_counter() - start) * 1000}),
             prepared, spec.output)
@@ -125,25 +177,29 @@ class RayGraphBackend:
         start = time.perf_counter()
         encoded, condition = self._instruct_inputs(spec, images)
         denoised = self._denoiser_for(spec).denoise.remote(spec.denoise_params(), encoded, None, None, condition)
-        result = await _cancelling(self.vae.decode.remote(denoised, spec.width, spec.height, encoding=spec.output),
-                                   encoded, condition, denoised)
+        result = await _cancelling(
+            _call(self.vae, self.vae.decode.remote(denoised, spec.width, spec.height, encoding=spec.output)),
+            _call(self.text_encoder, encoded), _call(self.vae, condition), _call(self.denoiser, denoised))
         return GenerationResult(list(result.pngs), {**result.timings, "graph_ms": (time.perf_counter() - start) * 1000})
 
     def instruct_stream(self, spec: GenerationSpec, images: list[Image.Image]) -> AsyncIterator[StreamItem]:
         encoded, condition = self._instruct_inputs(spec, images)
         denoising = self._denoise_stream(spec, spec.output, encoded, None, None, condition)
-        return stream_client_errors(spec, self._stream(spec, denoising, encoded, condition, encoding=spec.output))
+        return stream_client_errors(spec, self._stream(spec, denoising, _call(self.text_encoder, encoded),
+                                                       _call(self.vae, condition), encoding=spec.output))
 
     def _denoise_stream(self, spec: GenerationSpec, encoding: OutputEncoding, *inputs):
         """The Denoiser's stream for `spec`; fast previews come made by the Denoiser when its model ships a preview
         decoder (`preview_encoding`), else as latents for the VaeDecoder."""
-        return self._denoiser_for(spec).options(stream=True).denoise_stream.remote(
-            spec.denoise_params(), *inputs, preview_encoding=encoding if spec.preview == "fast" else None)
+        handle = self._denoiser_for(spec).options(stream=True)
+        return _call(handle, handle.denoise_stream.remote(
+            spec.denoise_params(), *inputs, preview_encoding=encoding if spec.preview == "fast" else None))
 
     def generate_stream(self, spec: GenerationSpec) -> AsyncIterator[StreamItem]:
         encoded = self._encode(spec)
         denoising = self._denoise_stream(spec, spec.output, encoded)
-        return stream_client_errors(spec, self._stream(spec, denoising, encoded, encoding=spec.output))
+        return stream_client_errors(spec, self._stream(spec, denoising, _call(self.text_encoder, encoded),
+                                                       encoding=spec.output))
 
     def edit_stream(self, spec: EditSpec, image: Image.Image, mask: Image.Image | None = None
                     ) -> AsyncIterator[StreamItem]:
@@ -152,60 +208,63 @@ class RayGraphBackend:
             image_latents = self._encode_image(spec, prepared)
             encoding = decoded_encoding(prepared, spec.output)
             denoising = self._denoise_stream(spec, encoding, encoded, image_latents, _mask_pixels(prepared))
-            return self._stream(spec, denoising, encoded, image_latents, encoding=encoding)
+            return self._stream(spec, denoising, _call(self.text_encoder, encoded), _call(self.vae, image_latents),
+                                encoding=encoding)
 
         return stream_client_errors(spec, composed_stream(spec, image, mask, start))
 
-    async def _stream(self, spec: GenerationSpec, denoising, *upstream,
+    async def _stream(self, spec: GenerationSpec, denoising: StageCall, *upstream: StageCall,
                       encoding: OutputEncoding) -> AsyncIterator[StreamItem]:
         """The Denoiser's stream as `StreamItem`s. Each preview the Denoiser did not make itself goes to the
         VaeDecoder as soon as it arrives (`preview`, or batched with other decodes for "full") while the steps go
         on; previews are yielded in order, each as soon as it and those before it are decoded, and all before the
         final image. The final latents pass through the
         ingress to the VaeDecoder (a generator's items cannot be handed on handle to handle). If the stream is
-        closed early, or fails, every stage's request is cancelled (the Denoiser stops within a step). Previews and
-        images are encoded as `encoding`."""
+        closed early, or fails, every stage's request is cancelled (the Denoiser stops within a step); a by-value
+        upstream that fails ends it (`_watched_stream`). Previews and images are encoded as `encoding`."""
         start = time.perf_counter()
         previews: list[asyncio.Future] = []
-        responses = [denoising, *upstream]  # cancelled if the stream ends early (preview decodes: by their tasks)
+        calls = [denoising, *upstream]  # cancelled if the stream ends early (preview decodes: by their tasks)
         sent = 0
         finished = False
         try:
             denoised: DenoisedLatents | None = None
-            async for item in denoising:
-                if isinstance(item, DenoisedLatents):
-                    denoised = item
-                    continue
-                yield StepUpdate(item.step, item.total_steps)
-                if item.preview_images is not None:  # made by the Denoiser (fast, a shipped preview decoder)
-                    made = asyncio.get_running_loop().create_future()
-                    made.set_result(PartialImages(len(previews), item.step, list(item.preview_images)))
-                    previews.append(made)
-                elif item.preview is not None:
-                    if spec.preview == "full":
-                        response = self.vae.decode.remote(DenoisedLatents(item.preview), spec.width, spec.height,
-                                                          encoding=encoding)
-                    else:  # "fast": the VAE replica's projection, no VAE call (VaeDecoder.preview)
-                        response = self.vae.preview.remote(item.preview, spec.width, spec.height,
-                                                           encoding=encoding)
-                    previews.append(asyncio.ensure_future(_partial(len(previews), item.step, response)))
-                while sent < len(previews) and previews[sent].done():
-                    yield previews[sent].result()
-                    sent += 1
+            async with aclosing(_watched_stream(denoising, upstream)) as items:
+                async for item in items:
+                    if isinstance(item, DenoisedLatents):
+                        denoised = item
+                        continue
+                    yield StepUpdate(item.step, item.total_steps)
+                    if item.preview_images is not None:  # made by the Denoiser (fast, a shipped preview decoder)
+                        made = asyncio.get_running_loop().create_future()
+                        made.set_result(PartialImages(len(previews), item.step, list(item.preview_images)))
+                        previews.append(made)
+                    elif item.preview is not None:
+                        if spec.preview == "full":
+                            response = self.vae.decode.remote(DenoisedLatents(item.preview), spec.width, spec.height,
+                                                              encoding=encoding)
+                        else:  # "fast": the VAE replica's projection, no VAE call (VaeDecoder.preview)
+                            response = self.vae.preview.remote(item.preview, spec.width, spec.height,
+                                                               encoding=encoding)
+                        previews.append(asyncio.ensure_future(
+                            _partial(len(previews), item.step, _call(self.vae, response))))
+                    while sent < len(previews) and previews[sent].done():
+                        yield previews[sent].result()
+                        sent += 1
             if denoised is None:
                 raise RuntimeError("the Denoiser's stream ended without its latents")
-            decoded = self.vae.decode.remote(denoised, spec.width, spec.height, encoding=encoding)
-            responses.append(decoded)
+            decoded = _call(self.vae, self.vae.decode.remote(denoised, spec.width, spec.height, encoding=encoding))
+            calls.append(decoded)
             for preview in previews[sent:]:
                 yield await preview
-            result = await decoded
+            result = await _outcome(decoded)
             finished = True
             yield GenerationResult(list(result.pngs),
                                    {**result.timings, "graph_ms": (time.perf_counter() - start) * 1000})
         finally:
             if not finished:
-                for response in responses:
-                    response.cancel()
+                for call in calls:
+                    call.response.cancel()
                 for preview in previews:
                     preview.cancel()
 
@@ -233,5 +292,5 @@ def _mask_pixels(prepared: PreparedEdit) -> np.ndarray | None:
     return None if prepared.mask is None else np.asarray(prepared.mask)
 
 
-async def _partial(index: int, step: int, response) -> PartialImages:
-    return PartialImages(index, step, list((await response).pngs))
+async def _partial(index: int, step: int, call: StageCall) -> PartialImages:
+    return PartialImages(index, step, list((await _outcome(call)).pngs))

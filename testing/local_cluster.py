@@ -171,6 +171,7 @@ class RayCluster:
 
     def deploy(self, config: Path, timeout: float = 600, ready_path: str = "/readyz") -> None:
         """`serve deploy` of `config`, then wait until `ready_path` (an application's readiness URL) answers 200."""
+        self.check_placement(config)
         # The first deploy also starts Serve's controller and proxies; on a loaded 2-core machine that can
         # outlast the CLI's 60 s wait ("HTTP proxies not available"), and the next attempt finds them up.
         for attempt in range(3):
@@ -179,6 +180,17 @@ class RayCluster:
                 break
         self.deployed_config = config
         self.wait_ready(timeout, ready_path)
+
+    def check_placement(self, config: Path) -> None:
+        """Refuses (ValueError naming the deployments) a config with a replica that fits no alive node of this
+        cluster: Serve would leave it PENDING forever (`lightray.placement`)."""
+        from lightray.placement import unplaceable
+
+        r = httpx.get(f"{self.dashboard_url}/api/v0/nodes", params={"limit": 100, "detail": "true"}, timeout=30)
+        r.raise_for_status()
+        problems = unplaceable(yaml.safe_load(config.read_text()), r.json()["data"]["result"]["result"])
+        if problems:
+            raise ValueError("; ".join(problems))
 
     def config_with_application(self, application: dict) -> Path:
         """A copy of the Serve YAML last deployed here with one more application (its own `name` and

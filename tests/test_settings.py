@@ -9,6 +9,7 @@ import argparse
 import ast
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -91,6 +92,16 @@ def test_ray_environment_defaults_are_written_once_and_the_callers_environment_w
     for path in ("Makefile", "lightray/cli.py", "testing/local_cluster.py"):
         text = (REPO_ROOT / path).read_text()
         assert not [name for name in RAY_ENV_DEFAULTS if name in text], f"{path} repeats a Ray default"
+
+
+def test_the_container_image_runs_ray_serves_data_plane_as_lightray_does():
+    from lightray.ray_env import RAY_SERVE_DATA_PLANE
+
+    dockerfile = (REPO_ROOT / "Dockerfile").read_text().replace("\\\n", " ")  # continuation lines joined
+    image_env = dict(pair for line in dockerfile.splitlines() if line.startswith("ENV ")
+                     for pair in re.findall(r"(\w+)=(\S+)", line))
+    assert {name: image_env.get(name) for name in RAY_SERVE_DATA_PLANE} == dict(RAY_SERVE_DATA_PLANE)
+    assert set(RAY_SERVE_DATA_PLANE) <= set(RAY_ENV_DEFAULTS)
 
 
 def _deployment_decorator_options(path: Path) -> dict[str, set[str]]:

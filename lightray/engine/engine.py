@@ -47,6 +47,8 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from lightray.config import EngineConfig, ModelPreset, VariantConfig, load_preset
+from lightray.errors import NotFound, RequestError
+from lightray.engine.load import StepCurve, work_seconds
 from lightray.contracts import (
     AdapterLoadError,
     ConditionLatents,
@@ -57,7 +59,6 @@ from lightray.contracts import (
     StepProgress,
     TextEmbeddings,
 )
-from lightray.errors import RequestError
 from lightray.engine import batched_model, prefix_cache
 from lightray.engine.scheduler import StepScheduler
 from lightray.models.qwen_image_21 import checkpoint_sample_sigmas, prefix_cache_bytes
@@ -244,6 +245,8 @@ class DenoiseEngine:
         self._in_use: collections.Counter[str] = collections.Counter()
         self._pending_unload: set[str] = set()
         self._live: list[EngineRequest] = []  # touched only under the step lock
+        self.step_curve = StepCurve()
+        """This engine's forward time against token-rows, learnt from its own forwards (`load_seconds`)."""
         self._step_lock = threading.Lock()
         self._seq = 0
         self._thread: threading.Thread | None = None
@@ -320,9 +323,14 @@ class DenoiseEngine:
         try:
             variant = self.preset.variant(params.variant)
         except KeyError:
-            # Never a wrong image: a fused replica's weights hold one variant's Lightning LoRA.
-            raise RequestError("model", self.preset.unserved_refusal(params.variant)
-                               or f"unknown model id {params.variant!r}") from None
+            # Never a wrong image: a fused replica's weights hold one variant's Lightning LoRA (400 naming `model`).
+            if (refusal := self.preset.unserved_refusal(params.variant)) is not None:
+                raise RequestError("model", refusal) from None
+            # A model being removed by a rolling update: a request pinned to it can reach a replica of the new
+            # version, which no longer serves it. A refusal naming `model` (404), never a 500.
+            raise NotFound("model", f"model {params.variant!r} is not served by this replica's preset "
+                                    f"{self.preset.name!r} (being removed?); available: "
+                                    f"{', '.join(self.preset.model_ids)}", code="model_not_found") from None
         with self._lock:
             self._seq += 1
             seq = self._seq
@@ -467,6 +475,8 @@ class DenoiseEngine:
             for request in batch:
                 self._run([request])
             return
+        self.step_curve.observe(sum(r.rows * (r.image_tokens + r.condition_tokens) for r in batch),
+                                time.perf_counter() - start)
         if self.on_step is not None:
             self.on_step(StepStats(sum(r.rows for r in batch), len(batch), batch[0].grid,
                                    (time.perf_counter() - start) * 1000,
@@ -841,6 +851,22 @@ class DenoiseEngine:
             self._install_routing()
 
     # ------------------------------------------------------------------------------------------- health
+
+    def load_seconds(self) -> float:
+        """Seconds of work queued and live here, from this engine's measured step-time curve (`lightray.engine.load`):
+        what the Denoiser reports to its autoscaler."""
+        token_side = self.preset.vae_scale_factor * self.family.latent_patch
+        with self._lock:
+            waiting = list(self._inbox)
+        work = []
+        for r in [*waiting, *list(self._live)]:
+            if r.rows and getattr(r, "timesteps", None) is not None:  # prepared: its rows, steps left, tokens
+                work.append((r.rows, r.total_steps - r.step, r.image_tokens + r.condition_tokens))
+            else:
+                p = r.params
+                work.append((p.n * (2 if p.uses_cfg else 1), max(1, round(p.num_inference_steps * p.strength)),
+                             (p.height // token_side) * (p.width // token_side)))
+        return work_seconds(work, self.step_curve, self.config.max_batch_rows)
 
     def stats(self) -> dict:
         with self._lock:

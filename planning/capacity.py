@@ -233,7 +233,7 @@ def request_prefix_cache_bytes(a: CapacityAssumptions, width: int, height: int, 
     of the preset's longest and `pictures` condition images (each at the output's area): both CFG branches when
     the preset's default variant uses true CFG (the engine's `_size_prefix`)."""
     prefix = text_tokens(a.preset) + pictures * image_tokens(width, height)
-    branches = 2 if a.preset.variants[0].true_cfg_scale > 1 else 1
+    branches = 2 if a.preset.served_variants[0].true_cfg_scale > 1 else 1
     return prefix_cache_bytes(a.models.configs["transformer"], branches * prefix, 1, a.dtype_bytes)
 
 

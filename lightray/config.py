@@ -243,6 +243,13 @@ class ModelPreset(BaseModel):
     faster on a CPU. Tests that compare pixels with diffusers' pipelines bit for bit set this."""
     variants: list[VariantConfig]
     """Model ids served from these weights; the first is the default."""
+    fuse: str | None = None
+    """A Lightning variant whose LoRA is merged into the base weights at load (`DenoiseEngine`, as peft's
+    `merge_and_unload` does): the replica then serves that variant only, with no LoRA arithmetic left in its
+    forward for the Lightning part (tenant adapters still stack on top, through the batched path). A request for
+    another variant of this preset is refused (400 naming `model`) unless another served preset serves it. None:
+    every variant, each Lightning LoRA applied per row (one deployment serves them all). README, "Fused Lightning
+    replicas", says when to choose which."""
     quality_variants: dict[QualityTier, str] = Field(default_factory=dict)
     """The variant (model id) each of OpenAI's `quality` values selects when a request names no `model`, e.g.
     low → Lightning 4, medium → Lightning 8, high → the base with true CFG. A quality not listed here, and `auto`,
@@ -273,15 +280,33 @@ class ModelPreset(BaseModel):
 
     @model_validator(mode="after")
     def _quality_variants_exist(self) -> "ModelPreset":
-        unknown = {q: m for q, m in self.quality_variants.items() if m not in self.model_ids}
+        ids = [v.id for v in self.variants]
+        unknown = {q: m for q, m in self.quality_variants.items() if m not in ids}
         if unknown:
             raise ValueError(f"quality_variants names variants this preset does not serve: {unknown}; "
-                             f"variants: {self.model_ids}")
+                             f"variants: {ids}")
         return self
 
+    @model_validator(mode="after")
+    def _fuse_names_a_lightning_variant(self) -> "ModelPreset":
+        if self.fuse is None:
+            return self
+        lightning = [v.id for v in self.variants if v.lightning_lora]
+        if self.fuse not in lightning:
+            raise ValueError(f"fuse: {self.fuse!r} is not a Lightning variant of this preset; fuse names one of "
+                             f"{lightning} (a variant with a `lightning_lora`), or is left out")
+        return self
+
+    @property
+    def served_variants(self) -> list[VariantConfig]:
+        """The variants this preset's replicas serve: the fused one alone with `fuse`, else all of them."""
+        return [v for v in self.variants if v.id == self.fuse] if self.fuse else list(self.variants)
+
     def variant_for_quality(self, quality: str | None) -> VariantConfig:
-        """The variant a request without `model` gets for its `quality` (`quality_variants`; else the default)."""
-        return self.variant(self.quality_variants.get(quality))  # type: ignore[arg-type]
+        """The variant a request without `model` gets for its `quality` (`quality_variants`; else the default). A
+        fused preset serves its one variant whatever the quality."""
+        mapped = self.quality_variants.get(quality)  # type: ignore[arg-type]
+        return self.variant(mapped if mapped in self.model_ids else None)
 
     def qualities_of(self, model_id: str) -> list[str]:
         """The `quality` values that select `model_id` when a request names no model, in QUALITY_TIERS order and
@@ -375,16 +400,27 @@ class ModelPreset(BaseModel):
         return 2 ** len(cfg.get("temperal_downsample", [False, True, True]))
 
     def variant(self, model_id: str | None) -> VariantConfig:
+        """A served variant by model id (None: the default); KeyError for one not served (`unserved_refusal` says
+        why, when the preset has it but fuses another)."""
+        served = self.served_variants
         if model_id is None:
-            return self.variants[0]
-        for v in self.variants:
+            return served[0]
+        for v in served:
             if v.id == model_id:
                 return v
         raise KeyError(model_id)
 
     @property
     def model_ids(self) -> list[str]:
-        return [v.id for v in self.variants]
+        """The model ids this preset's replicas serve (`served_variants`)."""
+        return [v.id for v in self.served_variants]
+
+    def unserved_refusal(self, model_id: str) -> str | None:
+        """Why a variant this preset defines is not served here (it fuses another), or None."""
+        if self.fuse and model_id != self.fuse and any(v.id == model_id for v in self.variants):
+            return (f"model {model_id!r} is not served by this deployment of {self.name}: its replicas have "
+                    f"{self.fuse!r}'s Lightning LoRA fused into their weights and serve {self.fuse!r} only")
+        return None
 
 
 class EngineConfig(BaseModel):
@@ -419,6 +455,17 @@ class EngineConfig(BaseModel):
     its first step to its last, paused ones too); `submit` refuses a request whose cache would pass it
     (`EngineFull`). Counted from each request's size before its first step. None: only `max_live_requests`
     bounds them."""
+    compile: bool = False
+    """Compile the transformer's repeated block (`QwenImageTransformerBlock`) with `torch.compile`, regionally as
+    diffusers' `compile_repeated_blocks` does, with dynamic shapes so that a new row count or sequence length does
+    not recompile. The replica compiles at start (`compile_warmup_rows`), inside its readiness time, never on a
+    user's request; a torch whose compiler backend does not work fails the replica at start, saying so."""
+    compile_backend: str = "inductor"
+    """`torch.compile`'s backend when `compile` is on."""
+    compile_warmup_rows: list[int] = Field(default_factory=lambda: [1, 2, 4])
+    """Row counts the replica runs a two-step warm-up batch of at start, at the preset's default size, when
+    `compile` is on: a count of 1 is its own graph (torch specialises sizes 0 and 1), every count from 2 up shares
+    one dynamic graph (the others check that it does)."""
     idle_wait_s: float = Field(0.5, gt=0)
     """How long the loop sleeps when it has nothing to run before checking again (it wakes at once on a new
     request)."""
@@ -430,10 +477,15 @@ class EngineConfig(BaseModel):
 
 
 def load_preset(ref: str | dict | ModelPreset = DEFAULT_PRESET) -> ModelPreset:
-    """A preset from a name under configs/models/, a YAML path, an inline dict, or an existing object."""
+    """A preset from a name under configs/models/, a YAML path, an inline dict, or an existing object. An inline
+    dict with `from_preset: <name or path>` is that preset with the dict's other keys replacing its own (a Serve
+    YAML's fused deployment: `{from_preset: qwen-image-lightning, name: qwen-image-fused-4, fuse: ...}`)."""
     if isinstance(ref, ModelPreset):
         return ref
     if isinstance(ref, dict):
+        if "from_preset" in ref:
+            overrides = {k: v for k, v in ref.items() if k != "from_preset"}
+            return ModelPreset.model_validate({**load_preset(ref["from_preset"]).model_dump(), **overrides})
         return ModelPreset.model_validate(ref)
     # A name may hold dots ("qwen-image-2.1-turbo"): it is a name when configs/models/ has it.
     path = MODEL_PRESETS_DIR / f"{ref}.yaml"

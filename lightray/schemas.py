@@ -204,6 +204,8 @@ class ImageGenerationRequest(BaseModel):
             # Only a request that names no model lets `quality` choose (ModelPreset.quality_variants).
             variant = preset.variant(self.model) if self.model is not None else preset.variant_for_quality(self.quality)
         except KeyError:
+            if (refusal := preset.unserved_refusal(self.model)) is not None:
+                raise RequestError("model", refusal) from None
             raise NotFound(
                 "model", f"model {self.model!r} does not exist; available: {', '.join(preset.model_ids)}",
                 code="model_not_found",

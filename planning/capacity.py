@@ -184,8 +184,9 @@ def budgets(a: CapacityAssumptions) -> dict[str, MemoryBudget]:
                            + condition_tok * t_cfg["in_channels"] * b)
     denoiser = {
         "weights": m.parameters(m.transformer) * b,
-        # Every variant's distilled LoRA stays loaded (unfused: rows of different variants share a step).
-        "lightning_loras": sum(1 for v in a.preset.variants if v.lightning_lora) * lora(64) * b,
+        # Every served variant's distilled LoRA stays loaded (unfused: rows of different variants share a step);
+        # a fused one (`fuse:`) is in the weights.
+        "lightning_loras": resident_lightning_loras(a.preset) * lora(64) * b,
         "adapter_cache": adapter_cache_size(a) * lora(a.tenant_adapter_rank) * b,
         "activations": transformer_activation_bytes(a, rows, width, height),
         "engine_state": engine_state,
@@ -232,7 +233,7 @@ def request_prefix_cache_bytes(a: CapacityAssumptions, width: int, height: int, 
     of the preset's longest and `pictures` condition images (each at the output's area): both CFG branches when
     the preset's default variant uses true CFG (the engine's `_size_prefix`)."""
     prefix = text_tokens(a.preset) + pictures * image_tokens(width, height)
-    branches = 2 if a.preset.variants[0].true_cfg_scale > 1 else 1
+    branches = 2 if a.preset.served_variants[0].true_cfg_scale > 1 else 1
     return prefix_cache_bytes(a.models.configs["transformer"], branches * prefix, 1, a.dtype_bytes)
 
 
@@ -313,9 +314,15 @@ def row_step_s(a: CapacityAssumptions, width: int, height: int, pictures: int | 
     return row_step_flops(a, width, height, pictures, cached) / flops_s
 
 
+def resident_lightning_loras(preset: ModelPreset) -> int:
+    """Lightning LoRAs a Denoiser replica of `preset` holds as LoRA layers: every served variant's, but a fused one's."""
+    return sum(1 for v in preset.served_variants if v.lightning_lora and v.id != preset.fuse)
+
+
 def cold_start_s(a: CapacityAssumptions) -> float:
     """A Denoiser replica on a new pod: the pod, the image, the weights it reads (counted), the warm-up."""
-    loras = sum(1 for v in a.preset.variants if v.lightning_lora)
+    # A fused replica reads its Lightning file too (it merges it at load).
+    loras = resident_lightning_loras(a.preset) + (a.preset.fuse is not None)
     weights = (a.models.parameters(a.models.transformer) + loras * a.models.lora_parameters(64)) * a.dtype_bytes
     lc = a.lifecycle
     return lc.pod_start_s + lc.image_pull_s + weights / MIB / lc.weights_read_mib_s + lc.warmup_s

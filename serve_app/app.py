@@ -17,6 +17,32 @@ def stage_name(stage: str, preset: ModelPreset, index: int) -> str:
     return stage if index == 0 else f"{stage}-{preset.name}"
 
 
+SHARED_STAGES = ("TextEncoder", "VaeDecoder")
+"""Stages that presets differing only in how they sample the transformer share (`stage_names`)."""
+
+
+def stage_sharing_key(preset: ModelPreset) -> str:
+    """What a preset's TextEncoder and VaeDecoder depend on: everything but its name and the Denoiser's business
+    (its variants, `fuse`, `quality_variants`). Fused presets of one model (one Denoiser deployment per variant)
+    have equal keys and share one TextEncoder and one VaeDecoder."""
+    import json
+
+    return json.dumps(preset.model_dump(mode="json", exclude={"name", "variants", "fuse", "quality_variants"}),
+                      sort_keys=True)
+
+
+def stage_names(presets: list[ModelPreset]) -> list[dict[str, str]]:
+    """Per served preset, the deployment name of each of its stages: its own Denoiser (`stage_name`), and the
+    TextEncoder and VaeDecoder of the first preset with its `stage_sharing_key`."""
+    first: dict[str, int] = {}
+    names = []
+    for index, preset in enumerate(presets):
+        owner = first.setdefault(stage_sharing_key(preset), index)
+        names.append({"Denoiser": stage_name("Denoiser", preset, index),
+                      **{stage: stage_name(stage, presets[owner], owner) for stage in SHARED_STAGES}})
+    return names
+
+
 @serve.deployment(name="Ingress")
 @serve.ingress()
 class Ingress:
@@ -52,18 +78,23 @@ def build_app(args: dict | None = None) -> Application:
     ingress_settings = {**settings.model_dump(exclude=set(INGRESS_ONLY)),
                         **{k: args[k] for k in INGRESS_ONLY if k in args}}
     graphs = []
-    for index, ref in enumerate([settings.preset, *settings.extra_presets]):
-        preset = load_preset(ref)
+    presets = [load_preset(ref) for ref in [settings.preset, *settings.extra_presets]]
+    bound: dict[str, object] = {}  # deployment name -> its bound deployment (shared stages are bound once)
+    for preset, names in zip(presets, stage_names(presets)):
         dumped = preset.model_dump()
+        if names["TextEncoder"] not in bound:
+            bound[names["TextEncoder"]] = TextEncoder.options(name=names["TextEncoder"]).bind(dumped)
+        if names["VaeDecoder"] not in bound:
+            bound[names["VaeDecoder"]] = VaeDecoder.options(name=names["VaeDecoder"]).bind(
+                dumped, stack_requests=settings.vae_stack_requests)
         graphs.append((
             dumped,
-            TextEncoder.options(name=stage_name("TextEncoder", preset, index)).bind(dumped),
-            Denoiser.options(name=stage_name("Denoiser", preset, index)).bind(
+            bound[names["TextEncoder"]],
+            Denoiser.options(name=names["Denoiser"]).bind(
                 dumped, settings.registry, settings.registry_storage_options, settings.adapter_cache_size,
                 settings.engine.model_dump(), registry_settings={
                     "registry_cache_ttl_s": settings.registry_cache_ttl_s,
                     "adapter_file_cache_bytes": settings.adapter_file_cache_bytes}),
-            VaeDecoder.options(name=stage_name("VaeDecoder", preset, index)).bind(
-                dumped, stack_requests=settings.vae_stack_requests),
+            bound[names["VaeDecoder"]],
         ))
     return Ingress.bind(graphs, ingress_settings)

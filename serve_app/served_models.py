@@ -47,6 +47,11 @@ class ServedModels:
                     raise RequestError("model", f"model {model!r} ({family.name}) is served on {serves}, not "
                                                 f"/v1/images/{endpoint}")
                 return backend
+        # A variant a fused preset defines but does not serve, and no other preset serves: refused, never sent to a
+        # replica whose weights hold another variant's Lightning LoRA.
+        for backend in self.backends:
+            if (refusal := backend.preset.unserved_refusal(model)) is not None:
+                raise RequestError("model", f"{refusal}; served: {', '.join(self.model_ids)}")
         raise NotFound("model", f"model {model!r} does not exist; available: {', '.join(self.model_ids)}",
                        code="model_not_found")
 

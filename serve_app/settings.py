@@ -69,11 +69,14 @@ class ServiceSettings(RegistrySettings):
     model_config = SettingsConfigDict(env_prefix="LIGHTRAY_", extra="forbid", use_attribute_docstrings=True)
 
     preset: str | dict = "lightray-shapes"
-    """Model preset: a name under configs/models/, a YAML path, or an inline preset. The default model: requests
-    that name no `model` go to it (for an endpoint it does not serve, to the first of `extra_presets` that does)."""
+    """Model preset: a name under configs/models/, a YAML path, or an inline preset (`from_preset:` plus the keys it
+    changes, `lightray.config.load_preset`). The default model: requests that name no `model` go to it (for an
+    endpoint it does not serve, to the first of `extra_presets` that does)."""
     extra_presets: list[str | dict] = Field(default_factory=list)
     """More presets served beside `preset`, each by stage deployments of its own (named `<stage>-<preset name>`,
-    e.g. `Denoiser-lightray-shapes-edit`); a request's `model` picks the preset. Model ids must not repeat."""
+    e.g. `Denoiser-lightray-shapes-edit`); a request's `model` picks the preset. Model ids must not repeat. Presets
+    of one model that differ only in their variants, `fuse` and `quality_variants` (one fused Denoiser per
+    variant) share the first one's TextEncoder and VaeDecoder (`serve_app.app.stage_names`)."""
     adapter_cache_size: int = Field(4, ge=1)
     """Tenant adapters kept loaded per Denoiser replica (LRU)."""
     engine: EngineConfig = Field(default_factory=EngineConfig)

@@ -22,12 +22,12 @@ def test_serve_config_validates_with_ray_schema(path):
     schema = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
     app = schema.applications[0]
     assert app.import_path == "serve_app.app:build_app"
-    # The default preset's stages under their own names, each extra preset's as `<stage>-<preset name>`.
-    from serve_app.app import stage_name
+    # The default preset's stages under their own names, each extra preset's as `<stage>-<preset name>`; presets
+    # of one model (fused per variant) share the first one's TextEncoder and VaeDecoder.
+    from serve_app.app import stage_names
 
     presets = [load_preset(ref) for ref in [app.args["preset"], *app.args.get("extra_presets", [])]]
-    expected = {"Ingress"} | {stage_name(stage, preset, i) for i, preset in enumerate(presets)
-                              for stage in STAGES - {"Ingress"}}
+    expected = {"Ingress"} | {name for names in stage_names(presets) for name in names.values()}
     assert {d.name for d in app.deployments} == expected
 
 

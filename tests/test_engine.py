@@ -408,7 +408,7 @@ def test_bad_submissions_are_refused_before_queueing(engine, text):
         engine.submit(p, TextEmbeddings(text[0][0], None))
     with pytest.raises(ValueError, match="not loaded"):
         engine.submit(params(adapters=(AdapterUse("acme/nowhere@v1"),)), embeddings(text, params()))
-    with pytest.raises(ValueError, match="variant"):
+    with pytest.raises(ValueError, match="is not served"):
         engine.submit(params().__class__(seeds=(1,), width=64, height=64, num_inference_steps=4, variant="nope"),
                       embeddings(text, params()))
     with pytest.raises(ValueError, match="size"):

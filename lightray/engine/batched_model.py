@@ -108,10 +108,18 @@ class RowRouting:
     those as one matmul of 2n rows, its n rows at t then at 0, so each segment's doubled block is exactly that."""
 
     def __init__(self, stacks: Sequence[tuple[AdapterKey, ...]], segments: Sequence[tuple[int, int]], device,
-                 doubled: bool = False, shared_tail: bool = False):
+                 doubled: bool = False, shared_tail: bool = False, split_rows: bool = True):
+        """`split_rows` False (a compiled transformer, `EngineConfig.compile`): row-level inputs are never split by
+        segment, and a batch whose rows share one stack is routed without reading its row count. The compiled
+        block then holds no Python branch on the batch's shape or make-up, so a new row count or a new mix of
+        requests does not recompile it; what is given up is the CPU's bit-exact batch invariance for timestep
+        conditioning of fewer than MIN_INVARIANT_ROWS rows (compiled kernels have numerics of their own anyway)."""
         self.rows = rows = len(stacks)
+        self.uniform = not split_rows and len(set(stacks)) <= 1
+        """Every row has the same stack and nothing is split: one block, whatever the input's row count."""
         self.token_block = _Block(slice(0, rows), rows, _groups(stacks, device))
-        self.row_blocks = _row_blocks(stacks, [range(a, b) for a, b in segments], device)
+        self.row_blocks = (_row_blocks(stacks, [range(a, b) for a, b in segments], device) if split_rows
+                           else (self.token_block,))
         self.whole_rows = len(self.row_blocks) == 1 and isinstance(self.row_blocks[0].rows, slice)
         """Row-level inputs need no splitting (one block covering every row)."""
         self.tail_blocks: tuple[_Block, ...] | None = None
@@ -127,24 +135,28 @@ class RowRouting:
         if doubled:
             twice = [*stacks, *stacks]
             self.doubled_token_block = _Block(slice(0, 2 * rows), 2 * rows, _groups(twice, device))
-            self.doubled_blocks = _row_blocks(twice, [[*range(a, b), *range(rows + a, rows + b)] for a, b in segments],
-                                              device)
+            self.doubled_blocks = (
+                _row_blocks(twice, [[*range(a, b), *range(rows + a, rows + b)] for a, b in segments], device)
+                if split_rows else (self.doubled_token_block,))
             self.whole_doubled = len(self.doubled_blocks) == 1 and isinstance(self.doubled_blocks[0].rows, slice)
 
     def blocks_for(self, x: torch.Tensor) -> tuple[_Block, ...] | None:
         """The blocks to compute `x` in, or None for one plain call (not a row-level input of this forward)."""
+        # Each test reads the flags before the shape, so an unsplit (compiled) forward never branches on a size.
         if x.dim() != 2:
             return None
-        if x.shape[0] == self.rows and not self.whole_rows:
+        if not self.whole_rows and x.shape[0] == self.rows:
             return self.row_blocks
-        if self.doubled_blocks is not None and x.shape[0] == 2 * self.rows and not self.whole_doubled:
+        if self.doubled_blocks is not None and not self.whole_doubled and x.shape[0] == 2 * self.rows:
             return self.doubled_blocks
-        if self.tail_blocks is not None and x.shape[0] == self.rows + 1 and not self.whole_tail:
+        if self.tail_blocks is not None and not self.whole_tail and x.shape[0] == self.rows + 1:
             return self.tail_blocks
         return None
 
     def token_block_for(self, x: torch.Tensor) -> _Block:
         """The one block covering every row of `x` (the doubled rows of a `zero_cond_t` conditioning input too)."""
+        if self.uniform:
+            return self.token_block  # its groups take every row, whatever their number
         if self.doubled_blocks is not None and x.dim() == 2 and x.shape[0] == 2 * self.rows:
             return self.doubled_token_block
         return self.token_block
@@ -230,6 +242,15 @@ class RowwiseJointAttnProcessor(QwenDoubleStreamAttnProcessor2_0):
         if encoder_hidden_states_mask is None:
             return super().__call__(attn, hidden_states, encoder_hidden_states, None, attention_mask,
                                     image_rotary_emb)
+        return self._padded_text(attn, hidden_states, encoder_hidden_states, encoder_hidden_states_mask,
+                                 image_rotary_emb)
+
+    # Kept out of a compiled block (`EngineConfig.compile`): the per-length split reads the mask's values
+    # (`.tolist()`), and traced it would give a graph per set of prompt lengths in a batch, past dynamo's limit.
+    # Left to eager, it costs one graph break per block, and only when a batch mixes prompt lengths.
+    @torch.compiler.disable
+    def _padded_text(self, attn, hidden_states, encoder_hidden_states, encoder_hidden_states_mask,
+                     image_rotary_emb):
         head_dim = attn.inner_dim // attn.heads
         img_q = attn.to_q(hidden_states).unflatten(-1, (-1, head_dim))
         img_k = attn.to_k(hidden_states).unflatten(-1, (-1, head_dim))

@@ -47,7 +47,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from lightray.config import EngineConfig, ModelPreset, VariantConfig, load_preset
-from lightray.errors import NotFound
+from lightray.errors import NotFound, RequestError
 from lightray.engine.load import StepCurve, work_seconds
 from lightray.contracts import (
     AdapterLoadError,
@@ -177,7 +177,10 @@ class DenoiseEngine:
     """Owns one transformer (and its LoRA adapters) and denoises every request submitted to it."""
 
     def __init__(self, preset: ModelPreset | str | dict | None = None, config: EngineConfig | None = None,
-                 on_step: Callable[[StepStats], None] | None = None):
+                 on_step: Callable[[StepStats], None] | None = None, transformer: torch.nn.Module | None = None):
+        """`transformer`: an already built transformer of the preset's family and dtype, used instead of loading
+        the folder's `transformer/` (benchmarks/gpu_check.py's random full-size weights, 41 GB never written to
+        disk); the folder still gives the scheduler and the VAE's config."""
         self.preset = load_preset(preset) if preset is not None else load_preset()
         self.config = config or EngineConfig()
         self.scheduler = StepScheduler(self.config)
@@ -191,7 +194,8 @@ class DenoiseEngine:
         self.pipe = QwenImagePipeline(
             scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(self.preset.root / "scheduler"),
             vae=None, text_encoder=None, tokenizer=None,
-            transformer=transformer_class.from_pretrained(self.preset.root / "transformer", torch_dtype=self.dtype),
+            transformer=transformer if transformer is not None else transformer_class.from_pretrained(
+                self.preset.root / "transformer", torch_dtype=self.dtype),
         ).to(self.device)
         self.pipe.vae_scale_factor = self.preset.vae_scale_factor  # without a VAE it would assume 8
         self.transformer = self.pipe.transformer
@@ -211,14 +215,19 @@ class DenoiseEngine:
         # A variant's own complete scheduler config, or the folder's (never a mix: see VariantConfig.scheduler).
         self.scheduler_configs = {
             v.id: FlowMatchEulerDiscreteScheduler.from_config(v.scheduler or self.pipe.scheduler.config).config
-            for v in self.preset.variants
+            for v in self.preset.served_variants
         }
         self._schedules: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._schedules_lock = threading.Lock()
         self.routing = batched_model.RoutingSlot()
+        self.fused_variant: str | None = None
+        """The variant whose Lightning LoRA is merged into the base weights (`ModelPreset.fuse`)."""
+        if self.preset.fuse is not None:
+            fuse_lightning(self.pipe, self.preset.resolve(self.preset.variant(self.preset.fuse).lightning_lora))
+            self.fused_variant = self.preset.fuse
         self.lightning: dict[str, str] = {}  # variant id -> peft adapter name
-        for variant in self.preset.variants:
-            if variant.lightning_lora:
+        for variant in self.preset.served_variants:
+            if variant.lightning_lora and variant.id != self.fused_variant:
                 name = adapter_name("lightning", variant.id)
                 with _many_adapters_expected():
                     self.pipe.load_lora_weights(str(self.preset.resolve(variant.lightning_lora)), adapter_name=name)
@@ -245,6 +254,58 @@ class DenoiseEngine:
         self.fatal: BaseException | None = None
         """An error that stopped the loop thread (the replica is then unhealthy)."""
         self.steps_run = 0
+        self.compiled = False
+        """The repeated block is compiled (`compile_blocks`); forwards then route rows without splitting them
+        (`batched_model.RowRouting`'s `split_rows`)."""
+        self.compile_s: float | None = None
+        """Seconds the start-up compilation and its warm-up steps took (`EngineConfig.compile`); None: eager."""
+        if self.config.compile:
+            self.compile_s = self.compile_blocks()
+
+    # ------------------------------------------------------------------------------------------ compiling
+
+    def compile_blocks(self) -> float:
+        """Compile the repeated transformer block (`EngineConfig.compile`) and run warm-up requests at each of
+        `compile_warmup_rows` (`warm_up`), so that no user request pays for compilation. Returns the seconds it took. Raises
+        `CompileUnavailable` when this torch cannot compile (no working backend, no C++ compiler for inductor on
+        a CPU)."""
+        start = time.perf_counter()
+        check_compiler(self.config.compile_backend, self.device)
+        # A graph per tenant-adapter make-up of a batch (the LoRA groups are Python structure the block unrolls):
+        # dynamo's default of 8 graphs per block would fall back to eager after the ninth.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILED_GRAPHS_PER_BLOCK)
+        # Regional compilation (diffusers' `compile_repeated_blocks`): one block's graph, reused by all of them.
+        self.transformer.compile_repeated_blocks(backend=self.config.compile_backend, dynamic=True)
+        self.compiled = True
+        self.warm_up(self.config.compile_warmup_rows)
+        seconds = time.perf_counter() - start
+        logger.info("compiled the transformer's repeated block (%s) and warmed up %s rows in %.1f s",
+                    self.config.compile_backend, self.config.compile_warmup_rows, seconds)
+        return seconds
+
+    def warm_up(self, row_counts: list[int]) -> None:
+        """For each of `row_counts`, `rows` one-image requests of two steps denoised together, at the default size
+        with the default variant's stack and a zero prompt; results are discarded. The routed path is the one
+        requests take, so every graph a batch of that many rows needs is built here."""
+        width, height = self.preset.default_size
+        variant = self.preset.served_variants[0]
+        text = TextEmbeddings(prompt=np.zeros((8, self.text_width), dtype=np.float32))
+        condition = None
+        if self.family.condition_tokens and not self.family.prefix_cache:  # an instruction edit: one input image
+            token_side = self.preset.vae_scale_factor * self.family.latent_patch
+            grid = (height // token_side, width // token_side)
+            condition = ConditionLatents(np.zeros((grid[0] * grid[1], self.transformer.config.in_channels),
+                                                  dtype=np.float32), (grid,))
+        for rows in row_counts:
+            # Two steps: one step of a schedule with a terminal shift (the base's) divides by zero in diffusers.
+            requests = [self.submit(DenoiseParams(seeds=(i,), width=width, height=height, num_inference_steps=2,
+                                                  variant=variant.id, request_id=f"warm-up-{rows}"), text,
+                                    condition=condition)
+                        for i in range(rows)]
+            while not all(r.done() for r in requests):
+                self.step()
+            for request in requests:
+                request.result()
 
     # ------------------------------------------------------------------------------------------ requests
 
@@ -262,6 +323,9 @@ class DenoiseEngine:
         try:
             variant = self.preset.variant(params.variant)
         except KeyError:
+            # Never a wrong image: a fused replica's weights hold one variant's Lightning LoRA (400 naming `model`).
+            if (refusal := self.preset.unserved_refusal(params.variant)) is not None:
+                raise RequestError("model", refusal) from None
             # A model being removed by a rolling update: a request pinned to it can reach a replica of the new
             # version, which no longer serves it. A refusal naming `model` (404), never a 500.
             raise NotFound("model", f"model {params.variant!r} is not served by this replica's preset "
@@ -615,7 +679,8 @@ class DenoiseEngine:
         timestep = torch.cat(timesteps).to(latents.dtype)
         first = batch[0]
         self.routing.current = batched_model.RowRouting(stacks, segments, self.device,
-                                                        doubled=bool(self.transformer.config.zero_cond_t))
+                                                        doubled=bool(self.transformer.config.zero_cond_t),
+                                                        split_rows=not self.compiled)
         try:
             with torch.inference_mode():
                 out = self.transformer(
@@ -858,6 +923,48 @@ def flow_match_schedule(scheduler_config: Mapping, steps: int, image_seq_len: in
     sigmas = np.linspace(1.0, 1 / steps, steps) if grid is None else grid
     timesteps, _ = retrieve_timesteps(scheduler, steps, device, sigmas=sigmas, mu=mu)
     return timesteps, scheduler.sigmas
+
+
+COMPILED_GRAPHS_PER_BLOCK = 64
+"""Graphs dynamo may keep for the compiled block (its `recompile_limit`): one per LoRA make-up of a batch."""
+
+
+class CompileUnavailable(RuntimeError):
+    """`EngineConfig.compile` is on and this torch cannot compile for the device."""
+
+
+def check_compiler(backend: str, device: torch.device) -> None:
+    """Compile and run a two-op function with `backend` on `device`; `CompileUnavailable` saying what failed and
+    how to go on (turn `compile` off) when it cannot. Run at start, so a replica never starts without the speed it
+    was configured for, nor fails on its first request."""
+    try:
+        probe = torch.compile(lambda x: torch.nn.functional.gelu(x) * 2, backend=backend, fullgraph=True)
+        probe(torch.ones(4, device=device))
+    except Exception as err:
+        raise CompileUnavailable(
+            f"compile: true, but torch {torch.__version__} cannot compile with backend {backend!r} on {device} "
+            f"({type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}). Install "
+            "what the backend needs (inductor: a C++ compiler on a CPU, Triton on a GPU) or set compile: false"
+        ) from err
+
+
+def fuse_lightning(pipe: QwenImagePipeline, path) -> None:
+    """Merge the Lightning LoRA at `path` into `pipe`'s transformer weights and drop the LoRA layers (peft's
+    `merge_and_unload`). The delta B·A·scaling is computed in float32 and added to the float32 copy of each
+    weight, rounded once to the weight's dtype: peft's own merge computes a bfloat16 delta on a GPU and rounds
+    twice (what fusing in bfloat16 still loses is stated in the README, "Fused Lightning replicas")."""
+    name = "fused_lightning"
+    with _many_adapters_expected():
+        pipe.load_lora_weights(str(path), adapter_name=name)
+    with torch.no_grad():
+        for module in pipe.transformer.modules():
+            if isinstance(module, batched_model.LoraLinear) and name in module.lora_A:
+                for lora in (module.lora_A[name], module.lora_B[name]):
+                    lora.float()
+                base = module.get_base_layer()
+                delta = module.get_delta_weight(name).float()
+                base.weight.copy_((base.weight.float() + delta).to(base.weight.dtype))
+    pipe.unload_lora_weights()  # the LoRA layers go; the merged base weights stay
 
 
 @functools.lru_cache(maxsize=32)

@@ -42,9 +42,9 @@ from benchmarks import capacity_sim as sim  # noqa: E402
 from lightray.config import load_preset  # noqa: E402
 from testing.adapters import publish_lora_adapter  # noqa: E402
 from testing.local_cluster import BIN  # noqa: E402
-from testing.multinode import MULTINODE_CONFIG, ClosedLoad, MultiNodeCluster, post, status  # noqa: E402
+from testing.multinode import (  # noqa: E402
+    MULTINODE_CONFIG, STAGES, ClosedLoad, MultiNodeCluster, kill_under_load, post, status)
 
-STAGES = ("TextEncoder", "Denoiser", "VaeDecoder")
 BODY = {sim.LIGHTNING4_128.name: {"prompt": "a red circle", "size": "128x128", "model": "lightray-shapes-lightning-4"},
         sim.BASE50_CFG_256_N4.name: {"prompt": "a blue square", "size": "256x256", "model": "lightray-shapes",
                                      "n": 4, "num_inference_steps": 50}}
@@ -224,19 +224,7 @@ def node_kill(cluster, refs: dict) -> dict:
     on_before = cluster.stage_nodes()
     with ClosedLoad(cluster.http_url, lambda: mix, threads=4) as load:
         time.sleep(10)
-        pids = cluster.kill_node("denoiser")
-        killed_at = time.monotonic()
-        dead_s = cluster.wait_node_dead("denoiser")
-        recovered_s = None
-        while time.monotonic() - killed_at < 240:
-            placed = cluster.stage_nodes()
-            if all(placed.get(s) for s in STAGES):
-                with load._lock:
-                    after = [r for t, _, r, _ in load.results if t > killed_at + dead_s]
-                if any(isinstance(r, httpx.Response) and r.status_code == 200 for r in after):
-                    recovered_s = time.monotonic() - killed_at
-                    break
-            time.sleep(1)
+        pids, _, dead_s, recovered_s = kill_under_load(cluster, load, "denoiser")
         time.sleep(5)
     res = load.results
     statuses = Counter(status(r) for _, _, r, _ in res)

@@ -291,11 +291,15 @@ class ModelPreset(BaseModel):
     def _fuse_names_a_lightning_variant(self) -> "ModelPreset":
         if self.fuse is None:
             return self
-        lightning = [v.id for v in self.variants if v.lightning_lora]
-        if self.fuse not in lightning:
+        if self.fuse not in self.lightning_variant_ids:
             raise ValueError(f"fuse: {self.fuse!r} is not a Lightning variant of this preset; fuse names one of "
-                             f"{lightning} (a variant with a `lightning_lora`), or is left out")
+                             f"{self.lightning_variant_ids} (a variant with a `lightning_lora`), or is left out")
         return self
+
+    @property
+    def lightning_variant_ids(self) -> list[str]:
+        """Ids of the variants that draw with a Lightning LoRA."""
+        return [v.id for v in self.variants if v.lightning_lora]
 
     @property
     def served_variants(self) -> list[VariantConfig]:

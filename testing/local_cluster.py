@@ -131,17 +131,7 @@ class RayCluster:
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
     def _own_processes(self) -> list[int]:
-        pids = []
-        for proc in Path("/proc").iterdir():
-            if not proc.name.isdigit() or int(proc.name) == os.getpid():
-                continue
-            try:
-                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if self.temp_dir in cmdline:
-                pids.append(int(proc.name))
-        return pids
+        return pids_naming(self.temp_dir)
 
     def _signal_own_processes(self, sig: int) -> None:
         for pid in self._own_processes():
@@ -228,3 +218,19 @@ class RayCluster:
             time.sleep(1)
         status = self.run(str(BIN / "serve"), "status", "-a", self.dashboard_url, check=False).stdout
         raise TimeoutError(f"service not ready after {timeout}s: {last}\n{status}")
+
+
+def pids_naming(text: str) -> list[int]:
+    """The pids of this machine's processes (this one aside) whose command line contains `text`: a cluster's
+    processes all name its temp dir."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmdline:
+            pids.append(int(proc.name))
+    return pids

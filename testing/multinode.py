@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
-from testing.local_cluster import BIN, REPO, RayCluster, free_ports
+from testing.local_cluster import BIN, REPO, RayCluster, free_ports, pids_naming
 from testing.sse import parse_sse
 
 POOL_LABEL = "lightray.io/pool"
@@ -132,7 +132,7 @@ class MultiNodeCluster(RayCluster):
     def node_pids(self, name: str) -> list[int]:
         """The node's processes: those naming its temp dir (raylet, log monitor) and all their descendants (the
         raylet's workers, replicas among them, and its agents)."""
-        roots = set(self._pids_naming(self.workers[name].temp_dir))
+        roots = set(pids_naming(self.workers[name].temp_dir))
         children: dict[int, list[int]] = {}
         for proc in Path("/proc").iterdir():
             if not proc.name.isdigit():
@@ -192,33 +192,20 @@ class MultiNodeCluster(RayCluster):
 
     # -- teardown -----------------------------------------------------------------------------------------------
 
-    def _pids_naming(self, text: str) -> list[int]:
-        pids = []
-        for proc in Path("/proc").iterdir():
-            if not proc.name.isdigit() or int(proc.name) == os.getpid():
-                continue
-            try:
-                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if text in cmdline:
-                pids.append(int(proc.name))
-        return pids
-
     def stop(self) -> None:
         """Ends the workers' processes, then the head's (each found by its own temp dir), never another cluster's."""
         for node in self.workers.values():
             if node.temp_dir:
-                for pid in self._pids_naming(node.temp_dir):
+                for pid in pids_naming(node.temp_dir):
                     with contextlib.suppress(ProcessLookupError, PermissionError):
                         os.kill(pid, signal.SIGTERM)
         deadline = time.time() + 10
-        while time.time() < deadline and any(self._pids_naming(n.temp_dir) for n in self.workers.values()
+        while time.time() < deadline and any(pids_naming(n.temp_dir) for n in self.workers.values()
                                              if n.temp_dir):
             time.sleep(0.5)
         for node in self.workers.values():
             if node.temp_dir:
-                for pid in self._pids_naming(node.temp_dir):
+                for pid in pids_naming(node.temp_dir):
                     with contextlib.suppress(ProcessLookupError, PermissionError):
                         os.kill(pid, signal.SIGKILL)
                 shutil.rmtree(node.temp_dir, ignore_errors=True)
@@ -306,3 +293,24 @@ def status(r) -> str:
     return str(r.status_code)
 
 
+STAGES = ("TextEncoder", "Denoiser", "VaeDecoder")
+"""The graph's stage deployments, each of which must be placed again after a node is lost."""
+
+
+def kill_under_load(cluster: MultiNodeCluster, load: ClosedLoad, node: str, timeout_s: float = 240
+                    ) -> tuple[list[int], float, float, float | None]:
+    """Kill `node` while `load` runs and wait until every stage is placed again and a request sent after Ray marked
+    the node dead got a 200: (the pids killed, when (monotonic), seconds until the node was dead, seconds from the
+    kill until every stage served again, None if not within `timeout_s`)."""
+    pids = cluster.kill_node(node)
+    killed_at = time.monotonic()
+    dead_after = cluster.wait_node_dead(node)
+    while time.monotonic() - killed_at < timeout_s:
+        placed = cluster.stage_nodes()
+        if all(placed.get(stage) for stage in STAGES):
+            with load._lock:
+                after = [r for sent, _, r, _ in load.results if sent > killed_at + dead_after]
+            if any(isinstance(r, httpx.Response) and r.status_code == 200 for r in after):
+                return pids, killed_at, dead_after, time.monotonic() - killed_at
+        time.sleep(1)
+    return pids, killed_at, dead_after, None

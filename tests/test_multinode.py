@@ -23,11 +23,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import threading
 import time
 import uuid
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -36,13 +34,13 @@ import yaml
 
 from lightray.config import load_preset
 from testing.adapters import publish_lora_adapter
-from testing.multinode import MULTINODE_CONFIG, ClosedLoad as Load, MultiNodeCluster, post as _post, status as _status
+from testing.multinode import (MULTINODE_CONFIG, STAGES, ClosedLoad as Load, MultiNodeCluster, kill_under_load,
+                               post as _post, status as _status)
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 REQUEST_TIMEOUT_S = 60  # past the ~30-40 s a lost stage takes to come back on 2 shared cores
 CLIENT_TIMEOUT_S = REQUEST_TIMEOUT_S + 40  # past the service's own bound: a hang shows as an exception
-STAGES = ("TextEncoder", "Denoiser", "VaeDecoder")
 V1, V2 = "lightray-shapes", "lightray-shapes-v2"
 V1_MODEL, V2_MODEL = "lightray-shapes-lightning-4", "lightray-shapes-v2-lightning-4"
 
@@ -253,25 +251,13 @@ def test_node_loss_under_load(multinode):
     with Load(url, lambda: mix, threads=4) as load:
         time.sleep(12)
         sent_before = load.sent
-        killed = cluster.kill_node("denoiser")
-        killed_at = time.monotonic()
-        dead_after = cluster.wait_node_dead("denoiser")
-        recovered_at = None
-        while time.monotonic() - killed_at < 240:
-            placed = cluster.stage_nodes()
-            if placed.get("Denoiser") and all(placed.get(s) for s in STAGES):
-                with load._lock:
-                    after = [res for res in load.results if res[0] > killed_at + dead_after]
-                if any(isinstance(r, httpx.Response) and r.status_code == 200 for _, _, r, _ in after):
-                    recovered_at = time.monotonic()
-                    break
-            time.sleep(1)
+        killed, killed_at, dead_after, recovered_s = kill_under_load(cluster, load, "denoiser")
         time.sleep(5)
-    assert recovered_at is not None, cluster.stage_nodes()
+    assert recovered_s is not None, cluster.stage_nodes()
     results = load.results
     outcomes = Counter((label, _status(r)) for _, label, r, _ in results)
     print(f"node loss: killed {len(killed)} pids; DEAD after {dead_after:.1f} s; every stage serving "
-          f"{recovered_at - killed_at:.1f} s after the kill; outcomes {dict(outcomes)}")
+          f"{recovered_s:.1f} s after the kill; outcomes {dict(outcomes)}")
     for sent, label, r, took in results:
         if _status(r) not in ("200", "200 stream completed"):
             print(f"  {label}: sent {sent - killed_at:+.1f} s from the kill, took {took:.1f} s: {_status(r)} "

@@ -63,10 +63,9 @@ def lightning_lora_path(config: TrainConfig, preset: ModelPreset) -> Path | None
     one."""
     if config.train_with_lightning is None:
         return None
-    lightning = [v.id for v in preset.variants if v.lightning_lora]
-    if config.train_with_lightning not in lightning:
+    if config.train_with_lightning not in preset.lightning_variant_ids:
         raise ValueError(f"train_with_lightning {config.train_with_lightning!r} is not a Lightning variant of "
-                         f"{preset.name} (those are {lightning})")
+                         f"{preset.name} (those are {preset.lightning_variant_ids})")
     return preset.resolve(preset.variant(config.train_with_lightning).lightning_lora)
 
 

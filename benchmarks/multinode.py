@@ -224,7 +224,7 @@ def node_kill(cluster, refs: dict) -> dict:
     on_before = cluster.stage_nodes()
     with ClosedLoad(cluster.http_url, lambda: mix, threads=4) as load:
         time.sleep(10)
-        pids, _, dead_s, recovered_s = kill_under_load(cluster, load, "denoiser")
+        pids, killed_at, dead_s, recovered_s = kill_under_load(cluster, load, "denoiser")
         time.sleep(5)
     res = load.results
     statuses = Counter(status(r) for _, _, r, _ in res)

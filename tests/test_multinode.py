@@ -9,11 +9,12 @@ In file order, on one cluster (module scope; about a minute to start on 2 cores)
    second model version under a new `base_model_id`): 0 failed of >= 300, requests pinned to the old model finish on
    it, an adapter of the old base is a clear 400 on the new one; then the old model removed: 404 naming `model`;
 3. a worker node killed (its raylet, workers and agents, by pid) under streaming and non-streaming load with tenant
-   adapters: every request sent after the kill ends 200 or 503 naming a stage with Retry-After (a cut stream: an
-   OpenAI error event), the Denoiser comes back on the surviving node, the registry and the adapter cache are
-   intact, and the node rejoins when restarted. Found here: a request whose Denoiser call was in flight on the
-   dying node is never failed by Ray 2.60 (no ActorDiedError reaches the ingress): it ends as the ingress's 504 at
-   the request timeout. The test allows exactly that, for requests sent before the kill.
+   adapters: every request ends 200 or 503 naming a stage with Retry-After (a cut stream: an OpenAI error event),
+   those in flight on the dying node included, the Denoiser comes back on the surviving node, the registry and the
+   adapter cache are intact, and the node rejoins when restarted. Found here: under Ray's actor data plane a call
+   in flight on a dying node was never failed (no ActorDiedError reached the ingress) and ended as a 504 at the
+   request timeout; over the gRPC data plane Lightray runs (`lightray.ray_env.RAY_SERVE_DATA_PLANE`) the killed
+   replica's connection fails it at once, and the ingress answers 503 naming the Denoiser.
 
 Also: a config that cannot be placed (more GPUs than any node) is refused before `serve deploy`, naming the
 deployment.
@@ -273,14 +274,9 @@ def test_node_loss_under_load(multinode):
             else:
                 assert str(last.get("type")).endswith("completed"), r[1][-1]
             continue
-        # Found here (ray 2.60): a request whose Denoiser call was in flight on the node when it died is never
-        # failed by Ray (no ActorDiedError reaches the ingress); the ingress's own bound ends it as a 504 at the
-        # request timeout. Only those: a request sent after the kill gets 200 or 503.
-        in_flight_at_kill = sent < killed_at
-        assert r.status_code in ((200, 503, 504) if in_flight_at_kill else (200, 503)), \
-            f"{label}: {r.status_code} {r.text}"
-        if r.status_code == 504:
-            assert r.json()["error"]["code"] == "timeout" and took < REQUEST_TIMEOUT_S + 20, r.text
+        # In flight on the dying node or sent after the kill: 200 or 503, never a 504 at the request timeout.
+        assert r.status_code in (200, 503), f"{label}: sent {sent - killed_at:+.1f} s from the kill: " \
+                                            f"{r.status_code} {r.text}"
         if r.status_code == 503:
             assert int(r.headers["retry-after"]) > 0
             assert any(s in r.json()["error"]["message"] for s in STAGES), r.text

@@ -257,6 +257,10 @@ class DenoiseEngine:
         self.compiled = False
         """The repeated block is compiled (`compile_blocks`); forwards then route rows without splitting them
         (`batched_model.RowRouting`'s `split_rows`)."""
+        self.compile_stance = "default"
+        """`torch.compiler.set_stance` of this engine's forwards: "default" (compile what a batch needs) while the
+        start-up warm-up runs, then "eager_on_recompile": a batch no start-up graph fits (a new make-up of tenant
+        adapters) runs eagerly, so no user request ever waits for a compilation."""
         self.compile_s: float | None = None
         """Seconds the start-up compilation and its warm-up steps took (`EngineConfig.compile`); None: eager."""
         if self.config.compile:
@@ -278,6 +282,7 @@ class DenoiseEngine:
         self.transformer.compile_repeated_blocks(backend=self.config.compile_backend, dynamic=True)
         self.compiled = True
         self.warm_up(self.config.compile_warmup_rows)
+        self.compile_stance = "eager_on_recompile"
         seconds = time.perf_counter() - start
         logger.info("compiled the transformer's repeated block (%s) and warmed up %s rows in %.1f s",
                     self.config.compile_backend, self.config.compile_warmup_rows, seconds)
@@ -682,7 +687,7 @@ class DenoiseEngine:
                                                         doubled=bool(self.transformer.config.zero_cond_t),
                                                         split_rows=not self.compiled)
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), torch.compiler.set_stance(self.compile_stance):
                 out = self.transformer(
                     hidden_states=latents, timestep=timestep / 1000, guidance=None,
                     encoder_hidden_states_mask=text_mask, encoder_hidden_states=text,

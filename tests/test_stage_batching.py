@@ -18,6 +18,7 @@ from ray import serve
 from deployments.text_encoder import PromptPair, TextEncoder, encode_batch
 from deployments.vae import DecodeItem, VaeDecoder, decode_batch
 from lightray.contracts import DecodedImages, DenoisedLatents, TextEmbeddings
+from lightray.engine.load import QueueWork
 from lightray.stages import VaeStage
 
 # Mixed lengths, EN and Chinese: three EN prompts of 62 tokens and three Chinese of 61 share forwards, the rest are
@@ -190,7 +191,7 @@ def test_text_encoder_deployment_batches_concurrent_requests(text, alone_embeds,
 
     cls = TextEncoder.func_or_class
     encoder = cls.__new__(cls)  # without __init__: reuse the session's loaded stage
-    encoder.stage = text
+    encoder.stage, encoder.load = text, QueueWork(prior_s_per_unit=0.01)
     batches = []
     real = module.encode_batch
     monkeypatch.setattr(module, "encode_batch", lambda stage, items: batches.append(len(items)) or real(stage, items))
@@ -219,6 +220,7 @@ def test_vae_deployment_batches_concurrent_decodes(vae, decode_requests, alone_p
     cls = VaeDecoder.func_or_class
     decoder = cls.__new__(cls)
     decoder.stage, decoder.max_images_per_call, decoder.stack_requests = vae, None, "exact"
+    decoder.load = QueueWork(prior_s_per_unit=2e-5)
     batches = []
     real = module.decode_batch
     monkeypatch.setattr(module, "decode_batch",

@@ -99,13 +99,22 @@ class RayCluster:
             raise RuntimeError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
         return result
 
-    def start(self) -> "RayCluster":
-        self.run(
-            str(BIN / "ray"), "start", "--head", f"--port={self.gcs_port}", f"--num-cpus={self.num_cpus}",
-            "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
-            f"--temp-dir={self.temp_dir}", "--disable-usage-stats",
-            *(f"--{name}={port}" for name, port in self.agent_ports.items()),
-        )
+    def start(self, attempts: int = 2) -> "RayCluster":
+        """`ray start` the head; a start that fails (on a loaded host the GCS can miss `ray start`'s deadline) leaves
+        processes behind, which are ended before the next attempt or the error."""
+        for attempt in range(1, attempts + 1):
+            try:
+                self.run(
+                    str(BIN / "ray"), "start", "--head", f"--port={self.gcs_port}", f"--num-cpus={self.num_cpus}",
+                    "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
+                    f"--temp-dir={self.temp_dir}", "--disable-usage-stats",
+                    *(f"--{name}={port}" for name, port in self.agent_ports.items()),
+                )
+                break
+            except RuntimeError:
+                self._end_own_processes()
+                if attempt == attempts:
+                    raise
         self.env["RAY_ADDRESS"] = self.address
         self._wait_for_dashboard()
         return self
@@ -123,12 +132,15 @@ class RayCluster:
     def stop(self) -> None:
         """Ends this cluster's processes only. (`ray stop` would end every Ray cluster on the machine, a user's
         `make serve` included.) Every process of the cluster names its temp dir on its command line."""
+        self._end_own_processes()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+    def _end_own_processes(self) -> None:
         self._signal_own_processes(signal.SIGTERM)
         deadline = time.time() + 15
         while time.time() < deadline and self._own_processes():
             time.sleep(0.5)
         self._signal_own_processes(signal.SIGKILL)
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
 
     def _own_processes(self) -> list[int]:
         return pids_naming(self.temp_dir)

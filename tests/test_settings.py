@@ -124,3 +124,36 @@ def test_deployment_options_live_in_the_serve_yaml_only():
         decorated |= _deployment_decorator_options(path)
     assert set(decorated) == {"Ingress", "TextEncoder", "Denoiser", "VaeDecoder"}
     assert all(options == {"name"} for options in decorated.values()), decorated
+
+
+def test_a_failed_ray_start_is_cleaned_up_and_tried_again(monkeypatch):
+    """A `ray start` that misses its deadline on a loaded host leaves its GCS and dashboard running: the harness
+    ends them, then starts again, once."""
+    from testing.local_cluster import RayCluster
+
+    calls: list[str] = []
+
+    def run(self, *args, **kwargs):
+        calls.append("start")
+        if calls.count("start") == 1:
+            raise RuntimeError("ray start failed (1): The current node timed out during startup.")
+
+    monkeypatch.setattr(RayCluster, "run", run)
+    monkeypatch.setattr(RayCluster, "_end_own_processes", lambda self: calls.append("cleanup"))
+    monkeypatch.setattr(RayCluster, "_wait_for_dashboard", lambda self: calls.append("dashboard"))
+    cluster = RayCluster()
+    try:
+        cluster.start()
+    finally:
+        os.rmdir(cluster.temp_dir)
+    assert calls == ["start", "cleanup", "start", "dashboard"]
+    calls.clear()
+    monkeypatch.setattr(RayCluster, "run", lambda self, *a, **k: calls.append("start") or (_ for _ in ()).throw(
+        RuntimeError("ray start failed")))
+    cluster = RayCluster()
+    try:
+        with pytest.raises(RuntimeError, match="ray start failed"):
+            cluster.start()
+    finally:
+        os.rmdir(cluster.temp_dir)
+    assert calls == ["start", "cleanup", "start", "cleanup"]

@@ -14,9 +14,9 @@ RAY_SERVE_DATA_PLANE: Mapping[str, str] = MappingProxyType({
     # Handle calls between replicas over gRPC, by value, with the router and user code on each replica's own event
     # loop: Ray Serve's throughput-optimised settings (`RAY_SERVE_THROUGHPUT_OPTIMIZED`) less direct ingress and
     # less its buffered request-path logs (they hold a replica's log lines back until 1,000 are written). Measured
-    # in benchmarks/bench_stages.py: the per-request overhead at 128² falls by about a third and the throughput at
-    # concurrency 8 rises by a quarter. Ray 2.60 under gRPC retries a chained call whose upstream replica died for
-    # ever: `serve_app.ray_backend` watches the upstream responses itself.
+    # side by side in benchmarks/bench_stages.py --ray-env-too (README "Benchmarks"): the per-request overhead at
+    # 128² 29 against 40 ms, the throughput at concurrency 8 18.0 against 10.9 img/s. Ray 2.60 under gRPC retries
+    # a chained call whose upstream replica died for ever: `serve_app.ray_backend` watches the upstream responses.
     "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1",
     "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
     "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",

@@ -33,16 +33,30 @@ def _call(handle, response) -> StageCall:
     return StageCall(handle.deployment_name, response)
 
 
+def _failure_of(call: StageCall, err: Exception) -> Exception:
+    """What `call`'s failure `err` is raised as. Over Ray Serve's gRPC data plane (responses passed by value) a
+    chained call starts only once its arguments are resolved, so its failure is its own stage's: `StageFailed`
+    naming the stage, `err` its cause. By reference, a chained call also fails when an upstream replica died, so
+    `err` as it is."""
+    if call.response.by_reference:
+        return err
+    failure = StageFailed(call.stage)
+    failure.__cause__ = err
+    return failure
+
+
 async def _outcome(call: StageCall):
-    """`call`'s result. Over Ray Serve's gRPC data plane (responses passed by value) a chained call starts only once
-    its arguments are resolved, so its failure is its own stage's: it is raised as `StageFailed` naming the stage.
-    By reference, a chained call also fails when an upstream replica died, so the error is raised as it is."""
+    """`call`'s result, its failure as `_failure_of` has it."""
     try:
         return await call.response
     except Exception as err:
-        if call.response.by_reference:
-            raise
-        raise StageFailed(call.stage) from err
+        raise _failure_of(call, err)
+
+
+def _watch(upstream: tuple[StageCall, ...]) -> set[asyncio.Future]:
+    """A task awaiting each by-value upstream response (`_cancelling` says why); by-reference ones are not awaited
+    (their arrays would be pulled into the ingress)."""
+    return {asyncio.ensure_future(_outcome(c)) for c in upstream if not c.response.by_reference}
 
 
 async def _cancelling(final: StageCall, *upstream: StageCall):
@@ -58,7 +72,7 @@ async def _cancelling(final: StageCall, *upstream: StageCall):
     router anyway. By-reference ones need no watch (the chained call fails with the upstream's `ActorDiedError`),
     and awaiting them would pull their arrays into the ingress."""
     last = asyncio.ensure_future(_outcome(final))
-    watched = {asyncio.ensure_future(_outcome(c)) for c in upstream if not c.response.by_reference}
+    watched = _watch(upstream)
     try:
         pending = {last, *watched}
         while last in pending:
@@ -78,7 +92,7 @@ async def _cancelling(final: StageCall, *upstream: StageCall):
 async def _watched_stream(stream: StageCall, upstream: tuple[StageCall, ...]) -> AsyncIterator:
     """`stream`'s items, ended by the failure of a by-value upstream response (`_cancelling` says why: the stream
     would otherwise never start); a failure of the stream itself names its stage as `_outcome` does."""
-    watched = {asyncio.ensure_future(_outcome(c)) for c in upstream if not c.response.by_reference}
+    watched = _watch(upstream)
     items = stream.response.__aiter__()
     step: asyncio.Future | None = None
     try:
@@ -94,9 +108,7 @@ async def _watched_stream(stream: StageCall, upstream: tuple[StageCall, ...]) ->
             except StopAsyncIteration:
                 return
             except Exception as err:
-                if stream.response.by_reference:
-                    raise
-                raise StageFailed(stream.stage) from err
+                raise _failure_of(stream, err)
             yield item
     finally:
         for task in (step, *watched):
